@@ -1,0 +1,183 @@
+"""EventFd: counter and semaphore semantics, and awaiting it under trio."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = _open_fds()
+    yield
+    gc.collect()
+    assert _open_fds() == before
+
+
+def test_counter_accumulates_and_a_read_resets_it() -> None:
+    with EventFd() as efd:
+        assert efd.try_read() is None
+        efd.signal()
+        efd.signal(2)
+        efd.signal(3)
+        assert efd.try_read() == 6
+        assert efd.try_read() is None
+    with EventFd(5) as efd:
+        assert efd.try_read() == 5
+
+
+def test_semaphore_mode_hands_out_one_at_a_time() -> None:
+    with EventFd(2, semaphore=True) as efd:
+        efd.signal(1)
+        assert [efd.try_read() for _ in range(4)] == [1, 1, 1, None]
+
+
+def test_fd_flags() -> None:
+    with EventFd() as efd:
+        assert not os.get_blocking(efd.fileno())
+        assert not os.get_inheritable(efd.fileno())
+    with EventFd(cloexec=False) as efd:
+        assert os.get_inheritable(efd.fileno())
+
+
+def test_signal_limits() -> None:
+    with EventFd() as efd:
+        for bad in (0, -1, EVENTFD_MAX + 1):
+            with pytest.raises(ValueError):
+                efd.signal(bad)
+        efd.signal(EVENTFD_MAX)
+        with pytest.raises(BlockingIOError):
+            efd.signal(1)
+        assert efd.try_read() == EVENTFD_MAX
+    with pytest.raises(ValueError):
+        EventFd(1 << 32)
+
+
+def test_close_detach_and_adopt() -> None:
+    efd = EventFd()
+    efd.close()
+    efd.close()  # idempotent
+    assert efd.closed
+    for use in (efd.fileno, efd.try_read, efd.signal, efd.detach):
+        with pytest.raises(trio.ClosedResourceError):
+            use()
+
+    efd = EventFd()
+    raw = efd.detach()
+    assert efd.closed
+    efd.close()  # must not close the detached fd
+    os.eventfd_write(raw, 7)
+
+    blocking = os.eventfd(0)  # a blocking fd, as a peer might send it
+    adopted = EventFd.from_fd(blocking)
+    assert not os.get_blocking(blocking)
+    assert adopted.try_read() is None
+    adopted.close()
+    with pytest.raises(OSError):
+        os.fstat(blocking)
+
+    with EventFd.from_fd(raw) as again:
+        assert again.try_read() == 7
+    with pytest.raises(ValueError):
+        EventFd.from_fd(-1)
+
+
+def test_dropped_eventfd_closes_its_fd() -> None:
+    efd = EventFd()
+    raw = efd.fileno()
+    del efd
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(raw)
+
+
+async def test_wait_returns_at_once_when_signalled() -> None:
+    with EventFd(3) as efd:
+        assert await efd.wait() == 3
+
+
+async def test_a_task_waits_another_signals() -> None:
+    received: list[int] = []
+    with EventFd() as efd:
+
+        async def waiter() -> None:
+            received.append(await efd.wait())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == []
+            efd.signal(4)
+        assert received == [4]
+        assert efd.try_read() is None
+
+
+async def test_semaphore_wait_takes_one_count() -> None:
+    with EventFd(semaphore=True) as efd:
+        efd.signal(2)
+        assert await efd.wait() == 1
+        assert await efd.wait() == 1
+        assert efd.try_read() is None
+
+
+async def test_a_second_concurrent_waiter_is_refused() -> None:
+    with EventFd() as efd:
+
+        async def waiter() -> None:
+            assert await efd.wait() == 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await efd.wait()
+            efd.signal()
+
+
+async def test_close_while_waiting_wakes_the_waiter() -> None:
+    efd = EventFd()
+    outcome: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await efd.wait()
+        except trio.ClosedResourceError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        efd.close()
+    assert len(outcome) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await efd.wait()
+
+
+async def test_cancelled_wait_consumes_nothing() -> None:
+    with EventFd() as efd:
+        async with trio.open_nursery() as nursery:
+
+            async def waiter() -> None:
+                await efd.wait()
+                pytest.fail("cancelled wait returned")
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        efd.signal(5)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await efd.wait()  # cancelled before reading: the count stays
+        assert efd.try_read() == 5

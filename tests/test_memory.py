@@ -1,0 +1,354 @@
+"""memfds and mappings placed at chosen addresses (real fds, real mappings)."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import mmap
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from vfiouser_trio.memory import (
+    Mapping,
+    MemFd,
+    Placement,
+    Prot,
+    Seal,
+    create_memfd,
+    page_size,
+)
+
+PAGE = mmap.PAGESIZE
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = _open_fds()
+    yield
+    gc.collect()
+    assert _open_fds() == before
+
+
+def _is_mapped(address: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(part, 16) for part in line.split()[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+def _free_address(pages: int) -> int:
+    """An address with ``pages`` free pages, found by mapping and unmapping them."""
+    with create_memfd("probe", pages * PAGE) as memfd, memfd.map() as probe:
+        return probe.address
+
+
+def test_page_size() -> None:
+    assert page_size() == os.sysconf("SC_PAGE_SIZE")
+
+
+# --- MemFd ---------------------------------------------------------------------
+
+
+def test_memfd_has_the_requested_size_and_zero_contents() -> None:
+    with create_memfd("size", 3 * PAGE + 5) as memfd:
+        assert memfd.size == 3 * PAGE + 5
+        assert os.pread(memfd.fileno(), 3 * PAGE + 5, 0) == bytes(3 * PAGE + 5)
+        memfd.resize(PAGE)
+        assert os.fstat(memfd.fileno()).st_size == PAGE
+        assert memfd.seals == Seal(0)  # created with MFD_ALLOW_SEALING, nothing set
+        assert not os.get_inheritable(memfd.fileno())  # MFD_CLOEXEC
+
+
+def test_sealed_memfd_has_a_fixed_size_but_writable_contents() -> None:
+    with create_memfd("sealed", 2 * PAGE, seal=True) as memfd:
+        assert memfd.seals == Seal.SHRINK | Seal.GROW | Seal.SEAL
+        with pytest.raises(PermissionError):
+            memfd.resize(PAGE)
+        with pytest.raises(PermissionError):
+            memfd.resize(4 * PAGE)
+        with pytest.raises(PermissionError):
+            memfd.add_seals(Seal.WRITE)
+        assert os.pwrite(memfd.fileno(), b"data", PAGE) == 4
+        with pytest.raises(PermissionError):
+            os.pwrite(memfd.fileno(), b"grow", 2 * PAGE)  # writing past the end would grow it
+        assert memfd.size == 2 * PAGE
+
+
+def test_seals_can_be_added_later_unless_sealing_is_refused() -> None:
+    with MemFd.create("late", PAGE) as memfd:
+        memfd.add_seals(Seal.GROW)
+        assert memfd.seals == Seal.GROW
+        memfd.resize(PAGE // 2)  # shrinking is still allowed
+        with pytest.raises(PermissionError):
+            memfd.resize(PAGE)
+    with MemFd.create("refused", PAGE, allow_sealing=False) as memfd:
+        assert memfd.seals == Seal.SEAL
+        with pytest.raises(PermissionError):
+            memfd.add_seals(Seal.GROW)
+    with pytest.raises(ValueError, match="allow_sealing"):
+        MemFd.create("bad", PAGE, seal=True, allow_sealing=False)
+    with pytest.raises(ValueError, match="negative"):
+        MemFd.create("bad", -1)
+
+
+def test_write_seal_is_refused_while_a_writable_mapping_exists() -> None:
+    with MemFd.create("w", PAGE) as memfd:
+        with memfd.map():
+            with pytest.raises(OSError) as raised:
+                memfd.add_seals(Seal.WRITE)
+            assert raised.value.errno == errno.EBUSY
+        memfd.add_seals(Seal.WRITE)
+        with pytest.raises(PermissionError):
+            memfd.map(prot=Prot.READ | Prot.WRITE)
+        with memfd.map(prot=Prot.READ) as readonly:
+            assert readonly.view[0] == 0
+
+
+def test_memfd_ownership() -> None:
+    memfd = create_memfd("own", PAGE)
+    fd = memfd.fileno()
+    memfd.close()
+    memfd.close()  # idempotent
+    assert memfd.closed
+    with pytest.raises(ValueError, match="closed"):
+        memfd.fileno()
+    with pytest.raises(OSError) as raised:
+        os.fstat(fd)
+    assert raised.value.errno == errno.EBADF
+
+    memfd = create_memfd("detach", PAGE)
+    raw = memfd.detach()
+    assert memfd.closed
+    memfd.close()  # must not close the detached fd
+    adopted = MemFd.from_fd(raw)
+    assert adopted.size == PAGE
+    del adopted  # an owned fd is closed when its MemFd goes away
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(raw)
+    with pytest.raises(ValueError):
+        MemFd.from_fd(-1)
+
+
+# --- Mapping -------------------------------------------------------------------
+
+
+def test_two_mappings_of_one_memfd_see_each_others_writes() -> None:
+    with (
+        create_memfd("shared", 2 * PAGE) as memfd,
+        memfd.map() as first,
+        Mapping(memfd.fileno(), PAGE, offset=PAGE) as second,
+    ):
+        assert first.address != second.address
+        view1, view2 = first.view, second.view
+        view1[PAGE : PAGE + 5] = b"hello"
+        assert bytes(view2[:5]) == b"hello"
+        view2[100:103] = b"abc"
+        assert bytes(view1[PAGE + 100 : PAGE + 103]) == b"abc"
+        assert os.pread(memfd.fileno(), 3, PAGE + 100) == b"abc"
+        os.pwrite(memfd.fileno(), b"from-fd", 0)
+        assert bytes(view1[:7]) == b"from-fd"
+        del view1, view2
+
+
+def test_mapping_outlives_its_fd() -> None:
+    memfd = create_memfd("gone", PAGE)
+    with memfd.map() as mapping:
+        memfd.close()
+        view = mapping.view
+        view[:3] = b"xyz"
+        assert bytes(view[:3]) == b"xyz"
+        view.release()
+
+
+def test_map_at_a_hinted_free_address() -> None:
+    address = _free_address(16) + 4 * PAGE
+    with create_memfd("hint", 2 * PAGE) as memfd, memfd.map(address=address) as mapping:
+        assert mapping.address == address
+
+
+def test_hint_at_a_taken_address_maps_elsewhere() -> None:
+    with (
+        create_memfd("hint", PAGE) as memfd,
+        memfd.map() as taken,
+        memfd.map(address=taken.address) as other,
+    ):
+        assert other.address != taken.address
+        taken_view, other_view = taken.view, other.view
+        taken_view[0] = 42
+        assert other_view[0] == 42
+        del taken_view, other_view
+
+
+def test_fixed_noreplace_maps_exactly_or_fails_with_eexist() -> None:
+    address = _free_address(8)
+    with create_memfd("fixed", 2 * PAGE) as memfd:
+        with memfd.map(address=address, placement=Placement.FIXED_NOREPLACE) as mapping:
+            assert mapping.address == address
+            before = _open_fds()
+            with pytest.raises(FileExistsError):
+                memfd.map(address=address + PAGE, placement=Placement.FIXED_NOREPLACE)
+            assert _open_fds() == before
+        assert not _is_mapped(address)
+
+
+def test_fixed_maps_exactly_over_an_owned_range() -> None:
+    with create_memfd("a", PAGE) as a, create_memfd("b", PAGE) as b:
+        os.pwrite(b.fileno(), b"bbb", 0)
+        with a.map() as old:
+            address = old.address
+            # FIXED replaces the pages under the caller's own mapping in place.
+            with b.map(address=address, placement=Placement.FIXED) as new:
+                assert new.address == address
+                view = old.view  # the old object now shows b's pages
+                assert bytes(view[:3]) == b"bbb"
+                del view
+        assert not _is_mapped(address)
+
+
+def test_mapping_validation() -> None:
+    with create_memfd("v", 2 * PAGE) as memfd:
+        with pytest.raises(ValueError, match="offset"):
+            memfd.map(PAGE, offset=1)
+        with pytest.raises(ValueError, match="positive"):
+            Mapping(memfd, 0)
+        with pytest.raises(ValueError, match="past the end"):
+            memfd.map(PAGE, offset=2 * PAGE)
+        with pytest.raises(ValueError, match="past the end"):
+            Mapping(memfd, 3 * PAGE)
+        with pytest.raises(ValueError, match="needs an address"):
+            memfd.map(placement=Placement.FIXED)
+        with pytest.raises(ValueError, match="page-aligned"):
+            memfd.map(address=_free_address(2) + 1, placement=Placement.FIXED_NOREPLACE)
+        readonly_fd = os.open(f"/proc/self/fd/{memfd.fileno()}", os.O_RDONLY)
+        try:
+            with pytest.raises(PermissionError):
+                Mapping(readonly_fd, PAGE)
+            with Mapping(readonly_fd, PAGE, prot=Prot.READ) as readonly:
+                assert readonly.view.readonly
+        finally:
+            os.close(readonly_fd)
+
+
+def test_read_only_mapping_gives_a_read_only_view() -> None:
+    with create_memfd("ro", PAGE) as memfd:
+        os.pwrite(memfd.fileno(), b"ro", 0)
+        with memfd.map(prot=Prot.READ) as mapping:
+            view = mapping.view
+            assert view.readonly
+            assert bytes(view[:2]) == b"ro"
+            with pytest.raises(TypeError):
+                view[0] = 1
+            view.release()
+        with (
+            memfd.map(prot=Prot.NONE) as inaccessible,
+            pytest.raises(ValueError, match="cannot be viewed"),
+        ):
+            _ = inaccessible.view
+
+
+def test_close_refuses_while_views_exist_then_unmaps() -> None:
+    with create_memfd("close", 2 * PAGE) as memfd:
+        mapping = memfd.map()
+        view = mapping.view
+        part = view[10:20].cast("B")
+        del view  # the slice still pins the mapping
+        assert mapping.has_views
+        with pytest.raises(BufferError):
+            mapping.close()
+        part.release()
+        assert not mapping.has_views
+        mapping.close()
+        mapping.close()  # idempotent
+        assert mapping.closed
+        assert not _is_mapped(mapping.address)
+        with pytest.raises(ValueError, match="closed"):
+            _ = mapping.view
+        with pytest.raises(ValueError, match="closed"):
+            mapping.sync()
+
+
+def test_context_manager_exit_raises_if_a_view_escapes() -> None:
+    with create_memfd("escape", PAGE) as memfd:
+        with pytest.raises(BufferError), memfd.map() as mapping:
+            escaped = mapping.view
+        assert not mapping.closed
+        del escaped
+        mapping.close()
+        assert not _is_mapped(mapping.address)
+
+
+def test_an_error_leaving_the_with_block_is_not_masked_by_live_views() -> None:
+    with create_memfd("error", PAGE) as memfd:
+        with pytest.raises(RuntimeError, match="boom"), memfd.map() as mapping:
+            view = mapping.view
+            raise RuntimeError("boom")
+        assert not mapping.closed  # deferred: unmapped when the last view goes
+        address = mapping.address
+        del mapping
+        gc.collect()
+        assert _is_mapped(address)
+        del view
+        gc.collect()
+        assert not _is_mapped(address)
+
+
+def test_dropped_mapping_is_unmapped_only_after_its_last_view() -> None:
+    with create_memfd("gc", PAGE) as memfd:
+        mapping = memfd.map()
+        address = mapping.address
+        view = mapping.view
+        del mapping
+        gc.collect()
+        assert _is_mapped(address)
+        view[:4] = b"live"  # still backed: no crash
+        assert os.pread(memfd.fileno(), 4, 0) == b"live"
+        del view
+        gc.collect()
+        assert not _is_mapped(address)
+
+
+def test_advise_remove_frees_the_shared_pages() -> None:
+    with create_memfd("advise", 2 * PAGE) as memfd, memfd.map() as mapping:
+        view = mapping.view
+        view[:] = b"\xff" * (2 * PAGE)
+        mapping.advise(mmap.MADV_REMOVE, PAGE, PAGE)
+        assert view[PAGE:] == bytes(PAGE)
+        assert os.pread(memfd.fileno(), PAGE, PAGE) == bytes(PAGE)
+        assert view[:PAGE] == b"\xff" * PAGE
+        mapping.advise(mmap.MADV_DONTNEED)  # shared: contents come back from the file
+        assert view[:PAGE] == b"\xff" * PAGE
+        del view
+        with pytest.raises(ValueError, match="page-aligned"):
+            mapping.advise(mmap.MADV_NORMAL, 1, PAGE)
+        with pytest.raises(ValueError, match="outside"):
+            mapping.advise(mmap.MADV_NORMAL, 0, 3 * PAGE)
+        with pytest.raises(OSError) as raised:
+            mapping.advise(12345)
+        assert raised.value.errno == errno.EINVAL
+
+
+def test_sync() -> None:
+    with create_memfd("sync", 2 * PAGE) as memfd, memfd.map() as mapping:
+        mapping.sync()
+        mapping.sync(PAGE, PAGE, asynchronous=True)
+        mapping.sync(invalidate=True)
+        with pytest.raises(ValueError, match="page-aligned"):
+            mapping.sync(8)
+
+
+def test_populate_and_repr() -> None:
+    with create_memfd("pop", PAGE) as memfd, memfd.map(populate=True) as mapping:
+        assert f"{mapping.address:#x}" in repr(mapping)
+        assert mapping.length == PAGE
+        assert mapping.offset == 0
+        assert mapping.prot == Prot.READ | Prot.WRITE
+    assert "closed" in repr(mapping)

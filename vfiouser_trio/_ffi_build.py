@@ -1,0 +1,381 @@
+"""cffi (API mode) builder for ``vfiouser_trio._native``.
+
+Only what the standard library cannot do well lives in C:
+
+* ``mmap``/``munmap``/``madvise``/``msync`` at a chosen address (Python's ``mmap``
+  module cannot place a mapping, nor advise or sync an arbitrary range);
+* ordered atomic loads, stores and read-modify-writes on u32/u64 words, and fences
+  (GCC ``__atomic`` builtins);
+* dirty-bitmap operations on caller-owned u64 word arrays.
+
+``memfd_create``, file seals and ``eventfd`` are covered by ``os`` and ``fcntl``
+and are deliberately not duplicated here.
+
+The extension is built by setuptools through ``cffi_modules`` in ``setup.py``
+(``pip install .`` / ``pip install -e .``). For development, compile it in place
+with ``python vfiouser_trio/_ffi_build.py``.
+
+Calling conventions (the Python wrappers rely on them and bounds-check first):
+
+* functions that can fail return ``-errno``; ``vfu_mmap`` returns the address, or
+  ``-errno`` (user-space addresses never have bit 63 set on Linux);
+* memory orders are the GCC ``__ATOMIC_*`` values; a runtime order is dispatched to
+  a constant one, so each operation really uses the order asked for;
+* bitmaps are arrays of u64 words, bit ``i`` is bit ``i % 64`` of word ``i // 64``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import cffi
+
+CDEF = """
+#define PROT_NONE ...
+#define PROT_READ ...
+#define PROT_WRITE ...
+#define PROT_EXEC ...
+#define MAP_SHARED ...
+#define MAP_PRIVATE ...
+#define MAP_FIXED ...
+#define MAP_FIXED_NOREPLACE ...
+#define MAP_ANONYMOUS ...
+#define MAP_NORESERVE ...
+#define MAP_POPULATE ...
+#define MS_ASYNC ...
+#define MS_SYNC ...
+#define MS_INVALIDATE ...
+
+#define VFU_ORDER_RELAXED ...
+#define VFU_ORDER_ACQUIRE ...
+#define VFU_ORDER_RELEASE ...
+#define VFU_ORDER_ACQ_REL ...
+#define VFU_ORDER_SEQ_CST ...
+#define VFU_OP_ADD ...
+#define VFU_OP_SUB ...
+#define VFU_OP_AND ...
+#define VFU_OP_OR ...
+#define VFU_OP_XOR ...
+#define VFU_OP_XCHG ...
+
+int64_t vfu_mmap(uint64_t addr, uint64_t length, int prot, int flags, int fd, int64_t offset);
+int vfu_munmap(uint64_t addr, uint64_t length);
+int vfu_madvise(uint64_t addr, uint64_t length, int advice);
+int vfu_msync(uint64_t addr, uint64_t length, int flags);
+
+uint32_t vfu_load_u32(const char *base, size_t offset, int order);
+uint64_t vfu_load_u64(const char *base, size_t offset, int order);
+void vfu_store_u32(char *base, size_t offset, uint32_t value, int order);
+void vfu_store_u64(char *base, size_t offset, uint64_t value, int order);
+uint32_t vfu_rmw_u32(char *base, size_t offset, int op, uint32_t value, int order);
+uint64_t vfu_rmw_u64(char *base, size_t offset, int op, uint64_t value, int order);
+uint32_t vfu_cas_u32(char *base, size_t offset, uint32_t expected, uint32_t desired,
+                     int success, int failure);
+uint64_t vfu_cas_u64(char *base, size_t offset, uint64_t expected, uint64_t desired,
+                     int success, int failure);
+void vfu_fence(int order);
+
+void vfu_bits_set(uint64_t *words, uint64_t first, uint64_t count);
+void vfu_bits_clear(uint64_t *words, uint64_t first, uint64_t count);
+int vfu_bits_test(const uint64_t *words, uint64_t bit);
+uint64_t vfu_bits_count(const uint64_t *words, uint64_t first, uint64_t count);
+int64_t vfu_bits_next(const uint64_t *words, uint64_t start, uint64_t end, int value);
+void vfu_bits_mark(uint64_t *words, uint64_t offset, uint64_t length, unsigned page_shift);
+void vfu_bits_extract(uint64_t *src, uint64_t first, uint64_t count, uint64_t *out,
+                      int shift, int clear);
+"""
+
+C_SOURCE = r"""
+/* Python.h (included first by cffi) normally defines both already. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#ifndef _FILE_OFFSET_BITS
+#define _FILE_OFFSET_BITS 64
+#endif
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <sys/types.h>
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000 /* Linux 4.17+; older libc headers lack it */
+#endif
+
+/* ---- mappings ---------------------------------------------------------- */
+
+static int64_t vfu_mmap(uint64_t addr, uint64_t length, int prot, int flags, int fd,
+                        int64_t offset)
+{
+    void *p = mmap((void *)(uintptr_t)addr, (size_t)length, prot, flags, fd, (off_t)offset);
+    if (p == MAP_FAILED)
+        return -(int64_t)errno;
+    return (int64_t)(uintptr_t)p;
+}
+
+static int vfu_munmap(uint64_t addr, uint64_t length)
+{
+    return munmap((void *)(uintptr_t)addr, (size_t)length) == 0 ? 0 : -errno;
+}
+
+static int vfu_madvise(uint64_t addr, uint64_t length, int advice)
+{
+    return madvise((void *)(uintptr_t)addr, (size_t)length, advice) == 0 ? 0 : -errno;
+}
+
+static int vfu_msync(uint64_t addr, uint64_t length, int flags)
+{
+    return msync((void *)(uintptr_t)addr, (size_t)length, flags) == 0 ? 0 : -errno;
+}
+
+/* ---- atomics -----------------------------------------------------------
+ * GCC treats a memory order that is not a compile-time constant as seq_cst,
+ * so every runtime order is dispatched to a constant one. The Python side
+ * rejects orders that are invalid for an operation; the defaults here are
+ * only reached for values it never passes.
+ */
+
+#define VFU_ORDER_RELAXED __ATOMIC_RELAXED
+#define VFU_ORDER_ACQUIRE __ATOMIC_ACQUIRE
+#define VFU_ORDER_RELEASE __ATOMIC_RELEASE
+#define VFU_ORDER_ACQ_REL __ATOMIC_ACQ_REL
+#define VFU_ORDER_SEQ_CST __ATOMIC_SEQ_CST
+
+/* Read-modify-write operations of vfu_rmw_*. */
+#define VFU_OP_ADD 0
+#define VFU_OP_SUB 1
+#define VFU_OP_AND 2
+#define VFU_OP_OR 3
+#define VFU_OP_XOR 4
+#define VFU_OP_XCHG 5
+
+#define VFU_ORDER_SWITCH(order, DO)                 \
+    switch (order) {                                \
+    case __ATOMIC_RELAXED: DO(__ATOMIC_RELAXED);    \
+    case __ATOMIC_CONSUME: DO(__ATOMIC_CONSUME);    \
+    case __ATOMIC_ACQUIRE: DO(__ATOMIC_ACQUIRE);    \
+    case __ATOMIC_RELEASE: DO(__ATOMIC_RELEASE);    \
+    case __ATOMIC_ACQ_REL: DO(__ATOMIC_ACQ_REL);    \
+    default: DO(__ATOMIC_SEQ_CST);                  \
+    }
+
+#define VFU_LOAD_ORDERS(order, DO)                  \
+    switch (order) {                                \
+    case __ATOMIC_RELAXED: DO(__ATOMIC_RELAXED);    \
+    case __ATOMIC_ACQUIRE: DO(__ATOMIC_ACQUIRE);    \
+    default: DO(__ATOMIC_SEQ_CST);                  \
+    }
+
+#define VFU_STORE_ORDERS(order, DO)                 \
+    switch (order) {                                \
+    case __ATOMIC_RELAXED: DO(__ATOMIC_RELAXED);    \
+    case __ATOMIC_RELEASE: DO(__ATOMIC_RELEASE);    \
+    default: DO(__ATOMIC_SEQ_CST);                  \
+    }
+
+#define VFU_RMW_BODY(MO)                                                  \
+    switch (op) {                                                         \
+    case VFU_OP_ADD: return __atomic_fetch_add(p, value, MO);             \
+    case VFU_OP_SUB: return __atomic_fetch_sub(p, value, MO);             \
+    case VFU_OP_AND: return __atomic_fetch_and(p, value, MO);             \
+    case VFU_OP_OR: return __atomic_fetch_or(p, value, MO);               \
+    case VFU_OP_XOR: return __atomic_fetch_xor(p, value, MO);             \
+    default: return __atomic_exchange_n(p, value, MO);                    \
+    }
+
+/* Valid (success, failure) pairs: failure is relaxed, acquire or seq_cst and
+ * no stronger than success. */
+#define VFU_CAS_CASE(S, F)                                                          \
+    case (S) * 8 + (F):                                                             \
+        __atomic_compare_exchange_n(p, &expected, desired, 0, (S), (F));            \
+        return expected;
+
+#define VFU_CAS_SWITCH                                                              \
+    switch (success * 8 + failure) {                                                \
+    VFU_CAS_CASE(__ATOMIC_RELAXED, __ATOMIC_RELAXED)                                \
+    VFU_CAS_CASE(__ATOMIC_ACQUIRE, __ATOMIC_RELAXED)                                \
+    VFU_CAS_CASE(__ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE)                                \
+    VFU_CAS_CASE(__ATOMIC_RELEASE, __ATOMIC_RELAXED)                                \
+    VFU_CAS_CASE(__ATOMIC_ACQ_REL, __ATOMIC_RELAXED)                                \
+    VFU_CAS_CASE(__ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)                                \
+    VFU_CAS_CASE(__ATOMIC_SEQ_CST, __ATOMIC_RELAXED)                                \
+    VFU_CAS_CASE(__ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)                                \
+    default:                                                                        \
+        __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST,     \
+                                    __ATOMIC_SEQ_CST);                              \
+        return expected;                                                            \
+    }
+
+#define VFU_DEFINE_ATOMICS(T, SUFFIX)                                               \
+    static T vfu_load_##SUFFIX(const char *base, size_t offset, int order)          \
+    {                                                                               \
+        const T *p = (const T *)(base + offset);                                    \
+        VFU_LOAD_ORDERS(order, VFU_LOAD_DO)                                         \
+    }                                                                               \
+    static void vfu_store_##SUFFIX(char *base, size_t offset, T value, int order)   \
+    {                                                                               \
+        T *p = (T *)(base + offset);                                                \
+        VFU_STORE_ORDERS(order, VFU_STORE_DO)                                       \
+    }                                                                               \
+    static T vfu_rmw_##SUFFIX(char *base, size_t offset, int op, T value, int order) \
+    {                                                                               \
+        T *p = (T *)(base + offset);                                                \
+        VFU_ORDER_SWITCH(order, VFU_RMW_BODY)                                       \
+    }                                                                               \
+    static T vfu_cas_##SUFFIX(char *base, size_t offset, T expected, T desired,     \
+                              int success, int failure)                             \
+    {                                                                               \
+        T *p = (T *)(base + offset);                                                \
+        VFU_CAS_SWITCH                                                              \
+    }
+
+#define VFU_LOAD_DO(MO) return __atomic_load_n(p, MO)
+#define VFU_STORE_DO(MO) __atomic_store_n(p, value, MO); return
+
+VFU_DEFINE_ATOMICS(uint32_t, u32)
+VFU_DEFINE_ATOMICS(uint64_t, u64)
+
+#define VFU_FENCE_DO(MO) __atomic_thread_fence(MO); return
+
+static void vfu_fence(int order)
+{
+    VFU_ORDER_SWITCH(order, VFU_FENCE_DO)
+}
+
+/* ---- dirty bitmaps -----------------------------------------------------
+ * Setters publish with release so that data written before a page is marked
+ * is visible to whoever takes the bit with acquire. Every change to a word
+ * that may hold other bits is one atomic read-modify-write, so a concurrent
+ * setter on shared memory never loses a bit to a concurrent clear.
+ */
+
+/* Bits [lo, hi) of one word, 0 <= lo < hi <= 64. */
+static inline uint64_t vfu_word_mask(uint64_t lo, uint64_t hi)
+{
+    uint64_t upper = hi >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << hi) - 1);
+    return upper & (~(uint64_t)0 << lo);
+}
+
+/* Calls BODY once per word overlapping bits [first, first + count), with
+ * `wi` the word index and `mask` the bits of the range in that word. */
+#define VFU_FOR_EACH_WORD(first, count, BODY)                              \
+    do {                                                                   \
+        uint64_t end_ = (first) + (count);                                 \
+        uint64_t bit_ = (first);                                           \
+        while (bit_ < end_) {                                              \
+            uint64_t wi = bit_ >> 6;                                       \
+            uint64_t word_start_ = wi << 6;                                \
+            uint64_t hi_ = end_ - word_start_ > 64 ? 64 : end_ - word_start_; \
+            uint64_t mask = vfu_word_mask(bit_ - word_start_, hi_);        \
+            BODY;                                                          \
+            bit_ = word_start_ + 64;                                       \
+        }                                                                  \
+    } while (0)
+
+static void vfu_bits_set(uint64_t *words, uint64_t first, uint64_t count)
+{
+    VFU_FOR_EACH_WORD(first, count, {
+        if (mask == ~(uint64_t)0)
+            __atomic_store_n(&words[wi], mask, __ATOMIC_RELEASE);
+        else
+            __atomic_fetch_or(&words[wi], mask, __ATOMIC_RELEASE);
+    });
+}
+
+static void vfu_bits_clear(uint64_t *words, uint64_t first, uint64_t count)
+{
+    VFU_FOR_EACH_WORD(first, count, {
+        if (mask == ~(uint64_t)0)
+            __atomic_store_n(&words[wi], 0, __ATOMIC_RELEASE);
+        else
+            __atomic_fetch_and(&words[wi], ~mask, __ATOMIC_ACQ_REL);
+    });
+}
+
+static int vfu_bits_test(const uint64_t *words, uint64_t bit)
+{
+    return (int)((__atomic_load_n(&words[bit >> 6], __ATOMIC_ACQUIRE) >> (bit & 63)) & 1);
+}
+
+static uint64_t vfu_bits_count(const uint64_t *words, uint64_t first, uint64_t count)
+{
+    uint64_t total = 0;
+    VFU_FOR_EACH_WORD(first, count, {
+        total += (uint64_t)__builtin_popcountll(
+            __atomic_load_n(&words[wi], __ATOMIC_RELAXED) & mask);
+    });
+    return total;
+}
+
+/* Index of the first bit in [start, end) equal to `value`, or -1. */
+static int64_t vfu_bits_next(const uint64_t *words, uint64_t start, uint64_t end, int value)
+{
+    VFU_FOR_EACH_WORD(start, end > start ? end - start : 0, {
+        uint64_t w = __atomic_load_n(&words[wi], __ATOMIC_RELAXED);
+        uint64_t hits = (value ? w : ~w) & mask;
+        if (hits)
+            return (int64_t)((wi << 6) + (uint64_t)__builtin_ctzll(hits));
+    });
+    return -1;
+}
+
+/* Marks the pages touched by bytes [offset, offset + length), length > 0. */
+static void vfu_bits_mark(uint64_t *words, uint64_t offset, uint64_t length,
+                          unsigned page_shift)
+{
+    uint64_t first = offset >> page_shift;
+    uint64_t last = (offset + length - 1) >> page_shift;
+    vfu_bits_set(words, first, last - first + 1);
+}
+
+/* Sets bits [first, first + count) of a private (non-shared) bitmap. */
+static void vfu_bits_set_plain(uint64_t *words, uint64_t first, uint64_t count)
+{
+    VFU_FOR_EACH_WORD(first, count, { words[wi] |= mask; });
+}
+
+/* Copies bits [first, first + count) of `src` into the zeroed bitmap `out`,
+ * re-granulated: for shift >= 0, out bit j is the OR of source bits
+ * [first + j * 2^shift, first + (j + 1) * 2^shift) (a coarser page size); for
+ * shift < 0 every source bit becomes 2^-shift out bits (a finer page size).
+ * With `clear`, the source bits are fetched and cleared one word at a time
+ * with a single atomic operation per word. */
+static void vfu_bits_extract(uint64_t *src, uint64_t first, uint64_t count, uint64_t *out,
+                             int shift, int clear)
+{
+    VFU_FOR_EACH_WORD(first, count, {
+        uint64_t bits;
+        if (!clear)
+            bits = __atomic_load_n(&src[wi], __ATOMIC_ACQUIRE) & mask;
+        else if (mask == ~(uint64_t)0)
+            bits = __atomic_exchange_n(&src[wi], 0, __ATOMIC_ACQ_REL);
+        else
+            bits = __atomic_fetch_and(&src[wi], ~mask, __ATOMIC_ACQ_REL) & mask;
+        while (bits) {
+            uint64_t index = (wi << 6) + (uint64_t)__builtin_ctzll(bits) - first;
+            bits &= bits - 1;
+            if (shift >= 0) {
+                uint64_t o = index >> shift;
+                out[o >> 6] |= (uint64_t)1 << (o & 63);
+            } else {
+                vfu_bits_set_plain(out, index << -shift, (uint64_t)1 << -shift);
+            }
+        }
+    });
+}
+"""
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("vfiouser_trio._native", C_SOURCE, extra_compile_args=["-std=gnu11"])
+
+
+if __name__ == "__main__":
+    # Compile in place: writes vfiouser_trio/_native.c and the extension module
+    # next to this file (the repository root is the build's tmpdir).
+    ffibuilder.compile(
+        tmpdir=str(pathlib.Path(__file__).resolve().parent.parent),
+        target="_native.abi3.so",  # the name setuptools gives it: no stale twin can shadow it
+        verbose=True,
+    )

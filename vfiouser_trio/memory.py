@@ -1,0 +1,409 @@
+"""Shared memory: owned memfds, and mappings placed where the caller chooses.
+
+``MemFd`` wraps ``os.memfd_create`` and the ``fcntl`` sealing calls (the stdlib
+does both well). ``Mapping`` uses the native module because Python's ``mmap``
+cannot map at an address, nor advise or sync an arbitrary range.
+
+Lifetime of a ``Mapping``: ``view`` hands out memoryviews of the mapped range.
+``close()`` refuses (``BufferError``, like ``mmap.close``) while any of them, or
+anything derived from them (slices, casts, ``ffi.from_buffer``), is still alive,
+because unmapping under a live view would turn its next access into a crash. A
+mapping that is garbage-collected without ``close()``, or whose ``with`` block is
+left by an exception while views exist, is unmapped once its object and every
+view of it are gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self
+
+from ._native import ffi, lib
+
+if TYPE_CHECKING:
+    from ._native import CBuffer, CData
+
+__all__ = [
+    "Mapping",
+    "MemFd",
+    "Placement",
+    "Prot",
+    "Seal",
+    "create_memfd",
+    "page_size",
+]
+
+
+def page_size() -> int:
+    """The system page size in bytes (the unit of mapping offsets and fixed addresses)."""
+    return mmap.PAGESIZE
+
+
+class HasFileno(Protocol):
+    """Anything with a ``fileno()``, such as ``MemFd``."""
+
+    def fileno(self) -> int: ...
+
+
+#: What ``Mapping`` accepts as the file to map.
+FileDescriptorLike = int | HasFileno
+
+
+def _fd_of(fd: FileDescriptorLike) -> int:
+    return fd if isinstance(fd, int) else fd.fileno()
+
+
+class Seal(enum.IntFlag):
+    """memfd seals (``fcntl(F_ADD_SEALS)``)."""
+
+    SEAL = fcntl.F_SEAL_SEAL  # no further seals may be added
+    SHRINK = fcntl.F_SEAL_SHRINK
+    GROW = fcntl.F_SEAL_GROW
+    WRITE = fcntl.F_SEAL_WRITE  # fails with EBUSY while writable shared mappings exist
+    FUTURE_WRITE = 0x0010  # Linux 5.1+: no new writable mappings or writes; existing ones stay
+
+
+class Prot(enum.IntFlag):
+    """Memory protection of a mapping."""
+
+    NONE = lib.PROT_NONE
+    READ = lib.PROT_READ
+    WRITE = lib.PROT_WRITE
+    EXEC = lib.PROT_EXEC
+
+
+class Placement(enum.Enum):
+    """How a requested address is used when mapping."""
+
+    #: The kernel may place the mapping elsewhere if the address is taken.
+    HINT = "hint"
+    #: Exactly at the address, or ``FileExistsError`` (EEXIST) if any of the range is in use.
+    FIXED_NOREPLACE = "fixed-noreplace"
+    #: Exactly at the address, silently replacing whatever was mapped there. The caller
+    #: must own the whole range (e.g. a mapping it is giving up); anything else is
+    #: memory corruption waiting to happen.
+    FIXED = "fixed"
+
+
+def _check_errno(result: int) -> int:
+    if result < 0:
+        raise OSError(-result, os.strerror(-result))
+    return result
+
+
+class MemFd:
+    """An owned memfd file descriptor.
+
+    Create one with ``MemFd.create`` / ``create_memfd``; adopt a received fd with
+    ``MemFd.from_fd``. Closing is idempotent; ``detach()`` gives up ownership.
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        """Take ownership of ``fd`` (prefer ``create`` or ``from_fd``)."""
+        if fd < 0:
+            raise ValueError(f"invalid file descriptor {fd}")
+        self._fd = fd
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        size: int,
+        *,
+        seal: bool = False,
+        allow_sealing: bool = True,
+        cloexec: bool = True,
+    ) -> MemFd:
+        """Create a memfd of ``size`` bytes (zero-filled).
+
+        ``seal=True`` fixes the size (``SHRINK | GROW``) and forbids further seals
+        (``SEAL``), so a peer that receives the fd cannot truncate it under a
+        mapping (which would make accesses raise SIGBUS); the contents stay
+        writable. ``allow_sealing=False`` creates it with all sealing refused.
+        """
+        if size < 0:
+            raise ValueError(f"negative memfd size {size}")
+        if seal and not allow_sealing:
+            raise ValueError("seal=True needs allow_sealing=True")
+        flags = os.MFD_CLOEXEC if cloexec else 0
+        if allow_sealing:
+            flags |= os.MFD_ALLOW_SEALING
+        memfd = cls(os.memfd_create(name, flags))
+        try:
+            os.ftruncate(memfd._fd, size)
+            if seal:
+                memfd.add_seals(Seal.SHRINK | Seal.GROW | Seal.SEAL)
+        except BaseException:
+            memfd.close()
+            raise
+        return memfd
+
+    @classmethod
+    def from_fd(cls, fd: int) -> MemFd:
+        """Adopt ``fd`` (e.g. one received with SCM_RIGHTS); the MemFd now owns it."""
+        return cls(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The fd number; ``ValueError`` once closed or detached."""
+        if self._fd < 0:
+            raise ValueError("MemFd is closed")
+        return self._fd
+
+    @property
+    def size(self) -> int:
+        """Current size in bytes."""
+        return os.fstat(self.fileno()).st_size
+
+    def resize(self, size: int) -> None:
+        """Set the size (``ftruncate``); ``PermissionError`` if a seal forbids it."""
+        os.ftruncate(self.fileno(), size)
+
+    @property
+    def seals(self) -> Seal:
+        """The seals currently set."""
+        return Seal(fcntl.fcntl(self.fileno(), fcntl.F_GET_SEALS))
+
+    def add_seals(self, seals: Seal) -> None:
+        """Add seals; ``PermissionError`` once ``Seal.SEAL`` is set."""
+        fcntl.fcntl(self.fileno(), fcntl.F_ADD_SEALS, int(seals))
+
+    def map(
+        self,
+        length: int | None = None,
+        *,
+        offset: int = 0,
+        prot: Prot = Prot.READ | Prot.WRITE,
+        address: int | None = None,
+        placement: Placement = Placement.HINT,
+        populate: bool = False,
+    ) -> Mapping:
+        """Map ``length`` bytes (default: to the end of the file) from ``offset``."""
+        if length is None:
+            length = self.size - offset
+        return Mapping(
+            self,
+            length,
+            offset=offset,
+            prot=prot,
+            address=address,
+            placement=placement,
+            populate=populate,
+        )
+
+    def detach(self) -> int:
+        """Give up ownership and return the fd; the MemFd is then closed."""
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        """Close the fd (idempotent). Existing mappings stay valid."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<MemFd fd={self._fd}>" if self._fd >= 0 else "<MemFd closed>"
+
+
+def create_memfd(name: str, size: int, *, seal: bool = False) -> MemFd:
+    """Create an owned memfd of ``size`` bytes; see ``MemFd.create``."""
+    return MemFd.create(name, size, seal=seal)
+
+
+def _unmapper(address: int, length: int) -> Callable[[CData], None]:
+    # Must not reference the Mapping: it runs when the last reference to the
+    # pointer goes, which views may keep alive after the Mapping itself.
+    def unmap(_: CData) -> None:
+        lib.vfu_munmap(address, length)
+
+    return unmap
+
+
+class Mapping:
+    """A shared mapping (``MAP_SHARED``) of a file descriptor.
+
+    ``address`` and ``placement`` choose where it goes (see ``Placement``);
+    without an address the kernel chooses. ``offset`` and a fixed address must be
+    page-aligned. For regular files (memfds included) the range must lie within
+    the file's current size, because touching a page past the end raises SIGBUS.
+    The fd may be closed once mapped.
+    """
+
+    __slots__ = ("_cbuf", "_ptr", "address", "length", "offset", "prot")
+
+    def __init__(
+        self,
+        fd: FileDescriptorLike,
+        length: int,
+        *,
+        offset: int = 0,
+        prot: Prot = Prot.READ | Prot.WRITE,
+        address: int | None = None,
+        placement: Placement = Placement.HINT,
+        populate: bool = False,
+    ) -> None:
+        raw_fd = _fd_of(fd)
+        page = page_size()
+        if length <= 0:
+            raise ValueError(f"mapping length must be positive, got {length}")
+        if offset < 0 or offset % page:
+            raise ValueError(f"mapping offset {offset:#x} is not a page-aligned non-negative value")
+        if address is None:
+            if placement is not Placement.HINT:
+                raise ValueError(f"placement {placement.value} needs an address")
+            hint = 0
+        else:
+            if address <= 0 or (placement is not Placement.HINT and address % page):
+                raise ValueError(f"address {address:#x} is not a page-aligned positive value")
+            hint = address
+        st = os.fstat(raw_fd)
+        if stat.S_ISREG(st.st_mode) and offset + length > st.st_size:
+            raise ValueError(
+                f"range [{offset:#x}, {offset + length:#x}) extends past the end of the file "
+                f"({st.st_size:#x} bytes)"
+            )
+
+        flags = lib.MAP_SHARED
+        if populate:
+            flags |= lib.MAP_POPULATE
+        if placement is Placement.FIXED_NOREPLACE:
+            flags |= lib.MAP_FIXED_NOREPLACE
+        elif placement is Placement.FIXED:
+            flags |= lib.MAP_FIXED
+        mapped = _check_errno(lib.vfu_mmap(hint, length, int(prot), flags, raw_fd, offset))
+        if placement is Placement.FIXED_NOREPLACE and mapped != address:
+            # Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
+            lib.vfu_munmap(mapped, length)
+            raise FileExistsError(errno.EEXIST, f"address {hint:#x} is already mapped")
+
+        self.address: int = mapped
+        self.length: int = length
+        self.offset: int = offset
+        self.prot: Prot = prot
+        self._ptr: CData | None = ffi.gc(
+            ffi.cast("char *", mapped), _unmapper(mapped, length), length
+        )
+        self._cbuf: weakref.ref[CBuffer] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def _require_open(self) -> CData:
+        if self._ptr is None:
+            raise ValueError("mapping is closed")
+        return self._ptr
+
+    def _live_buffer(self) -> CBuffer | None:
+        return self._cbuf() if self._cbuf is not None else None
+
+    @property
+    def view(self) -> memoryview:
+        """A memoryview of the whole range: writable with ``Prot.WRITE``, else read-only."""
+        ptr = self._require_open()
+        if not self.prot & (Prot.READ | Prot.WRITE):
+            raise ValueError(f"mapping with protection {self.prot!r} cannot be viewed")
+        cbuf = self._live_buffer()
+        if cbuf is None:
+            # One cffi buffer is shared by every view; it keeps the pointer (and so
+            # the mapping) alive, and its weak reference tells close() about views.
+            cbuf = ffi.buffer(ptr, self.length)
+            self._cbuf = weakref.ref(cbuf)
+        view = memoryview(cbuf)
+        return view if self.prot & Prot.WRITE else view.toreadonly()
+
+    @property
+    def has_views(self) -> bool:
+        """Whether a view (or anything derived from one) is still alive."""
+        return self._live_buffer() is not None
+
+    def _range(self, offset: int, length: int | None) -> tuple[int, int]:
+        self._require_open()
+        if length is None:
+            length = self.length - offset
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"range ({offset}, {length}) is outside the mapping")
+        if offset % page_size():
+            raise ValueError(f"offset {offset:#x} is not page-aligned")
+        return self.address + offset, length
+
+    def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
+        """``madvise`` a page-aligned part of the mapping (``mmap.MADV_*`` values)."""
+        start, length = self._range(offset, length)
+        _check_errno(lib.vfu_madvise(start, length, advice))
+
+    def sync(
+        self,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        asynchronous: bool = False,
+        invalidate: bool = False,
+    ) -> None:
+        """``msync`` a page-aligned part of the mapping (``MS_SYNC`` unless asynchronous)."""
+        start, length = self._range(offset, length)
+        flags = lib.MS_ASYNC if asynchronous else lib.MS_SYNC
+        if invalidate:
+            flags |= lib.MS_INVALIDATE
+        _check_errno(lib.vfu_msync(start, length, flags))
+
+    def close(self) -> None:
+        """Unmap now (idempotent); ``BufferError`` while views are alive."""
+        if self._ptr is None:
+            return
+        if self.has_views:
+            raise BufferError(
+                "cannot close a Mapping while views of it exist: release them first "
+                "(memoryview.release(), or drop every reference)"
+            )
+        ptr, self._ptr = self._ptr, None
+        ffi.release(ptr)  # runs the unmapper now instead of at garbage collection
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and self.has_views:
+            # Do not mask the error in flight with a BufferError: the mapping is
+            # unmapped once the views (likely held by its traceback) are gone.
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ptr is None else f"{self.prot!r}"
+        return f"<Mapping {self.address:#x}+{self.length:#x} {state}>"
