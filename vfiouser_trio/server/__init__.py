@@ -1,0 +1,1 @@
+"""Server side of vfio-user: devices, PCI config space, regions, interrupts, DMA access."""
