@@ -1,0 +1,143 @@
+"""Device: declarations become config space, regions and IRQs; MSI-X overlays; doorbells."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from vfiouser_trio.protocol.constants import IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, PciIrq
+from vfiouser_trio.server.device import Device
+from vfiouser_trio.server.pci import PciIdentity
+from vfiouser_trio.server.regions import SparseArea
+
+ID = PciIdentity(vendor_id=0x1234, device_id=0x5678, class_code=0xFF0000)
+
+
+class Sample(Device):
+    def __init__(self) -> None:
+        super().__init__(ID)
+        self.writes: list[tuple[int, bytes]] = []
+        self.add_bar(0, 0x1000, read=self.read0, write=self.write0)
+        self.add_bar(2, 0x4000, sparse=[SparseArea(0x1000, 0x1000)], write=self.write0)
+        self.add_bar(4, 0x1000)
+        self.add_msix(4, bar=4, table_offset=0, pba_offset=0x800)
+        self.bell = self.add_doorbell(0, 0x100, datamatch=7)
+
+    async def read0(self, offset: int, size: int) -> bytes:
+        return bytes([offset & 0xFF]) * size
+
+    async def write0(self, offset: int, data: bytes) -> None:
+        self.writes.append((offset, data))
+
+
+def eventfds(n: int) -> tuple[list[int], list[int]]:
+    mine = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
+    return [os.dup(fd) for fd in mine], mine
+
+
+def pending(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+async def test_config_region_reflects_declarations() -> None:
+    dev = Sample()
+    config = dev.region(7)
+    assert config is not None and config.size == 256
+    assert await config.do_read(0, 4) == bytes.fromhex("34127856")
+    # BAR sizing through the config region, as a client would do it.
+    await config.do_write(0x18, b"\xff\xff\xff\xff")
+    assert int.from_bytes(await config.do_read(0x18, 4), "little") == 0xFFFFC000
+    assert dev.num_regions == 9
+    assert dev.irqs.info(PciIrq.MSIX).count == 4
+    dev.close()
+
+
+async def test_sparse_areas_use_memory_and_the_rest_callbacks() -> None:
+    dev = Sample()
+    bar2 = dev.region(2)
+    assert bar2 is not None and bar2.mmap and bar2.memory is not None
+    await bar2.do_write(0x1004, b"abcd")
+    assert bytes(bar2.memory.view[0x1004:0x1008]) == b"abcd"
+    assert await bar2.do_read(0x1004, 4) == b"abcd"
+    await bar2.do_write(0x10, b"zz")
+    assert dev.writes == [(0x10, b"zz")]
+    dev.close()
+
+
+async def test_msix_table_masking_through_the_bar() -> None:
+    dev = Sample()
+    given, mine = eventfds(4)
+    dev.irqs[PciIrq.MSIX].set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 4, b"", given)
+    # Before the client programs our table, vfio-level eventfds alone decide (QEMU's way).
+    assert dev.trigger(1, index=PciIrq.MSIX)
+    assert pending(mine[1]) == 1
+    bar4 = dev.region(4)
+    config = dev.region(7)
+    assert bar4 is not None and config is not None
+    cap = dev.config.find_capability(type(dev.config.capabilities[0].capability))
+    assert cap is not None
+    # Enable MSI-X in config space and program vector 2 (left masked).
+    await config.do_write(cap.offset + 2, (0x8000 | 3).to_bytes(2, "little"))
+    await bar4.do_write(2 * 16, (0xFEE00000).to_bytes(4, "little"))
+    assert dev.active_irq_index() == PciIrq.MSIX
+    assert not dev.trigger(2)
+    assert pending(mine[2]) == 0
+    assert await bar4.do_read(0x800, 8) == (1 << 2).to_bytes(8, "little")  # PBA bit 2
+    # Unmask vector 2: the held interrupt is delivered and the PBA bit clears.
+    await bar4.do_write(2 * 16 + 12, b"\x00\x00\x00\x00")
+    assert pending(mine[2]) == 1
+    assert await bar4.do_read(0x800, 8) == bytes(8)
+    dev.irqs.disable_all()
+    for fd in mine:
+        os.close(fd)
+    dev.close()
+
+
+async def test_quiesce_holds_interrupts() -> None:
+    dev = Sample()
+    given, mine = eventfds(4)
+    dev.irqs[PciIrq.MSIX].set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 4, b"", given)
+    dev.quiesce(True)
+    assert not dev.trigger(0, index=PciIrq.MSIX)
+    assert pending(mine[0]) == 0
+    dev.quiesce(False)
+    assert pending(mine[0]) == 1
+    dev.irqs.disable_all()
+    for fd in mine:
+        os.close(fd)
+    dev.close()
+
+
+async def test_region_write_rings_matching_doorbell() -> None:
+    dev = Sample()
+    bar0 = dev.region(0)
+    assert bar0 is not None
+    rang = trio.Event()
+
+    async def waiter() -> None:
+        assert await dev.bell.wait() == 1
+        rang.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await bar0.do_write(0x100, (6).to_bytes(4, "little"))  # wrong value: no ring
+        await trio.testing.wait_all_tasks_blocked()
+        assert not rang.is_set()
+        await bar0.do_write(0x100, (7).to_bytes(4, "little"))
+        with trio.fail_after(5):
+            await rang.wait()
+    dev.close()
+
+
+def test_declaring_after_build_is_refused() -> None:
+    dev = Sample()
+    dev.config  # noqa: B018 - builds the device
+    with pytest.raises(RuntimeError):
+        dev.add_bar(5, 0x100)
+    dev.close()

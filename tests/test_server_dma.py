@@ -1,0 +1,218 @@
+"""DmaTable: fd-backed and message-only maps, permissions, scatter-gather, unmap waiting."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from vfiouser_trio.protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
+from vfiouser_trio.protocol.errors import VfioUserError
+from vfiouser_trio.server.dma import DmaError, DmaTable
+
+RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
+PAGE = mmap.PAGESIZE
+
+
+def guest_memfd(size: int) -> tuple[int, mmap.mmap]:
+    """A memfd standing in for guest RAM, and the 'client' side mapping of it."""
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
+
+
+class FakeClient:
+    """Serves DMA_READ/DMA_WRITE from a bytearray, recording the message sizes."""
+
+    def __init__(self, base: int, size: int, max_xfer: int) -> None:
+        self.base = base
+        self.mem = bytearray(size)
+        self.max_data_xfer_size = max_xfer
+        self.calls: list[tuple[str, int, int]] = []
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        assert count <= self.max_data_xfer_size
+        self.calls.append(("read", address, count))
+        await trio.lowlevel.checkpoint()
+        off = address - self.base
+        return bytes(self.mem[off : off + count])
+
+    async def dma_write(self, address: int, data: bytes | memoryview) -> None:
+        assert len(data) <= self.max_data_xfer_size
+        self.calls.append(("write", address, len(data)))
+        await trio.lowlevel.checkpoint()
+        off = address - self.base
+        self.mem[off : off + len(data)] = data
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_fd_map_read_write_shares_memory() -> None:
+    before = fd_count()
+    table = DmaTable()
+    fd, client_view = guest_memfd(4 * PAGE)
+    table.map(0x10000, 2 * PAGE, RW, fd, offset=PAGE)
+    client_view[PAGE : PAGE + 5] = b"hello"
+    assert await table.read(0x10000, 5) == b"hello"
+    await table.write(0x10000 + 10, b"world")
+    assert client_view[PAGE + 10 : PAGE + 15] == b"world"
+    await table.unmap(0x10000, 2 * PAGE)
+    client_view.close()
+    assert len(table) == 0
+    assert fd_count() == before
+
+
+async def test_unaligned_fd_offset_is_honoured() -> None:
+    table = DmaTable()
+    fd, client_view = guest_memfd(2 * PAGE)
+    client_view[100:104] = b"abcd"
+    table.map(0, 64, DMA_MAP_FLAG_READ, fd, offset=100)
+    assert await table.read(0, 4) == b"abcd"
+    await table.unmap_all()
+    client_view.close()
+
+
+async def test_overlap_is_eexist_and_limits_enospc() -> None:
+    table = DmaTable(max_maps=2)
+    table.map(0x1000, 0x1000, RW, None)
+    with pytest.raises(VfioUserError) as exc:
+        table.map(0x1800, 0x1000, RW, None)
+    assert exc.value.errno == errno.EEXIST
+    with pytest.raises(VfioUserError) as exc:
+        table.map(0x0, 0x1001, RW, None)
+    assert exc.value.errno == errno.EEXIST
+    table.map(0x2000, 0x1000, RW, None)  # adjacent is fine
+    with pytest.raises(VfioUserError) as exc:
+        table.map(0x8000, 0x1000, RW, None)
+    assert exc.value.errno == errno.ENOSPC
+
+
+async def test_rejected_map_closes_its_fd() -> None:
+    table = DmaTable()
+    table.map(0, PAGE, RW, None)
+    before = fd_count()
+    fd, view = guest_memfd(PAGE)
+    view.close()
+    with pytest.raises(VfioUserError):
+        table.map(0, PAGE, RW, fd)
+    assert fd_count() == before  # the memfd we created is gone again
+    with pytest.raises(VfioUserError) as exc:
+        table.map(0x10000, PAGE, 0x4, None)
+    assert exc.value.errno == errno.EINVAL
+
+
+async def test_unmap_needs_exact_match() -> None:
+    table = DmaTable()
+    table.map(0x1000, 0x2000, RW, None)
+    for iova, size in ((0x1000, 0x1000), (0x2000, 0x1000), (0x0, 0x2000)):
+        with pytest.raises(VfioUserError) as exc:
+            await table.unmap(iova, size)
+        assert exc.value.errno == errno.ENOENT
+    await table.unmap(0x1000, 0x2000)
+
+
+async def test_permissions_and_unmapped_addresses() -> None:
+    table = DmaTable()
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, DMA_MAP_FLAG_READ, fd)
+    with pytest.raises(DmaError) as exc:
+        await table.write(0, b"x")
+    assert exc.value.errno == errno.EFAULT
+    with pytest.raises(DmaError):
+        await table.read(PAGE - 2, 4)  # runs off the end into unmapped space
+    with pytest.raises(DmaError):
+        with table.view(0, 4, writable=True):
+            pass
+    with table.view(0, 4) as ro:
+        assert ro.readonly
+    await table.unmap_all()
+    view.close()
+
+
+async def test_scatter_gather_across_fd_and_message_maps() -> None:
+    client = FakeClient(base=PAGE, size=3 * PAGE, max_xfer=1000)
+    table = DmaTable(messenger=client)
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd)
+    table.map(PAGE, 3 * PAGE, RW, None)
+    payload = bytes(range(256)) * 20  # 5120 bytes: 100 in the fd map, the rest by messages
+    await table.write(PAGE - 100, payload)
+    assert view[PAGE - 100 :] == payload[:100]
+    assert bytes(client.mem[: len(payload) - 100]) == payload[100:]
+    assert all(n <= 1000 for _, _, n in client.calls)
+    assert await table.read(PAGE - 100, len(payload)) == payload
+    await table.unmap_all()
+    view.close()
+
+
+async def test_unmap_waits_for_in_flight_message_dma() -> None:
+    gate = trio.Event()
+
+    class SlowClient(FakeClient):
+        async def dma_read(self, address: int, count: int) -> bytes:
+            await gate.wait()
+            return await super().dma_read(address, count)
+
+    client = SlowClient(base=0, size=PAGE, max_xfer=PAGE)
+    table = DmaTable(messenger=client)
+    table.map(0, PAGE, RW, None)
+    unmapped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(table.read, 0, 16)
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def unmap() -> None:
+            await table.unmap(0, PAGE)
+            unmapped.set()
+
+        nursery.start_soon(unmap)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not unmapped.is_set()
+        with pytest.raises(DmaError):  # a new access after the unmap began is refused
+            await table.read(0, 4)
+        gate.set()
+    assert unmapped.is_set()
+    assert len(table) == 0
+
+
+async def test_unmap_waits_for_open_views() -> None:
+    table = DmaTable()
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd)
+    unmapped = trio.Event()
+
+    async def unmap() -> None:
+        await table.unmap(0, PAGE)
+        unmapped.set()
+
+    async with trio.open_nursery() as nursery:
+        with table.view(8, 8, writable=True) as v:
+            nursery.start_soon(unmap)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not unmapped.is_set()
+            v[:] = b"12345678"
+    assert unmapped.is_set()
+    assert view[8:16] == b"12345678"
+    view.close()
+
+
+async def test_write_observers_see_device_writes() -> None:
+    table = DmaTable()
+    seen: list[tuple[int, int]] = []
+    table.add_write_observer(lambda iova, n: seen.append((iova, n)))
+    fd, view = guest_memfd(PAGE)
+    table.map(0x4000, PAGE, RW, fd)
+    await table.write(0x4010, b"abc")
+    with table.view(0x4100, 16, writable=True):
+        pass
+    with table.view(0x4200, 16):
+        pass
+    assert seen == [(0x4010, 3), (0x4100, 16)]
+    await table.unmap_all()
+    view.close()

@@ -1,0 +1,187 @@
+"""IrqIndex / IrqTable: eventfd delivery, masking with pending delivery, SET_IRQS rules."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from vfiouser_trio.protocol.constants import (
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_BOOL,
+    IRQ_SET_DATA_EVENTFD,
+    IRQ_SET_DATA_NONE,
+    PciIrq,
+)
+from vfiouser_trio.protocol.errors import VfioUserError
+from vfiouser_trio.server.irqs import IrqIndex, IrqTable
+
+EVENTFD_TRIGGER = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
+
+
+def new_eventfds(n: int) -> tuple[list[int], list[int]]:
+    """n eventfds: (the copies handed to the server, the ones the 'client' keeps)."""
+    mine = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
+    return [os.dup(fd) for fd in mine], mine
+
+
+def count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_trigger_reaches_the_assigned_eventfd() -> None:
+    before = fd_count()
+    irq = IrqIndex(PciIrq.MSIX, 4)
+    given, mine = new_eventfds(2)
+    irq.set_irqs(EVENTFD_TRIGGER, 1, 2, b"", given)
+    assert irq.trigger(0) is False  # no eventfd for vector 0
+    assert irq.trigger(2) is True
+    assert [count(fd) for fd in mine] == [0, 1]
+    irq.set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, b"", [])  # disable all
+    assert irq.trigger(2) is False
+    for fd in mine:
+        os.close(fd)
+    assert fd_count() == before
+
+
+def test_masked_vector_holds_pending_until_unmask() -> None:
+    irq = IrqIndex(PciIrq.MSI, 2)
+    given, mine = new_eventfds(2)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 2, b"", given)
+    irq.set_irqs(IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_MASK, 0, 2, b"\x00\x01", [])
+    assert not irq.is_masked(0) and irq.is_masked(1)
+    assert irq.trigger(1) is False
+    assert irq.is_pending(1) and count(mine[1]) == 0
+    irq.set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 1, 1, b"", [])
+    assert not irq.is_pending(1) and count(mine[1]) == 1
+    irq.disable()
+    for fd in mine:
+        os.close(fd)
+
+
+def test_gate_holds_interrupts_and_release_all_delivers() -> None:
+    irq = IrqIndex(PciIrq.MSIX, 3)
+    given, mine = new_eventfds(3)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 3, b"", given)
+    open_ = False
+    irq.set_gate(lambda v: open_)
+    irq.trigger(0)
+    irq.trigger(2)
+    assert [count(fd) for fd in mine] == [0, 0, 0]
+    open_ = True
+    assert irq.release_all() == 2
+    assert [count(fd) for fd in mine] == [1, 0, 1]
+    irq.disable()
+    for fd in mine:
+        os.close(fd)
+
+
+def test_intx_automasks_after_delivery() -> None:
+    irq = IrqIndex(PciIrq.INTX, 1)
+    given, mine = new_eventfds(1)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 1, b"", given)
+    assert irq.trigger() is True
+    assert irq.is_masked(0)
+    assert irq.trigger() is False  # held until the client unmasks
+    irq.set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 1, b"", [])
+    assert count(mine[0]) == 2
+    irq.disable()
+    os.close(mine[0])
+
+
+def test_client_side_trigger_with_bool_data() -> None:
+    irq = IrqIndex(PciIrq.MSIX, 3)
+    given, mine = new_eventfds(3)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 3, b"", given)
+    irq.set_irqs(IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER, 0, 3, b"\x01\x00\x01", [])
+    assert [count(fd) for fd in mine] == [1, 0, 1]
+    irq.disable()
+    for fd in mine:
+        os.close(fd)
+
+
+def test_deassign_with_no_fds() -> None:
+    before = fd_count()
+    irq = IrqIndex(PciIrq.MSIX, 2)
+    given, mine = new_eventfds(2)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 2, b"", given)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 1, b"", [])
+    assert not irq.has_eventfd(0) and irq.has_eventfd(1)
+    irq.disable()
+    for fd in mine:
+        os.close(fd)
+    assert fd_count() == before
+
+
+@pytest.mark.parametrize(
+    ("index", "flags", "start", "count", "data", "nfds"),
+    [
+        (PciIrq.MSIX, EVENTFD_TRIGGER, 3, 2, b"", 2),  # beyond count
+        (PciIrq.MSIX, EVENTFD_TRIGGER, 4, 1, b"", 1),  # start == count
+        (PciIrq.MSIX, EVENTFD_TRIGGER, 2**32 - 1, 2, b"", 2),  # would wrap in C
+        (PciIrq.MSIX, EVENTFD_TRIGGER, 0, 2, b"", 1),  # fds != count
+        (PciIrq.MSIX, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 1, b"", 1),  # fds, no EVENTFD
+        (PciIrq.MSIX, IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_MASK, 0, 2, b"\x01", 0),  # bool bytes
+        (PciIrq.MSIX, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK, 0, 0, b"", 0),  # count 0 + MASK
+        (PciIrq.MSIX, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 1, 0, b"", 0),  # count 0, start 1
+        (PciIrq.ERR, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK, 0, 1, b"", 0),  # ERR: not TRIGGER
+        (PciIrq.REQ, EVENTFD_TRIGGER, 0, 2, b"", 2),  # REQ: count > 1
+    ],
+)
+def test_set_irqs_semantic_errors_are_einval_and_close_fds(
+    index: int, flags: int, start: int, count: int, data: bytes, nfds: int
+) -> None:
+    irq = IrqIndex(index, 4 if index == PciIrq.MSIX else 1)
+    before = fd_count()
+    given, mine = new_eventfds(nfds)
+    with pytest.raises(VfioUserError) as exc:
+        irq.set_irqs(flags, start, count, data, given)
+    assert exc.value.errno == errno.EINVAL
+    for fd in mine:
+        os.close(fd)
+    assert fd_count() == before
+
+
+async def test_unmask_eventfd_unmasks_when_signalled() -> None:
+    irq = IrqIndex(PciIrq.INTX, 1)
+    given, mine = new_eventfds(1)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 1, b"", given)
+    async with trio.open_nursery() as nursery:
+        irq.attach(nursery)
+        unmask_given, unmask_mine = new_eventfds(1)
+        irq.set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK, 0, 1, b"", unmask_given)
+        irq.trigger()
+        assert irq.is_masked(0) and count(mine[0]) == 1
+        irq.trigger()  # held pending: INTx automasked
+        os.eventfd_write(unmask_mine[0], 1)
+        with trio.fail_after(5):
+            while irq.is_pending(0):
+                await trio.testing.wait_all_tasks_blocked()
+        # The held interrupt was delivered on unmask, and INTx masked itself again.
+        assert count(mine[0]) == 1
+        assert irq.is_masked(0)
+        irq.disable()
+    for fd in mine + unmask_mine:
+        os.close(fd)
+
+
+def test_table_reports_unused_indexes_with_count_zero() -> None:
+    table = IrqTable([IrqIndex(PciIrq.INTX, 1), IrqIndex(PciIrq.MSIX, 8)])
+    assert table.num_irqs == 3
+    assert table.info(PciIrq.MSI).count == 0
+    assert table.info(PciIrq.MSIX).count == 8
+    with pytest.raises(VfioUserError) as exc:
+        table.info(3)
+    assert exc.value.errno == errno.EINVAL

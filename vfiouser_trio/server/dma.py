@@ -1,0 +1,318 @@
+"""The device's view of guest memory: the table built from DMA_MAP / DMA_UNMAP.
+
+Maps that came with a file descriptor are mmap'd and accessed directly (zero-copy
+views are possible); maps without one are reached through DMA_READ / DMA_WRITE
+messages to the client, split at the client's ``max_data_xfer_size``. Every access
+is checked against the maps and their permissions, and an unmap waits until the
+accesses and views using that map are finished before the reply goes out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from ..protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
+from ..protocol.errors import VfioUserError
+
+log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
+
+
+class DmaMessenger(Protocol):
+    """Carries DMA for maps without an fd: DMA_READ / DMA_WRITE to the client."""
+
+    @property
+    def max_data_xfer_size(self) -> int: ...
+
+    async def dma_read(self, address: int, count: int) -> bytes: ...
+
+    async def dma_write(self, address: int, data: bytes | memoryview) -> None: ...
+
+
+class DmaError(VfioUserError):
+    """A device DMA access the maps do not allow (EFAULT), or that failed in transit."""
+
+
+#: Called for every device write to guest memory: (iova, length). Dirty-page logging hooks in here.
+WriteObserver = Callable[[int, int], None]
+
+
+@dataclass(eq=False)
+class DmaMapping:
+    """One DMA_MAP window."""
+
+    iova: int
+    size: int
+    flags: int
+    fd_offset: int = 0
+    _mmap: mmap.mmap | None = field(default=None, repr=False)
+    _view: memoryview | None = field(default=None, repr=False)
+    _users: int = 0
+    _removing: bool = False
+    _idle: trio.Event | None = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & DMA_MAP_FLAG_READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & DMA_MAP_FLAG_WRITE)
+
+    @property
+    def mapped(self) -> bool:
+        """True when the window is backed by memory we mapped (an fd came with it)."""
+        return self._view is not None
+
+    @property
+    def busy(self) -> int:
+        """Accesses and views currently using this map."""
+        return self._users
+
+    def _acquire(self) -> None:
+        self._users += 1
+
+    def _release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._idle is not None:
+            self._idle.set()
+
+    def _close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # A device kept a view past its context; the mapping lives until that is freed.
+                log.warning("DMA map %#x+%#x still exported at unmap", self.iova, self.size)
+            self._mmap = None
+
+
+def _map_fd(fd: int, offset: int, size: int, flags: int) -> tuple[mmap.mmap, memoryview]:
+    prot = 0
+    if flags & DMA_MAP_FLAG_READ:
+        prot |= mmap.PROT_READ
+    if flags & DMA_MAP_FLAG_WRITE:
+        prot |= mmap.PROT_WRITE | mmap.PROT_READ
+    aligned = offset - offset % _PAGE
+    lead = offset - aligned
+    try:
+        mm = mmap.mmap(fd, size + lead, flags=mmap.MAP_SHARED, prot=prot, offset=aligned)
+    except (OSError, ValueError, OverflowError) as exc:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+        raise VfioUserError(code, f"cannot map DMA fd: {exc}") from exc
+    view = memoryview(mm)[lead : lead + size]
+    return mm, view
+
+
+class DmaTable:
+    """DMA windows of one client, with checked device access."""
+
+    def __init__(self, *, max_maps: int = 65535, messenger: DmaMessenger | None = None) -> None:
+        self.max_maps = max_maps
+        self.messenger = messenger
+        self._starts: list[int] = []
+        self._maps: list[DmaMapping] = []
+        self._write_observers: list[WriteObserver] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self) -> Iterator[DmaMapping]:
+        return iter(list(self._maps))
+
+    def add_write_observer(self, observer: WriteObserver) -> None:
+        self._write_observers.append(observer)
+
+    def remove_write_observer(self, observer: WriteObserver) -> None:
+        self._write_observers.remove(observer)
+
+    # --- DMA_MAP / DMA_UNMAP ------------------------------------------------------------
+
+    def map(self, iova: int, size: int, flags: int, fd: int | None, offset: int = 0) -> DmaMapping:
+        """Add a window. Takes ownership of ``fd`` (closed here in every case).
+
+        Errors: EINVAL for size 0 or unknown flags, EEXIST for an overlap (as the
+        spec asks), ENOSPC beyond ``max_maps``.
+        """
+        try:
+            if size <= 0 or iova < 0 or iova + size > 1 << 64:
+                raise VfioUserError(errno.EINVAL, f"bad DMA window {iova:#x}+{size:#x}")
+            if flags & ~(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE):
+                raise VfioUserError(errno.EINVAL, f"unknown DMA_MAP flags {flags:#x}")
+            if len(self._maps) >= self.max_maps:
+                raise VfioUserError(errno.ENOSPC, f"more than {self.max_maps} DMA maps")
+            i = bisect.bisect_right(self._starts, iova)
+            if (i > 0 and self._maps[i - 1].end > iova) or (
+                i < len(self._maps) and self._maps[i].iova < iova + size
+            ):
+                raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
+            mapping = DmaMapping(iova, size, flags, offset)
+            if fd is not None:
+                mapping._mmap, mapping._view = _map_fd(fd, offset, size, flags)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._starts.insert(i, iova)
+        self._maps.insert(i, mapping)
+        return mapping
+
+    async def unmap(self, iova: int, size: int) -> DmaMapping:
+        """Remove the window that matches exactly (ENOENT otherwise), once it is idle."""
+        i = bisect.bisect_left(self._starts, iova)
+        if i == len(self._maps) or self._maps[i].iova != iova or self._maps[i].size != size:
+            raise VfioUserError(errno.ENOENT, f"no DMA map {iova:#x}+{size:#x}")
+        mapping = self._maps[i]
+        await self._retire(mapping)
+        return mapping
+
+    async def unmap_all(self) -> None:
+        """Remove every window (VFIO_DMA_UNMAP_FLAG_ALL, client disconnect)."""
+        for mapping in list(self._maps):
+            await self._retire(mapping)
+
+    async def _retire(self, mapping: DmaMapping) -> None:
+        mapping._removing = True  # no new access starts on it from now on
+        if mapping._users:
+            mapping._idle = trio.Event()
+            await mapping._idle.wait()
+        if mapping in self._maps:
+            i = self._maps.index(mapping)
+            del self._maps[i]
+            del self._starts[i]
+        mapping._close()
+
+    # --- device access ------------------------------------------------------------------
+
+    def find(self, iova: int) -> DmaMapping:
+        """The live window containing ``iova``; DmaError(EFAULT) if none."""
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            m = self._maps[i]
+            if iova < m.end and not m._removing:
+                return m
+        raise DmaError(errno.EFAULT, f"DMA address {iova:#x} is not mapped")
+
+    def _segments(self, iova: int, length: int, write: bool) -> list[tuple[DmaMapping, int, int]]:
+        """Split [iova, iova+length) over the windows; (map, offset in map, n) each."""
+        if length < 0 or iova < 0:
+            raise DmaError(errno.EINVAL, "negative DMA address or length")
+        segs: list[tuple[DmaMapping, int, int]] = []
+        pos, end = iova, iova + length
+        while pos < end:
+            m = self.find(pos)
+            if write and not m.writable:
+                raise DmaError(errno.EFAULT, f"DMA map {m.iova:#x} is not writable")
+            if not write and not m.readable:
+                raise DmaError(errno.EFAULT, f"DMA map {m.iova:#x} is not readable")
+            n = min(end, m.end) - pos
+            segs.append((m, pos - m.iova, n))
+            pos += n
+        return segs
+
+    async def read(self, iova: int, length: int) -> bytes:
+        """Read guest memory, across windows; message-only windows go through DMA_READ."""
+        segs = self._segments(iova, length, write=False)
+        for m, _, _ in segs:
+            m._acquire()
+        try:
+            parts: list[bytes] = []
+            for m, off, n in segs:
+                if m._view is not None:
+                    parts.append(bytes(m._view[off : off + n]))
+                else:
+                    parts.append(await self._message_read(m.iova + off, n))
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            for m, _, _ in segs:
+                m._release()
+
+    async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest memory, across windows; message-only windows go through DMA_WRITE."""
+        src = memoryview(data).cast("B")
+        segs = self._segments(iova, len(src), write=True)
+        for m, _, _ in segs:
+            m._acquire()
+        try:
+            pos = 0
+            for m, off, n in segs:
+                if m._view is not None:
+                    m._view[off : off + n] = src[pos : pos + n]
+                else:
+                    await self._message_write(m.iova + off, src[pos : pos + n])
+                pos += n
+        finally:
+            for m, _, _ in segs:
+                m._release()
+        self.note_written(iova, len(src))
+
+    def note_written(self, iova: int, length: int) -> None:
+        """Tell the observers (dirty logging) that the device wrote guest memory."""
+        for observer in self._write_observers:
+            observer(iova, length)
+
+    @contextmanager
+    def view(self, iova: int, length: int, *, writable: bool = False) -> Iterator[memoryview]:
+        """A zero-copy view of guest memory inside one fd-backed window.
+
+        The window cannot be unmapped while the view is open; a writable view is
+        reported as written (dirty) when it closes.
+        """
+        segs = self._segments(iova, length, write=writable)
+        if len(segs) != 1 or segs[0][0]._view is None:
+            raise DmaError(
+                errno.EFAULT, f"{iova:#x}+{length:#x} is not inside one fd-backed DMA map"
+            )
+        m, off, n = segs[0]
+        assert m._view is not None
+        m._acquire()
+        view = m._view[off : off + n]
+        if not writable:
+            view = view.toreadonly()
+        try:
+            yield view
+        finally:
+            view.release()
+            m._release()
+            if writable:
+                self.note_written(iova, length)
+
+    async def _message_read(self, address: int, count: int) -> bytes:
+        messenger = self._need_messenger()
+        step = messenger.max_data_xfer_size
+        parts = []
+        for pos in range(0, count, step):
+            n = min(step, count - pos)
+            chunk = await messenger.dma_read(address + pos, n)
+            if len(chunk) != n:
+                raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {n}")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _message_write(self, address: int, data: memoryview) -> None:
+        messenger = self._need_messenger()
+        step = messenger.max_data_xfer_size
+        for pos in range(0, len(data), step):
+            await messenger.dma_write(address + pos, data[pos : pos + step])
+
+    def _need_messenger(self) -> DmaMessenger:
+        if self.messenger is None:
+            raise DmaError(errno.EFAULT, "no client connection to carry DMA messages")
+        return self.messenger

@@ -1,0 +1,61 @@
+"""Doorbells: ioeventfds a device declares on a region (VFIO_USER_DEVICE_GET_REGION_IO_FDS).
+
+The server creates one eventfd per doorbell and hands a copy to the client, which
+may register it with KVM (KVM_IOEVENTFD) so guest writes wake the device directly.
+A write that reaches the server as REGION_WRITE instead rings the same doorbell, so
+a device awaits ``doorbell.wait()`` whichever way the write came.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..eventfd import EventFd
+from ..protocol.constants import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_PIO
+
+
+@dataclass(eq=False)
+class Doorbell:
+    """A write-triggered notification on ``size`` bytes at ``offset`` of a region.
+
+    ``size`` 0 matches any access size at ``offset``; ``datamatch`` restricts the
+    doorbell to writes of that value (little-endian, ``size`` bytes).
+    """
+
+    offset: int
+    size: int = 4
+    datamatch: int | None = None
+    pio: bool = False
+    _event: EventFd = field(default_factory=EventFd, repr=False)
+
+    @property
+    def kvm_flags(self) -> int:
+        flags = KVM_IOEVENTFD_FLAG_DATAMATCH if self.datamatch is not None else 0
+        return flags | (KVM_IOEVENTFD_FLAG_PIO if self.pio else 0)
+
+    def dup_fd(self) -> int:
+        """A new fd of the doorbell's eventfd, for the client (the receiver owns it)."""
+        return os.dup(self._event.fileno())
+
+    def matches(self, offset: int, data: bytes) -> bool:
+        if offset != self.offset:
+            return False
+        if self.size and len(data) != self.size:
+            return False
+        return self.datamatch is None or int.from_bytes(data, "little") == self.datamatch
+
+    def ring(self) -> None:
+        """Signal the doorbell from this process."""
+        self._event.signal()
+
+    def ring_on_write(self, offset: int, data: bytes) -> None:
+        if self.matches(offset, data):
+            self.ring()
+
+    async def wait(self) -> int:
+        """Wait until the doorbell rings; returns how many rings were coalesced."""
+        return await self._event.wait()
+
+    def close(self) -> None:
+        self._event.close()

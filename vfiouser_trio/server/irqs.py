@@ -1,0 +1,325 @@
+"""Interrupt state of a served device: eventfds per vector, masking, pending bits.
+
+A device raises an interrupt with ``IrqIndex.trigger(vector)``. The client decides
+where it goes with VFIO_USER_DEVICE_SET_IRQS: an eventfd per vector (signalled on
+delivery), mask/unmask (a masked vector holds the interrupt pending and delivers it
+when unmasked), and client-side triggers. Devices may add a *gate* (MSI-X table
+masking, a quiesced device): while the gate says no, a trigger is held pending too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from ..protocol.constants import (
+    IRQ_INFO_AUTOMASKED,
+    IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE,
+    IRQ_INFO_NORESIZE,
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_TYPE_MASK,
+    IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_BOOL,
+    IRQ_SET_DATA_EVENTFD,
+    IRQ_SET_DATA_NONE,
+    IRQ_SET_DATA_TYPE_MASK,
+    PciIrq,
+)
+from ..protocol.errors import VfioUserError
+
+#: Flags reported by DEVICE_GET_IRQ_INFO per PCI IRQ index, as Linux vfio-pci reports them,
+#: plus MASKABLE on MSI/MSI-X since we implement vfio-level masking for every vector.
+DEFAULT_IRQ_FLAGS: dict[int, int] = {
+    PciIrq.INTX: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+    PciIrq.MSI: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
+    PciIrq.MSIX: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
+    PciIrq.ERR: IRQ_INFO_EVENTFD,
+    PciIrq.REQ: IRQ_INFO_EVENTFD,
+}
+
+#: Returns True when the vector may be delivered now; False holds it pending.
+Gate = Callable[[int], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class IrqInfo:
+    """What DEVICE_GET_IRQ_INFO reports for one IRQ index."""
+
+    index: int
+    count: int
+    flags: int
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _signal(fd: int) -> None:
+    # BlockingIOError: the counter is at its maximum, so an interrupt is already due.
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_write(fd, 1)
+
+
+class IrqIndex:
+    """One IRQ type (INTx, MSI, MSI-X, ERR, REQ, or a device-specific index)."""
+
+    def __init__(self, index: int, count: int, flags: int | None = None) -> None:
+        if count < 0:
+            raise ValueError("IRQ count must be >= 0")
+        self.index = index
+        self.count = count
+        self.flags = DEFAULT_IRQ_FLAGS.get(index, IRQ_INFO_EVENTFD) if flags is None else flags
+        self._trigger_fds: list[int | None] = [None] * count
+        self._masked = [False] * count
+        self._pending = [False] * count
+        self._watchers: dict[tuple[int, int], trio.CancelScope] = {}
+        self._gate: Gate | None = None
+        self._nursery: trio.Nursery | None = None
+        #: Deliveries, for tests and statistics.
+        self.delivered = 0
+
+    @property
+    def info(self) -> IrqInfo:
+        return IrqInfo(self.index, self.count, self.flags)
+
+    @property
+    def maskable(self) -> bool:
+        return bool(self.flags & IRQ_INFO_MASKABLE)
+
+    def set_gate(self, gate: Gate | None) -> None:
+        """Install a device-level gate (consulted on every trigger)."""
+        self._gate = gate
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Give the index a nursery for watching mask/unmask eventfds (None detaches)."""
+        self._nursery = nursery
+
+    # --- device side -------------------------------------------------------------------
+
+    def has_eventfd(self, vector: int) -> bool:
+        self._check_vector(vector)
+        return self._trigger_fds[vector] is not None
+
+    def is_masked(self, vector: int) -> bool:
+        self._check_vector(vector)
+        return self._masked[vector]
+
+    def is_pending(self, vector: int) -> bool:
+        self._check_vector(vector)
+        return self._pending[vector]
+
+    def trigger(self, vector: int = 0) -> bool:
+        """Raise the interrupt; returns True if it was delivered to an eventfd now.
+
+        A masked or gated vector is held pending and delivered on unmask. With no
+        eventfd configured the interrupt goes nowhere (as on hardware with the
+        interrupt disabled) and False is returned.
+        """
+        self._check_vector(vector)
+        if self._masked[vector] or (self._gate is not None and not self._gate(vector)):
+            self._pending[vector] = True
+            return False
+        return self._deliver(vector)
+
+    def release(self, vector: int) -> bool:
+        """Deliver a held interrupt if the vector is now unmasked and the gate is open."""
+        self._check_vector(vector)
+        if not self._pending[vector] or self._masked[vector]:
+            return False
+        if self._gate is not None and not self._gate(vector):
+            return False
+        self._pending[vector] = False
+        return self._deliver(vector)
+
+    def release_all(self) -> int:
+        """Deliver every held interrupt that may now go; returns how many were delivered."""
+        return sum(self.release(v) for v in range(self.count) if self._pending[v])
+
+    def mask(self, vector: int) -> None:
+        self._check_vector(vector)
+        self._masked[vector] = True
+
+    def unmask(self, vector: int) -> None:
+        self._check_vector(vector)
+        self._masked[vector] = False
+        self.release(vector)
+
+    def _deliver(self, vector: int) -> bool:
+        fd = self._trigger_fds[vector]
+        if fd is None:
+            return False
+        _signal(fd)
+        self.delivered += 1
+        if self.flags & IRQ_INFO_AUTOMASKED:
+            # Level-style interrupts (INTx) mask themselves until the client unmasks.
+            self._masked[vector] = True
+        return True
+
+    def _check_vector(self, vector: int) -> None:
+        if not 0 <= vector < self.count:
+            raise ValueError(f"IRQ index {self.index} has no vector {vector} (count {self.count})")
+
+    # --- VFIO_USER_DEVICE_SET_IRQS -------------------------------------------------------
+
+    def set_irqs(self, flags: int, start: int, count: int, data: bytes, fds: Sequence[int]) -> None:
+        """Apply a SET_IRQS request whose structure the protocol layer already checked.
+
+        Ownership of ``fds`` moves here: they are kept or closed, whatever happens.
+        Semantic errors raise VfioUserError(EINVAL) per REFERENCE_BEHAVIOUR.md.
+        """
+        fds = list(fds)
+        try:
+            self._validate(flags, start, count, data, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        action = flags & IRQ_SET_ACTION_TYPE_MASK
+        data_type = flags & IRQ_SET_DATA_TYPE_MASK
+        if count == 0:
+            self.disable()
+            return
+        vectors = range(start, start + count)
+        if data_type == IRQ_SET_DATA_EVENTFD:
+            if action == IRQ_SET_ACTION_TRIGGER:
+                self._assign_trigger_fds(vectors, fds)
+            else:
+                self._assign_watch_fds(action, vectors, fds)
+            return
+        selected = (
+            list(vectors)
+            if data_type == IRQ_SET_DATA_NONE
+            else [v for v, b in zip(vectors, data, strict=True) if b]
+        )
+        for v in selected:
+            if action == IRQ_SET_ACTION_TRIGGER:
+                self.trigger(v)
+            elif action == IRQ_SET_ACTION_MASK:
+                self.mask(v)
+            else:
+                self.unmask(v)
+
+    def _validate(
+        self, flags: int, start: int, count: int, data: bytes, fds: Sequence[int]
+    ) -> None:
+        action = flags & IRQ_SET_ACTION_TYPE_MASK
+        data_type = flags & IRQ_SET_DATA_TYPE_MASK
+        if self.index in (PciIrq.ERR, PciIrq.REQ) and (
+            action != IRQ_SET_ACTION_TRIGGER or count > 1
+        ):
+            raise VfioUserError(errno.EINVAL, "ERR/REQ IRQs take only TRIGGER with count <= 1")
+        if count == 0:
+            if start != 0 or flags != (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE):
+                raise VfioUserError(
+                    errno.EINVAL, "count 0 needs start 0 and exactly TRIGGER|DATA_NONE"
+                )
+            return
+        # Python ints do not wrap, which is the saturating check the reference asks for.
+        if start >= self.count or start + count > self.count:
+            raise VfioUserError(
+                errno.EINVAL,
+                f"vectors {start}..{start + count - 1} exceed IRQ {self.index}'s "
+                f"count {self.count}",
+            )
+        if action in (IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_UNMASK) and not self.maskable:
+            raise VfioUserError(errno.EINVAL, f"IRQ index {self.index} is not maskable")
+        if data_type == IRQ_SET_DATA_EVENTFD:
+            if fds and len(fds) != count:
+                raise VfioUserError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
+        elif fds:
+            raise VfioUserError(errno.EINVAL, "file descriptors sent without DATA_EVENTFD")
+        if data_type == IRQ_SET_DATA_BOOL and len(data) != count:
+            raise VfioUserError(errno.EINVAL, f"{len(data)} BOOL bytes for {count} vectors")
+
+    def _assign_trigger_fds(self, vectors: range, fds: list[int]) -> None:
+        for i, v in enumerate(vectors):
+            _close(self._trigger_fds[v])
+            # No fds at all de-assigns the range.
+            self._trigger_fds[v] = fds[i] if fds else None
+
+    def _assign_watch_fds(self, action: int, vectors: range, fds: list[int]) -> None:
+        for i, v in enumerate(vectors):
+            old = self._watchers.pop((action, v), None)
+            if old is not None:
+                old.cancel()
+            if not fds:
+                continue
+            if self._nursery is None:
+                for fd in fds[i:]:
+                    os.close(fd)
+                raise VfioUserError(errno.EINVAL, "mask/unmask eventfds need a running device")
+            scope = trio.CancelScope()
+            self._watchers[(action, v)] = scope
+            self._nursery.start_soon(self._watch, scope, fds[i], action, v)
+
+    async def _watch(self, scope: trio.CancelScope, fd: int, action: int, vector: int) -> None:
+        """Mask or unmask ``vector`` each time the client signals ``fd`` (kernel irqfd style)."""
+        try:
+            with scope:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        continue
+                    if action == IRQ_SET_ACTION_MASK:
+                        self.mask(vector)
+                    else:
+                        self.unmask(vector)
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    def disable(self) -> None:
+        """Drop every eventfd of this index (count-0 SET_IRQS, client disconnect)."""
+        for v in range(self.count):
+            _close(self._trigger_fds[v])
+            self._trigger_fds[v] = None
+        for scope in self._watchers.values():
+            scope.cancel()
+        self._watchers.clear()
+
+
+class IrqTable:
+    """All IRQ indexes of a device, by index."""
+
+    def __init__(self, indexes: Sequence[IrqIndex]) -> None:
+        self._indexes = {irq.index: irq for irq in indexes}
+        self.num_irqs = max(self._indexes, default=-1) + 1
+
+    def __getitem__(self, index: int) -> IrqIndex:
+        try:
+            return self._indexes[index]
+        except KeyError:
+            raise VfioUserError(errno.EINVAL, f"no IRQ index {index}") from None
+
+    def get(self, index: int) -> IrqIndex | None:
+        return self._indexes.get(index)
+
+    def info(self, index: int) -> IrqInfo:
+        """IRQ info for any index below num_irqs (unused indexes report count 0)."""
+        irq = self._indexes.get(index)
+        if irq is not None:
+            return irq.info
+        if 0 <= index < self.num_irqs:
+            return IrqInfo(index, 0, DEFAULT_IRQ_FLAGS.get(index, IRQ_INFO_EVENTFD))
+        raise VfioUserError(errno.EINVAL, f"no IRQ index {index}")
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        for irq in self._indexes.values():
+            irq.attach(nursery)
+
+    def disable_all(self) -> None:
+        for irq in self._indexes.values():
+            irq.disable()
+
+    def __iter__(self) -> Iterator[IrqIndex]:
+        return iter(self._indexes.values())

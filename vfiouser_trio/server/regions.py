@@ -1,0 +1,204 @@
+"""Device regions: BARs, ROM, config space, VGA and device-specific regions.
+
+A region is served by async callbacks, by memory the client may mmap (a memfd),
+or by both: memory for the sparse-mmap areas the client maps directly, callbacks
+for the trapped rest. Overlays claim sub-ranges of a region for the framework
+itself (an MSI-X table and PBA living in a BAR) ahead of the device's callbacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..protocol.constants import (
+    REGION_INFO_FLAG_MMAP,
+    REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
+)
+from ..protocol.errors import VfioUserError
+from .doorbells import Doorbell
+
+#: ``await read(offset, count) -> bytes`` — exactly ``count`` bytes.
+ReadHandler = Callable[[int, int], Awaitable[bytes]]
+#: ``await write(offset, data)``.
+WriteHandler = Callable[[int, bytes], Awaitable[None]]
+#: Synchronous handlers used by framework overlays (MSI-X table, PBA).
+SyncRead = Callable[[int, int], bytes]
+SyncWrite = Callable[[int, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SparseArea:
+    """A sub-range of a memory-backed region that the client may mmap."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegionType:
+    """VFIO_REGION_INFO_CAP_TYPE of a device-specific region."""
+
+    type: int
+    subtype: int
+
+
+@dataclass(slots=True)
+class Overlay:
+    """A sub-range of a region handled by the framework before the device's callbacks."""
+
+    offset: int
+    size: int
+    read: SyncRead
+    write: SyncWrite
+
+    def covers(self, offset: int, count: int) -> bool:
+        return self.offset <= offset and offset + count <= self.offset + self.size
+
+    def touches(self, offset: int, count: int) -> bool:
+        return offset < self.offset + self.size and self.offset < offset + count
+
+
+class RegionMemory:
+    """A memfd of ``size`` bytes mapped into this process; the client may map it too."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._mmap = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._mmap)
+
+    def dup_fd(self) -> int:
+        """A new fd of the memory, to hand to a client (the receiver owns it)."""
+        return os.dup(self.fd)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.view.release()
+        self._mmap.close()
+        os.close(self.fd)
+        self.fd = -1
+
+
+@dataclass(eq=False)
+class Region:
+    """One region of a device, as DEVICE_GET_REGION_INFO reports it and REGION_READ/WRITE reach it.
+
+    ``read``/``write`` callbacks serve accesses outside the sparse areas (or the
+    whole region when it has no memory). A memory-backed region without callbacks
+    serves every access from its memory. ``mmap`` regions report the MMAP flag and
+    hand the memfd to the client; with ``sparse`` areas only those may be mapped.
+    """
+
+    index: int
+    size: int
+    read: ReadHandler | None = None
+    write: WriteHandler | None = None
+    readable: bool = True
+    writable: bool = True
+    memory: RegionMemory | None = None
+    mmap: bool = False
+    sparse: Sequence[SparseArea] = ()
+    region_type: RegionType | None = None
+    doorbells: list[Doorbell] = field(default_factory=list)
+    overlays: list[Overlay] = field(default_factory=list)
+    #: Where the region starts in the fd the client maps (REGION_INFO ``offset``).
+    mmap_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError("region size must be >= 0")
+        if self.mmap and self.memory is None:
+            raise ValueError(f"region {self.index}: mmap needs memory backing")
+        for area in self.sparse:
+            if area.offset < 0 or area.offset + area.size > self.size:
+                raise ValueError(f"region {self.index}: sparse area beyond the region")
+
+    @property
+    def info_flags(self) -> int:
+        flags = 0
+        if self.readable:
+            flags |= REGION_INFO_FLAG_READ
+        if self.writable:
+            flags |= REGION_INFO_FLAG_WRITE
+        if self.mmap:
+            flags |= REGION_INFO_FLAG_MMAP
+        return flags
+
+    def check_access(self, offset: int, count: int, *, write: bool) -> None:
+        """EINVAL for out-of-range or forbidden accesses (REFERENCE_BEHAVIOUR.md)."""
+        if write and not self.writable:
+            raise VfioUserError(errno.EINVAL, f"region {self.index} is not writable")
+        if not write and not self.readable:
+            raise VfioUserError(errno.EINVAL, f"region {self.index} is not readable")
+        if offset < 0 or count < 0 or offset + count > self.size:
+            raise VfioUserError(
+                errno.EINVAL,
+                f"access {offset:#x}+{count:#x} beyond region {self.index} of size {self.size:#x}",
+            )
+
+    def _in_sparse(self, offset: int, count: int) -> bool:
+        return any(a.offset <= offset and offset + count <= a.offset + a.size for a in self.sparse)
+
+    def _memory_serves(self, offset: int, count: int, handler: object) -> bool:
+        if self.memory is None:
+            return False
+        return handler is None or self._in_sparse(offset, count)
+
+    async def do_read(self, offset: int, count: int) -> bytes:
+        """Serve a REGION_READ (after ``check_access``)."""
+        if count == 0:
+            return b""
+        for ov in self.overlays:
+            if ov.touches(offset, count):
+                if not ov.covers(offset, count):
+                    raise VfioUserError(errno.EINVAL, "access straddles a framework area")
+                return ov.read(offset - ov.offset, count)
+        if self._memory_serves(offset, count, self.read):
+            assert self.memory is not None
+            return bytes(self.memory.view[offset : offset + count])
+        if self.read is None:
+            raise VfioUserError(errno.EINVAL, f"region {self.index} has no read handler")
+        data = await self.read(offset, count)
+        if len(data) != count:
+            raise VfioUserError(
+                errno.EIO, f"region {self.index} read handler returned {len(data)} of {count} bytes"
+            )
+        return bytes(data)
+
+    async def do_write(self, offset: int, data: bytes) -> None:
+        """Serve a REGION_WRITE (after ``check_access``); rings doorbells it covers."""
+        count = len(data)
+        if count == 0:
+            return
+        for ov in self.overlays:
+            if ov.touches(offset, count):
+                if not ov.covers(offset, count):
+                    raise VfioUserError(errno.EINVAL, "access straddles a framework area")
+                ov.write(offset - ov.offset, data)
+                return
+        if self._memory_serves(offset, count, self.write):
+            assert self.memory is not None
+            self.memory.view[offset : offset + count] = data
+        elif self.write is not None:
+            await self.write(offset, data)
+        elif not self.doorbells:
+            raise VfioUserError(errno.EINVAL, f"region {self.index} has no write handler")
+        for bell in self.doorbells:
+            bell.ring_on_write(offset, data)
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+        for bell in self.doorbells:
+            bell.close()
