@@ -1,0 +1,534 @@
+/*
+ * vfu_loadgen: a vfio-user client that drives one workload against a server
+ * and prints one line of JSON with the results.
+ *
+ * Workloads (--mode):
+ *   read      REGION_READ of --size bytes at --region/--offset, one at a time.
+ *   pipeline  the same reads with --depth requests kept in flight; replies
+ *             must come back in order with matching message IDs.
+ *   posted    --batch REGION_WRITEs with No_reply set, then one REGION_READ
+ *             that is waited for; one "round trip" is one whole batch.
+ *
+ * Every reply is checked (type bit, no Error flag, command, message ID, exact
+ * size, echoed offset/region/count). Exit status: 0 ok, 2 usage, 3 protocol
+ * error, 4 I/O error; the reason goes to stderr.
+ *
+ * Latencies are taken with CLOCK_MONOTONIC into a preallocated array and the
+ * percentiles are computed after the run, so the measured loop does no
+ * allocation and no sorting.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HDR_SIZE 16u
+#define RW_HEAD_SIZE 16u /* offset u64, region u32, count u32 */
+#define CMD_VERSION 1u
+#define CMD_REGION_READ 9u
+#define CMD_REGION_WRITE 10u
+#define FLAG_TYPE_MASK 0x0fu
+#define FLAG_TYPE_COMMAND 0x0u
+#define FLAG_TYPE_REPLY 0x1u
+#define FLAG_NO_REPLY 0x10u
+#define FLAG_ERROR 0x20u
+#define MAX_XFER (1u << 20) /* the max_data_xfer_size we announce */
+#define MAX_DEPTH 4096u
+
+#define EXIT_USAGE 2
+#define EXIT_PROTOCOL 3
+#define EXIT_IO 4
+
+static const char CAPABILITIES[] =
+    "{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576}}";
+
+struct header {
+    uint16_t msg_id;
+    uint16_t command;
+    uint32_t msg_size;
+    uint32_t flags;
+    uint32_t error;
+};
+_Static_assert(sizeof(struct header) == HDR_SIZE, "header layout");
+
+struct rw_head {
+    uint64_t offset;
+    uint32_t region;
+    uint32_t count;
+};
+_Static_assert(sizeof(struct rw_head) == RW_HEAD_SIZE, "region access layout");
+
+static void die(int status, const char *fmt, ...)
+{
+    va_list ap;
+    fputs("vfu_loadgen: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(status);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void send_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die(EXIT_IO, "send: %s", strerror(errno));
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+/* Buffered reader: one recv() may bring part of a reply or several replies. */
+struct reader {
+    int fd;
+    uint8_t *buf;
+    size_t cap;
+    size_t start; /* first unconsumed byte */
+    size_t end;   /* one past the last received byte */
+};
+
+static void reader_init(struct reader *r, int fd, size_t cap)
+{
+    r->fd = fd;
+    r->cap = cap;
+    r->start = r->end = 0;
+    r->buf = malloc(cap);
+    if (r->buf == NULL)
+        die(EXIT_IO, "out of memory");
+}
+
+/* Make at least `need` unconsumed bytes available, compacting or growing as needed. */
+static void reader_fill(struct reader *r, size_t need)
+{
+    if (r->end - r->start >= need)
+        return;
+    if (r->cap - r->start < need) {
+        memmove(r->buf, r->buf + r->start, r->end - r->start);
+        r->end -= r->start;
+        r->start = 0;
+        if (r->cap < need) {
+            uint8_t *grown = realloc(r->buf, need);
+            if (grown == NULL)
+                die(EXIT_IO, "out of memory");
+            r->buf = grown;
+            r->cap = need;
+        }
+    }
+    while (r->end - r->start < need) {
+        ssize_t n = recv(r->fd, r->buf + r->end, r->cap - r->end, 0);
+        if (n == 0)
+            die(EXIT_PROTOCOL, "server closed the connection");
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die(EXIT_IO, "recv: %s", strerror(errno));
+        }
+        r->end += (size_t)n;
+    }
+}
+
+/* Next whole message; the returned pointer is valid until the next call. */
+static const uint8_t *read_message(struct reader *r, struct header *h)
+{
+    reader_fill(r, HDR_SIZE);
+    memcpy(h, r->buf + r->start, HDR_SIZE);
+    if (h->msg_size < HDR_SIZE)
+        die(EXIT_PROTOCOL, "reply msg_size %" PRIu32 " is below the header size", h->msg_size);
+    if (h->msg_size > HDR_SIZE + RW_HEAD_SIZE + MAX_XFER + 4096u)
+        die(EXIT_PROTOCOL, "reply msg_size %" PRIu32 " is larger than anything we asked for",
+            h->msg_size);
+    reader_fill(r, h->msg_size);
+    const uint8_t *msg = r->buf + r->start;
+    r->start += h->msg_size;
+    if (r->start == r->end)
+        r->start = r->end = 0;
+    return msg;
+}
+
+/* The checks every reply gets: a reply, not an error, answering `command` `msg_id`. */
+static void check_reply_header(const struct header *h, uint16_t msg_id, uint16_t command)
+{
+    if ((h->flags & FLAG_TYPE_MASK) != FLAG_TYPE_REPLY)
+        die(EXIT_PROTOCOL, "message %u (command %u) is not typed as a reply (flags 0x%" PRIx32 ")",
+            h->msg_id, h->command, h->flags);
+    if (h->flags & FLAG_ERROR)
+        die(EXIT_PROTOCOL, "command %u (message %u) failed: errno %" PRIu32 " (%s)", h->command,
+            h->msg_id, h->error, strerror((int)h->error));
+    if (h->command != command)
+        die(EXIT_PROTOCOL, "reply carries command %u, expected %u", h->command, command);
+    if (h->msg_id != msg_id)
+        die(EXIT_PROTOCOL, "reply to message %u arrived where %u was due (out of order?)",
+            h->msg_id, msg_id);
+}
+
+static void handshake(int fd, struct reader *r)
+{
+    const size_t json_len = sizeof(CAPABILITIES); /* includes the NUL */
+    const size_t payload = 4 + json_len;
+    uint8_t msg[HDR_SIZE + 4 + sizeof(CAPABILITIES)];
+    struct header h = {
+        .msg_id = 0,
+        .command = CMD_VERSION,
+        .msg_size = (uint32_t)(HDR_SIZE + payload),
+        .flags = FLAG_TYPE_COMMAND,
+        .error = 0,
+    };
+    const uint16_t version[2] = {0, 0}; /* major, minor */
+    memcpy(msg, &h, HDR_SIZE);
+    memcpy(msg + HDR_SIZE, version, 4);
+    memcpy(msg + HDR_SIZE + 4, CAPABILITIES, json_len);
+    send_all(fd, msg, sizeof(msg));
+
+    struct header rh;
+    const uint8_t *reply = read_message(r, &rh);
+    check_reply_header(&rh, 0, CMD_VERSION);
+    size_t rpayload = rh.msg_size - HDR_SIZE;
+    if (rpayload < 4)
+        die(EXIT_PROTOCOL, "VERSION reply payload is %zu bytes, below 4", rpayload);
+    uint16_t rversion[2];
+    memcpy(rversion, reply + HDR_SIZE, 4);
+    if (rversion[0] != 0)
+        die(EXIT_PROTOCOL, "VERSION reply has major %u, we proposed 0", rversion[0]);
+    if (rversion[1] != 0)
+        die(EXIT_PROTOCOL, "VERSION reply has minor %u, above the 0 we proposed", rversion[1]);
+    if (rpayload > 4 && reply[rh.msg_size - 1] != '\0')
+        die(EXIT_PROTOCOL, "VERSION reply JSON is not NUL-terminated");
+}
+
+enum mode { MODE_READ, MODE_PIPELINE, MODE_POSTED };
+static const char *const MODE_NAMES[] = {"read", "pipeline", "posted"};
+
+struct options {
+    const char *socket_path;
+    int fd;
+    enum mode mode;
+    unsigned depth;
+    unsigned batch;
+    uint64_t count;   /* round trips to measure; 0 = run for `seconds` */
+    double seconds;
+    uint32_t region;
+    uint64_t offset;
+    uint32_t size;
+    uint64_t warmup;
+    uint64_t max_samples;
+};
+
+struct client {
+    int fd;
+    struct reader rd;
+    const struct options *opt;
+    uint8_t read_req[HDR_SIZE + RW_HEAD_SIZE];
+    uint8_t *write_req; /* header + head + data, No_reply set */
+    size_t write_req_len;
+    uint16_t next_id;
+};
+
+static void build_requests(struct client *c)
+{
+    const struct options *o = c->opt;
+    struct rw_head rw = {.offset = o->offset, .region = o->region, .count = o->size};
+    struct header h = {
+        .msg_id = 0,
+        .command = CMD_REGION_READ,
+        .msg_size = HDR_SIZE + RW_HEAD_SIZE,
+        .flags = FLAG_TYPE_COMMAND,
+        .error = 0,
+    };
+    memcpy(c->read_req, &h, HDR_SIZE);
+    memcpy(c->read_req + HDR_SIZE, &rw, RW_HEAD_SIZE);
+
+    c->write_req_len = HDR_SIZE + RW_HEAD_SIZE + o->size;
+    c->write_req = malloc(c->write_req_len);
+    if (c->write_req == NULL)
+        die(EXIT_IO, "out of memory");
+    h.command = CMD_REGION_WRITE;
+    h.msg_size = (uint32_t)c->write_req_len;
+    h.flags = FLAG_TYPE_COMMAND | FLAG_NO_REPLY;
+    memcpy(c->write_req, &h, HDR_SIZE);
+    memcpy(c->write_req + HDR_SIZE, &rw, RW_HEAD_SIZE);
+    memset(c->write_req + HDR_SIZE + RW_HEAD_SIZE, 0xa5, o->size);
+}
+
+static uint16_t send_read(struct client *c)
+{
+    uint16_t id = c->next_id++;
+    memcpy(c->read_req, &id, sizeof(id)); /* msg_id is the first header field */
+    send_all(c->fd, c->read_req, sizeof(c->read_req));
+    return id;
+}
+
+static void send_posted_write(struct client *c)
+{
+    uint16_t id = c->next_id++;
+    memcpy(c->write_req, &id, sizeof(id));
+    send_all(c->fd, c->write_req, c->write_req_len);
+}
+
+static void expect_read_reply(struct client *c, uint16_t id)
+{
+    const struct options *o = c->opt;
+    struct header h;
+    const uint8_t *msg = read_message(&c->rd, &h);
+    check_reply_header(&h, id, CMD_REGION_READ);
+    if (h.msg_size != HDR_SIZE + RW_HEAD_SIZE + o->size)
+        die(EXIT_PROTOCOL, "REGION_READ reply payload is %" PRIu32 " bytes, expected %" PRIu32,
+            h.msg_size - HDR_SIZE, RW_HEAD_SIZE + o->size);
+    struct rw_head rw;
+    memcpy(&rw, msg + HDR_SIZE, RW_HEAD_SIZE);
+    if (rw.offset != o->offset || rw.region != o->region || rw.count != o->size)
+        die(EXIT_PROTOCOL,
+            "REGION_READ reply echoes offset %" PRIu64 " region %" PRIu32 " count %" PRIu32
+            ", asked for %" PRIu64 "/%" PRIu32 "/%" PRIu32,
+            rw.offset, rw.region, rw.count, o->offset, o->region, o->size);
+}
+
+/*
+ * Reads with `depth` in flight until `limit` round trips are done or, when
+ * `deadline` is non-zero, no new request is issued after it. Per-request
+ * latency goes to samples[i] when samples is not NULL. Returns round trips.
+ */
+static uint64_t run_reads(struct client *c, unsigned depth, uint64_t limit, uint64_t deadline,
+                          uint64_t *samples)
+{
+    uint64_t sent_at[MAX_DEPTH];
+    uint16_t ids[MAX_DEPTH];
+    uint64_t issued = 0, done = 0;
+
+    while (issued < limit && issued < depth) {
+        sent_at[issued % depth] = now_ns();
+        ids[issued % depth] = send_read(c);
+        issued++;
+    }
+    while (done < issued) {
+        unsigned slot = (unsigned)(done % depth);
+        expect_read_reply(c, ids[slot]);
+        uint64_t t = now_ns();
+        if (samples != NULL)
+            samples[done] = t - sent_at[slot];
+        done++;
+        if (issued < limit && (deadline == 0 || t < deadline)) {
+            /* The slot just freed is the one the next request takes. */
+            sent_at[issued % depth] = now_ns();
+            ids[issued % depth] = send_read(c);
+            issued++;
+        }
+    }
+    return done;
+}
+
+/* Batches of posted writes, each closed by a read that is waited for. */
+static uint64_t run_posted(struct client *c, uint64_t limit, uint64_t deadline, uint64_t *samples)
+{
+    uint64_t done = 0;
+    while (done < limit) {
+        uint64_t t0 = now_ns();
+        if (deadline != 0 && t0 >= deadline)
+            break;
+        for (unsigned k = 0; k < c->opt->batch; k++)
+            send_posted_write(c);
+        expect_read_reply(c, send_read(c));
+        if (samples != NULL)
+            samples[done] = now_ns() - t0;
+        done++;
+    }
+    return done;
+}
+
+static uint64_t run_workload(struct client *c, uint64_t limit, uint64_t deadline,
+                             uint64_t *samples)
+{
+    switch (c->opt->mode) {
+    case MODE_READ:
+        return run_reads(c, 1, limit, deadline, samples);
+    case MODE_PIPELINE:
+        return run_reads(c, c->opt->depth, limit, deadline, samples);
+    case MODE_POSTED:
+        return run_posted(c, limit, deadline, samples);
+    }
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Nearest-rank percentile (rank = ceil(n * pct / 100)) of sorted samples, in microseconds. */
+static double percentile_us(const uint64_t *sorted, uint64_t n, unsigned pct)
+{
+    if (n == 0)
+        return 0.0;
+    uint64_t rank = (n * pct + 99u) / 100u;
+    if (rank < 1)
+        rank = 1;
+    return (double)sorted[rank - 1] / 1000.0;
+}
+
+static int connect_unix(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof(addr.sun_path))
+        die(EXIT_USAGE, "socket path too long: %s", path);
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        die(EXIT_IO, "socket: %s", strerror(errno));
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+        die(EXIT_IO, "connect %s: %s", path, strerror(errno));
+    return fd;
+}
+
+static uint64_t parse_u64(const char *name, const char *s)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno != 0 || *end != '\0' || *s == '-' || *s == '\0')
+        die(EXIT_USAGE, "--%s: not a non-negative integer: %s", name, s);
+    return (uint64_t)v;
+}
+
+static void usage(void)
+{
+    fputs("usage: vfu_loadgen (--socket PATH | --fd N) [--mode read|pipeline|posted]\n"
+          "       [--depth D] [--batch K] [--count N | --seconds S] [--region R]\n"
+          "       [--offset O] [--size BYTES] [--warmup N] [--max-samples N]\n",
+          stderr);
+    exit(EXIT_USAGE);
+}
+
+static void parse_options(int argc, char **argv, struct options *o)
+{
+    static const struct option longopts[] = {
+        {"socket", required_argument, NULL, 'S'},  {"fd", required_argument, NULL, 'f'},
+        {"mode", required_argument, NULL, 'm'},    {"depth", required_argument, NULL, 'd'},
+        {"batch", required_argument, NULL, 'b'},   {"count", required_argument, NULL, 'n'},
+        {"seconds", required_argument, NULL, 't'}, {"region", required_argument, NULL, 'r'},
+        {"offset", required_argument, NULL, 'o'},  {"size", required_argument, NULL, 's'},
+        {"warmup", required_argument, NULL, 'w'},  {"max-samples", required_argument, NULL, 'M'},
+        {NULL, 0, NULL, 0},
+    };
+    *o = (struct options){
+        .fd = -1, .mode = MODE_READ, .depth = 1, .batch = 16, .size = 4,
+        .warmup = 100, .max_samples = 5000000,
+    };
+    int ch;
+    while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'S': o->socket_path = optarg; break;
+        case 'f': o->fd = (int)parse_u64("fd", optarg); break;
+        case 'm':
+            if (strcmp(optarg, "read") == 0)
+                o->mode = MODE_READ;
+            else if (strcmp(optarg, "pipeline") == 0)
+                o->mode = MODE_PIPELINE;
+            else if (strcmp(optarg, "posted") == 0)
+                o->mode = MODE_POSTED;
+            else
+                die(EXIT_USAGE, "--mode: unknown workload %s", optarg);
+            break;
+        case 'd': o->depth = (unsigned)parse_u64("depth", optarg); break;
+        case 'b': o->batch = (unsigned)parse_u64("batch", optarg); break;
+        case 'n': o->count = parse_u64("count", optarg); break;
+        case 't': {
+            char *end;
+            o->seconds = strtod(optarg, &end);
+            if (*end != '\0' || !(o->seconds > 0.0))
+                die(EXIT_USAGE, "--seconds: not a positive number: %s", optarg);
+            break;
+        }
+        case 'r': o->region = (uint32_t)parse_u64("region", optarg); break;
+        case 'o': o->offset = parse_u64("offset", optarg); break;
+        case 's': o->size = (uint32_t)parse_u64("size", optarg); break;
+        case 'w': o->warmup = parse_u64("warmup", optarg); break;
+        case 'M': o->max_samples = parse_u64("max-samples", optarg); break;
+        default: usage();
+        }
+    }
+    if (optind != argc)
+        usage();
+    if ((o->socket_path == NULL) == (o->fd < 0))
+        die(EXIT_USAGE, "give exactly one of --socket and --fd");
+    if (o->count != 0 && o->seconds > 0.0)
+        die(EXIT_USAGE, "give at most one of --count and --seconds");
+    if (o->count == 0 && !(o->seconds > 0.0))
+        o->seconds = 1.0;
+    if (o->depth < 1 || o->depth > MAX_DEPTH)
+        die(EXIT_USAGE, "--depth must be 1..%u", MAX_DEPTH);
+    if (o->mode != MODE_PIPELINE && o->depth != 1)
+        die(EXIT_USAGE, "--depth applies to --mode pipeline only");
+    if (o->mode == MODE_POSTED && o->batch < 1)
+        die(EXIT_USAGE, "--batch must be at least 1");
+    if (o->size > MAX_XFER)
+        die(EXIT_USAGE, "--size must not exceed %u (our max_data_xfer_size)", MAX_XFER);
+    if (o->count == 0 && o->max_samples < 1)
+        die(EXIT_USAGE, "--max-samples must be at least 1");
+}
+
+int main(int argc, char **argv)
+{
+    struct options opt;
+    parse_options(argc, argv, &opt);
+
+    struct client c = {.opt = &opt, .next_id = 1};
+    c.fd = opt.socket_path != NULL ? connect_unix(opt.socket_path) : opt.fd;
+    /* Room for several maximal replies so big pipelined reads rarely compact. */
+    reader_init(&c.rd, c.fd, 2 * (HDR_SIZE + RW_HEAD_SIZE + (size_t)opt.size) + 65536);
+    build_requests(&c);
+    handshake(c.fd, &c.rd);
+
+    run_workload(&c, opt.warmup, 0, NULL);
+
+    uint64_t capacity = opt.count != 0 ? opt.count : opt.max_samples;
+    uint64_t *samples = malloc(capacity * sizeof(*samples));
+    if (samples == NULL)
+        die(EXIT_IO, "cannot allocate %" PRIu64 " latency samples", capacity);
+    uint64_t t0 = now_ns();
+    uint64_t deadline = opt.count != 0 ? 0 : t0 + (uint64_t)(opt.seconds * 1e9);
+    uint64_t round_trips = run_workload(&c, capacity, deadline, samples);
+    double seconds = (double)(now_ns() - t0) / 1e9;
+    close(c.fd);
+
+    qsort(samples, round_trips, sizeof(*samples), cmp_u64);
+    bool posted = opt.mode == MODE_POSTED;
+    uint64_t messages = posted ? round_trips * (opt.batch + 1u) : round_trips;
+    uint64_t transfers = messages; /* every message moves --size bytes */
+    printf("{\"tool\":\"vfu_loadgen\",\"mode\":\"%s\",\"depth\":%u,\"batch\":%u,"
+           "\"region\":%" PRIu32 ",\"offset\":%" PRIu64 ",\"size\":%" PRIu32 ","
+           "\"messages\":%" PRIu64 ",\"round_trips\":%" PRIu64 ",\"seconds\":%.6f,"
+           "\"round_trips_per_s\":%.1f,\"messages_per_s\":%.1f,\"mb_per_s\":%.3f,"
+           "\"median_us\":%.3f,\"p99_us\":%.3f}\n",
+           MODE_NAMES[opt.mode], opt.mode == MODE_PIPELINE ? opt.depth : 1u,
+           posted ? opt.batch : 0u, opt.region, opt.offset, opt.size, messages, round_trips,
+           seconds, (double)round_trips / seconds, (double)messages / seconds,
+           (double)transfers * opt.size / seconds / 1e6, percentile_us(samples, round_trips, 50),
+           percentile_us(samples, round_trips, 99));
+    free(samples);
+    free(c.write_req);
+    free(c.rd.buf);
+    return 0;
+}
