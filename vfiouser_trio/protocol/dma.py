@@ -1,0 +1,320 @@
+"""DMA commands: DMA_MAP (2), DMA_UNMAP (3), DMA_READ (11), DMA_WRITE (12).
+
+DMA_READ/DMA_WRITE go server -> client. QEMU's client lays out its DMA_READ
+reply as ``address u64, count u32, data`` (data at payload offset 12, then 4
+zero bytes so the payload is still 16 + count) where the spec has
+``address u64, count u64, data`` (data at 16). ``DmaLayout`` names the two;
+see ``DmaReadRequest.parse_reply`` for how a reply is told apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Self
+
+from ._util import expect_argsz, expect_min_size, expect_no_fds, expect_size, fail
+from .constants import (
+    DMA_MAP_FLAG_READ,
+    DMA_MAP_FLAG_WRITE,
+    DMA_UNMAP_FLAG_ALL,
+    Command,
+)
+from .message import Buffer, Message, Reply, Request
+
+_DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, offset, address, size
+_DMA_UNMAP = struct.Struct("=IIQQ")  # argsz, flags, address, size
+_DMA_RW = struct.Struct("=QQ")  # address, count
+_QEMU_DMA_RW = struct.Struct("=QI")  # address, count (QEMU's layout)
+
+DMA_MAP_FLAGS_KNOWN = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
+DMA_UNMAP_FLAGS_KNOWN = DMA_UNMAP_FLAG_ALL
+
+
+class DmaLayout(enum.Enum):
+    """Wire layout of a DMA_READ reply."""
+
+    SPEC = "spec"  #: address u64, count u64, data
+    QEMU = "qemu"  #: address u64, count u32, data, 4 zero bytes
+
+
+def _empty_reply_unpack(cls: type[Message], payload: Buffer, fds: Sequence[int]) -> None:
+    expect_no_fds(cls, fds)
+    expect_size(cls, payload, 0)
+
+
+# -- DMA_MAP ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DmaMapReply(Reply):
+    """DMA_MAP reply: no payload."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_MAP
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        _empty_reply_unpack(cls, payload, fds)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class DmaMapRequest(Request):
+    """Make ``[address, address+size)`` of client memory available to the server.
+
+    With one fd the region is mmap-able at ``offset`` of that fd; with none it
+    is served by DMA_READ/DMA_WRITE messages.
+    """
+
+    COMMAND: ClassVar[Command] = Command.DMA_MAP
+    REPLY: ClassVar[type[Message]] = DmaMapReply
+    SIZE: ClassVar[int] = _DMA_MAP.size
+
+    address: int
+    size: int
+    flags: int = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
+    offset: int = 0
+    fds: tuple[int, ...] = ()
+    argsz: int = _DMA_MAP.size
+
+    @property
+    def fd(self) -> int | None:
+        return self.fds[0] if self.fds else None
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & DMA_MAP_FLAG_READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & DMA_MAP_FLAG_WRITE)
+
+    def pack(self) -> bytes:
+        return _DMA_MAP.pack(self.argsz, self.flags, self.offset, self.address, self.size)
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        expect_size(cls, payload, _DMA_MAP.size)
+        argsz, flags, offset, address, size = _DMA_MAP.unpack_from(payload)
+        expect_argsz(cls, argsz, _DMA_MAP.size)
+        if flags & ~DMA_MAP_FLAGS_KNOWN:
+            fail(cls, f"unknown flags {flags:#x}")
+        if len(fds) > 1:
+            fail(cls, f"{len(fds)} fds, at most 1 expected")
+        return cls(address, size, flags, offset, tuple(fds), argsz)
+
+
+# -- DMA_UNMAP ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DmaUnmapReply(Reply):
+    """DMA_UNMAP reply: the request's 24-byte entry, echoed."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_UNMAP
+
+    address: int
+    size: int
+    flags: int = 0
+    argsz: int = _DMA_UNMAP.size
+
+    def pack(self) -> bytes:
+        return _DMA_UNMAP.pack(self.argsz, self.flags, self.address, self.size)
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        expect_no_fds(cls, fds)
+        expect_size(cls, payload, _DMA_UNMAP.size)
+        argsz, flags, address, size = _DMA_UNMAP.unpack_from(payload)
+        return cls(address, size, flags, argsz)
+
+
+@dataclass(frozen=True, slots=True)
+class DmaUnmapRequest(Request):
+    """Withdraw a DMA region (exact match), or all of them with ``unmap_all``."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_UNMAP
+    REPLY: ClassVar[type[Message]] = DmaUnmapReply
+
+    address: int
+    size: int
+    flags: int = 0
+    argsz: int = _DMA_UNMAP.size
+
+    @property
+    def unmap_all(self) -> bool:
+        return bool(self.flags & DMA_UNMAP_FLAG_ALL)
+
+    def reply(self) -> DmaUnmapReply:
+        """The success reply: this entry echoed."""
+        return DmaUnmapReply(self.address, self.size, self.flags, self.argsz)
+
+    def pack(self) -> bytes:
+        return _DMA_UNMAP.pack(self.argsz, self.flags, self.address, self.size)
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        expect_no_fds(cls, fds)
+        expect_size(cls, payload, _DMA_UNMAP.size)
+        argsz, flags, address, size = _DMA_UNMAP.unpack_from(payload)
+        expect_argsz(cls, argsz, _DMA_UNMAP.size)
+        if flags & ~DMA_UNMAP_FLAGS_KNOWN:
+            fail(cls, f"unknown flags {flags:#x}")
+        if flags & DMA_UNMAP_FLAG_ALL and (address or size):
+            fail(cls, "UNMAP_ALL requires address = size = 0")
+        return cls(address, size, flags, argsz)
+
+
+# -- DMA_READ -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DmaReadReply(Reply):
+    """Data read from client memory. ``layout`` chooses the wire form (default: spec)."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_READ
+
+    address: int
+    data: bytes
+    layout: DmaLayout = DmaLayout.SPEC
+
+    @property
+    def count(self) -> int:
+        return len(self.data)
+
+    def pack(self) -> bytes:
+        if self.layout is DmaLayout.QEMU:
+            return _QEMU_DMA_RW.pack(self.address, len(self.data)) + self.data + b"\0\0\0\0"
+        return _DMA_RW.pack(self.address, len(self.data)) + self.data
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        """Decode without knowing the request: the spec layout only."""
+        expect_no_fds(cls, fds)
+        expect_min_size(cls, payload, _DMA_RW.size)
+        address, count = _DMA_RW.unpack_from(payload)
+        if len(payload) - _DMA_RW.size != count:
+            fail(cls, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
+        return cls(address, bytes(payload[_DMA_RW.size :]))
+
+
+def detect_dma_read_layout(payload: Buffer, count: int) -> DmaLayout | None:
+    """Which layouts fit a DMA_READ reply to a request for ``count`` bytes.
+
+    Both layouts make a 16 + count byte payload. The spec layout has u64 count
+    at offset 8; QEMU's has u32 count at 8, data at 12 and 4 zero bytes at the
+    end. Returns the only layout that fits, SPEC when both fit (only possible
+    when data bytes 0-3 and the last 4 are zero, as QEMU sees it), or None when
+    neither fits.
+    """
+    if len(payload) != _DMA_RW.size + count:
+        return None
+    spec_ok = _DMA_RW.unpack_from(payload)[1] == count
+    qemu_ok = (
+        _QEMU_DMA_RW.unpack_from(payload)[1] == count and payload[len(payload) - 4 :] == b"\0\0\0\0"
+    )
+    if spec_ok:
+        return DmaLayout.SPEC
+    return DmaLayout.QEMU if qemu_ok else None
+
+
+@dataclass(frozen=True, slots=True)
+class DmaReadRequest(Request):
+    """Server -> client: read ``count`` bytes at DMA ``address``."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_READ
+    REPLY: ClassVar[type[Message]] = DmaReadReply
+
+    address: int
+    count: int
+
+    def pack(self) -> bytes:
+        return _DMA_RW.pack(self.address, self.count)
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        expect_no_fds(cls, fds)
+        expect_size(cls, payload, _DMA_RW.size)
+        return cls(*_DMA_RW.unpack_from(payload))
+
+    def parse_reply(
+        self, payload: Buffer, fds: Sequence[int] = (), *, layout: DmaLayout | None = None
+    ) -> DmaReadReply:
+        """Decode the reply; it must carry exactly ``count`` bytes.
+
+        With ``layout=None`` the layout is detected (``detect_dma_read_layout``);
+        the ambiguous case reads as the spec layout. An engine that has seen one
+        QEMU-layout reply from a peer should pass ``layout=DmaLayout.QEMU`` from
+        then on, which removes the ambiguity.
+        """
+        expect_no_fds(DmaReadReply, fds)
+        expect_min_size(DmaReadReply, payload, _DMA_RW.size)
+        chosen = layout or detect_dma_read_layout(payload, self.count)
+        if chosen is None or len(payload) != _DMA_RW.size + self.count:
+            fail(DmaReadReply, f"reply does not carry the {self.count} bytes requested")
+        if chosen is DmaLayout.QEMU:
+            address, count = _QEMU_DMA_RW.unpack_from(payload)
+            start = _QEMU_DMA_RW.size
+        else:
+            address, count = _DMA_RW.unpack_from(payload)
+            start = _DMA_RW.size
+        if count != self.count:
+            fail(DmaReadReply, f"count {count}, requested {self.count}")
+        return DmaReadReply(address, bytes(payload[start : start + count]), chosen)
+
+
+# -- DMA_WRITE ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DmaWriteReply(Reply):
+    """DMA_WRITE reply. Emitted as 16 bytes {address u64, count u64}; 12 or 16 accepted."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_WRITE
+
+    address: int
+    count: int
+
+    def pack(self) -> bytes:
+        return _DMA_RW.pack(self.address, self.count)
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        expect_no_fds(cls, fds)
+        if len(payload) == _DMA_RW.size:
+            return cls(*_DMA_RW.unpack_from(payload))
+        if len(payload) == _QEMU_DMA_RW.size:  # the spec table's u32 count
+            return cls(*_QEMU_DMA_RW.unpack_from(payload))
+        fail(cls, f"payload of {len(payload)} bytes, expected 12 or 16")
+
+
+@dataclass(frozen=True, slots=True)
+class DmaWriteRequest(Request):
+    """Server -> client: write ``data`` at DMA ``address``."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_WRITE
+    REPLY: ClassVar[type[Message]] = DmaWriteReply
+
+    address: int
+    data: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.data)
+
+    def pack(self) -> bytes:
+        return _DMA_RW.pack(self.address, len(self.data)) + self.data
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        expect_no_fds(cls, fds)
+        expect_min_size(cls, payload, _DMA_RW.size)
+        address, count = _DMA_RW.unpack_from(payload)
+        if len(payload) - _DMA_RW.size != count:
+            fail(cls, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
+        return cls(address, bytes(payload[_DMA_RW.size :]))

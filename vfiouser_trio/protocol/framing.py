@@ -1,0 +1,291 @@
+"""Frame assembly for a vfio-user byte stream (sans-io).
+
+Usage (the engine's reader loop)::
+
+    decoder = FrameDecoder(max_msg_size=...)
+    data, fds = <recvmsg>                      # fds that came with this chunk
+    for event in decoder.feed(data, fds):
+        match event:
+            case Frame():          ...  # owns event.fds: take_fds() or close_fds()
+            case OversizedFrame(): ...  # answer EINVAL to event.header; bytes are skipped
+            case StrayFds():       ...  # fds already closed; log / count it
+            case BrokenStream():   ...  # close the connection; decoder is dead
+    if <EOF> and not decoder.at_boundary: ...  # peer hung up mid-frame
+
+Events come out in stream order. ``feed`` parses every complete frame in the
+buffer before returning and never raises for bad input (it reports events);
+it raises ``ProtocolError`` only when fed again after ``BrokenStream``.
+
+File descriptors: Linux AF_UNIX stream sockets attach SCM_RIGHTS to the first
+byte of the ``sendmsg`` that carried them, and ``recvmsg`` stops right after the
+data of such a send, but it *does* return data queued before it in the same
+chunk (verified: ``send(A); sendmsg(B, fds)`` is read as ``A+B`` with the fds).
+So the fds of a chunk belong to the *last* frame that starts inside the chunk.
+That is exact when the sender sends each fd-carrying message with its own
+``sendmsg`` (libvfio-user and QEMU do; our transport must too). fds of a chunk
+in which no frame starts (pure continuation bytes) are a protocol error: they
+are closed and reported as ``StrayFds``. fds attached to an oversized frame or
+left with an unfinished frame at ``close()`` are closed too.
+
+Ownership: once a ``Frame`` is returned its fds belong to the caller.
+
+Choosing ``max_msg_size``: it must admit the largest message either direction
+may legitimately carry. Replies to our own DMA_READ / REGION_READ carry up to
+the PEER's max_data_xfer_size, requests to us up to OURS, so use
+``max_msg_size_for(max(ours, peer's))``; a client fetching large
+DMA_LOGGING_REPORT bitmaps needs room for them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .constants import DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE
+from .errors import ProtocolError
+from .header import HEADER_STRUCT, Header
+
+#: Bytes a message may carry beyond its data transfer (header, region/offset/count
+#: fields, ...). REGION_WRITE of max_data_xfer_size bytes is 16 + 16 + data.
+MSG_SIZE_OVERHEAD = 4096
+#: Default limit on a received message: 1 MiB of data plus overhead.
+DEFAULT_MAX_MSG_SIZE = DEFAULT_MAX_DATA_XFER_SIZE + MSG_SIZE_OVERHEAD
+
+_unpack_header = HEADER_STRUCT.unpack_from
+
+
+def max_msg_size_for(max_data_xfer_size: int) -> int:
+    """A receive limit that admits any message moving ``max_data_xfer_size`` bytes."""
+    return max_data_xfer_size + MSG_SIZE_OVERHEAD
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd, ignoring ones already closed (EBADF)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass(slots=True)
+class Frame:
+    """One complete message: header, payload bytes after the header, and its fds.
+
+    The holder owns ``fds``: hand them on with ``take_fds()`` (which empties the
+    frame's list) or release them with ``close_fds()``.
+    """
+
+    header: Header
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    def take_fds(self) -> list[int]:
+        """Move the fds out of the frame; the caller now owns them."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        """Close any fds the frame still owns."""
+        fds = self.take_fds()
+        close_fds(fds)
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedFrame:
+    """A frame whose ``msg_size`` exceeds the limit: its bytes are being skipped.
+
+    The stream stays in sync; answer ``header`` with EINVAL (unless it is a reply
+    or has No_reply set). ``closed_fds`` counts fds that came with it and were closed.
+    """
+
+    header: Header
+    closed_fds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StrayFds:
+    """fds arrived with a chunk in which no frame starts; they have been closed."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenStream:
+    """The stream cannot be resynchronised (``msg_size`` < 16): close the connection.
+
+    ``header`` is the bad header as read. Every fd the decoder held has been closed.
+    """
+
+    reason: str
+    header: Header
+
+
+FrameEvent = Frame | OversizedFrame | StrayFds | BrokenStream
+
+
+class FrameDecoder:
+    """Turns received chunks (bytes + the fds that came with them) into events.
+
+    ``max_msg_size`` (settable at any time, e.g. after VERSION negotiation) is
+    the largest ``msg_size`` accepted; larger frames become ``OversizedFrame``
+    and their bytes are discarded as they arrive, never buffered.
+    """
+
+    __slots__ = ("_broken", "_buf", "_pending_fds", "_skip", "max_msg_size")
+
+    def __init__(self, max_msg_size: int = DEFAULT_MAX_MSG_SIZE) -> None:
+        if max_msg_size < HEADER_SIZE:
+            raise ValueError("max_msg_size must be at least the header size")
+        self.max_msg_size = max_msg_size
+        # Bytes of the unfinished frame (always starts at a frame boundary).
+        self._buf = bytearray()
+        # fds owned by the unfinished frame in _buf.
+        self._pending_fds: list[int] = []
+        # Bytes of an oversized frame still to discard.
+        self._skip = 0
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return len(self._buf)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is pending (a clean place for EOF)."""
+        return not self._buf and self._skip == 0
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def close(self) -> None:
+        """Drop buffered bytes and close fds waiting for an unfinished frame."""
+        self._buf.clear()
+        self._skip = 0
+        self._close_pending()
+
+    def feed(
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()
+    ) -> list[FrameEvent]:
+        """Consume one received chunk and the fds received with it; return the events.
+
+        The decoder takes ownership of ``fds`` at once (closing those it rejects).
+        """
+        if self._broken:
+            close_fds(fds)
+            raise ProtocolError("frame decoder used after a broken stream")
+        events: list[FrameEvent] = []
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        end = len(view)
+        pos = 0
+        # Index in `events` of the last frame that started in this chunk, or
+        # _PENDING when that frame is the unfinished one now held in _buf.
+        owner: int | None = None
+        buf = self._buf
+        max_size = self.max_msg_size
+        unpack = _unpack_header
+
+        while pos < end:
+            if self._skip:
+                # Rest of an oversized frame: discard without buffering.
+                n = min(self._skip, end - pos)
+                self._skip -= n
+                pos += n
+            elif buf:
+                # Continue a frame that started in an earlier chunk.
+                if len(buf) < HEADER_SIZE:
+                    take = min(HEADER_SIZE - len(buf), end - pos)
+                    buf += view[pos : pos + take]
+                    pos += take
+                    if len(buf) < HEADER_SIZE:
+                        break
+                    hdr = Header(*unpack(buf, 0))
+                    if hdr.msg_size < HEADER_SIZE:
+                        return self._break(events, hdr, fds)
+                    if hdr.msg_size > max_size:
+                        self._skip = hdr.msg_size - len(buf)
+                        buf.clear()
+                        events.append(OversizedFrame(hdr, len(self._pending_fds)))
+                        self._close_pending()
+                        continue
+                msg_size = unpack(buf, 0)[2]
+                take = min(msg_size - len(buf), end - pos)
+                buf += view[pos : pos + take]
+                pos += take
+                if len(buf) == msg_size:
+                    hdr = Header(*unpack(buf, 0))
+                    del buf[:HEADER_SIZE]  # cheap: bytearray trims its front in place
+                    events.append(Frame(hdr, bytes(buf), self._pending_fds))
+                    self._pending_fds = []
+                    buf.clear()
+            elif end - pos < HEADER_SIZE:
+                # A frame starts here but even its header is incomplete.
+                buf += view[pos:end]
+                owner = _PENDING
+                pos = end
+            else:
+                msg_id, command, msg_size, flags, error = unpack(view, pos)
+                if msg_size < HEADER_SIZE:
+                    hdr = Header(msg_id, command, msg_size, flags, error)
+                    return self._break(events, hdr, fds)
+                if msg_size > max_size:
+                    hdr = Header(msg_id, command, msg_size, flags, error)
+                    n = min(msg_size, end - pos)
+                    self._skip = msg_size - n
+                    pos += n
+                    owner = len(events)
+                    events.append(OversizedFrame(hdr))
+                elif end - pos < msg_size:
+                    buf += view[pos:end]
+                    owner = _PENDING
+                    pos = end
+                else:
+                    owner = len(events)
+                    events.append(
+                        Frame(
+                            Header(msg_id, command, msg_size, flags, error),
+                            bytes(view[pos + HEADER_SIZE : pos + msg_size]),
+                        )
+                    )
+                    pos += msg_size
+
+        if fds:
+            self._attach_fds(events, list(fds), owner)
+        return events
+
+    # -- internals ---------------------------------------------------------
+
+    def _attach_fds(self, events: list[FrameEvent], fds: list[int], owner: int | None) -> None:
+        """Give the chunk's fds to the last frame that started in it (see module doc)."""
+        if owner is None:
+            close_fds(fds)
+            events.append(StrayFds(len(fds)))
+        elif owner == _PENDING:
+            self._pending_fds = fds
+        else:
+            ev = events[owner]
+            if isinstance(ev, Frame):
+                ev.fds = fds
+            else:
+                assert isinstance(ev, OversizedFrame)
+                close_fds(fds)
+                events[owner] = OversizedFrame(ev.header, len(fds))
+
+    def _close_pending(self) -> None:
+        close_fds(self._pending_fds)
+        self._pending_fds = []
+
+    def _break(self, events: list[FrameEvent], hdr: Header, fds: Sequence[int]) -> list[FrameEvent]:
+        """The stream is lost: report it, close every fd held or just received."""
+        self._broken = True
+        close_fds(fds)
+        self.close()
+        events.append(BrokenStream(f"msg_size {hdr.msg_size} is below the header size", hdr))
+        return events
+
+
+_PENDING = -1
