@@ -61,6 +61,8 @@ class DmaMapping:
     _users: int = 0
     _removing: bool = False
     _idle: trio.Event | None = field(default=None, repr=False)
+    #: Tasks holding a pin on this window, with their pin counts.
+    _pinned_by: dict[object, int] = field(default_factory=dict, repr=False)
 
     @property
     def end(self) -> int:
@@ -103,6 +105,13 @@ class DmaMapping:
                 # A device kept a view past its context; the mapping lives until that is freed.
                 log.warning("DMA map %#x+%#x still exported at unmap", self.iova, self.size)
             self._mmap = None
+
+
+def _current_task() -> object:
+    try:
+        return trio.lowlevel.current_task()
+    except RuntimeError:  # not inside trio: pins are per thread of control, i.e. global
+        return None
 
 
 def _map_fd(fd: int, offset: int, size: int, flags: int) -> tuple[mmap.mmap, memoryview]:
@@ -202,11 +211,15 @@ class DmaTable:
     # --- device access ------------------------------------------------------------------
 
     def find(self, iova: int) -> DmaMapping:
-        """The live window containing ``iova``; DmaError(EFAULT) if none."""
+        """The live window containing ``iova``; DmaError(EFAULT) if none.
+
+        A window being unmapped takes no new work, except from a task that pinned
+        it before the unmap began (its operation is what the unmap waits for).
+        """
         i = bisect.bisect_right(self._starts, iova) - 1
         if i >= 0:
             m = self._maps[i]
-            if iova < m.end and not m._removing:
+            if iova < m.end and (not m._removing or _current_task() in m._pinned_by):
                 return m
         raise DmaError(errno.EFAULT, f"DMA address {iova:#x} is not mapped")
 
@@ -267,6 +280,30 @@ class DmaTable:
         """Tell the observers (dirty logging) that the device wrote guest memory."""
         for observer in self._write_observers:
             observer(iova, length)
+
+    @contextmanager
+    def pin(self, iova: int, length: int, *, write: bool = False) -> Iterator[None]:
+        """Hold the windows under [iova, iova+length) for a multi-step operation.
+
+        Each read/write/view holds its windows only while it runs; a device whose
+        operation spans several accesses (read a descriptor, then write a result)
+        pins the ranges so an unmap waits for the whole operation.
+        """
+        segs = self._segments(iova, length, write=write)
+        task = _current_task()
+        for m, _, _ in segs:
+            m._acquire()
+            m._pinned_by[task] = m._pinned_by.get(task, 0) + 1
+        try:
+            yield
+        finally:
+            for m, _, _ in segs:
+                left = m._pinned_by[task] - 1
+                if left:
+                    m._pinned_by[task] = left
+                else:
+                    del m._pinned_by[task]
+                m._release()
 
     @contextmanager
     def view(self, iova: int, length: int, *, writable: bool = False) -> Iterator[memoryview]:

@@ -8,7 +8,6 @@ a device awaits ``doorbell.wait()`` whichever way the write came.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..eventfd import EventFd
@@ -34,9 +33,9 @@ class Doorbell:
         flags = KVM_IOEVENTFD_FLAG_DATAMATCH if self.datamatch is not None else 0
         return flags | (KVM_IOEVENTFD_FLAG_PIO if self.pio else 0)
 
-    def dup_fd(self) -> int:
-        """A new fd of the doorbell's eventfd, for the client (the receiver owns it)."""
-        return os.dup(self._event.fileno())
+    def fileno(self) -> int:
+        """The doorbell's eventfd (the doorbell keeps owning it)."""
+        return self._event.fileno()
 
     def matches(self, offset: int, data: bytes) -> bool:
         if offset != self.offset:

@@ -1,0 +1,341 @@
+"""One client's session with a device: VFIO commands in, device calls out.
+
+The session owns the engine connection for one client socket. It insists on
+VERSION first, negotiates (offering a twin socket when the client proposes one),
+then decodes each command and answers it from the device: info, regions, IRQs,
+DMA maps, reset. It also carries the device's DMA to the client over DMA_READ /
+DMA_WRITE for maps that came without a file descriptor. When the client goes,
+the device's DMA maps and IRQ fds go with it and its state stays (spec: Client
+Disconnection).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import trio
+
+from ..engine import Connection, ConnectionHooks, HandlerResult, RawMessage, open_connection
+from ..ordering import OrderingPolicy
+from ..protocol import (
+    Capabilities,
+    DeviceFeatureRequest,
+    DeviceGetInfoReply,
+    DeviceGetInfoRequest,
+    DeviceResetRequest,
+    DmaLayout,
+    DmaMapRequest,
+    DmaReadRequest,
+    DmaUnmapRequest,
+    DmaWriteRequest,
+    IoEventFdSubRegion,
+    IrqInfoReply,
+    IrqInfoRequest,
+    MigDataReadRequest,
+    MigDataWriteRequest,
+    Negotiated,
+    RegionInfoReply,
+    RegionInfoRequest,
+    RegionIoFdsReply,
+    RegionIoFdsRequest,
+    RegionReadReply,
+    RegionReadRequest,
+    RegionTypeCap,
+    RegionWriteMultiRequest,
+    RegionWriteRequest,
+    Request,
+    SetIrqsRequest,
+    SparseMmapArea,
+    SparseMmapCap,
+    VersionRequest,
+    check_xfer_size,
+    decode_request,
+    max_msg_size_for,
+    negotiate_server_reply,
+    region_info_reply,
+    region_io_fds_reply,
+    wants_twin_socket,
+)
+from ..protocol.constants import (
+    DEVICE_FLAGS_PCI,
+    DEVICE_FLAGS_RESET,
+    Command,
+)
+from ..protocol.errors import VfioUserError
+from ..protocol.framing import Frame, close_fds
+from ..protocol.regions import RegionCap
+from .device import Device
+from .regions import Region
+
+log = logging.getLogger(__name__)
+
+#: What this server advertises unless told otherwise: libvfio-user's figures, plus
+#: write_multiple, which we implement.
+DEFAULT_SERVER_CAPABILITIES = Capabilities(
+    max_msg_fds=8, max_data_xfer_size=1 << 20, max_dma_maps=65535, write_multiple=True
+)
+
+
+class ServerSession:
+    """Serves ``device`` to the client on one connected socket."""
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        capabilities: Capabilities = DEFAULT_SERVER_CAPABILITIES,
+        offer_twin_socket: bool = True,
+        policy: OrderingPolicy | None = None,
+        hooks: ConnectionHooks | None = None,
+    ) -> None:
+        self.device = device
+        self.capabilities = capabilities
+        self.offer_twin_socket = offer_twin_socket
+        self.policy = policy
+        self.hooks = hooks
+        self.negotiated: Negotiated | None = None
+        self._conn: Connection | None = None
+        self._attached = False
+        self._dma_layout: DmaLayout | None = None
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(self, sock: socket.socket) -> None:
+        """Serve until the client disconnects; takes ownership of ``sock``."""
+        device = self.device
+        async with trio.open_nursery() as nursery:
+            device.irqs.attach(nursery)
+            try:
+                async with open_connection(
+                    sock,
+                    handler=self._handle,
+                    policy=self.policy,
+                    hooks=self.hooks,
+                    max_msg_size=max_msg_size_for(self.capabilities.max_data_xfer_size),
+                    max_recv_fds=self.capabilities.max_msg_fds,
+                ) as conn:
+                    self._conn = conn
+                    await conn.wait_closed()
+                    if conn.close_reason is not None:
+                        log.info("%s: connection ended: %s", device.name, conn.close_reason)
+            finally:
+                self._conn = None
+                if self._attached:
+                    self._attached = False
+                    await device.client_gone()
+                else:
+                    device.irqs.attach(None)
+                nursery.cancel_scope.cancel()
+
+    @property
+    def connection(self) -> Connection | None:
+        return self._conn
+
+    # --- DMA over messages (DmaMessenger) ------------------------------------------------
+
+    @property
+    def max_data_xfer_size(self) -> int:
+        assert self.negotiated is not None
+        return self.negotiated.send_max_data_xfer_size
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        conn = self._need_conn()
+        request = DmaReadRequest(address, count)
+        frame = await conn.request_raw(request.COMMAND, request.pack())
+        frame.close_fds()
+        reply = request.parse_reply(frame.payload, (), layout=self._dma_layout)
+        # Remember the peer's layout (QEMU's differs from the spec's) once it is known.
+        self._dma_layout = reply.layout
+        return reply.data
+
+    async def dma_write(self, address: int, data: bytes | memoryview) -> None:
+        await self._need_conn().request(DmaWriteRequest(address, bytes(data)))
+
+    def _need_conn(self) -> Connection:
+        if self._conn is None:
+            raise VfioUserError(errno.ENOTCONN, "the client is gone")
+        return self._conn
+
+    # --- command handling ----------------------------------------------------------------
+
+    async def _handle(self, frame: Frame) -> HandlerResult:
+        command = frame.header.command
+        if self.negotiated is None:
+            if command != Command.VERSION:
+                raise VfioUserError(errno.EINVAL, "VERSION must be the first message")
+            return await self._version(frame)
+        if command == Command.VERSION:
+            raise VfioUserError(errno.EINVAL, "VERSION after negotiation")
+        request = decode_request(command, frame.payload, frame.fds)
+        # Decoding succeeded: the request now owns the fds.
+        frame.take_fds()
+        return await self._dispatch(request)
+
+    async def _dispatch(self, request: Request) -> HandlerResult:
+        match request:
+            case RegionReadRequest():
+                return await self._region_read(request)
+            case RegionWriteRequest():
+                return await self._region_write(request)
+            case DeviceGetInfoRequest():
+                return self._device_info()
+            case RegionInfoRequest():
+                return self._region_info(request)
+            case RegionIoFdsRequest():
+                return self._region_io_fds(request)
+            case IrqInfoRequest():
+                return self._irq_info(request)
+            case SetIrqsRequest():
+                return self._set_irqs(request)
+            case RegionWriteMultiRequest():
+                return await self._region_write_multi(request)
+            case DmaMapRequest():
+                return self._dma_map(request)
+            case DmaUnmapRequest():
+                return await self._dma_unmap(request)
+            case DeviceResetRequest():
+                return await self._reset()
+            case DeviceFeatureRequest():
+                raise VfioUserError(errno.EINVAL, f"{self.device.name} supports no device features")
+            case MigDataReadRequest() | MigDataWriteRequest():
+                raise VfioUserError(errno.EINVAL, f"{self.device.name} does not support migration")
+            case _:
+                # DMA_READ / DMA_WRITE travel server -> client only.
+                close_fds(request.fds)
+                raise VfioUserError(errno.EINVAL, f"{request.COMMAND.name} is not a client command")
+
+    async def _version(self, frame: Frame) -> HandlerResult:
+        conn = self._need_conn()
+        request = VersionRequest.unpack(frame.payload, frame.fds)
+        twin = self.offer_twin_socket and wants_twin_socket(request)
+        reply, negotiated = negotiate_server_reply(
+            request, self.capabilities, twin_fd_index=0 if twin else None
+        )
+        conn.max_send_fds = negotiated.send_max_msg_fds
+        self.device.dma.max_maps = self.capabilities.max_dma_maps
+        self.device.dma.messenger = self
+        self.negotiated = negotiated
+        self._attached = True
+        await self.device.attached()
+        if not twin:
+            return reply
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.attach_twin(ours, requests_on_twin=True)
+        return RawMessage(reply.pack(), (theirs.detach(),), transfer_fds=True)
+
+    def _device_info(self) -> HandlerResult:
+        device = self.device
+        flags = DEVICE_FLAGS_PCI | (DEVICE_FLAGS_RESET if device.reset_supported else 0)
+        return DeviceGetInfoReply(flags, device.num_regions, device.irqs.num_irqs)
+
+    def _region_info(self, request: RegionInfoRequest) -> HandlerResult:
+        device = self.device
+        if not 0 <= request.index < device.num_regions:
+            raise VfioUserError(errno.EINVAL, f"no region {request.index}")
+        region = device.region(request.index)
+        if region is None:  # an index below num_regions the device does not implement
+            return region_info_reply(RegionInfoReply(request.index, 0, 0), request.argsz)
+        caps: list[RegionCap] = []
+        if region.sparse:
+            areas = tuple(SparseMmapArea(a.offset, a.size) for a in region.sparse)
+            caps.append(SparseMmapCap(areas))
+        if region.region_type is not None:
+            caps.append(RegionTypeCap(region.region_type.type, region.region_type.subtype))
+        fds: tuple[int, ...] = ()
+        if region.mmap and region.memory is not None:
+            fds = (region.memory.fd,)
+        full = RegionInfoReply(
+            region.index,
+            region.info_flags,
+            region.size,
+            region.mmap_offset,
+            caps=tuple(caps),
+            fds=fds,
+        )
+        return region_info_reply(full, request.argsz)
+
+    def _region_io_fds(self, request: RegionIoFdsRequest) -> HandlerResult:
+        device = self.device
+        if not 0 <= request.index < device.num_regions:
+            raise VfioUserError(errno.EINVAL, f"no region {request.index}")
+        region = device.region(request.index)
+        bells = region.doorbells if region is not None else []
+        limit = self.negotiated.send_max_msg_fds if self.negotiated else 1
+        if len(bells) > limit:
+            raise VfioUserError(
+                errno.EINVAL, f"{len(bells)} doorbells need more fds than the client's {limit}"
+            )
+        subs = tuple(
+            IoEventFdSubRegion(b.offset, b.size, i, b.kvm_flags, b.datamatch or 0)
+            for i, b in enumerate(bells)
+        )
+        full = RegionIoFdsReply(request.index, subs, tuple(b.fileno() for b in bells))
+        return region_io_fds_reply(full, request.argsz)
+
+    def _irq_info(self, request: IrqInfoRequest) -> HandlerResult:
+        info = self.device.irqs.info(request.index)
+        return IrqInfoReply(info.index, info.flags, info.count)
+
+    def _set_irqs(self, request: SetIrqsRequest) -> HandlerResult:
+        fds = list(request.fds)
+        try:
+            irq = self.device.irqs[request.index]
+            request.validate_against(irq.count)
+        except BaseException:
+            close_fds(fds)
+            raise
+        irq.set_irqs(request.flags, request.start, request.count, request.data, fds)
+        return None
+
+    async def _region_read(self, request: RegionReadRequest) -> HandlerResult:
+        assert self.negotiated is not None
+        check_xfer_size(request, self.negotiated.recv_max_data_xfer_size)
+        region = self._region(request.region)
+        region.check_access(request.offset, request.count, write=False)
+        data = await region.do_read(request.offset, request.count)
+        return RegionReadReply(request.region, request.offset, data)
+
+    async def _region_write(self, request: RegionWriteRequest) -> HandlerResult:
+        assert self.negotiated is not None
+        check_xfer_size(request, self.negotiated.recv_max_data_xfer_size)
+        region = self._region(request.region)
+        region.check_access(request.offset, request.count, write=True)
+        await region.do_write(request.offset, request.data)
+        return request.reply()
+
+    async def _region_write_multi(self, request: RegionWriteMultiRequest) -> HandlerResult:
+        assert self.negotiated is not None
+        if not self.negotiated.write_multiple:
+            raise VfioUserError(errno.EINVAL, "write_multiple was not negotiated")
+        for entry in request.writes:
+            region = self._region(entry.region)
+            region.check_access(entry.offset, entry.count, write=True)
+            await region.do_write(entry.offset, entry.data)
+        return request.reply()
+
+    def _region(self, index: int) -> Region:
+        region = self.device.region(index)
+        if region is None:
+            raise VfioUserError(errno.EINVAL, f"no region {index}")
+        return region
+
+    def _dma_map(self, request: DmaMapRequest) -> HandlerResult:
+        self.device.dma.map(
+            request.address, request.size, request.flags, request.fd, request.offset
+        )
+        return None
+
+    async def _dma_unmap(self, request: DmaUnmapRequest) -> HandlerResult:
+        if request.unmap_all:
+            await self.device.dma.unmap_all()
+        else:
+            await self.device.dma.unmap(request.address, request.size)
+        return request.reply()
+
+    async def _reset(self) -> HandlerResult:
+        if not self.device.reset_supported:
+            raise VfioUserError(errno.EINVAL, "the device does not support reset")
+        await self.device.do_reset()
+        return None
