@@ -1,0 +1,678 @@
+"""Connection engine: requests, dispatch, ordering policies, twin sockets, fd passing."""
+
+from __future__ import annotations
+
+import array
+import errno
+import gc
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from vfiouser_trio.engine import (
+    Connection,
+    ConnectionHooks,
+    Forward,
+    HandlerResult,
+    Link,
+    RawMessage,
+    open_connection,
+)
+from vfiouser_trio.ordering import ConcurrentOrder, KeyedOrder, OrderingPolicy, region_key
+from vfiouser_trio.protocol.constants import FLAG_NO_REPLY, Command
+from vfiouser_trio.protocol.errors import ProtocolError, VfioUserError
+from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.protocol.header import Header
+from vfiouser_trio.protocol.message import Buffer, Reply, Request
+from vfiouser_trio.transport import Transport
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = _open_fds()
+    yield
+    gc.collect()
+    assert _open_fds() == before
+
+
+# --------------------------------------------------------------------------- test messages
+
+
+@dataclass(frozen=True, slots=True)
+class EchoReply(Reply):
+    COMMAND = Command.DEVICE_GET_INFO
+    data: bytes
+
+    def pack(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> EchoReply:
+        cls._expect_no_fds(fds)
+        return cls(bytes(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class Echo(Request):
+    """A test command whose reply echoes its payload."""
+
+    COMMAND = Command.DEVICE_GET_INFO
+    REPLY = EchoReply
+    data: bytes = b""
+
+    def pack(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Echo:
+        cls._expect_no_fds(fds)
+        return cls(bytes(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class HandlesReply(Reply):
+    COMMAND = Command.DEVICE_SET_IRQS
+    handles: tuple[int, ...] = ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return self.handles
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> HandlesReply:
+        return cls(tuple(fds))
+
+
+@dataclass(frozen=True, slots=True)
+class PassHandles(Request):
+    """A test command that carries fds and is answered with fds."""
+
+    COMMAND = Command.DEVICE_SET_IRQS
+    REPLY = HandlesReply
+    handles: tuple[int, ...] = ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return self.handles
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> PassHandles:
+        return cls(tuple(fds))
+
+
+async def echo_handler(frame: Frame) -> HandlerResult:
+    return Echo.unpack(frame.payload, frame.fds)
+
+
+async def no_commands(frame: Frame) -> HandlerResult:
+    raise VfioUserError(errno.ENOSYS, command=frame.header.command)
+
+
+@asynccontextmanager
+async def connected(
+    handler_a: Callable[[Frame], Awaitable[HandlerResult]] = echo_handler,
+    handler_b: Callable[[Frame], Awaitable[HandlerResult]] = echo_handler,
+    **options: Any,
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    a, b = socket.socketpair()
+    async with (
+        open_connection(a, handler=handler_a, **options) as conn_a,
+        open_connection(b, handler=handler_b, **options) as conn_b,
+    ):
+        yield conn_a, conn_b
+
+
+class Peer:
+    """The far end driven by hand: raw frames out, every frame received collected."""
+
+    def __init__(self, sock: socket.socket, **limits: int) -> None:
+        self.transport = Transport(sock, **limits)
+        self.frames: list[Frame] = []
+        self.eof = trio.Event()
+
+    async def collect(self) -> None:
+        try:
+            while events := await self.transport.receive():
+                self.frames.extend(e for e in events if isinstance(e, Frame))
+        except trio.ClosedResourceError:
+            pass  # the test closed its end
+        self.eof.set()
+
+    def send(self, msg_id: int, command: int, payload: bytes = b"", flags: int = 0) -> None:
+        header = Header(msg_id, command, 16 + len(payload), flags)
+        self.transport.write(header, payload)
+
+    async def wait_frames(self, count: int) -> list[Frame]:
+        while len(self.frames) < count:
+            await trio.testing.wait_all_tasks_blocked()
+        return self.frames[:count]
+
+
+@asynccontextmanager
+async def peer_and_connection(
+    handler: Callable[[Frame], Awaitable[HandlerResult]], **options: Any
+) -> AsyncIterator[tuple[Peer, Connection]]:
+    a, b = socket.socketpair()
+    peer = Peer(a, max_recv_fds=8)
+    async with trio.open_nursery() as nursery, open_connection(b, handler=handler, **options) as c:
+        nursery.start_soon(peer.collect)
+        try:
+            yield peer, c
+        finally:
+            peer.transport.close()
+            for frame in peer.frames:
+                frame.close_fds()
+
+
+# --------------------------------------------------------------------------- requests
+
+
+async def test_typed_request_gets_its_typed_reply() -> None:
+    with trio.fail_after(5):
+        async with connected() as (a, b):
+            assert await a.request(Echo(b"hello")) == EchoReply(b"hello")
+            assert await b.request(Echo(b"back")) == EchoReply(b"back")
+
+
+async def test_error_reply_raises_with_errno_and_command() -> None:
+    async def handler(frame: Frame) -> HandlerResult:
+        raise VfioUserError(errno.ENOENT, "no such map")
+
+    with trio.fail_after(5):
+        async with connected(handler_a=handler) as (_a, b):
+            with pytest.raises(VfioUserError) as info:
+                await b.request(Echo())
+            assert info.value.errno == errno.ENOENT
+            assert info.value.command == Command.DEVICE_GET_INFO
+
+
+async def test_unexpected_handler_exception_answers_eio_and_keeps_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = 0
+
+    async def handler(frame: Frame) -> HandlerResult:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("device bug")
+        return None
+
+    with trio.fail_after(5):
+        async with connected(handler_a=handler) as (_a, b):
+            with pytest.raises(VfioUserError) as info:
+                await b.request_raw(Command.DEVICE_RESET)
+            assert info.value.errno == errno.EIO
+            reply = await b.request_raw(Command.DEVICE_RESET)
+            assert reply.payload == b""
+    assert "device bug" in caplog.text
+
+
+async def test_error_reply_without_errno_raises_eio() -> None:
+    async with peer_and_connection(no_commands) as (peer, conn):
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    with pytest.raises(VfioUserError) as info:
+                        await conn.request_raw(Command.DMA_READ, b"x")
+                    assert info.value.errno == errno.EIO
+
+                nursery.start_soon(ask)
+                (cmd,) = await peer.wait_frames(1)
+                peer.transport.write(Header(cmd.header.msg_id, Command.DMA_READ, 16, 0x21, 0))
+
+
+async def test_reply_with_the_wrong_command_is_a_protocol_error() -> None:
+    async with peer_and_connection(no_commands) as (peer, conn):
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    with pytest.raises(ProtocolError):
+                        await conn.request_raw(Command.DMA_READ, b"x")
+
+                nursery.start_soon(ask)
+                (cmd,) = await peer.wait_frames(1)
+                peer.send(cmd.header.msg_id, Command.DMA_WRITE, b"", flags=1)
+
+
+async def test_reply_with_more_fds_than_the_peer_accepts_becomes_einval() -> None:
+    r, w = os.pipe()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        return RawMessage(b"", [os.dup(r), os.dup(w)], transfer_fds=True)
+
+    with trio.fail_after(5):
+        async with connected(handler_a=handler) as (_a, b):  # max_send_fds defaults to 1
+            with pytest.raises(VfioUserError) as info:
+                await b.request_raw(Command.DEVICE_GET_REGION_IO_FDS)
+            assert info.value.errno == errno.EINVAL
+    os.close(r)
+    os.close(w)
+
+
+async def test_no_reply_request_returns_once_sent() -> None:
+    seen = trio.Event()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        assert frame.header.no_reply
+        seen.set()
+        raise VfioUserError(errno.EINVAL)  # must not be answered
+
+    with trio.fail_after(5):
+        async with connected(handler_a=handler) as (_a, b):
+            await b.request(Echo(b"fire"), no_reply=True)  # returns as soon as it is sent
+            await seen.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not b._pending
+
+
+async def test_too_many_fds_for_the_peer_fails_before_sending() -> None:
+    r, w = os.pipe()
+    with trio.fail_after(5):
+        async with connected() as (_a, b):
+            with pytest.raises(ProtocolError, match="limit"):
+                await b.request(PassHandles((r, w)))
+            assert await b.request(Echo(b"still fine")) == EchoReply(b"still fine")
+    os.close(r)
+    os.close(w)
+
+
+async def test_payload_length_is_counted_in_bytes() -> None:
+    words = array.array("I", [1, 2, 3])
+    with trio.fail_after(5):
+        async with connected() as (_a, b):
+            reply = await b.request_raw(Command.REGION_WRITE, memoryview(words))
+    assert reply.payload == words.tobytes()
+
+
+async def test_a_request_waits_while_every_message_id_is_taken() -> None:
+    release = trio.Event()
+    seen_ids: list[int] = []
+
+    async def handler(frame: Frame) -> HandlerResult:
+        seen_ids.append(frame.header.msg_id)
+        if frame.payload == b"hold":
+            await release.wait()
+        return None
+
+    with trio.fail_after(5):
+        async with connected(handler, echo_handler, policy=ConcurrentOrder()) as (_a, b):
+            b._orphans.update(range(1, 0x10000))  # as if 65535 cancelled requests were unanswered
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(b.request_raw, Command.REGION_READ, b"hold")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(b.request_raw, Command.REGION_READ, b"next")
+                await trio.testing.wait_all_tasks_blocked()
+                assert seen_ids == [0]  # the second request has no ID to use yet
+                release.set()
+    assert seen_ids == [0, 0]
+
+
+async def test_large_messages_both_ways_through_a_small_socket_buffer() -> None:
+    a, b = socket.socketpair()
+    for sock in (a, b):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    blobs = [bytes([i]) * (900_000 + i) for i in range(4)]
+    with trio.fail_after(10):
+        async with (
+            open_connection(a, handler=echo_handler) as _server,
+            open_connection(b, handler=echo_handler) as client,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def ask(blob: bytes) -> None:
+                assert await client.request(Echo(blob)) == EchoReply(blob)
+
+            for blob in blobs:
+                nursery.start_soon(ask, blob)
+
+
+async def test_many_pipelined_requests_from_several_tasks() -> None:
+    with trio.fail_after(10):
+        async with connected() as (_a, b):
+
+            async def client(tag: int) -> None:
+                for i in range(100):
+                    data = b"%d-%d" % (tag, i) * (i % 7)
+                    assert await b.request(Echo(data)) == EchoReply(data)
+
+            async with trio.open_nursery() as nursery:
+                for tag in range(10):
+                    nursery.start_soon(client, tag)
+
+
+async def test_an_exception_in_the_body_propagates_unwrapped() -> None:
+    a, b = socket.socketpair()
+    b.close()
+    with pytest.raises(KeyError):
+        async with open_connection(a, handler=echo_handler) as conn:
+            raise KeyError("mine")
+    assert conn.closed.is_set()
+
+
+async def test_open_connection_closes_a_socket_it_cannot_use() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with pytest.raises(ValueError, match="SOCK_STREAM"):
+        async with open_connection(a, handler=echo_handler):
+            pass
+    assert a.fileno() == -1
+    b.close()
+
+
+async def test_requests_are_checkpoints() -> None:
+    with trio.fail_after(5):
+        async with connected() as (_a, b):
+            with trio.testing.assert_checkpoints():
+                await b.request_raw(Command.DEVICE_RESET, no_reply=True)
+            with trio.testing.assert_checkpoints():
+                await b.request_raw(Command.DEVICE_RESET)
+
+
+# --------------------------------------------------------------------------- the deadlock case
+
+
+async def _nested_round_trip(a: Connection, b: Connection) -> None:
+    """b asks a (REGION_WRITE); a's handler asks b (DMA_READ) before it answers."""
+    assert await b.request_raw(Command.REGION_WRITE, b"kick") is not None
+
+
+def _nested_handlers(
+    holder: dict[str, Connection],
+) -> tuple[
+    Callable[[Frame], Awaitable[HandlerResult]], Callable[[Frame], Awaitable[HandlerResult]]
+]:
+    async def server(frame: Frame) -> HandlerResult:
+        assert frame.header.command == Command.REGION_WRITE
+        dma = await holder["a"].request_raw(Command.DMA_READ, b"addr")
+        assert dma.payload == b"guest data"
+        return RawMessage(b"done")
+
+    async def client(frame: Frame) -> HandlerResult:
+        assert frame.header.command == Command.DMA_READ
+        return RawMessage(b"guest data")
+
+    return server, client
+
+
+async def test_handler_may_request_from_a_peer_awaiting_its_reply_single_socket() -> None:
+    holder: dict[str, Connection] = {}
+    server, client = _nested_handlers(holder)
+    with trio.fail_after(5):
+        async with connected(server, client) as (a, b):
+            holder["a"] = a
+            await _nested_round_trip(a, b)
+
+
+class LinkRecorder(ConnectionHooks):
+    """Records (link, direction, command, is_reply) of every frame."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Link, str, int, bool]] = []
+
+    def on_send(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self.seen.append((link, "out", frame.header.command, frame.header.is_reply))
+        forward(frame)
+
+    def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self.seen.append((link, "in", frame.header.command, frame.header.is_reply))
+        forward(frame)
+
+
+async def test_handler_may_request_from_a_peer_awaiting_its_reply_twin_sockets() -> None:
+    holder: dict[str, Connection] = {}
+    server, client = _nested_handlers(holder)
+
+    async def server_with_version(frame: Frame) -> HandlerResult:
+        if frame.header.command != Command.VERSION:
+            return await server(frame)
+        mine, theirs = socket.socketpair()
+        holder["a"].attach_twin(mine, requests_on_twin=True)
+        return RawMessage(b"twin", [theirs.detach()], transfer_fds=True)
+
+    a_sock, b_sock = socket.socketpair()
+    recorder = LinkRecorder()
+    with trio.fail_after(5):
+        async with (
+            open_connection(a_sock, handler=server_with_version) as a,
+            open_connection(b_sock, handler=client, hooks=recorder) as b,
+        ):
+            holder["a"] = a
+            version = await b.request_raw(Command.VERSION, b"twin please")
+            (twin_fd,) = version.take_fds()
+            b.attach_twin(twin_fd, requests_on_twin=False)
+            assert a.has_twin and b.has_twin
+            await _nested_round_trip(a, b)
+    assert recorder.seen[2:] == [
+        (Link.MAIN, "out", Command.REGION_WRITE, False),
+        (Link.TWIN, "in", Command.DMA_READ, False),
+        (Link.TWIN, "out", Command.DMA_READ, True),
+        (Link.MAIN, "in", Command.REGION_WRITE, True),
+    ]
+
+
+async def test_attach_twin_rejects_what_is_not_a_stream_socket() -> None:
+    with trio.fail_after(5):
+        async with connected() as (a, _b):
+            r, w = os.pipe()
+            with pytest.raises(ProtocolError, match="twin"):
+                a.attach_twin(r, requests_on_twin=True)  # closed by attach_twin
+            os.close(w)
+            assert not a.has_twin
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def _region_read(region: int) -> bytes:
+    return struct.pack("=QII", 0, region, 4)
+
+
+async def test_spec_order_processes_pipelined_commands_one_at_a_time_in_order() -> None:
+    log: list[tuple[str, int]] = []
+
+    async def handler(frame: Frame) -> HandlerResult:
+        msg_id = frame.header.msg_id
+        log.append(("start", msg_id))
+        for _ in range((msg_id * 7) % 5):  # later commands finish faster
+            await trio.lowlevel.checkpoint()
+        log.append(("end", msg_id))
+        return RawMessage(frame.payload)
+
+    async with peer_and_connection(handler) as (peer, _conn):
+        with trio.fail_after(5):
+            for i in range(20):
+                peer.send(i, Command.REGION_READ, _region_read(i % 3))
+            replies = await peer.wait_frames(20)
+    assert [r.header.msg_id for r in replies] == list(range(20))
+    assert log == [(step, i) for i in range(20) for step in ("start", "end")]
+
+
+async def test_pipelined_replies_leave_in_one_sendmsg() -> None:
+    class CountingSocket(socket.socket):
+        sendmsg_calls = 0
+
+        def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+            self.sendmsg_calls += 1
+            return super().sendmsg(*args, **kwargs)
+
+    a, b = socket.socketpair()
+    counting = CountingSocket(fileno=b.detach())
+    peer = Peer(a)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery, open_connection(counting, handler=echo_handler):
+            nursery.start_soon(peer.collect)
+            for i in range(10):
+                header = Header(i, Command.DEVICE_GET_INFO, 17, 0)
+                peer.transport.write(header, b"x", flush=i == 9)
+            await peer.wait_frames(10)
+            assert counting.sendmsg_calls == 1
+            peer.transport.close()
+
+
+async def _no_reply_then_reply(policy: OrderingPolicy) -> tuple[list[Frame], list[str]]:
+    """Send a slow No_reply command, then a normal one; report replies seen while it runs."""
+    release = trio.Event()
+    log: list[str] = []
+
+    async def handler(frame: Frame) -> HandlerResult:
+        if frame.header.no_reply:
+            log.append("slow start")
+            await release.wait()
+            log.append("slow end")
+        return None
+
+    async with peer_and_connection(handler, policy=policy) as (peer, _conn):
+        with trio.fail_after(5):
+            peer.send(1, Command.REGION_WRITE, b"posted", flags=FLAG_NO_REPLY)
+            peer.send(2, Command.REGION_READ, b"read")
+            await trio.testing.wait_all_tasks_blocked()
+            early = list(peer.frames)
+            release.set()
+            (reply,) = await peer.wait_frames(1)
+            assert reply.header.msg_id == 2
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(peer.frames) == 1  # the No_reply command was never answered
+    return early, log
+
+
+async def test_spec_order_finishes_a_no_reply_command_before_a_later_reply() -> None:
+    early, log = await _no_reply_then_reply(ConcurrentOrder(1))
+    assert early == []
+    assert log == ["slow start", "slow end"]
+    early, log = await _no_reply_then_reply(KeyedOrder(lambda frame: None))
+    assert early == []
+
+
+async def test_concurrent_order_really_overlaps_commands() -> None:
+    early, log = await _no_reply_then_reply(ConcurrentOrder(4))
+    assert [f.header.msg_id for f in early] == [2]  # answered while the first still ran
+    assert log == ["slow start", "slow end"]
+
+
+async def test_concurrent_order_respects_its_limit() -> None:
+    running = 0
+    peak = 0
+    gate = trio.Event()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+        return None
+
+    async with peer_and_connection(handler, policy=ConcurrentOrder(3)) as (peer, _conn):
+        with trio.fail_after(5):
+            for i in range(8):
+                peer.send(i, Command.REGION_READ, b"")
+            await trio.testing.wait_all_tasks_blocked()
+            assert running == 3
+            gate.set()
+            await peer.wait_frames(8)
+    assert peak == 3
+
+
+async def test_keyed_order_serialises_per_region_and_barriers_the_rest() -> None:
+    gate = trio.Event()
+    started: list[int] = []
+
+    async def handler(frame: Frame) -> HandlerResult:
+        started.append(frame.header.msg_id)
+        if frame.header.msg_id == 1:
+            await gate.wait()
+        return None
+
+    async with peer_and_connection(handler, policy=KeyedOrder(region_key)) as (peer, _conn):
+        with trio.fail_after(5):
+            peer.send(1, Command.REGION_READ, _region_read(0))  # blocks
+            peer.send(2, Command.REGION_READ, _region_read(1))  # other region: overtakes
+            peer.send(3, Command.REGION_WRITE, _region_read(0))  # same region: waits for 1
+            peer.send(4, Command.DEVICE_RESET)  # barrier: waits for everything
+            peer.send(5, Command.REGION_READ, _region_read(1))  # after the barrier
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(started) == [1, 2]  # separate lanes: either may start first
+            assert [f.header.msg_id for f in peer.frames] == [2]
+            gate.set()
+            replies = await peer.wait_frames(5)
+    assert [f.header.msg_id for f in replies] == [2, 1, 3, 4, 5]
+    assert started[2:] == [3, 4, 5]
+
+
+def test_region_key_reads_the_region_index() -> None:
+    read = Frame(Header(1, Command.REGION_READ, 32), _region_read(7))
+    assert region_key(read) == 7
+    assert region_key(Frame(Header(1, Command.REGION_READ, 20), b"shrt")) is None
+    assert region_key(Frame(Header(1, Command.DMA_MAP, 32), _region_read(7))) is None
+
+
+def test_concurrent_order_needs_a_positive_limit() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        ConcurrentOrder(0)
+
+
+# --------------------------------------------------------------------------- fd passing
+
+
+async def test_memfds_and_eventfds_travel_both_ways_with_the_right_message() -> None:
+    memfd = os.memfd_create("guest-ram")
+    os.write(memfd, b"ram contents")
+    irq = os.eventfd(0)
+    doorbells: list[int] = []
+
+    async def server(frame: Frame) -> HandlerResult:
+        if frame.header.command == Command.DEVICE_SET_IRQS:
+            (fd,) = frame.take_fds()
+            try:
+                assert os.pread(fd, 12, 0) == b"ram contents"
+            finally:
+                os.close(fd)
+            doorbell = os.eventfd(0)
+            doorbells.append(os.dup(doorbell))
+            return RawMessage(b"", [doorbell], transfer_fds=True)
+        return await echo_handler(frame)
+
+    async def client(frame: Frame) -> HandlerResult:
+        (efd,) = frame.take_fds()
+        os.eventfd_write(efd, 3)  # the server->client request carried an eventfd
+        os.close(efd)
+        return None
+
+    try:
+        with trio.fail_after(5):
+            async with connected(server, client) as (a, b):
+                assert await b.request(Echo(b"before")) == EchoReply(b"before")
+                reply = await b.request(PassHandles((memfd,)))
+                assert await b.request(Echo(b"after")) == EchoReply(b"after")
+                assert isinstance(reply, HandlesReply)
+                (doorbell,) = reply.handles
+                os.eventfd_write(doorbell, 5)
+                assert os.eventfd_read(doorbells[0]) == 5
+                os.close(doorbell)
+                await a.request_raw(Command.DMA_WRITE, b"irq", [irq])
+                assert os.eventfd_read(irq) == 3
+    finally:
+        os.close(memfd)
+        os.close(irq)
+        for fd in doorbells:
+            os.close(fd)

@@ -1,0 +1,382 @@
+"""Transport: framing and fd passing over real AF_UNIX socket pairs."""
+
+from __future__ import annotations
+
+import array
+import gc
+import itertools
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vfiouser_trio.protocol.errors import ProtocolError
+from vfiouser_trio.protocol.framing import Frame, OversizedFrame
+from vfiouser_trio.protocol.header import Header, command_header
+from vfiouser_trio.transport import Transport
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = _open_fds()
+    yield
+    gc.collect()
+    assert _open_fds() == before
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts its sendmsg calls (the transport uses nothing else to send)."""
+
+    sendmsg_calls = 0
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        self.sendmsg_calls += 1
+        return super().sendmsg(*args, **kwargs)
+
+
+def transport_pair(**limits: int) -> tuple[Transport, Transport]:
+    a, b = socket.socketpair()
+    return Transport(a, **limits), Transport(b, **limits)
+
+
+def frame_bytes(msg_id: int, command: int, payload: bytes, flags: int = 0) -> bytes:
+    header = Header(msg_id, command, 16 + len(payload), flags)
+    return header.pack() + payload
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+async def receive_frames(transport: Transport, count: int) -> list[Frame]:
+    frames: list[Frame] = []
+    while len(frames) < count:
+        for event in await transport.receive():
+            assert isinstance(event, Frame)
+            frames.append(event)
+    return frames
+
+
+async def test_frames_round_trip_in_order() -> None:
+    left, right = transport_pair()
+    with trio.fail_after(5):
+        for i in range(10):
+            left.write(command_header(i, 9, i), bytes(range(i)))
+        frames = await receive_frames(right, 10)
+    assert [f.header.msg_id for f in frames] == list(range(10))
+    assert [f.payload for f in frames] == [bytes(range(i)) for i in range(10)]
+    left.close()
+    right.close()
+
+
+async def test_frames_queued_without_flush_leave_in_one_sendmsg() -> None:
+    a, b = socket.socketpair()
+    counting = CountingSocket(fileno=a.detach())
+    left, right = Transport(counting), Transport(b)
+    with trio.fail_after(5):
+        for i in range(5):
+            left.write(command_header(i, 9, 4), b"ping", flush=False)
+        assert counting.sendmsg_calls == 0
+        left.write(command_header(5, 9, 4), b"ping")
+        assert counting.sendmsg_calls == 1
+        events = await right.receive()  # one read sees all six frames
+    assert [e.header.msg_id for e in events if isinstance(e, Frame)] == list(range(6))
+    left.close()
+    right.close()
+
+
+async def test_fds_arrive_with_their_own_message_and_are_usable() -> None:
+    left, right = transport_pair(max_recv_fds=4)
+    memfd = os.memfd_create("transport-test")
+    os.write(memfd, b"guest memory")
+    efd = os.eventfd(0)
+    try:
+        with trio.fail_after(5):
+            left.write(command_header(1, 2, 3), b"one")
+            left.write(command_header(2, 2, 3), b"two", [memfd])
+            left.write(command_header(3, 2, 5), b"three")
+            left.write(command_header(4, 8, 4), b"four", [efd, memfd])
+            frames = await receive_frames(right, 4)
+        assert [len(f.fds) for f in frames] == [0, 1, 0, 2]
+        received_memfd = frames[1].take_fds()[0]
+        assert os.pread(received_memfd, 12, 0) == b"guest memory"
+        received_efd, second_memfd = frames[3].take_fds()
+        os.eventfd_write(received_efd, 7)
+        assert os.eventfd_read(efd) == 7
+        assert os.fstat(second_memfd).st_ino == os.fstat(memfd).st_ino
+        for fd in (received_memfd, received_efd, second_memfd):
+            assert os.get_inheritable(fd) is False  # MSG_CMSG_CLOEXEC
+            os.close(fd)
+    finally:
+        os.close(memfd)
+        os.close(efd)
+        left.close()
+        right.close()
+
+
+async def test_caller_may_close_its_fds_while_a_frame_is_still_queued() -> None:
+    left, right = transport_pair(max_recv_fds=1)
+    memfd = os.memfd_create("queued")
+    os.write(memfd, b"still here")
+    with trio.fail_after(5):
+        left.write(command_header(1, 2, 0), b"", flush=False)
+        left.write(command_header(2, 2, 0), b"", [memfd], flush=False)
+        os.close(memfd)  # the transport kept a duplicate
+        left.write(command_header(3, 2, 0))
+        frames = await receive_frames(right, 3)
+    (fd,) = frames[1].take_fds()
+    assert os.pread(fd, 10, 0) == b"still here"
+    os.close(fd)
+    left.close()
+    right.close()
+
+
+async def test_transfer_fds_closes_them_once_sent() -> None:
+    left, right = transport_pair(max_recv_fds=1)
+    r, w = os.pipe()
+    with trio.fail_after(5):
+        left.write(command_header(1, 2, 0), b"", [w], transfer_fds=True)
+        with pytest.raises(OSError):
+            os.fstat(w)  # closed by the transport once sendmsg took it
+        (frame,) = await receive_frames(right, 1)
+    (received_w,) = frame.take_fds()
+    os.write(received_w, b"x")
+    assert os.read(r, 1) == b"x"
+    os.close(received_w)
+    os.close(r)
+    left.close()
+    right.close()
+
+
+async def test_large_frames_survive_partial_sends_and_backpressure() -> None:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    left, right = Transport(a), Transport(b, max_msg_size=1 << 21)
+    payloads = [bytes([i]) * (300_000 + i) for i in range(6)]
+    memfd = os.memfd_create("big")
+    received: list[Frame] = []
+
+    async def reader() -> None:
+        received.extend(await receive_frames(right, len(payloads)))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.run_writer)
+            nursery.start_soon(reader)
+            for i, payload in enumerate(payloads):
+                fds = [memfd] if i % 2 else []
+                await left.send(command_header(i, 10, len(payload)), payload, fds)
+            await left.drain()
+            assert left.queued_bytes == 0
+            while len(received) < len(payloads):
+                await trio.testing.wait_all_tasks_blocked()
+            left.close()
+    assert [f.payload for f in received] == payloads
+    assert [len(f.fds) for f in received] == [0, 1, 0, 1, 0, 1]
+    for frame in received:
+        frame.close_fds()
+    os.close(memfd)
+    right.close()
+
+
+async def test_more_fds_than_the_limit_is_fatal_and_leaks_nothing() -> None:
+    a, b = socket.socketpair()
+    right = Transport(b, max_recv_fds=1)
+    pipes = [os.pipe() for _ in range(4)]
+    fds = [fd for pair in pipes for fd in pair]
+    send_with_fds(a, frame_bytes(1, 8, b""), fds)
+    for fd in fds:
+        os.close(fd)
+    with trio.fail_after(5), pytest.raises(ProtocolError, match="file descriptors"):
+        await right.receive()
+    assert right.closed
+    a.close()
+
+
+async def test_peer_close_is_an_empty_receive() -> None:
+    a, b = socket.socketpair()
+    right = Transport(b)
+    a.sendall(frame_bytes(1, 9, b"last"))
+    a.close()
+    with trio.fail_after(5):
+        (frame,) = await right.receive()
+        assert isinstance(frame, Frame)
+        assert frame.payload == b"last"
+        assert await right.receive() == []
+        assert await right.receive() == []
+    right.close()
+
+
+async def test_close_wakes_a_blocked_receive() -> None:
+    left, right = transport_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def blocked() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await right.receive()
+
+            nursery.start_soon(blocked)
+            await trio.testing.wait_all_tasks_blocked()
+            right.close()
+    with pytest.raises(trio.ClosedResourceError):
+        right.write(command_header(1, 9, 0))
+    with pytest.raises(trio.ClosedResourceError):
+        await right.receive()
+    left.close()
+
+
+async def test_oversized_frame_is_reported_and_skipped() -> None:
+    a, b = socket.socketpair()
+    right = Transport(b, max_msg_size=64)
+    a.sendall(frame_bytes(1, 10, b"z" * 100) + frame_bytes(2, 9, b"ok"))
+    with trio.fail_after(5):
+        events = await right.receive()
+    assert isinstance(events[0], OversizedFrame)
+    assert events[0].header.msg_id == 1
+    assert isinstance(events[1], Frame)
+    assert events[1].payload == b"ok"
+    a.close()
+    right.close()
+
+
+async def test_limits_can_change_after_negotiation() -> None:
+    a, b = socket.socketpair()
+    right = Transport(b, max_msg_size=64, max_recv_fds=1)
+    right.max_msg_size = 4096
+    right.max_recv_fds = 3
+    pipes = [os.pipe() for _ in range(3)]
+    send_with_fds(a, frame_bytes(1, 10, b"z" * 100), [p[0] for p in pipes])
+    with trio.fail_after(5):
+        (frame,) = await right.receive()
+    assert isinstance(frame, Frame)
+    assert len(frame.payload) == 100
+    assert len(frame.fds) == 3
+    frame.close_fds()
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    a.close()
+    right.close()
+
+
+async def test_receive_and_send_are_checkpoints() -> None:
+    left, right = transport_pair()
+    left.write(command_header(1, 9, 0))
+    with trio.testing.assert_checkpoints():
+        await right.receive()  # data was ready: the fast path still yields
+    with trio.testing.assert_checkpoints():
+        await left.send(command_header(2, 9, 0))
+    left.close()
+    right.close()
+
+
+async def test_a_cancelled_receive_loses_nothing() -> None:
+    left, right = transport_pair()
+    with trio.move_on_after(0) as scope:
+        left.write(command_header(1, 9, 0))
+        await right.receive()
+    assert scope.cancelled_caught
+    with trio.fail_after(5):
+        (frame,) = await right.receive()
+    assert isinstance(frame, Frame)
+    assert frame.header.msg_id == 1
+    left.close()
+    right.close()
+
+
+def test_rejects_sockets_that_are_not_unix_streams() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with pytest.raises(ValueError, match="SOCK_STREAM"):
+        Transport(a)
+    a.close()
+    b.close()
+
+
+_HEADER = struct.Struct("=HHIII")
+
+
+@st.composite
+def frame_streams(draw: st.DrawFn) -> tuple[list[tuple[bytes, int]], list[int]]:
+    """Frames (bytes, fd count) and cut points; fd frames start their own send."""
+    sizes = draw(st.lists(st.integers(0, 3000), min_size=1, max_size=12))
+    frames = []
+    for i, size in enumerate(sizes):
+        nfds = draw(st.integers(0, 2))
+        payload = bytes((i + j) & 0xFF for j in range(size))
+        frames.append((frame_bytes(i, 9, payload), nfds))
+    total = sum(len(f) for f, _ in frames)
+    cuts = draw(st.lists(st.integers(1, total - 1), max_size=20)) if total > 1 else []
+    return frames, cuts
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frame_streams())
+def test_random_chunking_of_a_frame_stream(
+    stream: tuple[list[tuple[bytes, int]], list[int]],
+) -> None:
+    frames, cuts = stream
+    data = b"".join(f for f, _ in frames)
+    starts = []
+    offset = 0
+    for raw, _ in frames:
+        starts.append(offset)
+        offset += len(raw)
+    # fds go with the first byte of their frame's send, and that send ends within the frame.
+    fd_cuts = {starts[i] for i, (_, n) in enumerate(frames) if n}
+    fd_cuts |= {starts[i] + len(raw) for i, (raw, n) in enumerate(frames) if n}
+    points = sorted(set(cuts) | fd_cuts | {0, len(data)})
+    fd_at = {starts[i]: n for i, (_, n) in enumerate(frames) if n}
+    r, w = os.pipe()
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        right = Transport(b, max_recv_fds=2)
+        got: list[Frame] = []
+
+        async def sender() -> None:
+            sender_sock = trio.socket.from_stdlib_socket(a)
+            for lo, hi in itertools.pairwise(points):
+                chunk = memoryview(data)[lo:hi]
+                if lo in fd_at:
+                    fds = array.array("i", [r] * fd_at[lo])
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                    chunk = chunk[await sender_sock.sendmsg([chunk], anc) :]
+                while chunk:
+                    chunk = chunk[await sender_sock.send(chunk) :]
+            sender_sock.close()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                while True:
+                    events = await right.receive()
+                    if not events:
+                        break
+                    for event in events:
+                        assert isinstance(event, Frame)
+                        got.append(event)
+        right.close()
+        assert [(f.header.pack() + f.payload) for f in got] == [raw for raw, _ in frames]
+        assert [len(f.fds) for f in got] == [n for _, n in frames]
+        for frame in got:
+            for fd in frame.fds:
+                assert os.fstat(fd).st_ino == os.fstat(r).st_ino
+            frame.close_fds()
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(r)
+        os.close(w)

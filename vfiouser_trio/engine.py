@@ -1,0 +1,820 @@
+"""The connection engine: one vfio-user connection, commands and replies in both directions.
+
+A :class:`Connection` owns one socket (the *main* link) and, once twin-socket mode is
+negotiated, a second one (the *twin* link). Each link has a reader task that never stops
+reading: replies resolve the pending request with the same message ID, commands go to the
+link's dispatcher, which runs them through the owner's handler in the order an
+:class:`~vfiouser_trio.ordering.OrderingPolicy` decides. Because reading never waits for a
+handler, a handler may itself send a request to the peer and await its reply: the deadlock
+described in ARCHITECTURE.md cannot happen, on one socket or on two.
+
+Which socket carries what:
+
+* a reply always leaves on the link its command arrived on;
+* requests this side originates go on the main link, except after
+  ``attach_twin(..., requests_on_twin=True)`` (the server, which created the twin pair), when
+  they go on the twin link; their replies may arrive on either link (matched by message ID);
+* commands arriving on either link are dispatched, each link with its own policy run, so
+  server-to-client commands are not queued behind client-to-server ones.
+
+Error choices (REFERENCE_BEHAVIOUR.md asks for EINVAL where possible):
+
+* a handler raising :class:`VfioUserError` (or :class:`ProtocolError`) answers with its errno;
+  any other exception is logged and answered with EIO (a device failure, not a bad request);
+* No_reply commands are never answered, not even with an error;
+* a reply that answers no request cannot itself be answered (the peer would take our answer
+  for a reply to one of *its* requests): it is logged, dropped, and its fds closed;
+* a reply to a request that was cancelled is dropped silently; its message ID stays reserved
+  until then, so a later request can never receive it;
+* a message larger than ``max_msg_size`` is skipped and answered with EINVAL; an oversized
+  reply fails its request with ``ProtocolError(EMSGSIZE)``; msg_size < 16 is answered with
+  EINVAL (when it is a command) and closes the connection: the stream cannot be followed;
+* more fds than ``max_recv_fds`` close the connection when the kernel truncated them
+  (MSG_CTRUNC), and are answered with EINVAL when they still fit the control buffer;
+* an error reply with errno 0 raises ``VfioUserError(EIO)``;
+* the peer's end of stream (or a failed send) closes the connection, also for commands still
+  queued: vfio-user has no half-close;
+* when the connection ends, pending requests fail with :class:`ConnectionClosedError`
+  (ECONNRESET), and requests made after that fail at once with ENOTCONN.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, overload
+
+import trio
+
+from .ordering import OrderingPolicy, SpecOrder
+from .protocol.constants import DEFAULT_MAX_MSG_FDS
+from .protocol.errors import ProtocolError, VfioUserError
+from .protocol.framing import (
+    DEFAULT_MAX_MSG_SIZE,
+    BrokenStream,
+    Frame,
+    OversizedFrame,
+    StrayFds,
+    close_fds,
+)
+from .protocol.header import Header, command_header, error_header, reply_header
+from .protocol.message import Buffer, Message, Request
+from .transport import SEND_HIGH_WATER, Transport, byte_buffer
+
+__all__ = [
+    "Connection",
+    "ConnectionClosedError",
+    "ConnectionHooks",
+    "Forward",
+    "FramingError",
+    "Handler",
+    "HandlerResult",
+    "Link",
+    "RawMessage",
+    "open_connection",
+]
+
+log = logging.getLogger(__name__)
+
+_MSG_ID_SPACE = 1 << 16
+
+
+class Link(enum.Enum):
+    """Which socket of a connection a frame travels on."""
+
+    MAIN = "main"
+    TWIN = "twin"
+
+
+class ConnectionClosedError(VfioUserError):
+    """The connection is gone.
+
+    ``errno`` is ECONNRESET for a request that was pending when the connection ended (peer
+    disconnect, fatal protocol error or local close) and ENOTCONN for one made afterwards.
+    """
+
+    def __init__(
+        self, message: str = "", *, errno: int = errno.ECONNRESET, command: int | None = None
+    ) -> None:
+        super().__init__(errno, message or "vfio-user connection closed", command=command)
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """An untyped message body: payload bytes and the fds to send with them.
+
+    With ``transfer_fds`` the engine owns ``fds`` and closes them once sent (or when the
+    connection closes); otherwise the sender keeps them.
+    """
+
+    payload: Buffer = b""
+    fds: Sequence[int] = ()
+    transfer_fds: bool = False
+
+
+#: What a handler returns: the reply body (a typed message, a raw one, or None for an empty
+#: reply). Ignored for No_reply commands.
+HandlerResult = Message | RawMessage | None
+#: The owner's command handler. It may take the frame's fds (``frame.take_fds()``); the
+#: engine closes the ones it leaves. Raising VfioUserError sends an error reply.
+Handler = Callable[[Frame], Awaitable[HandlerResult]]
+#: Framing problems the decoder reports instead of a frame.
+FramingError = OversizedFrame | StrayFds | BrokenStream
+#: Passes a frame on to the next stage (the socket, or the engine's demultiplexer).
+Forward = Callable[[Frame], None]
+
+
+class ConnectionHooks:
+    """Observes and may alter every frame, for tracing and fault injection.
+
+    Subclass and override. Both methods run synchronously on the engine's paths and must not
+    block. A hook passes a frame on by calling ``forward(frame)`` - now, later (delay, from a
+    task of its own), out of order (reorder), with a different frame, or never (drop: it then
+    owns the frame and must ``frame.close_fds()`` it). Outgoing frames given to a hook always own
+    their fds. To simulate a disconnect, call ``conn.close()``. With no hooks installed the
+    engine skips all of this.
+    """
+
+    def on_send(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        """Called for every frame this side sends, before it is queued on the socket."""
+        forward(frame)
+
+    def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        """Called for every complete frame received, before it is demultiplexed."""
+        forward(frame)
+
+    def on_framing_error(self, conn: Connection, link: Link, event: FramingError) -> None:
+        """Called (for the record only) for each oversized frame, stray fds or broken stream."""
+
+
+class _PendingRequest:
+    """A request waiting for its reply."""
+
+    __slots__ = ("command", "done", "error", "frame")
+
+    def __init__(self, command: int) -> None:
+        self.command = command
+        self.done = trio.Event()
+        self.frame: Frame | None = None
+        self.error: VfioUserError | None = None
+
+
+class _CommandQueue:
+    """Commands received on one link, in arrival order (an ordering.CommandSource).
+
+    Unbounded on purpose: the reader must keep reading (replies may be behind the commands),
+    so a peer that floods commands costs memory, not a deadlock.
+    """
+
+    __slots__ = ("_frames", "_lot")
+
+    def __init__(self) -> None:
+        self._frames: deque[Frame] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def put(self, frame: Frame) -> None:
+        self._frames.append(frame)
+        if self._lot:
+            self._lot.unpark()
+
+    def has_pending(self) -> bool:
+        return bool(self._frames)
+
+    async def get(self) -> Frame:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._frames:
+            await self._lot.park()
+        return self._frames.popleft()
+
+    def get_nowait(self) -> Frame | None:
+        return self._frames.popleft() if self._frames else None
+
+    def close(self) -> None:
+        while self._frames:
+            self._frames.popleft().close_fds()
+
+
+class _LinkState:
+    __slots__ = ("commands", "link", "transport")
+
+    def __init__(self, link: Link, transport: Transport) -> None:
+        self.link = link
+        self.transport = transport
+        self.commands = _CommandQueue()
+
+
+class Connection:
+    """One vfio-user connection. Create it with :func:`open_connection`."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        handler: Handler,
+        policy: OrderingPolicy | None = None,
+        hooks: ConnectionHooks | None = None,
+        max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+        max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
+        max_send_fds: int = DEFAULT_MAX_MSG_FDS,
+        first_message_id: int = 0,
+    ) -> None:
+        self._handler = handler
+        self._policy = policy if policy is not None else SpecOrder()
+        self._hooks = hooks
+        self._max_msg_size = max_msg_size
+        self._max_recv_fds = max_recv_fds
+        #: Most fds the peer accepts in one message (its ``max_msg_fds``).
+        self.max_send_fds = max_send_fds
+        self._main = _LinkState(Link.MAIN, self._new_transport(sock))
+        self._twin: _LinkState | None = None
+        self._request_link = self._main
+        self._pending: dict[int, _PendingRequest] = {}
+        # IDs of cancelled requests whose reply may still arrive: not reused until it does.
+        self._orphans: set[int] = set()
+        self._id_lot = trio.lowlevel.ParkingLot()
+        self._next_id = first_message_id & 0xFFFF
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        #: Set once the connection has closed, for whatever reason.
+        self.closed = trio.Event()
+        #: Why the connection closed: None for a local close or a clean end of stream.
+        self.close_reason: BaseException | None = None
+
+    # ----------------------------------------------------------------- configuration
+
+    def _new_transport(self, sock: socket.socket) -> Transport:
+        return Transport(sock, max_msg_size=self._max_msg_size, max_recv_fds=self._max_recv_fds)
+
+    def _links(self) -> tuple[_LinkState, ...]:
+        return (self._main,) if self._twin is None else (self._main, self._twin)
+
+    @property
+    def max_msg_size(self) -> int:
+        """Largest message accepted from the peer, on every link."""
+        return self._max_msg_size
+
+    @max_msg_size.setter
+    def max_msg_size(self, value: int) -> None:
+        self._max_msg_size = value
+        for state in self._links():
+            state.transport.max_msg_size = value
+
+    @property
+    def max_recv_fds(self) -> int:
+        """Most fds accepted with one message (what this side advertised as max_msg_fds)."""
+        return self._max_recv_fds
+
+    @max_recv_fds.setter
+    def max_recv_fds(self, value: int) -> None:
+        self._max_recv_fds = value
+        for state in self._links():
+            state.transport.max_recv_fds = value
+
+    @property
+    def next_message_id(self) -> int:
+        """The message ID the next request will try first (IDs in flight are skipped)."""
+        return self._next_id
+
+    @next_message_id.setter
+    def next_message_id(self, value: int) -> None:
+        self._next_id = value & 0xFFFF
+
+    @property
+    def has_twin(self) -> bool:
+        return self._twin is not None
+
+    def attach_twin(self, sock: socket.socket | int, *, requests_on_twin: bool) -> None:
+        """Start using a twin socket (negotiated in VERSION); the connection takes ownership.
+
+        The server creates a socket pair, sends one end in its VERSION reply and attaches its
+        own end with ``requests_on_twin=True``: its server-to-client requests then go on the
+        twin. The client attaches the end it received with ``requests_on_twin=False``: it
+        answers the commands arriving there on the twin and keeps sending its own requests on
+        the main socket.
+        """
+        try:
+            nursery = self._check_can_attach_twin()
+            if isinstance(sock, int):
+                sock = socket.socket(fileno=sock)
+            transport = self._new_transport(sock)
+        except BaseException as exc:
+            if isinstance(sock, int):
+                close_fds((sock,))
+            else:
+                sock.close()
+            if isinstance(exc, (OSError, ValueError)):
+                raise ProtocolError(f"unusable twin socket: {exc}") from exc
+            raise
+        self._twin = _LinkState(Link.TWIN, transport)
+        self._start_link(nursery, self._twin)
+        if requests_on_twin:
+            self._request_link = self._twin
+
+    def _check_can_attach_twin(self) -> trio.Nursery:
+        if self.closed.is_set():
+            raise ConnectionClosedError(errno=errno.ENOTCONN)
+        if self._nursery is None:
+            raise RuntimeError("attach_twin needs a running connection")
+        if self._twin is not None:
+            raise ProtocolError("a twin socket is already attached")
+        return self._nursery
+
+    # ----------------------------------------------------------------- running
+
+    def _start_link(self, nursery: trio.Nursery, state: _LinkState) -> None:
+        nursery.start_soon(self._read_loop, state)
+        nursery.start_soon(state.transport.run_writer)
+        nursery.start_soon(self._policy.run, state.commands, partial(self._process, state))
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._start_link(nursery, self._main)
+                    task_status.started()
+        finally:
+            self._nursery = None
+            self._shutdown(None, "connection closed")
+
+    def close(self) -> None:
+        """Close the connection now: fail pending requests, close sockets and owned fds."""
+        self._shutdown(None, "connection closed locally")
+
+    async def aclose(self) -> None:
+        """Close gracefully: wait until queued outgoing frames are sent, then close.
+
+        Waits as long as the peer takes to read them; if cancelled, closes at once.
+        """
+        try:
+            for state in self._links():
+                with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    await state.transport.drain()
+            await trio.lowlevel.checkpoint()
+        finally:
+            self.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has closed (peer disconnect, fatal error, close())."""
+        await self.closed.wait()
+
+    def _shutdown(self, reason: BaseException | None, message: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        for state in self._links():
+            state.transport.close()
+            state.commands.close()
+        pending, self._pending = self._pending, {}
+        for request in pending.values():
+            error = ConnectionClosedError(message, command=request.command)
+            error.__cause__ = reason
+            request.error = error
+            request.done.set()
+        self._orphans.clear()
+        self._id_lot.unpark_all()
+        if self._scope is not None:
+            self._scope.cancel()
+        self.closed.set()
+
+    # ----------------------------------------------------------------- receiving
+
+    async def _read_loop(self, state: _LinkState) -> None:
+        transport = state.transport
+        deliver = partial(self._deliver, state)
+        reason: BaseException | None = None
+        try:
+            while reason is None:
+                events = await transport.receive()
+                if not events:
+                    if not transport.at_frame_boundary:
+                        log.debug("%s link: peer hung up mid-frame", state.link.value)
+                    break
+                hooks = self._hooks
+                for event in events:
+                    if isinstance(event, Frame):
+                        if hooks is None:
+                            deliver(event)
+                        else:
+                            hooks.on_receive(self, state.link, event, deliver)
+                    else:
+                        if hooks is not None:
+                            hooks.on_framing_error(self, state.link, event)
+                        reason = self._on_framing_error(state, event)
+                        if reason is not None:
+                            break
+        except trio.ClosedResourceError:
+            # Closed by the connection (then shutdown is a no-op) or by the transport itself
+            # after a failed send.
+            reason = transport.send_error
+        except (ProtocolError, OSError) as exc:
+            reason = exc
+        if reason is not None:
+            log.warning("%s link: closing after a fatal error: %s", state.link.value, reason)
+        self._shutdown(reason, f"{state.link.value} socket closed")
+
+    def _on_framing_error(self, state: _LinkState, event: FramingError) -> ProtocolError | None:
+        """Handle a decoder report; returns the error when the stream cannot go on."""
+        if isinstance(event, OversizedFrame):
+            self._on_oversized(state, event.header)
+        elif isinstance(event, StrayFds):
+            log.warning(
+                "%s link: closed %d fds sent outside any message", state.link.value, event.count
+            )
+        else:
+            return self._on_broken_stream(state, event)
+        return None
+
+    def _deliver(self, state: _LinkState, frame: Frame) -> None:
+        """Route one received frame: reply to its request, command to the dispatcher."""
+        header = frame.header
+        if header.is_reply:
+            self._on_reply(frame)
+        elif not header.is_command:
+            self._reject(state, frame, "unknown message type")
+        elif len(frame.fds) > self._max_recv_fds:
+            self._reject(state, frame, f"{len(frame.fds)} fds exceed the limit")
+        elif self.closed.is_set():
+            frame.close_fds()
+        else:
+            state.commands.put(frame)
+
+    def _on_reply(self, frame: Frame) -> None:
+        msg_id = frame.header.msg_id
+        request = self._pending.pop(msg_id, None)
+        if request is not None:
+            self._id_released()
+            if frame.header.command != request.command:
+                frame.close_fds()
+                request.error = ProtocolError(
+                    f"reply {msg_id} is for command {frame.header.command}",
+                    command=request.command,
+                )
+            else:
+                request.frame = frame
+            request.done.set()
+            return
+        frame.close_fds()
+        if msg_id in self._orphans:
+            self._orphans.discard(msg_id)
+            self._id_released()
+        else:
+            log.warning(
+                "dropped a reply (id %d, command %d) that answers nothing",
+                msg_id,
+                frame.header.command,
+            )
+
+    def _reject(self, state: _LinkState, frame: Frame, why: str) -> None:
+        """Answer a malformed command with EINVAL (unless No_reply) and close its fds."""
+        frame.close_fds()
+        header = frame.header
+        log.debug("rejected message %d (command %d): %s", header.msg_id, header.command, why)
+        if not header.no_reply:
+            self._send_error(state, header, errno.EINVAL)
+
+    def _on_oversized(self, state: _LinkState, header: Header) -> None:
+        """A message the decoder skips as too large: answer EINVAL, or fail its request."""
+        if header.is_reply:
+            request = self._pending.pop(header.msg_id, None)
+            self._orphans.discard(header.msg_id)
+            self._id_released()
+            if request is not None:
+                request.error = ProtocolError(
+                    f"reply of {header.msg_size} bytes exceeds the limit of {self._max_msg_size}",
+                    errno=errno.EMSGSIZE,
+                    command=request.command,
+                )
+                request.done.set()
+        elif not header.no_reply:
+            self._send_error(state, header, errno.EINVAL)
+
+    def _on_broken_stream(self, state: _LinkState, event: BrokenStream) -> ProtocolError:
+        """msg_size < 16: the stream cannot be followed. Answer EINVAL if we can, then close."""
+        header = event.header
+        if header.is_command and not header.no_reply:
+            self._send_error(state, header, errno.EINVAL)
+        return ProtocolError(event.reason)
+
+    def _send_error(self, state: _LinkState, header: Header, code: int) -> None:
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._send(state, error_header(header.msg_id, header.command, code))
+
+    # ----------------------------------------------------------------- sending
+
+    def _send(
+        self,
+        state: _LinkState,
+        header: Header,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        transfer_fds: bool = False,
+        *,
+        flush: bool = True,
+    ) -> None:
+        """Queue a frame on a link (through the hooks, if any). Raises trio resource errors."""
+        if self._hooks is None:
+            state.transport.write(header, payload, fds, transfer_fds=transfer_fds, flush=flush)
+            return
+        if fds and not transfer_fds:
+            fds = [os.dup(fd) for fd in fds]
+        frame = Frame(header, bytes(payload), list(fds))
+        self._hooks.on_send(self, state.link, frame, partial(self._forward_out, state))
+
+    @staticmethod
+    def _forward_out(state: _LinkState, frame: Frame) -> None:
+        fds = frame.take_fds()
+        # If the connection is closing, write() closes the fds and the frame is lost.
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            state.transport.write(frame.header, frame.payload, fds, transfer_fds=True)
+
+    # ----------------------------------------------------------------- dispatch
+
+    async def _process(self, state: _LinkState, frame: Frame) -> None:
+        """Run one command through the handler and queue its reply."""
+        header = frame.header
+        try:
+            payload, fds, transfer = _reply_body(await self._handler(frame))
+        except VfioUserError as exc:
+            failure = exc.errno
+            log.debug("command %d failed: %s", header.command, exc)
+        except Exception:
+            log.exception("handler of command %d raised", header.command)
+            failure = errno.EIO
+        else:
+            if header.no_reply:
+                if transfer:
+                    close_fds(fds)
+                return
+            if len(fds) <= self.max_send_fds:
+                reply = reply_header(header.msg_id, header.command, len(payload))
+                self._send_reply(state, reply, payload, fds, transfer)
+                return
+            log.error(
+                "reply to command %d carries %d fds, the peer accepts %d",
+                header.command,
+                len(fds),
+                self.max_send_fds,
+            )
+            if transfer:
+                close_fds(fds)
+            failure = errno.EINVAL
+        finally:
+            frame.close_fds()
+        if not header.no_reply:
+            self._send_reply(state, error_header(header.msg_id, header.command, failure))
+
+    def _send_reply(
+        self,
+        state: _LinkState,
+        header: Header,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        transfer_fds: bool = False,
+    ) -> None:
+        # While more commands wait, leave the reply queued: the last reply of a batch (or the
+        # writer task, if a handler blocks) sends them all in one sendmsg.
+        # A closed socket is noticed by the reader, which shuts the connection down.
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            flush = not state.commands.has_pending()
+            self._send(state, header, payload, fds, transfer_fds, flush=flush)
+
+    # ----------------------------------------------------------------- requests
+
+    def _id_released(self) -> None:
+        if self._id_lot:
+            self._id_lot.unpark()
+
+    def _allocate_id(self) -> int | None:
+        busy = self._pending
+        orphans = self._orphans
+        if len(busy) + len(orphans) >= _MSG_ID_SPACE:
+            return None
+        msg_id = self._next_id
+        while msg_id in busy or msg_id in orphans:
+            msg_id = (msg_id + 1) & 0xFFFF
+        self._next_id = (msg_id + 1) & 0xFFFF
+        return msg_id
+
+    @overload
+    async def request(
+        self, msg: Request, *, no_reply: Literal[False] = False, transfer_fds: bool = False
+    ) -> Message: ...
+
+    @overload
+    async def request(
+        self, msg: Request, *, no_reply: Literal[True], transfer_fds: bool = False
+    ) -> None: ...
+
+    @overload
+    async def request(
+        self, msg: Request, *, no_reply: bool, transfer_fds: bool = False
+    ) -> Message | None: ...
+
+    async def request(
+        self, msg: Request, *, no_reply: bool = False, transfer_fds: bool = False
+    ) -> Message | None:
+        """Send a command and return its decoded reply (``msg.parse_reply``).
+
+        Raises VfioUserError for an error reply, ProtocolError for a malformed reply and
+        ConnectionClosedError when the connection ends. With ``no_reply`` it returns once the
+        command is queued. ``transfer_fds`` moves ownership of ``msg.fds`` to the engine.
+        """
+        frame = await self.request_raw(
+            msg.COMMAND, msg.pack(), msg.fds, no_reply=no_reply, transfer_fds=transfer_fds
+        )
+        if frame is None:
+            return None
+        fds = frame.take_fds()
+        try:
+            return msg.parse_reply(frame.payload, fds)
+        except BaseException:
+            close_fds(fds)
+            raise
+
+    @overload
+    async def request_raw(
+        self,
+        command: int,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        no_reply: Literal[False] = False,
+        transfer_fds: bool = False,
+    ) -> Frame: ...
+
+    @overload
+    async def request_raw(
+        self,
+        command: int,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        no_reply: Literal[True],
+        transfer_fds: bool = False,
+    ) -> None: ...
+
+    @overload
+    async def request_raw(
+        self,
+        command: int,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        no_reply: bool,
+        transfer_fds: bool = False,
+    ) -> Frame | None: ...
+
+    async def request_raw(
+        self,
+        command: int,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        no_reply: bool = False,
+        transfer_fds: bool = False,
+    ) -> Frame | None:
+        """Send a command given as bytes; return the reply frame (the caller owns its fds).
+
+        Same errors as :meth:`request`; an error reply raises instead of being returned.
+        """
+        try:
+            state, msg_id = await self._begin_request(command, len(fds))
+        except BaseException:
+            if transfer_fds:
+                close_fds(fds)
+            raise
+        payload = byte_buffer(payload)
+        header = command_header(msg_id, command, len(payload), no_reply=no_reply)
+        if no_reply:
+            self._send_request(state, header, payload, fds, transfer_fds)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return None
+        request = _PendingRequest(command)
+        self._pending[msg_id] = request
+        try:
+            self._send_request(state, header, payload, fds, transfer_fds)
+        except BaseException:
+            del self._pending[msg_id]
+            raise
+        try:
+            await request.done.wait()
+        except BaseException:
+            if self._pending.get(msg_id) is request:
+                # Sent, not answered: reserve the ID until the late reply comes (and is dropped).
+                del self._pending[msg_id]
+                self._orphans.add(msg_id)
+            elif request.frame is not None:
+                request.frame.close_fds()
+            raise
+        if request.error is not None:
+            raise request.error
+        frame = request.frame
+        assert frame is not None
+        if frame.header.is_error:
+            frame.close_fds()
+            code = frame.header.error or errno.EIO
+            raise VfioUserError(code, command=command)
+        return frame
+
+    async def _begin_request(self, command: int, fd_count: int) -> tuple[_LinkState, int]:
+        """Checks and waits before a request is queued; returns its link and message ID."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.closed.is_set():
+            raise ConnectionClosedError(errno=errno.ENOTCONN, command=command)
+        if fd_count > self.max_send_fds:
+            raise ProtocolError(
+                f"{fd_count} fds exceed the peer's limit of {self.max_send_fds}", command=command
+            )
+        state = self._request_link
+        if state.transport.queued_bytes > SEND_HIGH_WATER:
+            try:
+                await state.transport.wait_send_capacity()
+            except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+                raise ConnectionClosedError(errno=errno.ENOTCONN, command=command) from exc
+        msg_id = self._allocate_id()
+        while msg_id is None:
+            await self._id_lot.park()
+            if self.closed.is_set():
+                raise ConnectionClosedError(errno=errno.ENOTCONN, command=command)
+            msg_id = self._allocate_id()
+        return state, msg_id
+
+    def _send_request(
+        self,
+        state: _LinkState,
+        header: Header,
+        payload: Buffer,
+        fds: Sequence[int],
+        transfer_fds: bool,
+    ) -> None:
+        try:
+            self._send(state, header, payload, fds, transfer_fds)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise ConnectionClosedError(errno=errno.ENOTCONN, command=header.command) from exc
+
+
+def _reply_body(result: HandlerResult) -> tuple[Buffer, Sequence[int], bool]:
+    """A handler's result as (payload, fds, whether the engine owns the fds)."""
+    if result is None:
+        return b"", (), False
+    if isinstance(result, RawMessage):
+        return byte_buffer(result.payload), result.fds, result.transfer_fds
+    return result.pack(), result.fds, False
+
+
+@asynccontextmanager
+async def open_connection(
+    sock: socket.socket,
+    *,
+    handler: Handler,
+    policy: OrderingPolicy | None = None,
+    hooks: ConnectionHooks | None = None,
+    max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+    max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
+    max_send_fds: int = DEFAULT_MAX_MSG_FDS,
+    first_message_id: int = 0,
+) -> AsyncIterator[Connection]:
+    """Run a connection over ``sock`` (which it takes ownership of) for the ``async with`` body.
+
+    The engine's tasks run in a nursery of their own; when the peer disconnects the
+    connection closes (``conn.closed`` is set) but the body is not cancelled. Leaving the body
+    closes the connection and everything it owns; an exception from the body propagates
+    unchanged (not wrapped in an ExceptionGroup).
+    """
+    try:
+        conn = Connection(
+            sock,
+            handler=handler,
+            policy=policy,
+            hooks=hooks,
+            max_msg_size=max_msg_size,
+            max_recv_fds=max_recv_fds,
+            max_send_fds=max_send_fds,
+            first_message_id=first_message_id,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    # An exception from the body is re-raised outside the nursery, so that callers see it
+    # as it is rather than wrapped in an ExceptionGroup.
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(conn._run)
+            yield conn
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            conn.close()
+    if body_error is not None:
+        raise body_error

@@ -1,0 +1,402 @@
+"""vfio-user frames over an AF_UNIX stream socket, with file descriptors (SCM_RIGHTS).
+
+The transport does its own non-blocking syscalls on a stdlib ``socket.socket``: it tries
+``recvmsg``/``sendmsg`` first and waits for readiness only when the kernel says EAGAIN.
+
+Receiving: one ``recvmsg`` reads as much as is buffered (up to ``RECV_BUFFER_SIZE``) and
+every complete frame in it is returned at once. On Linux a read never continues past a chunk of
+data that carried file descriptors, so descriptors that arrive with a read belong to the last
+message that begins in it (the peer sends a message's fds with its first byte, as libvfio-user
+and QEMU do); :class:`~vfiouser_trio.protocol.framing.FrameDecoder` attaches them so.
+Truncated control data (``MSG_CTRUNC``: more fds than ``max_recv_fds``) is fatal.
+
+Sending: frames are queued in order. ``write`` pushes the queue to the kernel at once when
+it can; whatever the kernel does not take is sent by :meth:`Transport.run_writer`, a task the
+owner runs. Consecutive frames without fds share one ``sendmsg``; a frame with fds starts a
+``sendmsg`` of its own (so the fds travel with its first byte) and nothing follows it there.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from collections import deque
+from collections.abc import Sequence
+from itertools import islice
+
+import trio
+
+from .protocol.constants import DEFAULT_MAX_MSG_FDS
+from .protocol.errors import ProtocolError
+from .protocol.framing import DEFAULT_MAX_MSG_SIZE, FrameDecoder, FrameEvent, close_fds
+from .protocol.header import Header
+from .protocol.message import Buffer
+
+#: Bytes asked of one ``recvmsg``.
+RECV_BUFFER_SIZE = 256 * 1024
+#: Buffers gathered into one ``sendmsg`` (Linux allows 1024).
+_MAX_IOV = 512
+#: Queued outgoing bytes above which :meth:`Transport.send` waits for the peer to read.
+SEND_HIGH_WATER = 4 * 1024 * 1024
+_INT_SIZE = array.array("i").itemsize
+# Plain ints: the socket module's IntFlag members make every `&` a slow enum operation.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+# errnos that mean "the peer is gone", reported as an end of stream on receive.
+_PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+
+
+class _Chunk:
+    """A piece of queued outgoing data; ``fds`` go with its first byte."""
+
+    __slots__ = ("data", "fds", "owns_fds", "starts_frame")
+
+    def __init__(
+        self, data: Buffer, fds: Sequence[int], owns_fds: bool, starts_frame: bool
+    ) -> None:
+        self.data = data
+        self.fds = fds
+        self.owns_fds = owns_fds
+        self.starts_frame = starts_frame
+
+
+def byte_buffer(data: Buffer) -> Buffer:
+    """``data`` as a buffer whose ``len`` counts bytes (a memoryview of wider items is cast)."""
+    if type(data) is memoryview and (data.ndim != 1 or data.itemsize != 1):
+        return data.cast("B")
+    return data
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            usable = len(data) - len(data) % _INT_SIZE
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+class Transport:
+    """Frames in and out of one connected AF_UNIX ``SOCK_STREAM`` socket.
+
+    The transport owns ``sock`` (it is made non-blocking) and closes it in :meth:`close`.
+    ``max_msg_size`` and ``max_recv_fds`` bound what is accepted from the peer and may be
+    changed at any time (for example after VERSION negotiation).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+        max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
+    ) -> None:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ValueError("vfio-user needs an AF_UNIX SOCK_STREAM socket")
+        sock.setblocking(False)
+        self._sock = sock
+        self._decoder = FrameDecoder(max_msg_size=max_msg_size)
+        self._recv_buffer = bytearray(RECV_BUFFER_SIZE)
+        self._recv_view = memoryview(self._recv_buffer)
+        self._recv_iov = [self._recv_buffer]
+        self._max_recv_fds = 0
+        self._ancbufsize = 0
+        self.max_recv_fds = max_recv_fds
+        self._out: deque[_Chunk] = deque()
+        self._queued_bytes = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._drained_lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._broken: OSError | None = None
+        self._at_eof = False
+        self._drained_socket = False
+
+    # ----------------------------------------------------------------- limits
+
+    @property
+    def max_msg_size(self) -> int:
+        """Largest message (header included) accepted from the peer."""
+        return self._decoder.max_msg_size
+
+    @max_msg_size.setter
+    def max_msg_size(self, value: int) -> None:
+        self._decoder.max_msg_size = value
+
+    @property
+    def max_recv_fds(self) -> int:
+        """Most file descriptors accepted with one message; more is a fatal MSG_CTRUNC."""
+        return self._max_recv_fds
+
+    @max_recv_fds.setter
+    def max_recv_fds(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("max_recv_fds must not be negative")
+        self._max_recv_fds = value
+        self._ancbufsize = socket.CMSG_SPACE(value * _INT_SIZE) if value else 0
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run (locally, or after a fatal error)."""
+        return self._closed
+
+    @property
+    def send_error(self) -> OSError | None:
+        """The error that broke sending (the transport closed itself), if any."""
+        return self._broken
+
+    @property
+    def queued_bytes(self) -> int:
+        """Outgoing bytes not yet handed to the kernel."""
+        return self._queued_bytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    # ----------------------------------------------------------------- receive
+
+    async def receive(self) -> list[FrameEvent]:
+        """Wait for data and return the events of every frame completed by it, in order.
+
+        Events are :class:`Frame` (the caller owns its fds), ``OversizedFrame``, ``StrayFds``
+        and ``BrokenStream`` (after which the caller must close the transport). Returns an
+        empty list once the peer has closed the connection. Raises :class:`ProtocolError`
+        (after closing the transport) when the peer sent more fds than ``max_recv_fds``, and
+        ``trio.ClosedResourceError`` after :meth:`close`.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+        if self._drained_socket:
+            # The last read emptied the socket: a read now would almost surely say EAGAIN.
+            await trio.lowlevel.wait_readable(self._sock)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            events = self._receive_nowait()
+            if events is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return events
+            await trio.lowlevel.wait_readable(self._sock)
+        while True:
+            events = self._receive_nowait()
+            if events is not None:
+                return events
+            await trio.lowlevel.wait_readable(self._sock)
+
+    def _receive_nowait(self) -> list[FrameEvent] | None:
+        """Read until some event is complete; None when the kernel has nothing (EAGAIN)."""
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+        if self._at_eof:
+            return []
+        while True:
+            try:
+                size, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+                    self._recv_iov, self._ancbufsize, _MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                self._drained_socket = True
+                return None
+            except OSError as exc:
+                if exc.errno not in _PEER_GONE:
+                    raise
+                size, ancdata, msg_flags = 0, [], 0
+            # A short read without fds left the socket empty (a read with fds stops early).
+            self._drained_socket = size < RECV_BUFFER_SIZE and not ancdata
+            fds = _fds_from_ancillary(ancdata) if ancdata else []
+            if msg_flags & _MSG_CTRUNC:
+                close_fds(fds)
+                self.close()
+                raise ProtocolError(
+                    f"peer sent more file descriptors than the limit of {self._max_recv_fds}"
+                )
+            if not size:
+                close_fds(fds)
+                self._at_eof = True
+                return []
+            # The decoder copies what it keeps, so the receive buffer can be reused.
+            events = self._decoder.feed(self._recv_view[:size], fds)
+            if events:
+                return events
+            if self._drained_socket:
+                return None
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """False while part of a frame has been received but not the rest."""
+        return self._decoder.at_boundary
+
+    # ----------------------------------------------------------------- send
+
+    def write(
+        self,
+        header: Header | bytes,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        transfer_fds: bool = False,
+        flush: bool = True,
+    ) -> None:
+        """Queue one frame without blocking; with ``flush``, hand the queue to the kernel now.
+
+        With ``transfer_fds`` the transport owns ``fds`` and closes them once sent (or on
+        :meth:`close`); otherwise the caller keeps them and may close them when this returns.
+        Raises ``trio.ClosedResourceError`` after :meth:`close` and ``trio.BrokenResourceError``
+        once a send has failed.
+        """
+        if self._closed:
+            if transfer_fds:
+                close_fds(fds)
+            raise self._closed_error()
+        raw_header = header.pack() if isinstance(header, Header) else header
+        payload = byte_buffer(payload)
+        out = self._out
+        first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
+        out.append(first)
+        size = len(raw_header)
+        if payload:
+            out.append(_Chunk(payload, (), False, False))
+            size += len(payload)
+        self._queued_bytes += size
+        if flush:
+            self._flush()
+        if first.fds and not first.owns_fds:
+            # Not sent yet, and the caller may close its fds once we return: keep duplicates.
+            first.fds = tuple(os.dup(fd) for fd in first.fds)
+            first.owns_fds = True
+        if out:
+            self._writer_lot.unpark()
+
+    async def send(
+        self,
+        header: Header | bytes,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        transfer_fds: bool = False,
+    ) -> None:
+        """Queue one frame and send it; waits only while too much data is queued."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.write(header, payload, fds, transfer_fds=transfer_fds)
+        if self._queued_bytes > SEND_HIGH_WATER:
+            await self.wait_send_capacity()
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_capacity(self) -> None:
+        """Wait until queued outgoing data is below the high-water mark."""
+        await self.drain(SEND_HIGH_WATER)
+
+    async def drain(self, limit: int = 0) -> None:
+        """Wait until at most ``limit`` outgoing bytes are queued (by default: all sent).
+
+        Raises ``trio.ClosedResourceError`` (or ``BrokenResourceError``) if the transport
+        closes first: queued data is then lost.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise self._closed_error()
+        if self._queued_bytes <= limit:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while self._queued_bytes > limit:
+            await self._drained_lot.park()
+            if self._closed:
+                raise self._closed_error()
+
+    async def run_writer(self) -> None:
+        """Send queued data whenever the socket is writable; returns when the transport closes.
+
+        Run exactly one per transport, in the owner's nursery.
+        """
+        try:
+            while not self._closed:
+                if not self._out:
+                    await self._writer_lot.park()
+                    continue
+                if self._flush():
+                    continue
+                await trio.lowlevel.wait_writable(self._sock)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _flush(self) -> bool:
+        """Send queued chunks until done or EAGAIN; True if the queue is now empty."""
+        out = self._out
+        sock = self._sock
+        progressed = False
+        while out:
+            head = out[0]
+            buffers = [head.data]
+            if head.fds:
+                ancdata = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", head.fds))]
+                for chunk in islice(out, 1, _MAX_IOV):
+                    if chunk.starts_frame:
+                        break
+                    buffers.append(chunk.data)
+            else:
+                ancdata = []
+                for chunk in islice(out, 1, _MAX_IOV):
+                    if chunk.fds:
+                        break
+                    buffers.append(chunk.data)
+            try:
+                sent = sock.sendmsg(buffers, ancdata, _MSG_NOSIGNAL)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._broken = exc
+                self.close()
+                raise trio.BrokenResourceError("send failed") from exc
+            if head.fds:
+                if head.owns_fds:
+                    close_fds(head.fds)
+                head.fds = ()
+            self._queued_bytes -= sent
+            progressed = True
+            while sent:
+                chunk = out[0]
+                size = len(chunk.data)
+                if sent >= size:
+                    out.popleft()
+                    sent -= size
+                else:
+                    chunk.data = memoryview(chunk.data)[sent:]
+                    chunk.starts_frame = False
+                    sent = 0
+        if progressed and self._drained_lot:
+            self._drained_lot.unpark_all()
+        return not out
+
+    # ----------------------------------------------------------------- close
+
+    def _closed_error(self) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        if self._broken is not None:
+            return trio.BrokenResourceError(f"transport broke: {self._broken}")
+        return trio.ClosedResourceError("transport is closed")
+
+    def close(self) -> None:
+        """Close the socket and every fd the transport owns. Idempotent; never blocks."""
+        if self._closed:
+            return
+        self._closed = True
+        for chunk in self._out:
+            if chunk.owns_fds:
+                close_fds(chunk.fds)
+        self._out.clear()
+        self._queued_bytes = 0
+        self._decoder.close()
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        self._writer_lot.unpark_all()
+        self._drained_lot.unpark_all()
+
+    async def aclose(self) -> None:
+        """Close, as a checkpoint."""
+        self.close()
+        await trio.lowlevel.checkpoint()
