@@ -1,0 +1,32 @@
+"""The vfio-user client: drive any vfio-user server (device) from trio code.
+
+``async with connect(path) as device: data = await device.read(PciRegion.BAR0, 0, 4)``
+"""
+
+from ..engine import ConnectionClosedError
+from ..protocol.errors import ProtocolError, VfioUserError
+from .client import DEFAULT_CAPABILITIES, Client, connect
+from .config import PciBar, PciCapabilityInfo, PciConfig, PciHeader
+from .dma import DmaMap
+from .guest_memory import GuestMemory
+from .irqs import Interrupt
+from .regions import MappedArea, Region, RegionIoFd
+
+__all__ = [
+    "DEFAULT_CAPABILITIES",
+    "Client",
+    "ConnectionClosedError",
+    "DmaMap",
+    "GuestMemory",
+    "Interrupt",
+    "MappedArea",
+    "PciBar",
+    "PciCapabilityInfo",
+    "PciConfig",
+    "PciHeader",
+    "ProtocolError",
+    "Region",
+    "RegionIoFd",
+    "VfioUserError",
+    "connect",
+]

@@ -1,0 +1,170 @@
+"""The client's DMA maps, and how it serves the server's DMA_READ / DMA_WRITE.
+
+Every ``dma_map`` is recorded here *before* the DMA_MAP request is sent, because the server
+may start DMA as soon as it has processed the map, which can be before its reply reaches us
+(certainly so with twin sockets). A map leaves the table once the server has confirmed the
+unmap, because until then the server may still be finishing DMA on it.
+
+Errors answered to the server (chosen to match the kernel's and QEMU's conventions):
+
+* EINVAL: a malformed request, or ``count`` above the ``max_data_xfer_size`` we advertised;
+* EFAULT: any byte of the range is outside our maps, or the map forbids the access (a
+  DMA_READ from a map without READ, a DMA_WRITE to one without WRITE), or the memory behind
+  the map was closed.
+
+A range may span several adjacent maps; each byte is checked against the map holding it.
+Zero-length requests succeed without touching memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..engine import HandlerResult
+from ..protocol.constants import Command
+from ..protocol.dma import DmaLayout, DmaReadReply, DmaReadRequest, DmaWriteReply, DmaWriteRequest
+from ..protocol.errors import VfioUserError
+from ..protocol.framing import Frame
+from ..protocol.region_io import check_xfer_size
+from ..protocol.registry import decode_request
+from .guest_memory import GuestMemory
+
+__all__ = ["DmaMap", "DmaMaps", "DmaService"]
+
+
+@dataclass(frozen=True, slots=True)
+class DmaMap:
+    """One DMA window: ``[iova, iova + size)`` backed by ``memory`` from ``offset``."""
+
+    iova: int
+    size: int
+    memory: GuestMemory
+    offset: int = 0
+    readable: bool = True
+    writable: bool = True
+    #: True when the server got the memfd (and accesses the memory directly).
+    shared: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+    def overlaps(self, iova: int, size: int) -> bool:
+        return iova < self.end and self.iova < iova + size
+
+
+class DmaMaps:
+    """The client's DMA maps, sorted by IOVA and never overlapping."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._maps: list[DmaMap] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self) -> Iterator[DmaMap]:
+        return iter(tuple(self._maps))
+
+    def add(self, dma_map: DmaMap) -> None:
+        """Record a map; ValueError if it overlaps one already recorded."""
+        clash = next((m for m in self._maps if m.overlaps(dma_map.iova, dma_map.size)), None)
+        if clash is not None:
+            raise ValueError(
+                f"DMA range {dma_map.iova:#x}+{dma_map.size:#x} overlaps the map at "
+                f"{clash.iova:#x}+{clash.size:#x}"
+            )
+        i = bisect.bisect_left(self._starts, dma_map.iova)
+        self._starts.insert(i, dma_map.iova)
+        self._maps.insert(i, dma_map)
+
+    def remove(self, dma_map: DmaMap) -> None:
+        """Forget ``dma_map`` (no error if it is not recorded)."""
+        for i, m in enumerate(self._maps):
+            if m is dma_map:
+                del self._starts[i], self._maps[i]
+                return
+
+    def find_exact(self, iova: int, size: int) -> DmaMap | None:
+        return next((m for m in self._maps if m.iova == iova and m.size == size), None)
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._maps.clear()
+
+    def _segments(self, iova: int, count: int, *, write: bool) -> list[tuple[DmaMap, int, int]]:
+        """(map, offset in its memory, length) pieces covering the range; EFAULT if any gap."""
+        pieces: list[tuple[DmaMap, int, int]] = []
+        address, end = iova, iova + count
+        i = bisect.bisect_right(self._starts, address) - 1
+        while address < end:
+            m = self._maps[i] if 0 <= i < len(self._maps) else None
+            if m is None or not m.iova <= address < m.end:
+                raise VfioUserError(errno.EFAULT, f"DMA address {address:#x} is not mapped")
+            if not (m.writable if write else m.readable):
+                what = "write" if write else "read"
+                raise VfioUserError(errno.EFAULT, f"DMA map at {m.iova:#x} forbids {what}")
+            length = min(end, m.end) - address
+            pieces.append((m, m.offset + address - m.iova, length))
+            address += length
+            i += 1
+        return pieces
+
+    def read(self, iova: int, count: int) -> bytes:
+        """Copy ``count`` bytes at ``iova`` (VfioUserError EFAULT if not allowed)."""
+        out = bytearray()
+        for m, offset, length in self._segments(iova, count, write=False):
+            out += _view(m)[offset : offset + length]
+        return bytes(out)
+
+    def write(self, iova: int, data: bytes) -> None:
+        """Store ``data`` at ``iova`` (VfioUserError EFAULT if not allowed)."""
+        segments = self._segments(iova, len(data), write=True)
+        done = 0
+        for m, offset, length in segments:
+            _view(m)[offset : offset + length] = data[done : done + length]
+            done += length
+
+
+def _view(m: DmaMap) -> memoryview:
+    if m.memory.closed:
+        raise VfioUserError(errno.EFAULT, f"memory behind the DMA map at {m.iova:#x} is closed")
+    return m.memory.view
+
+
+class DmaService:
+    """Serves the server-to-client commands (DMA_READ, DMA_WRITE) from ``maps``.
+
+    ``max_data_xfer_size`` is what the client advertised: larger requests get EINVAL.
+    ``read_layout`` chooses how DMA_READ replies are laid out (QEMU's layout only to imitate it).
+    """
+
+    def __init__(
+        self,
+        maps: DmaMaps,
+        *,
+        max_data_xfer_size: int,
+        read_layout: DmaLayout = DmaLayout.SPEC,
+    ) -> None:
+        self.maps = maps
+        self.max_data_xfer_size = max_data_xfer_size
+        self.read_layout = read_layout
+
+    async def handle(self, frame: Frame) -> HandlerResult:
+        """The engine handler: answer one command from the server."""
+        command = frame.header.command
+        if command not in (Command.DMA_READ, Command.DMA_WRITE):
+            raise VfioUserError(errno.EINVAL, f"a client does not serve command {command}")
+        request = decode_request(command, frame.payload, frame.fds)
+        if isinstance(request, DmaReadRequest):
+            check_xfer_size(request, self.max_data_xfer_size)
+            data = self.maps.read(request.address, request.count) if request.count else b""
+            return DmaReadReply(request.address, data, self.read_layout)
+        assert isinstance(request, DmaWriteRequest)
+        check_xfer_size(request, self.max_data_xfer_size)
+        if request.data:
+            self.maps.write(request.address, request.data)
+        return DmaWriteReply(request.address, request.count)
