@@ -126,9 +126,8 @@ async def test_permissions_and_unmapped_addresses() -> None:
     assert exc.value.errno == errno.EFAULT
     with pytest.raises(DmaError):
         await table.read(PAGE - 2, 4)  # runs off the end into unmapped space
-    with pytest.raises(DmaError):
-        with table.view(0, 4, writable=True):
-            pass
+    with pytest.raises(DmaError), table.view(0, 4, writable=True):
+        pass
     with table.view(0, 4) as ro:
         assert ro.readonly
     await table.unmap_all()

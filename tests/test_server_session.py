@@ -46,6 +46,7 @@ from vfiouser_trio.protocol import (
     RegionWriteEntry,
     RegionWriteMultiRequest,
     RegionWriteRequest,
+    Request,
     SetIrqsRequest,
     TwinSocket,
     VersionReply,
@@ -165,10 +166,7 @@ async def session(
             yield conn
 
 
-async def raw_payload(conn: Connection, request: object) -> bytes:
-    from vfiouser_trio.protocol import Request
-
-    assert isinstance(request, Request)
+async def raw_payload(conn: Connection, request: Request) -> bytes:
     frame = await conn.request_raw(request.COMMAND, request.pack(), request.fds)
     frame.close_fds()
     return frame.payload

@@ -1,0 +1,161 @@
+"""The vfio-user-trio command: demo, serve (SIGTERM, socket file), lspci decoded by pciutils."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfiouser_trio.client import connect
+
+CLI = [sys.executable, "-m", "vfiouser_trio.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_demo_prints_the_tour_and_exits_zero() -> None:
+    result = subprocess.run(
+        [*CLI, "demo"], capture_output=True, text=True, timeout=120, env=env(), check=False
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in (
+        "negotiated",
+        "vendor 494f device 0dc8",
+        "BAR2: I/O ports, 256 bytes",
+        "read back 0xa5",
+        "INTx delivered",
+        "device read 'hello, device'",
+        "'HELLO, DEVICE'",
+    ):
+        assert expected in out, f"{expected!r} missing from:\n{out}"
+
+
+async def wait_until_serving(proc: trio.Process) -> str:
+    """Read the server's stderr until it says it is serving (it listens before saying so)."""
+    assert proc.stderr is not None
+    seen = b""
+    with trio.fail_after(30):
+        while b"serving " not in seen:
+            chunk = await proc.stderr.receive_some()
+            assert chunk, f"server exited early: {seen.decode()}"
+            seen += chunk
+    return seen.decode()
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [*CLI, *args], capture_stdout=True, capture_stderr=True, env=env()
+    )
+
+
+@pytest.mark.parametrize("example", ["gpio", "dmaengine", "null"])
+async def test_serve_then_lspci_decodes_identity_and_capabilities(
+    tmp_path: Path, example: str
+) -> None:
+    path = tmp_path / f"{example}.sock"
+    proc = await trio.lowlevel.open_process(
+        [*CLI, "serve", example, f"--socket-path={path}"], env=env(), stderr=subprocess.PIPE
+    )
+    try:
+        await wait_until_serving(proc)
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+        result = await run_cli("lspci", str(path))
+        dump = result.stdout.decode()
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await proc.wait()
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert proc.stderr is not None
+        await proc.stderr.aclose()
+    assert not path.exists()  # removed on SIGTERM
+    assert dump.startswith("00:00.0 ")
+    assert "# region 7 CONFIG" in dump
+    lspci = shutil.which("lspci")
+    if lspci is None:
+        pytest.skip("pciutils' lspci is not installed (CI installs it)")
+    dump_file = tmp_path / "dump.txt"
+    dump_file.write_text(dump)
+    decoded = subprocess.run(
+        [lspci, "-vvv", "-nn", "-F", str(dump_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    if example == "gpio":
+        assert "[494f:0dc8]" in decoded
+        assert "Interrupt: pin A" in decoded
+    elif example == "dmaengine":
+        assert "MSI-X: Enable- Count=" in decoded
+        assert "Vector table: BAR=" in decoded
+    else:
+        assert "Control:" in decoded
+
+
+def test_serve_refuses_a_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("precious")
+    result = subprocess.run(
+        [*CLI, "serve", "null", f"--socket-path={path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "not a socket" in result.stderr
+    assert path.read_text() == "precious"
+
+
+async def test_serve_on_an_inherited_connected_fd() -> None:
+    ours, theirs = socket.socketpair()
+    with ours:
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                lambda task_status: trio.run_process(
+                    [*CLI, "serve", "gpio", f"--fd={theirs.fileno()}"],
+                    env=env(),
+                    pass_fds=(theirs.fileno(),),
+                    check=False,
+                    task_status=task_status,
+                )
+            )
+            theirs.close()
+            with trio.fail_after(30):
+                async with connect(ours.dup()) as client:
+                    assert client.info.num_regions == 9
+                    assert (await client.config.header()).vendor_id == 0x494F
+            with trio.fail_after(30):
+                await proc.wait()  # one connected client: the server ends when it leaves
+            assert proc.returncode == 0
+
+
+def test_unknown_device_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "nosuch", "--socket-path=/tmp/x.sock"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "unknown device 'nosuch'" in result.stderr

@@ -1,0 +1,148 @@
+"""The ``vfio-user-trio`` command: demo, serve, lspci, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import trio
+
+from .demo import run as run_demo
+from .examples import EXAMPLES
+from .inspector import lspci
+from .server.device import Device
+from .server.serve import serve
+
+log = logging.getLogger("vfiouser_trio")
+
+
+def load_device_factory(spec: str) -> Callable[[], Device]:
+    """A device factory from an example name (``gpio``) or ``module:attribute``.
+
+    The attribute is a Device subclass or any zero-argument callable returning a Device.
+    """
+    if spec in EXAMPLES:
+        return EXAMPLES[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        known = ", ".join(sorted(EXAMPLES))
+        raise SystemExit(f"unknown device {spec!r}: use one of {known} or module:attribute")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"cannot load device {spec!r}: {exc}") from exc
+    if not callable(target):
+        raise SystemExit(f"{spec!r} is not a Device class or factory")
+    return target  # type: ignore[no-any-return]
+
+
+async def _until_signalled(run: Callable[[], object]) -> None:
+    """Run ``run`` until it returns or SIGTERM/SIGINT arrives (then cancel it cleanly)."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await run()  # type: ignore[misc]
+            nursery.cancel_scope.cancel()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a device per the spec's backend conventions (never daemonizes, logs to stderr)."""
+    if (args.socket_path is None) == (args.fd is None):
+        raise SystemExit("give exactly one of --socket-path=PATH and --fd=N")
+    factory = load_device_factory(args.device)
+    device = factory()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, device, args.socket_path, fd=args.fd))
+            # Logged once the socket is listening: scripts and tests wait for this line.
+            log.info("serving %s on %s", device.name, args.socket_path or f"fd {args.fd}")
+
+    try:
+        trio.run(_until_signalled, run)
+    finally:
+        device.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the gpio example and drive it with the client, printing the tour."""
+    return run_demo()
+
+
+def cmd_lspci(args: argparse.Namespace) -> int:
+    """Print a server's config space as ``lspci -x`` does, then a region/IRQ summary."""
+    trio.run(partial(lspci, args.socket, level=min(args.dump, 4)))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmarks (a source checkout's ``bench`` package)."""
+    try:
+        # The benchmarks are not installed with the package: they run from a checkout.
+        from bench.run import main as bench_main  # noqa: PLC0415
+    except ImportError:
+        raise SystemExit("the benchmarks live in the source tree: run from a checkout") from None
+    return int(bench_main(args.args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfio-user-trio", description="vfio-user devices and clients on trio"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the gpio example and a client in one process")
+    demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="serve a device on a UNIX socket")
+    serve.add_argument("device", help="example name (gpio, null, dmaengine) or module:attribute")
+    serve.add_argument("--socket-path", metavar="PATH", help="UNIX socket path to listen on")
+    serve.add_argument(
+        "--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    lspci = sub.add_parser("lspci", help="print a server's config space as lspci -x does")
+    lspci.add_argument("socket", help="path of the server's UNIX socket")
+    lspci.add_argument(
+        "-x",
+        dest="dump",
+        action="count",
+        default=0,
+        help="like lspci: -x 64 bytes, -xxx 256, -xxxx 4096 (default: the whole space)",
+    )
+    lspci.set_defaults(func=cmd_lspci)
+
+    bench = sub.add_parser("bench", help="run the benchmarks (see docs/performance.md)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = args.command == "demo"  # the tour's own output is the point there
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
