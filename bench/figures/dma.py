@@ -1,0 +1,212 @@
+"""Figure 3: DMA throughput of a device, through an fd-backed map and through messages.
+
+The device (a :class:`~bench.devices.DmaBenchDevice` served in this process) copies ``size``
+bytes of guest memory into a device buffer and back: through zero-copy views of a map whose
+memfd the client handed over (``dma.view``), and through DMA_READ / DMA_WRITE messages to a
+client that kept its memfd (``dma.read`` / ``dma.write``). The fd-map path takes a fresh
+view for every access, as a device serving independent requests does; the same copy through
+views held for the whole run is reported beside it, which isolates the per-access cost
+(finding the map, taking and releasing the view) from the copy itself. Each client is a
+separate process (:mod:`bench.figures.dma_client`). Baselines, per size: the same copy
+pattern between two buffers in this process (Python memoryview slice assignment, i.e. memcpy
+behind one call), and the C memcpy tool. Bandwidth counts the bytes copied (2 * size per round).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from pathlib import Path
+
+import trio
+
+from bench.baselines import run_memcpy
+from bench.devices import DmaBenchDevice
+from vfiouser_trio.server import DmaTable, serve
+
+from .common import (
+    BenchError,
+    Row,
+    Settings,
+    Target,
+    bandwidth,
+    median,
+    ratio,
+    size_label,
+)
+from .processes import REPO_ROOT, python_env
+
+FIGURE = 3
+TARGET = Target.ratio_at_least(0.8)
+#: Sizes from which the fd-map target applies.
+TARGET_FROM_SIZE = 65536
+IOVA = 0x1000_0000
+PEER_TIMEOUT = 60.0
+#: Every measurement copies at least this many rounds, however short its time slice.
+MIN_ROUNDS = 3
+
+#: One copy round: guest memory (or the baseline's buffer) to a device buffer and back.
+CopyRound = Callable[[], Awaitable[None]]
+
+
+@asynccontextmanager
+async def dma_client(socket_path: Path, size: int, *, share_fd: bool) -> AsyncIterator[None]:
+    """A client process serving ``size`` bytes mapped at :data:`IOVA`; must exit with 0."""
+    argv = [sys.executable, "-m", "bench.figures.dma_client", str(socket_path)]
+    argv += ["--size", str(size), "--iova", hex(IOVA)]
+    if not share_fd:
+        argv.append("--no-fd")
+    process = await trio.lowlevel.open_process(
+        argv,
+        stdin=-1,
+        env=python_env(),
+        cwd=REPO_ROOT,  # -1: subprocess.PIPE
+    )
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            assert process.stdin is not None
+            await process.stdin.aclose()
+            with trio.move_on_after(PEER_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    if process.returncode != 0:
+        raise BenchError(f"DMA client (share_fd={share_fd}) exited with {process.returncode}")
+
+
+async def _timed(copy_round: CopyRound, size: int, seconds: float) -> float:
+    """MB/s of ``copy_round`` (which moves 2 * size bytes), run for ``seconds``."""
+    await copy_round()  # warm: page tables, caches, first-use paths
+    rounds = 0
+    start = time.perf_counter()
+    while True:
+        await copy_round()
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and rounds >= MIN_ROUNDS:
+            return 2 * size * rounds / elapsed / 1e6
+
+
+class Copier:
+    """The three copy patterns of one size, between guest memory and one device buffer."""
+
+    def __init__(self, size: int, fd_dma: DmaTable, msg_dma: DmaTable) -> None:
+        self.size = size
+        self.fd_dma = fd_dma
+        self.msg_dma = msg_dma
+        self.buffer = memoryview(bytearray(size))
+        self.plain = memoryview(bytearray(b"\xa5" * size))
+
+    async def memcpy(self) -> None:
+        # The baseline: the same two copies, between plain buffers of this process.
+        self.buffer[:] = self.plain
+        self.plain[:] = self.buffer
+
+    async def fd_map(self) -> None:
+        with self.fd_dma.view(IOVA, self.size) as guest:
+            self.buffer[:] = guest
+        with self.fd_dma.view(IOVA, self.size, writable=True) as guest:
+            guest[:] = self.buffer
+
+    @contextmanager
+    def held_view(self) -> Iterator[CopyRound]:
+        """A copy round through views taken once: the copy alone, without the per-access cost
+        of looking up the map and taking the view."""
+        with (
+            self.fd_dma.view(IOVA, self.size) as source,
+            self.fd_dma.view(IOVA, self.size, writable=True) as dest,
+        ):
+
+            async def copy_round() -> None:
+                self.buffer[:] = source
+                dest[:] = self.buffer
+
+            yield copy_round
+
+    async def messages(self) -> None:
+        self.buffer[:] = await self.msg_dma.read(IOVA, self.size)
+        await self.msg_dma.write(IOVA, self.buffer)
+
+
+async def _measure(settings: Settings) -> list[Row]:
+    sizes = settings.dma_sizes
+    largest = max(sizes)
+    fd_device, msg_device = DmaBenchDevice(), DmaBenchDevice()
+    results: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="vfu-bench-dma-") as tmp:
+        fd_path, msg_path = Path(tmp) / "fd.sock", Path(tmp) / "msg.sock"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, fd_device, fd_path)
+            await nursery.start(serve, msg_device, msg_path)
+            async with (
+                dma_client(fd_path, largest, share_fd=True),
+                dma_client(msg_path, largest, share_fd=False),
+            ):
+                with trio.fail_after(PEER_TIMEOUT):
+                    for device in (fd_device, msg_device):
+                        if await device.wait_ready() != IOVA:
+                            raise BenchError("the DMA client mapped an unexpected IOVA")
+                for rep in range(settings.repeats):
+                    c_rows = await trio.to_thread.run_sync(
+                        lambda: run_memcpy(sizes, seconds_per_size=settings.copy_seconds)
+                    )
+                    for c_row in c_rows:
+                        results.setdefault(("c", c_row.size), []).append(c_row.mb_per_s)
+                    for size in sizes:
+                        copier = Copier(size, fd_device.dma, msg_device.dma)
+                        methods: list[tuple[str, AbstractContextManager[CopyRound]]] = [
+                            ("py", nullcontext(copier.memcpy)),
+                            ("fd", nullcontext(copier.fd_map)),
+                            ("held", copier.held_view()),
+                            ("msg", nullcontext(copier.messages)),
+                        ]
+                        if rep % 2:
+                            methods.reverse()
+                        for name, context in methods:
+                            with context as method:
+                                value = await _timed(method, size, settings.copy_seconds)
+                            results.setdefault((name, size), []).append(value)
+            nursery.cancel_scope.cancel()
+    for device in (fd_device, msg_device):
+        device.close()
+    return _rows(sizes, {key: median(values) for key, values in results.items()})
+
+
+def _rows(sizes: tuple[int, ...], mb: dict[tuple[str, int], float]) -> list[Row]:
+    rows = []
+    for size in sizes:
+        py, c, fd, held = mb["py", size], mb["c", size], mb["fd", size], mb["held", size]
+        rows.append(
+            Row(
+                FIGURE,
+                f"DMA fd map, a view per access, {size_label(size)}",
+                f"{bandwidth(fd)} (view held: {bandwidth(held)})",
+                f"memcpy here {bandwidth(py)}; C memcpy {bandwidth(c)}",
+                ratio(fd, py),
+                TARGET if size >= TARGET_FROM_SIZE else None,
+            )
+        )
+    for size in sizes:
+        py, msg = mb["py", size], mb["msg", size]
+        rows.append(
+            Row(
+                FIGURE,
+                f"DMA messages (DMA_READ/WRITE), {size_label(size)}",
+                bandwidth(msg),
+                f"memcpy here {bandwidth(py)}",
+                ratio(msg, py),
+                None,
+            )
+        )
+    return rows
+
+
+def measure(settings: Settings) -> list[Row]:
+    """Figure 3's rows: per size, the fd-map path, then per size the message path."""
+    return trio.run(_measure, settings)

@@ -1,0 +1,166 @@
+"""Figures 1 and 2: REGION_READ round trips to the gpio example, one at a time and pipelined.
+
+The target is our server in its own process (``python -m vfiouser_trio.cli serve gpio``),
+driven by the C load generator: 4-byte reads of BAR2 (region 2) at offset 0. Baselines, in
+the same run and alternating with the target: the raw AF_UNIX C ping-pong with messages of
+the same sizes (figure 1), and the same load generator against the C echo server (figure 2).
+Figure 1 also reports two reference floors (:mod:`bench.figures.floors`): bare Python
+responders, blocking and trio, with no framework at all, against the same baseline.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from bench.baselines import (
+    LatencyResult,
+    LoadMode,
+    echo_server,
+    run_loadgen,
+    run_pingpong,
+)
+
+from .common import Row, Settings, Target, alternate, median, micros, rate, ratio
+from .processes import cli_server, floor_server, retry_busy
+
+GPIO_BAR = 2
+ACCESS_SIZE = 4
+ROUND_TRIP_TARGET = Target.ratio_at_least(0.5)
+PIPELINE_TARGET = Target.ratio_at_least(0.5)
+#: The depth whose pipelined rate has a target.
+TARGET_DEPTH = 64
+#: Reference floors of figure 1: kind -> what it is.
+FLOORS = {"blocking": "bare blocking-Python responder", "trio": "bare trio responder"}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One load generator setting of figures 1-2."""
+
+    mode: LoadMode
+    depth: int = 1
+    batch: int = 16
+
+    @property
+    def label(self) -> str:
+        if self.mode is LoadMode.POSTED:
+            return f"{self.batch} No_reply writes + 1 read"
+        return f"{self.depth} in flight"
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Medians over repeats of one side of a comparison."""
+
+    round_trips_per_s: float
+    messages_per_s: float
+    median_us: float
+    p99_us: float
+
+    @classmethod
+    def of(cls, runs: list[LatencyResult]) -> Summary:
+        return cls(
+            median([r.round_trips_per_s for r in runs]),
+            median([r.messages / r.seconds for r in runs]),
+            median([r.median_us for r in runs]),
+            median([r.p99_us for r in runs]),
+        )
+
+    def describe(self, *, posted: bool = False) -> str:
+        if posted:
+            head = f"{rate(self.messages_per_s)} msgs ({rate(self.round_trips_per_s)} batches)"
+        else:
+            head = f"{rate(self.round_trips_per_s)}"
+        return f"{head}, p50 {micros(self.median_us)}, p99 {micros(self.p99_us)}"
+
+
+def measure(settings: Settings) -> list[Row]:
+    """Rows of figure 1 (one row) and figure 2 (one per depth, one posted)."""
+    workloads = [Workload(LoadMode.READ)]
+    workloads += [Workload(LoadMode.PIPELINE, depth=d) for d in settings.depths if d > 1]
+    workloads.append(Workload(LoadMode.POSTED, batch=settings.posted_batch))
+    ours: dict[Workload, list[LatencyResult]] = {w: [] for w in workloads}
+    echo: dict[Workload, list[LatencyResult]] = {w: [] for w in workloads}
+    raw: list[LatencyResult] = []
+    floors: dict[str, list[LatencyResult]] = {kind: [] for kind in FLOORS}
+    seconds = settings.seconds
+
+    with (
+        tempfile.TemporaryDirectory(prefix="vfu-bench-rt-") as tmp,
+        cli_server("gpio", Path(tmp) / "gpio.sock") as gpio,
+        echo_server() as c_echo,
+        floor_server("blocking", Path(tmp) / "blocking.sock"),
+        floor_server("trio", Path(tmp) / "trio.sock"),
+    ):
+        gpio_path = Path(tmp) / "gpio.sock"
+
+        def run(path: Path, w: Workload, region: int) -> LatencyResult:
+            return retry_busy(
+                lambda: run_loadgen(
+                    path,
+                    w.mode,
+                    depth=w.depth,
+                    batch=w.batch,
+                    seconds=seconds,
+                    region=region,
+                    size=ACCESS_SIZE,
+                )
+            )
+
+        for rep in range(settings.repeats):
+            for w in workloads:
+                a, b = alternate(
+                    rep,
+                    partial(run, gpio_path, w, GPIO_BAR),
+                    partial(run, c_echo.path, w, GPIO_BAR),
+                )
+                ours[w].append(a)
+                echo[w].append(b)
+                if w.mode is LoadMode.READ:
+                    raw.append(run_pingpong(seconds))
+                    for kind, runs in floors.items():
+                        runs.append(run(Path(tmp) / f"{kind}.sock", w, GPIO_BAR))
+            gpio.check_alive()
+
+    rows = []
+    read = workloads[0]
+    mine, base = Summary.of(ours[read]), Summary.of(raw)
+    rows.append(
+        Row(
+            1,
+            "round trip: 4-byte REGION_READ of gpio BAR2, 1 at a time",
+            mine.describe(),
+            f"raw AF_UNIX C ping-pong {base.describe()}",
+            ratio(mine.round_trips_per_s, base.round_trips_per_s),
+            ROUND_TRIP_TARGET,
+        )
+    )
+    for kind, label in FLOORS.items():
+        floor = Summary.of(floors[kind])
+        rows.append(
+            Row(
+                1,
+                f"reference floor: {label}, no framework",
+                floor.describe(),
+                "the same raw C ping-pong",
+                ratio(floor.round_trips_per_s, base.round_trips_per_s),
+                None,
+            )
+        )
+    for w in workloads:
+        mine, base = Summary.of(ours[w]), Summary.of(echo[w])
+        posted = w.mode is LoadMode.POSTED
+        rows.append(
+            Row(
+                2,
+                f"pipelined: {w.label}",
+                mine.describe(posted=posted),
+                f"C echo server {base.describe(posted=posted)}",
+                ratio(mine.round_trips_per_s, base.round_trips_per_s),
+                PIPELINE_TARGET if w.depth == TARGET_DEPTH else None,
+            )
+        )
+    return rows
