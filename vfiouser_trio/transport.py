@@ -19,7 +19,9 @@ owner runs. Consecutive frames without fds share one ``sendmsg``; a frame with f
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
+import mmap
 import os
 import socket
 from collections import deque
@@ -36,6 +38,8 @@ from .protocol.message import Buffer
 
 #: Bytes asked of one ``recvmsg``.
 RECV_BUFFER_SIZE = 256 * 1024
+#: Reads larger than this give the receive buffer's pages back to the kernel afterwards.
+_RELEASE_AFTER = 64 * 1024
 #: Buffers gathered into one ``sendmsg`` (Linux allows 1024).
 _MAX_IOV = 512
 #: Queued outgoing bytes above which :meth:`Transport.send` waits for the peer to read.
@@ -101,9 +105,11 @@ class Transport:
         sock.setblocking(False)
         self._sock = sock
         self._decoder = FrameDecoder(max_msg_size=max_msg_size)
-        self._recv_buffer = bytearray(RECV_BUFFER_SIZE)
+        # Anonymous memory: a page becomes resident only once a read reaches it, so an idle
+        # connection costs a page or two instead of the whole (zero-filled) buffer.
+        self._recv_buffer = mmap.mmap(-1, RECV_BUFFER_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
-        self._recv_iov = [self._recv_buffer]
+        self._recv_iov = [self._recv_view]
         self._max_recv_fds = 0
         self._ancbufsize = 0
         self.max_recv_fds = max_recv_fds
@@ -221,6 +227,9 @@ class Transport:
                 return []
             # The decoder copies what it keeps, so the receive buffer can be reused.
             events = self._decoder.feed(self._recv_view[:size], fds)
+            if size > _RELEASE_AFTER:
+                # A large read made many pages resident: hand them back until needed again.
+                self._recv_buffer.madvise(mmap.MADV_DONTNEED)
             if events:
                 return events
             if self._drained_socket:
@@ -385,6 +394,9 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        self._recv_view.release()
+        with contextlib.suppress(BufferError):  # a slice still alive: freed with it later
+            self._recv_buffer.close()
         for chunk in self._out:
             if chunk.owns_fds:
                 close_fds(chunk.fds)
