@@ -22,9 +22,9 @@ async def test_readme_device_and_client_examples(tmp_path: Path) -> None:
     assert device_code.rstrip().endswith('trio.run(serve, Counter(), "/tmp/counter.sock")')
     assert client_code.rstrip().endswith("trio.run(main)")
     device_ns: dict[str, Any] = {}
-    exec(device_code.rstrip().rsplit("\n", 1)[0], device_ns)  # noqa: S102 - our own README
+    exec(device_code.rstrip().rsplit("\n", 1)[0], device_ns)
     client_ns: dict[str, Any] = {}
-    exec(client_code.replace("/tmp/counter.sock", path).rsplit("\n", 2)[0], client_ns)  # noqa: S102
+    exec(client_code.replace("/tmp/counter.sock", path).rsplit("\n", 2)[0], client_ns)
     device = device_ns["Counter"]()
     printed: list[str] = []
     client_ns["print"] = lambda *args: printed.append(" ".join(map(str, args)))

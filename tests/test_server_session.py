@@ -43,6 +43,7 @@ from vfiouser_trio.protocol import (
     RegionIoFdsRequest,
     RegionReadReply,
     RegionReadRequest,
+    RegionTypeCap,
     RegionWriteEntry,
     RegionWriteMultiRequest,
     RegionWriteRequest,
@@ -67,7 +68,7 @@ from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.pci_caps import PowerManagementCapability, VendorCapability
-from vfiouser_trio.server.regions import SparseArea
+from vfiouser_trio.server.regions import RegionType, SparseArea
 from vfiouser_trio.server.serve import DeviceServer, serve, serve_connection
 
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
@@ -537,4 +538,44 @@ async def test_no_fd_leaks_over_many_sessions() -> None:
         async with session(device) as conn:
             await conn.request(RegionReadRequest(0, 0, 4))
     assert fd_count() == before
+    device.close()
+
+
+class Regions(Device):
+    """A ROM, the VGA region and a device-specific region with a type capability."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1AF4, device_id=0x10FE))
+        self.add_rom(0x800, data=b"\x55\xaa")
+        self.add_region(8, 0x100, memory=True)
+        self.add_region(10, 0x2000, memory=True, mmap=True, region_type=RegionType(0x8086, 3))
+
+
+async def test_rom_vga_and_device_specific_regions() -> None:
+    device = Regions()
+    async with session(device) as conn:
+        info = await conn.request(DeviceGetInfoRequest())
+        assert isinstance(info, DeviceGetInfoReply) and info.num_regions == 11
+        rom = await conn.request(RegionInfoRequest(6))
+        assert isinstance(rom, RegionInfoReply) and rom.size == 0x800
+        assert rom.readable and not rom.writable
+        reply = await conn.request(RegionReadRequest(6, 0, 2))
+        assert isinstance(reply, RegionReadReply) and reply.data == b"\x55\xaa"
+        await expect_errno(
+            conn, Command.REGION_WRITE, RegionWriteRequest(6, 0, b"x").pack(), errno.EINVAL
+        )
+        vga = await conn.request(RegionInfoRequest(8))
+        assert isinstance(vga, RegionInfoReply) and vga.size == 0x100
+        absent = await conn.request(RegionInfoRequest(9))
+        assert isinstance(absent, RegionInfoReply) and absent.size == 0
+        special = await conn.request(RegionInfoRequest(10, argsz=512))
+        assert isinstance(special, RegionInfoReply) and special.mmappable
+        assert special.region_type == RegionTypeCap(0x8086, 3)
+        assert special.fd is not None
+        os.close(special.fd)
+        # The ROM BAR register sizes like hardware: all-ones reads back the size mask.
+        await conn.request(RegionWriteRequest(7, 0x30, b"\xff\xff\xff\xff"))
+        bar = await conn.request(RegionReadRequest(7, 0x30, 4))
+        assert isinstance(bar, RegionReadReply)
+        assert int.from_bytes(bar.data, "little") == 0xFFFFF801
     device.close()
