@@ -31,6 +31,7 @@ from ..protocol.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegio
 from .dma import DmaTable
 from .doorbells import Doorbell
 from .irqs import IrqIndex, IrqTable
+from .migration import MigrationHooks
 from .pci import BarSpec, InterruptPin, PciConfigSpace, PciIdentity
 from .pci_caps import Capability, MsiCapability, MsixCapability
 from .regions import (
@@ -46,8 +47,12 @@ from .regions import (
 log = logging.getLogger(__name__)
 
 
-class Device:
-    """An emulated PCI function. Subclass it; declare regions and IRQs in ``__init__``."""
+class Device(MigrationHooks):
+    """An emulated PCI function. Subclass it; declare regions and IRQs in ``__init__``.
+
+    Live migration: call ``enable_migration()`` and override the hooks of
+    :class:`~vfiouser_trio.server.migration.MigrationHooks` (``save_state``/``load_state``...).
+    """
 
     def __init__(
         self,

@@ -5,6 +5,13 @@ views are possible); maps without one are reached through DMA_READ / DMA_WRITE
 messages to the client, split at the client's ``max_data_xfer_size``. Every access
 is checked against the maps and their permissions, and an unmap waits until the
 accesses and views using that map are finished before the reply goes out.
+
+While the device is stopped (migration STOP, STOP_COPY, RESUMING, ERROR) the table's
+quiesce gate holds device DMA: ``read``/``write`` from a device task wait until the
+device runs again; from a task handling a client command (see ``handling_command``)
+they fail at once with EBUSY, because the command that would restart the device is
+queued behind that handler. Opening a ``view`` while stopped fails with EBUSY (it
+cannot wait); device tasks ``await dma.wait_running()`` right before opening one.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,6 +122,24 @@ def _current_task() -> object:
         return None
 
 
+#: In a task that handles a client command: that task (see ``handling_command``).
+_command_task: ContextVar[object | None] = ContextVar("vfiouser_command_task", default=None)
+
+
+@contextmanager
+def handling_command() -> Iterator[None]:
+    """Mark the current task as handling a client command, for the quiesce gate.
+
+    Device DMA from such a task fails at once (EBUSY) while the device is stopped instead
+    of waiting: waiting would deadlock the session.
+    """
+    token = _command_task.set(_current_task())
+    try:
+        yield
+    finally:
+        _command_task.reset(token)
+
+
 def _map_fd(fd: int, offset: int, size: int, flags: int) -> tuple[mmap.mmap, memoryview]:
     prot = 0
     if flags & DMA_MAP_FLAG_READ:
@@ -140,6 +166,8 @@ class DmaTable:
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._write_observers: list[WriteObserver] = []
+        #: Set when the device runs again; None while it runs (the quiesce gate is open).
+        self._resumed: trio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -152,6 +180,35 @@ class DmaTable:
 
     def remove_write_observer(self, observer: WriteObserver) -> None:
         self._write_observers.remove(observer)
+
+    # --- quiesce gate ---------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """Whether device DMA is held (the device is stopped for migration)."""
+        return self._resumed is not None
+
+    def stop(self) -> None:
+        """Close the gate: from now on device DMA waits (or fails, see the module doc)."""
+        if self._resumed is None:
+            self._resumed = trio.Event()
+
+    def resume(self) -> None:
+        """Open the gate and wake every device task waiting on it."""
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+
+    async def wait_running(self) -> None:
+        """Return once device DMA is allowed; no checkpoint when it already is.
+
+        Raises DmaError(EBUSY) instead of waiting in a task handling a client command.
+        """
+        while self._resumed is not None:
+            task = _current_task()
+            if task is not None and _command_task.get() is task:
+                raise DmaError(errno.EBUSY, "the device is stopped: no DMA while it is")
+            await self._resumed.wait()
 
     # --- DMA_MAP / DMA_UNMAP ------------------------------------------------------------
 
@@ -223,6 +280,17 @@ class DmaTable:
                 return m
         raise DmaError(errno.EFAULT, f"DMA address {iova:#x} is not mapped")
 
+    def windows(self, iova: int, length: int) -> list[DmaMapping]:
+        """Every window overlapping [iova, iova+length), including ones being unmapped."""
+        i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        end = iova + length
+        found: list[DmaMapping] = []
+        while i < len(self._maps) and self._maps[i].iova < end:
+            if self._maps[i].end > iova:
+                found.append(self._maps[i])
+            i += 1
+        return found
+
     def _segments(self, iova: int, length: int, write: bool) -> list[tuple[DmaMapping, int, int]]:
         """Split [iova, iova+length) over the windows; (map, offset in map, n) each."""
         if length < 0 or iova < 0:
@@ -242,6 +310,7 @@ class DmaTable:
 
     async def read(self, iova: int, length: int) -> bytes:
         """Read guest memory, across windows; message-only windows go through DMA_READ."""
+        await self.wait_running()
         segs = self._segments(iova, length, write=False)
         for m, _, _ in segs:
             m._acquire()
@@ -259,6 +328,7 @@ class DmaTable:
 
     async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory, across windows; message-only windows go through DMA_WRITE."""
+        await self.wait_running()
         src = memoryview(data).cast("B")
         segs = self._segments(iova, len(src), write=True)
         for m, _, _ in segs:
@@ -310,8 +380,11 @@ class DmaTable:
         """A zero-copy view of guest memory inside one fd-backed window.
 
         The window cannot be unmapped while the view is open; a writable view is
-        reported as written (dirty) when it closes.
+        reported as written (dirty) when it closes. DmaError(EBUSY) while the device
+        is stopped (``await wait_running()`` first).
         """
+        if self._resumed is not None:
+            raise DmaError(errno.EBUSY, "the device is stopped: no DMA while it is")
         segs = self._segments(iova, length, write=writable)
         if len(segs) != 1 or segs[0][0]._view is None:
             raise DmaError(

@@ -67,6 +67,8 @@ from ..protocol.errors import VfioUserError
 from ..protocol.framing import Frame, close_fds
 from ..protocol.regions import RegionCap
 from .device import Device
+from .dma import handling_command
+from .migration import SessionMigration
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class ServerSession:
         self._conn: Connection | None = None
         self._attached = False
         self._dma_layout: DmaLayout | None = None
+        self._migration = SessionMigration(device)
 
     # --- running -------------------------------------------------------------------------
 
@@ -122,6 +125,7 @@ class ServerSession:
                         log.info("%s: connection ended: %s", device.name, conn.close_reason)
             finally:
                 self._conn = None
+                self._migration.close()
                 if self._attached:
                     self._attached = False
                     await device.client_gone()
@@ -168,10 +172,14 @@ class ServerSession:
             return await self._version(frame)
         if command == Command.VERSION:
             raise VfioUserError(errno.EINVAL, "VERSION after negotiation")
+        # A stopped device refuses most commands (the engine closes the frame's fds).
+        self._migration.check_command(command)
         request = decode_request(command, frame.payload, frame.fds)
         # Decoding succeeded: the request now owns the fds.
         frame.take_fds()
-        return await self._dispatch(request)
+        # Device DMA from this task fails instead of waiting while the device is stopped.
+        with handling_command():
+            return await self._dispatch(request)
 
     async def _dispatch(self, request: Request) -> HandlerResult:
         match request:
@@ -198,13 +206,20 @@ class ServerSession:
             case DeviceResetRequest():
                 return await self._reset()
             case DeviceFeatureRequest():
-                raise VfioUserError(errno.EINVAL, f"{self.device.name} supports no device features")
-            case MigDataReadRequest() | MigDataWriteRequest():
-                raise VfioUserError(errno.EINVAL, f"{self.device.name} does not support migration")
+                return await self._migration.feature(request, self._recv_max)
+            case MigDataReadRequest():
+                return await self._migration.data_read(request, self._recv_max)
+            case MigDataWriteRequest():
+                return await self._migration.data_write(request, self._recv_max)
             case _:
                 # DMA_READ / DMA_WRITE travel server -> client only.
                 close_fds(request.fds)
                 raise VfioUserError(errno.EINVAL, f"{request.COMMAND.name} is not a client command")
+
+    @property
+    def _recv_max(self) -> int:
+        assert self.negotiated is not None
+        return self.negotiated.recv_max_data_xfer_size
 
     async def _version(self, frame: Frame) -> HandlerResult:
         conn = self._need_conn()
@@ -338,4 +353,5 @@ class ServerSession:
         if not self.device.reset_supported:
             raise VfioUserError(errno.EINVAL, "the device does not support reset")
         await self.device.do_reset()
+        await self._migration.device_reset()
         return None

@@ -1,0 +1,206 @@
+"""Dirty-page logging of device DMA writes (DMA_LOGGING_START / STOP / REPORT).
+
+A :class:`DirtyLog` watches one client's :class:`DmaTable`: every device write to guest
+memory (``dma.write``, and writable ``dma.view`` s when they close) reaches it as a write
+observer, and marks the touched pages in a bitmap per DMA map. Pages are ``page_size``
+bytes aligned on absolute IOVA multiples of ``page_size``, so a bitmap covers its map from
+the page holding its first byte to the page holding its last.
+
+``report`` answers DMA_LOGGING_REPORT: the bitmap of any IOVA range at any power-of-two
+page size, output bit ``j`` standing for ``[iova + j*page_size, iova + (j+1)*page_size)``
+(set when any byte of it was written), as little-endian u64 words with every bit past the
+range zero. It clears what it reports, except tracking pages that reach outside the range
+(or that the range only partly covers): those stay dirty for the next report, because
+clearing them would lose writes the client has not seen. Over-reporting is safe for
+migration; under-reporting is not.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import errno
+import itertools
+import mmap
+import sys
+from collections.abc import Sequence
+
+from ..bitmap import DirtyBitmap, bitmap_nbytes, mark_range
+from ..protocol.errors import VfioUserError
+from .dma import DmaMapping, DmaTable
+
+__all__ = ["MIN_PAGE_SIZE", "DirtyLog", "select_page_size"]
+
+#: The finest tracking granularity we accept; finer requests are raised to it (and the
+#: client told so in the DMA_LOGGING_START reply).
+MIN_PAGE_SIZE = mmap.PAGESIZE
+
+_IOVA_LIMIT = 1 << 64
+
+
+def _refuse(message: str) -> VfioUserError:
+    return VfioUserError(errno.EINVAL, message)
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def select_page_size(requested: int) -> int:
+    """The tracking page size we use for a requested one: at least MIN_PAGE_SIZE.
+
+    EINVAL for zero or a value that is not a power of two (up to 2**63).
+    """
+    if not _is_power_of_two(requested) or requested > 1 << 63:
+        raise _refuse(f"dirty page size {requested:#x} is not a power of two")
+    return max(requested, MIN_PAGE_SIZE)
+
+
+def _check_range(iova: int, length: int) -> None:
+    if length <= 0 or iova < 0 or iova + length > _IOVA_LIMIT:
+        raise _refuse(f"bad IOVA range {iova:#x}+{length:#x}")
+
+
+def _wire(words: bytearray) -> bytes:
+    """Native-order u64 words as the wire's little-endian words."""
+    if sys.byteorder == "little":
+        return bytes(words)
+    swapped = array.array("Q", words)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+class DirtyLog:
+    """Logs device writes into ``dma`` at ``page_size``, within ``ranges`` (empty: all).
+
+    ``ranges`` are (iova, length) pairs; they must not overlap (EINVAL). Logging starts
+    when the log is created and stops at ``close()``.
+    """
+
+    def __init__(
+        self, dma: DmaTable, page_size: int, ranges: Sequence[tuple[int, int]] = ()
+    ) -> None:
+        if not _is_power_of_two(page_size):
+            raise _refuse(f"dirty page size {page_size:#x} is not a power of two")
+        self.page_size = page_size
+        self._shift = page_size.bit_length() - 1
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self.set_ranges(ranges)
+        self._bitmaps: dict[DmaMapping, tuple[int, DirtyBitmap]] = {}
+        self._dma = dma
+        dma.add_write_observer(self.mark)
+        self._closed = False
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The logged (iova, length) ranges; empty when every write is logged."""
+        return [(a, b - a) for a, b in zip(self._starts, self._ends, strict=True)]
+
+    def set_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Log writes within ``ranges`` from now on (empty: all); the bits so far stay."""
+        for iova, length in ranges:
+            _check_range(iova, length)
+        spans = sorted((iova, iova + length) for iova, length in ranges)
+        for (_, end), (next_iova, _) in itertools.pairwise(spans):
+            if next_iova < end:
+                raise _refuse(f"logging ranges overlap at {next_iova:#x}")
+        self._starts = [iova for iova, _ in spans]
+        self._ends = [end for _, end in spans]
+
+    def close(self) -> None:
+        """Stop logging and drop the bitmaps (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._dma.remove_write_observer(self.mark)
+        for _, bitmap in self._bitmaps.values():
+            bitmap.release()
+        self._bitmaps.clear()
+
+    # --- marking (the DmaTable write observer) ------------------------------------------
+
+    def mark(self, iova: int, length: int) -> None:
+        """Record that the device wrote ``[iova, iova+length)``."""
+        if length <= 0:
+            return
+        end = iova + length
+        if not self._starts:
+            self._mark_maps(iova, end)
+            return
+        i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        while i < len(self._starts) and self._starts[i] < end:
+            lo, hi = max(iova, self._starts[i]), min(end, self._ends[i])
+            if lo < hi:
+                self._mark_maps(lo, hi)
+            i += 1
+
+    def _mark_maps(self, iova: int, end: int) -> None:
+        for mapping in self._dma.windows(iova, end - iova):
+            base, bitmap = self._bitmap_of(mapping)
+            lo, hi = max(iova, mapping.iova), min(end, mapping.end)
+            bitmap.mark(lo - (base << self._shift), hi - lo)
+
+    def _bitmap_of(self, mapping: DmaMapping) -> tuple[int, DirtyBitmap]:
+        """The map's bitmap and the absolute page number of its bit 0 (made on first use)."""
+        entry = self._bitmaps.get(mapping)
+        if entry is None:
+            base = mapping.iova >> self._shift
+            last = (mapping.end - 1) >> self._shift
+            entry = (base, DirtyBitmap(last - base + 1, self.page_size))
+            self._bitmaps[mapping] = entry
+        return entry
+
+    def _forget_unmapped(self) -> None:
+        live = set(self._dma)
+        for mapping in [m for m in self._bitmaps if m not in live]:
+            self._bitmaps.pop(mapping)[1].release()
+
+    # --- DMA_LOGGING_REPORT ----------------------------------------------------------------
+
+    def covers(self, iova: int, length: int) -> bool:
+        """Whether every byte of the range is logged."""
+        if not self._starts:
+            return True
+        pos, end = iova, iova + length
+        i = max(bisect.bisect_right(self._starts, pos) - 1, 0)
+        while pos < end:
+            if i == len(self._starts) or self._starts[i] > pos or self._ends[i] <= pos:
+                return False
+            pos = self._ends[i]
+            i += 1
+        return True
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The wire bitmap of ``[iova, iova+length)`` at ``page_size``; clears what it reports.
+
+        EINVAL for an empty or overflowing range, a page size that is not a power of
+        two, or a range not entirely logged.
+        """
+        _check_range(iova, length)
+        if not _is_power_of_two(page_size) or page_size > 1 << 63:
+            raise _refuse(f"report page size {page_size:#x} is not a power of two")
+        if not self.covers(iova, length):
+            raise _refuse(f"{iova:#x}+{length:#x} is not inside the logged ranges")
+        end = iova + length
+        out = bytearray(bitmap_nbytes(-(-length // page_size)))
+        self._forget_unmapped()
+        shift = self._shift
+        for mapping, (base, bitmap) in self._bitmaps.items():
+            lo, hi = max(iova, mapping.iova), min(end, mapping.end)
+            if lo >= hi:
+                continue
+            first = (lo >> shift) - base
+            stop = ((hi - 1) >> shift) - base + 1
+            for page, count in bitmap.runs(first, stop - first):
+                a = max(lo, (base + page) << shift)
+                b = min(hi, (base + page + count) << shift)
+                mark_range(out, a - iova, b - a, page_size)
+            # A tracking page is cleared only if its part inside the map is inside the range.
+            if max((base + first) << shift, mapping.iova) < iova:
+                first += 1
+            if min((base + stop) << shift, mapping.end) > end:
+                stop -= 1
+            if first < stop:
+                bitmap.clear(first, stop - first)
+        return _wire(out)

@@ -1,0 +1,532 @@
+"""Live migration: the device's API, and the server's side of the migration commands.
+
+A device opts in and describes its state; the simple case is two methods::
+
+    class Counter(Device):
+        def __init__(self) -> None:
+            super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x0001))
+            self.count = 0
+            self.enable_migration()          # pre_copy=True adds the PRE_COPY state
+
+        async def save_state(self) -> bytes:
+            return self.count.to_bytes(8, "little")
+
+        async def load_state(self, data: bytes) -> None:
+            self.count = int.from_bytes(data, "little")
+
+Large state goes as a stream: ``save_chunks`` is an async generator whose chunks the
+client reads (MIG_DATA_READ) in STOP_COPY, and ``load_chunk`` receives what the client
+writes (MIG_DATA_WRITE) in RESUMING, in pieces of the client's choosing (chunk
+boundaries are not kept); ``on_end_resume`` then completes the load. By default
+``save_chunks`` yields ``save_state()``, ``load_chunk`` collects, and ``on_end_resume``
+passes what was collected to ``load_state`` — a device that overrides ``load_chunk``
+overrides ``on_end_resume`` too. A PRE_COPY device also yields from ``precopy_chunks``
+while it still runs: there an empty chunk means "nothing more for now" (the client's read
+comes back short and it may read again later); in STOP_COPY empty chunks are skipped and
+only the end of ``save_chunks`` ends the stream.
+
+The arcs of the state machine call these hooks (all optional, no-ops by default):
+
+==========================================  ==========================================
+arc                                         hook, then what the framework does
+==========================================  ==========================================
+RUNNING -> STOP, PRE_COPY -> STOP_COPY      ``on_stop`` — finish in-flight work (DMA
+                                            still works here); then IRQs are held and
+                                            device DMA is held (see ``dma.py``)
+STOP -> RUNNING                             IRQs and DMA released; then ``on_run``
+RUNNING -> PRE_COPY, STOP -> STOP_COPY      ``on_begin_save``; a new outgoing stream
+PRE_COPY -> RUNNING, STOP_COPY -> STOP      ``on_end_save``; the stream is closed
+STOP -> RESUMING                            incoming data cleared; ``on_begin_resume``
+RESUMING -> STOP                            ``on_end_resume`` (default: ``load_state``)
+==========================================  ==========================================
+
+During a hook ``self.migration.state`` is still the arc's start state (``on_begin_save``
+from RUNNING begins a pre-copy, from STOP a stop-copy). A hook that raises
+:class:`MigrationRefused` fails the SET with the device left in the arc's start state (it
+promises it undid what it did); any other exception fails the SET and puts the device in
+ERROR (held like STOP), from which only DEVICE_RESET returns it, to RUNNING — the device's
+``reset()`` runs, not ``on_run``. While stopped (STOP, STOP_COPY, RESUMING, ERROR) the
+device raises no interrupts and performs no DMA; the server also refuses the commands
+the spec forbids in STOP and STOP_COPY (``command_allowed``).
+
+:class:`SessionMigration` is the session's side: DEVICE_FEATURE (MIGRATION,
+MIG_DEVICE_STATE, DMA_LOGGING_START/STOP/REPORT), MIG_DATA_READ/WRITE and the command
+gate. A device that did not opt in answers every feature with EINVAL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..protocol.constants import (
+    DEVICE_FEATURE_GET,
+    DEVICE_FEATURE_SET,
+    MIGRATION_PRE_COPY,
+    MIGRATION_STOP_COPY,
+    Command,
+    Feature,
+    MigState,
+)
+from ..protocol.errors import VfioUserError
+from ..protocol.features import (
+    FEATURE_HEADER_SIZE,
+    DeviceFeatureReply,
+    DeviceFeatureRequest,
+    DmaLoggingBitmap,
+    DmaLoggingControl,
+    DmaLoggingReport,
+    MigDeviceState,
+    MigrationInfo,
+)
+from ..protocol.migration_data import (
+    MigDataReadReply,
+    MigDataReadRequest,
+    MigDataWriteReply,
+    MigDataWriteRequest,
+)
+from ..protocol.migration_fsm import (
+    SAVING_STATES,
+    Arc,
+    MigrationFsm,
+    require_command_allowed,
+)
+from ..protocol.region_io import check_xfer_size
+from .dirty import DirtyLog, select_page_size
+
+if TYPE_CHECKING:
+    from .dma import DmaTable
+
+__all__ = ["DeviceMigration", "MigrationHooks", "MigrationRefused", "SessionMigration"]
+
+log = logging.getLogger(__name__)
+
+_S = MigState
+_STOPPING_ARCS = frozenset({Arc(_S.RUNNING, _S.STOP), Arc(_S.PRE_COPY, _S.STOP_COPY)})
+_BEGIN_SAVE_ARCS = frozenset({Arc(_S.RUNNING, _S.PRE_COPY), Arc(_S.STOP, _S.STOP_COPY)})
+_END_SAVE_ARCS = frozenset({Arc(_S.PRE_COPY, _S.RUNNING), Arc(_S.STOP_COPY, _S.STOP)})
+_RUNNING_STATES = frozenset({_S.RUNNING, _S.PRE_COPY})
+
+
+class MigrationRefused(VfioUserError):
+    """Raised by a migration hook: the arc fails, the device stays in the arc's start state."""
+
+    def __init__(self, message: str = "", *, errno: int = errno.EINVAL) -> None:
+        super().__init__(errno, message, command=Command.DEVICE_FEATURE)
+
+
+class MigrationHooks:
+    """Migration support of a :class:`Device` (which inherits it). See the module docstring."""
+
+    #: Set by ``enable_migration``; None for a device that cannot migrate.
+    migration: DeviceMigration | None = None
+
+    # Provided by Device.
+    name: str
+    dma: DmaTable
+    if TYPE_CHECKING:
+
+        def quiesce(self, quiesced: bool) -> None: ...
+
+    def enable_migration(self, *, pre_copy: bool = False) -> None:
+        """Declare that the device can migrate (STOP_COPY; PRE_COPY too with ``pre_copy``)."""
+        self.migration = DeviceMigration(self, pre_copy=pre_copy)
+
+    # --- the state ----------------------------------------------------------------------
+
+    async def save_state(self) -> bytes:
+        """The device's whole state (simple case; used by the default ``save_chunks``)."""
+        raise NotImplementedError(f"{self.name} does not implement save_state")
+
+    async def load_state(self, data: bytes) -> None:
+        """Restore a state saved by ``save_state`` (default ``on_end_resume``).
+
+        Raise (e.g. ValueError) for invalid data: the SET to leave RESUMING fails.
+        """
+        raise NotImplementedError(f"{self.name} does not implement load_state")
+
+    async def save_chunks(self) -> AsyncIterator[bytes]:
+        """The state as a stream of chunks, read in STOP_COPY (default: ``save_state()``)."""
+        yield await self.save_state()
+
+    async def precopy_chunks(self) -> AsyncIterator[bytes]:
+        """Data the client may read ahead in PRE_COPY; ``b""`` means "nothing for now"."""
+        return
+        yield b""  # pragma: no cover  (an empty async generator)
+
+    async def load_chunk(self, data: bytes) -> None:
+        """The next piece of the incoming stream (RESUMING). Default: collect it."""
+        assert self.migration is not None
+        self.migration.received.extend(data)
+
+    # --- arc hooks ------------------------------------------------------------------------
+
+    async def on_stop(self) -> None:
+        """The device is about to stop: finish in-flight work (DMA and IRQs still work)."""
+
+    async def on_run(self) -> None:
+        """The device runs again (DMA and IRQs are released)."""
+
+    async def on_begin_save(self) -> None:
+        """An outgoing stream begins (pre-copy from RUNNING, stop-copy from STOP)."""
+
+    async def on_end_save(self) -> None:
+        """The outgoing stream ended (read out, or abandoned by the client)."""
+
+    async def on_begin_resume(self) -> None:
+        """An incoming stream begins: prepare to receive a state."""
+
+    async def on_end_resume(self) -> None:
+        """The incoming stream is complete. Default: ``load_state(everything collected)``."""
+        assert self.migration is not None
+        data = bytes(self.migration.received)
+        self.migration.received.clear()
+        await self.load_state(data)
+
+
+class DeviceMigration:
+    """One device's migration state: the FSM, its arcs, and the data streams.
+
+    Kept with the device, so the state survives a client's disconnection like the rest
+    of the device's state. Operations are serialised (one SET, read or write at a time).
+    """
+
+    def __init__(self, device: MigrationHooks, *, pre_copy: bool = False) -> None:
+        flags = MIGRATION_STOP_COPY | (MIGRATION_PRE_COPY if pre_copy else 0)
+        self.fsm = MigrationFsm(flags)
+        self.state = MigState.RUNNING
+        #: Incoming data collected by the default ``load_chunk``.
+        self.received = bytearray()
+        self._device = device
+        self._lock = trio.Lock()
+        self._source: AsyncIterator[bytes] | None = None
+        self._pending = memoryview(b"")
+        self._exhausted = False
+        self._broken: VfioUserError | None = None
+
+    @property
+    def flags(self) -> int:
+        """VFIO_DEVICE_FEATURE_MIGRATION flags (STOP_COPY, PRE_COPY)."""
+        return self.fsm.flags
+
+    @property
+    def running(self) -> bool:
+        """Whether the device runs (RUNNING or PRE_COPY): DMA and IRQs flow."""
+        return self.state in _RUNNING_STATES
+
+    # --- state changes --------------------------------------------------------------------
+
+    async def set_state(self, target: int) -> MigState:
+        """Carry out a MIG_DEVICE_STATE SET: every arc of the path, in order.
+
+        EINVAL for a refused transition (before any arc runs). A failing arc raises its
+        error (EIO for an exception that is not a VfioUserError) and leaves the device in
+        the arc's start state (MigrationRefused) or in ERROR.
+        """
+        async with self._lock:
+            transition = self.fsm.transition(self.state, target)
+            while (arc := transition.next_arc) is not None:
+                try:
+                    await self._run_arc(arc)
+                except MigrationRefused:
+                    self.state = transition.arc_failed(restored=True)
+                    raise
+                except BaseException as exc:
+                    self.state = transition.arc_failed(restored=False)
+                    self._enter_error()
+                    if isinstance(exc, Exception) and not isinstance(exc, VfioUserError):
+                        log.exception("migration arc %s -> %s failed", arc.src.name, arc.dst.name)
+                        raise VfioUserError(
+                            errno.EIO, f"{arc.src.name} -> {arc.dst.name} failed: {exc}"
+                        ) from exc
+                    raise
+                self.state = transition.arc_done()
+            return self.state
+
+    async def _run_arc(self, arc: Arc) -> None:
+        device = self._device
+        if arc in _STOPPING_ARCS:
+            await device.on_stop()
+            self._halt()
+            if arc.src == MigState.PRE_COPY:
+                # The pre-copy source is done; bytes already taken from it stay queued.
+                await self._close_source()
+                self._exhausted = False
+        elif arc == Arc(MigState.STOP, MigState.RUNNING):
+            self._release()
+            try:
+                await device.on_run()
+            except MigrationRefused:
+                self._halt()
+                raise
+        elif arc in _BEGIN_SAVE_ARCS:
+            await device.on_begin_save()
+            await self._reset_stream()
+        elif arc in _END_SAVE_ARCS:
+            await device.on_end_save()
+            await self._reset_stream()
+        elif arc == Arc(MigState.STOP, MigState.RESUMING):
+            self.received.clear()
+            await device.on_begin_resume()
+        elif arc == Arc(MigState.RESUMING, MigState.STOP):
+            await device.on_end_resume()
+            self.received.clear()
+        else:  # pragma: no cover - the FSM only yields the arcs above
+            raise AssertionError(f"unexpected arc {arc}")
+
+    async def reset(self) -> None:
+        """DEVICE_RESET: back to RUNNING from any state, streams dropped, IRQs and DMA released."""
+        async with self._lock:
+            await self._reset_stream()
+            self.received.clear()
+            self.state = MigrationFsm.after_reset()
+            self._release()
+
+    def _halt(self) -> None:
+        self._device.quiesce(True)
+        self._device.dma.stop()
+
+    def _release(self) -> None:
+        self._device.dma.resume()
+        self._device.quiesce(False)
+
+    def _enter_error(self) -> None:
+        self._halt()
+        # No await here (this may run while cancelled): trio finalizes the generator.
+        self._source = None
+        self._pending = memoryview(b"")
+
+    async def _close_source(self) -> None:
+        source, self._source = self._source, None
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                log.exception("%s: closing a migration stream failed", self._device.name)
+
+    async def _reset_stream(self) -> None:
+        await self._close_source()
+        self._pending = memoryview(b"")
+        self._exhausted = False
+        self._broken = None
+
+    # --- the data streams -------------------------------------------------------------
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the outgoing stream (PRE_COPY / STOP_COPY, else EINVAL).
+
+        Fewer bytes mean the stream has nothing more (for now, in PRE_COPY). An exception
+        from the device's generator breaks the stream: this and every later read of it
+        fail (EIO unless the device raised a VfioUserError).
+        """
+        async with self._lock:
+            if self.state not in SAVING_STATES:
+                raise VfioUserError(errno.EINVAL, f"no migration data to read in {self.state.name}")
+            out = bytearray()
+            while len(out) < size:
+                if not self._pending:
+                    chunk = await self._pull()
+                    if not chunk:
+                        break
+                    self._pending = memoryview(chunk)
+                n = min(size - len(out), len(self._pending))
+                out += self._pending[:n]
+                self._pending = self._pending[n:]
+            return bytes(out)
+
+    async def _pull(self) -> bytes:
+        """The next non-empty chunk; b"" at the end (or, in PRE_COPY, for "nothing now")."""
+        if self._broken is not None:
+            raise VfioUserError(self._broken.errno, self._broken.message)
+        while not self._exhausted:
+            if self._source is None:
+                device = self._device
+                stream = (
+                    device.precopy_chunks()
+                    if self.state == MigState.PRE_COPY
+                    else device.save_chunks()
+                )
+                self._source = aiter(stream)
+            try:
+                chunk = bytes(await anext(self._source))
+            except StopAsyncIteration:
+                self._source = None
+                self._exhausted = True
+                break
+            except Exception as exc:
+                self._source = None
+                if isinstance(exc, VfioUserError):
+                    self._broken = exc
+                else:
+                    log.exception("%s: saving migration data failed", self._device.name)
+                    self._broken = VfioUserError(errno.EIO, f"saving the state failed: {exc}")
+                raise VfioUserError(self._broken.errno, self._broken.message) from exc
+            if chunk or self.state == MigState.PRE_COPY:
+                return chunk
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        """Hand the next piece of the incoming stream to the device (RESUMING, else EINVAL)."""
+        async with self._lock:
+            if self.state != MigState.RESUMING:
+                raise VfioUserError(
+                    errno.EINVAL, f"migration data cannot be written in {self.state.name}"
+                )
+            try:
+                await self._device.load_chunk(data)
+            except VfioUserError:
+                raise
+            except Exception as exc:
+                log.exception("%s: loading migration data failed", self._device.name)
+                raise VfioUserError(errno.EIO, f"loading the state failed: {exc}") from exc
+
+
+#: The operations each feature supports (a PROBE succeeds only for these).
+_FEATURE_OPS: dict[int, int] = {
+    Feature.MIGRATION: DEVICE_FEATURE_GET,
+    Feature.MIG_DEVICE_STATE: DEVICE_FEATURE_GET | DEVICE_FEATURE_SET,
+    Feature.DMA_LOGGING_START: DEVICE_FEATURE_SET,
+    Feature.DMA_LOGGING_STOP: DEVICE_FEATURE_SET,
+    Feature.DMA_LOGGING_REPORT: DEVICE_FEATURE_GET,
+}
+_OPS = DEVICE_FEATURE_GET | DEVICE_FEATURE_SET
+
+
+class SessionMigration:
+    """A session's migration commands for ``device``; owns the session's dirty-page log."""
+
+    def __init__(self, device: MigrationHooks) -> None:
+        self.device = device
+        #: The DMA write log while DMA_LOGGING_START is in effect.
+        self.dirty: DirtyLog | None = None
+
+    def check_command(self, command: int) -> None:
+        """EINVAL for a command the device's migration state does not accept."""
+        migration = self.device.migration
+        if migration is None:
+            return
+        try:
+            known = Command(command)
+        except ValueError:
+            return  # unknown commands are refused by the decoder
+        require_command_allowed(migration.state, known)
+
+    def _migration(self) -> DeviceMigration:
+        migration = self.device.migration
+        if migration is None:
+            raise VfioUserError(errno.EINVAL, f"{self.device.name} does not support migration")
+        return migration
+
+    # --- DEVICE_FEATURE -------------------------------------------------------------------
+
+    async def feature(self, request: DeviceFeatureRequest, max_data: int) -> DeviceFeatureReply:
+        """Answer DEVICE_FEATURE; ``max_data`` bounds a REPORT's bitmap (our transfer limit)."""
+        migration = self._migration()
+        supported = _FEATURE_OPS.get(request.feature, 0)
+        if request.flags & _OPS & ~supported or not supported:
+            raise VfioUserError(errno.EINVAL, f"feature {request.feature} does not do that")
+        if request.is_probe:
+            return request.echo_reply()
+        match request.feature:
+            case Feature.MIGRATION:
+                return self._get(request, MigrationInfo(migration.flags))
+            case Feature.MIG_DEVICE_STATE if request.is_get:
+                return self._get(request, MigDeviceState(migration.state, -1))
+            case Feature.MIG_DEVICE_STATE:
+                data = request.data
+                assert isinstance(data, MigDeviceState)
+                await migration.set_state(data.device_state)
+                return request.echo_reply()
+            case Feature.DMA_LOGGING_START:
+                assert isinstance(request.data, DmaLoggingControl)
+                return self._start_logging(request, request.data)
+            case Feature.DMA_LOGGING_STOP:
+                self.close()
+                return request.echo_reply()
+            case _:
+                assert isinstance(request.data, DmaLoggingReport)
+                return self._report(request, request.data, max_data)
+
+    @staticmethod
+    def _get(
+        request: DeviceFeatureRequest, data: MigrationInfo | MigDeviceState
+    ) -> DeviceFeatureReply:
+        reply = request.get_reply(data)
+        assert reply.argsz is not None
+        _check_room(request, reply.argsz)
+        return reply
+
+    def _start_logging(
+        self, request: DeviceFeatureRequest, control: DmaLoggingControl
+    ) -> DeviceFeatureReply:
+        page_size = select_page_size(control.page_size)
+        ranges = [(r.iova, r.length) for r in control.ranges]
+        if self.dirty is None:
+            self.dirty = DirtyLog(self.device.dma, page_size, ranges)
+        elif self.dirty.page_size == page_size:
+            # Restarting with the same granularity keeps the bits; the new ranges apply.
+            self.dirty.set_ranges(ranges)
+        else:
+            raise VfioUserError(
+                errno.EINVAL, f"logging already runs at page size {self.dirty.page_size:#x}"
+            )
+        echoed = DmaLoggingControl(page_size, control.ranges)
+        return DeviceFeatureReply(request.flags, echoed, request.argsz)
+
+    def _report(
+        self, request: DeviceFeatureRequest, report: DmaLoggingReport, max_data: int
+    ) -> DeviceFeatureReply:
+        if self.dirty is None:
+            raise VfioUserError(errno.EINVAL, "DMA logging is not started")
+        if report.page_size == 0:
+            raise VfioUserError(errno.EINVAL, "report page size 0")
+        if report.bitmap_size > max_data:
+            raise VfioUserError(
+                errno.EINVAL, f"a {report.bitmap_size}-byte bitmap exceeds {max_data} bytes"
+            )
+        # Check the room before taking (and clearing) the bits.
+        _check_room(request, FEATURE_HEADER_SIZE + 24 + report.bitmap_size)
+        bitmap = self.dirty.report(report.iova, report.length, report.page_size)
+        data = DmaLoggingBitmap(report.iova, report.length, report.page_size, bitmap)
+        return request.get_reply(data)
+
+    # --- MIG_DATA_READ / MIG_DATA_WRITE ---------------------------------------------------
+
+    async def data_read(self, request: MigDataReadRequest, max_size: int) -> MigDataReadReply:
+        """MIG_DATA_READ: 8 + ``size`` bytes of payload, ``size`` field = valid bytes."""
+        migration = self._migration()
+        check_xfer_size(request, max_size)
+        return request.reply(await migration.read(request.size))
+
+    async def data_write(self, request: MigDataWriteRequest, max_size: int) -> MigDataWriteReply:
+        """MIG_DATA_WRITE: the data goes to the device's ``load_chunk``; empty reply."""
+        migration = self._migration()
+        check_xfer_size(request, max_size)
+        await migration.write(request.data)
+        return MigDataWriteReply()
+
+    # --- session events -------------------------------------------------------------------
+
+    async def device_reset(self) -> None:
+        """After DEVICE_RESET: the migration state returns to RUNNING."""
+        if self.device.migration is not None:
+            await self.device.migration.reset()
+
+    def close(self) -> None:
+        """Stop dirty logging (DMA_LOGGING_STOP, or the client went away)."""
+        if self.dirty is not None:
+            self.dirty.close()
+            self.dirty = None
+
+
+def _check_room(request: DeviceFeatureRequest, needed: int) -> None:
+    assert request.argsz is not None
+    if request.argsz < needed:
+        raise VfioUserError(
+            errno.EINVAL, f"argsz {request.argsz} cannot hold the {needed}-byte reply"
+        )
