@@ -1,0 +1,142 @@
+"""The pytest fixtures and plugin: vfio_pair, vfio_tracer, teardown, traces in failure reports.
+
+What happens at teardown and in reports is checked by running small test files in an inner
+pytest session (pytester).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from vfiouser_trio.examples.null import NullDevice
+from vfiouser_trio.protocol import Command, PciRegion
+from vfiouser_trio.testing import NestedDeviceFactory, Tracer, fd_table
+
+# Not needed once vfiouser_trio is installed (its plugin provides the fixtures).
+from vfiouser_trio.testing.fixtures import *  # noqa: F403
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    before = len(fd_table())
+    yield
+    assert len(fd_table()) == before
+
+
+async def test_vfio_pair_starts_independent_pairs(vfio_pair: NestedDeviceFactory) -> None:
+    with trio.fail_after(5):
+        first = await vfio_pair(NullDevice())
+        second = await vfio_pair(NullDevice(), twin_socket=False, path=True)
+        assert first.client.twin_socket and not second.client.twin_socket
+        assert await first.client.read(PciRegion.BAR0, 0, 4) == bytes(4)
+        assert await second.client.read(PciRegion.BAR0, 0, 4) == bytes(4)
+    assert first.device is not second.device and first.tracer is not second.tracer
+    assert len(first.tracer.commands(Command.REGION_READ)) == 1
+    assert len(second.tracer.commands(Command.REGION_READ)) == 1
+
+
+async def test_vfio_tracer_is_a_fresh_tracer(
+    vfio_pair: NestedDeviceFactory, vfio_tracer: Tracer
+) -> None:
+    assert len(vfio_tracer) == 0
+    with trio.fail_after(5):
+        pair = await vfio_pair(NullDevice(), tracer=vfio_tracer)
+    assert pair.tracer is vfio_tracer and vfio_tracer.commands()[0].command == Command.VERSION
+
+
+# --------------------------------------------------------------------------- inner sessions
+
+
+def _plugin_args() -> list[str]:
+    """Load the plugin in the inner session unless its entry point already does."""
+    installed = any(
+        ep.value == "vfiouser_trio.testing.plugin"
+        for ep in importlib.metadata.entry_points(group="pytest11")
+    )
+    return [] if installed else ["-p", "vfiouser_trio.testing.plugin"]
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    return pytester
+
+
+def test_pairs_close_when_the_test_ends(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        from vfiouser_trio.examples.null import NullDevice
+
+        PAIRS = []
+
+        async def test_open(vfio_pair):
+            PAIRS.append(await vfio_pair(NullDevice()))
+            PAIRS.append(await vfio_pair(NullDevice()))
+            assert not PAIRS[0].client.closed
+
+        def test_closed_afterwards():
+            assert all(pair.client.closed for pair in PAIRS)
+        """
+    )
+    result = inner.runpytest(*_plugin_args())
+    result.assert_outcomes(passed=2)
+
+
+def test_a_failing_test_reports_its_traces(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        from vfiouser_trio.examples.null import NullDevice
+
+        async def test_fails(vfio_pair, vfio_tracer):
+            pair = await vfio_pair(NullDevice())
+            await pair.client.read(0, 0x10, 4)
+            assert False, "on purpose"
+
+        async def test_passes(vfio_pair):
+            await vfio_pair(NullDevice())
+        """
+    )
+    result = inner.runpytest(*_plugin_args())
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- vfio-user trace: vfio_tracer -*",
+            "(empty)",
+            "*- vfio-user trace: NullDevice #0 -*",
+            "+0.* main → VERSION id=0 *",
+            "+0.* main → REGION_READ id=* region=0 offset=0x10 count=4",
+            "+0.* main ← REGION_READ reply id=* data=00000000",
+        ]
+    )
+    assert result.stdout.str().count("vfio-user trace:") == 2  # none for the passing test
+
+
+def test_a_leak_fails_the_test_at_teardown(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import os
+
+        import pytest
+        from vfiouser_trio.examples.null import NullDevice
+
+        @pytest.fixture
+        def closer():
+            fds = []
+            yield fds
+            for fd in fds:
+                os.close(fd)
+
+        async def test_leaks(closer, vfio_pair):
+            await vfio_pair(NullDevice())
+            closer.append(os.memfd_create("leaked-on-purpose"))
+        """
+    )
+    result = inner.runpytest(*_plugin_args())
+    result.assert_outcomes(failed=1)  # pytest-trio reports a fixture crash as a failure
+    result.stdout.fnmatch_lines(["*FdLeakError: 1 file descriptor(s) leaked: * -> /memfd:leaked*"])

@@ -1,0 +1,42 @@
+"""Testing tools: nested devices, a message tracer, fault injection and pytest fixtures.
+
+See docs/testing.md. The pytest fixtures live in :mod:`vfiouser_trio.testing.fixtures`
+(registered by the plugin :mod:`vfiouser_trio.testing.plugin`); importing this package does
+not import pytest.
+"""
+
+from .faults import (
+    Corrupt,
+    Delay,
+    Disconnect,
+    Drop,
+    Fault,
+    Reorder,
+    set_header,
+    set_payload,
+)
+from .hooks import Direction, HookChain, chain
+from .nested import FdLeakError, NestedDevice, NestedDeviceFactory, fd_table, nested_device
+from .tracer import ErrorReply, Tracer, TraceRecord
+
+__all__ = [
+    "Corrupt",
+    "Delay",
+    "Direction",
+    "Disconnect",
+    "Drop",
+    "ErrorReply",
+    "Fault",
+    "FdLeakError",
+    "HookChain",
+    "NestedDevice",
+    "NestedDeviceFactory",
+    "Reorder",
+    "TraceRecord",
+    "Tracer",
+    "chain",
+    "fd_table",
+    "nested_device",
+    "set_header",
+    "set_payload",
+]

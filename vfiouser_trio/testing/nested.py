@@ -1,0 +1,249 @@
+"""A device and a client in one trio program: the device served in the caller's nursery.
+
+    async with nested_device(MyDevice()) as pair:
+        assert await pair.client.read(PciRegion.BAR0, 0, 4) == b"\\x2a\\0\\0\\0"
+        assert pair.device.reads == 1          # the device object itself, to poke at
+        print(pair.tracer)                      # every message so far
+
+The device is served over a socket pair (or, with ``path=True``, on a socket file in a
+temporary directory that the client connects to by name; further clients connecting there
+are refused with EBUSY, as ``serve()`` does). The client is connected and has
+negotiated before the body runs. On exit the client closes, the device's session ends as it
+would for a real disconnect (DMA maps and IRQ fds dropped, device state kept), and the number
+of open file descriptors is compared with the number before: more is a leak, reported as
+:class:`FdLeakError` (``check_fds=False`` turns this off). The device itself is not closed:
+the test may still inspect it, and closes it when it wants its memory back.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+from ..client import Client, connect
+from ..engine import ConnectionHooks
+from ..ordering import OrderingPolicy
+from ..server.device import Device
+from ..server.listener import accept, create_listener
+from ..server.serve import DeviceServer
+from .hooks import chain, close_hooks
+from .tracer import Tracer
+
+__all__ = [
+    "Faults",
+    "FdLeakError",
+    "NestedDevice",
+    "NestedDeviceFactory",
+    "fd_table",
+    "nested_device",
+]
+
+#: One fault hook or several (applied in the order given, from the client outwards).
+Faults = ConnectionHooks | Sequence[ConnectionHooks]
+
+
+#: The type of the device a nested device serves.
+D = TypeVar("D", bound=Device)
+
+
+@dataclass(frozen=True, slots=True)
+class NestedDevice(Generic[D]):
+    """A device and the client connected to it."""
+
+    #: The connected, negotiated client.
+    client: Client
+    #: The device object being served (the one passed in).
+    device: D
+    #: Records every message on the client's connection.
+    tracer: Tracer
+    #: The socket file the client connected to (``path=True``), else None.
+    path: str | None = None
+
+
+class FdLeakError(AssertionError):
+    """More file descriptors were open after the nested device closed than before it."""
+
+    def __init__(self, before: Mapping[int, str], after: Mapping[int, str]) -> None:
+        #: fd -> what it refers to, for the fds open now that were not open before.
+        self.leaked = {fd: target for fd, target in after.items() if before.get(fd) != target}
+        count = len(after) - len(before)
+        listing = ", ".join(f"{fd} -> {target}" for fd, target in sorted(self.leaked.items()))
+        super().__init__(f"{count} file descriptor(s) leaked: {listing}")
+
+
+def fd_table() -> dict[int, str]:
+    """The process's open fds and what each refers to (from /proc/self/fd)."""
+    table = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the directory listing's own fd, closed by now
+            continue
+    return table
+
+
+def _check_fds(before: Mapping[int, str]) -> None:
+    after = fd_table()
+    if len(after) > len(before):
+        gc.collect()  # sockets only unreferenced in a cycle are not leaks
+        after = fd_table()
+    if len(after) > len(before):
+        raise FdLeakError(before, after)
+
+
+@asynccontextmanager
+async def nested_device(
+    device: D,
+    *,
+    twin_socket: bool = True,
+    policy: OrderingPolicy | None = None,
+    tracer: Tracer | None = None,
+    faults: Faults | None = None,
+    path: bool = False,
+    check_fds: bool = True,
+) -> AsyncIterator[NestedDevice[D]]:
+    """Serve ``device`` and connect a client to it for the ``async with`` body.
+
+    ``twin_socket``: the client proposes (and the server grants) a twin socket for the
+    device's DMA requests. ``policy``: the device side's ordering policy (SpecOrder when
+    None). ``tracer``: records the client's connection (a fresh one when None). ``faults``:
+    fault hooks on the client's connection, between the client and the tracer, so the trace
+    shows what really crossed the socket. ``path``: serve on a socket file instead of a
+    socket pair. ``check_fds``: raise :class:`FdLeakError` on exit if fds leaked.
+    """
+    before = fd_table() if check_fds else None
+    tracer = tracer if tracer is not None else Tracer()
+    fault_hooks = [faults] if isinstance(faults, ConnectionHooks) else list(faults or ())
+    hooks = chain(*fault_hooks, tracer)
+    # An exception from the body is re-raised outside the nursery, unwrapped.
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            server = DeviceServer(device, offer_twin_socket=twin_socket, policy=policy)
+            session_over = trio.Event()
+
+            async def serve_pair(sock: socket.socket) -> None:
+                try:
+                    await server.serve_connection(sock)
+                finally:
+                    session_over.set()
+
+            socket_path: str | None = None
+            target: str | socket.socket
+            if path:
+                socket_path = await nursery.start(_listen, server, serve_pair)
+                target = socket_path
+            else:
+                target, server_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                nursery.start_soon(serve_pair, server_sock)
+            nursery.start_soon(device.run)
+            try:
+                async with connect(target, twin_socket=twin_socket, hooks=hooks) as client:
+                    yield NestedDevice(client, device, tracer, socket_path)
+            finally:
+                close_hooks(hooks)
+            # The client is gone: let the device see it go as it would a real disconnect.
+            await session_over.wait()
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
+    if before is not None:
+        _check_fds(before)
+
+
+async def _listen(
+    server: DeviceServer,
+    serve_pair: Callable[[socket.socket], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on a fresh socket file until cancelled.
+
+    The first client is the pair's; later ones are served as ``serve()`` would (refused with
+    EBUSY while the first is attached).
+    """
+    directory = tempfile.mkdtemp(prefix="vfiouser-")
+    try:
+        listener = create_listener(os.path.join(directory, "device.sock"))
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(os.fspath(listener.path))
+                nursery.start_soon(serve_pair, await accept(listener.sock))
+                while True:
+                    nursery.start_soon(server.serve_connection, await accept(listener.sock))
+        finally:
+            listener.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class NestedDeviceFactory:
+    """Starts nested devices in a nursery: ``pair = await factory(device, **options)``.
+
+    What the ``vfio_pair`` fixture yields. Takes the options of :func:`nested_device`. Every
+    pair runs until :meth:`aclose` (the end of the test); pairs are closed in reverse order of
+    creation, each checked for fd leaks. ``on_tracer(label, tracer)`` is told of each pair's
+    tracer.
+    """
+
+    def __init__(
+        self, nursery: trio.Nursery, *, on_tracer: Callable[[str, Tracer], None] | None = None
+    ) -> None:
+        self._nursery = nursery
+        self._on_tracer = on_tracer
+        self._running: list[tuple[trio.Event, trio.Event]] = []
+
+    async def __call__(
+        self,
+        device: D,
+        *,
+        twin_socket: bool = True,
+        policy: OrderingPolicy | None = None,
+        tracer: Tracer | None = None,
+        faults: Faults | None = None,
+        path: bool = False,
+        check_fds: bool = True,
+    ) -> NestedDevice[D]:
+        tracer = tracer if tracer is not None else Tracer()
+        if self._on_tracer is not None:
+            self._on_tracer(f"{type(device).__name__} #{len(self._running)}", tracer)
+        stop, stopped = trio.Event(), trio.Event()
+
+        async def run(*, task_status: trio.TaskStatus[NestedDevice[D]]) -> None:
+            try:
+                async with nested_device(
+                    device,
+                    twin_socket=twin_socket,
+                    policy=policy,
+                    tracer=tracer,
+                    faults=faults,
+                    path=path,
+                    check_fds=check_fds,
+                ) as pair:
+                    task_status.started(pair)
+                    await stop.wait()
+            finally:
+                stopped.set()
+
+        pair: NestedDevice[D] = await self._nursery.start(run)
+        self._running.append((stop, stopped))
+        return pair
+
+    async def aclose(self) -> None:
+        """Close every pair, newest first (so each one's fd check sees only its own fds)."""
+        while self._running:
+            stop, stopped = self._running.pop()
+            stop.set()
+            await stopped.wait()

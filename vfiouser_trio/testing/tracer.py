@@ -1,0 +1,399 @@
+"""A recording tracer: every message of a connection, both ways, for assertions and debugging.
+
+Install it as (or in a :func:`~vfiouser_trio.testing.hooks.chain` of) the connection's hooks::
+
+    tracer = Tracer()
+    async with open_connection(sock, handler=..., hooks=tracer) as conn:
+        ...
+    [read] = tracer.commands(Command.REGION_READ)
+    assert read.decode() == RegionReadRequest(0, 0, 4)
+    print(tracer)                    # one line per message
+
+Recording costs one small record per message: payload bytes are kept by reference and
+decoding and formatting happen only when asked for. A connection without hooks pays nothing.
+One tracer records one connection (the side it is installed on): ``SENT`` is what that side
+sent, ``RECEIVED`` what it received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno as _errno
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+import trio
+
+from ..engine import Connection, ConnectionHooks, Forward, FramingError, Link
+from ..protocol.constants import Command
+from ..protocol.errors import ProtocolError
+from ..protocol.framing import BrokenStream, Frame, OversizedFrame
+from ..protocol.header import Header
+from ..protocol.message import Message, Request
+from ..protocol.registry import decode_reply, decode_request
+from .hooks import Direction
+
+__all__ = ["ErrorReply", "FramingRecord", "TraceRecord", "Tracer"]
+
+#: The fd placeholder decoded messages carry: a tracer never keeps the real fds.
+PLACEHOLDER_FD = -1
+
+
+def command_name(command: int) -> str:
+    """``REGION_READ`` for a known command number, ``command 99`` for an unknown one."""
+    try:
+        return Command(command).name
+    except ValueError:
+        return f"command {command}"
+
+
+def _as_command(command: int) -> Command | int:
+    try:
+        return Command(command)
+    except ValueError:
+        return command
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """What an error reply decodes to: the command it answers and the errno it carries."""
+
+    command: Command | int
+    errno: int
+
+    @property
+    def errno_name(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """One message as it passed the tracer."""
+
+    #: Position in the tracer (counts framing records too).
+    index: int
+    #: ``trio.current_time()`` when the message passed.
+    time: float
+    #: Seconds since the tracer started.
+    elapsed: float
+    link: Link
+    direction: Direction
+    header: Header
+    payload: bytes = dataclasses.field(repr=False)
+    fd_count: int
+    #: For a reply: the record of the request it answers, when the tracer saw it.
+    request: TraceRecord | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def command(self) -> Command | int:
+        return _as_command(self.header.command)
+
+    @property
+    def msg_id(self) -> int:
+        return self.header.msg_id
+
+    @property
+    def is_reply(self) -> bool:
+        return self.header.is_reply
+
+    @property
+    def is_error(self) -> bool:
+        return self.header.is_reply and self.header.is_error
+
+    @property
+    def errno(self) -> int:
+        """The errno of an error reply, else 0."""
+        return self.header.error if self.is_error else 0
+
+    def decode(self) -> Message | ErrorReply:
+        """The typed message (request or reply), or an :class:`ErrorReply`.
+
+        fds in the result are placeholders (-1): the tracer does not keep them. A reply is
+        checked against its request when the tracer saw that. Raises ProtocolError for a
+        message that does not decode (unknown command, malformed payload).
+        """
+        header = self.header
+        fds = [PLACEHOLDER_FD] * self.fd_count
+        if not header.is_reply:
+            return decode_request(header.command, self.payload, fds)
+        if header.is_error:
+            return ErrorReply(self.command, header.error)
+        request = self._request_message()
+        if request is not None:
+            return request.parse_reply(self.payload, fds)
+        return decode_reply(header.command, self.payload, fds)
+
+    def _request_message(self) -> Request | None:
+        if self.request is None:
+            return None
+        try:
+            return decode_request(
+                self.request.header.command,
+                self.request.payload,
+                [PLACEHOLDER_FD] * self.request.fd_count,
+            )
+        except ProtocolError:
+            return None
+
+    def __str__(self) -> str:
+        header = self.header
+        words = [f"+{self.elapsed:.6f}", self.link.value, self.direction.arrow]
+        words.append(command_name(header.command))
+        if header.is_reply:
+            words.append("error" if header.is_error else "reply")
+        words.append(f"id={header.msg_id}")
+        if header.is_reply and header.is_error:
+            words.append(_errno.errorcode.get(header.error, str(header.error)))
+        else:
+            words.append(self._describe_body())
+        if header.no_reply:
+            words.append("no_reply")
+        if self.fd_count:
+            words.append(f"fds={self.fd_count}")
+        return " ".join(w for w in words if w)
+
+    def _describe_body(self) -> str:
+        try:
+            message = self.decode()
+        except ProtocolError as exc:
+            return f"<undecodable: {exc.message}> payload={_format_bytes(self.payload)}"
+        return _describe_fields(message)
+
+
+@dataclass(frozen=True, slots=True)
+class FramingRecord:
+    """A framing problem the tracer was told about (oversized frame, stray fds, broken stream)."""
+
+    index: int
+    time: float
+    elapsed: float
+    link: Link
+    event: FramingError
+
+    def __str__(self) -> str:
+        event = self.event
+        if isinstance(event, BrokenStream):
+            what = f"broken stream: {event.reason}"
+        elif isinstance(event, OversizedFrame):
+            header = event.header
+            what = f"oversized {command_name(header.command)} id={header.msg_id}"
+            what += f" msg_size={header.msg_size}"
+        else:
+            what = f"{event.count} stray fds"
+        return f"+{self.elapsed:.6f} {self.link.value} ! {what}"
+
+
+class Tracer(ConnectionHooks):
+    """Records every message of the connection it is installed on (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._entries: list[TraceRecord | FramingRecord] = []
+        self._records: list[TraceRecord] = []
+        #: Requests awaiting their reply, by (direction they went, message ID).
+        self._open: dict[tuple[Direction, int], TraceRecord] = {}
+        self._lot = trio.lowlevel.ParkingLot()
+        #: Time zero of ``elapsed``: when the tracer was created inside trio, else its first
+        #: record.
+        self.start: float | None
+        try:
+            self.start = trio.current_time()
+        except RuntimeError:
+            self.start = None
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def on_send(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self._record(link, Direction.SENT, frame)
+        forward(frame)
+
+    def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self._record(link, Direction.RECEIVED, frame)
+        forward(frame)
+
+    def on_framing_error(self, conn: Connection, link: Link, event: FramingError) -> None:
+        now, elapsed = self._now()
+        self._entries.append(FramingRecord(len(self._entries), now, elapsed, link, event))
+
+    def _now(self) -> tuple[float, float]:
+        now = trio.current_time()
+        if self.start is None:
+            self.start = now
+        return now, now - self.start
+
+    def _record(self, link: Link, direction: Direction, frame: Frame) -> None:
+        header = frame.header
+        request = None
+        if header.is_reply:
+            answered = Direction.RECEIVED if direction is Direction.SENT else Direction.SENT
+            request = self._open.pop((answered, header.msg_id), None)
+        now, elapsed = self._now()
+        record = TraceRecord(
+            len(self._entries),
+            now,
+            elapsed,
+            link,
+            direction,
+            header,
+            frame.payload,
+            len(frame.fds),
+            request,
+        )
+        if header.is_command and not header.no_reply:
+            self._open[(direction, header.msg_id)] = record
+        self._entries.append(record)
+        self._records.append(record)
+        if self._lot:
+            self._lot.unpark_all()
+
+    # --- reading -------------------------------------------------------------------------
+
+    @property
+    def records(self) -> list[TraceRecord]:
+        """Every message, in the order it passed."""
+        return list(self._records)
+
+    @property
+    def framing_errors(self) -> list[FramingRecord]:
+        return [e for e in self._entries if isinstance(e, FramingRecord)]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[TraceRecord]:
+        return iter(list(self._records))
+
+    def __getitem__(self, index: int) -> TraceRecord:
+        return self._records[index]
+
+    def select(
+        self,
+        *commands: int,
+        direction: Direction | None = None,
+        link: Link | None = None,
+        reply: bool | None = None,
+        error: bool | None = None,
+    ) -> list[TraceRecord]:
+        """Records matching every filter given: any of ``commands``, the direction, the link,
+        replies (``reply=True``) or commands (``reply=False``), error replies or not."""
+        return [r for r in self._records if _matches(r, commands, direction, link, reply, error)]
+
+    def commands(
+        self, *commands: int, direction: Direction | None = None, link: Link | None = None
+    ) -> list[TraceRecord]:
+        """Command messages (not replies), optionally only of the given command numbers."""
+        return self.select(*commands, direction=direction, link=link, reply=False)
+
+    def replies(
+        self, *commands: int, direction: Direction | None = None, link: Link | None = None
+    ) -> list[TraceRecord]:
+        """Replies, error replies included."""
+        return self.select(*commands, direction=direction, link=link, reply=True)
+
+    def errors(
+        self, *commands: int, direction: Direction | None = None, link: Link | None = None
+    ) -> list[TraceRecord]:
+        """Error replies."""
+        return self.select(*commands, direction=direction, link=link, error=True)
+
+    def sent(self) -> list[TraceRecord]:
+        return self.select(direction=Direction.SENT)
+
+    def received(self) -> list[TraceRecord]:
+        return self.select(direction=Direction.RECEIVED)
+
+    async def wait_for(
+        self, predicate: Callable[[TraceRecord], bool], *, count: int = 1
+    ) -> list[TraceRecord]:
+        """Wait until ``count`` records satisfy ``predicate``; return the matching records."""
+        while True:
+            found = [r for r in self._records if predicate(r)]
+            if len(found) >= count:
+                await trio.lowlevel.checkpoint()
+                return found
+            await self._lot.park()
+
+    def clear(self) -> None:
+        """Forget every record (requests awaiting replies are forgotten too)."""
+        self._entries.clear()
+        self._records.clear()
+        self._open.clear()
+
+    # --- printing ------------------------------------------------------------------------
+
+    def lines(self) -> list[str]:
+        return [str(entry) for entry in self._entries]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def dump(self, file: TextIO | None = None) -> None:
+        """Print one line per message (to stdout unless ``file`` is given)."""
+        print(self, file=file if file is not None else sys.stdout)
+
+
+def _matches(
+    record: TraceRecord,
+    commands: tuple[int, ...],
+    direction: Direction | None,
+    link: Link | None,
+    reply: bool | None,
+    error: bool | None,
+) -> bool:
+    return (
+        (not commands or record.header.command in commands)
+        and (direction is None or record.direction is direction)
+        and (link is None or record.link is link)
+        and (reply is None or record.is_reply == reply)
+        and (error is None or record.is_error == error)
+    )
+
+
+# --- formatting message fields -----------------------------------------------------------
+
+# Integer fields shown in hex: addresses, offsets, sizes and flag words.
+_HEX_FIELDS = frozenset({"address", "offset", "size", "flags", "mmap_offset"})
+_MAX_SHOWN_BYTES = 16
+_MAX_SHOWN_ITEMS = 4
+
+
+def _describe_fields(message: object, separator: str = " ") -> str:
+    """``region=2 offset=0x0 count=4``: the fields of a message that differ from defaults."""
+    if not dataclasses.is_dataclass(message):
+        return ""
+    words = []
+    for field in dataclasses.fields(message):
+        if field.name == "fds":  # shown as the fd count of the record
+            continue
+        value = getattr(message, field.name)
+        if field.default is not dataclasses.MISSING and value == field.default:
+            continue
+        words.append(f"{field.name}={_format_value(field.name, value)}")
+    return separator.join(words)
+
+
+def _format_value(name: str, value: object) -> str:
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return hex(value) if name in _HEX_FIELDS else str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _format_bytes(bytes(value))
+    if isinstance(value, tuple):
+        shown = [_format_value(name, v) for v in value[:_MAX_SHOWN_ITEMS]]
+        if len(value) > _MAX_SHOWN_ITEMS:
+            shown.append(f"…+{len(value) - _MAX_SHOWN_ITEMS}")
+        return "[" + ", ".join(shown) + "]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return f"{type(value).__name__}({_describe_fields(value, ', ')})"
+    return repr(value)
+
+
+def _format_bytes(data: bytes) -> str:
+    if len(data) <= _MAX_SHOWN_BYTES:
+        return data.hex() if data else "''"
+    return f"<{len(data)} bytes {data[:8].hex()}…>"
