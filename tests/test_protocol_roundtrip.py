@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -244,7 +245,13 @@ def _feature_requests() -> st.SearchStrategy[DeviceFeatureRequest]:
         req(Feature.MIG_DEVICE_STATE | SET, mig_state),
         req(Feature.DMA_LOGGING_START | SET, log_control),
         req(Feature.DMA_LOGGING_STOP | SET, st.just(b"") | log_control),
-        req(Feature.DMA_LOGGING_REPORT | GET, st.builds(DmaLoggingReport, U64, U64, U64)),
+        req(
+            Feature.DMA_LOGGING_REPORT | GET,
+            # Reports whose bitmap cannot fit a 32-bit argsz are refused at construction.
+            st.builds(DmaLoggingReport, U64, U64, U64).filter(
+                lambda r: r.bitmap_size <= 0xFFFFFFFF - 32
+            ),
+        ),
         st.builds(
             DeviceFeatureRequest,
             st.tuples(st.sampled_from(Feature), probe_ops).map(lambda t: t[0] | t[1]),
@@ -387,3 +394,11 @@ def test_mig_data_read_reply_parsed_by_its_request(case: tuple[int, bytes]) -> N
     short = body[: size // 2]
     assert req.parse_reply(req.reply(short).pack()).data == short
     assert req.parse_reply(req.reply(body).pack()).data == body
+
+
+def test_report_request_too_large_for_argsz_is_refused() -> None:
+    report = DmaLoggingReport(0, 1 << 40, 1)  # a 2**37-byte bitmap
+    with pytest.raises(ValueError, match="argsz"):
+        DeviceFeatureRequest.get(Feature.DMA_LOGGING_REPORT, report)
+    with pytest.raises(ValueError, match="argsz"):
+        DeviceFeatureRequest(Feature.MIGRATION | GET, b"", 1 << 32)

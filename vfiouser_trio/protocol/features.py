@@ -218,6 +218,9 @@ def _decode_control(cls: type[Message], data: Buffer) -> DmaLoggingControl:
     return DmaLoggingControl(page_size, ranges)
 
 
+_U32_MAX = 0xFFFFFFFF
+
+
 def _expected_get_size(feature: int, data: FeatureData) -> int:
     """Feature data size of a GET reply (used for a request's default argsz)."""
     if feature in (Feature.MIGRATION, Feature.MIG_DEVICE_STATE):
@@ -285,6 +288,11 @@ class DeviceFeatureRequest(Request):
             else:
                 size = len(_pack_data(self.data))
             object.__setattr__(self, "argsz", FEATURE_HEADER_SIZE + size)
+        assert self.argsz is not None
+        if not 0 <= self.argsz <= _U32_MAX:
+            # A DMA_LOGGING_REPORT over a huge range at a tiny page size needs a bitmap no
+            # reply can describe: the caller must ask for smaller ranges.
+            raise ValueError(f"argsz {self.argsz} does not fit the 32-bit field: ask for less")
 
     @classmethod
     def get(cls, feature: int, data: FeatureData = b"") -> DeviceFeatureRequest:
