@@ -57,6 +57,14 @@ from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.migration import MigrationRefused
+from vfiouser_trio.server.migration_stream import (
+    HEADER,
+    RECORD,
+    FrameworkState,
+    StreamDecoder,
+    build_stream,
+    split_stream,
+)
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve_connection
 
@@ -222,6 +230,17 @@ async def read_stream(conn: Connection, step: int) -> bytes:
             return bytes(data)
 
 
+def wrap(device: Device, payload: bytes) -> bytes:
+    """A whole migration stream for ``device`` carrying ``payload`` as its own state."""
+    framework = FrameworkState.capture(device.config, device.irqs, msix_table_driven=False)
+    return build_stream(device.identity, payload, framework)
+
+
+def payload_of(stream: bytes) -> bytes:
+    """The device's own bytes in a whole stream."""
+    return split_stream(stream)[0]
+
+
 async def write_stream(conn: Connection, data: bytes, step: int) -> None:
     for pos in range(0, len(data), step):
         assert await raw_payload(conn, MigDataWriteRequest(data[pos : pos + step])) == b""
@@ -275,7 +294,12 @@ async def test_get_migration_and_device_state_sizes(pre_copy: bool) -> None:
         get_state_req = DeviceFeatureRequest.get(Feature.MIG_DEVICE_STATE)
         payload = await raw_payload(conn, get_state_req)
         assert len(payload) == 8 + 8
-        assert struct.unpack("=IIIi", payload) == (16, get_state_req.flags, S.RUNNING, -1)
+        assert struct.unpack("=IIIi", payload) == (
+            16,
+            get_state_req.flags,
+            S.RUNNING,
+            -1,
+        )
 
         request = set_state(S.STOP)
         payload = await raw_payload(conn, request)
@@ -331,7 +355,7 @@ async def test_transitions_run_the_arcs_and_their_hooks() -> None:
         await to_state(conn, S.RESUMING)  # RUNNING -> STOP -> RESUMING
         assert device.calls == ["stop", "begin_resume"]
         device.calls.clear()
-        await write_stream(conn, struct.pack("<QI", 5, 0), 64)
+        await write_stream(conn, wrap(device, struct.pack("<QI", 5, 0)), 64)
         await to_state(conn, S.RUNNING)  # RESUMING -> STOP -> RUNNING
         assert device.calls == ["end_resume", "run"] and device.count == 5
         device.calls.clear()
@@ -415,7 +439,7 @@ async def test_invalid_incoming_state_fails_the_end_of_resume() -> None:
     device = Counter()
     async with session(device) as conn:
         await to_state(conn, S.RESUMING)
-        await write_stream(conn, struct.pack("<QI", 1, 100) + b"short", 64)
+        await write_stream(conn, wrap(device, struct.pack("<QI", 1, 100) + b"short"), 64)
         await expect_errno(conn, set_state(S.RUNNING), errno.EIO)
         assert await get_state(conn) == S.ERROR and device.count == 0
     device.close()
@@ -425,7 +449,9 @@ async def test_invalid_incoming_state_fails_the_end_of_resume() -> None:
 
 
 @pytest.mark.parametrize("stopped", [S.STOP, S.STOP_COPY])
-async def test_stopped_device_accepts_only_region_access_and_features(stopped: MigState) -> None:
+async def test_stopped_device_accepts_only_region_access_and_features(
+    stopped: MigState,
+) -> None:
     device = Counter()
     async with session(device) as conn:
         await to_state(conn, stopped)
@@ -433,7 +459,11 @@ async def test_stopped_device_accepts_only_region_access_and_features(stopped: M
         map_request, guest = memfd_map(PAGE)
         eventfd = os.eventfd(0, os.EFD_CLOEXEC)
         irq = SetIrqsRequest(
-            PciIrq.MSIX, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 1, fds=(eventfd,)
+            PciIrq.MSIX,
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            fds=(eventfd,),
         )
         for request in (
             map_request,
@@ -462,7 +492,7 @@ async def test_mig_data_only_in_the_states_that_allow_it() -> None:
         for state in (S.RUNNING, S.STOP, S.RESUMING):
             await to_state(conn, state)
             await expect_errno(conn, MigDataReadRequest(16), errno.EINVAL)
-        valid = struct.pack("<QI", 0, SCRATCH) + bytes(SCRATCH)
+        valid = wrap(device, struct.pack("<QI", 0, SCRATCH) + bytes(SCRATCH))
         await write_stream(conn, valid, 1 << 16)  # so that RESUMING can be left
         for state in (S.RUNNING, S.PRE_COPY, S.STOP_COPY, S.STOP):
             await to_state(conn, state)
@@ -471,7 +501,11 @@ async def test_mig_data_only_in_the_states_that_allow_it() -> None:
         await to_state(conn, S.RESUMING)
         eventfd = os.eventfd(0, os.EFD_CLOEXEC)
         irq = SetIrqsRequest(
-            PciIrq.MSIX, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 1, fds=(eventfd,)
+            PciIrq.MSIX,
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            fds=(eventfd,),
         )
         assert await raw_payload(conn, irq) == b""
         os.close(eventfd)
@@ -497,7 +531,7 @@ async def test_migration_between_two_servers() -> None:
         await to_state(src, S.STOP_COPY)
         await to_state(dst, S.RESUMING)
         stream = await read_stream(src, 4096)
-        assert len(stream) == 12 + SCRATCH
+        assert len(payload_of(stream)) == 12 + SCRATCH
         assert await raw_payload(src, MigDataReadRequest(64)) == struct.pack("=II", 8, 0) + bytes(
             64
         )  # drained: every further read is empty
@@ -519,13 +553,14 @@ async def test_simple_api_save_state_and_load_state() -> None:
     async with session(source) as src, session(target) as dst:
         await to_state(src, S.STOP_COPY)
         stream = await read_stream(src, 3)
-        assert stream == (0xCAFE).to_bytes(4, "little")
+        assert payload_of(stream) == (0xCAFE).to_bytes(4, "little")
         await to_state(dst, S.RESUMING)
         await write_stream(dst, stream, 1)
         await to_state(dst, S.RUNNING)
         assert target.value == 0xCAFE
-        # An empty stream is invalid for this device: load_state refuses it.
+        # An empty state is invalid for this device: load_state refuses it.
         await to_state(dst, S.RESUMING)
+        await write_stream(dst, wrap(target, b""), 64)
         await expect_errno(dst, set_state(S.STOP), errno.EIO)
         assert await get_state(dst) == S.ERROR
     source.close()
@@ -537,16 +572,21 @@ async def test_pre_copy_stream_then_stop_copy() -> None:
     device.precopy = [b"early-1|", b"", b"early-2|"]  # b"": nothing more for now
     device.scratch[:4] = b"last"
     async with session(device) as conn:
+        decoder = StreamDecoder()  # the device's bytes out of the stream's pieces
+
+        def device_bytes(data: bytes) -> bytes:
+            return b"".join(decoder.feed(data))
+
         await to_state(conn, S.PRE_COPY)
-        first = await read_stream(conn, 64)
+        first = device_bytes(await read_stream(conn, 64))
         assert first == b"early-1|"
         # The device still runs in PRE_COPY: region writes count.
         await conn.request(RegionWriteRequest(0, 0, (9).to_bytes(8, "little")))
-        second = await read_stream(conn, 5)
+        second = device_bytes(await read_stream(conn, 5))
         assert second == b"early-2|"
         assert await read_stream(conn, 64) == b""  # pre-copy data exhausted
         await to_state(conn, S.STOP_COPY)
-        rest = await read_stream(conn, 4096)
+        rest = device_bytes(await read_stream(conn, 4096))
         assert rest[:12] == struct.pack("<QI", 9, SCRATCH) and rest[12:16] == b"last"
         await to_state(conn, S.STOP)
     device.close()
@@ -557,11 +597,14 @@ async def test_leftover_pre_copy_bytes_lead_the_stop_copy_stream() -> None:
     device.precopy = [b"0123456789"]
     async with session(device) as conn:
         await to_state(conn, S.PRE_COPY)
-        payload = await raw_payload(conn, MigDataReadRequest(4))
-        assert payload == struct.pack("=II", 12, 4) + b"0123"
+        size = HEADER.size + RECORD.size + 4  # the header, then 4 bytes of the device's
+        payload = await raw_payload(conn, MigDataReadRequest(size))
+        assert payload[:8] == struct.pack("=II", 8 + size, size) and payload.endswith(b"0123")
         await to_state(conn, S.STOP_COPY)
         rest = await read_stream(conn, 4096)
-        assert rest[:6] == b"456789" and rest[6:18] == struct.pack("<QI", 0, SCRATCH)
+        assert rest[:6] == b"456789"  # the rest of the pre-copy record comes first
+        device_bytes = payload_of(payload[8:] + rest)
+        assert device_bytes[:22] == b"0123456789" + struct.pack("<QI", 0, SCRATCH)
     device.close()
 
 
@@ -573,13 +616,14 @@ async def test_a_failing_save_stream_breaks_reads_until_a_new_stream() -> None:
 
     device = Broken()
     async with session(device) as conn:
+        ok = HEADER.size + RECORD.size + 2  # the stream's header, then the device's b"ok"
         await to_state(conn, S.STOP_COPY)
-        assert (await raw_payload(conn, MigDataReadRequest(2)))[8:] == b"ok"
+        assert (await raw_payload(conn, MigDataReadRequest(ok))).endswith(b"ok")
         await expect_errno(conn, MigDataReadRequest(2), errno.EIO)
         await expect_errno(conn, MigDataReadRequest(2), errno.EIO)
         await to_state(conn, S.STOP)  # abandons the stream
         await to_state(conn, S.STOP_COPY)  # a fresh one
-        assert (await raw_payload(conn, MigDataReadRequest(2)))[8:] == b"ok"
+        assert (await raw_payload(conn, MigDataReadRequest(ok))).endswith(b"ok")
     device.close()
 
 

@@ -49,6 +49,13 @@ bus mastering off in the command register, the device does no DMA (ERR_NO_BUS_MA
 
 Copies between fd-backed DMA maps use zero-copy views; anything else goes through
 DmaTable.read/write, i.e. DMA_READ/DMA_WRITE messages for maps without an fd.
+
+The engine migrates (STOP_COPY; its state is a few registers, nothing to pre-copy).
+Stopping it quiesces the ring: the descriptor being copied completes (and a batch that
+completed anything raises its interrupt, as a batch does), then the engine parks with
+HEAD at the next descriptor. `DmaEngineState` is what travels; the ring and the data
+are guest memory, which the client moves. On the destination the engine continues
+from the saved HEAD once it runs.
 """
 
 from __future__ import annotations
@@ -135,6 +142,26 @@ class DmaEngineState:
 
     _FORMAT = struct.Struct("<IIQ7I")
 
+    @classmethod
+    def load(cls, data: bytes) -> DmaEngineState:
+        """A saved state, checked: ValueError for bytes the engine could not have saved."""
+        if len(data) != cls._FORMAT.size:
+            raise ValueError(f"an engine state is {cls._FORMAT.size} bytes, not {len(data)}")
+        s = cls.unpack(data)
+        problems = [
+            (s.control & ~(CONTROL_ENABLE | CONTROL_IRQ_ENABLE), "unknown CONTROL bits"),
+            (s.status & ~(STATUS_ERROR | STATUS_COMPLETION), "unknown STATUS bits"),
+            (s.ring_base % RING_ALIGN, "a misaligned ring"),
+            (s.ring_size > MAX_RING_SIZE, "a ring above the maximum size"),
+            (s.head >= max(s.ring_size, 1), "HEAD outside the ring"),
+            (s.error_code > ERR_NO_BUS_MASTER, "an unknown error code"),
+            (s.error_index >= MAX_RING_SIZE, "an error index outside any ring"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ValueError(f"engine state with {what}")
+        return s
+
     def pack(self) -> bytes:
         return self._FORMAT.pack(
             self.control,
@@ -172,10 +199,17 @@ class DmaEngine(Device):
         super().__init__(IDENTITY, name="dmaengine")
         self.state = DmaEngineState()
         self._work: trio.CancelScope | None = None
+        # Migration quiesce: set while the engine may work; a batch in flight holds
+        # _idle clear.
+        self._unparked = trio.Event()
+        self._unparked.set()
+        self._idle = trio.Event()
+        self._idle.set()
         self.add_bar(REGISTER_BAR, REGISTER_BAR_SIZE, read=self.read_bar0, write=self.write_bar0)
         self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, read=self._read_zeros, write=self._ignore)
         self.add_msix(1, bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET)
         self.doorbell = self.add_doorbell(REGISTER_BAR, TAIL, size=4)
+        self.enable_migration()
 
     # --- registers -----------------------------------------------------------------------
 
@@ -256,9 +290,21 @@ class DmaEngine(Device):
         """Wait for the doorbell (ioeventfd or TAIL write), then work through the ring."""
         while True:
             await self.doorbell.wait()
-            with trio.CancelScope() as self._work:
-                await self.process_ring()
-            self._work = None
+            # Parked for a migration (or held after a reset while stopped): wait to run.
+            while self._parked or self.dma.stopped:
+                await self._unparked.wait()
+                await self.dma.wait_running()
+            self._idle = trio.Event()
+            try:
+                with trio.CancelScope() as self._work:
+                    await self.process_ring()
+            finally:
+                self._work = None
+                self._idle.set()
+
+    @property
+    def _parked(self) -> bool:
+        return not self._unparked.is_set()
 
     async def process_ring(self) -> int:
         """Process valid descriptors from HEAD on, at most one lap; returns how many completed."""
@@ -266,6 +312,10 @@ class DmaEngine(Device):
         done = 0
         faulted = False
         while s.control & CONTROL_ENABLE and s.ring_size:
+            if self._parked:
+                # Stopping for a migration: the rest waits for the engine to run again.
+                self.doorbell.ring()
+                break
             if done == s.ring_size:
                 # One lap per batch, so the driver hears from us; come back for the rest.
                 self.doorbell.ring()
@@ -356,3 +406,26 @@ class DmaEngine(Device):
         if self._work is not None:
             self._work.cancel()
         self.state = DmaEngineState()
+        # Also the way out of a failed migration (ERROR -> DEVICE_RESET -> RUNNING); the
+        # run loop still waits for DMA to be allowed.
+        self._unparked.set()
+
+    # --- migration -----------------------------------------------------------------------
+
+    async def on_stop(self) -> None:
+        """Quiesce: the descriptor being copied completes, then the engine parks."""
+        if not self._parked:
+            self._unparked = trio.Event()
+        await self._idle.wait()
+
+    async def on_run(self) -> None:
+        """Unpark, and look at the ring: work may be waiting (always, on a destination)."""
+        self._unparked.set()
+        if self.state.control & CONTROL_ENABLE:
+            self.doorbell.ring()
+
+    async def save_state(self) -> bytes:
+        return self.state.pack()
+
+    async def load_state(self, data: bytes) -> None:
+        self.state = DmaEngineState.load(data)

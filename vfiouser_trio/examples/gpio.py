@@ -32,6 +32,12 @@ input filters are register state only: inputs here change when `set_inputs` says
 
 The inputs are wired to the outside world, so `set_inputs` / `set_input` change
 them (a demo, a test) and a reset leaves them as they are.
+
+The card migrates (STOP_COPY): its `GpioState` is the device's part of the stream,
+outputs, inputs, IRQ enable, the latched interrupt and the filters. The framework moves
+the rest: the status register's interrupt bit, and INTx's masked / pending bits, so an
+interrupt latched (or raised while stopped) on the source is still owed on the
+destination.
 """
 
 from __future__ import annotations
@@ -91,6 +97,19 @@ class GpioState:
     def unpack(cls, data: bytes) -> GpioState:
         return cls(*cls._FORMAT.unpack(data))
 
+    @classmethod
+    def load(cls, data: bytes) -> GpioState:
+        """A saved state, checked: ValueError for bytes the card could not have saved."""
+        if len(data) != cls._FORMAT.size:
+            raise ValueError(f"a gpio state is {cls._FORMAT.size} bytes, not {len(data)}")
+        state = cls.unpack(data)
+        known = IRQ_STATUS_INPUTS_0_7 | IRQ_STATUS_INPUTS_8_15 | IRQ_STATUS_PENDING
+        if state.irq_status & ~known:
+            raise ValueError(f"unknown interrupt status bits {state.irq_status:#x}")
+        if state.irq_status and not state.irq_status & IRQ_STATUS_PENDING:
+            raise ValueError(f"interrupt status {state.irq_status:#x} without its pending bit")
+        return state
+
 
 class GpioDevice(Device):
     """The PCI-IDIO-16, with the identity libvfio-user's gpio sample uses."""
@@ -100,6 +119,7 @@ class GpioDevice(Device):
         self.state = GpioState()
         self.add_bar(BAR, BAR_SIZE, read=self.read_bar2, write=self.write_bar2, io=True)
         self.add_intx(InterruptPin.INTA)
+        self.enable_migration()
 
     # --- the outside world ---------------------------------------------------------------
 
@@ -195,3 +215,11 @@ class GpioDevice(Device):
         # The inputs are whatever the field wiring says; everything else powers up clear.
         self.state = GpioState(inputs=self.state.inputs)
         self.config.set_interrupt_status(False)
+
+    # --- migration -----------------------------------------------------------------------
+
+    async def save_state(self) -> bytes:
+        return self.state.pack()
+
+    async def load_state(self, data: bytes) -> None:
+        self.state = GpioState.load(data)

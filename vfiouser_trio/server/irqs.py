@@ -44,6 +44,10 @@ DEFAULT_IRQ_FLAGS: dict[int, int] = {
     PciIrq.REQ: IRQ_INFO_EVENTFD,
 }
 
+#: Bits of one vector in ``IrqIndex.save_state()``.
+IRQ_STATE_MASKED = 0x1
+IRQ_STATE_PENDING = 0x2
+
 #: Returns True when the vector may be delivered now; False holds it pending.
 Gate = Callable[[int], bool]
 
@@ -277,6 +281,34 @@ class IrqIndex:
         finally:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+
+    # --- migration ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """One byte per vector: bit 0 masked, bit 1 pending (eventfds are not state)."""
+        return bytes(
+            (IRQ_STATE_MASKED if masked else 0) | (IRQ_STATE_PENDING if pending else 0)
+            for masked, pending in zip(self._masked, self._pending, strict=True)
+        )
+
+    def check_state(self, data: bytes) -> None:
+        """ValueError unless ``data`` could be this index's ``save_state()``."""
+        if len(data) != self.count:
+            raise ValueError(
+                f"IRQ index {self.index}: state for {len(data)} vectors, not {self.count}"
+            )
+        if any(b & ~(IRQ_STATE_MASKED | IRQ_STATE_PENDING) for b in data):
+            raise ValueError(f"IRQ index {self.index}: unknown vector state bits")
+
+    def restore_state(self, data: bytes) -> None:
+        """Load masked / pending bits saved by ``save_state`` (migration).
+
+        Nothing is delivered here: a pending vector goes out when it may (unmasked, gate
+        open, an eventfd assigned), e.g. when a stopped device runs again.
+        """
+        self.check_state(data)
+        self._masked = [bool(b & IRQ_STATE_MASKED) for b in data]
+        self._pending = [bool(b & IRQ_STATE_PENDING) for b in data]
 
     def disable(self) -> None:
         """Drop every eventfd of this index (count-0 SET_IRQS, client disconnect)."""

@@ -37,7 +37,9 @@ STOP -> RUNNING                             IRQs and DMA released; then ``on_run
 RUNNING -> PRE_COPY, STOP -> STOP_COPY      ``on_begin_save``; a new outgoing stream
 PRE_COPY -> RUNNING, STOP_COPY -> STOP      ``on_end_save``; the stream is closed
 STOP -> RESUMING                            incoming data cleared; ``on_begin_resume``
-RESUMING -> STOP                            ``on_end_resume`` (default: ``load_state``)
+RESUMING -> STOP                            the framework's state is restored (below);
+                                            ``on_end_resume`` (default: ``load_state``);
+                                            then the config-space hooks fire once
 ==========================================  ==========================================
 
 During a hook ``self.migration.state`` is still the arc's start state (``on_begin_save``
@@ -52,6 +54,29 @@ the spec forbids in STOP and STOP_COPY (``command_allowed``).
 :class:`SessionMigration` is the session's side: DEVICE_FEATURE (MIGRATION,
 MIG_DEVICE_STATE, DMA_LOGGING_START/STOP/REPORT), MIG_DATA_READ/WRITE and the command
 gate. A device that did not opt in answers every feature with EINVAL.
+
+What travels: the device's stream is wrapped (``migration_stream.py`` has the exact
+layout) so that the framework's state goes with it. The stream is a 24-byte header
+(magic ``b"VUTM"``, version 1, header size, the device's identity: vendor, device,
+subsystem IDs, class code and revision), then records (type u32, length u32, payload):
+DATA records carry the device's chunks (pre-copy and stop-copy alike), one FRAMEWORK
+record the config space image, MSI-X table and PBA and every IRQ vector's masked /
+pending bits (not eventfds: the destination's client assigns its own), and an END
+record the byte count and CRC-32 of everything before it. The framework's part is
+taken when the device's stop-copy stream ends.
+
+The destination checks the stream as it arrives. Data that is wrong (magic, version,
+another device's identity, a config layout or IRQ set that is not ours, records out of
+order, a checksum that does not match, bytes after END) fails the MIG_DATA_WRITE that
+carries it with EINVAL, and then the SET that leaves RESUMING with EINVAL; a stream
+that stops before END fails that SET with EIO. Either way the device is in ERROR.
+Leaving RESUMING, the framework restores its part without running config-write side
+effects (MSI/MSI-X state is re-derived from the image, nothing is delivered), lets the
+device load its own state, then fires each config-space hook once (``command_changed``,
+``bar_changed`` per BAR, ``msi_changed``, ``msix_changed``) so the device sees the
+restored command, BARs and interrupt setup. Interrupts pending on the source stay
+pending and go out once the destination runs, the vector is unmasked and the client
+has assigned an eventfd.
 """
 
 from __future__ import annotations
@@ -97,9 +122,12 @@ from ..protocol.migration_fsm import (
 )
 from ..protocol.region_io import check_xfer_size
 from .dirty import DirtyLog, select_page_size
+from .migration_stream import FrameworkState, StreamDecoder, StreamEncoder
 
 if TYPE_CHECKING:
     from .dma import DmaTable
+    from .irqs import IrqTable
+    from .pci import PciConfigSpace, PciIdentity
 
 __all__ = ["DeviceMigration", "MigrationHooks", "MigrationRefused", "SessionMigration"]
 
@@ -127,10 +155,18 @@ class MigrationHooks:
 
     # Provided by Device.
     name: str
+    identity: PciIdentity
     dma: DmaTable
+    _msix_table_driven: bool
     if TYPE_CHECKING:
 
         def quiesce(self, quiesced: bool) -> None: ...
+
+        @property
+        def config(self) -> PciConfigSpace: ...
+
+        @property
+        def irqs(self) -> IrqTable: ...
 
     def enable_migration(self, *, pre_copy: bool = False) -> None:
         """Declare that the device can migrate (STOP_COPY; PRE_COPY too with ``pre_copy``)."""
@@ -207,6 +243,8 @@ class DeviceMigration:
         self._pending = memoryview(b"")
         self._exhausted = False
         self._broken: VfioUserError | None = None
+        self._encoder = StreamEncoder(device.identity)
+        self._decoder: StreamDecoder | None = None
 
     @property
     def flags(self) -> int:
@@ -271,18 +309,43 @@ class DeviceMigration:
             await self._reset_stream()
         elif arc == Arc(MigState.STOP, MigState.RESUMING):
             self.received.clear()
+            self._decoder = self._new_decoder()
             await device.on_begin_resume()
         elif arc == Arc(MigState.RESUMING, MigState.STOP):
-            await device.on_end_resume()
-            self.received.clear()
+            await self._end_resume()
         else:  # pragma: no cover - the FSM only yields the arcs above
             raise AssertionError(f"unexpected arc {arc}")
+
+    async def _end_resume(self) -> None:
+        """RESUMING -> STOP: framework state, then the device's, then the config hooks."""
+        device = self._device
+        decoder, self._decoder = self._decoder, None
+        framework = (decoder or self._new_decoder()).finish()
+        try:
+            previous_command = framework.restore(device.config, device.irqs)
+        except ValueError as exc:  # checked on arrival: only if the device changed since
+            raise VfioUserError(errno.EINVAL, f"invalid migration data: {exc}") from exc
+        device._msix_table_driven = framework.msix_table_driven
+        await device.on_end_resume()
+        self.received.clear()
+        device.config.announce_restored(previous_command)
+
+    def _new_decoder(self) -> StreamDecoder:
+        device = self._device
+        return StreamDecoder(device.identity, device.config, device.irqs)
+
+    def _capture(self) -> FrameworkState:
+        device = self._device
+        return FrameworkState.capture(
+            device.config, device.irqs, msix_table_driven=device._msix_table_driven
+        )
 
     async def reset(self) -> None:
         """DEVICE_RESET: back to RUNNING from any state, streams dropped, IRQs and DMA released."""
         async with self._lock:
             await self._reset_stream()
             self.received.clear()
+            self._decoder = None
             self.state = MigrationFsm.after_reset()
             self._release()
 
@@ -314,6 +377,7 @@ class DeviceMigration:
         self._pending = memoryview(b"")
         self._exhausted = False
         self._broken = None
+        self._encoder = StreamEncoder(self._device.identity)
 
     # --- the data streams -------------------------------------------------------------
 
@@ -340,9 +404,13 @@ class DeviceMigration:
             return bytes(out)
 
     async def _pull(self) -> bytes:
-        """The next non-empty chunk; b"" at the end (or, in PRE_COPY, for "nothing now")."""
+        """The next non-empty piece of the stream; b"" at the end (or, in PRE_COPY, for
+        "nothing now"). The device's chunks go out as DATA records after the stream's
+        header; the end of its stop-copy chunks adds the framework's state and END."""
         if self._broken is not None:
             raise VfioUserError(self._broken.errno, self._broken.message)
+        if not self._encoder.started:
+            return self._encoder.header()
         while not self._exhausted:
             if self._source is None:
                 device = self._device
@@ -357,6 +425,8 @@ class DeviceMigration:
             except StopAsyncIteration:
                 self._source = None
                 self._exhausted = True
+                if self.state == MigState.STOP_COPY:
+                    return self._encoder.finish(self._capture())
                 break
             except Exception as exc:
                 self._source = None
@@ -366,19 +436,29 @@ class DeviceMigration:
                     log.exception("%s: saving migration data failed", self._device.name)
                     self._broken = VfioUserError(errno.EIO, f"saving the state failed: {exc}")
                 raise VfioUserError(self._broken.errno, self._broken.message) from exc
-            if chunk or self.state == MigState.PRE_COPY:
-                return chunk
+            if chunk:
+                return self._encoder.data(chunk)
+            if self.state == MigState.PRE_COPY:
+                return b""
         return b""
 
     async def write(self, data: bytes) -> None:
-        """Hand the next piece of the incoming stream to the device (RESUMING, else EINVAL)."""
+        """Take the next piece of the incoming stream (RESUMING, else EINVAL).
+
+        The stream is checked as it arrives (EINVAL for invalid data, see the module
+        docstring); the device's own bytes go to its ``load_chunk``.
+        """
         async with self._lock:
             if self.state != MigState.RESUMING:
                 raise VfioUserError(
                     errno.EINVAL, f"migration data cannot be written in {self.state.name}"
                 )
+            if self._decoder is None:
+                self._decoder = self._new_decoder()
+            pieces = self._decoder.feed(data)
             try:
-                await self._device.load_chunk(data)
+                for piece in pieces:
+                    await self._device.load_chunk(piece)
             except VfioUserError:
                 raise
             except Exception as exc:

@@ -174,6 +174,35 @@ class MsixState:
         """The PBA is read-only: in-range writes are ignored, as hardware does."""
         _check_access(offset, len(data), self.pba_size, "MSI-X PBA")
 
+    # --- migration ----------------------------------------------------------------------
+
+    def save_state(self) -> tuple[bytes, bytes]:
+        """(table, PBA) as they read now; enable / function mask live in config space."""
+        return bytes(self._table), self._pending.to_bytes(self.pba_size, "little")
+
+    def check_state(self, table: bytes, pba: bytes) -> None:
+        """ValueError unless ``table`` and ``pba`` could be this table's saved state."""
+        if len(table) != self.table_size or len(pba) != self.pba_size:
+            raise ValueError(
+                f"MSI-X state of {len(table)}+{len(pba)} bytes for {self.vectors} vectors"
+            )
+        if int.from_bytes(pba, "little") >> self.vectors:
+            raise ValueError("MSI-X pending bits beyond the last vector")
+
+    def restore_state(
+        self, table: bytes, pba: bytes, *, enabled: bool, function_masked: bool
+    ) -> None:
+        """Load a saved table and PBA with the capability's control bits (migration).
+
+        Nothing is delivered: held vectors stay pending until a mask is cleared. Bits a
+        client cannot write (reserved vector control bits ...) are dropped from the table.
+        """
+        self.check_state(table, pba)
+        self._table[:] = bytes(b & m for b, m in zip(table, self._write_mask, strict=True))
+        self._pending = int.from_bytes(pba, "little")
+        self._enabled = enabled
+        self._function_masked = function_masked
+
 
 class MsiState:
     """MSI delivery state, read from the MSI capability's registers in config space.

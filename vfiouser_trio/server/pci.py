@@ -484,6 +484,67 @@ class PciConfigSpace:
             raise ValueError(f"{bits:#x} has bits that are not status error bits")
         self._image.put(STATUS, 2, self.status | bits)
 
+    # --- migration --------------------------------------------------------------------
+
+    def save_image(self) -> bytes:
+        """The whole space as it reads now (MSI-X table and PBA: ``msix.save_state()``)."""
+        return bytes(self._image.data)
+
+    def check_image(self, image: bytes) -> None:
+        """ValueError unless ``image`` is a space of this function's size and layout.
+
+        Identity registers, the capability pointer and every capability header must be
+        the same bytes as ours: a saved space from another device or another capability
+        layout is refused.
+        """
+        if len(image) != self.size:
+            raise ValueError(f"a {len(image)}-byte config space, not {self.size}")
+        kinds = self._image.kind
+        fixed = (ByteKind.IDENTITY, ByteKind.CAP_HEADER)
+        for offset, (mine, theirs) in enumerate(zip(self._image.data, image, strict=True)):
+            if (kinds[offset] in fixed or offset == CAPABILITY_POINTER) and mine != theirs:
+                raise ValueError(f"config space differs at {offset:#x}: another device or layout")
+
+    def restore_image(self, image: bytes, *, msix_table: bytes = b"", msix_pba: bytes = b"") -> int:
+        """Replace the whole space with a saved one (migration); returns the old command.
+
+        No write masks and no hooks: MSI reads its state from the image, MSI-X takes the
+        saved table and PBA and re-derives enable / function mask from its control
+        register, and nothing is delivered. Call `announce_restored` once the device's
+        own state is in place too. ValueError (nothing changed) for an image or MSI-X
+        state that does not fit this function.
+        """
+        self.check_image(image)
+        if self.msix is not None:
+            self.msix.check_state(msix_table, msix_pba)
+        elif msix_table or msix_pba:
+            raise ValueError("MSI-X state for a function without MSI-X")
+        previous = self.command
+        self._image.data[:] = image
+        if self.msix is not None:
+            self.msix.restore_state(
+                msix_table,
+                msix_pba,
+                enabled=self.msix_enabled,
+                function_masked=self.msix_function_masked,
+            )
+        return previous
+
+    def announce_restored(self, previous_command: int) -> None:
+        """Fire each hook once after `restore_image`, so observers see the restored state.
+
+        ``command_changed(previous_command, command)``, ``bar_changed`` for every
+        implemented BAR (and the ROM), ``msi_changed`` and ``msix_changed`` when present,
+        whether or not the values differ from before.
+        """
+        self.command_changed.emit(previous_command, self.command)
+        for index, address in self.bar_addresses().items():
+            self.bar_changed.emit(index, address)
+        if self.msi is not None:
+            self.msi_changed.emit(self.msi)
+        if self.msix is not None:
+            self.msix_changed.emit(self.msix_enabled, self.msix_function_masked)
+
     # --- accessors --------------------------------------------------------------------
 
     @property
