@@ -9,42 +9,31 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from raw_client import GuestRam, expect_errno, fd_count, raw_payload, session
 
 from vfiouser_trio.bitmap import bitmap_nbytes
-from vfiouser_trio.engine import Connection, HandlerResult, open_connection
+from vfiouser_trio.engine import Connection
 from vfiouser_trio.protocol import (
-    Capabilities,
     DeviceFeatureRequest,
     DmaLoggingControl,
     DmaLoggingRange,
     DmaLoggingReport,
     DmaMapRequest,
     DmaUnmapRequest,
-    DmaWriteReply,
-    DmaWriteRequest,
     Feature,
-    Request,
-    VersionRequest,
-    decode_request,
 )
 from vfiouser_trio.protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
-from vfiouser_trio.protocol.errors import VfioUserError
-from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.dirty import DirtyLog
 from vfiouser_trio.server.dma import DmaTable
 from vfiouser_trio.server.pci import PciIdentity
-from vfiouser_trio.server.serve import serve_connection
 
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 PAGE = mmap.PAGESIZE
@@ -58,50 +47,6 @@ class Logged(Device):
     def __init__(self) -> None:
         super().__init__(PciIdentity(vendor_id=0x1AF4, device_id=0x10F2))
         self.enable_migration()
-
-
-class ClientRam:
-    """Client memory reached by DMA_WRITE messages (a map without an fd)."""
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base = base
-        self.mem = bytearray(size)
-
-    async def handle(self, frame: Frame) -> HandlerResult:
-        request = decode_request(frame.header.command, frame.payload, frame.fds)
-        if not isinstance(request, DmaWriteRequest):
-            raise VfioUserError(errno.EINVAL)
-        off = request.address - self.base
-        self.mem[off : off + len(request.data)] = request.data
-        return DmaWriteReply(request.address, len(request.data))
-
-
-@asynccontextmanager
-async def session(device: Device, ram: ClientRam | None = None) -> AsyncIterator[Connection]:
-    client_sock, server_sock = socket.socketpair()
-    ram = ram or ClientRam(0, 0)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(serve_connection, device, server_sock))
-        async with open_connection(client_sock, handler=ram.handle, max_recv_fds=8) as conn:
-            await conn.request(VersionRequest(0, 2, Capabilities(max_msg_fds=8)))
-            conn.max_send_fds = 8
-            yield conn
-
-
-async def raw_payload(conn: Connection, request: Request) -> bytes:
-    frame = await conn.request_raw(request.COMMAND, request.pack(), request.fds)
-    frame.close_fds()
-    return bytes(frame.payload)
-
-
-async def expect_errno(conn: Connection, request: Request, code: int) -> None:
-    with pytest.raises(VfioUserError) as exc:
-        await conn.request_raw(request.COMMAND, request.pack(), request.fds)
-    assert exc.value.errno == code
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def start(page_size: int, *ranges: tuple[int, int]) -> DeviceFeatureRequest:
@@ -303,7 +248,7 @@ async def test_ranges_limit_what_is_logged_and_reported() -> None:
 
 async def test_writes_through_dma_messages_are_logged() -> None:
     device = Logged()
-    ram = ClientRam(0x400000, 4 * PAGE)
+    ram = GuestRam(0x400000, 4 * PAGE)
     async with session(device, ram) as conn:
         await conn.request(DmaMapRequest(0x400000, 4 * PAGE, RW))
         await conn.request(start(PAGE))
@@ -315,7 +260,7 @@ async def test_writes_through_dma_messages_are_logged() -> None:
 
 async def test_report_across_maps_and_after_unmap() -> None:
     device = Logged()
-    ram = ClientRam(0x400000, 4 * PAGE)
+    ram = GuestRam(0x400000, 4 * PAGE)
     async with session(device, ram) as conn:
         await conn.request(start(PAGE))
         await conn.request(DmaMapRequest(0x400000, PAGE, RW))

@@ -10,19 +10,16 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import socket
 import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 
 import pytest
 import trio
 import trio.testing
+from raw_client import expect_errno, fd_count, raw_payload, session
 
-from vfiouser_trio.engine import Connection, HandlerResult, open_connection
+from vfiouser_trio.engine import Connection
 from vfiouser_trio.protocol import (
-    Capabilities,
     DeviceFeatureReply,
     DeviceFeatureRequest,
     DeviceGetInfoRequest,
@@ -37,9 +34,7 @@ from vfiouser_trio.protocol import (
     MigState,
     RegionReadRequest,
     RegionWriteRequest,
-    Request,
     SetIrqsRequest,
-    VersionRequest,
 )
 from vfiouser_trio.protocol.constants import (
     DEVICE_FEATURE_GET,
@@ -54,7 +49,6 @@ from vfiouser_trio.protocol.constants import (
     PciIrq,
 )
 from vfiouser_trio.protocol.errors import VfioUserError
-from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.migration import MigrationRefused
 from vfiouser_trio.server.migration_stream import (
@@ -66,7 +60,6 @@ from vfiouser_trio.server.migration_stream import (
     split_stream,
 )
 from vfiouser_trio.server.pci import PciIdentity
-from vfiouser_trio.server.serve import serve_connection
 
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 PAGE = mmap.PAGESIZE
@@ -167,38 +160,6 @@ class Register(Device):
         if len(data) != 4:
             raise ValueError("a register state is 4 bytes")
         self.value = int.from_bytes(data, "little")
-
-
-async def _no_dma(frame: Frame) -> HandlerResult:
-    raise VfioUserError(errno.EINVAL)
-
-
-@asynccontextmanager
-async def session(device: Device) -> AsyncIterator[Connection]:
-    """A negotiated client connection to ``device`` served over a socketpair."""
-    client_sock, server_sock = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(serve_connection, device, server_sock))
-        async with open_connection(client_sock, handler=_no_dma, max_recv_fds=8) as conn:
-            await conn.request(VersionRequest(0, 2, Capabilities(max_msg_fds=8)))
-            conn.max_send_fds = 8
-            yield conn
-
-
-async def raw_payload(conn: Connection, request: Request) -> bytes:
-    frame = await conn.request_raw(request.COMMAND, request.pack(), request.fds)
-    frame.close_fds()
-    return bytes(frame.payload)
-
-
-async def expect_errno(conn: Connection, request: Request, code: int) -> None:
-    with pytest.raises(VfioUserError) as exc:
-        await conn.request_raw(request.COMMAND, request.pack(), request.fds)
-    assert exc.value.errno == code
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def set_state(state: int) -> DeviceFeatureRequest:

@@ -1,4 +1,4 @@
-"""The server over real sockets, driven by a minimal client built on the engine.
+"""The server over real sockets, driven by the raw engine client of tests/raw_client.py.
 
 Checks reply sizes and errnos against REFERENCE_BEHAVIOUR.md, DMA through fd
 maps and through messages, unmap waiting for device DMA, disconnect cleanup,
@@ -13,28 +13,22 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from raw_client import GuestRam, expect_raw_errno, fd_count, raw_payload, session
 
-from vfiouser_trio.engine import Connection, HandlerResult, open_connection
-from vfiouser_trio.ordering import ConcurrentOrder, OrderingPolicy
+from vfiouser_trio.engine import open_connection
+from vfiouser_trio.ordering import ConcurrentOrder
 from vfiouser_trio.protocol import (
     Capabilities,
     DeviceGetInfoReply,
     DeviceGetInfoRequest,
     DeviceResetRequest,
     DmaMapRequest,
-    DmaReadReply,
-    DmaReadRequest,
     DmaUnmapRequest,
-    DmaWriteReply,
-    DmaWriteRequest,
     IrqInfoReply,
     IrqInfoRequest,
     RegionInfoReply,
@@ -47,12 +41,9 @@ from vfiouser_trio.protocol import (
     RegionWriteEntry,
     RegionWriteMultiRequest,
     RegionWriteRequest,
-    Request,
     SetIrqsRequest,
-    TwinSocket,
     VersionReply,
     VersionRequest,
-    decode_request,
 )
 from vfiouser_trio.protocol.constants import (
     DMA_MAP_FLAG_READ,
@@ -64,7 +55,6 @@ from vfiouser_trio.protocol.constants import (
     PciIrq,
 )
 from vfiouser_trio.protocol.errors import VfioUserError
-from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.pci_caps import PowerManagementCapability, VendorCapability
@@ -114,71 +104,6 @@ class Probe(Device):
         self.attach_count += 1
 
 
-class GuestRam:
-    """Client-side memory the test serves DMA_READ/DMA_WRITE from (no fd shared)."""
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base = base
-        self.mem = bytearray(size)
-        self.requests: list[Command] = []
-
-    async def handle(self, frame: Frame) -> HandlerResult:
-        request = decode_request(frame.header.command, frame.payload, frame.fds)
-        off = 0
-        if isinstance(request, DmaReadRequest):
-            self.requests.append(Command.DMA_READ)
-            off = request.address - self.base
-            return DmaReadReply(request.address, bytes(self.mem[off : off + request.count]))
-        if isinstance(request, DmaWriteRequest):
-            self.requests.append(Command.DMA_WRITE)
-            off = request.address - self.base
-            self.mem[off : off + len(request.data)] = request.data
-            return DmaWriteReply(request.address, len(request.data))
-        raise VfioUserError(errno.EINVAL)
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@asynccontextmanager
-async def session(
-    device: Device,
-    *,
-    twin: bool = False,
-    ram: GuestRam | None = None,
-    policy: OrderingPolicy | None = None,
-) -> AsyncIterator[Connection]:
-    """A negotiated client connection to ``device`` served over a socketpair."""
-    ram = ram or GuestRam(0, 0)
-    client_sock, server_sock = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(serve_connection, device, server_sock, policy=policy))
-        async with open_connection(client_sock, handler=ram.handle, max_recv_fds=8) as conn:
-            caps = Capabilities(max_msg_fds=8, twin_socket=TwinSocket(True) if twin else None)
-            reply = await conn.request(VersionRequest(0, 2, caps))
-            assert isinstance(reply, VersionReply)
-            conn.max_send_fds = reply.effective_capabilities.max_msg_fds
-            if twin:
-                assert len(reply.fds) == 1
-                conn.attach_twin(reply.fds[0], requests_on_twin=False)
-            else:
-                assert reply.fds == ()
-            yield conn
-
-
-async def raw_payload(conn: Connection, request: Request) -> bytes:
-    frame = await conn.request_raw(request.COMMAND, request.pack(), request.fds)
-    frame.close_fds()
-    return frame.payload
-
-
-async def expect_errno(conn: Connection, command: int, payload: bytes, code: int) -> None:
-    with pytest.raises(VfioUserError) as exc:
-        await conn.request_raw(command, payload)
-    assert exc.value.errno == code
-
-
 # --- negotiation and info --------------------------------------------------------------
 
 
@@ -188,15 +113,15 @@ async def test_version_first_and_only_once() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_connection, device, server_sock)
         async with open_connection(client_sock, handler=GuestRam(0, 0).handle) as conn:
-            await expect_errno(
+            await expect_raw_errno(
                 conn, Command.DEVICE_GET_INFO, DeviceGetInfoRequest().pack(), errno.EINVAL
             )
-            await expect_errno(conn, Command.VERSION, struct.pack("=HH", 1, 0), errno.EINVAL)
+            await expect_raw_errno(conn, Command.VERSION, struct.pack("=HH", 1, 0), errno.EINVAL)
             reply = await conn.request(VersionRequest(0, 5))
             assert isinstance(reply, VersionReply) and (reply.major, reply.minor) == (0, 2)
             caps = reply.effective_capabilities
             assert caps.max_data_xfer_size == 1 << 20 and caps.twin_socket is None
-            await expect_errno(conn, Command.VERSION, VersionRequest().pack(), errno.EINVAL)
+            await expect_raw_errno(conn, Command.VERSION, VersionRequest().pack(), errno.EINVAL)
     device.close()
 
 
@@ -211,7 +136,7 @@ async def test_device_region_and_irq_info_sizes() -> None:
         assert len(await raw_payload(conn, IrqInfoRequest(PciIrq.MSIX))) == 16
         msix = await conn.request(IrqInfoRequest(PciIrq.MSIX))
         assert isinstance(msix, IrqInfoReply) and msix.count == 2
-        await expect_errno(
+        await expect_raw_errno(
             conn, Command.DEVICE_GET_IRQ_INFO, IrqInfoRequest(5).pack(), errno.EINVAL
         )
         # Region info: plain BAR is 32 bytes; config space is 256 bytes read/write.
@@ -221,7 +146,7 @@ async def test_device_region_and_irq_info_sizes() -> None:
         assert isinstance(config, RegionInfoReply) and config.size == 256
         absent = await conn.request(RegionInfoRequest(5))
         assert isinstance(absent, RegionInfoReply) and absent.size == 0 and absent.flags == 0
-        await expect_errno(
+        await expect_raw_errno(
             conn, Command.DEVICE_GET_REGION_INFO, RegionInfoRequest(9).pack(), errno.EINVAL
         )
     device.close()
@@ -272,7 +197,7 @@ async def test_region_read_write_sizes_and_errors() -> None:
             (Command.REGION_WRITE, RegionWriteRequest(7, 0, b"\x00\x00").pack()),  # vendor ID
         ]
         for command, raw in bad:
-            await expect_errno(conn, command, raw, errno.EINVAL)
+            await expect_raw_errno(conn, command, raw, errno.EINVAL)
         # The connection is still fine after all those errors.
         assert (await raw_payload(conn, RegionReadRequest(0, 0x20, 1)))[16:] == b"\x01"
     device.close()
@@ -312,7 +237,7 @@ async def test_write_multi_when_negotiated() -> None:
                 (RegionWriteEntry(0, 0x30, b"ab"), RegionWriteEntry(0, 0x38, b"cd"))
             )
             await conn.request(VersionRequest(0, 2, Capabilities(write_multiple=False)))
-            await expect_errno(conn, Command.REGION_WRITE_MULTI, multi.pack(), errno.EINVAL)
+            await expect_raw_errno(conn, Command.REGION_WRITE_MULTI, multi.pack(), errno.EINVAL)
     client_sock, server_sock = socket.socketpair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_connection, device, server_sock)
@@ -379,10 +304,10 @@ async def test_dma_through_fd_map_and_unmap_replies() -> None:
         await conn.request(RegionWriteRequest(0, 0x10, struct.pack("<QQ", 0x100000, 0x100100)))
         await conn.request(RegionWriteRequest(0, 0x8, b"\x01"))
         assert guest[0x100:0x110] == bytes(range(16))[::-1]
-        await expect_errno(
+        await expect_raw_errno(
             conn, Command.DMA_MAP, DmaMapRequest(0x100000, PAGE, RW).pack(), errno.EEXIST
         )
-        await expect_errno(
+        await expect_raw_errno(
             conn, Command.DMA_UNMAP, DmaUnmapRequest(0x100000, PAGE).pack(), errno.ENOENT
         )
         unmap = DmaUnmapRequest(0x100000, 2 * PAGE)
@@ -447,13 +372,13 @@ async def test_unmap_all_and_map_limits() -> None:
         payload = await raw_payload(conn, DmaUnmapRequest(0, 0, DMA_UNMAP_FLAG_ALL))
         assert len(payload) == 24
         assert len(device.dma) == 0
-        await expect_errno(
+        await expect_raw_errno(
             conn,
             Command.DMA_UNMAP,
             struct.pack("=IIQQ", 24, DMA_UNMAP_FLAG_ALL, 0, PAGE),
             errno.EINVAL,
         )
-        await expect_errno(
+        await expect_raw_errno(
             conn, Command.DMA_MAP, struct.pack("=IIQQQ", 24, RW, 0, 0, PAGE), errno.EINVAL
         )
     device.close()
@@ -561,7 +486,7 @@ async def test_rom_vga_and_device_specific_regions() -> None:
         assert rom.readable and not rom.writable
         reply = await conn.request(RegionReadRequest(6, 0, 2))
         assert isinstance(reply, RegionReadReply) and reply.data == b"\x55\xaa"
-        await expect_errno(
+        await expect_raw_errno(
             conn, Command.REGION_WRITE, RegionWriteRequest(6, 0, b"x").pack(), errno.EINVAL
         )
         vga = await conn.request(RegionInfoRequest(8))
