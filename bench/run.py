@@ -1,6 +1,6 @@
 """The benchmark: every figure next to its baseline, printed as one markdown table.
 
-    python -m bench [--quick] [--figures 1,2,3,4,5] [--repeats N] [--seconds S]
+    python -m bench [--quick] [--figures 1,2,3,4,5,6] [--repeats N] [--seconds S]
 
 Each figure is a ratio against a baseline measured in the same run (machines are shared and
 noisy): target and baseline runs alternate, each is repeated, and medians are reported. The
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from .figures import dma, interrupts, roundtrip, scale
+from .figures import dma, interrupts, migration, roundtrip, scale
 from .figures.common import Row, Settings, format_table
 from .figures.machine import Machine, load_average
 
@@ -28,8 +28,9 @@ FIGURES: tuple[tuple[frozenset[int], Callable[[Settings], list[Row]]], ...] = (
     (frozenset({3}), dma.measure),
     (frozenset({4}), interrupts.measure),
     (frozenset({5}), scale.measure),
+    (frozenset({6}), migration.measure),
 )
-ALL_FIGURES = frozenset({1, 2, 3, 4, 5})
+ALL_FIGURES = frozenset({1, 2, 3, 4, 5, 6})
 
 LEGEND = """\
 Ratios are ours / baseline for rates and bandwidths (higher is better) and for interrupt
@@ -43,7 +44,7 @@ def _figure_set(text: str) -> frozenset[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of figure numbers: {text!r}") from None
     if not chosen or not chosen <= ALL_FIGURES:
-        raise argparse.ArgumentTypeError(f"figures are numbered 1-5, got {text!r}")
+        raise argparse.ArgumentTypeError(f"figures are numbered 1-{max(ALL_FIGURES)}, got {text!r}")
     return chosen
 
 

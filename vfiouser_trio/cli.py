@@ -1,4 +1,4 @@
-"""The ``vfio-user-trio`` command: demo, serve, lspci, bench."""
+"""The ``vfio-user-trio`` command: demo, serve, lspci, migrate, bench."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TextIO
 
 import trio
 
+from .client import MigrationError, MigrationProgress, MigrationSummary, Phase, connect, migrate
 from .demo import run as run_demo
 from .examples import EXAMPLES
 from .inspector import lspci
+from .protocol.errors import VfioUserError
 from .server.device import Device
 from .server.serve import serve
 
@@ -87,6 +90,97 @@ def cmd_lspci(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"
+
+
+class ProgressPrinter:
+    """Migration progress on ``out``: a bar redrawn in place on a terminal, else plain lines.
+
+    The stream's length is unknown, so the bar counts phases; bytes and rate go beside it.
+    """
+
+    PHASES = (Phase.PRE_COPY, Phase.STOP_COPY, Phase.RESUME, Phase.DONE)
+    WIDTH = 24
+    #: Seconds between redraws (terminal) or lines (otherwise) within one phase.
+    INTERVAL = 0.1
+    LINE_INTERVAL = 1.0
+
+    def __init__(self, out: TextIO, *, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self._phase: Phase | None = None
+        self._shown = -1.0
+        self._drawn = False
+
+    def __call__(self, report: MigrationProgress) -> None:
+        changed = report.phase != self._phase
+        interval = self.INTERVAL if self.tty else self.LINE_INTERVAL
+        if not changed and report.elapsed - self._shown < interval:
+            return
+        self._phase = report.phase
+        self._shown = report.elapsed
+        rate = report.total_bytes / report.elapsed / 1e6 if report.elapsed > 0 else 0.0
+        text = f"{report.phase}: {_mib(report.phase_bytes)} ({_mib(report.total_bytes)} in all"
+        text += f", {rate:.1f} MB/s)"
+        if self.tty:
+            done = self.PHASES.index(report.phase) + 1
+            filled = self.WIDTH * done // len(self.PHASES)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.out.write(f"\r\x1b[K[{bar}] {text}")
+            self._drawn = True
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        """End the bar's line (terminal) before anything else is printed."""
+        if self._drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self._drawn = False
+
+
+def summary_lines(summary: MigrationSummary) -> list[str]:
+    """What ``migrate`` prints after a success."""
+    lines = [
+        f"migrated {_mib(summary.bytes)} in {summary.seconds:.3f} s: "
+        f"{summary.throughput / 1e6:.1f} MB/s, downtime {summary.downtime:.3f} s"
+    ]
+    for phase, stats in summary.phases.items():
+        lines.append(f"  {phase}: {_mib(stats.bytes)} in {stats.seconds:.3f} s")
+    if summary.dirty is not None:
+        pages = sum(report.count for report in summary.dirty)
+        lines.append(f"  guest pages dirtied by the device: {pages}")
+    lines += [f"  warning: {warning}" for warning in summary.warnings]
+    return lines
+
+
+async def _migrate_sockets(
+    source_path: str, destination_path: str, printer: ProgressPrinter
+) -> MigrationSummary:
+    async with connect(source_path) as source, connect(destination_path) as destination:
+        return await migrate(source, destination, progress=printer)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Migrate the device served at SOURCE to the server at DESTINATION; 0 on success."""
+    printer = ProgressPrinter(sys.stdout, tty=sys.stdout.isatty())
+    try:
+        summary = trio.run(_migrate_sockets, args.source, args.destination, printer)
+    except MigrationError as exc:
+        printer.finish()
+        print(f"vfio-user-trio migrate: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, VfioUserError) as exc:
+        printer.finish()
+        print(f"vfio-user-trio migrate: cannot connect: {exc}", file=sys.stderr)
+        return 1
+    printer.finish()
+    print("\n".join(summary_lines(summary)))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmarks (a source checkout's ``bench`` package)."""
     try:
@@ -125,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="like lspci: -x 64 bytes, -xxx 256, -xxxx 4096 (default: the whole space)",
     )
     lspci.set_defaults(func=cmd_lspci)
+
+    migrate_cmd = sub.add_parser(
+        "migrate",
+        help="live-migrate a device from one server to another",
+        description="Move the device state of the server at SOURCE to the one at DESTINATION "
+        "(both UNIX socket paths; neither device may have another client attached). The "
+        "source is left stopped, the destination running. On failure the exit status is 1 "
+        "and the message names the failed step; see vfiouser_trio.client.migrate.",
+    )
+    migrate_cmd.add_argument("source", help="socket path of the server to migrate from")
+    migrate_cmd.add_argument("destination", help="socket path of the server to migrate to")
+    migrate_cmd.set_defaults(func=cmd_migrate)
 
     bench = sub.add_parser("bench", help="run the benchmarks (see docs/performance.md)")
     bench.add_argument("args", nargs=argparse.REMAINDER)

@@ -7,26 +7,45 @@ from ..engine import ConnectionClosedError
 from ..protocol.errors import ProtocolError, VfioUserError
 from .client import DEFAULT_CAPABILITIES, Client, connect
 from .config import PciBar, PciCapabilityInfo, PciConfig, PciHeader
+from .dirty import DirtyLogging, DirtyPages
 from .dma import DmaMap
 from .guest_memory import GuestMemory
 from .irqs import Interrupt
+from .migrate import (
+    MigrationError,
+    MigrationProgress,
+    MigrationStep,
+    MigrationSummary,
+    Phase,
+    PhaseStats,
+    migrate,
+)
 from .regions import MappedArea, Region, RegionIoFd
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
     "Client",
     "ConnectionClosedError",
+    "DirtyLogging",
+    "DirtyPages",
     "DmaMap",
     "GuestMemory",
     "Interrupt",
     "MappedArea",
+    "MigrationError",
+    "MigrationProgress",
+    "MigrationStep",
+    "MigrationSummary",
     "PciBar",
     "PciCapabilityInfo",
     "PciConfig",
     "PciHeader",
+    "Phase",
+    "PhaseStats",
     "ProtocolError",
     "Region",
     "RegionIoFd",
     "VfioUserError",
     "connect",
+    "migrate",
 ]

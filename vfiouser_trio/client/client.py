@@ -19,6 +19,7 @@ concurrently from several tasks: they are pipelined on the socket.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -44,6 +45,8 @@ from ..protocol.constants import (
     IRQ_SET_DATA_BOOL,
     IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
+    Feature,
+    MigState,
     PciRegion,
 )
 from ..protocol.device_info import (
@@ -59,10 +62,26 @@ from ..protocol.dma import (
     DmaUnmapReply,
     DmaUnmapRequest,
 )
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import ProtocolError, VfioUserError
+from ..protocol.features import (
+    DeviceFeatureReply,
+    DeviceFeatureRequest,
+    DmaLoggingBitmap,
+    DmaLoggingControl,
+    DmaLoggingRange,
+    DmaLoggingReport,
+    MigDeviceState,
+    MigrationInfo,
+)
 from ..protocol.framing import close_fds, max_msg_size_for
 from ..protocol.irqs import IrqInfoReply, IrqInfoRequest, SetIrqsReply, SetIrqsRequest
 from ..protocol.message import Message, Request
+from ..protocol.migration_data import (
+    MigDataReadReply,
+    MigDataReadRequest,
+    MigDataWriteReply,
+    MigDataWriteRequest,
+)
 from ..protocol.region_io import (
     WRITE_MULTI_DATA_MAX,
     RegionReadReply,
@@ -83,6 +102,7 @@ from ..protocol.regions import (
 )
 from ..protocol.version import Negotiated, VersionReply, VersionRequest, check_server_reply
 from .config import PciConfig
+from .dirty import DirtyLogging, DirtyPages
 from .dma import DmaMap, DmaMaps, DmaService
 from .guest_memory import GuestMemory
 from .irqs import Interrupt, InterruptTable
@@ -184,6 +204,8 @@ class Client:
         self.regions: dict[int, Region] = {}
         #: Every IRQ index's DEVICE_GET_IRQ_INFO answer.
         self.irq_info: dict[int, IrqInfoReply] = {}
+        #: Dirty-page logging started by :meth:`start_dirty_logging`, while it is in force.
+        self.dirty_logging: DirtyLogging | None = None
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -541,3 +563,128 @@ class Client:
             RegionIoFd(region, s.offset, s.size, s.TYPE, s.flags, s.value, owned[s.fd_index])
             for s in reply.sub_regions
         ]
+
+    # --- migration ------------------------------------------------------------------------
+
+    async def _feature(self, request: DeviceFeatureRequest) -> DeviceFeatureReply:
+        return await self._call(request, DeviceFeatureReply)
+
+    async def supports_feature(
+        self, feature: Feature, *, get: bool = False, set: bool = False
+    ) -> bool:
+        """Whether the device supports ``feature`` for GET and/or SET (a DEVICE_FEATURE PROBE).
+
+        False when the server answers EINVAL; other errors are raised.
+        """
+        try:
+            await self._feature(DeviceFeatureRequest.probe(feature, get=get, set=set))
+        except VfioUserError as exc:
+            if exc.errno == errno.EINVAL and not isinstance(exc, ConnectionClosedError):
+                return False
+            raise
+        return True
+
+    async def migration_info(self) -> MigrationInfo:
+        """The device's migration flags (VFIO_DEVICE_FEATURE_MIGRATION GET).
+
+        EINVAL (VfioUserError) from a device that cannot migrate.
+        """
+        reply = await self._feature(DeviceFeatureRequest.get(Feature.MIGRATION))
+        if not isinstance(reply.data, MigrationInfo):  # pragma: no cover - decoder guarantees
+            raise ProtocolError("MIGRATION reply without migration flags")
+        return reply.data
+
+    async def migration_state(self) -> MigState:
+        """The device's migration state (MIG_DEVICE_STATE GET)."""
+        reply = await self._feature(DeviceFeatureRequest.get(Feature.MIG_DEVICE_STATE))
+        if not isinstance(reply.data, MigDeviceState):  # pragma: no cover - decoder guarantees
+            raise ProtocolError("MIG_DEVICE_STATE reply without a state")
+        try:
+            return MigState(reply.data.device_state)
+        except ValueError:
+            raise ProtocolError(f"unknown migration state {reply.data.device_state}") from None
+
+    async def set_migration_state(self, state: MigState) -> None:
+        """Move the device to ``state`` (MIG_DEVICE_STATE SET; the server runs the whole path).
+
+        After a failure the device may be part way along the path: ask ``migration_state()``.
+        """
+        await self._feature(
+            DeviceFeatureRequest.set(Feature.MIG_DEVICE_STATE, MigDeviceState(state))
+        )
+
+    async def read_migration_data(self, size: int | None = None) -> bytes:
+        """Up to ``size`` bytes (default and limit: ``max_data_xfer_size``) of the device's
+        outgoing migration stream (MIG_DATA_READ). Fewer bytes mean the stream has nothing
+        more (for now, in PRE_COPY)."""
+        limit = self.max_data_xfer_size
+        size = limit if size is None else size
+        if not 0 <= size <= limit:
+            raise ValueError(f"a migration data read takes 0 to {limit} bytes, not {size}")
+        reply = await self._call(MigDataReadRequest(size), MigDataReadReply)
+        return reply.data
+
+    async def write_migration_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` to the device's incoming migration stream (MIG_DATA_WRITE in
+        pieces of at most ``max_data_xfer_size``; RESUMING only)."""
+        data = bytes(data)
+        for start, length in _chunks(0, len(data), self.max_data_xfer_size):
+            piece = data[start : start + length]
+            await self._call(MigDataWriteRequest(piece), MigDataWriteReply)
+
+    async def start_dirty_logging(
+        self,
+        page_size: int = mmap.PAGESIZE,
+        ranges: Sequence[tuple[int, int]] | None = None,
+    ) -> int:
+        """Log the device's DMA writes (DMA_LOGGING_START); returns the server's page size.
+
+        ``ranges`` are ``(iova, length)`` pairs; by default the client's DMA maps (ValueError
+        when it has none). Starting again with the same page size replaces the ranges and
+        keeps the bits already logged.
+        """
+        if ranges is None:
+            ranges = [(m.iova, m.size) for m in self._maps]
+            if not ranges:
+                raise ValueError("no DMA maps to log: map guest memory or give ranges")
+        control = DmaLoggingControl(page_size, tuple(DmaLoggingRange(a, n) for a, n in ranges))
+        reply = await self._feature(DeviceFeatureRequest.set(Feature.DMA_LOGGING_START, control))
+        if not isinstance(reply.data, DmaLoggingControl):  # pragma: no cover - decoder
+            raise ProtocolError("DMA_LOGGING_START reply without its control data")
+        chosen = reply.data.page_size
+        self.dirty_logging = DirtyLogging(chosen, tuple((a, n) for a, n in ranges))
+        return chosen
+
+    async def dirty_pages(self, iova: int, length: int, page_size: int | None = None) -> DirtyPages:
+        """The pages of ``[iova, iova + length)`` the device wrote since they were last
+        reported (DMA_LOGGING_REPORT; reporting clears them).
+
+        ``page_size`` defaults to the logging's. Large ranges are asked in several reports,
+        each bitmap within the server's ``max_data_xfer_size``.
+        """
+        if page_size is None:
+            if self.dirty_logging is None:
+                raise ValueError("dirty logging is not started: give a page size")
+            page_size = self.dirty_logging.page_size
+        if length <= 0 or page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"cannot report {length:#x} bytes at page size {page_size:#x}")
+        # Whole 64-page words per report, so that the bitmaps simply concatenate.
+        pages_per_report = max(64, self.max_data_xfer_size // 8 * 64)
+        step = pages_per_report * page_size
+        parts = []
+        for start, count in _chunks(iova, length, step):
+            request = DeviceFeatureRequest.get(
+                Feature.DMA_LOGGING_REPORT, DmaLoggingReport(start, count, page_size)
+            )
+            data = (await self._feature(request)).data
+            if not (
+                isinstance(data, DmaLoggingBitmap) and (data.iova, data.length) == (start, count)
+            ):
+                raise ProtocolError("DMA_LOGGING_REPORT reply does not answer the request")
+            parts.append(DirtyPages(start, count, page_size, data.bitmap))
+        return DirtyPages.concatenate(parts)
+
+    async def stop_dirty_logging(self) -> None:
+        """End dirty-page logging (DMA_LOGGING_STOP; succeeds when it was not started)."""
+        await self._feature(DeviceFeatureRequest.set(Feature.DMA_LOGGING_STOP))
+        self.dirty_logging = None
