@@ -504,3 +504,34 @@ async def test_rom_vga_and_device_specific_regions() -> None:
         assert isinstance(bar, RegionReadReply)
         assert int.from_bytes(bar.data, "little") == 0xFFFFF801
     device.close()
+
+
+async def test_one_device_on_two_paths_still_takes_one_client(tmp_path: Path) -> None:
+    device = Probe()
+    first_path, second_path = tmp_path / "a.sock", tmp_path / "b.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, device, first_path)
+        await nursery.start(serve, device, second_path)
+        async with open_connection(_connect(first_path), handler=GuestRam(0, 0).handle) as conn:
+            await conn.request(VersionRequest())
+            async with open_connection(
+                _connect(second_path), handler=GuestRam(0, 0).handle
+            ) as other:
+                with pytest.raises(VfioUserError) as exc:
+                    await other.request(VersionRequest())
+                assert exc.value.errno == errno.EBUSY
+        # Once the first client is gone, the other path serves the device.
+        with trio.fail_after(10):
+            while True:
+                async with open_connection(
+                    _connect(second_path), handler=GuestRam(0, 0).handle
+                ) as again:
+                    try:
+                        await again.request(VersionRequest())
+                        break
+                    except VfioUserError as error:
+                        # The first session may still be tearing down: try once more after it.
+                        assert error.errno == errno.EBUSY
+                        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    device.close()

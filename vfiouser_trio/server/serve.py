@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable
 
 import trio
@@ -34,6 +35,9 @@ from .listener import Listener, accept, adopt_socket, create_listener
 from .session import DEFAULT_SERVER_CAPABILITIES, ServerSession
 
 log = logging.getLogger(__name__)
+
+#: Devices with a client attached, whichever server (path, fd) that client came through.
+_ATTACHED: weakref.WeakSet[Device] = weakref.WeakSet()
 
 #: A device instance (shared by successive clients) or a factory (one device per connection).
 DeviceSource = Device | Callable[[], Device]
@@ -56,7 +60,6 @@ class DeviceServer:
         self.offer_twin_socket = offer_twin_socket
         self.policy = policy
         self.hooks = hooks
-        self._busy: set[int] = set()
         #: Connections served so far (all outcomes), for logs and tests.
         self.connections = 0
 
@@ -71,10 +74,10 @@ class DeviceServer:
         this connection.
         """
         self.connections += 1
-        shared = self.shared_device
+        source = self.source
         try:
-            if shared is None:
-                device = self.source()  # type: ignore[operator]
+            if not isinstance(source, Device):
+                device = source()
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(device.run)
@@ -82,14 +85,14 @@ class DeviceServer:
                         nursery.cancel_scope.cancel()
                 finally:
                     device.close()
-            elif id(shared) in self._busy:
-                await _reject_busy(sock, shared.name)
+            elif source in _ATTACHED:
+                await _reject_busy(sock, source.name)
             else:
-                self._busy.add(id(shared))
+                _ATTACHED.add(source)
                 try:
-                    await self._session(shared, sock)
+                    await self._session(source, sock)
                 finally:
-                    self._busy.discard(id(shared))
+                    _ATTACHED.discard(source)
         except Exception:
             log.exception("connection failed")
 
