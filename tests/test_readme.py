@@ -8,6 +8,9 @@ from typing import Any
 
 import trio
 
+from vfiouser_trio.testing import NestedDeviceFactory
+from vfiouser_trio.testing.fixtures import *  # noqa: F403 - the plugin's fixtures, installed or not
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -36,3 +39,11 @@ async def test_readme_device_and_client_examples(tmp_path: Path) -> None:
     assert printed == ["1234:0001", "1"]
     assert device.count == 1
     device.close()
+
+
+async def test_readme_testing_example(vfio_pair: NestedDeviceFactory) -> None:
+    device_code, _, test_code = python_blocks()[:3]
+    namespace: dict[str, Any] = {}
+    exec(device_code.rstrip().rsplit("\n", 1)[0], namespace)
+    exec(test_code, namespace)
+    await namespace["test_counter_counts_writes"](vfio_pair)

@@ -141,3 +141,19 @@ def test_declaring_after_build_is_refused() -> None:
     with pytest.raises(RuntimeError):
         dev.add_bar(5, 0x100)
     dev.close()
+
+
+def test_trigger_before_any_interrupt_setup_goes_nowhere() -> None:
+    class MsixOnly(Device):
+        def __init__(self) -> None:
+            super().__init__(ID)
+            self.add_bar(0, 0x1000)
+            self.add_msix(2, bar=0)
+
+    dev = MsixOnly()
+    # No mode enabled, no eventfds, no INTx pin: the default falls back to INTx, which the
+    # device lacks, so nothing is delivered (and nothing raises).
+    assert dev.trigger(0) is False
+    with pytest.raises(ValueError):
+        dev.trigger(5, index=PciIrq.MSIX)  # an explicit vector the device lacks is a bug
+    dev.close()

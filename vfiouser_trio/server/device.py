@@ -368,12 +368,18 @@ class Device(MigrationHooks):
     def trigger(self, vector: int = 0, *, index: int | None = None) -> bool:
         """Raise interrupt ``vector``; True if it was delivered now.
 
-        ``index`` defaults to the mode the guest enabled (see ``active_irq_index``).
+        ``index`` defaults to the mode the guest enabled (see ``active_irq_index``);
+        when no enabled mode has ``vector`` (the driver has not set interrupts up
+        yet) the interrupt goes nowhere, as on hardware, and False is returned. An
+        explicit ``index`` without that vector is a device bug: ValueError.
         Masked vectors (vfio-level, or in our MSI/MSI-X structures when the client
         programs them through us) and a quiesced device hold the interrupt pending.
         """
         if index is None:
             index = self.active_irq_index()
+            irq = self.irqs.get(index)
+            if irq is None or not 0 <= vector < irq.count:
+                return False
         config = self.config
         if index == PciIrq.MSIX and config.msix is not None and self._msix_table_driven:
             if not config.msix.trigger(vector):
