@@ -43,8 +43,10 @@ class MigDataReadReply(Reply):
 
     def pack(self) -> bytes:
         assert self.requested is not None
-        pad = max(0, self.requested - len(self.data))
-        return _MIG_DATA.pack(self.argsz, len(self.data)) + self.data + bytes(pad)
+        pad = self.requested - len(self.data)
+        head = _MIG_DATA.pack(self.argsz, len(self.data))
+        # One join: the data (up to max_data_xfer_size) is copied once, padding only at the end.
+        return b"".join((head, self.data, bytes(pad))) if pad > 0 else head + self.data
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:

@@ -391,17 +391,20 @@ class DeviceMigration:
         async with self._lock:
             if self.state not in SAVING_STATES:
                 raise VfioUserError(errno.EINVAL, f"no migration data to read in {self.state.name}")
-            out = bytearray()
-            while len(out) < size:
+            # Slices of the pending chunks, joined once: each byte is copied a single time.
+            parts: list[memoryview] = []
+            want = size
+            while want:
                 if not self._pending:
                     chunk = await self._pull()
                     if not chunk:
                         break
                     self._pending = memoryview(chunk)
-                n = min(size - len(out), len(self._pending))
-                out += self._pending[:n]
+                n = min(want, len(self._pending))
+                parts.append(self._pending[:n])
                 self._pending = self._pending[n:]
-            return bytes(out)
+                want -= n
+            return b"".join(parts)
 
     async def _pull(self) -> bytes:
         """The next non-empty piece of the stream; b"" at the end (or, in PRE_COPY, for
