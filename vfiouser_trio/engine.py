@@ -55,7 +55,13 @@ from typing import Literal, overload
 import trio
 
 from .ordering import OrderingPolicy, SpecOrder
-from .protocol.constants import DEFAULT_MAX_MSG_FDS
+from .protocol.constants import (
+    DEFAULT_MAX_MSG_FDS,
+    FLAG_TYPE_COMMAND,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER_SIZE,
+)
 from .protocol.errors import ProtocolError, VfioUserError
 from .protocol.framing import (
     DEFAULT_MAX_MSG_SIZE,
@@ -65,7 +71,7 @@ from .protocol.framing import (
     StrayFds,
     close_fds,
 )
-from .protocol.header import Header, command_header, error_header, reply_header
+from .protocol.header import HEADER_STRUCT, Header, command_header, error_header, reply_header
 from .protocol.message import Buffer, Message, Request
 from .transport import SEND_HIGH_WATER, Transport, byte_buffer
 
@@ -85,6 +91,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MSG_ID_SPACE = 1 << 16
+_pack_header = HEADER_STRUCT.pack
 
 
 class Link(enum.Enum):
@@ -437,9 +444,10 @@ class Connection:
     def _deliver(self, state: _LinkState, frame: Frame) -> None:
         """Route one received frame: reply to its request, command to the dispatcher."""
         header = frame.header
-        if header.is_reply:
+        kind = header.flags & FLAG_TYPE_MASK  # Header.is_reply / is_command, inlined
+        if kind == FLAG_TYPE_REPLY:
             self._on_reply(frame)
-        elif not header.is_command:
+        elif kind != FLAG_TYPE_COMMAND:
             self._reject(state, frame, "unknown message type")
         elif len(frame.fds) > self._max_recv_fds:
             self._reject(state, frame, f"{len(frame.fds)} fds exceed the limit")
@@ -514,17 +522,21 @@ class Connection:
     def _send(
         self,
         state: _LinkState,
-        header: Header,
+        header: Header | bytes,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
         *,
         flush: bool = True,
     ) -> None:
-        """Queue a frame on a link (through the hooks, if any). Raises trio resource errors."""
+        """Queue a frame on a link (through the hooks, if any). Raises trio resource errors.
+
+        ``header`` may come packed only from a caller that found no hooks installed.
+        """
         if self._hooks is None:
             state.transport.write(header, payload, fds, transfer_fds=transfer_fds, flush=flush)
             return
+        assert isinstance(header, Header)
         if fds and not transfer_fds:
             fds = [os.dup(fd) for fd in fds]
         frame = Frame(header, bytes(payload), list(fds))
@@ -556,7 +568,13 @@ class Connection:
                     close_fds(fds)
                 return
             if len(fds) <= self.max_send_fds:
-                reply = reply_header(header.msg_id, header.command, len(payload))
+                reply: Header | bytes
+                if self._hooks is None:
+                    # Nothing observes the header: pack it at once, no Header object.
+                    size = HEADER_SIZE + len(payload)
+                    reply = _pack_header(header.msg_id, header.command, size, FLAG_TYPE_REPLY, 0)
+                else:
+                    reply = reply_header(header.msg_id, header.command, len(payload))
                 self._send_reply(state, reply, payload, fds, transfer)
                 return
             log.error(
@@ -576,7 +594,7 @@ class Connection:
     def _send_reply(
         self,
         state: _LinkState,
-        header: Header,
+        header: Header | bytes,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
@@ -584,9 +602,12 @@ class Connection:
         # While more commands wait, leave the reply queued: the last reply of a batch (or the
         # writer task, if a handler blocks) sends them all in one sendmsg.
         # A closed socket is noticed by the reader, which shuts the connection down.
-        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        # (try/except rather than contextlib.suppress: this runs once per command.)
+        try:
             flush = not state.commands.has_pending()
             self._send(state, header, payload, fds, transfer_fds, flush=flush)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     # ----------------------------------------------------------------- requests
 

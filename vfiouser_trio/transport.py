@@ -42,6 +42,9 @@ RECV_BUFFER_SIZE = 256 * 1024
 _RELEASE_AFTER = 64 * 1024
 #: Buffers gathered into one ``sendmsg`` (Linux allows 1024).
 _MAX_IOV = 512
+#: A payload up to this size is joined to its header in one chunk (copying it is cheaper
+#: than queueing and gathering a second buffer); larger ones are queued as they are.
+_JOIN_MAX = 1024
 #: Queued outgoing bytes above which :meth:`Transport.send` waits for the peer to read.
 SEND_HIGH_WATER = 4 * 1024 * 1024
 _INT_SIZE = array.array("i").itemsize
@@ -265,13 +268,17 @@ class Transport:
         raw_header = header.pack() if isinstance(header, Header) else header
         payload = byte_buffer(payload)
         out = self._out
-        first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
-        out.append(first)
         size = len(raw_header)
-        if payload:
+        payload_size = len(payload)
+        if payload_size > _JOIN_MAX:
+            first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
+            out.append(first)
             out.append(_Chunk(payload, (), False, False))
-            size += len(payload)
-        self._queued_bytes += size
+        else:
+            data = raw_header + payload if payload_size else raw_header
+            first = _Chunk(data, tuple(fds), transfer_fds, True)
+            out.append(first)
+        self._queued_bytes += size + payload_size
         if flush:
             self._flush()
         if first.fds and not first.owns_fds:

@@ -87,8 +87,8 @@ class Frame:
 
     def close_fds(self) -> None:
         """Close any fds the frame still owns."""
-        fds = self.take_fds()
-        close_fds(fds)
+        if self.fds:  # most frames carry none: skip the calls
+            close_fds(self.take_fds())
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +177,8 @@ class FrameDecoder:
             close_fds(fds)
             raise ProtocolError("frame decoder used after a broken stream")
         events: list[FrameEvent] = []
-        view = memoryview(data)
+        # The transport passes a byte memoryview already: no need to wrap it again.
+        view = data if type(data) is memoryview else memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         end = len(view)

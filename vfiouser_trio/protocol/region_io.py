@@ -13,6 +13,8 @@ from .errors import ProtocolError
 from .message import Buffer, Message, Reply, Request
 
 _REGION_ACCESS = struct.Struct("=QII")  # offset, region, count
+#: The fixed part of REGION_READ/WRITE payloads (and their replies): offset, region, count.
+REGION_ACCESS_STRUCT = _REGION_ACCESS
 REGION_ACCESS_SIZE = _REGION_ACCESS.size  # 16
 _WR_CNT = struct.Struct("=Q")
 _WR_ONE = struct.Struct("=QII8s")  # offset, region, count, data[8]
@@ -33,10 +35,14 @@ def check_xfer_size(message: _Counted, max_data_xfer_size: int) -> None:
     Applies to REGION_READ/WRITE (server side) and DMA_READ/WRITE (client
     side): each side enforces its own advertised limit on what it receives.
     """
-    if message.count > max_data_xfer_size:
+    check_count(message.COMMAND, message.count, max_data_xfer_size)
+
+
+def check_count(command: Command, count: int, max_data_xfer_size: int) -> None:
+    """:func:`check_xfer_size` for a transfer not decoded into a message."""
+    if count > max_data_xfer_size:
         raise ProtocolError(
-            f"count {message.count} exceeds max_data_xfer_size {max_data_xfer_size}",
-            command=message.COMMAND,
+            f"count {count} exceeds max_data_xfer_size {max_data_xfer_size}", command=command
         )
 
 

@@ -126,18 +126,21 @@ def _current_task() -> object:
 _command_task: ContextVar[object | None] = ContextVar("vfiouser_command_task", default=None)
 
 
-@contextmanager
-def handling_command() -> Iterator[None]:
+class handling_command:  # a class used like a function: ``with handling_command():``
     """Mark the current task as handling a client command, for the quiesce gate.
 
     Device DMA from such a task fails at once (EBUSY) while the device is stopped instead
-    of waiting: waiting would deadlock the session.
+    of waiting: waiting would deadlock the session. A plain class rather than a
+    ``@contextmanager`` generator: it is entered once per command.
     """
-    token = _command_task.set(_current_task())
-    try:
-        yield
-    finally:
-        _command_task.reset(token)
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _command_task.set(_current_task())
+
+    def __exit__(self, *exc_info: object) -> None:
+        _command_task.reset(self._token)
 
 
 def _map_fd(fd: int, offset: int, size: int, flags: int) -> tuple[mmap.mmap, memoryview]:

@@ -151,8 +151,7 @@ class Region:
         return any(a.offset <= offset and offset + count <= a.offset + a.size for a in self.sparse)
 
     def _memory_serves(self, offset: int, count: int, handler: object) -> bool:
-        if self.memory is None:
-            return False
+        """Whether the memory (not ``handler``) serves an access; callers check ``memory``."""
         return handler is None or self._in_sparse(offset, count)
 
     async def do_read(self, offset: int, count: int) -> bytes:
@@ -164,9 +163,9 @@ class Region:
                 if not ov.covers(offset, count):
                     raise VfioUserError(errno.EINVAL, "access straddles a framework area")
                 return ov.read(offset - ov.offset, count)
-        if self._memory_serves(offset, count, self.read):
-            assert self.memory is not None
-            return bytes(self.memory.view[offset : offset + count])
+        memory = self.memory
+        if memory is not None and self._memory_serves(offset, count, self.read):
+            return bytes(memory.view[offset : offset + count])
         if self.read is None:
             raise VfioUserError(errno.EINVAL, f"region {self.index} has no read handler")
         data = await self.read(offset, count)
@@ -187,9 +186,9 @@ class Region:
                     raise VfioUserError(errno.EINVAL, "access straddles a framework area")
                 ov.write(offset - ov.offset, data)
                 return
-        if self._memory_serves(offset, count, self.write):
-            assert self.memory is not None
-            self.memory.view[offset : offset + count] = data
+        memory = self.memory
+        if memory is not None and self._memory_serves(offset, count, self.write):
+            memory.view[offset : offset + count] = data
         elif self.write is not None:
             await self.write(offset, data)
         elif not self.doorbells:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from typing import Final
 
 import trio
 
@@ -44,13 +45,13 @@ from ..protocol import (
     RegionReadRequest,
     RegionTypeCap,
     RegionWriteMultiRequest,
+    RegionWriteReply,
     RegionWriteRequest,
     Request,
     SetIrqsRequest,
     SparseMmapArea,
     SparseMmapCap,
     VersionRequest,
-    check_xfer_size,
     decode_request,
     max_msg_size_for,
     negotiate_server_reply,
@@ -65,6 +66,7 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import VfioUserError
 from ..protocol.framing import Frame, close_fds
+from ..protocol.region_io import REGION_ACCESS_SIZE, REGION_ACCESS_STRUCT, check_count
 from ..protocol.regions import RegionCap
 from .device import Device
 from .dma import handling_command
@@ -72,6 +74,12 @@ from .migration import SessionMigration
 from .regions import Region
 
 log = logging.getLogger(__name__)
+
+# Plain ints: compared once per command on the REGION_READ/WRITE fast path.
+_REGION_READ: Final = int(Command.REGION_READ)
+_REGION_WRITE: Final = int(Command.REGION_WRITE)
+_REGION_ACCESS_COMMANDS: Final = frozenset((_REGION_READ, _REGION_WRITE))
+_unpack_region_access = REGION_ACCESS_STRUCT.unpack_from
 
 #: What this server advertises unless told otherwise: libvfio-user's figures, plus
 #: write_multiple, which we implement.
@@ -174,6 +182,23 @@ class ServerSession:
             raise VfioUserError(errno.EINVAL, "VERSION after negotiation")
         # A stopped device refuses most commands (the engine closes the frame's fds).
         self._migration.check_command(command)
+        if not frame.fds and command in _REGION_ACCESS_COMMANDS:
+            # The hot path: a well-formed REGION_READ/WRITE is served without building a
+            # request message; anything malformed takes the general path below, whose
+            # decoder rejects it.
+            payload = frame.payload
+            size = len(payload)
+            if command == _REGION_READ:
+                if size == REGION_ACCESS_SIZE:
+                    offset, index, count = _unpack_region_access(payload)
+                    with handling_command():
+                        return await self._read_region(index, offset, count)
+            elif size >= REGION_ACCESS_SIZE:
+                offset, index, count = _unpack_region_access(payload)
+                if count == size - REGION_ACCESS_SIZE:
+                    data = bytes(payload[REGION_ACCESS_SIZE:])
+                    with handling_command():
+                        return await self._write_region(index, offset, data)
         request = decode_request(command, frame.payload, frame.fds)
         # Decoding succeeded: the request now owns the fds.
         frame.take_fds()
@@ -305,20 +330,27 @@ class ServerSession:
         return None
 
     async def _region_read(self, request: RegionReadRequest) -> HandlerResult:
+        return await self._read_region(request.region, request.offset, request.count)
+
+    async def _read_region(self, index: int, offset: int, count: int) -> HandlerResult:
         assert self.negotiated is not None
-        check_xfer_size(request, self.negotiated.recv_max_data_xfer_size)
-        region = self._region(request.region)
-        region.check_access(request.offset, request.count, write=False)
-        data = await region.do_read(request.offset, request.count)
-        return RegionReadReply(request.region, request.offset, data)
+        check_count(Command.REGION_READ, count, self.negotiated.recv_max_data_xfer_size)
+        region = self._region(index)
+        region.check_access(offset, count, write=False)
+        data = await region.do_read(offset, count)
+        return RegionReadReply(index, offset, data)
 
     async def _region_write(self, request: RegionWriteRequest) -> HandlerResult:
+        return await self._write_region(request.region, request.offset, request.data)
+
+    async def _write_region(self, index: int, offset: int, data: bytes) -> HandlerResult:
         assert self.negotiated is not None
-        check_xfer_size(request, self.negotiated.recv_max_data_xfer_size)
-        region = self._region(request.region)
-        region.check_access(request.offset, request.count, write=True)
-        await region.do_write(request.offset, request.data)
-        return request.reply()
+        count = len(data)
+        check_count(Command.REGION_WRITE, count, self.negotiated.recv_max_data_xfer_size)
+        region = self._region(index)
+        region.check_access(offset, count, write=True)
+        await region.do_write(offset, data)
+        return RegionWriteReply(index, offset, count)
 
     async def _region_write_multi(self, request: RegionWriteMultiRequest) -> HandlerResult:
         assert self.negotiated is not None
