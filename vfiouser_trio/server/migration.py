@@ -131,6 +131,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DeviceMigration", "MigrationHooks", "MigrationRefused", "SessionMigration"]
 
+#: The commands a RUNNING device refuses (there is no migration data to move then).
+_MIG_DATA_COMMANDS = frozenset((int(Command.MIG_DATA_READ), int(Command.MIG_DATA_WRITE)))
+
 log = logging.getLogger(__name__)
 
 _S = MigState
@@ -493,6 +496,8 @@ class SessionMigration:
         migration = self.device.migration
         if migration is None:
             return
+        if migration.state == MigState.RUNNING and command not in _MIG_DATA_COMMANDS:
+            return  # the common case, checked once per command: a running device takes it
         try:
             known = Command(command)
         except ValueError:
