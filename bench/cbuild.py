@@ -57,6 +57,9 @@ def binary_name(source: Path, cflags: Sequence[str] = CFLAGS) -> str:
     """The cache name of ``source`` compiled with ``cflags``: ``<stem>-<16 hex digits>``."""
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    # The tools share headers next to them: a change there must rebuild every tool.
+    for header in sorted(source.parent.glob("*.h")):
+        digest.update(b"\0" + header.read_bytes())
     digest.update(b"\0" + "\0".join(cflags).encode())
     return f"{source.stem}-{digest.hexdigest()[:16]}"
 

@@ -21,29 +21,12 @@
 #include <string.h>
 #include <time.h>
 
-#define EXIT_USAGE 2
-#define EXIT_IO 4
+#define BENCH_PROG "memcpy_bw"
+#include "bench_common.h"
+
 #define MAX_SIZES 64
 #define MAX_SLICES 101
 #define MAX_COPY (1ull << 30)
-
-static void die(int status, const char *fmt, ...)
-{
-    va_list ap;
-    fputs("memcpy_bw: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(status);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -81,16 +64,6 @@ static struct slice time_slice(uint8_t *dst, const uint8_t *src, size_t size, ui
     struct slice s = {.bytes = copies * size, .seconds = (double)(t - t0) / 1e9};
     s.mb_per_s = (double)s.bytes / s.seconds / 1e6;
     return s;
-}
-
-static uint64_t parse_u64(const char *name, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno != 0 || *end != '\0' || *s == '-' || *s == '\0')
-        die(EXIT_USAGE, "--%s: not a non-negative integer: %s", name, s);
-    return (uint64_t)v;
 }
 
 /* Parses "4096,16384,..." into sizes; returns how many. */

@@ -30,29 +30,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EXIT_USAGE 2
-#define EXIT_IO 4
+#define BENCH_PROG "pingpong"
+#include "bench_common.h"
+
 #define MAX_MSG 65536u
 #define EVENT_PING 1u
 #define EVENT_STOP 2u /* eventfd counters add up, but the two sides strictly alternate */
-
-static void die(int status, const char *fmt, ...)
-{
-    va_list ap;
-    fputs("pingpong: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(status);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void send_all(int fd, const uint8_t *p, size_t len)
 {
@@ -171,16 +154,6 @@ static double percentile_us(const uint64_t *sorted, uint64_t n, unsigned pct)
     if (rank < 1)
         rank = 1;
     return (double)sorted[rank - 1] / 1000.0;
-}
-
-static uint64_t parse_u64(const char *name, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno != 0 || *end != '\0' || *s == '-' || *s == '\0')
-        die(EXIT_USAGE, "--%s: not a non-negative integer: %s", name, s);
-    return (uint64_t)v;
 }
 
 static void parse_options(int argc, char **argv, struct options *o)

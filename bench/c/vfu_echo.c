@@ -30,57 +30,19 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define HDR_SIZE 16u
-#define RW_HEAD_SIZE 16u
-#define CMD_VERSION 1u
-#define CMD_REGION_READ 9u
-#define CMD_REGION_WRITE 10u
-#define FLAG_TYPE_MASK 0x0fu
-#define FLAG_TYPE_COMMAND 0x0u
-#define FLAG_TYPE_REPLY 0x1u
-#define FLAG_NO_REPLY 0x10u
-#define FLAG_ERROR 0x20u
-#define MAX_XFER (1u << 20)
+#define BENCH_PROG "vfu_echo"
+#include "bench_common.h"
+
 /* Largest message we accept: a maximal REGION_WRITE (VERSION JSON is far smaller). */
 #define MAX_MSG (HDR_SIZE + RW_HEAD_SIZE + MAX_XFER)
 #define NUM_REGIONS 9u /* the fixed vfio PCI region indexes */
 
-#define EXIT_USAGE 2
-#define EXIT_PROTOCOL 3
-#define EXIT_IO 4
-
-static const char CAPABILITIES[] =
-    "{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576}}";
-
-struct header {
-    uint16_t msg_id;
-    uint16_t command;
-    uint32_t msg_size;
-    uint32_t flags;
-    uint32_t error;
-};
-_Static_assert(sizeof(struct header) == HDR_SIZE, "header layout");
-
-struct rw_head {
-    uint64_t offset;
-    uint32_t region;
-    uint32_t count;
-};
-_Static_assert(sizeof(struct rw_head) == RW_HEAD_SIZE, "region access layout");
-
 static const char *socket_path; /* unlinked on exit, also from the signal handler */
 
-static void die(int status, const char *fmt, ...)
+static void remove_socket(void)
 {
-    va_list ap;
-    fputs("vfu_echo: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
     if (socket_path != NULL)
         unlink(socket_path);
-    exit(status);
 }
 
 static void on_signal(int sig)
@@ -238,16 +200,6 @@ static void serve(struct device *dev, int fd)
     }
 }
 
-static uint64_t parse_u64(const char *name, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno != 0 || *end != '\0' || *s == '-' || *s == '\0')
-        die(EXIT_USAGE, "--%s: not a non-negative integer: %s", name, s);
-    return (uint64_t)v;
-}
-
 static int listen_unix(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -260,6 +212,7 @@ static int listen_unix(const char *path)
     if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         die(EXIT_IO, "bind %s: %s", path, strerror(errno));
     socket_path = path; /* ours now: remove it on every exit path */
+    bench_on_exit = remove_socket;
     if (listen(fd, 8) < 0)
         die(EXIT_IO, "listen: %s", strerror(errno));
     return fd;

@@ -32,59 +32,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define HDR_SIZE 16u
-#define RW_HEAD_SIZE 16u /* offset u64, region u32, count u32 */
-#define CMD_VERSION 1u
-#define CMD_REGION_READ 9u
-#define CMD_REGION_WRITE 10u
-#define FLAG_TYPE_MASK 0x0fu
-#define FLAG_TYPE_COMMAND 0x0u
-#define FLAG_TYPE_REPLY 0x1u
-#define FLAG_NO_REPLY 0x10u
-#define FLAG_ERROR 0x20u
-#define MAX_XFER (1u << 20) /* the max_data_xfer_size we announce */
+#define BENCH_PROG "vfu_loadgen"
+#include "bench_common.h"
+
 #define MAX_DEPTH 4096u
-
-#define EXIT_USAGE 2
-#define EXIT_PROTOCOL 3
-#define EXIT_IO 4
-
-static const char CAPABILITIES[] =
-    "{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576}}";
-
-struct header {
-    uint16_t msg_id;
-    uint16_t command;
-    uint32_t msg_size;
-    uint32_t flags;
-    uint32_t error;
-};
-_Static_assert(sizeof(struct header) == HDR_SIZE, "header layout");
-
-struct rw_head {
-    uint64_t offset;
-    uint32_t region;
-    uint32_t count;
-};
-_Static_assert(sizeof(struct rw_head) == RW_HEAD_SIZE, "region access layout");
-
-static void die(int status, const char *fmt, ...)
-{
-    va_list ap;
-    fputs("vfu_loadgen: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(status);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void send_all(int fd, const void *buf, size_t len)
 {
@@ -400,16 +351,6 @@ static int connect_unix(const char *path)
     if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         die(EXIT_IO, "connect %s: %s", path, strerror(errno));
     return fd;
-}
-
-static uint64_t parse_u64(const char *name, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno != 0 || *end != '\0' || *s == '-' || *s == '\0')
-        die(EXIT_USAGE, "--%s: not a non-negative integer: %s", name, s);
-    return (uint64_t)v;
 }
 
 static void usage(void)
