@@ -85,14 +85,18 @@ class EventFd:
         (trio's rule for an fd), unless the counter is already non-zero.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             value = self.try_read()
             if value is not None:
-                # The value is consumed: finish without a cancellation point.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    # No schedule point yet: add one, without a cancellation point (the
+                    # value is consumed). After wait_readable there was one already.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return value
             # Another reader may win the race after readability: loop and retry.
             await trio.lowlevel.wait_readable(self.fileno())
+            waited = True
 
     def detach(self) -> int:
         """Give up ownership and return the fd; the EventFd is then closed."""
