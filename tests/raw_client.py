@@ -8,7 +8,6 @@ DMA_READ / DMA_WRITE for maps made without an fd.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,11 +35,6 @@ from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.serve import serve_connection
-
-
-def fd_count() -> int:
-    """Open fds of this process (for leak checks)."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 class GuestRam:

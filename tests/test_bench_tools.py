@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fd_leaks import fd_count
 
 from bench import baselines, cbuild
 from bench.baselines import BenchToolError, LoadMode
@@ -30,15 +31,11 @@ VERSION_HEAD = struct.Struct("=HH")  # major, minor
 STALL_TIMEOUT = 20.0
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.fixture
 def no_fd_leak() -> Iterator[None]:
-    before = open_fds()
+    before = fd_count()
     yield
-    assert open_fds() == before
+    assert fd_count() == before
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes | None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import gc
-import os
 import threading
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -15,19 +12,9 @@ from vfiouser_trio import bitmap
 from vfiouser_trio.bitmap import DirtyBitmap, bitmap_nbytes
 from vfiouser_trio.memory import create_memfd
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 PAGE = 4096
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
 
 
 def _words(data: bytes | bytearray | memoryview) -> list[int]:

@@ -4,11 +4,10 @@ ways, interrupts, doorbells, errors, server death, cancellation, twin sockets on
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -44,6 +43,8 @@ from vfiouser_trio.server.regions import RegionType, SparseArea
 from vfiouser_trio.server.serve import serve, serve_connection
 from vfiouser_trio.server.session import DEFAULT_SERVER_CAPABILITIES, ServerSession
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TIMEOUT = 10
 
@@ -54,19 +55,6 @@ REG_FILL = 0x18  # write byte b: DMA-write 16 bytes of b at DST
 DOORBELL = 0x100
 SRC = 0x10_0000
 DST = 0x20_0000
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
 
 
 class TestDevice(Device):

@@ -5,10 +5,9 @@ dance, one fd per sparse area, and VERSION replies that must close the connectio
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -53,23 +52,12 @@ from vfiouser_trio.protocol.constants import (
 )
 from vfiouser_trio.protocol.framing import close_fds
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RW = REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE
 TIMEOUT = 10
 LEGACY = Capabilities.extra_from({"migration": {"pgsize": 4096}, "future_thing": [1, 2]})
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
 
 
 VersionAnswer = Callable[[VersionRequest], HandlerResult]
@@ -115,6 +103,7 @@ class ScriptedServer:
 async def scripted(
     server: ScriptedServer, **options: Any
 ) -> AsyncIterator[tuple[Client, Connection]]:
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with trio.fail_after(TIMEOUT):
         # The client accepts 16 fds per message (its proposal); a real server would read that.

@@ -15,7 +15,7 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,8 @@ from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.migration import MigrationRefused
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve, serve_connection
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = 300 * 1024  # several chunks at the limits below
@@ -130,17 +132,6 @@ class Blob(Device):
         if len(self.incoming) != STATE:
             raise ValueError(f"{len(self.incoming)} bytes of state, expected {STATE}")
         self.data[:] = self.incoming
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = fd_count()
-    yield
-    assert fd_count() == before
 
 
 @dataclass

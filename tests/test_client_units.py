@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gc
 import os
 from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 
 from vfiouser_trio.client.config import PciConfig
 from vfiouser_trio.client.dma import DmaMap, DmaMaps, DmaService
@@ -52,21 +52,10 @@ from vfiouser_trio.server.pci_caps import (
     VendorExtendedCapability,
 )
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 RW = REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
 
 
 # --- guest memory ---------------------------------------------------------------------------
@@ -243,11 +232,11 @@ async def test_query_with_argsz_asks_again_with_the_needed_size() -> None:
     def make(argsz: int) -> RegionInfoRequest:
         return RegionInfoRequest(3, argsz)
 
-    before = _open_fds()
+    before = fd_count()
     reply = await query_with_argsz(send, make, 32, RegionInfoReply)
     assert asked == [32, full.needed_size]
     assert reply.region_type == RegionTypeCap(1, 2)
-    assert _open_fds() == before  # the first reply's fd was closed
+    assert fd_count() == before  # the first reply's fd was closed
     leftover.close()
 
 

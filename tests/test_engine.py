@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import array
 import errno
-import gc
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,17 +33,7 @@ from vfiouser_trio.protocol.header import Header
 from vfiouser_trio.protocol.message import Buffer, Reply, Request
 from vfiouser_trio.transport import Transport
 
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 # --------------------------------------------------------------------------- test messages

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import array
 import errno
-import gc
 import itertools
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,19 +36,9 @@ from vfiouser_trio.protocol.errors import ProtocolError, VfioUserError
 from vfiouser_trio.protocol.framing import Frame, OversizedFrame
 from vfiouser_trio.transport import Transport
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 HEADER = struct.Struct("=HHIII")
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
 
 
 async def echo(frame: Frame) -> HandlerResult:
@@ -98,6 +88,7 @@ class RawPeer:
 async def raw_peer_and_connection(
     handler: Callable[[Frame], Awaitable[HandlerResult]] = echo, **options: Any
 ) -> AsyncIterator[tuple[RawPeer, Connection]]:
+
     a, b = socket.socketpair()
     peer = RawPeer(a)
     try:
@@ -550,7 +541,7 @@ async def test_hook_may_delay_and_reorder_outgoing_frames() -> None:
 
 async def test_no_fd_leaks_over_a_thousand_connections() -> None:
     memfd = os.memfd_create("cycle")
-    before = _open_fds()
+    before = fd_count()
 
     async def take(frame: Frame) -> HandlerResult:
         for fd in frame.take_fds():
@@ -567,7 +558,7 @@ async def test_no_fd_leaks_over_a_thousand_connections() -> None:
                 await client.request_raw(Command.DMA_MAP, b"", [memfd])
                 if i % 2:
                     client.close()  # half end from the far side, half from this one
-    assert _open_fds() == before
+    assert fd_count() == before
     os.close(memfd)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -12,17 +11,7 @@ import trio.testing
 
 from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd
 
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 def test_counter_accumulates_and_a_read_resets_it() -> None:

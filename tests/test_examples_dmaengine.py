@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 
 from vfiouser_trio.examples import EXAMPLES
 from vfiouser_trio.examples import dmaengine as de
@@ -32,10 +33,6 @@ PAGE = mmap.PAGESIZE
 RING = 0x10_0000
 SRC = 0x20_0000
 DST = 0x30_0000
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def pending(fd: int) -> int:

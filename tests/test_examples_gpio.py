@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from fd_leaks import fd_count
 
 from vfiouser_trio.examples import gpio
 from vfiouser_trio.examples.gpio import GpioDevice, GpioState
@@ -14,10 +15,6 @@ from vfiouser_trio.protocol.constants import IRQ_SET_ACTION_TRIGGER, IRQ_SET_DAT
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server.pci import COMMAND_INTX_DISABLE, STATUS_INTERRUPT
 from vfiouser_trio.server.regions import Region
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def pending(fd: int) -> int:

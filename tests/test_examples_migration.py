@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 
 from vfiouser_trio.client import Client, GuestMemory, Interrupt, connect
 from vfiouser_trio.engine import Connection
@@ -51,10 +52,6 @@ S = MigState
 CONFIG = PciRegion.CONFIG
 INTX = PciIrq.INTX
 MSIX = PciIrq.MSIX
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @asynccontextmanager

@@ -6,9 +6,9 @@ import errno
 import gc
 import mmap
 import os
-from collections.abc import Iterator
 
 import pytest
+from fd_leaks import fd_count
 
 from vfiouser_trio.memory import (
     Mapping,
@@ -20,19 +20,9 @@ from vfiouser_trio.memory import (
     page_size,
 )
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 PAGE = mmap.PAGESIZE
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
 
 
 def _is_mapped(address: int) -> bool:
@@ -193,10 +183,10 @@ def test_fixed_noreplace_maps_exactly_or_fails_with_eexist() -> None:
     with create_memfd("fixed", 2 * PAGE) as memfd:
         with memfd.map(address=address, placement=Placement.FIXED_NOREPLACE) as mapping:
             assert mapping.address == address
-            before = _open_fds()
+            before = fd_count()
             with pytest.raises(FileExistsError):
                 memfd.map(address=address + PAGE, placement=Placement.FIXED_NOREPLACE)
-            assert _open_fds() == before
+            assert fd_count() == before
         assert not _is_mapped(address)
 
 

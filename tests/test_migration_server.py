@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 import trio.testing
-from raw_client import expect_errno, fd_count, raw_payload, session
+from fd_leaks import fd_count
+from raw_client import expect_errno, raw_payload, session
 
 from vfiouser_trio.engine import Connection
 from vfiouser_trio.protocol import (

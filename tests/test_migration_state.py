@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +17,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,10 +118,6 @@ class Card(Device):
             raise ValueError("a card state ends with 8 bytes of value")
         self.loaded = data
         self.value = int.from_bytes(data[-8:], "little")
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @asynccontextmanager

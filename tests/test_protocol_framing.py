@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from fd_leaks import fd_count
 
 from vfiouser_trio.protocol.errors import ProtocolError
 from vfiouser_trio.protocol.framing import (
@@ -26,10 +27,6 @@ def frame(msg_id: int, payload: bytes, command: int = 9, flags: int = 0) -> byte
     # Header written by hand (not via Header.pack): msg_id u16, command u16,
     # msg_size u32, flags u32, error u32, native byte order.
     return struct.pack("=HHIII", msg_id, command, 16 + len(payload), flags, 0) + payload
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def is_open(fd: int) -> bool:

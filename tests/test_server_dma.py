@@ -9,6 +9,7 @@ import os
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 
 from vfiouser_trio.protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 from vfiouser_trio.protocol.errors import VfioUserError
@@ -47,10 +48,6 @@ class FakeClient:
         await trio.lowlevel.checkpoint()
         off = address - self.base
         self.mem[off : off + len(data)] = data
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_fd_map_read_write_shares_memory() -> None:

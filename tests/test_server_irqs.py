@@ -8,6 +8,7 @@ import os
 import pytest
 import trio
 import trio.testing
+from fd_leaks import fd_count
 
 from vfiouser_trio.protocol.constants import (
     IRQ_SET_ACTION_MASK,
@@ -35,10 +36,6 @@ def count(fd: int) -> int:
         return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_trigger_reaches_the_assigned_eventfd() -> None:

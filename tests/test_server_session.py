@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from raw_client import GuestRam, expect_raw_errno, fd_count, raw_payload, session
+from fd_leaks import fd_count
+from raw_client import GuestRam, expect_raw_errno, raw_payload, session
 
 from vfiouser_trio.engine import open_connection
 from vfiouser_trio.ordering import ConcurrentOrder

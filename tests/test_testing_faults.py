@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -35,21 +35,15 @@ from vfiouser_trio.testing import (
     Reorder,
     Tracer,
     chain,
-    fd_table,
     nested_device,
     set_header,
     set_payload,
 )
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 SENT, RECEIVED = Direction.SENT, Direction.RECEIVED
 READ, WRITE = Command.REGION_READ, Command.REGION_WRITE
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = len(fd_table())
-    yield
-    assert len(fd_table()) == before
 
 
 class Registers(Device):

@@ -7,26 +7,20 @@ pytest session (pytester).
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterator
 
 import pytest
 import trio
 
 from vfiouser_trio.examples.null import NullDevice
 from vfiouser_trio.protocol import Command, PciRegion
-from vfiouser_trio.testing import NestedDeviceFactory, Tracer, fd_table
+from vfiouser_trio.testing import NestedDeviceFactory, Tracer
 
 # Not needed once vfiouser_trio is installed (its plugin provides the fixtures).
 from vfiouser_trio.testing.fixtures import *  # noqa: F403
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = len(fd_table())
-    yield
-    assert len(fd_table()) == before
 
 
 async def test_vfio_pair_starts_independent_pairs(vfio_pair: NestedDeviceFactory) -> None:
@@ -44,6 +38,7 @@ async def test_vfio_pair_starts_independent_pairs(vfio_pair: NestedDeviceFactory
 async def test_vfio_tracer_is_a_fresh_tracer(
     vfio_pair: NestedDeviceFactory, vfio_tracer: Tracer
 ) -> None:
+
     assert len(vfio_tracer) == 0
     with trio.fail_after(5):
         pair = await vfio_pair(NullDevice(), tracer=vfio_tracer)

@@ -6,7 +6,6 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -17,16 +16,11 @@ from vfiouser_trio.protocol import DmaReadReply, DmaReadRequest, PciRegion
 from vfiouser_trio.protocol.constants import Command
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
-from vfiouser_trio.testing import Direction, FdLeakError, Tracer, fd_table, nested_device
+from vfiouser_trio.testing import Direction, FdLeakError, Tracer, nested_device
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 IOVA = 0x10000
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = len(fd_table())
-    yield
-    assert len(fd_table()) == before
 
 
 class Fetcher(Device):

@@ -6,7 +6,7 @@ import errno
 import io
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -44,19 +44,13 @@ from vfiouser_trio.testing import (
     HookChain,
     Tracer,
     chain,
-    fd_table,
     nested_device,
 )
 from vfiouser_trio.transport import Transport
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
 SENT, RECEIVED = Direction.SENT, Direction.RECEIVED
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = len(fd_table())
-    yield
-    assert len(fd_table()) == before
 
 
 class Scratch(Device):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import array
-import gc
 import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,17 +20,7 @@ from vfiouser_trio.protocol.framing import Frame, OversizedFrame
 from vfiouser_trio.protocol.header import Header, command_header
 from vfiouser_trio.transport import Transport
 
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    gc.collect()
-    assert _open_fds() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 class CountingSocket(socket.socket):

@@ -88,4 +88,22 @@ static inline uint64_t parse_u64(const char *name, const char *s)
     return (uint64_t)v;
 }
 
+/* For qsort of latency samples. */
+static inline int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Nearest-rank percentile (rank = ceil(n * pct / 100)) of sorted samples, in microseconds. */
+static inline double percentile_us(const uint64_t *sorted, uint64_t n, unsigned pct)
+{
+    if (n == 0)
+        return 0.0;
+    uint64_t rank = (n * pct + 99u) / 100u;
+    if (rank < 1)
+        rank = 1;
+    return (double)sorted[rank - 1] / 1000.0;
+}
+
 #endif

@@ -139,23 +139,6 @@ static void child_loop(const struct options *o, int sock, int from_parent, int t
     _exit(0);
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* Nearest-rank percentile (rank = ceil(n * pct / 100)) of sorted samples, in microseconds. */
-static double percentile_us(const uint64_t *sorted, uint64_t n, unsigned pct)
-{
-    if (n == 0)
-        return 0.0;
-    uint64_t rank = (n * pct + 99u) / 100u;
-    if (rank < 1)
-        rank = 1;
-    return (double)sorted[rank - 1] / 1000.0;
-}
-
 static void parse_options(int argc, char **argv, struct options *o)
 {
     static const struct option longopts[] = {
