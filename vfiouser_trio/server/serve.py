@@ -26,6 +26,7 @@ from collections.abc import Callable
 import trio
 
 from ..engine import ConnectionHooks, HandlerResult, open_connection
+from ..limits import DEFAULT_LIMITS, ServerLimits
 from ..ordering import OrderingPolicy
 from ..protocol.capabilities import Capabilities
 from ..protocol.errors import VfioUserError
@@ -54,8 +55,10 @@ class DeviceServer:
         offer_twin_socket: bool = True,
         policy: OrderingPolicy | None = None,
         hooks: ConnectionHooks | None = None,
+        limits: ServerLimits = DEFAULT_LIMITS,
     ) -> None:
         self.source = source
+        self.limits = limits
         self.capabilities = capabilities
         self.offer_twin_socket = offer_twin_socket
         self.policy = policy
@@ -105,6 +108,7 @@ class DeviceServer:
             offer_twin_socket=self.offer_twin_socket,
             policy=self.policy,
             hooks=self.hooks,
+            limits=self.limits,
         )
         log.info("%s: client disconnected", device.name)
 
@@ -127,6 +131,7 @@ async def serve_connection(
     offer_twin_socket: bool = True,
     policy: OrderingPolicy | None = None,
     hooks: ConnectionHooks | None = None,
+    limits: ServerLimits = DEFAULT_LIMITS,
 ) -> None:
     """Serve ``device`` to the one client on the connected ``sock`` until it leaves.
 
@@ -140,6 +145,7 @@ async def serve_connection(
         offer_twin_socket=offer_twin_socket,
         policy=policy,
         hooks=hooks,
+        limits=limits,
     )
     await session.run(sock)
 
@@ -173,6 +179,7 @@ async def serve(
     offer_twin_socket: bool = True,
     policy: OrderingPolicy | None = None,
     hooks: ConnectionHooks | None = None,
+    limits: ServerLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[DeviceServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a device on a UNIX socket ``path`` or an inherited socket ``fd`` until cancelled.
@@ -190,6 +197,7 @@ async def serve(
         offer_twin_socket=offer_twin_socket,
         policy=policy,
         hooks=hooks,
+        limits=limits,
     )
     listener: Listener | None = None
     if path is not None:

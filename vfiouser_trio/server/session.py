@@ -19,6 +19,7 @@ from typing import Final
 import trio
 
 from ..engine import Connection, ConnectionHooks, HandlerResult, RawMessage, open_connection
+from ..limits import DEFAULT_LIMITS, ServerLimits
 from ..ordering import OrderingPolicy
 from ..protocol import (
     Capabilities,
@@ -81,10 +82,11 @@ _REGION_WRITE: Final = int(Command.REGION_WRITE)
 _REGION_ACCESS_COMMANDS: Final = frozenset((_REGION_READ, _REGION_WRITE))
 _unpack_region_access = REGION_ACCESS_STRUCT.unpack_from
 
-#: What this server advertises unless told otherwise: libvfio-user's figures, plus
-#: write_multiple, which we implement.
+#: What this server advertises unless told otherwise: libvfio-user's message sizes, plus
+#: write_multiple, which we implement; 4096 DMA maps per client (an fd-backed map holds
+#: one of the process's mappings, vm.max_map_count, shared by every client).
 DEFAULT_SERVER_CAPABILITIES = Capabilities(
-    max_msg_fds=8, max_data_xfer_size=1 << 20, max_dma_maps=65535, write_multiple=True
+    max_msg_fds=8, max_data_xfer_size=1 << 20, max_dma_maps=4096, write_multiple=True
 )
 
 
@@ -99,8 +101,10 @@ class ServerSession:
         offer_twin_socket: bool = True,
         policy: OrderingPolicy | None = None,
         hooks: ConnectionHooks | None = None,
+        limits: ServerLimits = DEFAULT_LIMITS,
     ) -> None:
         self.device = device
+        self.limits = limits
         self.capabilities = capabilities
         self.offer_twin_socket = offer_twin_socket
         self.policy = policy

@@ -1,0 +1,53 @@
+"""The bounds a server puts on what one client can make it hold or do.
+
+Every limit that protects the process from a client lives here, with its default;
+``serve(..., limits=ServerLimits(...))`` changes them. The limits a client is told
+about in VERSION (``max_dma_maps``, ``max_data_xfer_size``, ``max_msg_fds``) are
+capabilities instead: ``serve(..., capabilities=...)``. docs/security.md explains
+what each one defends against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_LIMITS", "ServerLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Per-connection (and per-listener) bounds a server enforces against its clients."""
+
+    #: Bytes of replies and server->client messages queued for one client and not yet
+    #: taken by its socket. At this mark the connection stops reading that client's
+    #: commands until the backlog halves; it never grows past about one more message.
+    max_send_backlog: int = 4 << 20
+    #: Commands one connection's dispatcher runs back to back before it yields to the
+    #: rest of the process, so one pipelining client cannot starve other devices.
+    dispatch_batch: int = 16
+    #: Bytes of dirty-page bitmap one client's DMA logging may allocate at once (the
+    #: bitmap is allocated lazily, per touched chunk; past this, logging start fails
+    #: with ENOMEM).
+    max_dirty_bitmap_bytes: int = 64 << 20
+    #: Seconds a refused (busy) client has to send its first command before we hang up;
+    #: a refused client that hangs up earlier is released at once.
+    busy_answer_timeout: float = 10.0
+    #: Seconds the listener pauses after accept() fails with EMFILE/ENFILE/ENOBUFS/ENOMEM
+    #: (the process is out of fds or memory); it then tries again, logging each pause.
+    accept_backoff: float = 0.1
+    #: Whether device code may take zero-copy views of DMA maps whose file the client
+    #: can still shrink (no F_SEAL_SHRINK and none could be added). Such a client can
+    #: then crash the process with SIGBUS: turn this on only for a trusted client.
+    trust_client_memory: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_send_backlog", "dispatch_batch", "max_dirty_bitmap_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerLimits.{name} must be a positive int, got {value!r}")
+        for name in ("busy_answer_timeout", "accept_backoff"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerLimits.{name} must be positive")
+
+
+DEFAULT_LIMITS = ServerLimits()
