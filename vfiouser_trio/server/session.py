@@ -113,7 +113,9 @@ class ServerSession:
         self._conn: Connection | None = None
         self._attached = False
         self._dma_layout: DmaLayout | None = None
-        self._migration = SessionMigration(device)
+        self._migration = SessionMigration(
+            device, max_dirty_bitmap_bytes=limits.max_dirty_bitmap_bytes
+        )
 
     # --- running -------------------------------------------------------------------------
 
@@ -257,17 +259,42 @@ class ServerSession:
         reply, negotiated = negotiate_server_reply(
             request, self.capabilities, twin_fd_index=0 if twin else None
         )
-        conn.max_send_fds = negotiated.send_max_msg_fds
-        self.device.dma.max_maps = self.capabilities.max_dma_maps
-        self.device.dma.messenger = self
-        self.negotiated = negotiated
-        self._attached = True
-        await self.device.attached()
-        if not twin:
-            return reply
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.attach_twin(ours, requests_on_twin=True)
-        return RawMessage(reply.pack(), (theirs.detach(),), transfer_fds=True)
+        # Everything that can fail comes before the session changes: a failed VERSION leaves
+        # the session as it was (the client may try again) and holds no fd.
+        result: HandlerResult = reply
+        theirs: int | None = None
+        if twin:
+            theirs = self._open_twin(conn)
+            result = RawMessage(reply.pack(), (theirs,), transfer_fds=True)
+        try:
+            conn.max_send_fds = negotiated.send_max_msg_fds
+            self.device.dma.max_maps = self.capabilities.max_dma_maps
+            self.device.dma.trust_client_memory = self.limits.trust_client_memory
+            self.device.dma.messenger = self
+            self.negotiated = negotiated
+            self._attached = True
+            await self.device.attached()
+        except BaseException:
+            if theirs is not None:
+                close_fds((theirs,))
+            raise
+        return result
+
+    def _open_twin(self, conn: Connection) -> int:
+        """Create the twin socket pair, attach our end; return the client's end (an fd we own)."""
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("%s: cannot create the twin socket: %s", self.device.name, exc)
+            raise VfioUserError(exc.errno or errno.EIO, "cannot create the twin socket") from exc
+        try:
+            conn.attach_twin(ours, requests_on_twin=True)  # closes `ours` if it fails
+        except BaseException as exc:
+            theirs.close()
+            if isinstance(exc, Exception):
+                log.warning("%s: cannot attach the twin socket: %s", self.device.name, exc)
+            raise
+        return theirs.detach()
 
     def _device_info(self) -> HandlerResult:
         device = self.device
