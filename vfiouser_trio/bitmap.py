@@ -8,6 +8,10 @@ process that marks pages while this one takes them: no mark is lost.
 
 Words are kept in native byte order; ``DirtyBitmap.take`` returns the wire format
 (little-endian words).
+
+A :class:`SparseDirtyBitmap` tracks pages the same way for memory whose bitmap would be too
+large to allocate whole (a client may map up to 2**64 bytes): it holds chunks of bits only
+where pages were marked, charged to a :class:`BitmapBudget`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ if TYPE_CHECKING:
     from ._native import CData
 
 __all__ = [
+    "CHUNK_BITS",
+    "BitmapBudget",
     "DirtyBitmap",
+    "SparseDirtyBitmap",
     "bit_is_set",
     "bitmap_nbytes",
     "clear_bits",
@@ -345,3 +352,218 @@ class DirtyBitmap:
 
     def __repr__(self) -> str:
         return f"<DirtyBitmap {self.n_pages} pages of {self.page_size:#x} bytes>"
+
+
+#: Pages per chunk of a SparseDirtyBitmap: 4 KiB of bits, 128 MiB of memory at 4 KiB pages.
+CHUNK_BITS = 1 << 15
+
+
+class BitmapBudget:
+    """Bytes of bitmap chunks that the SparseDirtyBitmaps sharing it may hold in all."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"negative bitmap budget {limit}")
+        self.limit = limit
+        #: Bytes currently held.
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Charge ``nbytes``; False (nothing charged) when that would pass the limit."""
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        """Return ``nbytes`` taken earlier."""
+        self.used -= nbytes
+
+
+class SparseDirtyBitmap:
+    """Dirty tracking for ``n_pages`` pages whose memory follows the pages marked.
+
+    Bits live in zeroed chunks of ``chunk_bits`` pages, allocated when a page of the
+    chunk is first marked and freed when a clear leaves the chunk empty; each chunk is
+    charged to ``budget``. When the budget cannot pay for a new chunk the bitmap
+    *overflows*: it frees its chunks and from then on every page reads as dirty, and
+    ``clear`` leaves them so, until ``release()``. That over-reports, which is safe for
+    migration (a page is sent again); dropping the mark would not be.
+
+    Offsets are relative to the address of page 0. Unlike DirtyBitmap this is private
+    memory of one thread: chunks are allocated from Python, never shared.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_chunk_bytes",
+        "_chunk_shift",
+        "_chunks",
+        "_shift",
+        "n_pages",
+        "overflowed",
+        "page_size",
+    )
+
+    def __init__(
+        self, n_pages: int, page_size: int, budget: BitmapBudget, *, chunk_bits: int = CHUNK_BITS
+    ) -> None:
+        if n_pages < 0:
+            raise ValueError(f"negative page count {n_pages}")
+        if chunk_bits < 64 or chunk_bits & (chunk_bits - 1):
+            raise ValueError(f"chunk size {chunk_bits} is not a power of two of at least 64 bits")
+        self._shift = _page_shift(page_size)
+        self._chunk_shift = chunk_bits.bit_length() - 1
+        self._chunk_bytes = chunk_bits // 8
+        self._budget = budget
+        self._chunks: dict[int, _Words] = {}
+        self.n_pages = n_pages
+        self.page_size = page_size
+        #: Set once a chunk could not be paid for: every page is dirty from then on.
+        self.overflowed = False
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of chunks held now."""
+        return len(self._chunks) * self._chunk_bytes
+
+    def _pages(self, first: int, count: int | None) -> int:
+        if count is None:
+            count = self.n_pages - first
+        if first < 0 or count < 0 or first + count > self.n_pages:
+            raise ValueError(f"pages [{first}, {first + count}) are outside {self.n_pages} pages")
+        return count
+
+    def _pieces(self, first: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """(chunk index, first bit in it, bits) of each chunk held under the pages."""
+        if not count:
+            return
+        shift = self._chunk_shift
+        lo, hi = first >> shift, (first + count - 1) >> shift
+        # The chunks held, not the range: the range may span 2**40 chunks.
+        for index in sorted(i for i in self._chunks if lo <= i <= hi):
+            base = index << shift
+            start = max(first, base)
+            yield index, start - base, min(first + count, base + (1 << shift)) - start
+
+    def _chunk(self, index: int) -> _Words | None:
+        """The chunk, allocated if need be; None once the bitmap has overflowed."""
+        words = self._chunks.get(index)
+        if words is None and not self.overflowed:
+            if self._budget.take(self._chunk_bytes):
+                words = self._chunks[index] = _Words(bytearray(self._chunk_bytes))
+            else:
+                self._drop_chunks()
+                self.overflowed = True
+        return words
+
+    def _drop_chunks(self) -> None:
+        for words in self._chunks.values():
+            words.release()
+        self._budget.give(self.allocated)
+        self._chunks.clear()
+
+    def mark(self, offset: int, length: int) -> None:
+        """Mark the pages touched by bytes ``[offset, offset + length)`` dirty."""
+        if offset < 0 or length < 0 or offset + length > self.n_pages << self._shift:
+            raise ValueError(f"range ({offset:#x}, {length:#x}) is outside the tracked memory")
+        if length:
+            first = offset >> self._shift
+            self._set(first, ((offset + length - 1) >> self._shift) - first + 1)
+
+    def mark_pages(self, first: int, count: int = 1) -> None:
+        """Mark pages ``[first, first + count)`` dirty."""
+        self._set(first, self._pages(first, count))
+
+    def _set(self, first: int, count: int) -> None:
+        shift = self._chunk_shift
+        page, end = first, first + count
+        while page < end:  # at most budget / chunk size rounds before overflowing
+            index = page >> shift
+            stop = min(end, (index + 1) << shift)
+            words = self._chunk(index)
+            if words is None:
+                return
+            lib.vfu_bits_set(words.cdata, page - (index << shift), stop - page)
+            page = stop
+
+    def test(self, page: int) -> bool:
+        """Whether ``page`` is dirty."""
+        self._pages(page, 1)
+        if self.overflowed:
+            return True
+        words = self._chunks.get(page >> self._chunk_shift)
+        mask = (1 << self._chunk_shift) - 1
+        return words is not None and bool(lib.vfu_bits_test(words.cdata, page & mask))
+
+    def count(self, first: int = 0, n_pages: int | None = None) -> int:
+        """Number of dirty pages in ``[first, first + n_pages)`` (default: all)."""
+        n_pages = self._pages(first, n_pages)
+        if self.overflowed:
+            return n_pages
+        return sum(
+            lib.vfu_bits_count(self._chunks[index].cdata, start, n)
+            for index, start, n in self._pieces(first, n_pages)
+        )
+
+    def runs(self, first: int = 0, n_pages: int | None = None) -> Iterator[tuple[int, int]]:
+        """Maximal runs of dirty pages in the range, as ``(first_page, n_pages)``."""
+        n_pages = self._pages(first, n_pages)
+        if self.overflowed:
+            if n_pages:
+                yield first, n_pages
+            return
+        run_start = run_end = -1  # the run being built, which may go on in the next chunk
+        for index, start, n in list(self._pieces(first, n_pages)):
+            cdata, base = self._chunks[index].cdata, index << self._chunk_shift
+            bit, end = start, start + n
+            while bit < end:
+                found = lib.vfu_bits_next(cdata, bit, end, 1)
+                if found < 0:
+                    break
+                stop = lib.vfu_bits_next(cdata, found, end, 0)
+                stop = end if stop < 0 else stop
+                if base + found != run_end:
+                    if run_end >= 0:
+                        yield run_start, run_end - run_start
+                    run_start = base + found
+                run_end = base + stop
+                bit = stop
+        if run_end >= 0:
+            yield run_start, run_end - run_start
+
+    def clear(self, first: int = 0, n_pages: int | None = None) -> None:
+        """Mark pages clean (default: all); no effect once the bitmap has overflowed."""
+        n_pages = self._pages(first, n_pages)
+        if self.overflowed:
+            return
+        bits = 1 << self._chunk_shift
+        for index, start, n in list(self._pieces(first, n_pages)):
+            words = self._chunks[index]
+            lib.vfu_bits_clear(words.cdata, start, n)
+            if lib.vfu_bits_next(words.cdata, 0, bits, 1) < 0:
+                del self._chunks[index]
+                words.release()
+                self._budget.give(self._chunk_bytes)
+
+    def release(self) -> None:
+        """Free the chunks (idempotent); the bitmap then reads as clean and not overflowed."""
+        self._drop_chunks()
+        self.overflowed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "overflowed" if self.overflowed else f"{len(self._chunks)} chunks"
+        return f"<SparseDirtyBitmap {self.n_pages} pages of {self.page_size:#x} bytes, {state}>"

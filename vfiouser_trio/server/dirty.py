@@ -13,6 +13,14 @@ range zero. It clears what it reports, except tracking pages that reach outside 
 (or that the range only partly covers): those stay dirty for the next report, because
 clearing them would lose writes the client has not seen. Over-reporting is safe for
 migration; under-reporting is not.
+
+Memory follows the pages written, not the size of the maps (a client may map 2**64 bytes
+of message-only memory): each map's bitmap is a :class:`SparseDirtyBitmap`, and one client's
+bitmaps together hold at most ``max_bitmap_bytes`` (``ServerLimits.max_dirty_bitmap_bytes``).
+A map whose bitmap would pass that bound *overflows*: its bits are dropped and every page of
+it is reported dirty, in every report, until it is unmapped or logging stops (a WARNING says
+so). The reply of a report is bounded by the caller (the session refuses a bitmap larger than
+its ``max_data_xfer_size``), and its cost by the chunks held, not the range asked.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import array
 import bisect
 import errno
 import itertools
+import logging
 import mmap
 import sys
 from collections.abc import Sequence
 
-from ..bitmap import DirtyBitmap, bitmap_nbytes, mark_range
+from ..bitmap import BitmapBudget, SparseDirtyBitmap, bitmap_nbytes, mark_range
+from ..limits import DEFAULT_LIMITS
 from ..protocol.errors import VfioUserError
 from .dma import DmaMapping, DmaTable
 
@@ -36,6 +46,8 @@ __all__ = ["MIN_PAGE_SIZE", "DirtyLog", "select_page_size"]
 MIN_PAGE_SIZE = mmap.PAGESIZE
 
 _IOVA_LIMIT = 1 << 64
+
+log = logging.getLogger(__name__)
 
 
 def _refuse(message: str) -> VfioUserError:
@@ -74,11 +86,19 @@ class DirtyLog:
     """Logs device writes into ``dma`` at ``page_size``, within ``ranges`` (empty: all).
 
     ``ranges`` are (iova, length) pairs; they must not overlap (EINVAL). Logging starts
-    when the log is created and stops at ``close()``.
+    when the log is created and stops at ``close()``. The bitmaps hold at most
+    ``max_bitmap_bytes`` in all (see the module docstring); ``name`` labels the log's
+    warnings (the device, the client).
     """
 
     def __init__(
-        self, dma: DmaTable, page_size: int, ranges: Sequence[tuple[int, int]] = ()
+        self,
+        dma: DmaTable,
+        page_size: int,
+        ranges: Sequence[tuple[int, int]] = (),
+        *,
+        max_bitmap_bytes: int = DEFAULT_LIMITS.max_dirty_bitmap_bytes,
+        name: str = "dirty log",
     ) -> None:
         if not _is_power_of_two(page_size):
             raise _refuse(f"dirty page size {page_size:#x} is not a power of two")
@@ -87,10 +107,22 @@ class DirtyLog:
         self._starts: list[int] = []
         self._ends: list[int] = []
         self.set_ranges(ranges)
-        self._bitmaps: dict[DmaMapping, tuple[int, DirtyBitmap]] = {}
+        self.name = name
+        self._budget = BitmapBudget(max_bitmap_bytes)
+        self._bitmaps: dict[DmaMapping, tuple[int, SparseDirtyBitmap]] = {}
         self._dma = dma
         dma.add_write_observer(self.mark)
         self._closed = False
+
+    @property
+    def bitmap_bytes(self) -> int:
+        """Bytes of bitmap held now, over every map."""
+        return self._budget.used
+
+    @property
+    def overflowed(self) -> list[DmaMapping]:
+        """The maps whose bitmap overflowed (reported all dirty)."""
+        return [m for m, (_, bitmap) in self._bitmaps.items() if bitmap.overflowed]
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -138,16 +170,27 @@ class DirtyLog:
     def _mark_maps(self, iova: int, end: int) -> None:
         for mapping in self._dma.windows(iova, end - iova):
             base, bitmap = self._bitmap_of(mapping)
+            if bitmap.overflowed:
+                continue  # every page of it is dirty already
             lo, hi = max(iova, mapping.iova), min(end, mapping.end)
             bitmap.mark(lo - (base << self._shift), hi - lo)
+            if bitmap.overflowed:
+                log.warning(
+                    "%s: dirty bitmaps reached their limit of %d bytes: every page of DMA map "
+                    "%#x+%#x is reported dirty until it is unmapped or logging stops",
+                    self.name,
+                    self._budget.limit,
+                    mapping.iova,
+                    mapping.size,
+                )
 
-    def _bitmap_of(self, mapping: DmaMapping) -> tuple[int, DirtyBitmap]:
+    def _bitmap_of(self, mapping: DmaMapping) -> tuple[int, SparseDirtyBitmap]:
         """The map's bitmap and the absolute page number of its bit 0 (made on first use)."""
         entry = self._bitmaps.get(mapping)
         if entry is None:
             base = mapping.iova >> self._shift
             last = (mapping.end - 1) >> self._shift
-            entry = (base, DirtyBitmap(last - base + 1, self.page_size))
+            entry = (base, SparseDirtyBitmap(last - base + 1, self.page_size, self._budget))
             self._bitmaps[mapping] = entry
         return entry
 

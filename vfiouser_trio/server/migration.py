@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..limits import DEFAULT_LIMITS
 from ..protocol.constants import (
     DEVICE_FEATURE_GET,
     DEVICE_FEATURE_SET,
@@ -484,10 +485,19 @@ _OPS = DEVICE_FEATURE_GET | DEVICE_FEATURE_SET
 
 
 class SessionMigration:
-    """A session's migration commands for ``device``; owns the session's dirty-page log."""
+    """A session's migration commands for ``device``; owns the session's dirty-page log.
 
-    def __init__(self, device: MigrationHooks) -> None:
+    ``max_dirty_bitmap_bytes`` bounds that log's bitmaps (``ServerLimits``; see ``dirty.py``).
+    """
+
+    def __init__(
+        self,
+        device: MigrationHooks,
+        *,
+        max_dirty_bitmap_bytes: int = DEFAULT_LIMITS.max_dirty_bitmap_bytes,
+    ) -> None:
         self.device = device
+        self.max_dirty_bitmap_bytes = max_dirty_bitmap_bytes
         #: The DMA write log while DMA_LOGGING_START is in effect.
         self.dirty: DirtyLog | None = None
 
@@ -555,7 +565,13 @@ class SessionMigration:
         page_size = select_page_size(control.page_size)
         ranges = [(r.iova, r.length) for r in control.ranges]
         if self.dirty is None:
-            self.dirty = DirtyLog(self.device.dma, page_size, ranges)
+            self.dirty = DirtyLog(
+                self.device.dma,
+                page_size,
+                ranges,
+                max_bitmap_bytes=self.max_dirty_bitmap_bytes,
+                name=self.device.name,
+            )
         elif self.dirty.page_size == page_size:
             # Restarting with the same granularity keeps the bits; the new ranges apply.
             self.dirty.set_ranges(ranges)
