@@ -25,9 +25,9 @@ class ServerLimits:
     #: Commands one connection's dispatcher runs back to back before it yields to the
     #: rest of the process, so one pipelining client cannot starve other devices.
     dispatch_batch: int = 16
-    #: Bytes of dirty-page bitmap one client's DMA logging may allocate at once (the
-    #: bitmap is allocated lazily, per touched chunk; past this, logging start fails
-    #: with ENOMEM).
+    #: Bytes of dirty-page bitmap one client's DMA logging may hold at once (bitmaps are
+    #: allocated lazily, 4 KiB per chunk of 32768 pages written; a DMA map whose bitmap
+    #: would pass this is reported all dirty until unmapped or logging stops).
     max_dirty_bitmap_bytes: int = 64 << 20
     #: Seconds a refused (busy) client has to send its first command before we hang up;
     #: a refused client that hangs up earlier is released at once.
