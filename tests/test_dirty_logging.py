@@ -81,8 +81,8 @@ def bits(*positions: int) -> int:
 
 @asynccontextmanager
 async def mapped_session(device: Device) -> AsyncIterator[tuple[Connection, mmap.mmap]]:
-    """A session with PAGES pages of fd-backed guest memory mapped at IOVA."""
-    fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    """A session with PAGES pages of fd-backed (sealable, so viewable) guest memory at IOVA."""
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, PAGES * PAGE)
     guest = mmap.mmap(fd, PAGES * PAGE)
     try:

@@ -84,8 +84,11 @@ class Rig:
         return region
 
     def ram(self, iova: int, size: int = PAGE, flags: int = RW) -> mmap.mmap:
-        """Guest RAM at ``iova`` passed to the device with an fd; returns the guest's view."""
-        fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+        """Guest RAM at ``iova`` passed to the device with an fd; returns the guest's view.
+
+        Sealable, as a VMM creates it: the table seals it against shrinking and allows views.
+        """
+        fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         view = mmap.mmap(fd, size)
         self.views.append(view)

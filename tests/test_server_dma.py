@@ -20,8 +20,12 @@ PAGE = mmap.PAGESIZE
 
 
 def guest_memfd(size: int) -> tuple[int, mmap.mmap]:
-    """A memfd standing in for guest RAM, and the 'client' side mapping of it."""
-    fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    """A memfd standing in for guest RAM, and the 'client' side mapping of it.
+
+    Created sealable, as a VMM does, so the table can seal it against shrinking and
+    allow views (tests/test_hardening_memory.py covers the other kinds).
+    """
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     return fd, mmap.mmap(fd, size)
 

@@ -7,6 +7,8 @@ Only what the standard library cannot do well lives in C:
 * ordered atomic loads, stores and read-modify-writes on u32/u64 words, and fences
   (GCC ``__atomic`` builtins);
 * dirty-bitmap operations on caller-owned u64 word arrays.
+* a memcpy that survives SIGBUS (``vfu_guarded_copy``), for memory a peer can
+  truncate under us.
 
 ``memfd_create``, file seals and ``eventfd`` are covered by ``os`` and ``fcntl``
 and are deliberately not duplicated here.
@@ -62,6 +64,9 @@ int64_t vfu_mmap(uint64_t addr, uint64_t length, int prot, int flags, int fd, in
 int vfu_munmap(uint64_t addr, uint64_t length);
 int vfu_madvise(uint64_t addr, uint64_t length, int advice);
 int vfu_msync(uint64_t addr, uint64_t length, int flags);
+
+int vfu_guard_install(void);
+int vfu_guarded_copy(void *dst, const void *src, size_t n);
 
 uint32_t vfu_load_u32(const char *base, size_t offset, int order);
 uint64_t vfu_load_u64(const char *base, size_t offset, int order);
@@ -127,6 +132,91 @@ static int vfu_madvise(uint64_t addr, uint64_t length, int advice)
 static int vfu_msync(uint64_t addr, uint64_t length, int flags)
 {
     return msync((void *)(uintptr_t)addr, (size_t)length, flags) == 0 ? 0 : -errno;
+}
+
+/* ---- guarded copies ----------------------------------------------------
+ * A shared mapping of a file the peer can still shrink raises SIGBUS when a
+ * page past the new end of the file is touched. vfu_guarded_copy() is a
+ * memcpy that turns such a fault into -EFAULT: the handler, installed once
+ * by vfu_guard_install(), jumps back out of a copy in progress on this
+ * thread. A SIGBUS anywhere else is passed on to the handler that was in
+ * place before ours (Python's faulthandler, say), or given the default
+ * action, so a real crash still crashes.
+ *
+ * SA_NODEFER keeps the signal mask unchanged while the handler runs, so the
+ * jump does not need to restore it (sigsetjmp(..., 0): no syscall per copy).
+ * SA_ONSTACK lets the handler run on an alternate stack where one is set.
+ */
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <string.h>
+
+static __thread volatile sig_atomic_t vfu_guard_active;
+static __thread sigjmp_buf vfu_guard_jump;
+static struct sigaction vfu_guard_previous;
+static pthread_mutex_t vfu_guard_lock = PTHREAD_MUTEX_INITIALIZER;
+static int vfu_guard_installed;
+
+static void vfu_guard_handler(int sig, siginfo_t *info, void *context)
+{
+    if (vfu_guard_active) {
+        vfu_guard_active = 0;
+        siglongjmp(vfu_guard_jump, 1);
+    }
+    if (vfu_guard_previous.sa_flags & SA_SIGINFO) {
+        if (vfu_guard_previous.sa_sigaction != NULL) {
+            vfu_guard_previous.sa_sigaction(sig, info, context);
+            return;
+        }
+    } else if (vfu_guard_previous.sa_handler == SIG_IGN) {
+        if (info != NULL && info->si_code <= 0)
+            return; /* sent by kill() or the like: ignored, as before us */
+        /* a fault cannot be ignored: fall through to the default action */
+    } else if (vfu_guard_previous.sa_handler != SIG_DFL) {
+        vfu_guard_previous.sa_handler(sig);
+        return;
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+    raise(sig); /* not blocked (SA_NODEFER): the default action happens now */
+}
+
+/* Installs the SIGBUS handler once per process; 0 or -errno. */
+static int vfu_guard_install(void)
+{
+    int result = 0;
+    pthread_mutex_lock(&vfu_guard_lock);
+    if (!vfu_guard_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = vfu_guard_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &vfu_guard_previous) == 0)
+            vfu_guard_installed = 1;
+        else
+            result = -errno;
+    }
+    pthread_mutex_unlock(&vfu_guard_lock);
+    return result;
+}
+
+/* memcpy(dst, src, n); 0, or -EFAULT if either side faulted with SIGBUS
+ * (dst may then hold part of the data). vfu_guard_install() must have run. */
+static int vfu_guarded_copy(void *dst, const void *src, size_t n)
+{
+    if (sigsetjmp(vfu_guard_jump, 0) != 0)
+        return -EFAULT;
+    vfu_guard_active = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    memcpy(dst, src, n);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    vfu_guard_active = 0;
+    return 0;
 }
 
 /* ---- atomics -----------------------------------------------------------

@@ -11,6 +11,17 @@ because unmapping under a live view would turn its next access into a crash. A
 mapping that is garbage-collected without ``close()``, or whose ``with`` block is
 left by an exception while views exist, is unmapped once its object and every
 view of it are gone.
+
+Memory a peer can shrink: a shared mapping of a file that the other side of a
+connection can ``ftruncate`` faults (SIGBUS, fatal to the process) on the first
+touch of a page past the new end. ``forbid_shrinking`` seals such a file where the
+file allows it; for the rest, ``Mapping.load``/``Mapping.store`` copy through a
+native guarded ``memcpy`` that turns the fault into ``OSError(EFAULT)``. The
+guard is a process-wide SIGBUS handler installed on the first guarded copy; a
+SIGBUS outside a guarded copy goes to the handler that was there before it (or
+the default action), so real crashes still crash. A handler installed later
+(``faulthandler.enable()``) sees a guarded fault first: it reports it and hands
+the signal back, and the copy still fails with EFAULT.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
@@ -29,7 +41,10 @@ from typing import TYPE_CHECKING, Protocol, Self
 from ._native import ffi, lib
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from ._native import CBuffer, CData
+    from .fdcheck import MemoryFile
 
 __all__ = [
     "Mapping",
@@ -38,6 +53,7 @@ __all__ = [
     "Prot",
     "Seal",
     "create_memfd",
+    "forbid_shrinking",
     "page_size",
 ]
 
@@ -240,6 +256,38 @@ def create_memfd(name: str, size: int, *, seal: bool = False) -> MemFd:
     return MemFd.create(name, size, seal=seal)
 
 
+def forbid_shrinking(fd: int, file: MemoryFile) -> bool:
+    """Make the file under ``fd`` unable to shrink, if it allows that; whether it now cannot.
+
+    A memfd that still takes seals gets ``F_SEAL_SHRINK`` (permanent, for every
+    holder of the file: growing stays allowed). A file whose seals are frozen
+    (``F_SEAL_SEAL`` without ``F_SEAL_SHRINK``) or that cannot be sealed at all
+    (a plain tmpfs or hugetlbfs file) can still shrink: False. ``file`` is what
+    ``fdcheck.require_memory_fd`` learnt about ``fd``; its seals are updated.
+    """
+    if file.cannot_shrink:
+        return True
+    if file.seals & Seal.SEAL:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, Seal.SHRINK)
+    except OSError:  # EINVAL: not sealable; EPERM: sealed meanwhile
+        return False
+    file.seals |= Seal.SHRINK
+    return True
+
+
+@functools.cache
+def _install_guard() -> None:
+    _check_errno(lib.vfu_guard_install())
+
+
+def _guarded_copy(dst: CData, src: CData, length: int) -> None:
+    _install_guard()
+    if lib.vfu_guarded_copy(dst, src, length):
+        raise OSError(errno.EFAULT, "the mapped file was truncated under the access (SIGBUS)")
+
+
 def _unmapper(address: int, length: int) -> Callable[[CData], None]:
     # Must not reference the Mapping: it runs when the last reference to the
     # pointer goes, which views may keep alive after the Mapping itself.
@@ -356,6 +404,31 @@ class Mapping:
         if offset % page_size():
             raise ValueError(f"offset {offset:#x} is not page-aligned")
         return self.address + offset, length
+
+    def _checked(self, offset: int, length: int) -> CData:
+        ptr = self._require_open()
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"range ({offset}, {length}) is outside the mapping")
+        return ptr + offset
+
+    def load(self, offset: int, length: int) -> bytes:
+        """A copy of bytes ``[offset, offset + length)``, safe if the file shrinks meanwhile.
+
+        ``OSError(EFAULT)`` instead of a SIGBUS when part of the range lies past the
+        file's end. Needs ``Prot.READ``.
+        """
+        src = self._checked(offset, length)
+        out = bytearray(length)
+        _guarded_copy(ffi.from_buffer(out), src, length)
+        return bytes(out)
+
+    def store(self, offset: int, data: Buffer) -> None:
+        """Copy ``data`` to ``offset``, safe if the file shrinks meanwhile (see ``load``).
+
+        Needs ``Prot.WRITE``; on EFAULT part of ``data`` may have been stored.
+        """
+        src = ffi.from_buffer(data)
+        _guarded_copy(self._checked(offset, len(src)), src, len(src))
 
     def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         """``madvise`` a page-aligned part of the mapping (``mmap.MADV_*`` values)."""

@@ -8,6 +8,13 @@ without any message; everything else goes through REGION_READ / REGION_WRITE.
 An area that cannot be mapped (fd refused by mmap, range past the end of the file, zero
 size, outside the region) is logged and left to the message path: the fast path is an
 optimisation, never a reason to fail.
+
+The server is not trusted with our process either: a server that truncates its region
+file under our mapping would make the next access through the mapping a SIGBUS. Each
+fd is therefore checked (``fdcheck.require_memory_fd``: a memory file holding the area)
+and mapped only if its file cannot shrink: ``F_SEAL_SHRINK`` is set, or we could add it
+(``memory.forbid_shrinking``). A region whose file can still shrink is reached by
+messages only (logged once, at INFO).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ..eventfd import EventFd
-from ..memory import Mapping, Prot, page_size
+from ..fdcheck import require_memory_fd
+from ..memory import Mapping, Prot, forbid_shrinking, page_size
 from ..protocol.constants import IO_FD_TYPE_IOEVENTFD
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import ProtocolError, VfioUserError
 from ..protocol.framing import close_fds
 from ..protocol.message import Message, Request
 from ..protocol.regions import (
@@ -169,6 +177,7 @@ def _map_areas(info: RegionInfoReply) -> list[MappedArea]:
         Prot.WRITE if info.writable else Prot.NONE
     )
     areas: list[MappedArea] = []
+    shrinkable_logged = False
     for i, (offset, size) in enumerate(spans):
         # libvfio-user sends one fd per sparse area (all of the same file); others send one.
         fd = fds[i] if len(fds) == len(spans) else fds[0]
@@ -177,6 +186,20 @@ def _map_areas(info: RegionInfoReply) -> list[MappedArea]:
             continue
         # mmap wants a page-aligned file offset: map from the page below and skip the lead.
         file_offset = info.offset + offset
+        try:
+            file = require_memory_fd(fd, f"region {info.index}", end=file_offset + size)
+        except VfioUserError as exc:
+            log.warning("region %d: area %#x+%#x not mapped: %s", info.index, offset, size, exc)
+            continue
+        if not forbid_shrinking(fd, file):
+            if not shrinkable_logged:
+                log.info(
+                    "region %d: the server's file can shrink (no F_SEAL_SHRINK): "
+                    "reached by REGION_READ/WRITE messages, not mapped",
+                    info.index,
+                )
+                shrinkable_logged = True
+            continue
         lead = file_offset % page_size()
         try:
             mapping = Mapping(fd, size + lead, offset=file_offset - lead, prot=prot)

@@ -12,6 +12,30 @@ device runs again; from a task handling a client command (see ``handling_command
 they fail at once with EBUSY, because the command that would restart the device is
 queued behind that handler. Opening a ``view`` while stopped fails with EBUSY (it
 cannot wait); device tasks ``await dma.wait_running()`` right before opening one.
+
+Memory the client can shrink. A client may ``ftruncate`` the file behind a map at
+any time, and the next access to a page past the new end would be a SIGBUS, fatal
+to the whole process. So every fd that comes with DMA_MAP is checked when it
+arrives (``fdcheck.require_memory_fd``: a memfd or regular file holding the whole
+window, else EINVAL), and then:
+
+* a file that cannot shrink (``F_SEAL_SHRINK``, as QEMU's memory-backend-memfd and
+  our client's ``GuestMemory`` set) is accessed directly, views included;
+* a memfd that still takes seals gets ``F_SEAL_SHRINK`` from us. The seal is
+  permanent on the client's file (it can still grow it); a client that must shrink
+  its memory later should send a sealed or frozen memfd instead;
+* a file that can still shrink (a plain tmpfs or hugetlbfs file, or a memfd whose
+  seals are frozen by ``F_SEAL_SEAL`` without ``F_SEAL_SHRINK``) is read and
+  written only through a guarded native copy (``memory.Mapping.load``/``store``)
+  that turns a SIGBUS into DmaError(EFAULT). Zero-copy ``view`` of such a map is
+  refused with EFAULT unless the table's ``trust_client_memory`` is set (from
+  ``ServerLimits.trust_client_memory``), because a view is touched by device code
+  where no guard can catch the fault.
+
+No fd is kept per map: the window is mapped with the native layer and the fd is
+closed once mapped, so the number of maps is bounded by ``max_maps`` and the
+kernel's map count, not by the process's fd limit. Each map records the file's
+identity (st_dev, st_ino), offset and protection.
 """
 
 from __future__ import annotations
@@ -19,7 +43,6 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,12 +52,12 @@ from typing import Protocol
 
 import trio
 
+from ..fdcheck import require_memory_fd
+from ..memory import Mapping, Prot, forbid_shrinking, page_size
 from ..protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 from ..protocol.errors import VfioUserError
 
 log = logging.getLogger(__name__)
-
-_PAGE = mmap.PAGESIZE
 
 
 class DmaMessenger(Protocol):
@@ -64,7 +87,15 @@ class DmaMapping:
     size: int
     flags: int
     fd_offset: int = 0
-    _mmap: mmap.mmap | None = field(default=None, repr=False)
+    #: (st_dev, st_ino) of the mapped file; None for a message-only window.
+    file: tuple[int, int] | None = None
+    #: Protection the window is mapped with (``Prot.NONE`` for message-only windows).
+    prot: Prot = Prot.NONE
+    #: Whether the client can still shrink the file (accesses are guarded copies).
+    can_shrink: bool = False
+    _mapping: Mapping | None = field(default=None, repr=False)
+    #: Bytes from the page-aligned start of ``_mapping`` to ``fd_offset``.
+    _lead: int = field(default=0, repr=False)
     _view: memoryview | None = field(default=None, repr=False)
     _users: int = 0
     _removing: bool = False
@@ -87,7 +118,7 @@ class DmaMapping:
     @property
     def mapped(self) -> bool:
         """True when the window is backed by memory we mapped (an fd came with it)."""
-        return self._view is not None
+        return self._mapping is not None
 
     @property
     def busy(self) -> int:
@@ -106,13 +137,39 @@ class DmaMapping:
         if self._view is not None:
             self._view.release()
             self._view = None
-        if self._mmap is not None:
+        if self._mapping is not None:
             try:
-                self._mmap.close()
+                self._mapping.close()
             except BufferError:
-                # A device kept a view past its context; the mapping lives until that is freed.
+                # A device kept a slice of a view past its context. Unmapping now would
+                # make its next access a crash, so the memory stays mapped until the last
+                # such slice is freed (the views hold the mapping, see memory.Mapping);
+                # the table no longer reaches it.
                 log.warning("DMA map %#x+%#x still exported at unmap", self.iova, self.size)
-            self._mmap = None
+            self._mapping = None
+
+    def _load(self, offset: int, length: int) -> bytes:
+        assert self._mapping is not None
+        if self._view is not None and not self.can_shrink:
+            return bytes(self._view[offset : offset + length])
+        try:
+            return self._mapping.load(self._lead + offset, length)
+        except OSError as exc:
+            raise self._fault(exc) from None
+
+    def _store(self, offset: int, data: memoryview) -> None:
+        assert self._mapping is not None
+        if self._view is not None and not self.can_shrink:
+            self._view[offset : offset + len(data)] = data
+            return
+        try:
+            self._mapping.store(self._lead + offset, data)
+        except OSError as exc:
+            raise self._fault(exc) from None
+
+    def _fault(self, exc: OSError) -> DmaError:
+        log.warning("DMA map %#x+%#x: the client shrank its file: %s", self.iova, self.size, exc)
+        return DmaError(errno.EFAULT, f"DMA map {self.iova:#x}: {exc.strerror}")
 
 
 def _current_task() -> object:
@@ -143,21 +200,30 @@ class handling_command:  # a class used like a function: ``with handling_command
         _command_task.reset(self._token)
 
 
-def _map_fd(fd: int, offset: int, size: int, flags: int) -> tuple[mmap.mmap, memoryview]:
-    prot = 0
-    if flags & DMA_MAP_FLAG_READ:
-        prot |= mmap.PROT_READ
-    if flags & DMA_MAP_FLAG_WRITE:
-        prot |= mmap.PROT_WRITE | mmap.PROT_READ
-    aligned = offset - offset % _PAGE
-    lead = offset - aligned
+def _map_fd(mapping: DmaMapping, fd: int) -> None:
+    """Check ``fd``, seal it against shrinking if we can, and map the window from it."""
+    if mapping.fd_offset < 0:
+        raise VfioUserError(errno.EINVAL, f"negative DMA_MAP offset {mapping.fd_offset:#x}")
+    file = require_memory_fd(fd, "DMA_MAP", end=mapping.fd_offset + mapping.size)
+    mapping.file = file.identity
+    mapping.can_shrink = not forbid_shrinking(fd, file)
+    prot = Prot.NONE
+    if mapping.readable:
+        prot |= Prot.READ
+    if mapping.writable:
+        prot |= Prot.READ | Prot.WRITE
+    mapping.prot = prot
+    mapping._lead = mapping.fd_offset % page_size()
     try:
-        mm = mmap.mmap(fd, size + lead, flags=mmap.MAP_SHARED, prot=prot, offset=aligned)
+        mapping._mapping = Mapping(
+            fd, mapping.size + mapping._lead, offset=mapping.fd_offset - mapping._lead, prot=prot
+        )
     except (OSError, ValueError, OverflowError) as exc:
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
         raise VfioUserError(code, f"cannot map DMA fd: {exc}") from exc
-    view = memoryview(mm)[lead : lead + size]
-    return mm, view
+    if prot:
+        lead = mapping._lead
+        mapping._view = mapping._mapping.view[lead : lead + mapping.size]
 
 
 class DmaView:
@@ -198,6 +264,9 @@ class DmaTable:
     def __init__(self, *, max_maps: int = 65535, messenger: DmaMessenger | None = None) -> None:
         self.max_maps = max_maps
         self.messenger = messenger
+        #: Allow ``view`` on maps the client can shrink (see the module doc); the
+        #: session sets it from ``ServerLimits.trust_client_memory``.
+        self.trust_client_memory = False
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._write_observers: list[WriteObserver] = []
@@ -250,8 +319,9 @@ class DmaTable:
     def map(self, iova: int, size: int, flags: int, fd: int | None, offset: int = 0) -> DmaMapping:
         """Add a window. Takes ownership of ``fd`` (closed here in every case).
 
-        Errors: EINVAL for size 0 or unknown flags, EEXIST for an overlap (as the
-        spec asks), ENOSPC beyond ``max_maps``.
+        Errors: EINVAL for size 0, unknown flags, or an fd that is not a memory file
+        holding the window (see the module doc); EEXIST for an overlap (as the spec
+        asks), ENOSPC beyond ``max_maps``.
         """
         try:
             if size <= 0 or iova < 0 or iova + size > 1 << 64:
@@ -267,7 +337,7 @@ class DmaTable:
                 raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
             mapping = DmaMapping(iova, size, flags, offset)
             if fd is not None:
-                mapping._mmap, mapping._view = _map_fd(fd, offset, size, flags)
+                _map_fd(mapping, fd)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -352,8 +422,8 @@ class DmaTable:
         try:
             parts: list[bytes] = []
             for m, off, n in segs:
-                if m._view is not None:
-                    parts.append(bytes(m._view[off : off + n]))
+                if m._mapping is not None:
+                    parts.append(m._load(off, n))
                 else:
                     parts.append(await self._message_read(m.iova + off, n))
             return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -371,8 +441,8 @@ class DmaTable:
         try:
             pos = 0
             for m, off, n in segs:
-                if m._view is not None:
-                    m._view[off : off + n] = src[pos : pos + n]
+                if m._mapping is not None:
+                    m._store(off, src[pos : pos + n])
                 else:
                     await self._message_write(m.iova + off, src[pos : pos + n])
                 pos += n
@@ -415,7 +485,8 @@ class DmaTable:
 
         The window cannot be unmapped while the view is open; a writable view is
         reported as written (dirty) when it closes. DmaError(EBUSY) while the device
-        is stopped (``await wait_running()`` first).
+        is stopped (``await wait_running()`` first); DmaError(EFAULT) on a map the
+        client can shrink unless ``trust_client_memory`` (see the module doc).
         """
         if self._resumed is not None:
             raise DmaError(errno.EBUSY, "the device is stopped: no DMA while it is")
@@ -430,6 +501,13 @@ class DmaTable:
         if not (m.writable if writable else m.readable):
             what = "writable" if writable else "readable"
             raise DmaError(errno.EFAULT, f"DMA map {m.iova:#x} is not {what}")
+        if m.can_shrink and not self.trust_client_memory:
+            raise DmaError(
+                errno.EFAULT,
+                f"DMA map {m.iova:#x}: no zero-copy view of a file the client can still "
+                "shrink (it is not sealed with F_SEAL_SHRINK); set "
+                "ServerLimits.trust_client_memory for a trusted client",
+            )
         return DmaView(self, m, off, length, writable)
 
     async def _message_read(self, address: int, count: int) -> bytes:

@@ -9,11 +9,11 @@ itself (an MSI-X table and PBA living in a BAR) ahead of the device's callbacks.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..memory import MemFd
 from ..protocol.constants import (
     REGION_INFO_FLAG_MMAP,
     REGION_INFO_FLAG_READ,
@@ -64,18 +64,24 @@ class Overlay:
 
 
 class RegionMemory:
-    """A memfd of ``size`` bytes mapped into this process; the client may map it too."""
+    """A memfd of ``size`` bytes mapped into this process; the client may map it too.
+
+    The memfd is sealed (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``) before its
+    fd can be handed out: a client that receives it cannot truncate it under our
+    mapping, which would make the next REGION_READ/WRITE a SIGBUS.
+    """
 
     def __init__(self, name: str, size: int) -> None:
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._memfd = MemFd.create(name, size, seal=True)
         try:
-            os.ftruncate(self.fd, size)
-            self._mmap = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+            self._mapping = self._memfd.map(size)
         except BaseException:
-            os.close(self.fd)
+            self._memfd.close()
             raise
-        self.view = memoryview(self._mmap)
+        #: The fd handed to clients in REGION_INFO (still owned here).
+        self.fd = self._memfd.fileno()
+        self.view = self._mapping.view
 
     def dup_fd(self) -> int:
         """A new fd of the memory, to hand to a client (the receiver owns it)."""
@@ -85,8 +91,8 @@ class RegionMemory:
         if self.fd < 0:
             return
         self.view.release()
-        self._mmap.close()
-        os.close(self.fd)
+        self._mapping.close()
+        self._memfd.close()
         self.fd = -1
 
 
