@@ -367,3 +367,130 @@ def test_matches_a_pure_python_model(
             p for p in range(n_pages) if model[p]
         ]
         assert all(f + n == n_pages or not model[f + n] for f, n in runs)
+
+
+# --- SparseDirtyBitmap: chunks on demand, a budget, overflow -------------------------------
+
+sparse_operations = st.one_of(
+    st.tuples(st.just("mark"), st.integers(0, 10_000), st.integers(0, 2_000)),
+    st.tuples(st.just("mark_pages"), st.integers(0, 300), st.integers(0, 200)),
+    st.tuples(st.just("clear"), st.integers(0, 300), st.integers(0, 200)),
+    st.tuples(st.just("count"), st.integers(0, 300), st.integers(0, 300)),
+    st.tuples(st.just("runs"), st.integers(0, 300), st.integers(0, 300)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n_pages=st.integers(1, 300),
+    page_shift=st.integers(6, 12),
+    chunk_bits=st.sampled_from([64, 128, 1 << 15]),
+    ops=st.lists(sparse_operations, max_size=30),
+)
+def test_sparse_matches_a_pure_python_model(
+    n_pages: int, page_shift: int, chunk_bits: int, ops: list[tuple[str, int, int]]
+) -> None:
+    page_size = 1 << page_shift
+    model = [False] * n_pages
+    budget = bitmap.BitmapBudget(1 << 20)
+    dirty = bitmap.SparseDirtyBitmap(n_pages, page_size, budget, chunk_bits=chunk_bits)
+    for name, a, b in ops:
+        if name == "mark":
+            offset, length = a * 7, b * 3
+            if offset + length > n_pages * page_size:
+                with pytest.raises(ValueError):
+                    dirty.mark(offset, length)
+                continue
+            dirty.mark(offset, length)
+            if length:
+                for page in range(offset // page_size, (offset + length - 1) // page_size + 1):
+                    model[page] = True
+        elif a + b > n_pages:
+            with pytest.raises(ValueError):
+                result = getattr(dirty, name)(a, b)
+                if name == "runs":
+                    list(result)  # a generator checks when it starts
+        elif name in ("mark_pages", "clear"):
+            getattr(dirty, name)(a, b)
+            model[a : a + b] = [name == "mark_pages"] * b
+        elif name == "count":
+            assert dirty.count(a, b) == sum(model[a : a + b])
+        else:
+            runs = list(dirty.runs(a, b))
+            assert [p for f, n in runs for p in range(f, f + n)] == [
+                p for p in range(a, a + b) if model[p]
+            ]
+            assert all(f + n == a + b or not model[f + n] for f, n in runs)  # maximal
+        # Memory follows the marks: exactly the chunks holding a dirty page are held.
+        held = {p // chunk_bits for p in range(n_pages) if model[p]}
+        assert dirty.allocated == budget.used == len(held) * chunk_bits // 8
+    assert [dirty.test(p) for p in range(n_pages)] == model
+    assert not dirty.overflowed
+    dirty.release()
+    assert budget.used == 0
+
+
+def test_sparse_bitmap_of_2_40_pages_holds_only_what_is_marked() -> None:
+    budget = bitmap.BitmapBudget(1 << 20)
+    n_pages = 1 << 40  # 2**52 bytes at 4 KiB pages: a 128 GiB dense bitmap
+    with bitmap.SparseDirtyBitmap(n_pages, PAGE, budget) as dirty:
+        for page in (0, 1 << 39, n_pages - 1):
+            dirty.mark_pages(page)
+        assert budget.used == 3 * bitmap.CHUNK_BITS // 8
+        assert list(dirty.runs()) == [(0, 1), (1 << 39, 1), (n_pages - 1, 1)]
+        assert dirty.count() == 3
+        dirty.clear()
+        assert budget.used == 0 and list(dirty.runs()) == []
+    # A mark over the whole range allocates until the budget runs out, then overflows.
+    with bitmap.SparseDirtyBitmap(n_pages, PAGE, budget) as dirty:
+        dirty.mark(0, n_pages * PAGE)
+        assert dirty.overflowed and budget.used == 0
+
+
+def test_sparse_overflow_reports_everything_dirty_until_released() -> None:
+    budget = bitmap.BitmapBudget(16)  # two 64-page chunks shared by both bitmaps
+    first = bitmap.SparseDirtyBitmap(256, PAGE, budget, chunk_bits=64)
+    second = bitmap.SparseDirtyBitmap(256, PAGE, budget, chunk_bits=64)
+    first.mark_pages(3)
+    second.mark_pages(70)
+    assert budget.used == 16
+    first.mark_pages(200)  # a third chunk: over the budget
+    assert first.overflowed and not second.overflowed
+    assert budget.used == 8  # the overflowed bitmap gave its chunk back
+    assert list(first.runs(10, 20)) == [(10, 20)]
+    assert first.count() == 256 and first.test(255)
+    first.clear()  # cannot know what was written since: stays dirty
+    assert first.count(0, 5) == 5
+    second.mark_pages(0)  # the freed budget serves the other bitmap
+    assert list(second.runs()) == [(0, 1), (70, 1)]
+    first.release()
+    assert not first.overflowed and first.count() == 0
+    second.release()
+    second.release()  # idempotent
+    assert budget.used == 0
+
+
+def test_sparse_argument_checks() -> None:
+    budget = bitmap.BitmapBudget(4096)
+    with pytest.raises(ValueError, match="negative"):
+        bitmap.BitmapBudget(-1)
+    with pytest.raises(ValueError, match="negative"):
+        bitmap.SparseDirtyBitmap(-1, PAGE, budget)
+    with pytest.raises(ValueError, match="power of two"):
+        bitmap.SparseDirtyBitmap(8, 3000, budget)
+    with pytest.raises(ValueError, match="chunk"):
+        bitmap.SparseDirtyBitmap(8, PAGE, budget, chunk_bits=96)
+    dirty = bitmap.SparseDirtyBitmap(8, PAGE, budget)
+    for call in (
+        lambda: dirty.mark(8 * PAGE - 1, 2),
+        lambda: dirty.mark(-1, 1),
+        lambda: dirty.mark_pages(8),
+        lambda: dirty.test(8),
+        lambda: dirty.count(0, 9),
+        lambda: list(dirty.runs(9)),
+        lambda: dirty.clear(-1, 1),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert repr(dirty) == "<SparseDirtyBitmap 8 pages of 0x1000 bytes, 0 chunks>"
+    assert budget.used == 0
