@@ -64,6 +64,7 @@ from vfiouser_trio.protocol import (
     decode_reply,
     decode_request,
 )
+from vfiouser_trio.protocol.capabilities import CAPABILITY_BOUNDS
 
 U16 = st.integers(0, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -88,19 +89,26 @@ MODELLED = {
     "pgsizes",
     "twin_socket",
     "write_multiple",
+    "migration",  # legacy, kept in extra but its form is checked
 }
 EXTRA = st.dictionaries(
     st.text(min_size=1, max_size=10).filter(lambda k: k not in MODELLED), JSON_VALUES, max_size=3
 ).map(Capabilities.extra_from)
 
 
+def _bounded(name: str) -> st.SearchStrategy[int]:
+    bounds = CAPABILITY_BOUNDS[name]
+    return st.integers(bounds.low, bounds.high)
+
+
 def capabilities(twin: st.SearchStrategy[TwinSocket | None]) -> st.SearchStrategy[Capabilities]:
+    # Every value a decoder accepts (see CAPABILITY_BOUNDS); pgsizes names pages >= 4 KiB.
     return st.builds(
         Capabilities,
-        max_msg_fds=st.integers(0, 1024),
-        max_data_xfer_size=U64,
-        max_dma_maps=U64,
-        pgsizes=U64,
+        max_msg_fds=_bounded("max_msg_fds"),
+        max_data_xfer_size=_bounded("max_data_xfer_size"),
+        max_dma_maps=_bounded("max_dma_maps"),
+        pgsizes=st.integers(1, (1 << 52) - 1).map(lambda p: p << 12),
         twin_socket=twin,
         write_multiple=st.booleans(),
         extra=EXTRA,

@@ -6,15 +6,20 @@ NUL-terminated UTF-8 JSON ``{"capabilities": {...}}``.
 Effective limits after negotiation (``Negotiated``): every limit a side
 advertises is about what *it* can receive or hold, so
 
-- a side may SEND a data-transfer ``count`` up to the PEER's
-  ``max_data_xfer_size`` and enforces its OWN value on what it receives
-  (REGION_READ/WRITE counts for a server; DMA_READ/WRITE counts for a client);
+- a side enforces its OWN ``max_data_xfer_size`` on what it receives
+  (REGION_READ/WRITE counts for a server; DMA_READ/WRITE counts for a client) and
+  SENDS a data-transfer ``count`` up to the smaller of the two values: the peer's
+  bounds what the peer accepts, ours what we accept back (a read's reply carries
+  ``count`` bytes), so a peer advertising a huge value never raises our own
+  receive limit;
 - a side may send at most the PEER's ``max_msg_fds`` fds in one message;
 - ``max_dma_maps`` and ``pgsizes`` are the SERVER's (the client obeys them);
 - ``write_multiple`` is on only if both sides said true;
 - twin-socket mode is on only if the client proposed it and the reply carries
   ``supported: true`` with a valid ``fd_index``.
 A peer whose JSON omits an entry is taken to advertise the spec's default.
+Every value is checked on arrival against the bounds in ``capabilities.py``
+(``CAPABILITY_BOUNDS``): out of range is ProtocolError (EINVAL).
 """
 
 from __future__ import annotations
@@ -137,8 +142,9 @@ class Negotiated:
 
     @property
     def send_max_data_xfer_size(self) -> int:
-        """Largest ``count`` this side may put in a data-transfer message."""
-        return self.peer.max_data_xfer_size
+        """Largest ``count`` this side puts in a data-transfer message: the smaller of
+        the peer's limit and ours (a read's reply comes back at that size)."""
+        return min(self.peer.max_data_xfer_size, self.ours.max_data_xfer_size)
 
     @property
     def recv_max_data_xfer_size(self) -> int:
