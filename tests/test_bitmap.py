@@ -492,5 +492,7 @@ def test_sparse_argument_checks() -> None:
     ):
         with pytest.raises(ValueError):
             call()
+    dirty.mark_pages(5, 0)  # nothing to mark: nothing allocated
+    dirty.mark(3, 0)
     assert repr(dirty) == "<SparseDirtyBitmap 8 pages of 0x1000 bytes, 0 chunks>"
     assert budget.used == 0

@@ -478,7 +478,15 @@ class SparseDirtyBitmap:
         self._set(first, self._pages(first, count))
 
     def _set(self, first: int, count: int) -> None:
+        if not count:
+            return
         shift = self._chunk_shift
+        index = first >> shift
+        if (first + count - 1) >> shift == index:  # the usual case: within one chunk
+            words = self._chunks.get(index) or self._chunk(index)
+            if words is not None:
+                lib.vfu_bits_set(words.cdata, first - (index << shift), count)
+            return
         page, end = first, first + count
         while page < end:  # at most budget / chunk size rounds before overflowing
             index = page >> shift
