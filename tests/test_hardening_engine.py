@@ -6,21 +6,35 @@ from __future__ import annotations
 import errno
 import gc
 import socket
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 import trio
+import trio.testing
 from fd_leaks import fd_count
 from raw_client import GuestRam
 
-from vfiouser_trio.engine import open_connection
-from vfiouser_trio.protocol import Capabilities, TwinSocket, VersionReply, VersionRequest
+from vfiouser_trio.engine import FRAME_OVERHEAD, open_connection
+from vfiouser_trio.limits import ServerLimits
+from vfiouser_trio.protocol import (
+    Capabilities,
+    RegionReadRequest,
+    Request,
+    TwinSocket,
+    VersionReply,
+    VersionRequest,
+)
 from vfiouser_trio.protocol.errors import VfioUserError
+from vfiouser_trio.protocol.framing import Frame, FrameDecoder
+from vfiouser_trio.protocol.header import command_header
 from vfiouser_trio.server import session as session_module
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve_connection
+from vfiouser_trio.server.session import ServerSession
+from vfiouser_trio.transport import RECV_BUFFER_SIZE
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -35,9 +49,13 @@ class Counter(Device):
         self.add_bar(0, 0x1000, read=self.read0, write=self.write0)
         self.reads = 0
         self.attach_count = 0
+        #: Called (synchronously) at each read, with the number of reads so far.
+        self.on_read: Callable[[int], None] | None = None
 
     async def read0(self, offset: int, size: int) -> bytes:
         self.reads += 1
+        if self.on_read is not None:
+            self.on_read(self.reads)
         return bytes(size)
 
     async def write0(self, offset: int, data: bytes) -> None:
@@ -117,3 +135,134 @@ async def test_version_attach_twin_failure_closes_both_ends(
 
     code = await _version_fails_then_succeeds(monkeypatch, unusable_pair)
     assert code == errno.EINVAL
+
+
+# --- a client on a bare socket: it reads only when the test says so ---------------------
+
+
+def frame_bytes(msg_id: int, request: Request) -> bytes:
+    payload = request.pack()
+    return command_header(msg_id, request.COMMAND, len(payload)).pack() + payload
+
+
+class RawPeer:
+    """A vfio-user client that sends bytes as given and reads replies only when asked."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.std = sock
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self.decoder = FrameDecoder()
+        self.frames: list[Frame] = []
+
+    async def read(self, count: int) -> list[Frame]:
+        while len(self.frames) < count:
+            data = await self.stream.receive_some(1 << 20)
+            assert data, "the server hung up"
+            for event in self.decoder.feed(data):
+                assert isinstance(event, Frame)
+                self.frames.append(event)
+        taken, self.frames = self.frames[:count], self.frames[count:]
+        return taken
+
+    async def negotiate(self) -> None:
+        version = VersionRequest(0, 2, Capabilities(max_msg_fds=8))
+        await self.stream.send_all(frame_bytes(0, version))
+        [reply] = await self.read(1)
+        assert not reply.header.is_error
+
+    def close(self) -> None:
+        self.stream.socket.close()
+
+
+async def serve_raw(
+    nursery: trio.Nursery, device: Device, limits: ServerLimits
+) -> tuple[ServerSession, RawPeer]:
+    """Serve ``device`` on a socket pair (one socket, no twin); a negotiated raw peer."""
+    client_sock, server_sock = socket.socketpair()
+    session = ServerSession(device, limits=limits, offer_twin_socket=False)
+    nursery.start_soon(session.run, server_sock)
+    peer = RawPeer(client_sock)
+    await peer.negotiate()
+    return session, peer
+
+
+READ4 = RegionReadRequest(0, 0, 4)
+
+
+def pipeline(count: int, request: Request = READ4) -> bytes:
+    """``count`` requests back to back, message IDs 0, 1, ... (wrapping at 2**16)."""
+    one = frame_bytes(0, request)
+    return b"".join(i.to_bytes(2, "little") + one[2:] for i in range(count) for i in (i & 0xFFFF,))
+
+
+async def test_a_client_that_never_reads_holds_bounded_memory() -> None:
+    """Replies to unread requests used to pile up (about 400 B each); now reading stops at
+    ``max_send_backlog``, another device still answers, and later every reply arrives."""
+    mark = 512 << 10
+    limits = ServerLimits(max_send_backlog=mark)
+    count = 50_000
+    hog, other = Counter(), Counter()
+    blob = pipeline(count)
+    async with trio.open_nursery() as nursery:
+        hog_session, hog_peer = await serve_raw(nursery, hog, limits)
+        _, peer = await serve_raw(nursery, other, limits)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            nursery.start_soon(hog_peer.stream.send_all, blob)
+            await trio.testing.wait_all_tasks_blocked()
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        conn = hog_session.connection
+        assert conn is not None
+        # Held: the mark, plus at most one read's worth of commands and one reply.
+        one_read = RECV_BUFFER_SIZE // len(frame_bytes(0, READ4)) * (FRAME_OVERHEAD + 16)
+        assert conn.held_bytes <= mark + one_read + 4096
+        assert grown < 2 * (mark + one_read)
+        assert hog.reads < count
+        # The other device in the process is not affected.
+        await peer.stream.send_all(frame_bytes(7, READ4))
+        [reply] = await peer.read(1)
+        assert reply.header.msg_id == 7 and not reply.header.is_error
+        # The hog reads at last: every reply, in order.
+        replies = await hog_peer.read(count)
+        assert [r.header.msg_id for r in replies] == [i & 0xFFFF for i in range(count)]
+        assert not any(r.header.is_error for r in replies)
+        assert hog.reads == count
+        hog_peer.close()
+        peer.close()
+    hog.close()
+    other.close()
+
+
+async def test_a_pipelining_client_does_not_starve_other_devices() -> None:
+    """8,000 queued reads on one connection used to run back to back, stalling every other
+    connection; now the dispatcher yields every ``dispatch_batch`` commands."""
+    limits = ServerLimits()
+    count = 4000  # 128 KiB of requests: all in the socket before the server reads
+    hog, other = Counter(), Counter()
+    async with trio.open_nursery() as nursery:
+        _, hog_peer = await serve_raw(nursery, hog, limits)
+        _, peer = await serve_raw(nursery, other, limits)
+        seen_at: list[int] = []
+
+        def send_other_request(reads: int) -> None:
+            # Sent while the hog's first command is running, so the other connection's
+            # request is readable from then on.
+            if reads == 1:
+                peer.std.send(frame_bytes(7, READ4))
+
+        hog.on_read = send_other_request
+        other.on_read = lambda _: seen_at.append(hog.reads)
+        blob = pipeline(count)
+        assert hog_peer.std.send(blob) == len(blob)
+        [reply] = await peer.read(1)
+        assert reply.header.msg_id == 7 and not reply.header.is_error
+        assert seen_at and seen_at[0] <= 4 * limits.dispatch_batch
+        replies = await hog_peer.read(count)
+        assert [r.header.msg_id for r in replies] == list(range(count))
+        hog_peer.close()
+        peer.close()
+    hog.close()
+    other.close()

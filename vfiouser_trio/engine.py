@@ -6,7 +6,7 @@ reading: replies resolve the pending request with the same message ID, commands 
 link's dispatcher, which runs them through the owner's handler in the order an
 :class:`~vfiouser_trio.ordering.OrderingPolicy` decides. Because reading never waits for a
 handler, a handler may itself send a request to the peer and await its reply: the deadlock
-described in ARCHITECTURE.md cannot happen, on one socket or on two.
+described in docs/architecture.md cannot happen, on one socket or on two.
 
 Which socket carries what:
 
@@ -17,7 +17,7 @@ Which socket carries what:
 * commands arriving on either link are dispatched, each link with its own policy run, so
   server-to-client commands are not queued behind client-to-server ones.
 
-Error choices (REFERENCE_BEHAVIOUR.md asks for EINVAL where possible):
+Error choices (EINVAL where possible):
 
 * a handler raising :class:`VfioUserError` (or :class:`ProtocolError`) answers with its errno;
   any other exception is logged and answered with EIO (a device failure, not a bad request);
@@ -36,6 +36,26 @@ Error choices (REFERENCE_BEHAVIOUR.md asks for EINVAL where possible):
   queued: vfio-user has no half-close;
 * when the connection ends, pending requests fail with :class:`ConnectionClosedError`
   (ECONNRESET), and requests made after that fail at once with ENOTCONN.
+
+Bounded memory and fairness (both per link):
+
+* with ``max_send_backlog`` set (the server sets it), a link's *load* is the memory it holds
+  for the peer: commands received and not yet started (``FRAME_OVERHEAD`` each plus their
+  payload) and data queued for the socket but not yet taken by it
+  (:attr:`Transport.backlog <vfiouser_trio.transport.Transport.backlog>`). At the mark the
+  link stops reading, and resumes once the load is below half of it. Received commands hold
+  their fds too: more than ``dispatch_batch * max_recv_fds`` of them also stop the reading.
+  The dispatcher starts no command while the send backlog alone is at the mark (a 32-byte
+  REGION_READ may ask for a 1 MiB reply), until it is below half. So a client that never
+  reads costs about the mark, one read chunk and one reply, whatever it sends.
+* Pausing must not break the guarantee above: a reply to our own request may sit behind
+  the unread commands. A link that carries our requests and has one outstanding (the main
+  link without a twin socket, the twin link with one) therefore keeps reading; if its load
+  reaches twice the mark it is closed (ENOBUFS, logged): the peer sends commands without
+  reading replies while we wait for its answer. With twin sockets the main link never
+  carries our requests, so it always pauses safely.
+* the dispatcher yields to the scheduler after every ``dispatch_batch`` commands, so one
+  pipelining peer cannot starve other connections of the process.
 """
 
 from __future__ import annotations
@@ -91,6 +111,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MSG_ID_SPACE = 1 << 16
+#: What a received command costs in memory beyond its payload (frame, header and bytes
+#: objects, queue slot), for the load a link counts against ``max_send_backlog``.
+FRAME_OVERHEAD = 256
+#: Commands a dispatcher runs before it yields to the scheduler, unless told otherwise.
+DEFAULT_DISPATCH_BATCH = 16
 _pack_header = HEADER_STRUCT.pack
 
 
@@ -177,45 +202,78 @@ class _PendingRequest:
 class _CommandQueue:
     """Commands received on one link, in arrival order (an ordering.CommandSource).
 
-    Unbounded on purpose: the reader must keep reading (replies may be behind the commands),
-    so a peer that floods commands costs memory, not a deadlock.
+    Counts what it holds (``cost``: bytes with ``FRAME_OVERHEAD`` each, ``fd_count``); the
+    reader bounds it by not reading (see the module doc), and ``taken`` (the reader's
+    parking lot) is woken whenever a command leaves.
     """
 
-    __slots__ = ("_frames", "_lot")
+    __slots__ = ("_frames", "_lot", "_taken", "cost", "fd_count")
 
-    def __init__(self) -> None:
+    def __init__(self, taken: trio.lowlevel.ParkingLot) -> None:
         self._frames: deque[Frame] = deque()
         self._lot = trio.lowlevel.ParkingLot()
+        self._taken = taken
+        self.cost = 0
+        self.fd_count = 0
 
     def put(self, frame: Frame) -> None:
         self._frames.append(frame)
+        self.cost += FRAME_OVERHEAD + len(frame.payload)
+        if frame.fds:
+            self.fd_count += len(frame.fds)
         if self._lot:
             self._lot.unpark()
 
     def has_pending(self) -> bool:
         return bool(self._frames)
 
+    def _pop(self) -> Frame:
+        frame = self._frames.popleft()
+        self.cost -= FRAME_OVERHEAD + len(frame.payload)
+        if frame.fds:
+            self.fd_count -= len(frame.fds)
+        if self._taken:
+            self._taken.unpark_all()
+        return frame
+
     async def get(self) -> Frame:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._frames:
             await self._lot.park()
-        return self._frames.popleft()
+        return self._pop()
 
     def get_nowait(self) -> Frame | None:
-        return self._frames.popleft() if self._frames else None
+        return self._pop() if self._frames else None
 
     def close(self) -> None:
         while self._frames:
             self._frames.popleft().close_fds()
+        self.cost = self.fd_count = 0
 
 
 class _LinkState:
-    __slots__ = ("commands", "link", "transport")
+    __slots__ = ("commands", "dispatched", "link", "progress", "transport")
 
-    def __init__(self, link: Link, transport: Transport) -> None:
+    def __init__(self, link: Link, transport: Transport, *, bounded: bool) -> None:
         self.link = link
         self.transport = transport
-        self.commands = _CommandQueue()
+        #: Where the reader (and a dispatcher held by the send backlog) wait for the load to
+        #: fall: woken when a command leaves the queue, the socket takes data, or a request
+        #: is sent on this link.
+        self.progress = trio.lowlevel.ParkingLot()
+        self.commands = _CommandQueue(self.progress)
+        #: Commands started since the dispatcher last yielded.
+        self.dispatched = 0
+        if bounded:
+            transport.on_progress = self.wake
+
+    def wake(self) -> None:
+        if self.progress:
+            self.progress.unpark_all()
+
+    @property
+    def load(self) -> int:
+        return self.transport.backlog + self.commands.cost
 
 
 class Connection:
@@ -232,7 +290,18 @@ class Connection:
         max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
         max_send_fds: int = DEFAULT_MAX_MSG_FDS,
         first_message_id: int = 0,
+        max_send_backlog: int | None = None,
+        dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
+        name: str = "vfio-user",
     ) -> None:
+        if max_send_backlog is not None and max_send_backlog < 1:
+            raise ValueError("max_send_backlog must be positive (or None: unbounded)")
+        if dispatch_batch < 1:
+            raise ValueError("dispatch_batch must be at least 1")
+        #: Names the connection (the device, the client) in log messages.
+        self.name = name
+        self._max_backlog = max_send_backlog
+        self._dispatch_batch = dispatch_batch
         self._handler = handler
         self._policy = policy if policy is not None else SpecOrder()
         self._hooks = hooks
@@ -240,7 +309,7 @@ class Connection:
         self._max_recv_fds = max_recv_fds
         #: Most fds the peer accepts in one message (its ``max_msg_fds``).
         self.max_send_fds = max_send_fds
-        self._main = _LinkState(Link.MAIN, self._new_transport(sock))
+        self._main = self._new_link(Link.MAIN, self._new_transport(sock))
         self._twin: _LinkState | None = None
         self._request_link = self._main
         self._pending: dict[int, _PendingRequest] = {}
@@ -259,6 +328,9 @@ class Connection:
 
     def _new_transport(self, sock: socket.socket) -> Transport:
         return Transport(sock, max_msg_size=self._max_msg_size, max_recv_fds=self._max_recv_fds)
+
+    def _new_link(self, link: Link, transport: Transport) -> _LinkState:
+        return _LinkState(link, transport, bounded=self._max_backlog is not None)
 
     def _links(self) -> tuple[_LinkState, ...]:
         return (self._main,) if self._twin is None else (self._main, self._twin)
@@ -298,6 +370,13 @@ class Connection:
     def has_twin(self) -> bool:
         return self._twin is not None
 
+    @property
+    def held_bytes(self) -> int:
+        """Memory held for the peer now, on every link: commands received and not yet
+        started plus data not yet taken by the socket (see the module doc); with
+        ``max_send_backlog`` set, it stays near that mark."""
+        return sum(state.load for state in self._links())
+
     def attach_twin(self, sock: socket.socket | int, *, requests_on_twin: bool) -> None:
         """Start using a twin socket (negotiated in VERSION); the connection takes ownership.
 
@@ -320,7 +399,7 @@ class Connection:
             if isinstance(exc, (OSError, ValueError)):
                 raise ProtocolError(f"unusable twin socket: {exc}") from exc
             raise
-        self._twin = _LinkState(Link.TWIN, transport)
+        self._twin = self._new_link(Link.TWIN, transport)
         self._start_link(nursery, self._twin)
         if requests_on_twin:
             self._request_link = self._twin
@@ -399,8 +478,13 @@ class Connection:
         transport = state.transport
         deliver = partial(self._deliver, state)
         reason: BaseException | None = None
+        limit = self._max_backlog
         try:
             while reason is None:
+                if limit is not None and self._pressure(state, limit) >= 1.0:
+                    reason = await self._hold_reading(state, limit)
+                    if reason is not None:
+                        break
                 events = await transport.receive()
                 if not events:
                     if not transport.at_frame_boundary:
@@ -426,8 +510,49 @@ class Connection:
         except (ProtocolError, OSError) as exc:
             reason = exc
         if reason is not None:
-            log.warning("%s link: closing after a fatal error: %s", state.link.value, reason)
+            log.warning(
+                "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
+            )
         self._shutdown(reason, f"{state.link.value} socket closed")
+
+    def _pressure(self, state: _LinkState, limit: int) -> float:
+        """How full the link is: 1.0 at the mark (load, or fds held by queued commands)."""
+        fd_limit = self._dispatch_batch * max(self._max_recv_fds, 1)
+        return max(state.load / limit, state.commands.fd_count / fd_limit)
+
+    async def _hold_reading(self, state: _LinkState, limit: int) -> ProtocolError | None:
+        """Stop reading the link until its load is below half the mark (see the module doc).
+
+        Returns the error to close the connection with when the link cannot pause (a reply
+        we await may be behind the commands) and its load has reached twice the mark.
+        """
+        paused = False
+        while (pressure := self._pressure(state, limit)) >= (0.5 if paused else 1.0):
+            if state is self._request_link and self._pending:
+                if pressure < 2.0:
+                    return None  # keep reading: the reply we wait for may be next
+                log.warning(
+                    "%s: %s link: the peer sends commands without reading our replies while "
+                    "we wait for its answer; closing (%d bytes held)",
+                    self.name,
+                    state.link.value,
+                    state.load,
+                )
+                return ProtocolError(
+                    f"peer does not read: {state.load} bytes held", errno=errno.ENOBUFS
+                )
+            if not paused:
+                paused = True
+                log.debug(
+                    "%s: %s link: paused reading, %d bytes held",
+                    self.name,
+                    state.link.value,
+                    state.load,
+                )
+            await state.progress.park()
+        if paused:
+            log.debug("%s: %s link: reading again", self.name, state.link.value)
+        return None
 
     def _on_framing_error(self, state: _LinkState, event: FramingError) -> ProtocolError | None:
         """Handle a decoder report; returns the error when the stream cannot go on."""
@@ -553,6 +678,19 @@ class Connection:
 
     async def _process(self, state: _LinkState, frame: Frame) -> None:
         """Run one command through the handler and queue its reply."""
+        state.dispatched += 1
+        if state.dispatched >= self._dispatch_batch:
+            # Let the rest of the process run (the writer sends the replies queued so far).
+            state.dispatched = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        limit = self._max_backlog
+        if limit is not None and state.transport.backlog >= limit:
+            try:
+                while state.transport.backlog >= limit // 2:
+                    await state.progress.park()
+            except BaseException:
+                frame.close_fds()
+                raise
         header = frame.header
         try:
             payload, fds, transfer = _reply_body(await self._handler(frame))
@@ -722,6 +860,8 @@ class Connection:
             return None
         request = _PendingRequest(command)
         self._pending[msg_id] = request
+        if state.progress:
+            state.progress.unpark_all()  # a paused reader must read this request's reply
         try:
             self._send_request(state, header, payload, fds, transfer_fds)
         except BaseException:
@@ -804,8 +944,14 @@ async def open_connection(
     max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
     max_send_fds: int = DEFAULT_MAX_MSG_FDS,
     first_message_id: int = 0,
+    max_send_backlog: int | None = None,
+    dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
+    name: str = "vfio-user",
 ) -> AsyncIterator[Connection]:
     """Run a connection over ``sock`` (which it takes ownership of) for the ``async with`` body.
+
+    ``max_send_backlog`` bounds the memory held for the peer (None: unbounded) and
+    ``dispatch_batch`` how many commands run before the dispatcher yields (module doc).
 
     The engine's tasks run in a nursery of their own; when the peer disconnects the
     connection closes (``conn.closed`` is set) but the body is not cancelled. Leaving the body
@@ -822,6 +968,9 @@ async def open_connection(
             max_recv_fds=max_recv_fds,
             max_send_fds=max_send_fds,
             first_message_id=first_message_id,
+            max_send_backlog=max_send_backlog,
+            dispatch_batch=dispatch_batch,
+            name=name,
         )
     except BaseException:
         sock.close()

@@ -25,7 +25,7 @@ import mmap
 import os
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 
 import trio
@@ -47,6 +47,10 @@ _MAX_IOV = 512
 _JOIN_MAX = 1024
 #: Queued outgoing bytes above which :meth:`Transport.send` waits for the peer to read.
 SEND_HIGH_WATER = 4 * 1024 * 1024
+#: What one queued chunk costs in memory beyond its data (the chunk object, the bytes
+#: object's header, the deque slot): :attr:`Transport.backlog` counts it, so that a backlog
+#: of many tiny replies is measured by the memory it holds, not only its bytes.
+CHUNK_OVERHEAD = 128
 _INT_SIZE = array.array("i").itemsize
 # Plain ints: the socket module's IntFlag members make every `&` a slow enum operation.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -124,6 +128,8 @@ class Transport:
         self._broken: OSError | None = None
         self._at_eof = False
         self._drained_socket = False
+        #: Called (synchronously) whenever the kernel took queued data; None for nobody.
+        self.on_progress: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- limits
 
@@ -164,6 +170,11 @@ class Transport:
     def queued_bytes(self) -> int:
         """Outgoing bytes not yet handed to the kernel."""
         return self._queued_bytes
+
+    @property
+    def backlog(self) -> int:
+        """The memory the send queue holds: its bytes plus ``CHUNK_OVERHEAD`` per chunk."""
+        return self._queued_bytes + CHUNK_OVERHEAD * len(self._out)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -385,8 +396,11 @@ class Transport:
                     chunk.data = memoryview(chunk.data)[sent:]
                     chunk.starts_frame = False
                     sent = 0
-        if progressed and self._drained_lot:
-            self._drained_lot.unpark_all()
+        if progressed:
+            if self._drained_lot:
+                self._drained_lot.unpark_all()
+            if self.on_progress is not None:
+                self.on_progress()
         return not out
 
     # ----------------------------------------------------------------- close

@@ -132,6 +132,9 @@ class ServerSession:
                     hooks=self.hooks,
                     max_msg_size=max_msg_size_for(self.capabilities.max_data_xfer_size),
                     max_recv_fds=self.capabilities.max_msg_fds,
+                    max_send_backlog=self.limits.max_send_backlog,
+                    dispatch_batch=self.limits.dispatch_batch,
+                    name=device.name,
                 ) as conn:
                     self._conn = conn
                     await conn.wait_closed()
