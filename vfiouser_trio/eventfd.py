@@ -1,26 +1,75 @@
-"""Owned, non-blocking eventfds (interrupts and doorbells) that trio tasks can await.
+"""Owned eventfds (interrupts and doorbells) that trio tasks can await, safe to share.
 
-Built on ``os.eventfd`` and friends, which cover everything needed; the fd is always
-``O_NONBLOCK`` so that reads never stall the trio loop.
+An eventfd we hand to a peer, or receive from one, is one open file description on
+both sides: the peer can clear ``O_NONBLOCK`` on it at any time and can fill its
+counter. Nothing here relies on the file status flags, so no peer can make us block:
+
+* reads use ``preadv2(RWF_NOWAIT)``, which fails with EAGAIN on an empty counter
+  whatever ``O_NONBLOCK`` says (``try_eventfd_read``);
+* writes go through ``signal_eventfd``: a full counter is reported (the notification
+  is already pending) instead of waited for, and a write the peer makes block by
+  filling the counter at the wrong moment is interrupted by a watchdog within about
+  2 ms (the native ``vfu_eventfd_signal``; ``_ffi_build.py`` explains the mechanism).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sys
 from types import TracebackType
 from typing import Self
 
 import trio
 
-__all__ = ["EVENTFD_MAX", "EventFd"]
+from ._native import lib
+
+__all__ = ["COUNTER_FULL", "EVENTFD_MAX", "EventFd", "signal_eventfd", "try_eventfd_read"]
 
 #: The largest value an eventfd counter can hold (a write that would pass it blocks).
 EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE
 
+#: Errors of ``signal_eventfd`` that mean "the counter is full": already signalled.
+COUNTER_FULL = frozenset({errno.EAGAIN, errno.EINTR})
+
+
+def signal_eventfd(fd: int, n: int = 1) -> int:
+    """Add ``n`` (1 .. ``EVENTFD_MAX``) to eventfd ``fd`` without blocking.
+
+    Returns 0, or the errno that stopped it: EAGAIN or EINTR (in ``COUNTER_FULL``)
+    when the counter has no room, EBADF, EINVAL, ... Never raises OSError, never
+    sleeps longer than the watchdog allows, whatever the peer does to the fd.
+    """
+    if not 1 <= n <= EVENTFD_MAX:
+        raise ValueError(f"eventfd increment {n} is outside 1..{EVENTFD_MAX:#x}")
+    return -lib.vfu_eventfd_signal(fd, n)
+
+
+def try_eventfd_read(fd: int) -> int | None:
+    """Consume eventfd ``fd``'s counter (1 of it in semaphore mode); ``None`` if zero.
+
+    Never blocks, even on a description without ``O_NONBLOCK``. OSError for other
+    failures (EBADF, or EINVAL if ``fd`` is not an eventfd).
+    """
+    buf = bytearray(8)
+    try:
+        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        # A kernel whose eventfd ignores RWF_NOWAIT: only O_NONBLOCK protects us there.
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            return None
+    return int.from_bytes(buf, sys.byteorder)
+
 
 class EventFd:
-    """An owned eventfd.
+    """An owned eventfd (created ``O_NONBLOCK``, though nothing here relies on it).
 
     In normal mode a read returns the whole counter and resets it to zero; in
     semaphore mode a read returns 1 and decrements the counter. Closing is
@@ -45,12 +94,12 @@ class EventFd:
     def from_fd(cls, fd: int) -> EventFd:
         """Adopt ``fd`` (e.g. received with SCM_RIGHTS); the EventFd now owns it.
 
-        Sets ``O_NONBLOCK``, which is a property of the open file description and so
-        also seen by any other holder of the same description (the sending peer).
+        The file status flags are left as the sender set them: ``O_NONBLOCK`` belongs
+        to the open file description the sender shares, which could clear it again at
+        any time, so EventFd never depends on it (see the module docstring).
         """
         if fd < 0:
             raise ValueError(f"invalid file descriptor {fd}")
-        os.set_blocking(fd, False)
         self = cls.__new__(cls)
         self._fd = fd
         return self
@@ -65,18 +114,22 @@ class EventFd:
             raise trio.ClosedResourceError("eventfd is closed")
         return self._fd
 
-    def signal(self, n: int = 1) -> None:
-        """Add ``n`` to the counter; ``BlockingIOError`` if it would pass ``EVENTFD_MAX``."""
-        if not 1 <= n <= EVENTFD_MAX:
-            raise ValueError(f"eventfd increment {n} is outside 1..{EVENTFD_MAX:#x}")
-        os.eventfd_write(self.fileno(), n)
+    def signal(self, n: int = 1) -> bool:
+        """Add ``n`` to the counter, never blocking; True if added.
+
+        False when the counter has no room for ``n`` (whoever reads it has a
+        notification pending already); OSError for any other failure.
+        """
+        err = signal_eventfd(self.fileno(), n)
+        if err == 0:
+            return True
+        if err in COUNTER_FULL:
+            return False
+        raise OSError(err, os.strerror(err))
 
     def try_read(self) -> int | None:
         """Consume the counter (or 1 of it, in semaphore mode); ``None`` if it is zero."""
-        try:
-            return os.eventfd_read(self.fileno())
-        except BlockingIOError:
-            return None
+        return try_eventfd_read(self.fileno())
 
     async def wait(self) -> int:
         """Wait until the counter is non-zero, then consume it like ``try_read``.

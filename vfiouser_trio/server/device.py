@@ -297,6 +297,7 @@ class Device(MigrationHooks):
         self._irqs = IrqTable(indexes)
         for irq in indexes:
             irq.set_gate(self._irq_gate)
+            irq.owner = self.name  # named in its log lines
         if config.msix is not None:
             self._attach_msix(config)
 

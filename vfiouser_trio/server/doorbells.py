@@ -4,6 +4,10 @@ The server creates one eventfd per doorbell and hands a copy to the client, whic
 may register it with KVM (KVM_IOEVENTFD) so guest writes wake the device directly.
 A write that reaches the server as REGION_WRITE instead rings the same doorbell, so
 a device awaits ``doorbell.wait()`` whichever way the write came.
+
+The client holds the same open file description as we do, so it can clear
+``O_NONBLOCK`` or fill the counter at will. ``EventFd`` relies on neither: waiting
+reads with RWF_NOWAIT, and ringing a full doorbell is a no-op (it is rung already).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class Doorbell:
         return self.datamatch is None or int.from_bytes(data, "little") == self.datamatch
 
     def ring(self) -> None:
-        """Signal the doorbell from this process."""
+        """Signal the doorbell from this process; a full counter means it is rung already."""
         self._event.signal()
 
     def ring_on_write(self, offset: int, data: bytes) -> None:

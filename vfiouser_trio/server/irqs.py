@@ -5,18 +5,27 @@ where it goes with VFIO_USER_DEVICE_SET_IRQS: an eventfd per vector (signalled o
 delivery), mask/unmask (a masked vector holds the interrupt pending and delivers it
 when unmasked), and client-side triggers. Devices may add a *gate* (MSI-X table
 masking, a quiesced device): while the gate says no, a trigger is held pending too.
+
+Every fd of a SET_IRQS must be an eventfd (checked when it arrives, or the whole
+request is refused with EINVAL and changes nothing). Delivery never blocks and never
+raises into device code, whatever the client does to its eventfd (clears O_NONBLOCK,
+fills the counter): an interrupt that cannot be signalled is counted per vector
+(``lost``) and logged once per vector and cause. A full counter means the client has
+an interrupt pending already, so such a trigger is coalesced rather than missing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from ..eventfd import COUNTER_FULL, signal_eventfd, try_eventfd_read
+from ..fdcheck import require_eventfd
 from ..protocol.constants import (
     IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
@@ -33,6 +42,8 @@ from ..protocol.constants import (
     PciIrq,
 )
 from ..protocol.errors import VfioUserError
+
+log = logging.getLogger(__name__)
 
 #: Flags reported by DEVICE_GET_IRQ_INFO per PCI IRQ index, as Linux vfio-pci reports them,
 #: plus MASKABLE on MSI/MSI-X since we implement vfio-level masking for every vector.
@@ -66,16 +77,12 @@ def _close(fd: int | None) -> None:
         os.close(fd)
 
 
-def _signal(fd: int) -> None:
-    # BlockingIOError: the counter is at its maximum, so an interrupt is already due.
-    with contextlib.suppress(BlockingIOError):
-        os.eventfd_write(fd, 1)
-
-
 class IrqIndex:
     """One IRQ type (INTx, MSI, MSI-X, ERR, REQ, or a device-specific index)."""
 
-    def __init__(self, index: int, count: int, flags: int | None = None) -> None:
+    def __init__(
+        self, index: int, count: int, flags: int | None = None, *, owner: str = ""
+    ) -> None:
         if count < 0:
             raise ValueError("IRQ count must be >= 0")
         self.index = index
@@ -87,8 +94,12 @@ class IrqIndex:
         self._watchers: dict[tuple[int, int], trio.CancelScope] = {}
         self._gate: Gate | None = None
         self._nursery: trio.Nursery | None = None
+        #: Who the index belongs to (the device's name), for log lines.
+        self.owner = owner
         #: Deliveries, for tests and statistics.
         self.delivered = 0
+        self._lost = [0] * count
+        self._warned: set[tuple[int, int]] = set()
 
     @property
     def info(self) -> IrqInfo:
@@ -120,12 +131,23 @@ class IrqIndex:
         self._check_vector(vector)
         return self._pending[vector]
 
+    def lost(self, vector: int) -> int:
+        """Interrupts of ``vector`` that could not be signalled to its eventfd.
+
+        Most are coalesced, not missing: the client's counter was full, so it has
+        an interrupt pending already. The count survives eventfd changes.
+        """
+        self._check_vector(vector)
+        return self._lost[vector]
+
     def trigger(self, vector: int = 0) -> bool:
         """Raise the interrupt; returns True if it was delivered to an eventfd now.
 
         A masked or gated vector is held pending and delivered on unmask. With no
         eventfd configured the interrupt goes nowhere (as on hardware with the
-        interrupt disabled) and False is returned.
+        interrupt disabled) and False is returned. Never blocks and never raises for
+        the client's eventfd: one that cannot be signalled (its counter is full, say)
+        returns False and counts in ``lost(vector)``.
         """
         self._check_vector(vector)
         if self._masked[vector] or (self._gate is not None and not self._gate(vector)):
@@ -160,12 +182,36 @@ class IrqIndex:
         fd = self._trigger_fds[vector]
         if fd is None:
             return False
-        _signal(fd)
+        err = signal_eventfd(fd)
+        if err:
+            self._count_lost(vector, err)
+            return False
         self.delivered += 1
         if self.flags & IRQ_INFO_AUTOMASKED:
             # Level-style interrupts (INTx) mask themselves until the client unmasks.
             self._masked[vector] = True
         return True
+
+    def _count_lost(self, vector: int, err: int) -> None:
+        self._lost[vector] += 1
+        cause = errno.EAGAIN if err in COUNTER_FULL else err
+        if (vector, cause) in self._warned:
+            return
+        # Once per vector and cause: a client keeping its counter full must not flood the log.
+        self._warned.add((vector, cause))
+        reason = (
+            "the client's eventfd counter is full (coalesced)"
+            if cause == errno.EAGAIN
+            else os.strerror(cause)
+        )
+        log.warning(
+            "%s: IRQ index %d vector %d: interrupt not signalled: %s; counting further ones "
+            "in lost()",
+            self.owner or "device",
+            self.index,
+            vector,
+            reason,
+        )
 
     def _check_vector(self, vector: int) -> None:
         if not 0 <= vector < self.count:
@@ -177,11 +223,15 @@ class IrqIndex:
         """Apply a SET_IRQS request whose structure the protocol layer already checked.
 
         Ownership of ``fds`` moves here: they are kept or closed, whatever happens.
-        Semantic errors raise VfioUserError(EINVAL) per REFERENCE_BEHAVIOUR.md.
+        Semantic errors, and any fd that is not an eventfd, raise VfioUserError(EINVAL)
+        before anything changes (see "VFIO_USER_DEVICE_SET_IRQS" in
+        https://www.qemu.org/docs/master/interop/vfio-user.html).
         """
         fds = list(fds)
         try:
             self._validate(flags, start, count, data, fds)
+            for fd in fds:
+                require_eventfd(fd, f"SET_IRQS index {self.index}")
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -221,7 +271,7 @@ class IrqIndex:
         ):
             raise VfioUserError(errno.EINVAL, "ERR/REQ IRQs take only TRIGGER with count <= 1")
         if count == 0:
-            if start != 0 or flags != (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE):
+            if start != 0 or flags != (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE) or fds:
                 raise VfioUserError(
                     errno.EINVAL, "count 0 needs start 0 and exactly TRIGGER|DATA_NONE"
                 )
@@ -238,6 +288,8 @@ class IrqIndex:
         if data_type == IRQ_SET_DATA_EVENTFD:
             if fds and len(fds) != count:
                 raise VfioUserError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
+            if fds and action != IRQ_SET_ACTION_TRIGGER and self._nursery is None:
+                raise VfioUserError(errno.EINVAL, "mask/unmask eventfds need a running device")
         elif fds:
             raise VfioUserError(errno.EINVAL, "file descriptors sent without DATA_EVENTFD")
         if data_type == IRQ_SET_DATA_BOOL and len(data) != count:
@@ -256,10 +308,7 @@ class IrqIndex:
                 old.cancel()
             if not fds:
                 continue
-            if self._nursery is None:
-                for fd in fds[i:]:
-                    os.close(fd)
-                raise VfioUserError(errno.EINVAL, "mask/unmask eventfds need a running device")
+            assert self._nursery is not None  # checked by _validate
             scope = trio.CancelScope()
             self._watchers[(action, v)] = scope
             self._nursery.start_soon(self._watch, scope, fds[i], action, v)
@@ -270,10 +319,20 @@ class IrqIndex:
             with scope:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
+                    # RWF_NOWAIT: the client may have cleared O_NONBLOCK on this fd.
                     try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        continue
+                        if try_eventfd_read(fd) is None:
+                            continue
+                    except OSError as exc:  # not expected of a checked eventfd we own
+                        log.warning(
+                            "%s: IRQ index %d vector %d: mask/unmask eventfd unusable (%s); "
+                            "no longer watched",
+                            self.owner or "device",
+                            self.index,
+                            vector,
+                            exc,
+                        )
+                        return
                     if action == IRQ_SET_ACTION_MASK:
                         self.mask(vector)
                     else:
