@@ -16,7 +16,14 @@ import trio.testing
 from fd_leaks import fd_count
 from raw_client import GuestRam
 
-from vfiouser_trio.engine import FRAME_OVERHEAD, open_connection
+from vfiouser_trio.engine import (
+    FRAME_OVERHEAD,
+    Connection,
+    Handler,
+    HandlerResult,
+    RawMessage,
+    open_connection,
+)
 from vfiouser_trio.limits import ServerLimits
 from vfiouser_trio.protocol import (
     Capabilities,
@@ -28,7 +35,7 @@ from vfiouser_trio.protocol import (
 )
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.framing import Frame, FrameDecoder
-from vfiouser_trio.protocol.header import command_header
+from vfiouser_trio.protocol.header import command_header, reply_header
 from vfiouser_trio.server import session as session_module
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
@@ -266,3 +273,75 @@ async def test_a_pipelining_client_does_not_starve_other_devices() -> None:
         peer.close()
     hog.close()
     other.close()
+
+
+# --- pausing never hides the reply to our own request ------------------------------------
+
+ASK, WORK, ANSWER = 100, 101, 200
+
+
+def raw_command(msg_id: int, command: int, payload: bytes = b"") -> bytes:
+    return command_header(msg_id, command, len(payload)).pack() + payload
+
+
+def asking_handler(box: list[Connection]) -> Handler:
+    """ASK sends a request back to the peer and awaits its reply; WORK answers 1 KiB."""
+
+    async def handle(frame: Frame) -> HandlerResult:
+        if frame.header.command == ASK:
+            reply = await box[0].request_raw(ANSWER, b"?")
+            return RawMessage(reply.payload)
+        return RawMessage(bytes(1024))
+
+    return handle
+
+
+async def test_a_link_awaiting_a_reply_keeps_reading_past_the_mark(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One socket, the dispatcher waiting for the peer's answer, 1,000 commands queued in
+    front of it (1.6 times the mark): the reader does not pause, the answer gets through
+    (a paused reader would deadlock here: fail_after, in virtual time, reports it)."""
+    count = 1000
+    mark = count * FRAME_OVERHEAD * 10 // 16
+    box: list[Connection] = []
+    server_sock, peer_sock = socket.socketpair()
+    peer = RawPeer(peer_sock)
+    blob = raw_command(0, ASK) + b"".join(raw_command(i, WORK) for i in range(1, count + 1))
+    async with open_connection(
+        server_sock, handler=asking_handler(box), max_send_backlog=mark
+    ) as conn:
+        box.append(conn)
+        await peer.stream.send_all(blob)
+        [question] = await peer.read(1)
+        assert question.header.command == ANSWER
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.held_bytes > mark  # read on, although past the mark
+        answer = reply_header(question.header.msg_id, ANSWER, 1).pack() + b"!"
+        await peer.stream.send_all(answer)
+        with trio.fail_after(60):
+            replies = await peer.read(count + 1)
+        assert [r.header.msg_id for r in replies] == list(range(count + 1))
+        assert replies[0].payload == b"!"
+    peer.close()
+
+
+async def test_a_peer_that_floods_while_we_await_its_answer_is_closed() -> None:
+    """The same, but the peer never answers and sends on: at twice the mark the connection
+    closes (ENOBUFS) instead of queueing without bound."""
+    count = 3000
+    mark = count * FRAME_OVERHEAD // 4
+    box: list[Connection] = []
+    server_sock, peer_sock = socket.socketpair()
+    peer = RawPeer(peer_sock)
+    blob = raw_command(0, ASK) + b"".join(raw_command(i, WORK) for i in range(1, count + 1))
+    async with open_connection(
+        server_sock, handler=asking_handler(box), max_send_backlog=mark
+    ) as conn:
+        box.append(conn)
+        await peer.stream.send_all(blob)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.closed.is_set()
+        assert isinstance(conn.close_reason, VfioUserError)
+        assert conn.close_reason.errno == errno.ENOBUFS
+    peer.close()
