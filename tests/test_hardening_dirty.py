@@ -204,3 +204,19 @@ async def test_another_device_answers_after_huge_logging() -> None:
         assert await report(other_conn, 0, 64 * PAGE, PAGE) == {2}
     hostile.close()
     other.close()
+
+
+async def test_start_bounds_the_number_of_ranges() -> None:
+    device = Logged("ranges")
+    many = [(i * 2 * PAGE, PAGE) for i in range(DEFAULT_LIMITS.max_dirty_ranges + 1)]
+    async with client(device) as (conn, _):
+        await map_huge(conn)
+        await expect_errno(conn, start(PAGE, *many), errno.E2BIG)
+        await conn.request(start(PAGE, *many[:-1]))  # at the limit: fine
+        await expect_errno(conn, start(PAGE, *many), errno.E2BIG)  # a restart is bounded too
+        await device.dma.write(2 * PAGE, b"in the second range")
+        assert await report(conn, 2 * PAGE, PAGE, PAGE) == {0}  # the refusal changed nothing
+    async with client(device, ServerLimits(max_dirty_ranges=2)) as (conn, _):
+        await expect_errno(conn, start(PAGE, *many[:3]), errno.E2BIG)
+        await conn.request(start(PAGE, *many[:2]))
+    device.close()

@@ -29,6 +29,9 @@ class ServerLimits:
     #: allocated lazily, 4 KiB per chunk of 32768 pages written; a DMA map whose bitmap
     #: would pass this is reported all dirty until unmapped or logging stops).
     max_dirty_bitmap_bytes: int = 64 << 20
+    #: IOVA ranges one DMA_LOGGING_START may name (more: E2BIG, as Linux's VFIO does
+    #: past one page of ranges); bounds the per-write range lookup and the log's memory.
+    max_dirty_ranges: int = 256
     #: Seconds a refused (busy) client has to send its first command before we hang up;
     #: a refused client that hangs up earlier is released at once.
     busy_answer_timeout: float = 10.0
@@ -41,7 +44,12 @@ class ServerLimits:
     trust_client_memory: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_send_backlog", "dispatch_batch", "max_dirty_bitmap_bytes"):
+        for name in (
+            "max_send_backlog",
+            "dispatch_batch",
+            "max_dirty_bitmap_bytes",
+            "max_dirty_ranges",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerLimits.{name} must be a positive int, got {value!r}")

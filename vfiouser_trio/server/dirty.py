@@ -85,10 +85,10 @@ def _wire(words: bytearray) -> bytes:
 class DirtyLog:
     """Logs device writes into ``dma`` at ``page_size``, within ``ranges`` (empty: all).
 
-    ``ranges`` are (iova, length) pairs; they must not overlap (EINVAL). Logging starts
-    when the log is created and stops at ``close()``. The bitmaps hold at most
-    ``max_bitmap_bytes`` in all (see the module docstring); ``name`` labels the log's
-    warnings (the device, the client).
+    ``ranges`` are (iova, length) pairs; they must not overlap (EINVAL), and there may be
+    at most ``max_ranges`` of them (E2BIG). Logging starts when the log is created and
+    stops at ``close()``. The bitmaps hold at most ``max_bitmap_bytes`` in all (see the
+    module docstring); ``name`` labels the log's warnings (the device, the client).
     """
 
     def __init__(
@@ -98,6 +98,7 @@ class DirtyLog:
         ranges: Sequence[tuple[int, int]] = (),
         *,
         max_bitmap_bytes: int = DEFAULT_LIMITS.max_dirty_bitmap_bytes,
+        max_ranges: int = DEFAULT_LIMITS.max_dirty_ranges,
         name: str = "dirty log",
     ) -> None:
         if not _is_power_of_two(page_size):
@@ -106,6 +107,7 @@ class DirtyLog:
         self._shift = page_size.bit_length() - 1
         self._starts: list[int] = []
         self._ends: list[int] = []
+        self.max_ranges = max_ranges
         self.set_ranges(ranges)
         self.name = name
         self._budget = BitmapBudget(max_bitmap_bytes)
@@ -131,6 +133,10 @@ class DirtyLog:
 
     def set_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Log writes within ``ranges`` from now on (empty: all); the bits so far stay."""
+        if len(ranges) > self.max_ranges:
+            raise VfioUserError(
+                errno.E2BIG, f"{len(ranges)} logging ranges, more than {self.max_ranges}"
+            )
         for iova, length in ranges:
             _check_range(iova, length)
         spans = sorted((iova, iova + length) for iova, length in ranges)

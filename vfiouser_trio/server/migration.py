@@ -88,7 +88,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..limits import DEFAULT_LIMITS
+from ..limits import DEFAULT_LIMITS, ServerLimits
 from ..protocol.constants import (
     DEVICE_FEATURE_GET,
     DEVICE_FEATURE_SET,
@@ -487,17 +487,13 @@ _OPS = DEVICE_FEATURE_GET | DEVICE_FEATURE_SET
 class SessionMigration:
     """A session's migration commands for ``device``; owns the session's dirty-page log.
 
-    ``max_dirty_bitmap_bytes`` bounds that log's bitmaps (``ServerLimits``; see ``dirty.py``).
+    ``limits`` bounds that log (``max_dirty_bitmap_bytes``, ``max_dirty_ranges``; see
+    ``dirty.py``).
     """
 
-    def __init__(
-        self,
-        device: MigrationHooks,
-        *,
-        max_dirty_bitmap_bytes: int = DEFAULT_LIMITS.max_dirty_bitmap_bytes,
-    ) -> None:
+    def __init__(self, device: MigrationHooks, limits: ServerLimits = DEFAULT_LIMITS) -> None:
         self.device = device
-        self.max_dirty_bitmap_bytes = max_dirty_bitmap_bytes
+        self.limits = limits
         #: The DMA write log while DMA_LOGGING_START is in effect.
         self.dirty: DirtyLog | None = None
 
@@ -569,7 +565,8 @@ class SessionMigration:
                 self.device.dma,
                 page_size,
                 ranges,
-                max_bitmap_bytes=self.max_dirty_bitmap_bytes,
+                max_bitmap_bytes=self.limits.max_dirty_bitmap_bytes,
+                max_ranges=self.limits.max_dirty_ranges,
                 name=self.device.name,
             )
         elif self.dirty.page_size == page_size:

@@ -113,9 +113,7 @@ class ServerSession:
         self._conn: Connection | None = None
         self._attached = False
         self._dma_layout: DmaLayout | None = None
-        self._migration = SessionMigration(
-            device, max_dirty_bitmap_bytes=limits.max_dirty_bitmap_bytes
-        )
+        self._migration = SessionMigration(device, limits)
 
     # --- running -------------------------------------------------------------------------
 
