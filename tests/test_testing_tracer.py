@@ -350,3 +350,47 @@ async def test_chain_is_layered_from_the_application_out() -> None:
     assert [r.index for r in inner] == [r.index for r in outer] == [0, 1]
     # The outer tracer saw the request after the inner one and the reply before it.
     assert outer[0].time >= inner[0].time and outer[1].time <= inner[1].time
+
+
+class Sink(Device):
+    """BAR0: 1 MiB that swallows writes."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7102, class_code=0xFF0000))
+        self.add_bar(0, 1 << 20, read=self.read0, write=self.write0)
+        self.writes = 0
+
+    async def read0(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    async def write0(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+
+
+async def test_memory_is_bounded_recent_payloads_are_kept_whole() -> None:
+    """A trace of 60 writes of 1 MiB used to keep all 60 MiB; now the full payloads of the
+    latest records stay within ``full_payload_bytes`` and older ones keep a prefix."""
+    prefix, budget, count = 64, 4 << 20, 60
+    tracer = Tracer(payload_prefix=prefix, full_payload_bytes=budget)
+    device = Sink()
+    data = [bytes([i]) * (1 << 20) for i in range(count)]
+    async with engine_session(device, tracer) as conn:
+        await conn.request(VersionRequest(0, 2))
+        for chunk in data:
+            await conn.request(RegionWriteRequest(0, 0, chunk))
+    device.close()
+    assert device.writes == count
+    assert sum(len(r.payload) for r in tracer) <= budget + prefix * len(tracer)
+    writes = tracer.commands(Command.REGION_WRITE)
+    assert len(writes) == count
+    first, last = writes[0], writes[-1]
+    assert first.truncated and first.payload_size == (1 << 20) + 16
+    assert first.payload == RegionWriteRequest(0, 0, data[0]).pack()[:prefix]
+    with pytest.raises(VfioUserError):
+        first.decode()
+    assert "kept" in str(first)
+    assert not last.truncated and last.decode() == RegionWriteRequest(0, 0, data[-1])
+    # The reply still decodes (against its request when the request is whole).
+    assert tracer.replies(Command.REGION_WRITE)[-1].decode() == RegionWriteReply(0, 0, 1 << 20)
+    tracer.clear()
+    assert len(tracer) == 0

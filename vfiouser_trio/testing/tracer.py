@@ -11,6 +11,11 @@ Install it as (or in a :func:`~vfiouser_trio.testing.hooks.chain` of) the connec
 
 Recording costs one small record per message: payload bytes are kept by reference and
 decoding and formatting happen only when asked for. A connection without hooks pays nothing.
+
+Memory is bounded: every record keeps its header and the first ``payload_prefix`` bytes of
+its payload; full payloads are kept only for the most recent records, as long as together they
+hold at most ``full_payload_bytes``. Older records are then cut to their prefix (oldest
+first; ``record.truncated`` tells), and decode only as far as the prefix allows.
 One tracer records one connection (the side it is installed on): ``SENT`` is what that side
 sent, ``RECEIVED`` what it received.
 """
@@ -21,6 +26,7 @@ import dataclasses
 import enum
 import errno as _errno
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
@@ -82,8 +88,11 @@ class TraceRecord:
     link: Link
     direction: Direction
     header: Header
+    #: The payload, or only its first ``Tracer.payload_prefix`` bytes (see ``truncated``).
     payload: bytes = dataclasses.field(repr=False)
     fd_count: int
+    #: Length of the payload as it passed (``len(payload)`` unless truncated).
+    payload_size: int
     #: For a reply: the record of the request it answers, when the tracer saw it.
     request: TraceRecord | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -108,6 +117,11 @@ class TraceRecord:
         """The errno of an error reply, else 0."""
         return self.header.error if self.is_error else 0
 
+    @property
+    def truncated(self) -> bool:
+        """True when the tracer kept only a prefix of the payload (see the module doc)."""
+        return len(self.payload) < self.payload_size
+
     def decode(self) -> Message | ErrorReply:
         """The typed message (request or reply), or an :class:`ErrorReply`.
 
@@ -116,6 +130,13 @@ class TraceRecord:
         message that does not decode (unknown command, malformed payload).
         """
         header = self.header
+        if header.is_reply and header.is_error:
+            return ErrorReply(self.command, header.error)
+        if self.truncated:
+            raise ProtocolError(
+                f"the tracer kept {len(self.payload)} of {self.payload_size} payload bytes",
+                command=header.command,
+            )
         fds = [PLACEHOLDER_FD] * self.fd_count
         if not header.is_reply:
             return decode_request(header.command, self.payload, fds)
@@ -127,7 +148,7 @@ class TraceRecord:
         return decode_reply(header.command, self.payload, fds)
 
     def _request_message(self) -> Request | None:
-        if self.request is None:
+        if self.request is None or self.request.truncated:
             return None
         try:
             return decode_request(
@@ -156,6 +177,9 @@ class TraceRecord:
         return " ".join(w for w in words if w)
 
     def _describe_body(self) -> str:
+        if self.truncated:
+            kept = len(self.payload)
+            return f"<{self.payload_size} bytes, {kept} kept> {_format_bytes(self.payload)}"
         try:
             message = self.decode()
         except ProtocolError as exc:
@@ -187,9 +211,22 @@ class FramingRecord:
 
 
 class Tracer(ConnectionHooks):
-    """Records every message of the connection it is installed on (see the module doc)."""
+    """Records every message of the connection it is installed on (see the module doc).
 
-    def __init__(self) -> None:
+    ``payload_prefix`` (bytes every record keeps) and ``full_payload_bytes`` (the most the
+    recent records' full payloads hold together) bound its memory.
+    """
+
+    def __init__(
+        self, *, payload_prefix: int = 256, full_payload_bytes: int = 16 << 20
+    ) -> None:
+        if payload_prefix < 0 or full_payload_bytes < 0:
+            raise ValueError("payload_prefix and full_payload_bytes must not be negative")
+        self.payload_prefix = payload_prefix
+        self.full_payload_bytes = full_payload_bytes
+        # Records holding more than the prefix, oldest first, and what they hold beyond it.
+        self._full: deque[TraceRecord] = deque()
+        self._full_bytes = 0
         self._entries: list[TraceRecord | FramingRecord] = []
         self._records: list[TraceRecord] = []
         #: Requests awaiting their reply, by (direction they went, message ID).
@@ -230,6 +267,12 @@ class Tracer(ConnectionHooks):
             answered = Direction.RECEIVED if direction is Direction.SENT else Direction.SENT
             request = self._open.pop((answered, header.msg_id), None)
         now, elapsed = self._now()
+        payload = frame.payload
+        size = len(payload)
+        prefix = self.payload_prefix
+        extra = size - prefix
+        if extra > self.full_payload_bytes:
+            payload = bytes(payload[:prefix])
         record = TraceRecord(
             len(self._entries),
             now,
@@ -237,16 +280,30 @@ class Tracer(ConnectionHooks):
             link,
             direction,
             header,
-            frame.payload,
+            payload,
             len(frame.fds),
+            size,
             request,
         )
+        if 0 < extra <= self.full_payload_bytes:
+            self._keep_full(record, extra)
         if header.is_command and not header.no_reply:
             self._open[(direction, header.msg_id)] = record
         self._entries.append(record)
         self._records.append(record)
         if self._lot:
             self._lot.unpark_all()
+
+    def _keep_full(self, record: TraceRecord, extra: int) -> None:
+        """Keep ``record``'s full payload; cut the oldest ones to their prefix to make room."""
+        self._full.append(record)
+        self._full_bytes += extra
+        while self._full_bytes > self.full_payload_bytes:
+            old = self._full.popleft()
+            self._full_bytes -= len(old.payload) - self.payload_prefix
+            # Records are frozen for their readers; the tracer alone cuts them, in place, so
+            # that replies pointing at them (``request``) see the same record.
+            object.__setattr__(old, "payload", bytes(old.payload[: self.payload_prefix]))
 
     # --- reading -------------------------------------------------------------------------
 
@@ -320,6 +377,8 @@ class Tracer(ConnectionHooks):
         self._entries.clear()
         self._records.clear()
         self._open.clear()
+        self._full.clear()
+        self._full_bytes = 0
 
     # --- printing ------------------------------------------------------------------------
 
