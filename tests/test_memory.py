@@ -10,6 +10,7 @@ import os
 import pytest
 from fd_leaks import fd_count
 
+from vfiouser_trio.fdcheck import require_memory_fd
 from vfiouser_trio.memory import (
     Mapping,
     MemFd,
@@ -17,6 +18,7 @@ from vfiouser_trio.memory import (
     Prot,
     Seal,
     create_memfd,
+    forbid_shrinking,
     page_size,
 )
 
@@ -342,3 +344,43 @@ def test_populate_and_repr() -> None:
         assert mapping.offset == 0
         assert mapping.prot == Prot.READ | Prot.WRITE
     assert "closed" in repr(mapping)
+
+
+# --- guarded copies and shrink seals (the faulting cases: tests/test_hardening_memory.py) ---
+
+
+def test_guarded_load_and_store_round_trip_and_check_their_range() -> None:
+    with create_memfd("guarded", 2 * PAGE) as memfd, memfd.map() as mapping:
+        mapping.store(PAGE - 3, b"abcdef")  # across a page boundary
+        assert mapping.load(PAGE - 3, 6) == b"abcdef"
+        assert os.pread(memfd.fileno(), 6, PAGE - 3) == b"abcdef"
+        assert mapping.load(0, 0) == b""
+        with pytest.raises(ValueError, match="outside"):
+            mapping.load(2 * PAGE - 1, 2)
+        with pytest.raises(ValueError, match="outside"):
+            mapping.store(-1, b"x")
+
+
+def test_guarded_copies_respect_the_protection() -> None:
+    with create_memfd("prot", PAGE) as memfd:
+        with memfd.map(prot=Prot.READ) as read_only:
+            assert read_only.load(0, 4) == bytes(4)
+            with pytest.raises(ValueError, match="lacks"):
+                read_only.store(0, b"x")
+        with memfd.map(prot=Prot.NONE) as none, pytest.raises(ValueError, match="lacks"):
+            none.load(0, 1)
+
+
+def test_forbid_shrinking_seals_what_it_can() -> None:
+    with create_memfd("sealable", PAGE) as memfd:
+        file = require_memory_fd(memfd.fileno(), "test", end=PAGE)
+        assert forbid_shrinking(memfd.fileno(), file)
+        assert memfd.seals == Seal.SHRINK and file.cannot_shrink
+        memfd.resize(2 * PAGE)  # growing is still allowed
+        assert forbid_shrinking(memfd.fileno(), file)  # already sealed: nothing to do
+    frozen = os.memfd_create("frozen", os.MFD_CLOEXEC)  # sealing refused from birth
+    try:
+        file = require_memory_fd(frozen, "test", end=0)
+        assert not forbid_shrinking(frozen, file)
+    finally:
+        os.close(frozen)

@@ -405,8 +405,10 @@ class Mapping:
             raise ValueError(f"offset {offset:#x} is not page-aligned")
         return self.address + offset, length
 
-    def _checked(self, offset: int, length: int) -> CData:
+    def _checked(self, offset: int, length: int, need: Prot) -> CData:
         ptr = self._require_open()
+        if not self.prot & need:  # the guard catches SIGBUS only: a protection fault is SIGSEGV
+            raise ValueError(f"mapping with protection {self.prot!r} lacks {need!r}")
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range ({offset}, {length}) is outside the mapping")
         return ptr + offset
@@ -417,7 +419,7 @@ class Mapping:
         ``OSError(EFAULT)`` instead of a SIGBUS when part of the range lies past the
         file's end. Needs ``Prot.READ``.
         """
-        src = self._checked(offset, length)
+        src = self._checked(offset, length, Prot.READ)
         out = bytearray(length)
         _guarded_copy(ffi.from_buffer(out), src, length)
         return bytes(out)
@@ -428,7 +430,7 @@ class Mapping:
         Needs ``Prot.WRITE``; on EFAULT part of ``data`` may have been stored.
         """
         src = ffi.from_buffer(data)
-        _guarded_copy(self._checked(offset, len(src)), src, len(src))
+        _guarded_copy(self._checked(offset, len(src), Prot.WRITE), src, len(src))
 
     def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         """``madvise`` a page-aligned part of the mapping (``mmap.MADV_*`` values)."""
