@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import threading
+from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
 
-from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd
+from vfiouser_trio._native import lib
+from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd, signal_eventfd
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -169,3 +173,69 @@ async def test_cancelled_wait_consumes_nothing() -> None:
             with pytest.raises(trio.Cancelled):
                 await efd.wait()  # cancelled before reading: the count stays
         assert efd.try_read() == 5
+
+
+# --- a peer shares the description: it may clear O_NONBLOCK and fill the counter -------------
+
+
+def in_thread(call: Callable[[], object], unstick: Callable[[], None]) -> object:
+    """``call()`` in a thread; fail (after ``unstick()``) if it blocks.
+
+    A blocked read or write blocks its whole thread, so only another thread can time it.
+    """
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        unstick()
+        thread.join(20)
+        pytest.fail("blocked on an eventfd the peer made blocking")
+    return results[0]
+
+
+def test_reads_never_block_once_the_peer_clears_o_nonblock() -> None:
+    with EventFd() as efd:
+        os.set_blocking(efd.fileno(), True)  # what a peer holding it may do
+        assert in_thread(efd.try_read, lambda: os.eventfd_write(efd.fileno(), 1)) is None
+        efd.signal(3)
+        assert efd.try_read() == 3
+
+
+def test_signal_never_blocks_on_a_full_blocking_eventfd() -> None:
+    with EventFd() as efd:
+        fd = efd.fileno()
+        efd.signal(EVENTFD_MAX)
+        os.set_blocking(fd, True)
+        assert in_thread(efd.signal, lambda: os.eventfd_read(fd)) is False
+        assert in_thread(lambda: signal_eventfd(fd, 1), lambda: os.eventfd_read(fd)) in (
+            errno.EAGAIN,
+            errno.EINTR,
+        )
+        assert efd.try_read() == EVENTFD_MAX
+        assert efd.signal() is True and efd.try_read() == 1
+
+
+def test_a_write_the_peer_made_sleep_is_interrupted() -> None:
+    """The race behind the poll: the guarded write itself, on a full blocking eventfd."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking
+    try:
+        os.eventfd_write(fd, EVENTFD_MAX)
+        for _ in range(2):  # a fresh thread each time: its watch slot comes and goes
+            result = in_thread(lambda: lib.vfu_eventfd_write_guarded(fd, 1), lambda: None)
+            assert result == -errno.EINTR
+        assert lib.vfu_eventfd_write_guarded(fd, 1) == -errno.EINTR  # this thread too
+        assert os.eventfd_read(fd) == EVENTFD_MAX
+        assert lib.vfu_eventfd_write_guarded(fd, 2) == 0
+        assert lib.vfu_eventfd_guard_signo() > 0
+    finally:
+        os.close(fd)
+
+
+def test_signal_reports_errors_instead_of_raising() -> None:
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        assert signal_eventfd(fd, 1) == errno.EBADF  # a directory, not open for writing
+    finally:
+        os.close(fd)
+    assert signal_eventfd(fd, 1) == errno.EBADF  # closed

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 from fd_leaks import fd_count
 
+from vfiouser_trio.eventfd import EVENTFD_MAX
 from vfiouser_trio.protocol.constants import (
     IRQ_SET_ACTION_MASK,
     IRQ_SET_ACTION_TRIGGER,
@@ -182,3 +183,30 @@ def test_table_reports_unused_indexes_with_count_zero() -> None:
     with pytest.raises(VfioUserError) as exc:
         table.info(3)
     assert exc.value.errno == errno.EINVAL
+
+
+def test_count_zero_with_fds_is_refused_and_closes_them() -> None:
+    irq = IrqIndex(PciIrq.MSIX, 2)
+    before = fd_count()
+    given, mine = new_eventfds(1)
+    with pytest.raises(VfioUserError) as exc:
+        irq.set_irqs(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, b"", given)
+    assert exc.value.errno == errno.EINVAL
+    os.close(mine[0])
+    assert fd_count() == before
+
+
+def test_an_eventfd_that_cannot_be_signalled_counts_as_lost() -> None:
+    irq = IrqIndex(PciIrq.MSIX, 2, owner="probe")
+    given, mine = new_eventfds(2)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 2, b"", given)
+    os.eventfd_write(mine[1], EVENTFD_MAX)
+    assert irq.trigger(1) is False and irq.trigger(1) is False
+    assert (irq.lost(0), irq.lost(1), irq.delivered) == (0, 2, 0)
+    assert irq.trigger(0) is True and irq.delivered == 1
+    assert count(mine[1]) == EVENTFD_MAX
+    assert irq.trigger(1) is True  # room again
+    assert irq.lost(1) == 2
+    irq.disable()
+    for fd in mine:
+        os.close(fd)
