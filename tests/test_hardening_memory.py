@@ -79,7 +79,7 @@ def sealable_memfd(size: int) -> int:
 # --- finding 1: the client truncates a DMA file after DMA_MAP -----------------------------
 
 SHRINK_DMA_VICTIM = """
-    import errno, mmap, os, tempfile
+    import errno, logging, mmap, os, tempfile
     import trio
     from raw_client import session
     from vfiouser_trio.protocol import DmaMapRequest
@@ -90,6 +90,7 @@ SHRINK_DMA_VICTIM = """
     PAGE = mmap.PAGESIZE
     IOVA = 0x100000
     KIND = {kind!r}
+    logging.basicConfig(level=logging.WARNING)
 
     def shrinkable_fd() -> int:
         if KIND == "tmpfs":  # a plain tmpfs file: no seals at all
@@ -137,7 +138,9 @@ SHRINK_DMA_VICTIM = """
 def test_truncated_dma_file_gives_efault_not_sigbus(kind: str) -> None:
     if kind == "tmpfs" and not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
-    assert_survived(run_victim(SHRINK_DMA_VICTIM.format(kind=kind)))
+    result = run_victim(SHRINK_DMA_VICTIM.format(kind=kind))
+    assert_survived(result)
+    assert result.stderr.count("shrank the file") == 1, result.stderr  # logged once per map
 
 
 async def test_dma_map_seals_a_sealable_memfd_against_shrinking() -> None:

@@ -20,8 +20,9 @@ class GuestMemory:
     """``size`` bytes of shareable memory (a sealed memfd) with a writable ``view``.
 
     The memfd's size is sealed, so a server that receives the fd cannot shrink it under our
-    mapping. ``close()`` unmaps it and closes the fd; it raises ``BufferError`` while views
-    derived from ``view`` (slices, casts) are still alive.
+    mapping, and our server gives its device zero-copy views of it (it refuses them on memory
+    the client could still shrink). ``close()`` unmaps it and closes the fd; it raises
+    ``BufferError`` while views derived from ``view`` (slices, casts) are still alive.
     """
 
     def __init__(self, size: int, *, name: str = "vfio-user-guest-memory") -> None:

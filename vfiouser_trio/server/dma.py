@@ -97,6 +97,9 @@ class DmaMapping:
     #: Bytes from the page-aligned start of ``_mapping`` to ``fd_offset``.
     _lead: int = field(default=0, repr=False)
     _view: memoryview | None = field(default=None, repr=False)
+    #: Names the device in log lines (the table's ``name``).
+    _owner: str = field(default="", repr=False)
+    _fault_logged: bool = field(default=False, repr=False)
     _users: int = 0
     _removing: bool = False
     _idle: trio.Event | None = field(default=None, repr=False)
@@ -145,7 +148,9 @@ class DmaMapping:
                 # make its next access a crash, so the memory stays mapped until the last
                 # such slice is freed (the views hold the mapping, see memory.Mapping);
                 # the table no longer reaches it.
-                log.warning("DMA map %#x+%#x still exported at unmap", self.iova, self.size)
+                log.warning(
+                    "%s: DMA map %#x+%#x still exported at unmap", self._owner, self.iova, self.size
+                )
             self._mapping = None
 
     def _load(self, offset: int, length: int) -> bytes:
@@ -168,7 +173,15 @@ class DmaMapping:
             raise self._fault(exc) from None
 
     def _fault(self, exc: OSError) -> DmaError:
-        log.warning("DMA map %#x+%#x: the client shrank its file: %s", self.iova, self.size, exc)
+        if not self._fault_logged:  # once per map: a client must not flood the log
+            self._fault_logged = True
+            log.warning(
+                "%s: DMA map %#x+%#x: the client shrank the file under it; "
+                "device accesses past its end fail with EFAULT",
+                self._owner,
+                self.iova,
+                self.size,
+            )
         return DmaError(errno.EFAULT, f"DMA map {self.iova:#x}: {exc.strerror}")
 
 
@@ -261,9 +274,13 @@ class DmaView:
 class DmaTable:
     """DMA windows of one client, with checked device access."""
 
-    def __init__(self, *, max_maps: int = 65535, messenger: DmaMessenger | None = None) -> None:
+    def __init__(
+        self, *, max_maps: int = 65535, messenger: DmaMessenger | None = None, name: str = "dma"
+    ) -> None:
         self.max_maps = max_maps
         self.messenger = messenger
+        #: Names the device in log lines.
+        self.name = name
         #: Allow ``view`` on maps the client can shrink (see the module doc); the
         #: session sets it from ``ServerLimits.trust_client_memory``.
         self.trust_client_memory = False
@@ -335,7 +352,7 @@ class DmaTable:
                 i < len(self._maps) and self._maps[i].iova < iova + size
             ):
                 raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
-            mapping = DmaMapping(iova, size, flags, offset)
+            mapping = DmaMapping(iova, size, flags, offset, _owner=self.name)
             if fd is not None:
                 _map_fd(mapping, fd)
         finally:
