@@ -34,7 +34,7 @@ import mmap
 import sys
 from collections.abc import Sequence
 
-from ..bitmap import BitmapBudget, SparseDirtyBitmap, bitmap_nbytes, mark_range
+from ..bitmap import BitmapBudget, DirtyBitmap, SparseDirtyBitmap, bitmap_nbytes
 from ..limits import DEFAULT_LIMITS
 from ..protocol.errors import VfioUserError
 from .dma import DmaMapping, DmaTable
@@ -232,8 +232,14 @@ class DirtyLog:
         if not self.covers(iova, length):
             raise _refuse(f"{iova:#x}+{length:#x} is not inside the logged ranges")
         end = iova + length
-        out = bytearray(bitmap_nbytes(-(-length // page_size)))
+        n_bits = -(-length // page_size)
+        out = bytearray(bitmap_nbytes(n_bits))
         self._forget_unmapped()
+        with DirtyBitmap(n_bits, page_size, buffer=out) as marks:  # pinned once for all runs
+            self._report_into(marks, iova, end)
+        return _wire(out)
+
+    def _report_into(self, marks: DirtyBitmap, iova: int, end: int) -> None:
         shift = self._shift
         for mapping, (base, bitmap) in self._bitmaps.items():
             lo, hi = max(iova, mapping.iova), min(end, mapping.end)
@@ -244,7 +250,7 @@ class DirtyLog:
             for page, count in bitmap.runs(first, stop - first):
                 a = max(lo, (base + page) << shift)
                 b = min(hi, (base + page + count) << shift)
-                mark_range(out, a - iova, b - a, page_size)
+                marks.mark(a - iova, b - a)
             # A tracking page is cleared only if its part inside the map is inside the range.
             if max((base + first) << shift, mapping.iova) < iova:
                 first += 1
@@ -252,4 +258,3 @@ class DirtyLog:
                 stop -= 1
             if first < stop:
                 bitmap.clear(first, stop - first)
-        return _wire(out)
