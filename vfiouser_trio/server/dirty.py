@@ -20,7 +20,11 @@ bitmaps together hold at most ``max_bitmap_bytes`` (``ServerLimits.max_dirty_bit
 A map whose bitmap would pass that bound *overflows*: its bits are dropped and every page of
 it is reported dirty, in every report, until it is unmapped or logging stops (a WARNING says
 so). The reply of a report is bounded by the caller (the session refuses a bitmap larger than
-its ``max_data_xfer_size``), and its cost by the chunks held, not the range asked.
+its ``max_data_xfer_size`` with EINVAL), and its cost by the chunks held and the runs of dirty
+pages in them (so by the writes since the last report), not by the range asked. A START names
+at most ``max_ranges`` ranges (``ServerLimits.max_dirty_ranges``, E2BIG beyond, as Linux's
+VFIO does); empty, overlapping or past-2**64 ranges are EINVAL. The commands are described in
+https://www.qemu.org/docs/master/interop/vfio-user.html, section "VFIO_USER_DEVICE_FEATURE".
 """
 
 from __future__ import annotations
