@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import socket
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -34,14 +35,13 @@ from vfiouser_trio.protocol import (
     VersionRequest,
 )
 from vfiouser_trio.protocol.errors import VfioUserError
-from vfiouser_trio.protocol.framing import Frame, FrameDecoder
+from vfiouser_trio.protocol.framing import Frame, FrameDecoder, OversizedFrame, StrayFds
 from vfiouser_trio.protocol.header import command_header, reply_header
 from vfiouser_trio.server import session as session_module
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve_connection
 from vfiouser_trio.server.session import ServerSession
-from vfiouser_trio.transport import RECV_BUFFER_SIZE
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -223,10 +223,10 @@ async def test_a_client_that_never_reads_holds_bounded_memory() -> None:
             tracemalloc.stop()
         conn = hog_session.connection
         assert conn is not None
-        # Held: the mark, plus at most one read's worth of commands and one reply.
-        one_read = RECV_BUFFER_SIZE // len(frame_bytes(0, READ4)) * (FRAME_OVERHEAD + 16)
-        assert conn.held_bytes <= mark + one_read + 4096
-        assert grown < 2 * (mark + one_read)
+        # Held: the mark, plus at most one small read (4 KiB of commands, each costing
+        # FRAME_OVERHEAD + 16) past it; these replies cost less than their commands.
+        assert conn.held_bytes <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
+        assert grown < 2 * mark
         assert hog.reads < count
         # The other device in the process is not affected.
         await peer.stream.send_all(frame_bytes(7, READ4))
@@ -345,3 +345,79 @@ async def test_a_peer_that_floods_while_we_await_its_answer_is_closed() -> None:
         assert isinstance(conn.close_reason, VfioUserError)
         assert conn.close_reason.errno == errno.ENOBUFS
     peer.close()
+
+
+# --- a partial frame holds at most one frame's bytes and one chunk's fds -----------------
+
+
+def test_a_dribbled_max_size_frame_holds_one_frame_and_one_chunk_of_fds() -> None:
+    """A peer sends a maximal frame in 64 pieces, 2 fds with each: the decoder holds less
+    than ``max_msg_size`` bytes and the fds of the first piece only."""
+    max_size = 64 << 10
+    decoder = FrameDecoder(max_msg_size=max_size)
+    body = command_header(5, 1, max_size - 16).pack() + bytes(max_size - 16)
+    before = fd_count()
+    piece = max_size // 64
+    stray = 0
+    events = []
+    for start in range(0, max_size, piece):
+        r, w = os.pipe()
+        for event in decoder.feed(body[start : start + piece], [r, w]):
+            if isinstance(event, StrayFds):
+                stray += event.count
+            else:
+                events.append(event)
+        assert decoder.buffered < max_size
+        assert decoder.pending_fds <= 2
+        assert fd_count() <= before + 2
+    [frame] = events
+    assert isinstance(frame, Frame) and len(frame.payload) == max_size - 16
+    assert len(frame.fds) == 2 and stray == 2 * 63
+    frame.close_fds()
+    assert decoder.buffered == 0 and fd_count() == before
+
+
+def test_an_oversized_frame_is_never_held() -> None:
+    decoder = FrameDecoder(max_msg_size=4096)
+    huge = command_header(1, 1, (1 << 30) - 16).pack()
+    [event] = decoder.feed(huge)
+    assert isinstance(event, OversizedFrame)
+    for _ in range(64):
+        assert decoder.feed(bytes(1 << 16)) == []
+        assert decoder.buffered == 0
+
+
+async def test_with_a_twin_socket_the_main_link_pauses_and_requests_still_complete(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Our request and its reply travel on the twin socket: the main link pauses at the mark
+    (it never carries a reply we await), is not closed, and resumes once the peer reads."""
+    count = 3000
+    mark = count * FRAME_OVERHEAD // 4
+    box: list[Connection] = []
+    server_sock, peer_sock = socket.socketpair()
+    server_twin, peer_twin_sock = socket.socketpair()
+    peer, peer_twin = RawPeer(peer_sock), RawPeer(peer_twin_sock)
+    blob = raw_command(0, ASK) + b"".join(raw_command(i, WORK) for i in range(1, count + 1))
+    async with open_connection(
+        server_sock, handler=asking_handler(box), max_send_backlog=mark
+    ) as conn:
+        box.append(conn)
+        conn.attach_twin(server_twin, requests_on_twin=True)
+        await peer.stream.send_all(blob)
+        [question] = await peer_twin.read(1)
+        assert question.header.command == ANSWER
+        await trio.testing.wait_all_tasks_blocked()
+        assert not conn.closed.is_set()
+        answer = reply_header(question.header.msg_id, ANSWER, 1).pack() + b"!"
+        await peer_twin.stream.send_all(answer)
+        await trio.testing.wait_all_tasks_blocked()
+        # Commands ran until the replies reached the mark; then the link held on.
+        assert not conn.closed.is_set()
+        assert conn.held_bytes <= 2 * mark + 17 * 4096 + 4096
+        with trio.fail_after(60):
+            replies = await peer.read(count + 1)
+        assert [r.header.msg_id for r in replies] == list(range(count + 1))
+        assert replies[0].payload == b"!"
+    peer.close()
+    peer_twin.close()

@@ -43,11 +43,13 @@ Bounded memory and fairness (both per link):
   for the peer: commands received and not yet started (``FRAME_OVERHEAD`` each plus their
   payload) and data queued for the socket but not yet taken by it
   (:attr:`Transport.backlog <vfiouser_trio.transport.Transport.backlog>`). At the mark the
-  link stops reading, and resumes once the load is below half of it. Received commands hold
+  link stops reading, and resumes once the load is below half of it; near the mark it reads
+  in smaller pieces, so that a read cannot take it far past. Received commands hold
   their fds too: more than ``dispatch_batch * max_recv_fds`` of them also stop the reading.
   The dispatcher starts no command while the send backlog alone is at the mark (a 32-byte
   REGION_READ may ask for a 1 MiB reply), until it is below half. So a client that never
-  reads costs about the mark, one read chunk and one reply, whatever it sends.
+  reads costs at most about twice the mark (commands read, replies queued) and one reply,
+  whatever it sends.
 * Pausing must not break the guarantee above: a reply to our own request may sit behind
   the unread commands. A link that carries our requests and has one outstanding (the main
   link without a twin socket, the twin link with one) therefore keeps reading; if its load
@@ -114,6 +116,8 @@ _MSG_ID_SPACE = 1 << 16
 #: What a received command costs in memory beyond its payload (frame, header and bytes
 #: objects, queue slot), for the load a link counts against ``max_send_backlog``.
 FRAME_OVERHEAD = 256
+#: The least a reader bounded by ``max_send_backlog`` reads at once.
+_MIN_READ = 4096
 #: Commands a dispatcher runs before it yields to the scheduler, unless told otherwise.
 DEFAULT_DISPATCH_BATCH = 16
 _pack_header = HEADER_STRUCT.pack
@@ -481,11 +485,14 @@ class Connection:
         limit = self._max_backlog
         try:
             while reason is None:
-                if limit is not None and self._pressure(state, limit) >= 1.0:
-                    reason = await self._hold_reading(state, limit)
-                    if reason is not None:
-                        break
-                events = await transport.receive()
+                if limit is None:
+                    events = await transport.receive()
+                else:
+                    if self._pressure(state, limit) >= 1.0:
+                        reason = await self._hold_reading(state, limit)
+                        if reason is not None:
+                            break
+                    events = await transport.receive(self._read_budget(state, limit))
                 if not events:
                     if not transport.at_frame_boundary:
                         log.debug("%s link: peer hung up mid-frame", state.link.value)
@@ -514,6 +521,13 @@ class Connection:
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
+
+    @staticmethod
+    def _read_budget(state: _LinkState, limit: int) -> int:
+        """Bytes to read so that even tiny commands (each costing ``FRAME_OVERHEAD``) cannot
+        take the load far past the mark."""
+        room = max(limit - state.load, 0) * HEADER_SIZE // (FRAME_OVERHEAD + HEADER_SIZE)
+        return max(room, _MIN_READ)
 
     def _pressure(self, state: _LinkState, limit: int) -> float:
         """How full the link is: 1.0 at the mark (load, or fds held by queued commands)."""

@@ -117,6 +117,7 @@ class Transport:
         self._recv_buffer = mmap.mmap(-1, RECV_BUFFER_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._recv_iov = [self._recv_view]
+        self._read_size = RECV_BUFFER_SIZE
         self._max_recv_fds = 0
         self._ancbufsize = 0
         self.max_recv_fds = max_recv_fds
@@ -181,8 +182,11 @@ class Transport:
 
     # ----------------------------------------------------------------- receive
 
-    async def receive(self) -> list[FrameEvent]:
+    async def receive(self, max_bytes: int = RECV_BUFFER_SIZE) -> list[FrameEvent]:
         """Wait for data and return the events of every frame completed by it, in order.
+
+        One read takes at most ``max_bytes`` (at most ``RECV_BUFFER_SIZE``): a caller that
+        bounds what it holds reads less as it nears its limit.
 
         Events are :class:`Frame` (the caller owns its fds), ``OversizedFrame``, ``StrayFds``
         and ``BrokenStream`` (after which the caller must close the transport). Returns an
@@ -192,6 +196,10 @@ class Transport:
         """
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
+        size = min(max(max_bytes, 1), RECV_BUFFER_SIZE)
+        if size != self._read_size:
+            self._read_size = size
+            self._recv_iov = [self._recv_view[:size]]
         if self._drained_socket:
             # The last read emptied the socket: a read now would almost surely say EAGAIN.
             await trio.lowlevel.wait_readable(self._sock)
@@ -227,7 +235,7 @@ class Transport:
                     raise
                 size, ancdata, msg_flags = 0, [], 0
             # A short read without fds left the socket empty (a read with fds stops early).
-            self._drained_socket = size < RECV_BUFFER_SIZE and not ancdata
+            self._drained_socket = size < self._read_size and not ancdata
             fds = _fds_from_ancillary(ancdata) if ancdata else []
             if msg_flags & _MSG_CTRUNC:
                 close_fds(fds)
@@ -415,6 +423,7 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        self._recv_iov = []
         self._recv_view.release()
         with contextlib.suppress(BufferError):  # a slice still alive: freed with it later
             self._recv_buffer.close()

@@ -148,8 +148,15 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for a frame not yet complete."""
+        """Bytes held for a frame not yet complete: fewer than ``max_msg_size`` (an oversized
+        frame is skipped, never held; a frame keeps the limit it started under)."""
         return len(self._buf)
+
+    @property
+    def pending_fds(self) -> int:
+        """fds held for the unfinished frame: those of one chunk at most (the chunk it
+        started in); fds arriving with its continuation bytes are closed as stray."""
+        return len(self._pending_fds)
 
     @property
     def at_boundary(self) -> bool:
