@@ -18,8 +18,11 @@ from functools import partial
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from raw_client import expect_errno
 
+from vfiouser_trio.bitmap import CHUNK_BITS
 from vfiouser_trio.engine import Connection, HandlerResult, open_connection
 from vfiouser_trio.limits import DEFAULT_LIMITS, ServerLimits
 from vfiouser_trio.protocol import (
@@ -45,6 +48,8 @@ from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.features import DeviceFeatureReply, DmaLoggingBitmap
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
+from vfiouser_trio.server.dirty import DirtyLog
+from vfiouser_trio.server.dma import DmaTable
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve_connection
 
@@ -220,3 +225,46 @@ async def test_start_bounds_the_number_of_ranges() -> None:
         await expect_errno(conn, start(PAGE, *many[:3]), errno.E2BIG)
         await conn.request(start(PAGE, *many[:2]))
     device.close()
+
+
+# --- a bounded log never under-reports ------------------------------------------------------
+
+CHUNK = CHUNK_BITS * PAGE  # bytes of memory one bitmap chunk covers
+#: Maps of several chunks, one with unaligned edges, and gaps between them.
+WINDOWS = ((0, 4 * CHUNK), (4 * CHUNK + 0x1800, 2 * CHUNK + 0x800), (8 * CHUNK, CHUNK))
+SPACE = 9 * CHUNK
+
+writes = st.tuples(st.just(0), st.integers(0, SPACE - 1), st.integers(1, 0x3000))
+reports = st.tuples(
+    st.sampled_from([PAGE // 2, PAGE, 1 << 21, CHUNK]),
+    st.integers(0, SPACE - 1),
+    st.integers(1, 1 << 16),  # in output pages: a bounded bitmap
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget_chunks=st.integers(0, 3), ops=st.lists(st.one_of(writes, reports), max_size=20))
+def test_a_bounded_log_reports_a_superset(
+    budget_chunks: int, ops: list[tuple[int, int, int]]
+) -> None:
+    table = DmaTable()
+    for iova, size in WINDOWS:
+        table.map(iova, size, RW, None)
+    bounded = DirtyLog(table, PAGE, max_bitmap_bytes=budget_chunks * CHUNK_BITS // 8)
+    exact = DirtyLog(table, PAGE, max_bitmap_bytes=1 << 30)
+    for kind, iova, n in ops:
+        if not kind:
+            for w_iova, w_size in WINDOWS:  # only inside maps, as DmaTable.write ensures
+                a, b = max(iova, w_iova), min(iova + n, w_iova + w_size)
+                if a < b:
+                    table.note_written(a, b - a)
+            assert bounded.bitmap_bytes <= budget_chunks * CHUNK_BITS // 8
+            continue
+        length = min(n * kind, SPACE - iova)
+        got = int.from_bytes(bounded.report(iova, length, kind), "little")
+        want = int.from_bytes(exact.report(iova, length, kind), "little")
+        assert got & want == want  # every page written is reported
+        if not bounded.overflowed:
+            assert got == want
+    bounded.close()
+    exact.close()
