@@ -11,20 +11,29 @@ server answers), then reads the device info, every region's info (mapping what m
 mapped) and every IRQ index's info. Each call on :class:`Client` is one awaitable that
 returns the result or raises :class:`VfioUserError` with the server's errno and the command;
 when the connection is gone every pending and later call raises
-:class:`~vfiouser_trio.engine.ConnectionClosedError`. Timeouts are the caller's
-(``trio.fail_after``); a cancelled call leaves the connection usable. Calls may be made
-concurrently from several tasks: they are pipelined on the socket.
+:class:`~vfiouser_trio.engine.ConnectionClosedError`. Timeouts after ``connect`` are the
+caller's (``trio.fail_after``); a cancelled call leaves the connection usable. Calls may be
+made concurrently from several tasks: they are pipelined on the socket.
+
+The server is not trusted. ``connect`` gives up after ``negotiation_timeout`` seconds
+(:class:`NegotiationTimeout`); its answers are bounded by :class:`ClientLimits`; every fd it
+sends is checked for its kind before use; the client's receive limit is its own
+(``capabilities.max_data_xfer_size``, at least 1 MiB), never the server's advertised one,
+and a reply larger than that closes the connection.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import math
 import mmap
 import os
 import socket
+import stat
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
@@ -32,6 +41,7 @@ import trio
 
 from ..engine import Connection, ConnectionClosedError, ConnectionHooks, open_connection
 from ..eventfd import EventFd
+from ..fdcheck import require_eventfd
 from ..ordering import OrderingPolicy
 from ..protocol.capabilities import Capabilities, TwinSocket
 from ..protocol.constants import (
@@ -106,13 +116,65 @@ from .dirty import DirtyLogging, DirtyPages
 from .dma import DmaMap, DmaMaps, DmaService
 from .guest_memory import GuestMemory
 from .irqs import Interrupt, InterruptTable
-from .regions import Region, RegionIoFd, query_with_argsz
+from .regions import MAX_ARGSZ, Region, RegionIoFd, query_with_argsz
 
-__all__ = ["DEFAULT_CAPABILITIES", "Client", "connect"]
+__all__ = [
+    "DEFAULT_CAPABILITIES",
+    "DEFAULT_CLIENT_LIMITS",
+    "DEFAULT_NEGOTIATION_TIMEOUT",
+    "Client",
+    "ClientLimits",
+    "NegotiationTimeout",
+    "connect",
+]
+
+log = logging.getLogger(__name__)
 
 #: What the client proposes unless told otherwise: it accepts up to 16 fds per message (as
 #: QEMU does; libvfio-user sends one fd per sparse area) and 1 MiB per data transfer.
 DEFAULT_CAPABILITIES = Capabilities(max_msg_fds=16, max_data_xfer_size=DEFAULT_MAX_DATA_XFER_SIZE)
+
+#: Seconds ``connect`` waits for the socket, VERSION and the info queries, unless told otherwise.
+DEFAULT_NEGOTIATION_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Bounds the client puts on what a server's answers may make it do at ``connect``.
+
+    A server that exceeds one is refused with ProtocolError (EINVAL) and the connection
+    closed; the defaults admit any real PCI device.
+    """
+
+    #: Most regions (DEVICE_GET_INFO ``num_regions``) the client queries: the 9 VFIO PCI
+    #: regions plus room for device-specific ones (VGA, migration, vendor regions).
+    max_regions: int = 64
+    #: Most IRQ indexes (``num_irqs``) the client queries: 5 for PCI, plus device-specific.
+    max_irq_indexes: int = 64
+    #: Most vectors one IRQ index may report (``count``): MSI-X's maximum table size.
+    max_irq_vectors: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_regions", "max_irq_indexes", "max_irq_vectors"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ClientLimits.{name} must be a positive int, got {value!r}")
+
+
+DEFAULT_CLIENT_LIMITS = ClientLimits()
+
+
+# OSError types errno as optional; ours always has one (ETIMEDOUT).
+class NegotiationTimeout(VfioUserError, TimeoutError):  # type: ignore[misc]
+    """``connect`` got no answer in time; ``step`` names what it was waiting for.
+
+    A VfioUserError with errno ETIMEDOUT, and a TimeoutError.
+    """
+
+    def __init__(self, step: str, timeout: float) -> None:
+        self.step = step
+        super().__init__(errno.ETIMEDOUT, f"no answer to {step} within {timeout:g} s")
+
 
 #: Size of one REGION_WRITE_MULTI entry on the wire.
 _WRITE_MULTI_ENTRY_SIZE = 32
@@ -133,15 +195,25 @@ async def connect(
     policy: OrderingPolicy | None = None,
     hooks: ConnectionHooks | None = None,
     dma_read_layout: DmaLayout = DmaLayout.SPEC,
+    negotiation_timeout: float | None = DEFAULT_NEGOTIATION_TIMEOUT,
+    limits: ClientLimits = DEFAULT_CLIENT_LIMITS,
 ) -> AsyncIterator[Client]:
     """Connect to a vfio-user server and yield a ready :class:`Client`.
 
     ``target`` is a socket path or a connected socket (which the client then owns).
     ``capabilities`` replaces :data:`DEFAULT_CAPABILITIES` as the proposal (limits, extra
-    entries); ``twin_socket`` and ``write_multiple`` decide those two proposals. ``policy``
-    and ``hooks`` go to the engine. ``dma_read_layout=DmaLayout.QEMU`` answers DMA_READ the
-    way QEMU does (to test servers against it). A VERSION reply that does not fit the
-    proposal closes the connection and raises ProtocolError. Leaving the block closes the
+    entries; ValueError outside the protocol's bounds); ``twin_socket`` and
+    ``write_multiple`` decide those two proposals. Its ``max_data_xfer_size`` is also the
+    client's receive limit: DMA_READ/WRITE counts above it get EINVAL, region reads are
+    split to fit it, and any message larger than it (or than 1 MiB, the largest
+    region-info reply the client follows) is refused. ``policy`` and ``hooks`` go to the
+    engine. ``dma_read_layout=DmaLayout.QEMU`` answers DMA_READ the way QEMU does (to test
+    servers against it).
+
+    Opening the socket, VERSION and the info queries must all finish within
+    ``negotiation_timeout`` seconds (None: wait for ever), else :class:`NegotiationTimeout`
+    naming the step. A VERSION reply that does not fit the proposal, or answers beyond
+    ``limits``, close the connection and raise ProtocolError. Leaving the block closes the
     connection, unmaps the regions and closes every fd the client owns.
     """
     proposal = replace(
@@ -149,20 +221,70 @@ async def connect(
         twin_socket=TwinSocket(supported=True) if twin_socket else None,
         write_multiple=write_multiple,
     )
-    sock = await _open_socket(target)
+    try:
+        proposal.check()
+    except ProtocolError as exc:
+        if isinstance(target, socket.socket):
+            target.close()  # it was handed over to us
+        raise ValueError(f"capabilities to propose: {exc.message}") from None
+    # One deadline for the whole of connect (socket, VERSION, info queries).
+    deadline = (
+        math.inf if negotiation_timeout is None else trio.current_time() + negotiation_timeout
+    )
+    with trio.move_on_at(deadline) as scope:
+        sock = await _open_socket(target)
+    if scope.cancelled_caught:
+        assert negotiation_timeout is not None
+        raise NegotiationTimeout("connect", negotiation_timeout)
     maps = DmaMaps()
     dma = DmaService(
         maps, max_data_xfer_size=proposal.max_data_xfer_size, read_layout=dma_read_layout
     )
     async with open_connection(
-        sock, handler=dma.handle, policy=policy, hooks=hooks, max_recv_fds=proposal.max_msg_fds
+        sock,
+        handler=dma.handle,
+        policy=policy,
+        hooks=hooks,
+        max_msg_size=_recv_limit(proposal),
+        max_recv_fds=proposal.max_msg_fds,
     ) as conn:
         client = Client(conn, maps)
         try:
-            await client._start(proposal)
+            with trio.move_on_at(deadline) as scope:
+                await client._start(proposal, limits)
+            if scope.cancelled_caught:
+                assert negotiation_timeout is not None
+                log.warning("connect: no answer to %s: giving up", client._step)
+                raise NegotiationTimeout(client._step, negotiation_timeout)
             yield client
         finally:
             client._release()
+
+
+def _recv_limit(proposal: Capabilities) -> int:
+    """The client's own limit on a received message (never raised by the server's claims).
+
+    Requests from the server carry at most ``proposal.max_data_xfer_size``; replies carry
+    what we asked for, which is at most that too, or a region-info reply we follow up to
+    MAX_ARGSZ.
+    """
+    return max_msg_size_for(max(proposal.max_data_xfer_size, MAX_ARGSZ))
+
+
+def _require_twin_socket(fd: int) -> socket.socket:
+    """The twin-socket fd as a socket; ProtocolError unless a connected AF_UNIX stream socket.
+
+    The caller still owns ``fd`` when this raises.
+    """
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        raise ProtocolError("VERSION reply: the twin socket fd is not a socket")
+    sock = socket.socket(fileno=fd)  # reads SO_DOMAIN / SO_TYPE itself
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or listening:
+        what = f"{sock.family!r} {sock.type!r}{' listening' if listening else ''}"
+        sock.detach()
+        raise ProtocolError(f"VERSION reply: the twin socket is {what}, not AF_UNIX SOCK_STREAM")
+    return sock
 
 
 async def _open_socket(target: Target) -> socket.socket:
@@ -171,6 +293,23 @@ async def _open_socket(target: Target) -> socket.socket:
         return target
     stream = await trio.open_unix_socket(os.fspath(target))
     return socket.socket(fileno=stream.socket.detach())
+
+
+def _check_count(what: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise ProtocolError(f"the server reports {what} {value}, above the client's limit {limit}")
+
+
+def _check_io_fds(reply: RegionIoFdsReply, index: int, region: Region | None) -> None:
+    """Refuse sub-regions outside the region (ProtocolError) and fds that are not eventfds
+    (VfioUserError EINVAL): each is written to (``ring()``) and may be handed to KVM."""
+    for sub in reply.sub_regions:
+        if region is not None and sub.offset + sub.size > region.size:
+            raise ProtocolError(
+                f"io fd sub-region {sub.offset:#x}+{sub.size:#x} beyond region {index}"
+            )
+    for i, fd in enumerate(reply.fds):
+        require_eventfd(fd, f"region {index} io fd {i}")
 
 
 def _chunks(offset: int, count: int, limit: int) -> Iterable[tuple[int, int]]:
@@ -199,6 +338,8 @@ class Client:
         self._irqs = InterruptTable()
         self._io_fds: list[EventFd] = []
         self.negotiated: Negotiated | None = None
+        #: What ``connect`` is waiting for (named by NegotiationTimeout).
+        self._step = "VERSION"
         self.info = DeviceGetInfoReply(0, 0, 0)
         #: Every region by index, as DEVICE_GET_REGION_INFO described it.
         self.regions: dict[int, Region] = {}
@@ -209,12 +350,16 @@ class Client:
 
     # --- setup ----------------------------------------------------------------------------
 
-    async def _start(self, proposal: Capabilities) -> None:
+    async def _start(self, proposal: Capabilities, limits: ClientLimits) -> None:
         await self._negotiate(proposal)
+        self._step = "DEVICE_GET_INFO"
         self.info = await self._call(DeviceGetInfoRequest(), DeviceGetInfoReply)
+        _check_count("num_regions", self.info.num_regions, limits.max_regions)
+        _check_count("num_irqs", self.info.num_irqs, limits.max_irq_indexes)
         for index in range(self.info.num_regions):
+            self._step = f"DEVICE_GET_REGION_INFO {index}"
             reply = await query_with_argsz(
-                self.connection.request,
+                self._request,
                 partial(RegionInfoRequest, index),
                 REGION_INFO_SIZE,
                 RegionInfoReply,
@@ -224,10 +369,13 @@ class Client:
             if region.index != index:
                 raise ProtocolError(f"region info for {region.index} when {index} was asked")
         for index in range(self.info.num_irqs):
+            self._step = f"DEVICE_GET_IRQ_INFO {index}"
             irq = await self._call(IrqInfoRequest(index), IrqInfoReply)
             if irq.index != index:
                 raise ProtocolError(f"IRQ info for {irq.index} when {index} was asked")
+            _check_count(f"IRQ index {index} count", irq.count, limits.max_irq_vectors)
             self.irq_info[index] = irq
+        self._step = "nothing"
 
     async def _negotiate(self, proposal: Capabilities) -> None:
         request = VersionRequest(capabilities=proposal)
@@ -235,18 +383,18 @@ class Client:
         fds = reply.fds
         try:
             negotiated = check_server_reply(request, reply, len(fds))
+            twin = negotiated.twin_fd_index
+            twin_sock = _require_twin_socket(fds[twin]) if twin is not None else None
         except BaseException:
             close_fds(fds)
             raise
-        twin = negotiated.twin_fd_index
         close_fds(fd for i, fd in enumerate(fds) if i != twin)
-        if twin is not None:
-            self.connection.attach_twin(fds[twin], requests_on_twin=False)
+        if twin_sock is not None:
+            self.connection.attach_twin(twin_sock, requests_on_twin=False)
         self.negotiated = negotiated
         self.connection.max_send_fds = negotiated.send_max_msg_fds
-        # Replies to our reads carry up to the server's limit; its DMA requests up to ours.
-        largest = max(negotiated.ours.max_data_xfer_size, negotiated.peer.max_data_xfer_size)
-        self.connection.max_msg_size = max_msg_size_for(largest)
+        # The receive limit stays the client's own (set by connect): our reads ask for at
+        # most send_max_data_xfer_size, which never exceeds what we proposed.
 
     def _release(self) -> None:
         """Close everything the client owns (on exit from ``connect``)."""
@@ -258,8 +406,22 @@ class Client:
             region.close()
         self._maps.clear()
 
+    async def _request(self, request: Request) -> Message:
+        """``connection.request``, closing the connection on a reply beyond our limit.
+
+        The engine skips such a reply unread; a server that sends more than we asked for
+        is broken or hostile, and nothing it sends after can be trusted.
+        """
+        try:
+            return await self.connection.request(request)
+        except ProtocolError as exc:
+            if exc.errno == errno.EMSGSIZE and not isinstance(exc, ConnectionClosedError):
+                log.warning("closing the connection: %s", exc.message)
+                self.connection.close()
+            raise
+
     async def _call(self, request: Request, reply_type: type[R]) -> R:
-        reply = await self.connection.request(request)
+        reply = await self._request(request)
         if not isinstance(reply, reply_type):  # pragma: no cover - parse_reply guarantees it
             raise ProtocolError(f"unexpected reply {type(reply).__name__}")
         return reply
@@ -282,7 +444,8 @@ class Client:
 
     @property
     def max_data_xfer_size(self) -> int:
-        """Largest data transfer the server accepts (region accesses are split to fit)."""
+        """Largest data transfer the client sends: the smaller of the server's limit and its
+        own (region accesses are split to fit)."""
         return self._negotiated().send_max_data_xfer_size
 
     @property
@@ -327,7 +490,7 @@ class Client:
         """Read ``count`` bytes at ``offset`` of ``region``.
 
         Inside a mapped area (and ``use_mmap``) this reads shared memory; otherwise it sends
-        REGION_READ messages of at most the server's ``max_data_xfer_size`` each.
+        REGION_READ messages of at most ``max_data_xfer_size`` each.
         """
         _check_span(offset, count)
         self._check_open()
@@ -537,18 +700,16 @@ class Client:
         guest write caught by KVM would. Sub-regions outside the region are a ProtocolError.
         """
         reply = await query_with_argsz(
-            self.connection.request,
+            self._request,
             partial(RegionIoFdsRequest, region),
             IO_FDS_SIZE,
             RegionIoFdsReply,
         )
-        known = self.regions.get(region)
-        for sub in reply.sub_regions:
-            if known is not None and sub.offset + sub.size > known.size:
-                close_fds(reply.fds)
-                raise ProtocolError(
-                    f"io fd sub-region {sub.offset:#x}+{sub.size:#x} beyond region {region}"
-                )
+        try:
+            _check_io_fds(reply, region, self.regions.get(region))
+        except BaseException:
+            close_fds(reply.fds)
+            raise
         owned: list[EventFd] = []
         try:
             for fd in reply.fds:

@@ -7,13 +7,16 @@ unmap, because until then the server may still be finishing DMA on it.
 
 Errors answered to the server (chosen to match the kernel's and QEMU's conventions):
 
-* EINVAL: a malformed request, or ``count`` above the ``max_data_xfer_size`` we advertised;
+* EINVAL: a malformed request, ``count`` above the ``max_data_xfer_size`` we advertised, or
+  a range that runs past the end of the 64-bit address space;
 * EFAULT: any byte of the range is outside our maps, or the map forbids the access (a
   DMA_READ from a map without READ, a DMA_WRITE to one without WRITE), or the memory behind
   the map was closed.
 
 A range may span several adjacent maps; each byte is checked against the map holding it.
-Zero-length requests succeed without touching memory.
+Zero-length requests succeed without touching memory. The server is not trusted: the count
+is checked before anything is allocated (and the engine never buffers a message above our
+receive limit), so no request can make the client hold more than ``max_data_xfer_size``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from ..protocol.registry import decode_request
 from .guest_memory import GuestMemory
 
 __all__ = ["DmaMap", "DmaMaps", "DmaService"]
+
+#: One past the last IOVA.
+_IOVA_END = 1 << 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +165,17 @@ class DmaService:
         if command not in (Command.DMA_READ, Command.DMA_WRITE):
             raise VfioUserError(errno.EINVAL, f"a client does not serve command {command}")
         request = decode_request(command, frame.payload, frame.fds)
+        assert isinstance(request, (DmaReadRequest, DmaWriteRequest))
+        check_xfer_size(request, self.max_data_xfer_size)
+        if request.address + request.count > _IOVA_END:
+            raise VfioUserError(
+                errno.EINVAL,
+                f"DMA range {request.address:#x}+{request.count:#x} wraps the address space",
+                command=command,
+            )
         if isinstance(request, DmaReadRequest):
-            check_xfer_size(request, self.max_data_xfer_size)
             data = self.maps.read(request.address, request.count) if request.count else b""
             return DmaReadReply(request.address, data, self.read_layout)
-        assert isinstance(request, DmaWriteRequest)
-        check_xfer_size(request, self.max_data_xfer_size)
         if request.data:
             self.maps.write(request.address, request.data)
         return DmaWriteReply(request.address, request.count)
