@@ -185,6 +185,25 @@ async def test_no_negotiation_timeout_waits_for_a_slow_server(
         assert client.negotiated is not None
 
 
+DEEP = b'{"capabilities":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+
+
+@pytest.mark.parametrize(
+    "json_text",
+    [DEEP, b'{"capabilities":{"max_data_xfer_size":0}}', b'{"capabilities":{"pgsizes":true}}'],
+    ids=["deep", "xfer0", "pgsizes-true"],
+)
+async def test_hostile_version_reply_is_a_protocol_error(json_text: bytes) -> None:
+    async def version(request: Request) -> HandlerResult:
+        return RawMessage(struct.pack("=HH", 0, 2) + json_text + b"\0")
+
+    server = Hostile(VersionRequest=version)
+    with trio.fail_after(10), pytest.raises(ProtocolError) as info:
+        async with hostile(server):
+            pass  # pragma: no cover
+    assert info.value.errno == errno.EINVAL
+
+
 # --- the server's counts are bounded ----------------------------------------------------
 
 
