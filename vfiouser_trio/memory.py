@@ -307,7 +307,7 @@ class Mapping:
     The fd may be closed once mapped.
     """
 
-    __slots__ = ("_cbuf", "_ptr", "address", "length", "offset", "prot")
+    __slots__ = ("_cbuf", "_prot_bits", "_ptr", "address", "length", "offset", "prot")
 
     def __init__(
         self,
@@ -358,6 +358,7 @@ class Mapping:
         self.length: int = length
         self.offset: int = offset
         self.prot: Prot = prot
+        self._prot_bits = int(prot)  # IntFlag operations cost microseconds on hot paths
         self._ptr: CData | None = ffi.gc(
             ffi.cast("char *", mapped), _unmapper(mapped, length), length
         )
@@ -405,10 +406,10 @@ class Mapping:
             raise ValueError(f"offset {offset:#x} is not page-aligned")
         return self.address + offset, length
 
-    def _checked(self, offset: int, length: int, need: Prot) -> CData:
+    def _checked(self, offset: int, length: int, need: int) -> CData:
         ptr = self._require_open()
-        if not self.prot & need:  # the guard catches SIGBUS only: a protection fault is SIGSEGV
-            raise ValueError(f"mapping with protection {self.prot!r} lacks {need!r}")
+        if not self._prot_bits & need:  # the guard catches SIGBUS only, not SIGSEGV
+            raise ValueError(f"mapping with protection {self.prot!r} lacks {Prot(need)!r}")
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range ({offset}, {length}) is outside the mapping")
         return ptr + offset
@@ -419,7 +420,7 @@ class Mapping:
         ``OSError(EFAULT)`` instead of a SIGBUS when part of the range lies past the
         file's end. Needs ``Prot.READ``.
         """
-        src = self._checked(offset, length, Prot.READ)
+        src = self._checked(offset, length, lib.PROT_READ)
         out = bytearray(length)
         _guarded_copy(ffi.from_buffer(out), src, length)
         return bytes(out)
@@ -430,7 +431,7 @@ class Mapping:
         Needs ``Prot.WRITE``; on EFAULT part of ``data`` may have been stored.
         """
         src = ffi.from_buffer(data)
-        _guarded_copy(self._checked(offset, len(src), Prot.WRITE), src, len(src))
+        _guarded_copy(self._checked(offset, len(src), lib.PROT_WRITE), src, len(src))
 
     def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         """``madvise`` a page-aligned part of the mapping (``mmap.MADV_*`` values)."""
