@@ -20,8 +20,11 @@ from raw_client import GuestRam
 from vfiouser_trio.engine import (
     FRAME_OVERHEAD,
     Connection,
+    ConnectionHooks,
+    Forward,
     Handler,
     HandlerResult,
+    Link,
     RawMessage,
     open_connection,
 )
@@ -42,6 +45,7 @@ from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve_connection
 from vfiouser_trio.server.session import ServerSession
+from vfiouser_trio.transport import FRAMES_PER_READ, RECV_BUFFER_SIZE
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -421,3 +425,50 @@ async def test_with_a_twin_socket_the_main_link_pauses_and_requests_still_comple
         assert replies[0].payload == b"!"
     peer.close()
     peer_twin.close()
+
+
+class CountReceived(ConnectionHooks):
+    """Counts the frames a connection's reader delivered; calls ``first`` at the first one."""
+
+    def __init__(self, first: Callable[[], None]) -> None:
+        self.count = 0
+        self.first = first
+
+    def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.first()
+        forward(frame)
+
+
+async def test_parsing_one_read_of_tiny_messages_does_not_starve_others() -> None:
+    """16,384 header-only commands (256 KiB) used to be parsed in one go from one read;
+    now a read completes about FRAMES_PER_READ frames before the reader yields."""
+    count = RECV_BUFFER_SIZE // 16
+    a_sock, a_peer_sock = socket.socketpair()
+    b_sock, b_peer_sock = socket.socketpair()
+    a_peer, b_peer = RawPeer(a_peer_sock), RawPeer(b_peer_sock)
+    a_peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * RECV_BUFFER_SIZE)
+    seen_at: list[int] = []
+    counter = CountReceived(lambda: b_peer_sock.send(raw_command(7, WORK)))
+
+    async def a_handler(frame: Frame) -> HandlerResult:
+        return None
+
+    async def b_handler(frame: Frame) -> HandlerResult:
+        seen_at.append(counter.count)
+        return None
+
+    blob = b"".join(raw_command(i & 0xFFFF, WORK) for i in range(count))
+    async with (
+        open_connection(a_sock, handler=a_handler, hooks=counter),
+        open_connection(b_sock, handler=b_handler),
+    ):
+        assert a_peer_sock.send(blob) == len(blob)
+        [reply] = await b_peer.read(1)
+        assert reply.header.msg_id == 7
+        # A few reads (the reader yields after each), not the whole 256 KiB.
+        assert seen_at and seen_at[0] <= 4 * FRAMES_PER_READ
+        assert len(await a_peer.read(count)) == count
+    a_peer.close()
+    b_peer.close()

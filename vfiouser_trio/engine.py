@@ -95,7 +95,7 @@ from .protocol.framing import (
 )
 from .protocol.header import HEADER_STRUCT, Header, command_header, error_header, reply_header
 from .protocol.message import Buffer, Message, Request
-from .transport import SEND_HIGH_WATER, Transport, byte_buffer
+from .transport import MIN_READ, SEND_HIGH_WATER, Transport, byte_buffer
 
 __all__ = [
     "Connection",
@@ -116,8 +116,6 @@ _MSG_ID_SPACE = 1 << 16
 #: What a received command costs in memory beyond its payload (frame, header and bytes
 #: objects, queue slot), for the load a link counts against ``max_send_backlog``.
 FRAME_OVERHEAD = 256
-#: The least a reader bounded by ``max_send_backlog`` reads at once.
-_MIN_READ = 4096
 #: Commands a dispatcher runs before it yields to the scheduler, unless told otherwise.
 DEFAULT_DISPATCH_BATCH = 16
 _pack_header = HEADER_STRUCT.pack
@@ -527,7 +525,7 @@ class Connection:
         """Bytes to read so that even tiny commands (each costing ``FRAME_OVERHEAD``) cannot
         take the load far past the mark."""
         room = max(limit - state.load, 0) * HEADER_SIZE // (FRAME_OVERHEAD + HEADER_SIZE)
-        return max(room, _MIN_READ)
+        return max(room, MIN_READ)
 
     def _pressure(self, state: _LinkState, limit: int) -> float:
         """How full the link is: 1.0 at the mark (load, or fds held by queued commands)."""

@@ -3,8 +3,9 @@
 The transport does its own non-blocking syscalls on a stdlib ``socket.socket``: it tries
 ``recvmsg``/``sendmsg`` first and waits for readiness only when the kernel says EAGAIN.
 
-Receiving: one ``recvmsg`` reads as much as is buffered (up to ``RECV_BUFFER_SIZE``) and
-every complete frame in it is returned at once. On Linux a read never continues past a chunk of
+Receiving: one ``recvmsg`` reads as much as is buffered (up to ``RECV_BUFFER_SIZE``, less for
+a peer whose messages are tiny: ``FRAMES_PER_READ``) and every complete frame in it is
+returned at once. On Linux a read never continues past a chunk of
 data that carried file descriptors, so descriptors that arrive with a read belong to the last
 message that begins in it (the peer sends a message's fds with its first byte, as libvfio-user
 and QEMU do); :class:`~vfiouser_trio.protocol.framing.FrameDecoder` attaches them so.
@@ -30,7 +31,7 @@ from itertools import islice
 
 import trio
 
-from .protocol.constants import DEFAULT_MAX_MSG_FDS
+from .protocol.constants import DEFAULT_MAX_MSG_FDS, HEADER_SIZE
 from .protocol.errors import ProtocolError
 from .protocol.framing import DEFAULT_MAX_MSG_SIZE, FrameDecoder, FrameEvent, close_fds
 from .protocol.header import Header
@@ -38,6 +39,12 @@ from .protocol.message import Buffer
 
 #: Bytes asked of one ``recvmsg``.
 RECV_BUFFER_SIZE = 256 * 1024
+#: Frames one read should complete at most. A peer sending tiny messages gets smaller reads
+#: (down to ``_MIN_READ`` bytes), so parsing one read never holds up the process for long;
+#: reads grow back as messages grow.
+FRAMES_PER_READ = 1024
+#: The smallest read the transport makes (unless its caller asks for less).
+MIN_READ = 4096
 #: Reads larger than this give the receive buffer's pages back to the kernel afterwards.
 _RELEASE_AFTER = 64 * 1024
 #: Buffers gathered into one ``sendmsg`` (Linux allows 1024).
@@ -118,6 +125,8 @@ class Transport:
         self._recv_view = memoryview(self._recv_buffer)
         self._recv_iov = [self._recv_view]
         self._read_size = RECV_BUFFER_SIZE
+        # What FRAMES_PER_READ allows, from the last reads; a connection starts small.
+        self._fair_read_size = FRAMES_PER_READ * HEADER_SIZE
         self._max_recv_fds = 0
         self._ancbufsize = 0
         self.max_recv_fds = max_recv_fds
@@ -185,8 +194,9 @@ class Transport:
     async def receive(self, max_bytes: int = RECV_BUFFER_SIZE) -> list[FrameEvent]:
         """Wait for data and return the events of every frame completed by it, in order.
 
-        One read takes at most ``max_bytes`` (at most ``RECV_BUFFER_SIZE``): a caller that
-        bounds what it holds reads less as it nears its limit.
+        One read takes at most ``max_bytes`` (at most ``RECV_BUFFER_SIZE``, and less while
+        the peer's messages are tiny: ``FRAMES_PER_READ``): a caller that bounds what it
+        holds reads less as it nears its limit.
 
         Events are :class:`Frame` (the caller owns its fds), ``OversizedFrame``, ``StrayFds``
         and ``BrokenStream`` (after which the caller must close the transport). Returns an
@@ -196,7 +206,7 @@ class Transport:
         """
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
-        size = min(max(max_bytes, 1), RECV_BUFFER_SIZE)
+        size = max(min(max_bytes, self._fair_read_size), 1)
         if size != self._read_size:
             self._read_size = size
             self._recv_iov = [self._recv_view[:size]]
@@ -249,6 +259,10 @@ class Transport:
                 return []
             # The decoder copies what it keeps, so the receive buffer can be reused.
             events = self._decoder.feed(self._recv_view[:size], fds)
+            if len(events) > FRAMES_PER_READ:
+                self._fair_read_size = max(size * FRAMES_PER_READ // len(events), MIN_READ)
+            elif size == self._read_size < RECV_BUFFER_SIZE and len(events) <= FRAMES_PER_READ // 2:
+                self._fair_read_size = min(self._fair_read_size * 2, RECV_BUFFER_SIZE)
             if size > _RELEASE_AFTER:
                 # A large read made many pages resident: hand them back until needed again.
                 self._recv_buffer.madvise(mmap.MADV_DONTNEED)
