@@ -79,7 +79,7 @@ def sealable_memfd(size: int) -> int:
 # --- finding 1: the client truncates a DMA file after DMA_MAP -----------------------------
 
 SHRINK_DMA_VICTIM = """
-    import errno, logging, mmap, os, tempfile
+    import errno, logging, mmap, os
     import trio
     from raw_client import session
     from vfiouser_trio.protocol import DmaMapRequest
@@ -94,7 +94,7 @@ SHRINK_DMA_VICTIM = """
 
     def shrinkable_fd() -> int:
         if KIND == "tmpfs":  # a plain tmpfs file: no seals at all
-            fd = os.open(tempfile.mkdtemp(dir="/dev/shm") + "/ram", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)  # unnamed: nothing left
         else:  # a memfd created without MFD_ALLOW_SEALING: seals frozen, no F_SEAL_SHRINK
             fd = os.memfd_create("frozen", os.MFD_CLOEXEC)
         os.ftruncate(fd, 4 * PAGE)
