@@ -146,8 +146,9 @@ class IrqIndex:
         A masked or gated vector is held pending and delivered on unmask. With no
         eventfd configured the interrupt goes nowhere (as on hardware with the
         interrupt disabled) and False is returned. Never blocks and never raises for
-        the client's eventfd: one that cannot be signalled (its counter is full, say)
-        returns False and counts in ``lost(vector)``.
+        the client's eventfd: one that cannot be signalled returns False and counts in
+        ``lost(vector)``. A full counter means the client has one pending already: the
+        trigger is coalesced into it (and INTx masks itself as if delivered).
         """
         self._check_vector(vector)
         if self._masked[vector] or (self._gate is not None and not self._gate(vector)):
@@ -185,12 +186,16 @@ class IrqIndex:
         err = signal_eventfd(fd)
         if err:
             self._count_lost(vector, err)
-            return False
-        self.delivered += 1
+            if err not in COUNTER_FULL:
+                return False
+            # Coalesced: the client's eventfd holds an interrupt already, so INTx still
+            # masks itself below and later triggers wait for the unmask.
+        else:
+            self.delivered += 1
         if self.flags & IRQ_INFO_AUTOMASKED:
             # Level-style interrupts (INTx) mask themselves until the client unmasks.
             self._masked[vector] = True
-        return True
+        return not err
 
     def _count_lost(self, vector: int, err: int) -> None:
         self._lost[vector] += 1
