@@ -40,7 +40,7 @@ _U64_MAX = (1 << 64) - 1
 
 #: Longest version-data JSON accepted, in characters. Real peers send a few hundred
 #: (QEMU's proposal is about 250); the bound keeps parsing and ``extra`` small.
-MAX_VERSION_JSON_SIZE: Final = 16 << 10
+MAX_VERSION_JSON_SIZE: Final = 4 << 10
 #: Deepest nesting of JSON arrays/objects accepted in version data. The spec's own
 #: document is 3 deep (``{"capabilities": {"twin_socket": {...}}}``); a bound far
 #: below the interpreter's recursion limit means the parser can never recurse away.
@@ -228,9 +228,10 @@ class Capabilities:
             raise ProtocolError(
                 f"version JSON of {len(text)} characters exceeds {MAX_VERSION_JSON_SIZE}"
             )
-        depth = _nesting_depth(text, MAX_JSON_DEPTH)
-        if depth > MAX_JSON_DEPTH:
-            raise ProtocolError(f"version JSON is nested deeper than {MAX_JSON_DEPTH}")
+        if not _within_depth(text, MAX_JSON_DEPTH):
+            raise ProtocolError(
+                f"unparsable version JSON: nested deeper than {MAX_JSON_DEPTH} or unbalanced"
+            )
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad unicode escapes
@@ -306,25 +307,21 @@ def _check_migration(value: object) -> None:
             _check_bounds(f"migration.{member}", entry)
 
 
-# One token of interest: a bracket, or a whole string literal (so that brackets inside
-# strings are not counted). An unterminated string matches the lone quote, which ends the
-# scan (the parser then refuses the document). Each character is looked at once.
-_TOKEN = re.compile(r'[\[\]{}]|"(?:[^"\\]|\\.)*"|"', re.DOTALL)
+# Nesting is measured without a parser (which is what could recurse): drop the string
+# literals (an unterminated one takes the rest of the text), keep only the brackets as
+# "(" and ")", then peel the innermost pairs, exactly one level per pass. Whether "[" is
+# closed by "]" or "}" does not matter here: the parser refuses a mismatch, and how deep
+# it can recurse first is bounded all the same. Every step is a linear pass in C.
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|".*', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_AS_PARENS = str.maketrans("[{]}", "(())")
 
 
-def _nesting_depth(text: str, limit: int) -> int:
-    """The deepest array/object nesting in ``text``; stops counting once past ``limit``."""
-    depth = deepest = 0
-    for match in _TOKEN.finditer(text):
-        token = match.group()
-        if token in ("[", "{"):
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    break
-        elif token in ("]", "}"):
-            depth -= 1
-        elif token == '"':
-            break
-    return deepest
+def _within_depth(text: str, limit: int) -> bool:
+    """True if ``text``'s arrays/objects nest at most ``limit`` deep and their brackets balance."""
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text)).translate(_AS_PARENS)
+    for _ in range(limit):
+        if not brackets:
+            return True
+        brackets = brackets.replace("()", "")
+    return not brackets
