@@ -322,6 +322,10 @@ def _inet_stream() -> int:
     return socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
 
 
+def _unconnected() -> int:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).detach()
+
+
 def _listening(tmp: list[Path]) -> Callable[[], int]:
     def make() -> int:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -339,8 +343,9 @@ def _listening(tmp: list[Path]) -> Callable[[], int]:
         (_datagram, "SOCK_DGRAM"),
         (_inet_stream, "AF_INET"),
         (_listening([]), "listening"),
+        (_unconnected, "not connected"),
     ],
-    ids=["pipe", "datagram", "inet", "listening"],
+    ids=["pipe", "datagram", "inet", "listening", "unconnected"],
 )
 async def test_twin_socket_fd_must_be_a_unix_stream_socket(
     make: Callable[[], int], why: str

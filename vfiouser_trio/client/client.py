@@ -274,17 +274,29 @@ def _recv_limit(proposal: Capabilities) -> int:
 def _require_twin_socket(fd: int) -> socket.socket:
     """The twin-socket fd as a socket; ProtocolError unless a connected AF_UNIX stream socket.
 
-    The caller still owns ``fd`` when this raises.
+    The caller still owns ``fd`` when this raises. (Anything else would fail only later,
+    in the engine's reader, or never deliver the server's commands.)
     """
     if not stat.S_ISSOCK(os.fstat(fd).st_mode):
         raise ProtocolError("VERSION reply: the twin socket fd is not a socket")
     sock = socket.socket(fileno=fd)  # reads SO_DOMAIN / SO_TYPE itself
-    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or listening:
-        what = f"{sock.family!r} {sock.type!r}{' listening' if listening else ''}"
+    problem = _twin_socket_problem(sock)
+    if problem is not None:
         sock.detach()
-        raise ProtocolError(f"VERSION reply: the twin socket is {what}, not AF_UNIX SOCK_STREAM")
+        raise ProtocolError(f"VERSION reply: the twin socket is {problem}")
     return sock
+
+
+def _twin_socket_problem(sock: socket.socket) -> str | None:
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        return f"{sock.family!r} {sock.type!r}, not AF_UNIX SOCK_STREAM"
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return "a listening socket"
+    try:
+        sock.getpeername()
+    except OSError:
+        return "not connected"
+    return None
 
 
 async def _open_socket(target: Target) -> socket.socket:

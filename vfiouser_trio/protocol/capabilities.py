@@ -4,8 +4,9 @@
 max_data_xfer_size) and what it supports. The same class serves the client's
 proposal and the server's reply. Unknown or legacy entries (libvfio-user's and
 QEMU's ``"migration": {"pgsize": 4096}``) are kept verbatim in ``extra`` and are
-never a reason to reject a peer (the spec's Version section: a receiver ignores
-capabilities it does not know), but their form is bounded like the rest.
+never a reason to reject a peer (a newer minor version may add capabilities, and
+the reply must stay a subset of the proposal), but their size and nesting are
+bounded like the rest.
 
 Every value a peer sends is checked against :data:`CAPABILITY_BOUNDS`, in both
 directions (a client's proposal and a server's reply), before anything uses it:
@@ -74,8 +75,8 @@ class Bounds:
 #: ============================  ===============  ====================================
 #: capability                    accepted         why
 #: ============================  ===============  ====================================
-#: ``max_msg_fds``               1 .. 1024        the spec's default is 1 (a peer
-#:                                                receives at least the twin socket)
+#: ``max_msg_fds``               1 .. 1024        the spec's default is 1; a side
+#:                                                taking no fds gets no memory or fds
 #: ``max_data_xfer_size``        64 .. 1 GiB      see MIN_/MAX_DATA_XFER_SIZE
 #: ``max_dma_maps``              1 .. 2^32-1      0 maps would forbid all DMA
 #: ``pgsizes``                   4 KiB .. 2^64-1  non-zero, no bit below 4 KiB
