@@ -3,6 +3,7 @@ a VERSION handler that holds no fd and changes nothing when it fails, a bounded 
 
 from __future__ import annotations
 
+import array
 import errno
 import gc
 import os
@@ -472,3 +473,49 @@ async def test_parsing_one_read_of_tiny_messages_does_not_starve_others() -> Non
         assert len(await a_peer.read(count)) == count
     a_peer.close()
     b_peer.close()
+
+
+async def test_queued_commands_hold_a_bounded_number_of_fds() -> None:
+    """200 commands with 2 fds each, behind a handler that blocks: the reader stops once the
+    queued commands hold ``dispatch_batch * max_recv_fds`` fds instead of taking all 400."""
+    count, batch, per = 200, 4, 2
+    gate = trio.Event()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        await gate.wait()
+        return None
+
+    server_sock, peer_sock = socket.socketpair()
+    peer = RawPeer(peer_sock)
+    before = fd_count()
+    async with open_connection(
+        server_sock,
+        handler=handler,
+        max_send_backlog=64 << 20,
+        max_recv_fds=per,
+        dispatch_batch=batch,
+    ) as conn:
+
+        async def send_all() -> None:
+            for i in range(count):
+                fds = [fd for _ in range(per // 2) for fd in os.pipe()]
+                try:
+                    await trio.lowlevel.wait_writable(peer_sock)
+                    peer_sock.sendmsg(
+                        [raw_command(i, WORK)],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                    )
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all)
+            await trio.testing.wait_all_tasks_blocked()
+            # Held by us: the fds of the queued commands (one read may overshoot), of the
+            # one being handled, and of the read in progress.
+            assert fd_count() - before <= batch * per + 3 * per
+            gate.set()
+        assert len(await peer.read(count)) == count
+        assert not conn.closed.is_set()
+    peer.close()
