@@ -93,6 +93,7 @@ void vfu_bits_extract(uint64_t *src, uint64_t first, uint64_t count, uint64_t *o
 int vfu_eventfd_signal(int fd, uint64_t n);
 int vfu_eventfd_write_guarded(int fd, uint64_t n);
 int vfu_eventfd_guard_signo(void);
+uint64_t vfu_eventfd_read_nowait(int fd);
 """
 
 C_SOURCE = r"""
@@ -499,6 +500,7 @@ static void vfu_bits_extract(uint64_t *src, uint64_t first, uint64_t count, uint
 #include <unistd.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 
 #define VFU_EFD_TICK_NS 1000000L /* a blocked write lasts at most ~2 ticks */
 #define VFU_EFD_IDLE_TICKS 100   /* then the watchdog sleeps until the next write */
@@ -718,6 +720,24 @@ static int vfu_eventfd_signal(int fd, uint64_t n)
             return -EAGAIN;
     }
     return vfu_eventfd_write_guarded(fd, n);
+}
+
+/* Reads (consumes) the counter with RWF_NOWAIT, which never sleeps whatever
+ * O_NONBLOCK says: the value, 0 if the counter is zero (a read never returns
+ * 0 otherwise), or UINT64_MAX with errno set (EOPNOTSUPP on kernels whose
+ * eventfd ignores RWF_NOWAIT). One call, where os.preadv costs ~0.6 us more. */
+static uint64_t vfu_eventfd_read_nowait(int fd)
+{
+    uint64_t value = 0;
+    struct iovec io = {.iov_base = &value, .iov_len = sizeof value};
+    ssize_t got = preadv2(fd, &io, 1, -1, RWF_NOWAIT);
+    if (got == (ssize_t)sizeof value)
+        return value;
+    if (got < 0 && errno == EAGAIN)
+        return 0;
+    if (got >= 0)
+        errno = EIO;
+    return UINT64_MAX;
 }
 
 /* The guard's real-time signal (installing its handler if needed), or -errno. */

@@ -5,7 +5,9 @@ both sides: the peer can clear ``O_NONBLOCK`` on it at any time and can fill its
 counter. Nothing here relies on the file status flags, so no peer can make us block:
 
 * reads use ``preadv2(RWF_NOWAIT)``, which fails with EAGAIN on an empty counter
-  whatever ``O_NONBLOCK`` says (``try_eventfd_read``);
+  whatever ``O_NONBLOCK`` says (``try_eventfd_read``; Linux 6.18 honours it, and on
+  a kernel that answers EOPNOTSUPP we fall back to a plain read, which only the
+  fd's ``O_NONBLOCK`` then protects);
 * writes go through ``signal_eventfd``: a full counter is reported (the notification
   is already pending) instead of waited for, and a write the peer makes block by
   filling the counter at the wrong moment is interrupted by a watchdog within about
@@ -17,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import sys
 from types import TracebackType
 from typing import Self
 
 import trio
 
-from ._native import lib
+from ._native import ffi, lib
 
 __all__ = ["COUNTER_FULL", "EVENTFD_MAX", "EventFd", "signal_eventfd", "try_eventfd_read"]
 
@@ -32,6 +33,8 @@ EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE
 
 #: Errors of ``signal_eventfd`` that mean "the counter is full": already signalled.
 COUNTER_FULL = frozenset({errno.EAGAIN, errno.EINTR})
+
+_READ_FAILED = 0xFFFF_FFFF_FFFF_FFFF  # vfu_eventfd_read_nowait's error value
 
 
 def signal_eventfd(fd: int, n: int = 1) -> int:
@@ -52,20 +55,17 @@ def try_eventfd_read(fd: int) -> int | None:
     Never blocks, even on a description without ``O_NONBLOCK``. OSError for other
     failures (EBADF, or EINVAL if ``fd`` is not an eventfd).
     """
-    buf = bytearray(8)
-    try:
-        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        if exc.errno != errno.EOPNOTSUPP:
-            raise
+    value = lib.vfu_eventfd_read_nowait(fd)
+    if value == _READ_FAILED:
+        err = ffi.errno
+        if err != errno.EOPNOTSUPP:
+            raise OSError(err, os.strerror(err))
         # A kernel whose eventfd ignores RWF_NOWAIT: only O_NONBLOCK protects us there.
         try:
             return os.eventfd_read(fd)
         except BlockingIOError:
             return None
-    return int.from_bytes(buf, sys.byteorder)
+    return value or None
 
 
 class EventFd:
