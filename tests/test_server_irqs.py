@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 import pytest
@@ -196,7 +197,10 @@ def test_count_zero_with_fds_is_refused_and_closes_them() -> None:
     assert fd_count() == before
 
 
-def test_an_eventfd_that_cannot_be_signalled_counts_as_lost() -> None:
+def test_an_eventfd_that_cannot_be_signalled_counts_as_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vfiouser_trio.server.irqs")
     irq = IrqIndex(PciIrq.MSIX, 2, owner="probe")
     given, mine = new_eventfds(2)
     irq.set_irqs(EVENTFD_TRIGGER, 0, 2, b"", given)
@@ -207,8 +211,15 @@ def test_an_eventfd_that_cannot_be_signalled_counts_as_lost() -> None:
     assert count(mine[1]) == EVENTFD_MAX
     assert irq.trigger(1) is True  # room again
     assert irq.lost(1) == 2
+    assert len(caplog.records) == 1 and "probe: IRQ index 2 vector 1" in caplog.text
+    # A new eventfd on that vector (a new client, say) is warned about on its own.
+    again, mine2 = new_eventfds(1)
+    irq.set_irqs(EVENTFD_TRIGGER, 1, 1, b"", again)
+    os.eventfd_write(mine2[0], EVENTFD_MAX)
+    assert irq.trigger(1) is False and irq.lost(1) == 3
+    assert len(caplog.records) == 2
     irq.disable()
-    for fd in mine:
+    for fd in mine + mine2:
         os.close(fd)
 
 

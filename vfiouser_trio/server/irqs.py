@@ -99,6 +99,7 @@ class IrqIndex:
         #: Deliveries, for tests and statistics.
         self.delivered = 0
         self._lost = [0] * count
+        #: (vector, errno) already logged for the eventfd now assigned to that vector.
         self._warned: set[tuple[int, int]] = set()
 
     @property
@@ -218,6 +219,10 @@ class IrqIndex:
             reason,
         )
 
+    def _forget_warnings(self, vector: int) -> None:
+        # A new eventfd (often a new client) gets its own warning if it fails too.
+        self._warned = {w for w in self._warned if w[0] != vector}
+
     def _check_vector(self, vector: int) -> None:
         if not 0 <= vector < self.count:
             raise ValueError(f"IRQ index {self.index} has no vector {vector} (count {self.count})")
@@ -303,6 +308,7 @@ class IrqIndex:
     def _assign_trigger_fds(self, vectors: range, fds: list[int]) -> None:
         for i, v in enumerate(vectors):
             _close(self._trigger_fds[v])
+            self._forget_warnings(v)
             # No fds at all de-assigns the range.
             self._trigger_fds[v] = fds[i] if fds else None
 
@@ -379,6 +385,7 @@ class IrqIndex:
         for v in range(self.count):
             _close(self._trigger_fds[v])
             self._trigger_fds[v] = None
+        self._warned.clear()
         for scope in self._watchers.values():
             scope.cancel()
         self._watchers.clear()
