@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from vfiouser_trio.protocol.errors import ProtocolError
 from vfiouser_trio.protocol.framing import Frame, OversizedFrame
 from vfiouser_trio.protocol.header import Header, command_header
-from vfiouser_trio.transport import Transport
+from vfiouser_trio.transport import (
+    CHUNK_OVERHEAD,
+    FRAMES_PER_READ,
+    RECV_BUFFER_SIZE,
+    Transport,
+)
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -368,3 +373,52 @@ def test_random_chunking_of_a_frame_stream(
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_backlog_counts_chunks_and_progress_is_reported() -> None:
+    left, right = transport_pair()
+    left_sock = socket.socket(fileno=os.dup(left.fileno()))
+    left_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    left_sock.close()
+    progress: list[int] = []
+    left.on_progress = lambda: progress.append(left.queued_bytes)
+    for i in range(400):
+        left.write(command_header(i, 1, 100), bytes(100))
+    # The kernel took some; the rest is queued, each chunk counted with its overhead.
+    assert left.queued_bytes > 0 and progress
+    chunks = left.backlog - left.queued_bytes
+    assert chunks > 0 and chunks % CHUNK_OVERHEAD == 0
+    progress.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(left.run_writer)
+        assert len(await receive_frames(right, 400)) == 400
+        await left.drain()
+        nursery.cancel_scope.cancel()
+    assert left.backlog == 0 and progress and progress[-1] == 0
+    left.close()
+    right.close()
+
+
+async def test_tiny_messages_are_read_a_bounded_number_at_a_time() -> None:
+    left, right = transport_pair()
+    count = RECV_BUFFER_SIZE // 16
+    blob = b"".join(command_header(i & 0xFFFF, 1, 0).pack() for i in range(count))
+    sender = socket.socket(fileno=os.dup(left.fileno()))
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * RECV_BUFFER_SIZE)
+    sender.setblocking(False)
+    assert sender.send(blob) == len(blob)
+    sender.close()
+    seen = 0
+    while seen < count:
+        events = await right.receive()
+        assert len(events) <= FRAMES_PER_READ
+        seen += len(events)
+    # And a caller may ask for less still.
+    left.write(command_header(1, 1, 64), bytes(64))
+    left.write(command_header(2, 1, 64), bytes(64))
+    [first] = await right.receive(max_bytes=80)
+    [second] = await right.receive()
+    assert isinstance(first, Frame) and isinstance(second, Frame)
+    assert (first.header.msg_id, second.header.msg_id) == (1, 2)
+    left.close()
+    right.close()

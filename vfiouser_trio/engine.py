@@ -1,12 +1,14 @@
 """The connection engine: one vfio-user connection, commands and replies in both directions.
 
 A :class:`Connection` owns one socket (the *main* link) and, once twin-socket mode is
-negotiated, a second one (the *twin* link). Each link has a reader task that never stops
-reading: replies resolve the pending request with the same message ID, commands go to the
-link's dispatcher, which runs them through the owner's handler in the order an
+negotiated, a second one (the *twin* link). Each link has a reader task: replies resolve
+the pending request with the same message ID, commands go to the link's dispatcher, which
+runs them through the owner's handler in the order an
 :class:`~vfiouser_trio.ordering.OrderingPolicy` decides. Because reading never waits for a
 handler, a handler may itself send a request to the peer and await its reply: the deadlock
-described in docs/architecture.md cannot happen, on one socket or on two.
+described in docs/architecture.md cannot happen, on one socket or on two. (A reader pauses
+only when the peer leaves too much unread, and never while a reply it carries is awaited:
+see "Bounded memory" below.)
 
 Which socket carries what:
 
@@ -37,9 +39,10 @@ Error choices (EINVAL where possible):
 * when the connection ends, pending requests fail with :class:`ConnectionClosedError`
   (ECONNRESET), and requests made after that fail at once with ENOTCONN.
 
-Bounded memory and fairness (both per link):
+Bounded memory and fairness (both per link; the server sets the limits, a client by
+default has none but the yielding):
 
-* with ``max_send_backlog`` set (the server sets it), a link's *load* is the memory it holds
+* with ``max_send_backlog`` set, a link's *load* is the memory it holds
   for the peer: commands received and not yet started (``FRAME_OVERHEAD`` each plus their
   payload) and data queued for the socket but not yet taken by it
   (:attr:`Transport.backlog <vfiouser_trio.transport.Transport.backlog>`). At the mark the
@@ -56,8 +59,9 @@ Bounded memory and fairness (both per link):
   reaches twice the mark it is closed (ENOBUFS, logged): the peer sends commands without
   reading replies while we wait for its answer. With twin sockets the main link never
   carries our requests, so it always pauses safely.
-* the dispatcher yields to the scheduler after every ``dispatch_batch`` commands, so one
-  pipelining peer cannot starve other connections of the process.
+* the dispatcher yields to the scheduler after every ``dispatch_batch`` commands, and the
+  transport's reads complete about ``FRAMES_PER_READ`` frames each (the reader yields after
+  each read), so one pipelining peer cannot starve other connections of the process.
 """
 
 from __future__ import annotations
