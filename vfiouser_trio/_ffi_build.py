@@ -9,9 +9,11 @@ Only what the standard library cannot do well lives in C:
 * dirty-bitmap operations on caller-owned u64 word arrays.
 * a memcpy that survives SIGBUS (``vfu_guarded_copy``), for memory a peer can
   truncate under us.
+* eventfd writes and reads that never block on a description a peer shares
+  (``vfu_eventfd_signal``, ``vfu_eventfd_read_nowait``).
 
-``memfd_create``, file seals and ``eventfd`` are covered by ``os`` and ``fcntl``
-and are deliberately not duplicated here.
+``memfd_create``, file seals and creating an ``eventfd`` are covered by ``os`` and
+``fcntl`` and are deliberately not duplicated here.
 
 The extension is built by setuptools through ``cffi_modules`` in ``setup.py``
 (``pip install .`` / ``pip install -e .``). For development, compile it in place
