@@ -41,7 +41,6 @@ from vfiouser_trio.protocol import (
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.framing import Frame, FrameDecoder, OversizedFrame, StrayFds
 from vfiouser_trio.protocol.header import command_header, reply_header
-from vfiouser_trio.server import session as session_module
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.serve import serve_connection
@@ -91,20 +90,25 @@ def gc_disabled() -> Iterator[None]:
 # --- VERSION: the twin socket is set up before anything is committed ---------------------
 
 
-async def _version_fails_then_succeeds(monkeypatch: pytest.MonkeyPatch, fail: object) -> None:
+SocketPair = Callable[[], tuple[socket.socket, socket.socket]]
+REAL_SOCKETPAIR = socket.socketpair
+
+
+async def _version_fails_then_succeeds(monkeypatch: pytest.MonkeyPatch, fail: SocketPair) -> int:
+    """The first socketpair() of the session fails as ``fail`` does; return the errno the
+    client got, after checking that a second VERSION then succeeds."""
     device = Counter()
     client_sock, server_sock = socket.socketpair()
-    real_socketpair = socket.socketpair
     calls = 0
 
     def socketpair(*args: object) -> tuple[socket.socket, socket.socket]:
         nonlocal calls
         calls += 1
         if calls == 1:
-            return fail()  # type: ignore[operator, no-any-return]
-        return real_socketpair(*args)  # type: ignore[arg-type]
+            return fail()
+        return REAL_SOCKETPAIR(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(session_module.socket, "socketpair", socketpair)
+    monkeypatch.setattr(socket, "socketpair", socketpair)  # the session calls socket.socketpair
     with gc_disabled():
         before = fd_count()
         async with trio.open_nursery() as nursery:
@@ -121,7 +125,7 @@ async def _version_fails_then_succeeds(monkeypatch: pytest.MonkeyPatch, fail: ob
                 assert device.attach_count == 1
         device.close()
         assert fd_count() == before - 2  # the initial pair is gone, nothing else
-    return failed.value.errno  # type: ignore[return-value]
+    return failed.value.errno
 
 
 async def test_version_socketpair_failure_changes_nothing(
@@ -139,10 +143,10 @@ async def test_version_attach_twin_failure_closes_both_ends(
 ) -> None:
     def unusable_pair() -> tuple[socket.socket, socket.socket]:
         # Our end is a datagram socket: the engine refuses it (and closes it).
-        ours, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        _.close()
-        __, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        __.close()
+        ours, spare = REAL_SOCKETPAIR(socket.AF_UNIX, socket.SOCK_DGRAM)
+        spare.close()
+        spare, theirs = REAL_SOCKETPAIR(socket.AF_UNIX, socket.SOCK_STREAM)
+        spare.close()
         return ours, theirs
 
     code = await _version_fails_then_succeeds(monkeypatch, unusable_pair)
@@ -431,7 +435,7 @@ async def test_with_a_twin_socket_the_main_link_pauses_and_requests_still_comple
 class CountReceived(ConnectionHooks):
     """Counts the frames a connection's reader delivered; calls ``first`` at the first one."""
 
-    def __init__(self, first: Callable[[], None]) -> None:
+    def __init__(self, first: Callable[[], object]) -> None:
         self.count = 0
         self.first = first
 
