@@ -147,7 +147,8 @@ static int vfu_msync(uint64_t addr, uint64_t length, int flags)
  * page past the new end of the file is touched. vfu_guarded_copy() is a
  * memcpy that turns such a fault into -EFAULT: the handler, installed once
  * by vfu_guard_install(), jumps back out of a copy in progress on this
- * thread. A SIGBUS anywhere else is passed on to the handler that was in
+ * thread when the faulting address lies in that copy's source or
+ * destination. A SIGBUS anywhere else is passed on to the handler that was in
  * place before ours (Python's faulthandler, say), or given the default
  * action, so a real crash still crashes.
  *
@@ -162,13 +163,28 @@ static int vfu_msync(uint64_t addr, uint64_t length, int flags)
 
 static __thread volatile sig_atomic_t vfu_guard_active;
 static __thread sigjmp_buf vfu_guard_jump;
+/* The copy in progress on this thread: [dst, dst + n) and [src, src + n). */
+static __thread uintptr_t vfu_guard_dst, vfu_guard_src, vfu_guard_len;
+
+/* Whether a SIGBUS on this thread, during its copy, belongs to the copy: a fault
+ * inside its ranges, or a signal sent by raise() (how Python's faulthandler, if
+ * enabled after us, hands the fault back once it has reported it). */
+static int vfu_guard_covers(const siginfo_t *info)
+{
+    uintptr_t addr;
+    if (info == NULL || info->si_code <= 0)
+        return 1;
+    addr = (uintptr_t)info->si_addr;
+    return (addr - vfu_guard_dst < vfu_guard_len) || (addr - vfu_guard_src < vfu_guard_len);
+}
+
 static struct sigaction vfu_guard_previous;
 static pthread_mutex_t vfu_guard_lock = PTHREAD_MUTEX_INITIALIZER;
 static int vfu_guard_installed;
 
 static void vfu_guard_handler(int sig, siginfo_t *info, void *context)
 {
-    if (vfu_guard_active) {
+    if (vfu_guard_active && vfu_guard_covers(info)) {
         vfu_guard_active = 0;
         siglongjmp(vfu_guard_jump, 1);
     }
@@ -219,6 +235,9 @@ static int vfu_guarded_copy(void *dst, const void *src, size_t n)
 {
     if (sigsetjmp(vfu_guard_jump, 0) != 0)
         return -EFAULT;
+    vfu_guard_dst = (uintptr_t)dst;
+    vfu_guard_src = (uintptr_t)src;
+    vfu_guard_len = n;
     vfu_guard_active = 1;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     memcpy(dst, src, n);
