@@ -285,6 +285,38 @@ def test_faulthandler_enabled_after_the_guard_does_not_break_it() -> None:
     assert_survived(run_victim(GUARD_VICTIM.format(mode="faulthandler-after")))
 
 
+THREAD_VICTIM = """
+    import errno, mmap, os, threading
+    from vfiouser_trio.memory import Mapping
+
+    PAGE = mmap.PAGESIZE
+    fd = os.memfd_create("victim", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 2 * PAGE)
+    mapping = Mapping(fd, 2 * PAGE)
+    os.ftruncate(fd, PAGE)
+    errors = []
+
+    def worker() -> None:  # each thread has its own guard state
+        for _ in range(100):
+            try:
+                mapping.load(PAGE, 8)
+            except OSError as exc:
+                errors.append(exc.errno)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [errno.EFAULT] * 400, errors
+    print("survived")
+"""
+
+
+def test_guarded_copies_fault_safely_in_any_thread() -> None:
+    assert_survived(run_victim(THREAD_VICTIM))
+
+
 # --- finding 4: no fd held per DMA map ----------------------------------------------------
 
 FD_VICTIM = """
