@@ -13,8 +13,9 @@ The server is not trusted with our process either: a server that truncates its r
 file under our mapping would make the next access through the mapping a SIGBUS. Each
 fd is therefore checked (``fdcheck.require_memory_fd``: a memory file holding the area)
 and mapped only if its file cannot shrink: ``F_SEAL_SHRINK`` is set, or we could add it
-(``memory.forbid_shrinking``). A region whose file can still shrink is reached by
-messages only (logged once, at INFO).
+(``memory.forbid_shrinking``: permanent on the server's file, which can still grow). A
+region whose file can still shrink is reached by messages only (logged once per region,
+at INFO).
 """
 
 from __future__ import annotations
