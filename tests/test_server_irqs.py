@@ -22,6 +22,7 @@ from vfiouser_trio.protocol.constants import (
     PciIrq,
 )
 from vfiouser_trio.protocol.errors import VfioUserError
+from vfiouser_trio.server import irqs as irqs_module
 from vfiouser_trio.server.irqs import IrqIndex, IrqTable
 
 EVENTFD_TRIGGER = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
@@ -236,3 +237,28 @@ def test_intx_masks_itself_when_its_trigger_is_coalesced() -> None:
     assert count(mine[0]) == 1  # the held one, delivered on unmask
     irq.disable()
     os.close(mine[0])
+
+
+def test_an_eventfd_filled_during_our_write_is_not_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """That race costs the loop a watchdog period each time: once is enough."""
+    irq = IrqIndex(PciIrq.MSIX, 1)
+    given, mine = new_eventfds(1)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 1, b"", given)
+    calls: list[int] = []
+
+    def interrupted(fd: int, n: int = 1) -> int:
+        calls.append(fd)
+        return errno.EINTR  # what the watchdog makes of a write the client made sleep
+
+    monkeypatch.setattr(irqs_module, "signal_eventfd", interrupted)
+    assert irq.trigger(0) is False and irq.trigger(0) is False
+    assert len(calls) == 1 and irq.lost(0) == 2
+    monkeypatch.undo()
+    again, mine2 = new_eventfds(1)
+    irq.set_irqs(EVENTFD_TRIGGER, 0, 1, b"", again)  # a new eventfd is signalled again
+    assert irq.trigger(0) is True and count(mine2[0]) == 1
+    irq.disable()
+    for fd in mine + mine2:
+        os.close(fd)

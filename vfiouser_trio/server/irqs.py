@@ -99,6 +99,7 @@ class IrqIndex:
         #: Deliveries, for tests and statistics.
         self.delivered = 0
         self._lost = [0] * count
+        self._stalled = [False] * count
         #: (vector, errno) already logged for the eventfd now assigned to that vector.
         self._warned: set[tuple[int, int]] = set()
 
@@ -149,7 +150,9 @@ class IrqIndex:
         interrupt disabled) and False is returned. Never blocks and never raises for
         the client's eventfd: one that cannot be signalled returns False and counts in
         ``lost(vector)``. A full counter means the client has one pending already: the
-        trigger is coalesced into it (and INTx masks itself as if delivered).
+        trigger is coalesced into it (and INTx masks itself as if delivered). A client
+        that fills its counter *while* we write to it is not written to again until it
+        assigns another eventfd: each such race would cost the whole process a stall.
         """
         self._check_vector(vector)
         if self._masked[vector] or (self._gate is not None and not self._gate(vector)):
@@ -184,9 +187,14 @@ class IrqIndex:
         fd = self._trigger_fds[vector]
         if fd is None:
             return False
-        err = signal_eventfd(fd)
+        err = errno.EINTR if self._stalled[vector] else signal_eventfd(fd)
         if err:
             self._count_lost(vector, err)
+            if err == errno.EINTR:
+                # The client filled its counter while we wrote to it: only a hostile or
+                # broken client does that, and each time costs the loop a watchdog period
+                # (see eventfd.py), so this eventfd is not written again until replaced.
+                self._stalled[vector] = True
             if err not in COUNTER_FULL:
                 return False
             # Coalesced: the client's eventfd holds an interrupt already, so INTx still
@@ -200,16 +208,19 @@ class IrqIndex:
 
     def _count_lost(self, vector: int, err: int) -> None:
         self._lost[vector] += 1
-        cause = errno.EAGAIN if err in COUNTER_FULL else err
-        if (vector, cause) in self._warned:
+        if (vector, err) in self._warned:
             return
         # Once per vector and cause: a client keeping its counter full must not flood the log.
-        self._warned.add((vector, cause))
-        reason = (
-            "the client's eventfd counter is full (coalesced)"
-            if cause == errno.EAGAIN
-            else os.strerror(cause)
-        )
+        self._warned.add((vector, err))
+        if err == errno.EAGAIN:
+            reason = "the client's eventfd counter is full (coalesced)"
+        elif err == errno.EINTR:
+            reason = (
+                "the client filled its eventfd counter while we signalled it; that eventfd "
+                "is not signalled again until the client assigns another"
+            )
+        else:
+            reason = os.strerror(err)
         log.warning(
             "%s: IRQ index %d vector %d: interrupt not signalled: %s; counting further ones "
             "in lost()",
@@ -309,6 +320,7 @@ class IrqIndex:
         for i, v in enumerate(vectors):
             _close(self._trigger_fds[v])
             self._forget_warnings(v)
+            self._stalled[v] = False
             # No fds at all de-assigns the range.
             self._trigger_fds[v] = fds[i] if fds else None
 
@@ -385,6 +397,7 @@ class IrqIndex:
         for v in range(self.count):
             _close(self._trigger_fds[v])
             self._trigger_fds[v] = None
+            self._stalled[v] = False
         self._warned.clear()
         for scope in self._watchers.values():
             scope.cancel()
