@@ -5,7 +5,15 @@
 
 from ..engine import ConnectionClosedError
 from ..protocol.errors import ProtocolError, VfioUserError
-from .client import DEFAULT_CAPABILITIES, Client, connect
+from .client import (
+    DEFAULT_CAPABILITIES,
+    DEFAULT_CLIENT_LIMITS,
+    DEFAULT_NEGOTIATION_TIMEOUT,
+    Client,
+    ClientLimits,
+    NegotiationTimeout,
+    connect,
+)
 from .config import PciBar, PciCapabilityInfo, PciConfig, PciHeader
 from .dirty import DirtyLogging, DirtyPages
 from .dma import DmaMap
@@ -24,7 +32,10 @@ from .regions import MappedArea, Region, RegionIoFd
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
+    "DEFAULT_CLIENT_LIMITS",
+    "DEFAULT_NEGOTIATION_TIMEOUT",
     "Client",
+    "ClientLimits",
     "ConnectionClosedError",
     "DirtyLogging",
     "DirtyPages",
@@ -36,6 +47,7 @@ __all__ = [
     "MigrationProgress",
     "MigrationStep",
     "MigrationSummary",
+    "NegotiationTimeout",
     "PciBar",
     "PciCapabilityInfo",
     "PciConfig",
