@@ -10,7 +10,7 @@ from .engine import Connection, ConnectionClosedError, ConnectionHooks, RawMessa
 from .ordering import ConcurrentOrder, KeyedOrder, OrderingPolicy, SpecOrder
 from .protocol.constants import PciIrq, PciRegion
 from .protocol.errors import ProtocolError, VfioUserError
-from .server import Device, PciIdentity, SparseArea, serve, serve_connection
+from .server import Device, PciIdentity, ServerLimits, SparseArea, serve, serve_connection
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "PciRegion",
     "ProtocolError",
     "RawMessage",
+    "ServerLimits",
     "SparseArea",
     "SpecOrder",
     "VfioUserError",

@@ -1,5 +1,6 @@
 """The device side: write a PCI device as an async class and serve it to vfio-user clients."""
 
+from ..limits import DEFAULT_LIMITS, ServerLimits
 from .device import Device
 from .dma import DmaError, DmaTable
 from .doorbells import Doorbell
@@ -19,6 +20,7 @@ from .serve import DeviceServer, serve, serve_connection
 from .session import DEFAULT_SERVER_CAPABILITIES, ServerSession
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DEFAULT_SERVER_CAPABILITIES",
     "BarSpec",
     "Device",
@@ -37,6 +39,7 @@ __all__ = [
     "Region",
     "RegionType",
     "SerialNumberCapability",
+    "ServerLimits",
     "ServerSession",
     "SparseArea",
     "VendorCapability",
