@@ -496,3 +496,56 @@ def test_sparse_argument_checks() -> None:
     dirty.mark(3, 0)
     assert repr(dirty) == "<SparseDirtyBitmap 8 pages of 0x1000 bytes, 0 chunks>"
     assert budget.used == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n_pages=st.integers(1, 400),
+    dirty=st.lists(st.tuples(st.integers(0, 399), st.integers(1, 40)), max_size=12),
+    first=st.integers(0, 399),
+    count=st.integers(0, 400),
+    at=st.integers(0, 200),
+    limit=st.integers(0, 5),
+)
+def test_sparse_or_into_and_limited_runs(
+    n_pages: int,
+    dirty: list[tuple[int, int]],
+    first: int,
+    count: int,
+    at: int,
+    limit: int,
+) -> None:
+    budget = bitmap.BitmapBudget(1 << 20)
+    sparse = bitmap.SparseDirtyBitmap(n_pages, PAGE, budget, chunk_bits=64)
+    model = [False] * n_pages
+    for page, length in dirty:
+        n = min(length, n_pages - page)
+        if n > 0:
+            sparse.mark_pages(page, n)
+            model[page : page + n] = [True] * n
+    first, count = min(first, n_pages), min(count, n_pages - min(first, n_pages))
+    out = bytearray(bitmap_nbytes(at + count + 70))
+    bitmap.set_bits(out, 3)  # bits already set stay set
+    sparse.or_into(out, first, count, at)
+    expected = {3} | {at + i for i in range(count) if model[first + i]}
+    assert {b for b in range(len(out) * 8) if bitmap.bit_is_set(out, b)} == expected
+    with pytest.raises(ValueError):
+        sparse.or_into(out, first, count, len(out) * 8 - count + 1)
+    # Limited runs: the first `limit` exact, the rest cover at least every dirty page.
+    exact = list(sparse.runs(first, count))
+    limited = list(sparse.runs(first, count, limit=limit))
+    assert limited[:limit] == exact[:limit]
+    covered = {p for f, n in limited for p in range(f, f + n)}
+    assert covered >= {p for f, n in exact for p in range(f, f + n)}
+    assert all(first <= f and f + n <= first + count for f, n in limited)
+    sparse.release()
+
+
+def test_sparse_or_into_an_overflowed_bitmap_sets_every_bit() -> None:
+    budget = bitmap.BitmapBudget(0)
+    with bitmap.SparseDirtyBitmap(100, PAGE, budget) as sparse:
+        sparse.mark_pages(7)
+        assert sparse.overflowed
+        out = bytearray(16)
+        sparse.or_into(out, 10, 20, 5)
+        assert _words(out) == [((1 << 20) - 1) << 5, 0]

@@ -325,6 +325,12 @@ operations = st.lists(
             st.integers(0, SPACE - 1),
             st.integers(1, SPACE),
         ),
+        # From a page boundary, as a VMM asks (at the tracking size, bits are copied).
+        st.sampled_from([0x1000, 0x2000]).flatmap(
+            lambda size: st.tuples(
+                st.just(size), st.integers(0, SPACE // size - 1).map(size.__mul__), st.just(SPACE)
+            )
+        ),
     ),
     max_size=12,
 )

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from raw_client import expect_errno
 
-from vfiouser_trio.bitmap import CHUNK_BITS
+from vfiouser_trio.bitmap import CHUNK_BITS, DirtyBitmap
 from vfiouser_trio.engine import Connection, HandlerResult, open_connection
 from vfiouser_trio.limits import DEFAULT_LIMITS, ServerLimits
 from vfiouser_trio.protocol import (
@@ -47,6 +47,7 @@ from vfiouser_trio.protocol.constants import (
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.features import DeviceFeatureReply, DmaLoggingBitmap
 from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.server import dirty
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.dirty import DirtyLog
 from vfiouser_trio.server.dma import DmaTable
@@ -268,3 +269,39 @@ def test_a_bounded_log_reports_a_superset(
             assert got == want
     bounded.close()
     exact.close()
+
+
+def test_report_work_follows_the_chunks_not_the_dirty_pages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = DmaTable()
+    table.map(0, 4 * CHUNK, RW, None)
+    log = DirtyLog(table, PAGE)
+    pages = range(0, 4 * CHUNK_BITS, 194)  # 676 separate runs over 4 chunks
+
+    def scatter() -> None:
+        for page in pages:
+            table.note_written(page * PAGE + 9, 1)
+
+    marked: list[int] = []
+    mark = DirtyBitmap.mark
+
+    def counting(self: DirtyBitmap, offset: int, length: int) -> None:
+        marked.append(length)
+        mark(self, offset, length)
+
+    monkeypatch.setattr(DirtyBitmap, "mark", counting)
+    # At the tracking page size from a page boundary (as a VMM asks): copied, exact.
+    scatter()
+    report = int.from_bytes(log.report(0, 4 * CHUNK, PAGE), "little")
+    assert report == sum(1 << page for page in pages)
+    assert marked == []  # not one run marked by itself
+    # Any other page size: a few runs exact, then whole chunk tails, a superset.
+    monkeypatch.setattr(dirty, "REPORT_RUNS", 8)
+    scatter()
+    report = int.from_bytes(log.report(0, 4 * CHUNK, 2 * PAGE), "little")
+    expected = sum(1 << (page // 2) for page in pages)
+    assert report & expected == expected and report != expected
+    assert len(marked) <= 8 + 1 + 4  # the exact runs, the one under way, a tail per chunk
+    assert int.from_bytes(log.report(0, 4 * CHUNK, PAGE), "little") == 0  # all taken
+    log.close()

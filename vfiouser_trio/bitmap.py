@@ -516,14 +516,22 @@ class SparseDirtyBitmap:
             for index, start, n in self._pieces(first, n_pages)
         )
 
-    def runs(self, first: int = 0, n_pages: int | None = None) -> Iterator[tuple[int, int]]:
-        """Maximal runs of dirty pages in the range, as ``(first_page, n_pages)``."""
+    def runs(
+        self, first: int = 0, n_pages: int | None = None, *, limit: int | None = None
+    ) -> Iterator[tuple[int, int]]:
+        """Maximal runs of dirty pages in the range, as ``(first_page, n_pages)``.
+
+        With ``limit``, only the first ``limit`` runs are exact: after them, each chunk's
+        remaining part counts as one run from its next dirty page to its end (clean pages
+        included), so that the work is bounded by the chunks held, not by their dirty pages.
+        """
         n_pages = self._pages(first, n_pages)
         if self.overflowed:
             if n_pages:
                 yield first, n_pages
             return
         run_start = run_end = -1  # the run being built, which may go on in the next chunk
+        exact = -1 if limit is None else limit
         for index, start, n in list(self._pieces(first, n_pages)):
             cdata, base = self._chunks[index].cdata, index << self._chunk_shift
             bit, end = start, start + n
@@ -531,16 +539,41 @@ class SparseDirtyBitmap:
                 found = lib.vfu_bits_next(cdata, bit, end, 1)
                 if found < 0:
                     break
-                stop = lib.vfu_bits_next(cdata, found, end, 0)
+                stop = end if not exact else lib.vfu_bits_next(cdata, found, end, 0)
                 stop = end if stop < 0 else stop
                 if base + found != run_end:
                     if run_end >= 0:
                         yield run_start, run_end - run_start
+                        exact -= exact > 0
                     run_start = base + found
                 run_end = base + stop
                 bit = stop
         if run_end >= 0:
             yield run_start, run_end - run_start
+
+    def or_into(self, out: WritableBuffer, first: int, count: int, at: int) -> None:
+        """OR pages ``[first, first + count)`` into bits ``[at, at + count)`` of ``out``.
+
+        ``out`` is a bitmap of u64 words in native order (as the thin functions take);
+        the work is a few passes over each chunk held, whatever its dirty pages.
+        """
+        count = self._pages(first, count)
+        with _Words(out) as target:
+            target.check(at, count)
+            if self.overflowed:
+                lib.vfu_bits_set(target.cdata, at, count)
+                return
+            for index, start, n in self._pieces(first, count):
+                bits = int.from_bytes(
+                    _to_wire(_extract(self._chunks[index], start, n, 0, clear=False)), "little"
+                )
+                if not bits:
+                    continue
+                pos = at + (index << self._chunk_shift) + start - first
+                lo, skew = divmod(pos, 64)
+                window = target._view[lo * 8 : (lo + (skew + n + 63) // 64) * 8]
+                merged = int.from_bytes(_to_wire(bytearray(window)), "little") | bits << skew
+                window[:] = _to_wire(bytearray(merged.to_bytes(len(window), "little")))
 
     def clear(self, first: int = 0, n_pages: int | None = None) -> None:
         """Mark pages clean (default: all); no effect once the bitmap has overflowed."""

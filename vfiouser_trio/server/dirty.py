@@ -20,8 +20,11 @@ bitmaps together hold at most ``max_bitmap_bytes`` (``ServerLimits.max_dirty_bit
 A map whose bitmap would pass that bound *overflows*: its bits are dropped and every page of
 it is reported dirty, in every report, until it is unmapped or logging stops (a WARNING says
 so). The reply of a report is bounded by the caller (the session refuses a bitmap larger than
-its ``max_data_xfer_size`` with EINVAL), and its cost by the chunks held and the runs of dirty
-pages in them (so by the writes since the last report), not by the range asked. A START names
+its ``max_data_xfer_size`` with EINVAL), and its cost by the chunks held, not by the range
+asked nor the dirty pages: at the tracking page size from an aligned IOVA the bits are copied
+chunk by chunk; otherwise the first ``REPORT_RUNS`` runs of dirty pages are marked exactly and
+past them each chunk is reported dirty from its next dirty page to its end (over-reporting,
+which only costs the client pages sent again). A START names
 at most ``max_ranges`` ranges (``ServerLimits.max_dirty_ranges``, E2BIG beyond, as Linux's
 VFIO does); empty, overlapping or past-2**64 ranges are EINVAL. The commands are described in
 https://www.qemu.org/docs/master/interop/vfio-user.html, section "VFIO_USER_DEVICE_FEATURE".
@@ -50,6 +53,10 @@ __all__ = ["MIN_PAGE_SIZE", "DirtyLog", "select_page_size"]
 MIN_PAGE_SIZE = mmap.PAGESIZE
 
 _IOVA_LIMIT = 1 << 64
+
+#: Runs of dirty pages a report at another page size (or from an unaligned IOVA) marks
+#: exactly; past them it reports from each chunk's next dirty page to the chunk's end.
+REPORT_RUNS = 1 << 14
 
 log = logging.getLogger(__name__)
 
@@ -240,21 +247,31 @@ class DirtyLog:
         out = bytearray(bitmap_nbytes(n_bits))
         self._forget_unmapped()
         with DirtyBitmap(n_bits, page_size, buffer=out) as marks:  # pinned once for all runs
-            self._report_into(marks, iova, end)
+            self._report_into(out, marks, iova, end)
         return _wire(out)
 
-    def _report_into(self, marks: DirtyBitmap, iova: int, end: int) -> None:
+    def _report_into(self, out: bytearray, marks: DirtyBitmap, iova: int, end: int) -> None:
         shift = self._shift
+        # At the tracking page size from a page boundary (what a VMM asks), output bit j is
+        # tracking page iova/page_size + j: the bits are copied, chunk by chunk. Otherwise
+        # each run of dirty pages is marked, the first REPORT_RUNS exactly (see the module
+        # docstring).
+        copy = marks.page_size == self.page_size and iova % self.page_size == 0
+        runs_left = REPORT_RUNS
         for mapping, (base, bitmap) in self._bitmaps.items():
             lo, hi = max(iova, mapping.iova), min(end, mapping.end)
             if lo >= hi:
                 continue
             first = (lo >> shift) - base
             stop = ((hi - 1) >> shift) - base + 1
-            for page, count in bitmap.runs(first, stop - first):
-                a = max(lo, (base + page) << shift)
-                b = min(hi, (base + page + count) << shift)
-                marks.mark(a - iova, b - a)
+            if copy:
+                bitmap.or_into(out, first, stop - first, base + first - (iova >> shift))
+            else:
+                for page, count in bitmap.runs(first, stop - first, limit=runs_left):
+                    a = max(lo, (base + page) << shift)
+                    b = min(hi, (base + page + count) << shift)
+                    marks.mark(a - iova, b - a)
+                    runs_left = max(runs_left - 1, 0)
             # A tracking page is cleared only if its part inside the map is inside the range.
             if max((base + first) << shift, mapping.iova) < iova:
                 first += 1
