@@ -547,15 +547,11 @@ class Connection:
             if state is self._request_link and self._pending:
                 if pressure < 2.0:
                     return None  # keep reading: the reply we wait for may be next
-                log.warning(
-                    "%s: %s link: the peer sends commands without reading our replies while "
-                    "we wait for its answer; closing (%d bytes held)",
-                    self.name,
-                    state.link.value,
-                    state.load,
-                )
+                # The reader logs it (WARNING) and closes the connection.
                 return ProtocolError(
-                    f"peer does not read: {state.load} bytes held", errno=errno.ENOBUFS
+                    "the peer sends commands without reading our replies while we await its"
+                    f" answer ({state.load} bytes held, {state.commands.fd_count} fds)",
+                    errno=errno.ENOBUFS,
                 )
             if not paused:
                 paused = True
