@@ -335,7 +335,9 @@ async def test_a_link_awaiting_a_reply_keeps_reading_past_the_mark(
     peer.close()
 
 
-async def test_a_peer_that_floods_while_we_await_its_answer_is_closed() -> None:
+async def test_a_peer_that_floods_while_we_await_its_answer_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The same, but the peer never answers and sends on: at twice the mark the connection
     closes (ENOBUFS) instead of queueing without bound."""
     count = 3000
@@ -345,12 +347,14 @@ async def test_a_peer_that_floods_while_we_await_its_answer_is_closed() -> None:
     peer = RawPeer(peer_sock)
     blob = raw_command(0, ASK) + b"".join(raw_command(i, WORK) for i in range(1, count + 1))
     async with open_connection(
-        server_sock, handler=asking_handler(box), max_send_backlog=mark
+        server_sock, handler=asking_handler(box), max_send_backlog=mark, name="dev0"
     ) as conn:
         box.append(conn)
         await peer.stream.send_all(blob)
         await trio.testing.wait_all_tasks_blocked()
         assert conn.closed.is_set()
+        [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "dev0" in warning.getMessage() and "without reading" in warning.getMessage()
         assert isinstance(conn.close_reason, VfioUserError)
         assert conn.close_reason.errno == errno.ENOBUFS
     peer.close()
