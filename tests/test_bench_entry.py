@@ -35,7 +35,7 @@ def table_rows(output: str) -> list[list[str]]:
 def expected_rows(settings: Settings) -> dict[int, int]:
     """Rows per figure: the round trip and two reference floors; a pipelined row per depth plus
     posted; per DMA size an fd-map and a message row; two interrupt clients; a row per scale
-    plus memory; migration without and with pre-copy."""
+    plus memory; migration without and with pre-copy; unread-reply memory; fairness."""
     return {
         1: 3,
         2: len(settings.depths) + 1,
@@ -43,6 +43,8 @@ def expected_rows(settings: Settings) -> dict[int, int]:
         4: 2,
         5: len(settings.scales) + 1,
         6: 2,
+        7: 1,
+        8: 1,
     }
 
 
@@ -90,11 +92,11 @@ def test_quick_run_cells_say_what_their_columns_promise(
             assert met == "—"
         else:
             targets += 1
-            assert re.fullmatch(r"[≥≤] [\d.]+(x| KiB)", target)
+            assert re.fullmatch(r"[≥≤] [\d.]+(x| KiB| MiB)", target)
             assert met in ("yes", "**no**")
     # Round trip, 64 in flight, fd-map DMA from 64 KiB (one size in quick mode), two
-    # interrupt clients, memory per connection.
-    assert targets == 6
+    # interrupt clients, memory per connection, unread-reply memory, fairness.
+    assert targets == 8
 
 
 def test_quick_run_records_the_machine(quick_run: subprocess.CompletedProcess[str]) -> None:
@@ -118,7 +120,7 @@ def test_table_marks_targets_met_and_missed() -> None:
     assert lines[4][1] == "c/d"  # a pipe inside a cell would break the table
 
 
-@pytest.mark.parametrize("figures", ["0", "7", "1,x", ""])
+@pytest.mark.parametrize("figures", ["0", "9", "1,x", ""])
 def test_figure_list_is_checked(figures: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--figures", figures])
