@@ -232,6 +232,24 @@ def test_a_write_the_peer_made_sleep_is_interrupted() -> None:
         os.close(fd)
 
 
+def test_the_guard_works_in_a_forked_child() -> None:
+    """fork() keeps only the calling thread: the child starts a watchdog of its own."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking
+    try:
+        os.eventfd_write(fd, EVENTFD_MAX)
+        assert lib.vfu_eventfd_write_guarded(fd, 1) == -errno.EINTR  # parent's watchdog up
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if lib.vfu_eventfd_write_guarded(fd, 1) == -errno.EINTR else 1)
+
+        def exit_code() -> int:
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+        assert in_thread(exit_code, lambda: os.eventfd_read(fd)) == 0
+    finally:
+        os.close(fd)
+
+
 def test_signal_reports_errors_instead_of_raising() -> None:
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
