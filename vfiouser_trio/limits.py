@@ -35,6 +35,11 @@ class ServerLimits:
     #: Seconds a refused (busy) client has to send its first command before we hang up;
     #: a refused client that hangs up earlier is released at once.
     busy_answer_timeout: float = 10.0
+    #: Seconds a client that connects while the previous client of the same device has
+    #: hung up but its session is still being torn down waits for that teardown; past
+    #: this it is refused with EBUSY. (A client arriving while another is attached and
+    #: has not hung up is refused at once.)
+    detach_wait: float = 10.0
     #: Seconds the listener pauses after accept() fails with EMFILE/ENFILE/ENOBUFS/ENOMEM
     #: (the process is out of fds or memory); it then tries again, logging each pause.
     accept_backoff: float = 0.1
@@ -53,7 +58,7 @@ class ServerLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerLimits.{name} must be a positive int, got {value!r}")
-        for name in ("busy_answer_timeout", "accept_backoff"):
+        for name in ("busy_answer_timeout", "detach_wait", "accept_backoff"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerLimits.{name} must be positive")
 

@@ -166,6 +166,8 @@ class MigrationHooks:
 
         def quiesce(self, quiesced: bool) -> None: ...
 
+        async def do_reset(self) -> None: ...
+
         @property
         def config(self) -> PciConfigSpace: ...
 
@@ -382,6 +384,50 @@ class DeviceMigration:
         self._exhausted = False
         self._broken = None
         self._encoder = StreamEncoder(self._device.identity)
+
+    async def client_gone(self) -> None:
+        """The client left: a device it left stopped (or saving) runs again.
+
+        A VMM that dies mid-migration must not leave the device unusable for the next
+        client, so whatever the state, the device ends in RUNNING with the rest of its
+        state kept (spec: Client Disconnection), each case logged as a warning:
+
+        - PRE_COPY, STOP_COPY, STOP take their arcs to RUNNING (``on_end_save``,
+          ``on_run``); the outgoing stream is dropped, interrupts and DMA are released.
+        - RESUMING: the partial incoming stream is discarded and nothing of it is
+          loaded (no ``on_end_resume``); the device goes STOP -> RUNNING with the state
+          it had before. A device whose own ``load_chunk`` applies data as it arrives
+          must itself undo that in ``on_run``.
+        - ERROR, or an arc that fails or is refused on the way: the device is reset as
+          by DEVICE_RESET (its ``reset()``), since no valid state is left to keep.
+        """
+        device = self._device
+        start = self.state
+        if start == MigState.RUNNING:
+            return
+        log.warning(
+            "%s: the client left while the device was in %s; returning it to RUNNING",
+            device.name,
+            start.name,
+        )
+        if start == MigState.RESUMING:
+            async with self._lock:
+                self._decoder = None
+                self.received.clear()
+                self.state = MigState.STOP
+            log.warning("%s: the partial incoming migration state is discarded", device.name)
+        if self.state != MigState.ERROR:
+            try:
+                await self.set_state(MigState.RUNNING)
+            except Exception as exc:
+                log.warning("%s: returning to RUNNING failed: %s", device.name, exc)
+        if self.state != MigState.RUNNING:
+            log.warning("%s: resetting the device (left in %s)", device.name, self.state.name)
+            try:
+                await device.do_reset()
+            except Exception:
+                log.exception("%s: reset after the client left failed", device.name)
+            await self.reset()
 
     # --- the data streams -------------------------------------------------------------
 

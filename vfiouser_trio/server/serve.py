@@ -3,9 +3,14 @@
 One process serves many devices and many clients at once, each connection in
 its own nursery, so one bad client never disturbs another. A device serves one
 client at a time: a second client connecting while the first is attached gets
-EBUSY in answer to its VERSION and is disconnected. A reconnecting client finds
-the device as the last one left it (spec: Client Disconnection). Pass a
-zero-argument factory instead of a device to give every connection a fresh one.
+EBUSY in answer to its first command and is disconnected (at once if it hangs up
+first, else after ``ServerLimits.busy_answer_timeout``). A client that connects
+while the previous one has hung up but its session is still being torn down is
+not refused: it waits for the teardown (at most ``ServerLimits.detach_wait``), then
+is served. A reconnecting client finds the device as the last one left it, back in
+RUNNING if it was stopped for migration (spec: Client Disconnection,
+https://www.qemu.org/docs/master/interop/vfio-user.html; see ``Device.client_gone``).
+Pass a zero-argument factory instead of a device to give every connection a fresh one.
 
 Several devices in one process are several ``serve`` calls in one nursery::
 
@@ -19,13 +24,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import weakref
 from collections.abc import Callable
 
 import trio
 
-from ..engine import ConnectionHooks, HandlerResult, open_connection
+from ..engine import Connection, ConnectionHooks, HandlerResult, open_connection
 from ..limits import DEFAULT_LIMITS, ServerLimits
 from ..ordering import OrderingPolicy
 from ..protocol.capabilities import Capabilities
@@ -37,8 +43,28 @@ from .session import DEFAULT_SERVER_CAPABILITIES, ServerSession
 
 log = logging.getLogger(__name__)
 
+
+
+class _Attachment:
+    """The client a shared device serves now, seen by the servers that bring it others."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        #: Set once that client's session is over, teardown included.
+        self.ended = trio.Event()
+
+    def leaving(self) -> bool:
+        """Whether that client has hung up (or its socket is closed): only teardown is left."""
+        fd = self._sock.fileno()  # -1 once the session has closed the socket
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported
+        return bool(poller.poll(0))
+
+
 #: Devices with a client attached, whichever server (path, fd) that client came through.
-_ATTACHED: weakref.WeakSet[Device] = weakref.WeakSet()
+_ATTACHED: weakref.WeakKeyDictionary[Device, _Attachment] = weakref.WeakKeyDictionary()
 
 #: A device instance (shared by successive clients) or a factory (one device per connection).
 DeviceSource = Device | Callable[[], Device]
@@ -88,16 +114,28 @@ class DeviceServer:
                         nursery.cancel_scope.cancel()
                 finally:
                     device.close()
-            elif source in _ATTACHED:
-                await _reject_busy(sock, source.name)
+            elif not await self._wait_detached(source):
+                await _reject_busy(sock, source.name, self.limits.busy_answer_timeout)
             else:
-                _ATTACHED.add(source)
+                attachment = _ATTACHED[source] = _Attachment(sock)
                 try:
                     await self._session(source, sock)
                 finally:
-                    _ATTACHED.discard(source)
+                    del _ATTACHED[source]
+                    attachment.ended.set()
         except Exception:
             log.exception("connection failed")
+
+    async def _wait_detached(self, device: Device) -> bool:
+        """True once ``device`` is free: at once, or after a departing client's teardown.
+
+        False (refuse with EBUSY) while a client that has not hung up is attached, or
+        when a departing one's teardown outlasts ``limits.detach_wait``.
+        """
+        with trio.move_on_after(self.limits.detach_wait):
+            while (attachment := _ATTACHED.get(device)) is not None and attachment.leaving():
+                await attachment.ended.wait()
+        return device not in _ATTACHED
 
     async def _session(self, device: Device, sock: socket.socket) -> None:
         log.info("%s: client connected", device.name)
@@ -119,7 +157,7 @@ class DeviceServer:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                conn = await accept(sock)
+                conn = await accept(sock, backoff=self.limits.accept_backoff)
                 nursery.start_soon(self.serve_connection, conn)
 
 
@@ -150,24 +188,32 @@ async def serve_connection(
     await session.run(sock)
 
 
-async def _reject_busy(sock: socket.socket, name: str) -> None:
-    """Answer the client's first command with EBUSY, then hang up."""
-    asked = trio.Event()
+async def _reject_busy(sock: socket.socket, name: str, timeout: float) -> None:
+    """Answer the client's first command with EBUSY, then hang up.
+
+    The connection is held until that answer is sent, the client hangs up, or
+    ``timeout`` seconds pass, whichever comes first.
+    """
+    done = trio.Event()
 
     async def refuse(frame: Frame) -> HandlerResult:
-        asked.set()
+        done.set()
         raise VfioUserError(errno.EBUSY, f"{name} already has a client")
 
     log.warning("%s: refusing a second client", name)
     async with open_connection(sock, handler=refuse) as conn:
-        with trio.move_on_after(BUSY_ANSWER_TIMEOUT):
-            await asked.wait()
-        # The error reply is queued by the time the handler's task yields; send it, then close.
-        await conn.aclose()
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_set_when_closed, conn, done)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+            # The error reply is queued by the time the handler's task yields; send it, then close.
+            await conn.aclose()
 
 
-#: How long a refused client gets to send its first command before we hang up.
-BUSY_ANSWER_TIMEOUT = 10.0
+async def _set_when_closed(conn: Connection, event: trio.Event) -> None:
+    await conn.wait_closed()
+    event.set()
 
 
 async def serve(
@@ -201,7 +247,7 @@ async def serve(
     )
     listener: Listener | None = None
     if path is not None:
-        listener = create_listener(path)
+        listener = create_listener(path)  # ListenerError names the path and the reason
         sock, listening = listener.sock, True
     else:
         assert fd is not None
