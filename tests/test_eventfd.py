@@ -178,7 +178,7 @@ async def test_cancelled_wait_consumes_nothing() -> None:
 # --- a peer shares the description: it may clear O_NONBLOCK and fill the counter -------------
 
 
-def in_thread(call: Callable[[], object], unstick: Callable[[], None]) -> object:
+def in_thread(call: Callable[[], object], unstick: Callable[[], object]) -> object:
     """``call()`` in a thread; fail (after ``unstick()``) if it blocks.
 
     A blocked read or write blocks its whole thread, so only another thread can time it.

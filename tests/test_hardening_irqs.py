@@ -27,7 +27,11 @@ from fd_leaks import fd_count
 from raw_client import expect_errno, raw_payload, session
 
 from vfiouser_trio.eventfd import EVENTFD_MAX
-from vfiouser_trio.protocol import RegionReadRequest, SetIrqsRequest
+from vfiouser_trio.protocol import (
+    RegionIoFdsRequest,
+    RegionReadRequest,
+    SetIrqsRequest,
+)
 from vfiouser_trio.protocol.constants import (
     IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_UNMASK,
@@ -85,7 +89,7 @@ class Bells(Device):
         return self.rings[-1]
 
 
-def run_in_thread(scenario: Callable[[], Awaitable[None]], unstick: Callable[[], None]) -> None:
+def run_in_thread(scenario: Callable[[], Awaitable[None]], unstick: Callable[[], object]) -> None:
     """``trio.run(scenario)`` in a thread; fail (after ``unstick()``) if it hangs."""
     errors: list[BaseException] = []
 
@@ -292,3 +296,25 @@ def test_client_fills_a_doorbell_then_region_write_rings_it(blocking: bool) -> N
     finally:
         victim.close()
         bystander.close()
+
+
+async def test_a_former_client_cannot_ring_the_next_clients_doorbell() -> None:
+    device = Bells("shared", listen=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device.run)
+        async with session(device) as conn:
+            reply = await conn.request(RegionIoFdsRequest(PciRegion.BAR0, argsz=16 + 40))
+            (kept,) = reply.fds  # the first client keeps its copy after it leaves
+        async with session(device) as conn:
+            await trio.testing.wait_all_tasks_blocked()
+            os.eventfd_write(kept, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert device.rings == []  # the old copy rings nothing
+            reply = await conn.request(RegionIoFdsRequest(PciRegion.BAR0, argsz=16 + 40))
+            (mine,) = reply.fds
+            os.eventfd_write(mine, 1)
+            assert await device.next_ring() == 1
+            os.close(mine)
+        nursery.cancel_scope.cancel()
+    os.close(kept)
+    device.close()

@@ -426,6 +426,9 @@ class Device(MigrationHooks):
         with trio.CancelScope(shield=True):
             self.irqs.disable_all()
             self.irqs.attach(None)
+            for region in self.regions.values():
+                for bell in region.doorbells:
+                    bell.renew()  # the client keeps its copy: it must ring nothing now
             await self.dma.unmap_all()
             self.dma.messenger = None
             try:

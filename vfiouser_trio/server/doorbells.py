@@ -8,11 +8,15 @@ a device awaits ``doorbell.wait()`` whichever way the write came.
 The client holds the same open file description as we do, so it can clear
 ``O_NONBLOCK`` or fill the counter at will. ``EventFd`` relies on neither: waiting
 reads with RWF_NOWAIT, and ringing a full doorbell is a no-op (it is rung already).
+A client keeps its copy after it disconnects, so each doorbell gets a fresh eventfd
+when a client goes (``renew``): a former client cannot ring the next one's device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import trio
 
 from ..eventfd import EventFd
 from ..protocol.constants import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_PIO
@@ -57,8 +61,29 @@ class Doorbell:
             self.ring()
 
     async def wait(self) -> int:
-        """Wait until the doorbell rings; returns how many rings were coalesced."""
-        return await self._event.wait()
+        """Wait until the doorbell rings; returns how many rings were coalesced.
+
+        ``trio.ClosedResourceError`` once the doorbell is closed; a ``renew`` while
+        waiting just moves the wait to the new eventfd.
+        """
+        while True:
+            event = self._event
+            try:
+                return await event.wait()
+            except trio.ClosedResourceError:
+                if self._event is event:
+                    raise
+
+    def renew(self) -> None:
+        """Replace the eventfd (the client that had a copy of it is gone).
+
+        Rings still pending on the old one are dropped with it: they came from, or
+        through, the client that left.
+        """
+        if self._event.closed:
+            return  # closed for good
+        old, self._event = self._event, EventFd()
+        old.close()
 
     def close(self) -> None:
         self._event.close()
