@@ -422,15 +422,26 @@ class Device(MigrationHooks):
         await self.reset()
 
     async def client_gone(self) -> None:
-        """Disconnect cleanup per the spec: unmap DMA, close IRQ fds, keep device state."""
+        """Disconnect cleanup per the spec: unmap DMA, close IRQ fds, keep device state.
+
+        Nothing of the client stays: its IRQ eventfds are closed first (so nothing is
+        signalled to a dead client), its DMA_READ/WRITE path is cut, a device stopped
+        for migration runs again (see ``DeviceMigration.client_gone``), and then its DMA
+        maps are unmapped once the device's accesses to them finish. The next client
+        finds the device in RUNNING with the rest of its state as it was.
+        """
         with trio.CancelScope(shield=True):
             self.irqs.disable_all()
             self.irqs.attach(None)
             for region in self.regions.values():
                 for bell in region.doorbells:
                     bell.renew()  # the client keeps its copy: it must ring nothing now
-            await self.dma.unmap_all()
             self.dma.messenger = None
+            if self.migration is not None:
+                # Before unmapping: a device task held at the DMA gate may have pinned a
+                # map, and the unmap waits for it.
+                await self.migration.client_gone()
+            await self.dma.unmap_all()
             try:
                 await self.detached()
             except Exception:

@@ -114,9 +114,15 @@ class DeviceServer:
                         nursery.cancel_scope.cancel()
                 finally:
                     device.close()
-            elif not await self._wait_detached(source):
-                await _reject_busy(sock, source.name, self.limits.busy_answer_timeout)
             else:
+                try:
+                    free = await self._wait_detached(source)
+                except BaseException:
+                    sock.close()  # cancelled while waiting: the socket is still ours
+                    raise
+                if not free:
+                    await _reject_busy(sock, source.name, self.limits.busy_answer_timeout)
+                    return
                 attachment = _ATTACHED[source] = _Attachment(sock)
                 try:
                     await self._session(source, sock)
@@ -134,6 +140,7 @@ class DeviceServer:
         """
         with trio.move_on_after(self.limits.detach_wait):
             while (attachment := _ATTACHED.get(device)) is not None and attachment.leaving():
+                log.info("%s: a new client waits for the previous one's teardown", device.name)
                 await attachment.ended.wait()
         return device not in _ATTACHED
 
