@@ -20,6 +20,7 @@ import errno
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 import tempfile
@@ -57,6 +58,7 @@ from vfiouser_trio.protocol import (
     RegionWriteRequest,
     Request,
     SetIrqsRequest,
+    VersionRequest,
 )
 from vfiouser_trio.protocol.constants import (
     DMA_MAP_FLAG_READ,
@@ -72,7 +74,7 @@ from vfiouser_trio.protocol.constants import (
 )
 from vfiouser_trio.protocol.errors import VfioUserError
 
-from .world import DEVICES, Client, World
+from .world import AWAIT_TIMEOUT, DEVICES, Client, World
 
 PAGE = mmap.PAGESIZE
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
@@ -81,10 +83,14 @@ SLOTS = 6
 SLOT_STRIDE = 1 << 24
 MAX_MAP_PAGES = 4
 #: Where the dirty-bitmap finding maps its huge message-only window, and how large.
-HUGE_IOVA = 1 << 48
-HUGE_SIZE = 1 << 44
+HUGE_IOVA = 1 << 53
+HUGE_SIZE = 1 << 52
+#: The largest report it asks for (a 32 MiB bitmap: the reply must still fit a 32-bit argsz).
+HUGE_REPORT = 1 << 40
 #: RSS growth of the whole process (MiB) that counts as "memory not bounded" in one step.
 STEP_RSS_GROWTH_MIB = 256
+#: The unread-replies finding: how long a stalled socket waits before the client gives up.
+UNREAD_STALL = 0.3
 #: Commands a client sends (and one number no command has).
 CLIENT_COMMANDS = [c for c in Command if c not in (Command.DMA_READ, Command.DMA_WRITE)] + [99]
 
@@ -94,10 +100,12 @@ FINDINGS: dict[str, str] = {
     "finding_version_bad_max_data_xfer_size": "VERSION with max_data_xfer_size 0 (or absurd), "
     "then message DMA",
     "finding_dma_memfd_shrunk": "DMA_MAP a memfd, ftruncate it to 0, then device DMA (SIGBUS)",
-    "finding_dirty_bitmap_huge_window": "DMA_LOGGING_START over a 2^44-byte message-only map",
+    "finding_dirty_bitmap_huge_window": "DMA_LOGGING_START over a 2^52-byte message-only map",
     "finding_stop_survives_disconnect": "disconnect in STOP/STOP_COPY, then the next client",
     "finding_doorbell_fd_shared": "the doorbell eventfd made blocking or full, then rung",
     "finding_dma_maps_hold_fds": "every fd-backed DMA map keeps an fd open",
+    "finding_unread_replies_then_hang_up": "pipeline reads, never read a reply, hang up; "
+    "then the next client",
 }
 #: Findings that, while unfixed, kill the process running the fuzzer itself (a signal), so
 #: the long run leaves them out unless asked (``--findings``).
@@ -734,17 +742,29 @@ class SessionMachine(RuleBasedStateMachine):
     )
     @rule()
     def finding_dirty_bitmap_huge_window(self) -> None:
-        """Logging over a huge message-only map: refused or lazy, never the whole bitmap."""
+        """Logging over a huge message-only map: refused or lazy, never the whole bitmap, when
+        the device writes into the map (the dmaengine) or the client asks for a report."""
+        memory = bytearray(2 * PAGE)  # the client backs only the start of the window
+        self.c.ram.windows[HUGE_IOVA] = memory
         if self.send(DmaMapRequest(HUGE_IOVA, HUGE_SIZE, RW)) != 0:
+            self.c.ram.windows.pop(HUGE_IOVA, None)
             return
         control = DmaLoggingControl(PAGE, (DmaLoggingRange(HUGE_IOVA, HUGE_SIZE),))
-        self.send(DeviceFeatureRequest.set(Feature.DMA_LOGGING_START, control))
+        if self.send(DeviceFeatureRequest.set(Feature.DMA_LOGGING_START, control)) == 0:
+            if self.w.target_name == "dmaengine":
+                self.kick_engine(Map(HUGE_IOVA, 2 * PAGE, memory, False), 64)
+            for length in (2 * PAGE, HUGE_REPORT):
+                if self.connected():
+                    report = DmaLoggingReport(HUGE_IOVA, length, PAGE)
+                    self.send(DeviceFeatureRequest.get(Feature.DMA_LOGGING_REPORT, report))
         grown = rss_mib() - self.idle_rss
-        assert grown < STEP_RSS_GROWTH_MIB, f"logging start grew RSS by {grown:.0f} MiB"
+        assert grown < STEP_RSS_GROWTH_MIB, f"dirty logging grew RSS by {grown:.0f} MiB"
         if self.connected():
             self.send(DeviceFeatureRequest.set(Feature.DMA_LOGGING_STOP, DmaLoggingControl(0)))
         if self.connected():
             self.send(DmaUnmapRequest(HUGE_IOVA, HUGE_SIZE))
+        if self.client is not None:
+            self.c.ram.windows.pop(HUGE_IOVA, None)
 
     @precondition(
         lambda self: (
@@ -797,6 +817,54 @@ class SessionMachine(RuleBasedStateMachine):
 
     @precondition(
         lambda self: (
+            "finding_unread_replies_then_hang_up" in self.findings
+            and self.world is not None
+            and self.client is None
+        )
+    )
+    @rule(requests=st.sampled_from([1000, 50_000]))
+    def finding_unread_replies_then_hang_up(self, requests: int) -> None:
+        """A client that never reads its replies costs bounded memory, and once it hangs up
+        the device takes its next client."""
+        self.w.run(self.w.settle)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(AWAIT_TIMEOUT)
+            sock.connect(str(self.w.target_path))
+            version = VersionRequest(0, 2, Capabilities(max_msg_fds=8)).pack()
+            sock.sendall(Header(0, Command.VERSION, HEADER_SIZE + len(version)).pack() + version)
+            reply = Header.unpack(sock.recv(HEADER_SIZE, socket.MSG_WAITALL))
+            sock.recv(reply.msg_size - HEADER_SIZE, socket.MSG_WAITALL)
+            region, size = next(iter(self.regions.items()))
+            read = RegionReadRequest(region, 0, min(size, 4)).pack()
+            frames = memoryview(
+                (Header(1, Command.REGION_READ, HEADER_SIZE + len(read)).pack() + read) * requests
+            )
+            sock.setblocking(False)
+            sent = 0
+            while sent < len(frames):
+                try:
+                    sent += sock.send(frames[sent : sent + 65536])
+                except BlockingIOError:
+                    if not select.select([], [sock], [], UNREAD_STALL)[1]:
+                        break  # the server stopped reading us: what it should do
+            self.w.frames += sent // (HEADER_SIZE + len(read))
+            self.w.run(self.w.settle)
+            grown = rss_mib() - self.idle_rss
+            assert grown < STEP_RSS_GROWTH_MIB, f"unread replies grew RSS by {grown:.0f} MiB"
+        finally:
+            sock.close()
+        self.w.run(self.w.settle)
+        try:
+            self._open(twin=False)
+        except VfioUserError as exc:
+            if self.client is not None:
+                self._hang_up()
+            code = errno.errorcode.get(exc.errno or 0, exc.errno)
+            raise AssertionError(f"the next client is refused ({code}) after the hang-up") from exc
+
+    @precondition(
+        lambda self: (
             "finding_dma_maps_hold_fds" in self.findings and connected(self) and not self.maps
         )
     )
@@ -842,8 +910,11 @@ async def _device_state(client: Client) -> MigState:
 
 
 async def _io_fds(client: Client, region: int) -> list[int]:
-    """The ioeventfds of ``region`` (the caller owns them)."""
-    frame = await client.conn.request_raw(
-        Command.DEVICE_GET_REGION_IO_FDS, RegionIoFdsRequest(region, argsz=4096).pack()
-    )
+    """The ioeventfds of ``region`` (the caller owns them); none if the server refuses."""
+    try:
+        frame = await client.conn.request_raw(
+            Command.DEVICE_GET_REGION_IO_FDS, RegionIoFdsRequest(region, argsz=4096).pack()
+        )
+    except VfioUserError:
+        return []
     return frame.take_fds()
