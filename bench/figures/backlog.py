@@ -102,10 +102,10 @@ def released_after(path: Path, timeout: float = RELEASE_TIMEOUT) -> float | None
     started = time.monotonic()
     while True:
         try:
-            with connect(path) as sock:
+            with connect(path, timeout=1.0) as sock:
                 read_once(sock, GPIO_BAR, 0, 4)
             return time.monotonic() - started
-        except BenchError:
+        except (BenchError, OSError):  # refused as busy, or not answered
             if time.monotonic() - started > timeout:
                 return None
             time.sleep(0.05)
