@@ -30,6 +30,7 @@ from vfiouser_trio.engine import (
     open_connection,
 )
 from vfiouser_trio.limits import ServerLimits
+from vfiouser_trio.ordering import KeyedOrder, region_key
 from vfiouser_trio.protocol import (
     Capabilities,
     RegionReadRequest,
@@ -526,4 +527,37 @@ async def test_queued_commands_hold_a_bounded_number_of_fds() -> None:
             gate.set()
         assert len(await peer.read(count)) == count
         assert not conn.closed.is_set()
+    peer.close()
+
+
+async def test_commands_a_policy_holds_count_until_done() -> None:
+    """KeyedOrder takes every command off the queue into its lanes at once; they still count,
+    so with the handler stuck the reader stops at the mark instead of reading all 20,000."""
+    count, mark = 20_000, 256 << 10
+    gate = trio.Event()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        await gate.wait()
+        return RawMessage(b"")
+
+    server_sock, peer_sock = socket.socketpair()
+    peer = RawPeer(peer_sock)
+    counter = CountReceived(lambda: None)
+    blob = pipeline(count)
+    async with open_connection(
+        server_sock,
+        handler=handler,
+        hooks=counter,
+        policy=KeyedOrder(region_key),
+        max_send_backlog=mark,
+    ) as conn:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.stream.send_all, blob)
+            await trio.testing.wait_all_tasks_blocked()
+            read = counter.count
+            assert read < count
+            assert read * (FRAME_OVERHEAD + 16) <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
+            assert conn.held_bytes <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
+            gate.set()
+            assert len(await peer.read(count)) == count
     peer.close()

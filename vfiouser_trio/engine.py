@@ -43,7 +43,7 @@ Bounded memory and fairness (both per link; the server sets the limits, a client
 default has none but the yielding):
 
 * with ``max_send_backlog`` set, a link's *load* is the memory it holds
-  for the peer: commands received and not yet started (``FRAME_OVERHEAD`` each plus their
+  for the peer: commands received and not yet done (``FRAME_OVERHEAD`` each plus their
   payload) and data queued for the socket but not yet taken by it
   (:attr:`Transport.backlog <vfiouser_trio.transport.Transport.backlog>`). At the mark the
   link stops reading, and resumes once the load is below half of it; near the mark it reads
@@ -208,9 +208,10 @@ class _PendingRequest:
 class _CommandQueue:
     """Commands received on one link, in arrival order (an ordering.CommandSource).
 
-    Counts what it holds (``cost``: bytes with ``FRAME_OVERHEAD`` each, ``fd_count``); the
-    reader bounds it by not reading (see the module doc), and ``taken`` (the reader's
-    parking lot) is woken whenever a command leaves.
+    Counts the commands it was given until they are done (``release``), also once a policy
+    has taken them: ``cost`` (bytes with ``FRAME_OVERHEAD`` each) and ``fd_count``. The
+    reader bounds these by not reading (see the module doc); ``taken`` (the reader's
+    parking lot) is woken whenever a command is done.
     """
 
     __slots__ = ("_frames", "_lot", "_taken", "cost", "fd_count")
@@ -233,28 +234,27 @@ class _CommandQueue:
     def has_pending(self) -> bool:
         return bool(self._frames)
 
-    def _pop(self) -> Frame:
-        frame = self._frames.popleft()
+    def release(self, frame: Frame, fd_count: int) -> None:
+        """``frame`` is done; it held ``fd_count`` fds when it was queued."""
         self.cost -= FRAME_OVERHEAD + len(frame.payload)
-        if frame.fds:
-            self.fd_count -= len(frame.fds)
+        self.fd_count -= fd_count
         if self._taken:
             self._taken.unpark_all()
-        return frame
 
     async def get(self) -> Frame:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._frames:
             await self._lot.park()
-        return self._pop()
+        return self._frames.popleft()
 
     def get_nowait(self) -> Frame | None:
-        return self._pop() if self._frames else None
+        return self._frames.popleft() if self._frames else None
 
     def close(self) -> None:
         while self._frames:
-            self._frames.popleft().close_fds()
-        self.cost = self.fd_count = 0
+            frame = self._frames.popleft()
+            self.release(frame, len(frame.fds))
+            frame.close_fds()
 
 
 class _LinkState:
@@ -379,7 +379,7 @@ class Connection:
     @property
     def held_bytes(self) -> int:
         """Memory held for the peer now, on every link: commands received and not yet
-        started plus data not yet taken by the socket (see the module doc); with
+        done plus data not yet taken by the socket (see the module doc); with
         ``max_send_backlog`` set, it stays near that mark."""
         return sum(state.load for state in self._links())
 
@@ -689,20 +689,31 @@ class Connection:
     # ----------------------------------------------------------------- dispatch
 
     async def _process(self, state: _LinkState, frame: Frame) -> None:
-        """Run one command through the handler and queue its reply."""
-        state.dispatched += 1
-        if state.dispatched >= self._dispatch_batch:
-            # Let the rest of the process run (the writer sends the replies queued so far).
-            state.dispatched = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        limit = self._max_backlog
-        if limit is not None and state.transport.backlog >= limit:
-            try:
-                while state.transport.backlog >= limit // 2:
-                    await state.progress.park()
-            except BaseException:
-                frame.close_fds()
-                raise
+        """Run one command through the handler and queue its reply (the policy's ``process``).
+
+        The command counts in the link's load until it is done, whether it waits in the
+        queue or in a policy of its own (KeyedOrder's lanes, ConcurrentOrder's tasks).
+        """
+        held_fds = len(frame.fds)
+        try:
+            state.dispatched += 1
+            if state.dispatched >= self._dispatch_batch:
+                # Let the rest of the process run (the writer sends the replies queued so far).
+                state.dispatched = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            limit = self._max_backlog
+            if limit is not None and state.transport.backlog >= limit:
+                try:
+                    while state.transport.backlog >= limit // 2:
+                        await state.progress.park()
+                except BaseException:
+                    frame.close_fds()
+                    raise
+            await self._run_command(state, frame)
+        finally:
+            state.commands.release(frame, held_fds)
+
+    async def _run_command(self, state: _LinkState, frame: Frame) -> None:
         header = frame.header
         try:
             payload, fds, transfer = _reply_body(await self._handler(frame))
