@@ -550,14 +550,13 @@ async def test_commands_a_policy_holds_count_until_done() -> None:
         hooks=counter,
         policy=KeyedOrder(region_key),
         max_send_backlog=mark,
-    ) as conn:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.stream.send_all, blob)
-            await trio.testing.wait_all_tasks_blocked()
-            read = counter.count
-            assert read < count
-            assert read * (FRAME_OVERHEAD + 16) <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
-            assert conn.held_bytes <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
-            gate.set()
-            assert len(await peer.read(count)) == count
+    ) as conn, trio.open_nursery() as nursery:
+        nursery.start_soon(peer.stream.send_all, blob)
+        await trio.testing.wait_all_tasks_blocked()
+        read = counter.count
+        assert read < count
+        assert read * (FRAME_OVERHEAD + 16) <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
+        assert conn.held_bytes <= mark + 4096 // 16 * (FRAME_OVERHEAD + 16)
+        gate.set()
+        assert len(await peer.read(count)) == count
     peer.close()
