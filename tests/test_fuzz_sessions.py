@@ -35,8 +35,8 @@ class CiMachine(SessionMachine):
 
 #: A few seconds: a fixed, derandomized sequence of cases, so a CI failure reproduces.
 CI_SETTINGS = settings(
-    max_examples=10,
-    stateful_step_count=20,
+    max_examples=20,
+    stateful_step_count=30,
     deadline=None,
     derandomize=True,
     database=None,
