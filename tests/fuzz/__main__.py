@@ -20,6 +20,7 @@ import faulthandler
 import random
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 from hypothesis import HealthCheck, Phase, seed, settings
@@ -60,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--findings",
         type=_findings,
         default="default",
-        help="finding rules to run: all, none, default (all but "
-        + ", ".join(sorted(PROCESS_KILLING))
-        + ", which kill this process while unfixed), or a comma-separated list",
+        help="finding rules to run: all, none, default (all but those that kill this process "
+        f"while unfixed: {', '.join(sorted(PROCESS_KILLING)) or 'none now'}), or a "
+        "comma-separated list of rule names",
     )
     parser.add_argument("--no-shrink", action="store_true", help="report failures unshrunk")
     return parser
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_seed = seeds.randrange(2**32)
     except BaseException as exc:
         failed = True
+        traceback.print_exception(exc)  # its notes hold hypothesis's falsifying steps
         print(f"\nFAILED in the batch of seed {batch_seed}: {exc!r}", flush=True)
         print(
             f"reproduce: python -m tests.fuzz --seed {batch_seed} --seconds 1 "
@@ -121,7 +123,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(now {rss_mib():.0f} MiB)",
         flush=True,
     )
+    ran = ", ".join(f"{name} {count}" for name, count in sorted(stats.rules.items()))
+    print(f"rules run: {ran}", flush=True)
+    never = sorted(set(_rule_names()) - set(stats.rules))
+    if never:
+        print(f"rules never run: {', '.join(never)}", flush=True)
     return 1 if failed else 0
+
+
+def _rule_names() -> list[str]:
+    """Every rule of the machine, by name (findings left out of the run included)."""
+    return [
+        name
+        for name in dir(SessionMachine)
+        if hasattr(getattr(SessionMachine, name), "hypothesis_stateful_rule")
+    ]
 
 
 if __name__ == "__main__":
