@@ -308,20 +308,29 @@ async def test_an_immediate_reconnect_is_served_every_time(tmp_path: Path) -> No
                 assert chunk, f"server exited early: {seen.decode()}"
                 seen += chunk
         refused = 0
-        for _ in range(50):
-            async with open_connection(_connect(path), handler=GuestRam(0, 0).handle) as conn:
-                try:
-                    await conn.request(VersionRequest())
-                    await conn.request(RegionReadRequest(7, 0, 4))
-                except VfioUserError as exc:
-                    assert exc.errno == errno.EBUSY
-                    refused += 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain, proc.stderr)  # its log must never block the server
+            for _ in range(50):
+                sock = _connect(path)
+                async with open_connection(sock, handler=GuestRam(0, 0).handle) as conn:
+                    try:
+                        await conn.request(VersionRequest())
+                        await conn.request(RegionReadRequest(7, 0, 4))
+                    except VfioUserError as exc:
+                        assert exc.errno == errno.EBUSY
+                        refused += 1
+            nursery.cancel_scope.cancel()
         assert refused == 0
     finally:
         proc.kill()
         await proc.wait()
         assert proc.stderr is not None
         await proc.stderr.aclose()
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some():
+        pass
 
 
 async def test_a_reconnect_waits_for_a_slow_teardown_then_is_served() -> None:

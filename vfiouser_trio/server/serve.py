@@ -44,7 +44,6 @@ from .session import DEFAULT_SERVER_CAPABILITIES, ServerSession
 log = logging.getLogger(__name__)
 
 
-
 class _Attachment:
     """The client a shared device serves now, seen by the servers that bring it others."""
 
