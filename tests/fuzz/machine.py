@@ -21,6 +21,7 @@ import functools
 import json
 import mmap
 import os
+import random
 import select
 import socket
 import struct
@@ -94,6 +95,8 @@ HUGE_REPORT = 1 << 40
 STEP_RSS_GROWTH_MIB = 256
 #: The unread-replies finding: how long a stalled socket waits before the client gives up.
 UNREAD_STALL = 0.3
+#: Most frames one mutated burst sends.
+BURST_FRAMES = 64
 #: Commands a client sends (and one number no command has).
 CLIENT_COMMANDS = [c for c in Command if c not in (Command.DMA_READ, Command.DMA_WRITE)] + [99]
 
@@ -580,6 +583,32 @@ class SessionMachine(RuleBasedStateMachine):
     # --- mutations ----------------------------------------------------------------------------
 
     @precondition(connected)
+    @rule(data=st.data(), frames=st.integers(1, BURST_FRAMES), seed=st.integers(0, 2**32 - 1))
+    @counted
+    def mutated_frames_burst(self, data: st.DataObject, frames: int, seed: int) -> None:
+        """Many frames in one step: valid requests with bytes flipped, cut or added (a cheap
+        frame-level mutator; the seed makes the burst reproducible)."""
+        base = data.draw(st.lists(self.valid_requests(), min_size=1, max_size=4))
+        rng = random.Random(seed)
+        burst: list[tuple[int, bytes]] = []
+        for _ in range(frames):
+            request = rng.choice(base)
+            payload = bytearray(request.pack())
+            for _ in range(rng.randint(1, 3)):
+                how = rng.randrange(3)
+                if how == 0 and payload:
+                    payload[rng.randrange(len(payload))] = rng.randrange(256)
+                elif how == 1:
+                    del payload[rng.randrange(len(payload) + 1) :]
+                else:
+                    payload += rng.randbytes(rng.randint(1, 16))
+            burst.append((request.COMMAND, bytes(payload)))
+        sent = self.w.run(_send_burst, self.c, burst)
+        self.w.frames += sent
+        if sent < len(burst):
+            self._lost()
+
+    @precondition(connected)
     @rule(
         command=st.sampled_from(CLIENT_COMMANDS),
         payload=st.binary(max_size=96),
@@ -954,6 +983,15 @@ class SessionMachine(RuleBasedStateMachine):
                 self.send(DmaUnmapRequest(iova, PAGE))
         # No map taken (the device refuses DMA_MAP in this state): nothing to judge.
         assert not mapped or held < len(mapped), f"{len(mapped)} fd-backed maps hold {held} fds"
+
+
+async def _send_burst(client: Client, burst: list[tuple[int, bytes]]) -> int:
+    """Send each (command, payload), tolerating errors; how many were sent before the
+    connection went (all of them if it stayed)."""
+    for sent, (command, payload) in enumerate(burst):
+        if await _tolerate(client, command, payload) == -1:
+            return sent
+    return len(burst)
 
 
 async def _read_stream(client: Client) -> bytes:
