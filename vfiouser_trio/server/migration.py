@@ -49,7 +49,9 @@ promises it undid what it did); any other exception fails the SET and puts the d
 ERROR (held like STOP), from which only DEVICE_RESET returns it, to RUNNING — the device's
 ``reset()`` runs, not ``on_run``. While stopped (STOP, STOP_COPY, RESUMING, ERROR) the
 device raises no interrupts and performs no DMA; the server also refuses the commands
-the spec forbids in STOP and STOP_COPY (``command_allowed``).
+the spec forbids in STOP and STOP_COPY (``command_allowed``). A client that disconnects
+mid-migration does not leave the device stopped for the next one: the device returns to
+RUNNING (:meth:`DeviceMigration.client_gone` says how, state by state).
 
 :class:`SessionMigration` is the session's side: DEVICE_FEATURE (MIGRATION,
 MIG_DEVICE_STATE, DMA_LOGGING_START/STOP/REPORT), MIG_DATA_READ/WRITE and the command
