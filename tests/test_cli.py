@@ -125,6 +125,22 @@ def test_serve_refuses_a_regular_file(tmp_path: Path) -> None:
     assert path.read_text() == "precious"
 
 
+@pytest.mark.parametrize("where", ["missing-dir/dev.sock", "x" * 120])
+def test_serve_on_an_unusable_path_is_one_line(tmp_path: Path, where: str) -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "null", f"--socket-path={tmp_path / where}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vfio-user-trio serve: ") and str(tmp_path) in last, result.stderr
+
+
 async def test_serve_on_an_inherited_connected_fd() -> None:
     ours, theirs = socket.socketpair()
     with ours:

@@ -19,6 +19,7 @@ from .examples import EXAMPLES
 from .inspector import lspci
 from .protocol.errors import VfioUserError
 from .server.device import Device
+from .server.listener import ListenerError
 from .server.serve import serve
 
 log = logging.getLogger("vfiouser_trio")
@@ -74,9 +75,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(_until_signalled, run)
+    except (ListenerError, BaseExceptionGroup) as exc:
+        cause = _listener_error(exc)
+        if cause is None:
+            raise
+        # One line, no traceback: the socket path is the user's input, not our bug.
+        raise SystemExit(f"vfio-user-trio serve: {cause}") from None
     finally:
         device.close()
     return 0
+
+
+def _listener_error(exc: BaseException) -> ListenerError | None:
+    """The ListenerError that is all ``exc`` is (possibly inside nested groups), else None."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, ListenerError) else None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
