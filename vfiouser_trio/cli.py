@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="live-migrate a device from one server to another",
         description="Move the device state of the server at SOURCE to the one at DESTINATION "
         "(both UNIX socket paths; neither device may have another client attached). The "
-        "source is left stopped, the destination running. On failure the exit status is 1 "
+        "destination is left running; the source is stopped, and runs again, with no client "
+        "memory, once this command disconnects from it. On failure the exit status is 1 "
         "and the message names the failed step; see vfiouser_trio.client.migrate.",
     )
     migrate_cmd.add_argument("source", help="socket path of the server to migrate from")

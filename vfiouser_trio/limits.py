@@ -18,9 +18,11 @@ __all__ = ["DEFAULT_LIMITS", "ServerLimits"]
 class ServerLimits:
     """Per-connection (and per-listener) bounds a server enforces against its clients."""
 
-    #: Bytes of replies and server->client messages queued for one client and not yet
-    #: taken by its socket. At this mark the connection stops reading that client's
-    #: commands until the backlog halves; it never grows past about one more message.
+    #: Bytes one client's connection may hold for it: commands received and not yet done
+    #: plus replies and server->client messages its socket has not taken. At this mark the
+    #: connection stops reading that client until the load halves (it overshoots by at
+    #: most one read and one reply). A link awaiting a reply to one of our own requests
+    #: never pauses (the reply may be behind); at twice the mark it is closed (ENOBUFS).
     max_send_backlog: int = 4 << 20
     #: Commands one connection's dispatcher runs back to back before it yields to the
     #: rest of the process, so one pipelining client cannot starve other devices.

@@ -31,7 +31,10 @@ reading and writing overlap. Data streams carry no length: ``progress`` gets the
 the bytes moved so far, never a total.
 
 On success the source is left in STOP (it still holds the state; SET RUNNING takes the
-device back there if the destination is abandoned) and the destination RUNNING.
+device back there if the destination is abandoned) and the destination RUNNING. The source
+stays stopped only while this client stays connected to it: a server returns a device to
+RUNNING when its client goes (with the client's DMA maps and interrupt fds gone, so it can
+reach no guest), as a device must never be left stopped for its next client.
 
 On failure :class:`MigrationError` says which step failed on which side, with the server's
 error, and the devices are left as follows (``source_state`` / ``destination_state`` in the
@@ -49,7 +52,7 @@ error tell what they are then; None when a device cannot be reached):
   unreachable one is left as it is.
 - Exception: when the destination could not be asked for its state after being told to
   run (its connection died during the last step), it may be running, so the source is left
-  in STOP rather than risk two running copies of the device.
+  in STOP (for as long as the caller's connection lasts) rather than risk two running copies.
 - Dirty-page logging this call started is stopped.
 
 Cancelling the call (e.g. ``trio.fail_after``) cleans up the same way (within

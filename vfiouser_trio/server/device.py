@@ -67,7 +67,7 @@ class Device(MigrationHooks):
         self.name = name or type(self).__name__
         self.reset_supported = reset_supported
         self.regions: dict[int, Region] = {}
-        self.dma = DmaTable()
+        self.dma = DmaTable(name=self.name)
         self._express = express
         self._interrupt_pin = int(interrupt_pin)
         self._bars: dict[int, BarSpec] = {}
