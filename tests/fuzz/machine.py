@@ -781,6 +781,7 @@ class SessionMachine(RuleBasedStateMachine):
         if self.send_raw(Command.VERSION, payload) != 0:
             if self.client is not None:
                 self._hang_up()
+            self._open(twin=False)  # refused: a well-behaved client goes on from here
             return
         self.c.negotiated = True
         if self.w.target_name == "dmaengine":
