@@ -19,13 +19,7 @@ pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 #: Findings whose rule still fails on main, each left out of CI until its fix lands (the
 #: long run keeps them: ``python -m tests.fuzz --findings all``).
-STILL_FAILING: frozenset[str] = frozenset(
-    {
-        # A client that pipelines reads and never reads a reply, then hangs up: the device
-        # stays attached and the next client is refused (EBUSY) or not answered.
-        "finding_unread_replies_then_hang_up",
-    }
-)
+STILL_FAILING: frozenset[str] = frozenset()
 
 
 class CiMachine(SessionMachine):

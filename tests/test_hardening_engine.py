@@ -253,6 +253,37 @@ async def test_a_client_that_never_reads_holds_bounded_memory() -> None:
     other.close()
 
 
+async def test_a_paused_client_that_hangs_up_frees_its_session() -> None:
+    """A reader paused at the mark used to wait for the backlog for ever after its client
+    hung up (the failed send closed the transport but woke nobody), so the device stayed
+    attached and its next client was refused."""
+    limits = ServerLimits(max_send_backlog=64 << 10)
+    hog = Counter()
+    client_sock, server_sock = socket.socketpair()
+    session = ServerSession(hog, limits=limits, offer_twin_socket=False)
+    ended = trio.Event()
+
+    async def run_session() -> None:
+        await session.run(server_sock)
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_session)
+        peer = RawPeer(client_sock)
+        await peer.negotiate()
+        async with trio.open_nursery() as sending:
+            sending.start_soon(peer.stream.send_all, pipeline(20_000))
+            await trio.testing.wait_all_tasks_blocked()
+            conn = session.connection
+            assert conn is not None and not conn.closed.is_set()
+            assert hog.reads < 20_000  # paused, not finished
+            sending.cancel_scope.cancel()
+        peer.close()
+        with trio.fail_after(10):  # a hang guard, not a synchronisation
+            await ended.wait()
+    hog.close()
+
+
 async def test_a_pipelining_client_does_not_starve_other_devices() -> None:
     """8,000 queued reads on one connection used to run back to back, stalling every other
     connection; now the dispatcher yields every ``dispatch_batch`` commands."""

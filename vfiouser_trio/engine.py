@@ -562,6 +562,8 @@ class Connection:
                     state.load,
                 )
             await state.progress.park()
+            if state.transport.closed:
+                return None  # e.g. the peer hung up and a send failed: the next receive says so
         if paused:
             log.debug("%s: %s link: reading again", self.name, state.link.value)
         return None

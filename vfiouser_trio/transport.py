@@ -451,6 +451,9 @@ class Transport:
         self._sock.close()
         self._writer_lot.unpark_all()
         self._drained_lot.unpark_all()
+        if self.on_progress is not None:
+            # A reader paused on the backlog must learn that it will never drain.
+            self.on_progress()
 
     async def aclose(self) -> None:
         """Close, as a checkpoint."""
