@@ -121,7 +121,7 @@ _MSG_ID_SPACE = 1 << 16
 #: objects, queue slot), for the load a link counts against ``max_send_backlog``.
 FRAME_OVERHEAD = 256
 #: Commands a dispatcher runs before it yields to the scheduler, unless told otherwise.
-DEFAULT_DISPATCH_BATCH = 16
+DEFAULT_DISPATCH_BATCH = 8
 _pack_header = HEADER_STRUCT.pack
 
 

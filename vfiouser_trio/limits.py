@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .engine import DEFAULT_DISPATCH_BATCH
+
 __all__ = ["DEFAULT_LIMITS", "ServerLimits"]
 
 
@@ -26,7 +28,7 @@ class ServerLimits:
     max_send_backlog: int = 4 << 20
     #: Commands one connection's dispatcher runs back to back before it yields to the
     #: rest of the process, so one pipelining client cannot starve other devices.
-    dispatch_batch: int = 16
+    dispatch_batch: int = DEFAULT_DISPATCH_BATCH
     #: Bytes of dirty-page bitmap one client's DMA logging may hold at once (bitmaps are
     #: allocated lazily, 4 KiB per chunk of 32768 pages written; a DMA map whose bitmap
     #: would pass this is reported all dirty until unmapped or logging stops).

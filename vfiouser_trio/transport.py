@@ -42,7 +42,7 @@ RECV_BUFFER_SIZE = 256 * 1024
 #: Frames one read should complete at most. A peer sending tiny messages gets smaller reads
 #: (down to ``_MIN_READ`` bytes), so parsing one read never holds up the process for long;
 #: reads grow back as messages grow.
-FRAMES_PER_READ = 1024
+FRAMES_PER_READ = 64
 #: The smallest read the transport makes (unless its caller asks for less).
 MIN_READ = 4096
 #: Reads larger than this give the receive buffer's pages back to the kernel afterwards.
