@@ -79,6 +79,53 @@ async def test_unaligned_fd_offset_is_honoured() -> None:
     client_view.close()
 
 
+async def test_an_identical_map_again_is_a_no_op_and_closes_its_fd() -> None:
+    """A client replaying its maps (libvfio-user treats this as success) used to get EEXIST."""
+    table = DmaTable(max_maps=2)
+    fd, client_view = guest_memfd(4 * PAGE)
+    again = os.dup(fd)
+    first = table.map(0x10000, 2 * PAGE, RW, fd, offset=PAGE)
+    table.map(0x20000, PAGE, RW, None)  # the table is now full (max_maps=2)
+    before = fd_count()
+    assert table.map(0x10000, 2 * PAGE, RW, again, offset=PAGE) is first
+    assert fd_count() == before - 1  # the repeated map's fd was closed, nothing else kept
+    assert table.map(0x20000, PAGE, RW, None).iova == 0x20000  # message-only, the same
+    assert len(table) == 2
+    client_view[PAGE : PAGE + 4] = b"same"
+    assert await table.read(0x10000, 4) == b"same"
+    await table.unmap_all()
+    client_view.close()
+
+
+@pytest.mark.parametrize(
+    ("iova", "size", "flags", "offset", "other_file", "with_fd"),
+    [
+        (0x10000, 2 * PAGE, DMA_MAP_FLAG_READ, PAGE, False, True),  # other protection
+        (0x10000, 2 * PAGE, RW, 0, False, True),  # other offset
+        (0x10000, PAGE, RW, PAGE, False, True),  # other size
+        (0x10000, 2 * PAGE, RW, PAGE, True, True),  # other file
+        (0x10000, 2 * PAGE, RW, PAGE, False, False),  # no file where there was one
+    ],
+    ids=["protection", "offset", "size", "file", "no-fd"],
+)
+async def test_a_map_that_differs_in_anything_is_still_eexist(
+    iova: int, size: int, flags: int, offset: int, other_file: bool, with_fd: bool
+) -> None:
+    table = DmaTable()
+    fd, client_view = guest_memfd(4 * PAGE)
+    second = guest_memfd(4 * PAGE) if other_file else (os.dup(fd), None)
+    table.map(0x10000, 2 * PAGE, RW, fd, offset=PAGE)
+    with pytest.raises(VfioUserError) as exc:
+        table.map(iova, size, flags, second[0] if with_fd else None, offset=offset)
+    assert exc.value.errno == errno.EEXIST
+    if not with_fd:
+        os.close(second[0])
+    if second[1] is not None:
+        second[1].close()
+    await table.unmap_all()
+    client_view.close()
+
+
 async def test_overlap_is_eexist_and_limits_enospc() -> None:
     table = DmaTable(max_maps=2)
     table.map(0x1000, 0x1000, RW, None)

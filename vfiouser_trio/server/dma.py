@@ -213,6 +213,22 @@ class handling_command:  # a class used like a function: ``with handling_command
         _command_task.reset(self._token)
 
 
+def _same_map(
+    existing: DmaMapping, iova: int, size: int, flags: int, fd: int | None, offset: int
+) -> bool:
+    """Whether a DMA_MAP asks again for exactly ``existing``: same window, protection,
+    offset and file (compared by st_dev/st_ino), or both without a file."""
+    if existing._removing or (existing.iova, existing.size, existing.flags) != (iova, size, flags):
+        return False
+    if fd is None or existing.file is None:
+        return fd is None and existing.file is None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return existing.fd_offset == offset and existing.file == (st.st_dev, st.st_ino)
+
+
 def _map_fd(mapping: DmaMapping, fd: int) -> None:
     """Check ``fd``, seal it against shrinking if we can, and map the window from it."""
     if mapping.fd_offset < 0:
@@ -336,22 +352,28 @@ class DmaTable:
     def map(self, iova: int, size: int, flags: int, fd: int | None, offset: int = 0) -> DmaMapping:
         """Add a window. Takes ownership of ``fd`` (closed here in every case).
 
-        Errors: EINVAL for size 0, unknown flags, or an fd that is not a memory file
-        holding the window (see the module doc); EEXIST for an overlap (as the spec
-        asks), ENOSPC beyond ``max_maps``.
+        A request for exactly a window already mapped (same IOVA, size, protection, file
+        and offset) is a no-op that returns the existing map, as libvfio-user does for
+        clients that replay their maps. Errors: EINVAL for size 0, unknown flags, or an
+        fd that is not a memory file holding the window (see the module doc); EEXIST for
+        any other overlap (as the spec asks), ENOSPC beyond ``max_maps``.
         """
         try:
             if size <= 0 or iova < 0 or iova + size > 1 << 64:
                 raise VfioUserError(errno.EINVAL, f"bad DMA window {iova:#x}+{size:#x}")
             if flags & ~(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE):
                 raise VfioUserError(errno.EINVAL, f"unknown DMA_MAP flags {flags:#x}")
+            i = bisect.bisect_right(self._starts, iova)
+            if i > 0 and self._maps[i - 1].end > iova:
+                existing = self._maps[i - 1]
+                if _same_map(existing, iova, size, flags, fd, offset):
+                    # A client replaying its maps (libvfio-user's rule): nothing to do.
+                    return existing
+                raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
+            if i < len(self._maps) and self._maps[i].iova < iova + size:
+                raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
             if len(self._maps) >= self.max_maps:
                 raise VfioUserError(errno.ENOSPC, f"more than {self.max_maps} DMA maps")
-            i = bisect.bisect_right(self._starts, iova)
-            if (i > 0 and self._maps[i - 1].end > iova) or (
-                i < len(self._maps) and self._maps[i].iova < iova + size
-            ):
-                raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
             mapping = DmaMapping(iova, size, flags, offset, _owner=self.name)
             if fd is not None:
                 _map_fd(mapping, fd)
