@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from mappings import is_mapped
 from test_client_e2e import SRC, TestDevice, served
 
 from vfiouser_trio.client import GuestMemory
@@ -221,18 +222,9 @@ async def test_unmap_while_a_device_still_holds_a_slice_keeps_the_memory_mapped(
     assert "still exported" in caplog.text
     assert len(table) == 0
     kept[:] = b"12345678"  # still mapped: no use after unmap
-    assert _is_mapped(address)
+    assert is_mapped(address)
     kept.release()
-    assert not _is_mapped(address)  # gone with the last slice
-
-
-def _is_mapped(address: int) -> bool:
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            start, end = (int(part, 16) for part in line.split()[0].split("-"))
-            if start <= address < end:
-                return True
-    return False
+    assert not is_mapped(address)  # gone with the last slice
 
 
 # --- the guard itself: only faults inside a guarded copy are caught -----------------------

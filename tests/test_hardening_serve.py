@@ -15,13 +15,14 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from raw_client import GuestRam, expect_errno, raw_payload, session
+from test_cli import CLI, wait_until_serving
+from test_cli import env as cli_env
 
 from vfiouser_trio.engine import Connection, open_connection
 from vfiouser_trio.limits import ServerLimits
@@ -65,7 +66,6 @@ from vfiouser_trio.server.serve import DeviceServer, serve, serve_connection
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
-CLI = [sys.executable, "-m", "vfiouser_trio.cli"]
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 PAGE = mmap.PAGESIZE
 IOVA = 0x100000
@@ -142,10 +142,6 @@ async def use_fully(conn: Connection) -> None:
     os.close(map_request.fds[0])
     guest.close()
     assert await raw_payload(conn, DeviceResetRequest()) == b""
-
-
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 
 def _connect(path: Path | str) -> socket.socket:
@@ -300,13 +296,8 @@ async def test_an_immediate_reconnect_is_served_every_time(tmp_path: Path) -> No
         [*CLI, "serve", "gpio", f"--socket-path={path}"], env=cli_env(), stderr=subprocess.PIPE
     )
     try:
+        await wait_until_serving(proc)
         assert proc.stderr is not None
-        seen = b""
-        with trio.fail_after(30):
-            while b"serving " not in seen:
-                chunk = await proc.stderr.receive_some()
-                assert chunk, f"server exited early: {seen.decode()}"
-                seen += chunk
         refused = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain, proc.stderr)  # its log must never block the server

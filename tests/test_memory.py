@@ -9,6 +9,7 @@ import os
 
 import pytest
 from fd_leaks import fd_count
+from mappings import is_mapped
 
 from vfiouser_trio.fdcheck import require_memory_fd
 from vfiouser_trio.memory import (
@@ -25,15 +26,6 @@ from vfiouser_trio.memory import (
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 PAGE = mmap.PAGESIZE
-
-
-def _is_mapped(address: int) -> bool:
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            start, end = (int(part, 16) for part in line.split()[0].split("-"))
-            if start <= address < end:
-                return True
-    return False
 
 
 def _free_address(pages: int) -> int:
@@ -189,7 +181,7 @@ def test_fixed_noreplace_maps_exactly_or_fails_with_eexist() -> None:
             with pytest.raises(FileExistsError):
                 memfd.map(address=address + PAGE, placement=Placement.FIXED_NOREPLACE)
             assert fd_count() == before
-        assert not _is_mapped(address)
+        assert not is_mapped(address)
 
 
 def test_fixed_maps_exactly_over_an_owned_range() -> None:
@@ -203,7 +195,7 @@ def test_fixed_maps_exactly_over_an_owned_range() -> None:
                 view = old.view  # the old object now shows b's pages
                 assert bytes(view[:3]) == b"bbb"
                 del view
-        assert not _is_mapped(address)
+        assert not is_mapped(address)
 
 
 def test_mapping_validation() -> None:
@@ -261,7 +253,7 @@ def test_close_refuses_while_views_exist_then_unmaps() -> None:
         mapping.close()
         mapping.close()  # idempotent
         assert mapping.closed
-        assert not _is_mapped(mapping.address)
+        assert not is_mapped(mapping.address)
         with pytest.raises(ValueError, match="closed"):
             _ = mapping.view
         with pytest.raises(ValueError, match="closed"):
@@ -275,7 +267,7 @@ def test_context_manager_exit_raises_if_a_view_escapes() -> None:
         assert not mapping.closed
         del escaped
         mapping.close()
-        assert not _is_mapped(mapping.address)
+        assert not is_mapped(mapping.address)
 
 
 def test_an_error_leaving_the_with_block_is_not_masked_by_live_views() -> None:
@@ -287,10 +279,10 @@ def test_an_error_leaving_the_with_block_is_not_masked_by_live_views() -> None:
         address = mapping.address
         del mapping
         gc.collect()
-        assert _is_mapped(address)
+        assert is_mapped(address)
         del view
         gc.collect()
-        assert not _is_mapped(address)
+        assert not is_mapped(address)
 
 
 def test_dropped_mapping_is_unmapped_only_after_its_last_view() -> None:
@@ -300,12 +292,12 @@ def test_dropped_mapping_is_unmapped_only_after_its_last_view() -> None:
         view = mapping.view
         del mapping
         gc.collect()
-        assert _is_mapped(address)
+        assert is_mapped(address)
         view[:4] = b"live"  # still backed: no crash
         assert os.pread(memfd.fileno(), 4, 0) == b"live"
         del view
         gc.collect()
-        assert not _is_mapped(address)
+        assert not is_mapped(address)
 
 
 def test_advise_remove_frees_the_shared_pages() -> None:
