@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from ._util import expect_argsz, expect_no_fds, expect_size
+from ._util import expect_argsz, expect_min_size, expect_no_fds
 from .constants import DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, Command
 from .message import Buffer, Message, Reply, Request
 
@@ -40,7 +40,7 @@ class DeviceGetInfoReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, DEVICE_INFO_SIZE)
+        expect_min_size(cls, payload, DEVICE_INFO_SIZE)
         argsz, flags, num_regions, num_irqs = _DEVICE_INFO.unpack_from(payload)
         return cls(flags, num_regions, num_irqs, argsz)
 
@@ -60,7 +60,7 @@ class DeviceGetInfoRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, DEVICE_INFO_SIZE)
+        expect_min_size(cls, payload, DEVICE_INFO_SIZE)
         argsz = _DEVICE_INFO.unpack_from(payload)[0]
         expect_argsz(cls, argsz, DEVICE_INFO_SIZE)
         return cls(argsz)
@@ -68,7 +68,7 @@ class DeviceGetInfoRequest(Request):
 
 @dataclass(frozen=True, slots=True)
 class DeviceResetReply(Reply):
-    """DEVICE_RESET reply: no payload."""
+    """DEVICE_RESET reply: no payload (any received is ignored, as for every fixed layout)."""
 
     COMMAND: ClassVar[Command] = Command.DEVICE_RESET
 
@@ -78,13 +78,12 @@ class DeviceResetReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, 0)
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceResetRequest(Request):
-    """Reset the device: no payload either way."""
+    """Reset the device: no payload either way (any received is ignored)."""
 
     COMMAND: ClassVar[Command] = Command.DEVICE_RESET
     REPLY: ClassVar[type[Message]] = DeviceResetReply
@@ -95,5 +94,4 @@ class DeviceResetRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, 0)
         return cls()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from ._util import expect_argsz, expect_min_size, expect_no_fds, expect_size, fail
+from ._util import expect_argsz, expect_min_size, expect_no_fds, fail
 from .constants import (
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
@@ -42,7 +42,6 @@ class DmaLayout(enum.Enum):
 
 def _empty_reply_unpack(cls: type[Message], payload: Buffer, fds: Sequence[int]) -> None:
     expect_no_fds(cls, fds)
-    expect_size(cls, payload, 0)
 
 
 # -- DMA_MAP ------------------------------------------------------------------
@@ -50,7 +49,7 @@ def _empty_reply_unpack(cls: type[Message], payload: Buffer, fds: Sequence[int])
 
 @dataclass(frozen=True, slots=True)
 class DmaMapReply(Reply):
-    """DMA_MAP reply: no payload."""
+    """DMA_MAP reply: no payload (any received is ignored)."""
 
     COMMAND: ClassVar[Command] = Command.DMA_MAP
 
@@ -99,7 +98,7 @@ class DmaMapRequest(Request):
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
-        expect_size(cls, payload, _DMA_MAP.size)
+        expect_min_size(cls, payload, _DMA_MAP.size)
         argsz, flags, offset, address, size = _DMA_MAP.unpack_from(payload)
         expect_argsz(cls, argsz, _DMA_MAP.size)
         if flags & ~DMA_MAP_FLAGS_KNOWN:
@@ -129,7 +128,7 @@ class DmaUnmapReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, _DMA_UNMAP.size)
+        expect_min_size(cls, payload, _DMA_UNMAP.size)
         argsz, flags, address, size = _DMA_UNMAP.unpack_from(payload)
         return cls(address, size, flags, argsz)
 
@@ -160,7 +159,7 @@ class DmaUnmapRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, _DMA_UNMAP.size)
+        expect_min_size(cls, payload, _DMA_UNMAP.size)
         argsz, flags, address, size = _DMA_UNMAP.unpack_from(payload)
         expect_argsz(cls, argsz, _DMA_UNMAP.size)
         if flags & ~DMA_UNMAP_FLAGS_KNOWN:
@@ -239,7 +238,7 @@ class DmaReadRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, _DMA_RW.size)
+        expect_min_size(cls, payload, _DMA_RW.size)
         return cls(*_DMA_RW.unpack_from(payload))
 
     def parse_reply(

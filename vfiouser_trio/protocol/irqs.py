@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from ._util import expect_argsz, expect_min_size, expect_no_fds, expect_size, fail
+from ._util import expect_argsz, expect_min_size, expect_no_fds, fail
 from .constants import (
     IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
@@ -63,7 +63,7 @@ class IrqInfoReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, IRQ_INFO_SIZE)
+        expect_min_size(cls, payload, IRQ_INFO_SIZE)
         argsz, flags, index, count = _IRQ_INFO.unpack_from(payload)
         return cls(index, flags, count, argsz)
 
@@ -84,7 +84,7 @@ class IrqInfoRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, IRQ_INFO_SIZE)
+        expect_min_size(cls, payload, IRQ_INFO_SIZE)
         argsz, _flags, index, _count = _IRQ_INFO.unpack_from(payload)
         expect_argsz(cls, argsz, IRQ_INFO_SIZE)
         return cls(index, argsz)
@@ -92,7 +92,7 @@ class IrqInfoRequest(Request):
 
 @dataclass(frozen=True, slots=True)
 class SetIrqsReply(Reply):
-    """SET_IRQS reply: no payload."""
+    """SET_IRQS reply: no payload (any received is ignored)."""
 
     COMMAND: ClassVar[Command] = Command.DEVICE_SET_IRQS
 
@@ -102,7 +102,6 @@ class SetIrqsReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, 0)
         return cls()
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from ._util import expect_min_size, expect_no_fds, expect_size, fail
+from ._util import expect_min_size, expect_no_fds, fail
 from .constants import Command
 from .message import Buffer, Message, Reply, Request
 
@@ -91,23 +91,23 @@ class MigDataReadRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, MIG_DATA_SIZE)
+        expect_min_size(cls, payload, MIG_DATA_SIZE)
         argsz, size = _MIG_DATA.unpack_from(payload)
         if argsz < MIG_DATA_SIZE + size:
             fail(cls, f"argsz {argsz} cannot hold {size} bytes of data")
         return cls(size, argsz)
 
     def parse_reply(self, payload: Buffer, fds: Sequence[int] = ()) -> MigDataReadReply:
-        """Payload between 8 + size and 8 + requested (padding) bytes; size <= requested."""
+        """``size`` must not exceed the request's; bytes past the data are padding (ignored)."""
         reply = MigDataReadReply.unpack(payload, fds)
-        if reply.size > self.size or len(payload) > MIG_DATA_SIZE + self.size:
-            fail(MigDataReadReply, f"reply larger than the {self.size} bytes requested")
+        if reply.size > self.size:
+            fail(MigDataReadReply, f"reply of {reply.size} bytes, {self.size} requested")
         return reply
 
 
 @dataclass(frozen=True, slots=True)
 class MigDataWriteReply(Reply):
-    """MIG_DATA_WRITE reply: no payload."""
+    """MIG_DATA_WRITE reply: no payload (any received is ignored)."""
 
     COMMAND: ClassVar[Command] = Command.MIG_DATA_WRITE
 
@@ -117,7 +117,6 @@ class MigDataWriteReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, 0)
         return cls()
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, Self
 
-from ._util import expect_min_size, expect_no_fds, expect_size, fail
+from ._util import expect_exact_size, expect_min_size, expect_no_fds, fail
 from .constants import Command
 from .errors import ProtocolError
 from .message import Buffer, Message, Reply, Request
@@ -93,7 +93,7 @@ class RegionReadRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, REGION_ACCESS_SIZE)
+        expect_min_size(cls, payload, REGION_ACCESS_SIZE)
         offset, region, count = _REGION_ACCESS.unpack_from(payload)
         return cls(region, offset, count)
 
@@ -130,7 +130,7 @@ class RegionWriteReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, REGION_ACCESS_SIZE)
+        expect_min_size(cls, payload, REGION_ACCESS_SIZE)
         offset, region, count = _REGION_ACCESS.unpack_from(payload)
         return cls(region, offset, count)
 
@@ -204,7 +204,7 @@ class RegionWriteMultiReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_size(cls, payload, _WR_CNT.size)
+        expect_min_size(cls, payload, _WR_CNT.size)
         return cls(_WR_CNT.unpack_from(payload)[0])
 
 
@@ -233,7 +233,9 @@ class RegionWriteMultiRequest(Request):
         expect_no_fds(cls, fds)
         expect_min_size(cls, payload, _WR_CNT.size)
         wr_cnt = _WR_CNT.unpack_from(payload)[0]
-        expect_size(cls, payload, _WR_CNT.size + wr_cnt * _WR_ONE.size)
+        # Exact: the length is the only check of wr_cnt, and bytes past the entries we
+        # would read could be writes the peer meant and we silently dropped.
+        expect_exact_size(cls, payload, _WR_CNT.size + wr_cnt * _WR_ONE.size)
         writes = []
         for i in range(wr_cnt):
             offset, region, count, data = _WR_ONE.unpack_from(payload, 8 + i * _WR_ONE.size)
