@@ -79,6 +79,25 @@ device load its own state, then fires each config-space hook once (``command_cha
 restored command, BARs and interrupt setup. Interrupts pending on the source stay
 pending and go out once the destination runs, the vector is unmasked and the client
 has assigned an eventfd.
+
+Raw streams: ``enable_migration(raw=True)`` hands the device every byte of the stream,
+for a device that must migrate to or from another implementation of itself (e.g. a C
+server built on libvfio-user). Its ``precopy_chunks`` and ``save_chunks`` are sent as
+they are, back to back (the spec's stream is continuous from PRE_COPY into STOP_COPY:
+bytes of a pre-copy chunk the client has not read yet go first in STOP_COPY), and what
+the client writes reaches ``load_chunk`` unchanged. The framework then carries nothing
+of its own: no header or identity check, no config space image, MSI-X table or PBA, no
+IRQ masked / pending bits, no length or CRC-32 and no completeness check (a stream cut
+short is only detected if the device's format shows it), and no config-space hooks fire
+after the load. A raw device that needs any of this puts it in its own format (and
+restores it in ``on_end_resume``); the destination's client sets up the config space
+and interrupts as it would for a fresh device. Some clients read the PRE_COPY data and
+drop it, sending only what STOP_COPY yields (libvfio-user's ``samples/client`` does):
+a raw device serves them, and clients that forward everything, if every part of its
+stream is a full snapshot and ``on_end_resume`` keeps the last (or if ``save_chunks``
+yields the whole state and the pre-copy part is something the destination may ignore).
+A framework-mode stream cannot be cut that way: its destination refuses the first
+write of such a client (EINVAL, "the stream does not begin with its header").
 """
 
 from __future__ import annotations
@@ -176,9 +195,13 @@ class MigrationHooks:
         @property
         def irqs(self) -> IrqTable: ...
 
-    def enable_migration(self, *, pre_copy: bool = False) -> None:
-        """Declare that the device can migrate (STOP_COPY; PRE_COPY too with ``pre_copy``)."""
-        self.migration = DeviceMigration(self, pre_copy=pre_copy)
+    def enable_migration(self, *, pre_copy: bool = False, raw: bool = False) -> None:
+        """Declare that the device can migrate (STOP_COPY; PRE_COPY too with ``pre_copy``).
+
+        ``raw``: the device's chunks are the whole stream, with nothing of the framework's
+        around them (see "Raw streams" in the module docstring).
+        """
+        self.migration = DeviceMigration(self, pre_copy=pre_copy, raw=raw)
 
     # --- the state ----------------------------------------------------------------------
 
@@ -239,10 +262,14 @@ class DeviceMigration:
     of the device's state. Operations are serialised (one SET, read or write at a time).
     """
 
-    def __init__(self, device: MigrationHooks, *, pre_copy: bool = False) -> None:
+    def __init__(
+        self, device: MigrationHooks, *, pre_copy: bool = False, raw: bool = False
+    ) -> None:
         flags = MIGRATION_STOP_COPY | (MIGRATION_PRE_COPY if pre_copy else 0)
         self.fsm = MigrationFsm(flags)
         self.state = MigState.RUNNING
+        #: Whether the device's chunks are the whole stream (no framework container).
+        self.raw = raw
         #: Incoming data collected by the default ``load_chunk``.
         self.received = bytearray()
         self._device = device
@@ -327,6 +354,10 @@ class DeviceMigration:
     async def _end_resume(self) -> None:
         """RESUMING -> STOP: framework state, then the device's, then the config hooks."""
         device = self._device
+        if self.raw:
+            await device.on_end_resume()
+            self.received.clear()
+            return
         decoder, self._decoder = self._decoder, None
         framework = (decoder or self._new_decoder()).finish()
         try:
@@ -464,7 +495,7 @@ class DeviceMigration:
         header; the end of its stop-copy chunks adds the framework's state and END."""
         if self._broken is not None:
             raise VfioUserError(self._broken.errno, self._broken.message)
-        if not self._encoder.started:
+        if not self.raw and not self._encoder.started:
             return self._encoder.header()
         while not self._exhausted:
             if self._source is None:
@@ -480,7 +511,7 @@ class DeviceMigration:
             except StopAsyncIteration:
                 self._source = None
                 self._exhausted = True
-                if self.state == MigState.STOP_COPY:
+                if self.state == MigState.STOP_COPY and not self.raw:
                     return self._encoder.finish(self._capture())
                 break
             except Exception as exc:
@@ -492,7 +523,7 @@ class DeviceMigration:
                     self._broken = VfioUserError(errno.EIO, f"saving the state failed: {exc}")
                 raise VfioUserError(self._broken.errno, self._broken.message) from exc
             if chunk:
-                return self._encoder.data(chunk)
+                return chunk if self.raw else self._encoder.data(chunk)
             if self.state == MigState.PRE_COPY:
                 return b""
         return b""
@@ -508,9 +539,17 @@ class DeviceMigration:
                 raise VfioUserError(
                     errno.EINVAL, f"migration data cannot be written in {self.state.name}"
                 )
-            if self._decoder is None:
-                self._decoder = self._new_decoder()
-            pieces = self._decoder.feed(data)
+            if self.raw:
+                pieces = [data] if data else []
+            else:
+                if self._decoder is None:
+                    self._decoder = self._new_decoder()
+                try:
+                    pieces = self._decoder.feed(data)
+                except VfioUserError as exc:
+                    # The client sees only the errno: say here what was wrong.
+                    log.warning("%s: migration data refused: %s", self._device.name, exc.message)
+                    raise
             try:
                 for piece in pieces:
                     await self._device.load_chunk(piece)

@@ -33,7 +33,10 @@ The stream (all integers little-endian) is one header, then records::
       per IRQ index: index u32, count u32, then one byte per vector
         (bit 0 masked, bit 1 pending)
 
-The framework's state is taken when the device's stop-copy stream ends, so config writes
+The stream is one, from PRE_COPY into STOP_COPY: a client must forward all of it (one
+that drops the PRE_COPY part is refused at its first write; devices for such clients use
+raw mode, ``enable_migration(raw=True)``, which sends the device's bytes alone). The
+framework's state is taken when the device's stop-copy stream ends, so config writes
 made in STOP / STOP_COPY are included. The destination checks everything as it arrives
 (header, identity, record order and sizes, the framework state against its own layout,
 the checksum): invalid data fails the MIG_DATA_WRITE that carries it and, after it, the
@@ -349,6 +352,13 @@ class StreamDecoder:
     def _check_header(self, block: bytes) -> None:
         magic, version, header_size, *identity, flags = HEADER.unpack(block)
         if magic != STREAM_MAGIC:
+            kind, _ = RECORD.unpack_from(block)
+            if kind in (RECORD_DATA, RECORD_FRAMEWORK):
+                # What a client that dropped the PRE_COPY part sends: the stream's middle.
+                raise _invalid(
+                    "the stream does not begin with its header but with a record: was its "
+                    "PRE_COPY part not forwarded? (a device for such clients migrates raw)"
+                )
             raise _invalid(f"magic {magic!r}: not a vfiouser_trio migration stream")
         if version != STREAM_VERSION:
             raise _invalid(f"stream version {version}, this server reads {STREAM_VERSION}")
