@@ -112,7 +112,7 @@ from ..protocol.regions import (
 )
 from ..protocol.version import Negotiated, VersionReply, VersionRequest, check_server_reply
 from .config import PciConfig
-from .dirty import DirtyLogging, DirtyPages
+from .dirty import ClientWrites, DirtyLogging, DirtyPages, merge_reports, split_by_maps
 from .dma import DmaMap, DmaMaps, DmaService
 from .guest_memory import GuestMemory
 from .irqs import Interrupt, InterruptTable
@@ -826,6 +826,8 @@ class Client:
             raise ProtocolError("DMA_LOGGING_START reply without its control data")
         chosen = reply.data.page_size
         self.dirty_logging = DirtyLogging(chosen, tuple((a, n) for a, n in ranges))
+        if self._maps.written is None or self._maps.written.page_size != chosen:
+            self._maps.written = ClientWrites(chosen)  # our own DMA_WRITE service's pages
         return chosen
 
     async def dirty_pages(self, iova: int, length: int, page_size: int | None = None) -> DirtyPages:
@@ -833,7 +835,9 @@ class Client:
         reported (DMA_LOGGING_REPORT; reporting clears them).
 
         ``page_size`` defaults to the logging's. Large ranges are asked in several reports,
-        each bitmap within the server's ``max_data_xfer_size``.
+        each bitmap within the server's ``max_data_xfer_size``. While logging runs, the
+        pages this client wrote itself serving DMA_WRITE are added, and maps whose fd the
+        server was not given are answered from those alone (see ``dirty.py``).
         """
         if page_size is None:
             if self.dirty_logging is None:
@@ -841,6 +845,17 @@ class Client:
             page_size = self.dirty_logging.page_size
         if length <= 0 or page_size <= 0 or page_size & (page_size - 1):
             raise ValueError(f"cannot report {length:#x} bytes at page size {page_size:#x}")
+        written = self._maps.written
+        if written is None:
+            return await self._server_dirty_pages(iova, length, page_size)
+        maps = ((m.iova, m.size, m.shared) for m in self._maps)
+        server, _ = split_by_maps(iova, length, maps)
+        parts = [await self._server_dirty_pages(a, n, page_size) for a, n in server]
+        parts.append(written.take(iova, length, page_size))
+        return merge_reports(iova, length, page_size, parts)
+
+    async def _server_dirty_pages(self, iova: int, length: int, page_size: int) -> DirtyPages:
+        """The server's report of the range, asked in pieces whose bitmaps fit a message."""
         # Whole 64-page words per report, so that the bitmaps simply concatenate.
         pages_per_report = max(64, self.max_data_xfer_size // 8 * 64)
         step = pages_per_report * page_size
@@ -849,7 +864,20 @@ class Client:
             request = DeviceFeatureRequest.get(
                 Feature.DMA_LOGGING_REPORT, DmaLoggingReport(start, count, page_size)
             )
-            data = (await self._feature(request)).data
+            try:
+                data = (await self._feature(request)).data
+            except VfioUserError as exc:
+                if exc.errno != errno.ENOTSUP or start == iova:
+                    raise
+                # libvfio-user reports only from a map's start: past one bitmap's worth
+                # the rest of a big map cannot be asked at this page size.
+                raise VfioUserError(
+                    errno.ENOTSUP,
+                    f"the server reports dirty pages only from a DMA map's start, and "
+                    f"{iova:#x}+{length:#x} at page size {page_size:#x} needs more than one "
+                    f"{self.max_data_xfer_size}-byte bitmap: log at a larger page size",
+                    command=exc.command,
+                ) from exc
             if not (
                 isinstance(data, DmaLoggingBitmap) and (data.iova, data.length) == (start, count)
             ):
@@ -861,3 +889,4 @@ class Client:
         """End dirty-page logging (DMA_LOGGING_STOP; succeeds when it was not started)."""
         await self._feature(DeviceFeatureRequest.set(Feature.DMA_LOGGING_STOP))
         self.dirty_logging = None
+        self._maps.written = None

@@ -3,6 +3,13 @@
 The server's bitmap has one bit per ``page_size`` bytes from ``iova``: bit ``j`` (bit
 ``j % 64`` of little-endian u64 word ``j // 64``) is set when the device wrote any byte of
 ``[iova + j * page_size, iova + (j + 1) * page_size)`` since the last report of that page.
+
+The server sees only its own writes. While logging runs the client also marks, in a
+:class:`ClientWrites`, the pages it writes itself when it serves the server's DMA_WRITE (the
+only way a server reaches a map whose fd it was not given); ``Client.dirty_pages`` answers
+those maps from these marks alone (a server cannot report on memory it does not access:
+libvfio-user answers EINVAL) and ORs them into the server's reports elsewhere
+(:func:`merge_reports`), as libvfio-user's own client does.
 """
 
 from __future__ import annotations
@@ -10,12 +17,18 @@ from __future__ import annotations
 import array
 import itertools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..bitmap import DirtyBitmap, bitmap_nbytes, count_bits, next_clear_bit, next_set_bit
 
-__all__ = ["DirtyLogging", "DirtyPages"]
+__all__ = [
+    "ClientWrites",
+    "DirtyLogging",
+    "DirtyPages",
+    "merge_reports",
+    "split_by_maps",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +137,85 @@ class DirtyPages:
             f"<DirtyPages {self.count} of {self.n_pages} pages of {self.page_size:#x} "
             f"from {self.iova:#x}>"
         )
+
+
+class ClientWrites:
+    """The pages the client wrote itself (serving DMA_WRITE) while dirty logging runs.
+
+    Pages are ``page_size`` bytes on absolute IOVA multiples of ``page_size``. It holds one
+    integer per page written, so at most the pages of the client's own (writable) maps.
+    """
+
+    def __init__(self, page_size: int) -> None:
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two")
+        self.page_size = page_size
+        self._shift = page_size.bit_length() - 1
+        self._pages: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def mark(self, iova: int, length: int) -> None:
+        """Record a write of ``[iova, iova + length)``."""
+        if length > 0:
+            self._pages.update(range(iova >> self._shift, ((iova + length - 1) >> self._shift) + 1))
+
+    def take(self, iova: int, length: int, page_size: int) -> DirtyPages:
+        """The marked pages of ``[iova, iova + length)`` at ``page_size``; clears the marks
+        of the tracking pages wholly inside the range (the others may hold writes outside
+        it, which a later report must still see)."""
+        n_pages = -(-length // page_size)
+        end = iova + length
+        first, last = iova >> self._shift, (end - 1) >> self._shift
+        with DirtyBitmap(n_pages, page_size) as out:
+            for page in sorted(p for p in self._pages if first <= p <= last):
+                lo = max(page << self._shift, iova)
+                hi = min((page + 1) << self._shift, end)
+                out.mark(lo - iova, hi - lo)
+                if lo == page << self._shift and hi == (page + 1) << self._shift:
+                    self._pages.discard(page)
+            wire = out.take(clear=False)
+        return DirtyPages(iova, length, page_size, wire)
+
+
+def split_by_maps(
+    iova: int, length: int, maps: Iterable[tuple[int, int, bool]]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``[iova, iova + length)`` cut at the maps' edges: the pieces the server reports on,
+    and the pieces inside maps it does not access (``shared`` False), as ``(iova, length)``.
+
+    ``maps`` are ``(iova, size, shared)``, not overlapping. Each server piece inside a map
+    starts at that map's start when the range does (libvfio-user reports only from there).
+    """
+    end = iova + length
+    server: list[tuple[int, int]] = []
+    local: list[tuple[int, int]] = []
+    pos = iova
+    for start, size, shared in sorted(maps):
+        lo, hi = max(start, iova), min(start + size, end)
+        if lo >= hi:
+            continue
+        if pos < lo:
+            server.append((pos, lo - pos))
+        (server if shared else local).append((lo, hi - lo))
+        pos = hi
+    if pos < end:
+        server.append((pos, end - pos))
+    return server, local
+
+
+def merge_reports(
+    iova: int, length: int, page_size: int, parts: Iterable[DirtyPages]
+) -> DirtyPages:
+    """One report of ``[iova, iova + length)`` at ``page_size``: the OR of ``parts`` (any
+    ranges and page sizes; a part's dirty page marks every output page it touches)."""
+    end = iova + length
+    with DirtyBitmap(-(-length // page_size), page_size) as out:
+        for part in parts:
+            for first, count in part.runs():
+                lo, hi = max(first, iova), min(first + count, end)
+                if lo < hi:
+                    out.mark(lo - iova, hi - lo)
+        wire = out.take(clear=False)
+    return DirtyPages(iova, length, page_size, wire)

@@ -33,6 +33,7 @@ from ..protocol.errors import VfioUserError
 from ..protocol.framing import Frame
 from ..protocol.region_io import check_xfer_size
 from ..protocol.registry import decode_request
+from .dirty import ClientWrites
 from .guest_memory import GuestMemory
 
 __all__ = ["DmaMap", "DmaMaps", "DmaService"]
@@ -64,6 +65,9 @@ class DmaMap:
 
 class DmaMaps:
     """The client's DMA maps, sorted by IOVA and never overlapping."""
+
+    #: Where ``write`` marks the pages it writes, while dirty logging runs (set by Client).
+    written: ClientWrites | None = None
 
     def __init__(self) -> None:
         self._starts: list[int] = []
@@ -133,6 +137,8 @@ class DmaMaps:
         for m, offset, length in segments:
             _view(m)[offset : offset + length] = data[done : done + length]
             done += length
+        if self.written is not None:
+            self.written.mark(iova, len(data))
 
 
 def _view(m: DmaMap) -> memoryview:

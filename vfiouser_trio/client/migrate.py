@@ -47,9 +47,11 @@ error tell what they are then; None when a device cannot be reached):
 - The destination, if this call had changed its state, is reset (DEVICE_RESET; from STOP
   after a SET RESUMING, as STOP refuses DEVICE_RESET): it ends RUNNING with its reset
   state (config space included: set it up again before another attempt) and holds nothing
-  of the source's. It never runs the migrated state. A device that cannot be reset stays
-  where it is (RESUMING or ERROR: stopped), with the refusal in ``cleanup_errors``; an
-  unreachable one is left as it is.
+  of the source's. It never runs the migrated state. A server that keeps the migration
+  state across DEVICE_RESET (libvfio-user does) is then told SET RUNNING and the device
+  reset again (between the two it may run, for that moment, what it had loaded). A
+  device that cannot be reset stays where it is (RESUMING or ERROR: stopped), with the
+  refusal in ``cleanup_errors``; an unreachable one is left as it is.
 - Exception: when the destination could not be asked for its state after being told to
   run (its connection died during the last step), it may be running, so the source is left
   in STOP (for as long as the caller's connection lasts) rather than risk two running copies.
@@ -75,6 +77,7 @@ from ..protocol.constants import Feature, MigState
 from ..protocol.errors import VfioUserError
 from .client import Client
 from .dirty import DirtyPages
+from .dma import DmaMap
 
 __all__ = [
     "CLEANUP_TIMEOUT",
@@ -211,6 +214,24 @@ class MigrationError(VfioUserError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def report_ranges(
+    logged: Sequence[tuple[int, int]], maps: Sequence[DmaMap]
+) -> list[tuple[int, int]]:
+    """The ``(iova, length)`` reports that cover the logged ranges: each one's part in each
+    DMA map, so that every report lies in one map and starts at its start when the logged
+    range does (libvfio-user refuses others). No logged range means every write is logged
+    (the spec's num_ranges 0): every map is reported whole. Unmapped IOVAs hold no memory
+    to migrate and are not asked."""
+    spans = logged or [(m.iova, m.size) for m in maps]
+    pieces = []
+    for iova, length in spans:
+        for m in maps:
+            lo, hi = max(iova, m.iova), min(iova + length, m.end)
+            if lo < hi:
+                pieces.append((lo, hi - lo))
+    return sorted(pieces)
 
 
 def _state_name(state: MigState | None) -> str:
@@ -413,7 +434,7 @@ class _Migration:
         logged = self.source.dirty_logging
         assert logged is not None
         reports = []
-        for iova, length in logged.ranges:
+        for iova, length in report_ranges(logged.ranges, self.source.dma_maps):
             report = await self._step(
                 MigrationStep.DIRTY_REPORT, "source", self.source.dirty_pages(iova, length)
             )
@@ -553,5 +574,21 @@ class _Migration:
                 errors,
                 client.set_migration_state(MigState.RESUMING),
             )
-        await self._attempt("resetting the destination", errors, client.reset())
-        return await self._state("destination", errors)
+        try:
+            await client.reset()
+        except VfioUserError as exc:
+            errors.append(f"resetting the destination failed: {exc}")
+            return await self._state("destination", errors)
+        state_after = await self._state("destination", errors)
+        if state_after in (MigState.RESUMING, MigState.STOP):
+            # The server kept the migration state across DEVICE_RESET (libvfio-user does
+            # since its migration v2): leave it explicitly, then reset again, so the device
+            # runs its reset state and nothing it may have loaded on the way out.
+            await self._attempt(
+                "returning the destination to RUNNING",
+                errors,
+                client.set_migration_state(MigState.RUNNING),
+            )
+            await self._attempt("resetting the destination again", errors, client.reset())
+            state_after = await self._state("destination", errors)
+        return state_after
