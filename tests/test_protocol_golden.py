@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -67,6 +67,8 @@ from vfiouser_trio.protocol import (
     VersionReply,
     VersionRequest,
     decode_request,
+    detect_dma_write_layout,
+    dma_write_probe,
     region_info_reply,
     region_io_fds_reply,
 )
@@ -508,6 +510,36 @@ def test_fds_exposed_as_tuple() -> None:
 def test_dma_write_reply_accepts_twelve_bytes() -> None:
     # The spec table gives count as 4 bytes.
     assert DmaWriteReply.unpack(h("0020000000000000 03000000")) == DmaWriteReply(0x2000, 3)
+
+
+QEMU_DMA_WRITE = DmaWriteRequest(address=0x2000, data=b"\x11\x22\x33", layout=DmaLayout.QEMU)
+
+
+def test_dma_write_in_qemus_layout() -> None:
+    # QEMU's VFIOUserDMARW: u64 offset, u32 count, data at 12; its 4 padding bytes count.
+    payload = h("0020000000000000 03000000 112233 00000000")
+    assert QEMU_DMA_WRITE.pack() == payload
+    assert DmaWriteRequest.unpack_as(payload, (), DmaLayout.QEMU) == QEMU_DMA_WRITE
+    # QEMU answers header-only.
+    assert DmaWriteReply(0x2000, 3, DmaLayout.QEMU).pack() == b""
+    assert QEMU_DMA_WRITE.parse_reply(b"") == DmaWriteReply(0x2000, 3, DmaLayout.QEMU)
+
+
+def test_qemu_reads_a_spec_dma_write_four_bytes_late() -> None:
+    spec = DmaWriteRequest(0x2000, b"abcdefgh").pack()
+    assert DmaWriteRequest.unpack_as(spec, (), DmaLayout.QEMU).data == b"\0\0\0\0abcd"
+
+
+def test_dma_write_probe_is_the_same_in_both_layouts() -> None:
+    probe = dma_write_probe(0x2000)
+    assert (
+        probe.pack()
+        == replace(probe, layout=DmaLayout.QEMU).pack()
+        == h("0020000000000000") + bytes(8)
+    )
+    assert detect_dma_write_layout(b"", (), 0x2000) is DmaLayout.QEMU
+    assert detect_dma_write_layout(h("0020000000000000") + bytes(8), (), 0x2000) is DmaLayout.SPEC
+    assert detect_dma_write_layout(h("0020000000000000 00000000"), (), 0x2000) is DmaLayout.SPEC
 
 
 def test_region_read_reply_to_count_zero_may_be_empty() -> None:

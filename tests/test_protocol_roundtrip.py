@@ -393,6 +393,14 @@ def test_dma_read_reply_parsed_by_its_request(req: DmaReadRequest, data: st.Data
 
 
 @FAST
+@given(st.builds(DmaWriteRequest, U64, DATA, st.sampled_from(DmaLayout)))
+def test_dma_write_in_either_layout(req: DmaWriteRequest) -> None:
+    assert DmaWriteRequest.unpack_as(req.pack(), (), req.layout) == req
+    reply = DmaWriteReply(req.address, req.count, req.layout)
+    assert req.parse_reply(reply.pack()) == reply
+
+
+@FAST
 @given(
     st.integers(1, 64).flatmap(lambda n: st.tuples(st.just(n), st.binary(min_size=n, max_size=n)))
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .engine import DEFAULT_DISPATCH_BATCH
+from .protocol.dma import DmaLayout
 
 __all__ = ["DEFAULT_LIMITS", "ServerLimits"]
 
@@ -51,6 +52,11 @@ class ServerLimits:
     #: can still shrink (no F_SEAL_SHRINK and none could be added). Such a client can
     #: then crash the process with SIGBUS: turn this on only for a trusted client.
     trust_client_memory: bool = False
+    #: How the client lays out DMA_READ replies and DMA_WRITE messages, for maps without an
+    #: fd: ``DmaLayout.QEMU`` (QEMU's vfio-user-pci) or ``DmaLayout.SPEC``. None (default):
+    #: learnt per connection, from the first DMA_READ reply only one layout fits, else by a
+    #: zero-length DMA_WRITE probe (harmless in both) before the first DMA_WRITE.
+    dma_layout: DmaLayout | None = None
 
     def __post_init__(self) -> None:
         for name in (

@@ -194,7 +194,8 @@ async def connect(
     capabilities: Capabilities | None = None,
     policy: OrderingPolicy | None = None,
     hooks: ConnectionHooks | None = None,
-    dma_read_layout: DmaLayout = DmaLayout.SPEC,
+    dma_layout: DmaLayout = DmaLayout.SPEC,
+    dma_read_layout: DmaLayout | None = None,
     negotiation_timeout: float | None = DEFAULT_NEGOTIATION_TIMEOUT,
     limits: ClientLimits = DEFAULT_CLIENT_LIMITS,
 ) -> AsyncIterator[Client]:
@@ -207,8 +208,10 @@ async def connect(
     client's receive limit: DMA_READ/WRITE counts above it get EINVAL, region reads are
     split to fit it, and any message larger than it (or than 1 MiB, the largest
     region-info reply the client follows) is refused. ``policy`` and ``hooks`` go to the
-    engine. ``dma_read_layout=DmaLayout.QEMU`` answers DMA_READ the way QEMU does (to test
-    servers against it).
+    engine. ``dma_layout=DmaLayout.QEMU`` serves the server's DMA_READ and DMA_WRITE the
+    way QEMU does, to test servers against it: replies to DMA_READ with data at offset 12
+    and 4 zero bytes after, reads DMA_WRITE data at offset 12 and answers it header-only
+    (``dma_read_layout`` is its former name).
 
     Opening the socket, VERSION and the info queries must all finish within
     ``negotiation_timeout`` seconds (None: wait for ever), else :class:`NegotiationTimeout`
@@ -238,7 +241,7 @@ async def connect(
         raise NegotiationTimeout("connect", negotiation_timeout)
     maps = DmaMaps()
     dma = DmaService(
-        maps, max_data_xfer_size=proposal.max_data_xfer_size, read_layout=dma_read_layout
+        maps, max_data_xfer_size=proposal.max_data_xfer_size, layout=dma_read_layout or dma_layout
     )
     async with open_connection(
         sock,

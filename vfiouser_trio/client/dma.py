@@ -32,7 +32,6 @@ from ..protocol.dma import DmaLayout, DmaReadReply, DmaReadRequest, DmaWriteRepl
 from ..protocol.errors import VfioUserError
 from ..protocol.framing import Frame
 from ..protocol.region_io import check_xfer_size
-from ..protocol.registry import decode_request
 from .dirty import ClientWrites
 from .guest_memory import GuestMemory
 
@@ -151,7 +150,9 @@ class DmaService:
     """Serves the server-to-client commands (DMA_READ, DMA_WRITE) from ``maps``.
 
     ``max_data_xfer_size`` is what the client advertised: larger requests get EINVAL.
-    ``read_layout`` chooses how DMA_READ replies are laid out (QEMU's layout only to imitate it).
+    ``layout`` is how DMA_READ replies and DMA_WRITE requests and replies are laid out:
+    ``DmaLayout.QEMU`` imitates QEMU (to test servers against it), reading DMA_WRITE data
+    at offset 12 as QEMU does and answering header-only. ``read_layout`` is its former name.
     """
 
     def __init__(
@@ -159,19 +160,23 @@ class DmaService:
         maps: DmaMaps,
         *,
         max_data_xfer_size: int,
-        read_layout: DmaLayout = DmaLayout.SPEC,
+        layout: DmaLayout = DmaLayout.SPEC,
+        read_layout: DmaLayout | None = None,
     ) -> None:
         self.maps = maps
         self.max_data_xfer_size = max_data_xfer_size
-        self.read_layout = read_layout
+        self.layout = read_layout or layout
 
     async def handle(self, frame: Frame) -> HandlerResult:
         """The engine handler: answer one command from the server."""
         command = frame.header.command
         if command not in (Command.DMA_READ, Command.DMA_WRITE):
             raise VfioUserError(errno.EINVAL, f"a client does not serve command {command}")
-        request = decode_request(command, frame.payload, frame.fds)
-        assert isinstance(request, (DmaReadRequest, DmaWriteRequest))
+        request: DmaReadRequest | DmaWriteRequest
+        if command == Command.DMA_WRITE:
+            request = DmaWriteRequest.unpack_as(frame.payload, frame.fds, self.layout)
+        else:
+            request = DmaReadRequest.unpack(frame.payload, frame.fds)
         check_xfer_size(request, self.max_data_xfer_size)
         if request.address + request.count > _IOVA_END:
             raise VfioUserError(
@@ -181,7 +186,7 @@ class DmaService:
             )
         if isinstance(request, DmaReadRequest):
             data = self.maps.read(request.address, request.count) if request.count else b""
-            return DmaReadReply(request.address, data, self.read_layout)
+            return DmaReadReply(request.address, data, self.layout)
         if request.data:
             self.maps.write(request.address, request.data)
-        return DmaWriteReply(request.address, request.count)
+        return DmaWriteReply(request.address, request.count, self.layout)

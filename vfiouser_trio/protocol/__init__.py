@@ -22,6 +22,9 @@ from .dma import (
     DmaWriteReply,
     DmaWriteRequest,
     detect_dma_read_layout,
+    detect_dma_write_layout,
+    dma_read_reply_layouts,
+    dma_write_probe,
 )
 from .errors import ProtocolError, VfioUserError
 from .features import (
@@ -172,6 +175,9 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "detect_dma_read_layout",
+    "detect_dma_write_layout",
+    "dma_read_reply_layouts",
+    "dma_write_probe",
     "error_header",
     "max_msg_size_for",
     "negotiate_server_reply",

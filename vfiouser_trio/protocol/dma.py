@@ -1,10 +1,14 @@
 """DMA commands: DMA_MAP (2), DMA_UNMAP (3), DMA_READ (11), DMA_WRITE (12).
 
-DMA_READ/DMA_WRITE go server -> client. QEMU's client lays out its DMA_READ
-reply as ``address u64, count u32, data`` (data at payload offset 12, then 4
-zero bytes so the payload is still 16 + count) where the spec has
-``address u64, count u64, data`` (data at 16). ``DmaLayout`` names the two;
-see ``DmaReadRequest.parse_reply`` for how a reply is told apart.
+DMA_READ/DMA_WRITE go server -> client. QEMU's client (``hw/vfio-user/pci.c``) lays
+both the DMA_READ reply and the DMA_WRITE request out as ``address u64, count u32,
+data`` (its struct is 28 bytes padded to 32: data at payload offset 12, and it wants
+the 4 padding bytes in the message, so the payload is still 16 + count), and answers
+DMA_WRITE header-only. The spec has ``address u64, count u64, data`` (data at 16) and
+echoes ``address, count`` in the DMA_WRITE reply. ``DmaLayout`` names the two; a peer
+uses one for both commands. How a server learns it: ``DmaReadRequest.parse_reply``
+(a reply only one layout fits) and ``detect_dma_write_layout`` (the reply to a
+zero-length DMA_WRITE, which both layouts accept).
 """
 
 from __future__ import annotations
@@ -28,16 +32,26 @@ _DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, offset, address, size
 _DMA_UNMAP = struct.Struct("=IIQQ")  # argsz, flags, address, size
 _DMA_RW = struct.Struct("=QQ")  # address, count
 _QEMU_DMA_RW = struct.Struct("=QI")  # address, count (QEMU's layout)
+_QEMU_PAD = bytes(4)  # QEMU's DMA_READ/WRITE struct padding, part of its messages
 
 DMA_MAP_FLAGS_KNOWN = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 DMA_UNMAP_FLAGS_KNOWN = DMA_UNMAP_FLAG_ALL
 
 
 class DmaLayout(enum.Enum):
-    """Wire layout of a DMA_READ reply."""
+    """Wire layout a client uses for DMA_READ replies and DMA_WRITE requests and replies."""
 
-    SPEC = "spec"  #: address u64, count u64, data
-    QEMU = "qemu"  #: address u64, count u32, data, 4 zero bytes
+    #: address u64, count u64, data; DMA_WRITE answered with address u64, count u64.
+    SPEC = "spec"
+    #: address u64, count u32, data, 4 zero bytes; DMA_WRITE answered header-only (QEMU).
+    QEMU = "qemu"
+
+
+def _pack_rw(address: int, data: bytes, layout: DmaLayout) -> bytes:
+    """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``."""
+    if layout is DmaLayout.QEMU:
+        return _QEMU_DMA_RW.pack(address, len(data)) + data + _QEMU_PAD
+    return _DMA_RW.pack(address, len(data)) + data
 
 
 def _empty_reply_unpack(cls: type[Message], payload: Buffer, fds: Sequence[int]) -> None:
@@ -187,9 +201,7 @@ class DmaReadReply(Reply):
         return len(self.data)
 
     def pack(self) -> bytes:
-        if self.layout is DmaLayout.QEMU:
-            return _QEMU_DMA_RW.pack(self.address, len(self.data)) + self.data + b"\0\0\0\0"
-        return _DMA_RW.pack(self.address, len(self.data)) + self.data
+        return _pack_rw(self.address, self.data, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
@@ -202,24 +214,30 @@ class DmaReadReply(Reply):
         return cls(address, bytes(payload[_DMA_RW.size :]))
 
 
-def detect_dma_read_layout(payload: Buffer, count: int) -> DmaLayout | None:
-    """Which layouts fit a DMA_READ reply to a request for ``count`` bytes.
+def dma_read_reply_layouts(payload: Buffer, count: int) -> frozenset[DmaLayout]:
+    """The layouts a DMA_READ reply to a request for ``count`` bytes fits: none, one or both.
 
     Both layouts make a 16 + count byte payload. The spec layout has u64 count
     at offset 8; QEMU's has u32 count at 8, data at 12 and 4 zero bytes at the
-    end. Returns the only layout that fits, SPEC when both fit (only possible
-    when data bytes 0-3 and the last 4 are zero, as QEMU sees it), or None when
-    neither fits.
+    end. Both fit only when bytes 12-15 and the last 4 are zero (as QEMU sees
+    it: data bytes 0-3 are zero); one that fits alone is the peer's layout.
     """
     if len(payload) != _DMA_RW.size + count:
-        return None
-    spec_ok = _DMA_RW.unpack_from(payload)[1] == count
-    qemu_ok = (
-        _QEMU_DMA_RW.unpack_from(payload)[1] == count and payload[len(payload) - 4 :] == b"\0\0\0\0"
-    )
-    if spec_ok:
+        return frozenset()
+    fits = set()
+    if _DMA_RW.unpack_from(payload)[1] == count:
+        fits.add(DmaLayout.SPEC)
+    if _QEMU_DMA_RW.unpack_from(payload)[1] == count and payload[len(payload) - 4 :] == _QEMU_PAD:
+        fits.add(DmaLayout.QEMU)
+    return frozenset(fits)
+
+
+def detect_dma_read_layout(payload: Buffer, count: int) -> DmaLayout | None:
+    """The only layout that fits, SPEC when both fit, None when neither does."""
+    fits = dma_read_reply_layouts(payload, count)
+    if DmaLayout.SPEC in fits:
         return DmaLayout.SPEC
-    return DmaLayout.QEMU if qemu_ok else None
+    return DmaLayout.QEMU if fits else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +265,9 @@ class DmaReadRequest(Request):
         """Decode the reply; it must carry exactly ``count`` bytes.
 
         With ``layout=None`` the layout is detected (``detect_dma_read_layout``);
-        the ambiguous case reads as the spec layout. An engine that has seen one
-        QEMU-layout reply from a peer should pass ``layout=DmaLayout.QEMU`` from
-        then on, which removes the ambiguity.
+        the ambiguous case reads as the spec layout, which is wrong for QEMU: a
+        session that does not know its peer's layout yet checks
+        ``dma_read_reply_layouts`` first and learns it another way when both fit.
         """
         expect_no_fds(DmaReadReply, fds)
         expect_min_size(DmaReadReply, payload, _DMA_RW.size)
@@ -272,48 +290,109 @@ class DmaReadRequest(Request):
 
 @dataclass(frozen=True, slots=True)
 class DmaWriteReply(Reply):
-    """DMA_WRITE reply. Emitted as 16 bytes {address u64, count u64}; 12 or 16 accepted."""
+    """DMA_WRITE reply: {address u64, count u64} echoed (12 bytes, u32 count, accepted too).
+
+    With ``layout=DmaLayout.QEMU`` it packs to nothing, as QEMU answers. ``unpack``
+    reads the spec layout only; ``DmaWriteRequest.parse_reply`` knows both.
+    """
 
     COMMAND: ClassVar[Command] = Command.DMA_WRITE
 
     address: int
     count: int
+    layout: DmaLayout = DmaLayout.SPEC
 
     def pack(self) -> bytes:
-        return _DMA_RW.pack(self.address, self.count)
+        return b"" if self.layout is DmaLayout.QEMU else _DMA_RW.pack(self.address, self.count)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        if len(payload) == _DMA_RW.size:
+        if len(payload) >= _DMA_RW.size:
             return cls(*_DMA_RW.unpack_from(payload))
-        if len(payload) == _QEMU_DMA_RW.size:  # the spec table's u32 count
+        if len(payload) >= _QEMU_DMA_RW.size:  # the spec table's u32 count
             return cls(*_QEMU_DMA_RW.unpack_from(payload))
         fail(cls, f"payload of {len(payload)} bytes, expected 12 or 16")
 
 
 @dataclass(frozen=True, slots=True)
 class DmaWriteRequest(Request):
-    """Server -> client: write ``data`` at DMA ``address``."""
+    """Server -> client: write ``data`` at DMA ``address``, laid out in ``layout``."""
 
     COMMAND: ClassVar[Command] = Command.DMA_WRITE
     REPLY: ClassVar[type[Message]] = DmaWriteReply
 
     address: int
     data: bytes
+    layout: DmaLayout = DmaLayout.SPEC
 
     @property
     def count(self) -> int:
         return len(self.data)
 
     def pack(self) -> bytes:
-        return _DMA_RW.pack(self.address, len(self.data)) + self.data
+        return _pack_rw(self.address, self.data, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
+        """Decode the spec layout: exactly ``count`` data bytes (the length is the data's)."""
         expect_no_fds(cls, fds)
         expect_min_size(cls, payload, _DMA_RW.size)
         address, count = _DMA_RW.unpack_from(payload)
         if len(payload) - _DMA_RW.size != count:
             fail(cls, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
         return cls(address, bytes(payload[_DMA_RW.size :]))
+
+    @classmethod
+    def unpack_as(cls, payload: Buffer, fds: Sequence[int], layout: DmaLayout) -> Self:
+        """Decode in ``layout``; QEMU's is read as QEMU reads it (to imitate QEMU).
+
+        QEMU wants at least its 32-byte struct (payload 16) and count <= payload - 16,
+        and takes ``count`` bytes from offset 12, so a spec-layout message reaches it
+        shifted by 4 bytes: an imitation that is stricter would hide that.
+        """
+        if layout is DmaLayout.SPEC:
+            return cls.unpack(payload, fds)
+        expect_no_fds(cls, fds)
+        expect_min_size(cls, payload, _DMA_RW.size)
+        address, count = _QEMU_DMA_RW.unpack_from(payload)
+        if count > len(payload) - _DMA_RW.size:
+            fail(cls, f"count {count} but room for {len(payload) - _DMA_RW.size} data bytes")
+        start = _QEMU_DMA_RW.size
+        return cls(address, bytes(payload[start : start + count]), layout)
+
+    def parse_reply(self, payload: Buffer, fds: Sequence[int] = ()) -> DmaWriteReply:
+        """Decode the reply in this request's layout; it must echo address and count.
+
+        QEMU's reply must be empty: exact, since the length is what tells the layouts
+        apart. A spec reply must echo the request (libvfio-user checks this too).
+        """
+        expect_no_fds(DmaWriteReply, fds)
+        if self.layout is DmaLayout.QEMU:
+            if len(payload):
+                fail(DmaWriteReply, f"{len(payload)} bytes where QEMU's layout answers none")
+            return DmaWriteReply(self.address, self.count, DmaLayout.QEMU)
+        reply = DmaWriteReply.unpack(payload)
+        if (reply.address, reply.count) != (self.address, self.count):
+            fail(
+                DmaWriteReply,
+                f"reply {reply.address:#x}+{reply.count:#x} does not echo "
+                f"{self.address:#x}+{self.count:#x}",
+            )
+        return reply
+
+
+def dma_write_probe(address: int) -> DmaWriteRequest:
+    """A zero-length DMA_WRITE: the same 16 bytes in both layouts, and writes nothing.
+
+    QEMU accepts it (its struct's 32 bytes, count 0 <= 0; writing 0 bytes is a no-op)
+    and answers header-only; a spec peer echoes {address, 0}.
+    """
+    return DmaWriteRequest(address, b"")
+
+
+def detect_dma_write_layout(payload: Buffer, fds: Sequence[int], address: int) -> DmaLayout:
+    """The layout the reply to ``dma_write_probe(address)`` reveals (ProtocolError if none)."""
+    layout = DmaLayout.SPEC if len(payload) else DmaLayout.QEMU
+    DmaWriteRequest(address, b"", layout).parse_reply(payload, fds)
+    return layout

@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 import trio
@@ -54,6 +56,9 @@ from ..protocol import (
     SparseMmapCap,
     VersionRequest,
     decode_request,
+    detect_dma_write_layout,
+    dma_read_reply_layouts,
+    dma_write_probe,
     max_msg_size_for,
     negotiate_server_reply,
     region_info_reply,
@@ -65,7 +70,7 @@ from ..protocol.constants import (
     DEVICE_FLAGS_RESET,
     Command,
 )
-from ..protocol.errors import VfioUserError
+from ..protocol.errors import ProtocolError, VfioUserError
 from ..protocol.framing import Frame, close_fds
 from ..protocol.region_io import REGION_ACCESS_SIZE, REGION_ACCESS_STRUCT, check_count
 from ..protocol.regions import RegionCap
@@ -112,7 +117,9 @@ class ServerSession:
         self.negotiated: Negotiated | None = None
         self._conn: Connection | None = None
         self._attached = False
-        self._dma_layout: DmaLayout | None = None
+        # The client's DMA_READ/WRITE layout: configured, or learnt once (see dma_read).
+        self._dma_layout: DmaLayout | None = limits.dma_layout
+        self._dma_probe = trio.Lock()
         self._migration = SessionMigration(device, limits)
 
     # --- running -------------------------------------------------------------------------
@@ -164,13 +171,50 @@ class ServerSession:
         request = DmaReadRequest(address, count)
         frame = await conn.request_raw(request.COMMAND, request.pack())
         frame.close_fds()
-        reply = request.parse_reply(frame.payload, (), layout=self._dma_layout)
-        # Remember the peer's layout (QEMU's differs from the spec's) once it is known.
-        self._dma_layout = reply.layout
-        return reply.data
+        layout = self._dma_layout
+        if layout is None:
+            # A reply only one layout fits tells the peer's layout. When both fit and the
+            # two readings differ (QEMU's data starting with 4 zero bytes), ask the peer.
+            fits = dma_read_reply_layouts(frame.payload, count)
+            if len(fits) == 1:
+                (layout,) = fits
+                self._dma_layout = layout
+            elif (
+                fits and len({request.parse_reply(frame.payload, layout=f).data for f in fits}) > 1
+            ):
+                layout = await self._peer_dma_layout(address)
+        with self._refusing_dma_reply():
+            return request.parse_reply(frame.payload, (), layout=layout).data
 
     async def dma_write(self, address: int, data: bytes | memoryview) -> None:
-        await self._need_conn().request(DmaWriteRequest(address, bytes(data)))
+        conn = self._need_conn()
+        layout = self._dma_layout or await self._peer_dma_layout(address)
+        request = DmaWriteRequest(address, bytes(data), layout)
+        frame = await conn.request_raw(request.COMMAND, request.pack())
+        frame.close_fds()
+        with self._refusing_dma_reply():
+            request.parse_reply(frame.payload)
+
+    @contextmanager
+    def _refusing_dma_reply(self) -> Iterator[None]:
+        """A malformed DMA reply fails that access (EINVAL to the device) and is logged."""
+        try:
+            yield
+        except ProtocolError as exc:
+            log.warning("%s: the client's DMA reply is refused: %s", self.device.name, exc)
+            raise
+
+    async def _peer_dma_layout(self, address: int) -> DmaLayout:
+        """Learn the client's DMA layout by a zero-length DMA_WRITE at ``address``, once."""
+        async with self._dma_probe:
+            if self._dma_layout is None:
+                probe = dma_write_probe(address)
+                frame = await self._need_conn().request_raw(probe.COMMAND, probe.pack())
+                frame.close_fds()
+                with self._refusing_dma_reply():
+                    self._dma_layout = detect_dma_write_layout(frame.payload, (), address)
+                log.info("%s: client's DMA layout: %s", self.device.name, self._dma_layout.value)
+            return self._dma_layout
 
     def _need_conn(self) -> Connection:
         if self._conn is None:
