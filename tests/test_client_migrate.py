@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from vfiouser_trio.cli import ProgressPrinter, summary_lines
+from vfiouser_trio.cli import ProgressPrinter, human_bytes, summary_lines
 from vfiouser_trio.client import (
     Client,
     ConnectionClosedError,
@@ -569,8 +569,10 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-async def run_migrate_command(source: str, destination: str) -> subprocess.CompletedProcess[bytes]:
-    argv = [sys.executable, "-m", "vfiouser_trio.cli", "migrate", source, destination]
+async def run_migrate_command(
+    source: str, destination: str, *options: str
+) -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-m", "vfiouser_trio.cli", "migrate", source, destination, *options]
     return await trio.run_process(
         argv, capture_stdout=True, capture_stderr=True, env=env(), check=False
     )
@@ -594,9 +596,9 @@ async def test_migrate_command_between_served_sockets(tmp_path: Path) -> None:
     out = done.stdout.decode()
     assert "\r" not in out  # not a terminal: plain lines
     lines = out.splitlines()
-    assert lines[0].startswith("pre-copy: 0.0 MiB")
+    assert lines[0] == "pre-copy: 0 B (0 B in all)"
     assert any(line.startswith("stop-copy: ") for line in lines)
-    assert any(line.startswith("migrated 0.3 MiB in ") for line in lines)
+    assert any(line.startswith("migrated 300 KiB in ") for line in lines)
     assert destination.data == source.data
     # The command's connection to the source is gone: the source runs again (state kept).
     assert (state(source), state(destination)) == (S.RUNNING, S.RUNNING)
@@ -620,7 +622,7 @@ def test_progress_printer_on_a_terminal_redraws_one_line() -> None:
     text = out.getvalue()
     assert text.count("\r") == 3
     assert "\n" not in text[:-1] and text.endswith("\n")
-    assert "[############............] stop-copy: 2.0 MiB" in text
+    assert "[############............] stop-copy: 2.0 MiB (2.0 MiB in all, 4.0 MiB/s)" in text
     assert "[########################] done" in text
 
 
@@ -637,9 +639,52 @@ def test_summary_lines() -> None:
         warnings=("a warning",),
     )
     assert summary_lines(summary) == [
-        "migrated 64.0 MiB in 0.500 s: 268.4 MB/s, downtime 0.250 s",
-        "  stop-copy: 64.0 MiB in 0.250 s",
-        "  resume: 0.0 MiB in 0.010 s",
+        "migrated 64 MiB in 0.500 s: 256 MiB/s, downtime 0.250 s",
+        "  stop-copy: 64 MiB in 0.250 s",
+        "  resume: 0 B in 0.010 s",
         "  guest pages dirtied by the device: 2",
         "  warning: a warning",
     ]
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 512, 1023, 1024, 12 * 1024, 1536 << 10, 300 << 20)] == [
+        "0 B",
+        "512 B",
+        "1023 B",
+        "1.0 KiB",
+        "12 KiB",
+        "1.5 MiB",
+        "300 MiB",
+    ]
+    assert human_bytes(5 << 40) == "5.0 TiB"
+
+
+async def test_migrate_command_options(tmp_path: Path) -> None:
+    source, destination, plain = Blob(seed=6, pre_copy=True), Blob(), Blob(seed=7)
+    paths = [tmp_path / name for name in ("src.sock", "dst.sock", "plain.sock")]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for device, path in zip((source, destination, plain), paths, strict=True):
+                await nursery.start(serve, device, path)
+            src, dst, other = map(str, paths)
+            skipped = await run_migrate_command(
+                src, dst, "--no-pre-copy", "--max-data-xfer-size=4K"
+            )
+            required = await run_migrate_command(other, dst, "--pre-copy")
+            bad = await run_migrate_command(src, dst, "--max-data-xfer-size", "32")
+            nursery.cancel_scope.cancel()
+    for device in (source, destination, plain):
+        device.close()
+
+    assert skipped.returncode == 0, skipped.stderr.decode()
+    out = skipped.stdout.decode()
+    assert "pre-copy" not in out
+    assert destination.data == source.data
+    assert max(destination.chunk_sizes) <= 4096  # the command's own limit, not the servers'
+
+    assert required.returncode == 1
+    assert "the source does not offer PRE_COPY" in required.stderr.decode()
+
+    assert bad.returncode == 2
+    assert bad.stderr.decode().startswith("vfio-user-trio migrate: --max-data-xfer-size: ")

@@ -8,16 +8,19 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TextIO
 
 import trio
 
 from .client import MigrationError, MigrationProgress, MigrationSummary, Phase, connect, migrate
+from .client.client import DEFAULT_CAPABILITIES
 from .demo import run as run_demo
 from .examples import EXAMPLES
 from .inspector import lspci
-from .protocol.errors import VfioUserError
+from .protocol.capabilities import Capabilities
+from .protocol.errors import ProtocolError, VfioUserError
 from .server.device import Device
 from .server.listener import ListenerError
 from .server.serve import serve
@@ -104,8 +107,17 @@ def cmd_lspci(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(count: int) -> str:
-    return f"{count / (1 << 20):.1f} MiB"
+def human_bytes(count: float) -> str:
+    """``count`` bytes in the largest binary unit that keeps it at 1 or more: "512 B",
+    "12 KiB", "1.5 MiB" (one decimal below 10)."""
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            break
+        count /= 1024
+    if unit == "B":
+        return f"{count:.0f} B"
+    return f"{count:.1f} {unit}" if count < 10 else f"{count:.0f} {unit}"
 
 
 class ProgressPrinter:
@@ -134,9 +146,11 @@ class ProgressPrinter:
             return
         self._phase = report.phase
         self._shown = report.elapsed
-        rate = report.total_bytes / report.elapsed / 1e6 if report.elapsed > 0 else 0.0
-        text = f"{report.phase}: {_mib(report.phase_bytes)} ({_mib(report.total_bytes)} in all"
-        text += f", {rate:.1f} MB/s)"
+        text = f"{report.phase}: {human_bytes(report.phase_bytes)}"
+        text += f" ({human_bytes(report.total_bytes)} in all"
+        if report.elapsed > 0 and report.total_bytes:
+            text += f", {human_bytes(report.total_bytes / report.elapsed)}/s"
+        text += ")"
         if self.tty:
             done = self.PHASES.index(report.phase) + 1
             filled = self.WIDTH * done // len(self.PHASES)
@@ -158,11 +172,11 @@ class ProgressPrinter:
 def summary_lines(summary: MigrationSummary) -> list[str]:
     """What ``migrate`` prints after a success."""
     lines = [
-        f"migrated {_mib(summary.bytes)} in {summary.seconds:.3f} s: "
-        f"{summary.throughput / 1e6:.1f} MB/s, downtime {summary.downtime:.3f} s"
+        f"migrated {human_bytes(summary.bytes)} in {summary.seconds:.3f} s: "
+        f"{human_bytes(summary.throughput)}/s, downtime {summary.downtime:.3f} s"
     ]
     for phase, stats in summary.phases.items():
-        lines.append(f"  {phase}: {_mib(stats.bytes)} in {stats.seconds:.3f} s")
+        lines.append(f"  {phase}: {human_bytes(stats.bytes)} in {stats.seconds:.3f} s")
     if summary.dirty is not None:
         pages = sum(report.count for report in summary.dirty)
         lines.append(f"  guest pages dirtied by the device: {pages}")
@@ -171,17 +185,48 @@ def summary_lines(summary: MigrationSummary) -> list[str]:
 
 
 async def _migrate_sockets(
-    source_path: str, destination_path: str, printer: ProgressPrinter
+    args: argparse.Namespace, proposal: Capabilities, printer: ProgressPrinter
 ) -> MigrationSummary:
-    async with connect(source_path) as source, connect(destination_path) as destination:
-        return await migrate(source, destination, progress=printer)
+    async with (
+        connect(args.source, capabilities=proposal) as source,
+        connect(args.destination, capabilities=proposal) as destination,
+    ):
+        return await migrate(
+            source,
+            destination,
+            progress=printer,
+            pre_copy=args.pre_copy,
+            pre_copy_limit=args.pre_copy_limit,
+            # The command maps no guest memory: there is nothing to log.
+            track_dirty=False,
+        )
+
+
+def _byte_count(text: str) -> int:
+    """A positive byte count, with an optional K, M or G suffix (binary units)."""
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    try:
+        count = int(text[:-1] if scale > 1 else text, 0) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive byte count: {text!r}")
+    return count
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Migrate the device served at SOURCE to the server at DESTINATION; 0 on success."""
+    proposal = DEFAULT_CAPABILITIES
+    if args.max_data_xfer_size is not None:
+        proposal = replace(proposal, max_data_xfer_size=args.max_data_xfer_size)
+        try:
+            proposal.check()
+        except ProtocolError as exc:
+            print(f"vfio-user-trio migrate: --max-data-xfer-size: {exc.message}", file=sys.stderr)
+            return 2
     printer = ProgressPrinter(sys.stdout, tty=sys.stdout.isatty())
     try:
-        summary = trio.run(_migrate_sockets, args.source, args.destination, printer)
+        summary = trio.run(_migrate_sockets, args, proposal, printer)
     except MigrationError as exc:
         printer.finish()
         print(f"vfio-user-trio migrate: {exc}", file=sys.stderr)
@@ -245,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate_cmd.add_argument("source", help="socket path of the server to migrate from")
     migrate_cmd.add_argument("destination", help="socket path of the server to migrate to")
+    migrate_cmd.add_argument(
+        "--pre-copy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require PRE_COPY, or skip it (default: use it when the source offers it). "
+        "--no-pre-copy for a destination that takes only the STOP_COPY data, as "
+        "libvfio-user's sample server does",
+    )
+    migrate_cmd.add_argument(
+        "--pre-copy-limit",
+        type=_byte_count,
+        metavar="BYTES",
+        help="move at most this much in PRE_COPY, then stop the source",
+    )
+    migrate_cmd.add_argument(
+        "--max-data-xfer-size",
+        type=_byte_count,
+        metavar="BYTES",
+        help="the largest transfer this client proposes (default 1 MiB); migration data "
+        "moves in pieces of at most this and each server's own limit",
+    )
     migrate_cmd.set_defaults(func=cmd_migrate)
 
     bench = sub.add_parser("bench", help="run the benchmarks (see docs/performance.md)")
