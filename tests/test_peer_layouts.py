@@ -25,7 +25,7 @@ import trio
 from raw_client import session
 
 from vfiouser_trio.client import GuestMemory, connect
-from vfiouser_trio.engine import Connection, RawMessage, open_connection
+from vfiouser_trio.engine import Connection, HandlerResult, RawMessage, open_connection
 from vfiouser_trio.examples import DmaEngine
 from vfiouser_trio.examples import dmaengine as de
 from vfiouser_trio.limits import ServerLimits
@@ -33,14 +33,32 @@ from vfiouser_trio.protocol import (
     Capabilities,
     DeviceGetInfoReply,
     DeviceGetInfoRequest,
+    DeviceResetReply,
+    DeviceResetRequest,
     DmaLayout,
+    DmaMapReply,
     DmaMapRequest,
+    DmaUnmapRequest,
     IrqInfoReply,
+    IrqInfoRequest,
+    Message,
     RegionInfoReply,
+    RegionInfoRequest,
+    RegionWriteRequest,
     VersionReply,
     VersionRequest,
+    decode_request,
 )
-from vfiouser_trio.protocol.constants import Command, PciIrq, PciRegion
+from vfiouser_trio.protocol.constants import (
+    DEVICE_FLAGS_PCI,
+    DEVICE_FLAGS_RESET,
+    IRQ_INFO_EVENTFD,
+    REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
+    Command,
+    PciIrq,
+    PciRegion,
+)
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
@@ -319,3 +337,50 @@ async def test_dmaengine_with_every_map_by_message(layout: DmaLayout, tmp_path: 
                 nursery.cancel_scope.cancel()
     finally:
         device.close()
+
+
+# --- the client reads replies longer than it needs ----------------------------------------
+
+PADDING = b"\xa5" * 8  # bytes a peer's larger reply buffer carries past the structure
+
+
+async def padded_server(frame: Frame) -> HandlerResult:
+    """Every fixed-layout reply with bytes past its structure."""
+    await trio.lowlevel.checkpoint()
+    request = decode_request(frame.header.command, frame.payload, frame.fds)
+    reply: Message
+    match request:
+        case VersionRequest():
+            return VersionReply(0, 2, Capabilities())
+        case DeviceGetInfoRequest():
+            reply = DeviceGetInfoReply(DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET, 1, 1)
+        case RegionInfoRequest():
+            reply = RegionInfoReply(0, REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE, 0x100)
+        case IrqInfoRequest():
+            reply = IrqInfoReply(request.index, IRQ_INFO_EVENTFD, 1)
+        case RegionWriteRequest():
+            reply = request.reply()
+        case DeviceResetRequest():
+            reply = DeviceResetReply()
+        case DmaMapRequest():
+            reply = DmaMapReply()
+        case DmaUnmapRequest():
+            reply = request.reply()
+        case _:
+            raise VfioUserError(errno.EINVAL, "not scripted")
+    return RawMessage(reply.pack() + PADDING)
+
+
+async def test_client_takes_replies_longer_than_their_structure() -> None:
+    ours, theirs = socket.socketpair()
+    with trio.fail_after(10), GuestMemory(PAGE) as memory:
+        async with (
+            open_connection(theirs, handler=padded_server) as _,
+            connect(ours, twin_socket=False) as client,
+        ):
+            assert client.info.num_regions == 1 and client.regions[0].size == 0x100
+            assert client.irq_info[0].count == 1
+            await client.write(0, 0, b"abcd")
+            await client.reset()
+            await client.dma_map(memory, IOVA, share_fd=False)
+            await client.dma_unmap(IOVA, PAGE)
