@@ -17,7 +17,10 @@ What :func:`migrate` does, each step named by a :class:`MigrationStep`:
    more for now (or ``pre_copy_limit`` bytes moved).
 5. ``stop-copy``: the source stops (STOP_COPY) and the rest of its stream is moved.
 6. ``source-stop``: the source goes to STOP. ``dirty-report``: the pages the device wrote
-   in the logged ranges are fetched (the device is stopped: the report is final).
+   in the logged ranges are fetched (the device is stopped: the report is final), one
+   report per DMA map that a logged range covers, each from the map's start when the range
+   starts there (logging over every write, no ranges, reports every map); pages this client
+   wrote itself serving DMA_WRITE are included (see ``Client.dirty_pages``).
 7. ``switchover``: the caller's ``on_switchover(dirty)`` runs, with the source stopped and
    the destination still RESUMING with all the data written, e.g. to copy the dirty guest
    pages to the destination's memory (or to map it: RESUMING accepts DMA_MAP, STOP does
@@ -26,9 +29,10 @@ What :func:`migrate` does, each step named by a :class:`MigrationStep`:
 8. ``run``: the destination goes to RUNNING: the switch-over. Logging this call started
    is then stopped (a failure there is only a warning in the summary).
 
-Chunks are read at the source's ``max_data_xfer_size`` and written at the destination's;
-reading and writing overlap. Data streams carry no length: ``progress`` gets the phase and
-the bytes moved so far, never a total.
+Chunks are read at the source's ``max_data_xfer_size`` and written at the destination's,
+each the smaller of that server's limit and this client's own (libvfio-user refuses
+transfers above the client's); reading and writing overlap. Data streams carry no
+length: ``progress`` gets the phase and the bytes moved so far, never a total.
 
 On success the source is left in STOP (it still holds the state; SET RUNNING takes the
 device back there if the destination is abandoned) and the destination RUNNING. The source
