@@ -30,7 +30,7 @@ import trio
 from ..protocol.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
 from .dma import DmaTable
 from .doorbells import Doorbell
-from .irqs import IrqIndex, IrqTable
+from .irqs import DEFAULT_IRQ_COUNTS, INTX_EDGE_FLAGS, IrqIndex, IrqTable
 from .migration import MigrationHooks
 from .pci import BarSpec, InterruptPin, PciConfigSpace, PciIdentity
 from .pci_caps import Capability, MsiCapability, MsixCapability
@@ -80,6 +80,8 @@ class Device(MigrationHooks):
         self._quiesced = False
         if self._interrupt_pin:
             self._irq_counts[PciIrq.INTX] = (1, None)
+        for index, count in DEFAULT_IRQ_COUNTS.items():  # ERR and REQ: see add_irq
+            self._irq_counts[index] = (count, None)
 
     # --- declaration (call from __init__) ------------------------------------------------
 
@@ -202,15 +204,32 @@ class Device(MigrationHooks):
         return region
 
     def add_irq(self, index: int, count: int, *, flags: int | None = None) -> None:
-        """Declare IRQ ``index`` (INTx, MSI, MSI-X, ERR, REQ, ...) with ``count`` vectors."""
+        """Declare IRQ ``index`` (INTx, MSI, MSI-X, ERR, REQ, ...) with ``count`` vectors.
+
+        Every device declares ERR and REQ with one vector each (``DEFAULT_IRQ_COUNTS`` in
+        ``server/irqs.py``), as QEMU expects of a device with error recovery: the client
+        gives each an eventfd, ``trigger(0, index=PciIrq.ERR)`` reports an unrecoverable
+        error (QEMU stops the guest) and ``trigger(0, index=PciIrq.REQ)`` asks the client
+        to release the device (QEMU unplugs it). ``add_irq(PciIrq.ERR, 0)`` opts out.
+        """
         self._declaring()
         self._irq_counts[index] = (count, flags)
 
-    def add_intx(self, pin: int = InterruptPin.INTA) -> None:
-        """Use a legacy INTx pin (INTA by default)."""
+    def add_intx(self, pin: int = InterruptPin.INTA, *, automask: bool = True) -> None:
+        """Use a legacy INTx pin (INTA by default).
+
+        ``automask=True`` (the default) is Linux vfio-pci's level-style INTx, reported as
+        MASKABLE|AUTOMASKED: each delivered interrupt masks INTx until the client unmasks
+        it (SET_IRQS UNMASK; QEMU sends it after each guest EOI), and triggers meanwhile
+        are held pending. ``automask=False`` (MASKABLE only) delivers every trigger unless
+        the client masked INTx itself: for clients that never unmask, such as
+        libvfio-user's samples/client. Either way a client that enables INTx (gives it an
+        eventfd) finds it unmasked, also on a migration destination (see
+        ``vfiouser_trio.server.irqs``).
+        """
         self._declaring()
         self._interrupt_pin = int(pin)
-        self._irq_counts[PciIrq.INTX] = (1, None)
+        self._irq_counts[PciIrq.INTX] = (1, None if automask else INTX_EDGE_FLAGS)
 
     def add_msi(self, vectors: int = 1, *, per_vector_masking: bool = False) -> None:
         """Add an MSI capability with ``vectors`` (1..32, a power of two)."""

@@ -6,6 +6,16 @@ delivery), mask/unmask (a masked vector holds the interrupt pending and delivers
 when unmasked), and client-side triggers. Devices may add a *gate* (MSI-X table
 masking, a quiesced device): while the gate says no, a trigger is held pending too.
 
+An index with ``IRQ_INFO_AUTOMASKED`` (INTx by default, as Linux vfio-pci reports it)
+masks a vector each time it delivers one, until the client unmasks it: QEMU does after
+each guest EOI, a client that never unmasks sees one interrupt only (declare INTx with
+``Device.add_intx(automask=False)`` for such clients). That mask is a handshake with the
+client whose eventfd took the interrupt, so it is the client's, not the device's: a vector
+that gets a trigger eventfd where it had none (a new client, QEMU enabling INTx after a
+reset or a hot-plug, a migration destination) starts unmasked, as the kernel's vfio-pci
+starts INTx when it enables it, and a migrated mask never overrides the one of a
+destination client that has already enabled the vector (see ``restore_state``).
+
 Every fd of a SET_IRQS must be an eventfd (checked when it arrives, or the whole
 request is refused with EINVAL and changes nothing). Delivery never blocks and never
 raises into device code, whatever the client does to its eventfd (clears O_NONBLOCK,
@@ -47,6 +57,7 @@ log = logging.getLogger(__name__)
 
 #: Flags reported by DEVICE_GET_IRQ_INFO per PCI IRQ index, as Linux vfio-pci reports them,
 #: plus MASKABLE on MSI/MSI-X since we implement vfio-level masking for every vector.
+#: ERR and REQ take a trigger eventfd only (see ``IrqIndex.set_irqs``).
 DEFAULT_IRQ_FLAGS: dict[int, int] = {
     PciIrq.INTX: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
     PciIrq.MSI: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
@@ -54,6 +65,16 @@ DEFAULT_IRQ_FLAGS: dict[int, int] = {
     PciIrq.ERR: IRQ_INFO_EVENTFD,
     PciIrq.REQ: IRQ_INFO_EVENTFD,
 }
+
+#: INTx flags of a device that declares it with ``add_intx(automask=False)``: maskable, but
+#: every trigger is delivered until the client masks it (libvfio-user's INTx behaves so).
+INTX_EDGE_FLAGS = IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE
+
+#: Vectors every PCI device declares unless its author opts out (``Device.add_irq(index, 0)``):
+#: QEMU enables error recovery only when ERR has exactly one vector (else it warns "Could not
+#: enable error recovery for the device" at every start) and listens on REQ, the device's
+#: request to be released (QEMU then unplugs it); libvfio-user's servers declare both too.
+DEFAULT_IRQ_COUNTS: dict[int, int] = {PciIrq.ERR: 1, PciIrq.REQ: 1}
 
 #: Bits of one vector in ``IrqIndex.save_state()``.
 IRQ_STATE_MASKED = 0x1
@@ -110,6 +131,11 @@ class IrqIndex:
     @property
     def maskable(self) -> bool:
         return bool(self.flags & IRQ_INFO_MASKABLE)
+
+    @property
+    def automasked(self) -> bool:
+        """Each delivery masks the vector until the client unmasks it (level-style INTx)."""
+        return bool(self.flags & IRQ_INFO_AUTOMASKED)
 
     def set_gate(self, gate: Gate | None) -> None:
         """Install a device-level gate (consulted on every trigger)."""
@@ -201,7 +227,7 @@ class IrqIndex:
             # masks itself below and later triggers wait for the unmask.
         else:
             self.delivered += 1
-        if self.flags & IRQ_INFO_AUTOMASKED:
+        if self.automasked:
             # Level-style interrupts (INTx) mask themselves until the client unmasks.
             self._masked[vector] = True
         return not err
@@ -317,12 +343,20 @@ class IrqIndex:
             raise VfioUserError(errno.EINVAL, f"{len(data)} BOOL bytes for {count} vectors")
 
     def _assign_trigger_fds(self, vectors: range, fds: list[int]) -> None:
+        enabled = []
         for i, v in enumerate(vectors):
-            _close(self._trigger_fds[v])
+            old = self._trigger_fds[v]
+            _close(old)
             self._forget_warnings(v)
             self._stalled[v] = False
             # No fds at all de-assigns the range.
             self._trigger_fds[v] = fds[i] if fds else None
+            if old is None and fds and self.automasked:
+                enabled.append(v)
+        for v in enabled:
+            # Enabled now: this client never took the interrupt that masked it, so it would
+            # never unmask it (QEMU unmasks only after an interrupt it delivered).
+            self.unmask(v)
 
     def _assign_watch_fds(self, action: int, vectors: range, fds: list[int]) -> None:
         for i, v in enumerate(vectors):
@@ -385,11 +419,19 @@ class IrqIndex:
     def restore_state(self, data: bytes) -> None:
         """Load masked / pending bits saved by ``save_state`` (migration).
 
+        On an automasked index, a vector whose trigger eventfd the destination's client
+        has assigned already keeps that client's mask: the source's automask waited for
+        the source client's unmask, which the destination's client (QEMU, when it enables
+        INTx before the stream arrives) would never send. A vector not enabled yet takes
+        the source's bit and starts unmasked when its client enables it.
         Nothing is delivered here: a pending vector goes out when it may (unmasked, gate
         open, an eventfd assigned), e.g. when a stopped device runs again.
         """
         self.check_state(data)
-        self._masked = [bool(b & IRQ_STATE_MASKED) for b in data]
+        self._masked = [
+            masked if self.automasked and fd is not None else bool(b & IRQ_STATE_MASKED)
+            for b, masked, fd in zip(data, self._masked, self._trigger_fds, strict=True)
+        ]
         self._pending = [bool(b & IRQ_STATE_PENDING) for b in data]
 
     def disable(self) -> None:
