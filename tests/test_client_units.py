@@ -394,6 +394,33 @@ async def test_config_bar_sizing_saves_and_restores() -> None:
     assert space.read(0, 0x40) == before
 
 
+class UnsizedBarsAccess(SpaceAccess):
+    """Config space whose unimplemented BAR registers read back a type bit alone and ignore
+    writes: 0x1 (I/O, as libvfio-user's do) at BARs 1, 3 and 5, 0x8 (prefetchable) at 4."""
+
+    STUCK = {0x14: 0x1, 0x1C: 0x1, 0x20: 0x8, 0x24: 0x1}
+
+    async def read(self, region: int, offset: int, count: int) -> bytes:
+        if offset in self.STUCK and count == 4:
+            await trio.lowlevel.checkpoint()
+            return self.STUCK[offset].to_bytes(4, "little")
+        return await super().read(region, offset, count)
+
+    async def write(self, region: int, offset: int, data: bytes) -> None:
+        if offset in self.STUCK:
+            await trio.lowlevel.checkpoint()
+            return
+        await super().write(region, offset, data)
+
+
+async def test_config_bars_that_size_to_zero_are_no_bars() -> None:
+    space = PciConfigSpace(
+        PciIdentity(0x4E58, 0x0001), bars={0: BarSpec(0x1000), 2: BarSpec(0x100, io=True)}
+    )
+    bars = await PciConfig(UnsizedBarsAccess(space)).bars()
+    assert [(b.index, b.size, b.io) for b in bars] == [(0, 0x1000, False), (2, 0x100, True)]
+
+
 async def test_config_capability_lists() -> None:
     config = PciConfig(SpaceAccess(_space()))
     caps = await config.capabilities()

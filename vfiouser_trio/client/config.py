@@ -248,7 +248,11 @@ class PciConfig:
         return saved, mask
 
     async def bars(self) -> list[PciBar]:
-        """Size every BAR of the header (decoding is disabled meanwhile, then restored)."""
+        """Size every BAR of the header (decoding is disabled meanwhile, then restored).
+
+        A register that sizes to 0 is no BAR and is left out, as Linux does ("can't size"):
+        libvfio-user's unimplemented BAR registers read back the I/O bit alone.
+        """
         layout = await self.read(HEADER_TYPE, 1) & 0x7F
         count = {0: 6, 1: 2}.get(layout, 0)
         command = await self.read(COMMAND, 2)
@@ -271,7 +275,8 @@ class PciConfig:
                 continue
             if mask & BAR_IO:
                 size = _lowest_bit(mask & ~0x3 & 0xFFFF)
-                found.append(PciBar(index, size, saved & ~0x3, io=True))
+                if size:
+                    found.append(PciBar(index, size, saved & ~0x3, io=True))
                 index += 1
                 continue
             is_64 = mask & 0x6 == BAR_TYPE_64 and index + 1 < count
@@ -280,6 +285,9 @@ class PciConfig:
                 high, high_mask = await self._probe(offset + 4, 0xFFFFFFFF)
                 address |= high << 32
                 full |= high_mask << 32
+            if not _lowest_bit(full):
+                index += 1  # sizes to 0: no BAR (Linux then probes the next register too)
+                continue
             found.append(
                 PciBar(
                     index,
