@@ -278,6 +278,12 @@ CASES: list[tuple[str, Decode, bytes, tuple[int, ...]]] = [
         u64(0x1000, 3) + b"abcd",
         (),
     ),
+    (
+        "dma_read reply for another address",
+        DmaReadRequest(0x1000, 4).parse_reply,
+        u64(0x2000, 4) + b"abcd",
+        (),
+    ),
     ("dma_write data < count", DmaWriteRequest.unpack, u64(0x1000, 4) + b"abc", ()),
     ("dma_write data > count", DmaWriteRequest.unpack, u64(0x1000, 2) + b"abc", ()),
     ("dma_write reply 8 bytes", DmaWriteReply.unpack, u64(0x1000), ()),

@@ -280,8 +280,11 @@ class DmaReadRequest(Request):
         else:
             address, count = _DMA_RW.unpack_from(payload)
             start = _DMA_RW.size
-        if count != self.count:
-            fail(DmaReadReply, f"count {count}, requested {self.count}")
+        if (address, count) != (self.address, self.count):
+            fail(
+                DmaReadReply,
+                f"reply {address:#x}+{count:#x} does not echo {self.address:#x}+{self.count:#x}",
+            )
         return DmaReadReply(address, bytes(payload[start : start + count]), chosen)
 
 
