@@ -42,6 +42,7 @@ from vfiouser_trio.server.pci_caps import PowerManagementCapability
 from vfiouser_trio.server.regions import RegionType, SparseArea
 from vfiouser_trio.server.serve import serve, serve_connection
 from vfiouser_trio.server.session import DEFAULT_SERVER_CAPABILITIES, ServerSession
+from vfiouser_trio.testing import Tracer
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -424,6 +425,48 @@ async def test_dma_both_ways(twin: bool, share_fd: bool) -> None:
                 await client.write(PciRegion.BAR0, REG_FILL, b"\x01")
             assert device.dma_error is not None and device.dma_error.errno == errno.EFAULT
             assert info.value.errno == errno.EFAULT
+
+
+@pytest.mark.parametrize("twin", [True, False])
+async def test_a_smaller_transfer_size_the_client_proposes_holds_both_ways(twin: bool) -> None:
+    """``connect(capabilities=...)``: the server's 1 MiB does not override the client's 4 KiB."""
+    device = TestDevice()
+    caps = Capabilities(max_msg_fds=16, max_data_xfer_size=4096)
+    tracer = Tracer()
+    async with served(device, twin=twin, client_caps=caps, hooks=tracer) as (client, _):
+        assert DEFAULT_SERVER_CAPABILITIES.max_data_xfer_size > 4096
+        assert client.max_data_xfer_size == 4096
+        with GuestMemory(16 * PAGE) as memory:
+            source = os.urandom(3 * PAGE + 5)
+            memory.write(PAGE, source)
+            await client.dma_map(memory, SRC, offset=PAGE, size=4 * PAGE, share_fd=False)
+            await client.dma_map(memory, DST, offset=8 * PAGE, size=4 * PAGE, share_fd=False)
+            await client.write(PciRegion.BAR0, REG_COPY, len(source).to_bytes(8, "little"))
+            assert memory.read(8 * PAGE, len(source)) == source[::-1]
+        await client.read(PciRegion.BAR1, 0, 4 * PAGE)  # mmap'd: no messages
+        await client.read(PciRegion.BAR2, 0, 4 * PAGE)  # outside the sparse area: messages
+    reads = tracer.commands(Command.DMA_READ)
+    writes = tracer.commands(Command.DMA_WRITE)
+    assert len(reads) == len(writes) == 4  # 3 pages and 5 bytes, in 4 KiB pieces
+    # Data rides in DMA_READ replies and DMA_WRITE commands: {address, count} and the data.
+    data_sizes = [r.payload_size - 16 for r in tracer.replies(Command.DMA_READ) + writes]
+    assert max(data_sizes) == 4096
+    region_reads = tracer.commands(Command.REGION_READ)
+    assert all(int.from_bytes(r.payload[12:16], "little") <= 4096 for r in region_reads)
+    assert sorted(c for _, o, c in device.bar2_calls if o < PAGE or o >= 3 * PAGE) == [
+        4096,
+        4096,
+    ]
+
+
+async def test_errors_name_the_command() -> None:
+    device = TestDevice()  # cannot migrate: MIG_DATA_WRITE is refused
+    async with served(device) as (client, _):
+        with pytest.raises(VfioUserError) as info:
+            await client.write_migration_data(b"state")
+    assert info.value.command == Command.MIG_DATA_WRITE
+    assert str(info.value).endswith("(MIG_DATA_WRITE)")
+    assert "command 18" not in str(info.value)
 
 
 async def test_dma_permissions_over_messages() -> None:

@@ -5,6 +5,16 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from .constants import Command
+
+
+def command_name(command: int) -> str:
+    """``MIG_DATA_WRITE`` for 18: the spec's name of a command number (``command 99`` if none)."""
+    try:
+        return Command(command).name
+    except ValueError:
+        return f"command {command}"
+
 
 class VfioUserError(Exception):
     """A vfio-user operation failed with a UNIX errno.
@@ -21,7 +31,7 @@ class VfioUserError(Exception):
 
     def __str__(self) -> str:
         name = _errno.errorcode.get(self.errno, str(self.errno))
-        where = f" (command {self.command})" if self.command is not None else ""
+        where = f" ({command_name(self.command)})" if self.command is not None else ""
         return f"[{name}] {self.message}{where}"
 
 
