@@ -17,8 +17,7 @@ from functools import partial
 
 import pytest
 import trio
-
-from tests.test_client_migrate import (
+from test_client_migrate import (
     IOVA,
     MEMORY,
     PAGE,
@@ -30,6 +29,7 @@ from tests.test_client_migrate import (
     served,
     state,
 )
+
 from vfiouser_trio.client import (
     Client,
     GuestMemory,
