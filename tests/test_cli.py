@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from vfiouser_trio.client import connect
+from vfiouser_trio import inspector
+from vfiouser_trio.client import NegotiationTimeout, connect
 
 CLI = [sys.executable, "-m", "vfiouser_trio.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +177,58 @@ def test_unknown_device_is_a_clear_error() -> None:
     )
     assert result.returncode != 0
     assert "unknown device 'nosuch'" in result.stderr
+
+
+# --- lspci against servers that are not there or do not answer ----------------------------
+
+
+async def run_cli_status(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Like run_cli, but a non-zero exit is returned, not raised."""
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [*CLI, *args], capture_stdout=True, capture_stderr=True, env=env(), check=False
+        )
+
+
+def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    """The stderr line that is not a log line (those start with a timestamp); no traceback."""
+    text = result.stderr.decode()
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("vfio-user-trio lspci:")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+async def test_lspci_on_a_missing_socket_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "nobody.sock"
+    result = await run_cli_status("lspci", str(path))
+    assert result.returncode == 1
+    assert one_error_line(result) == f"vfio-user-trio lspci: {path}: No such file or directory"
+    assert result.stdout == b""
+
+
+async def test_lspci_gives_up_on_a_server_that_never_negotiates(tmp_path: Path) -> None:
+    # It accepts (the kernel's backlog does) and never answers VERSION: a hung or busy server.
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        result = await run_cli_status("lspci", "--timeout", "0.5", str(path))
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert line.startswith(f"vfio-user-trio lspci: {path}: [ETIMEDOUT] no answer to VERSION")
+    assert result.stdout == b""
+
+
+async def test_lspci_passes_its_timeout_to_connect(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "mute.sock"
+    printed: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        with pytest.raises(NegotiationTimeout) as info:
+            await inspector.lspci(path, out=printed.append, negotiation_timeout=300)
+    assert info.value.step == "VERSION" and printed == []
+    assert trio.current_time() >= 300

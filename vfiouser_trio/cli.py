@@ -14,7 +14,15 @@ from typing import TextIO
 
 import trio
 
-from .client import MigrationError, MigrationProgress, MigrationSummary, Phase, connect, migrate
+from .client import (
+    DEFAULT_NEGOTIATION_TIMEOUT,
+    MigrationError,
+    MigrationProgress,
+    MigrationSummary,
+    Phase,
+    connect,
+    migrate,
+)
 from .client.client import DEFAULT_CAPABILITIES
 from .demo import run as run_demo
 from .examples import EXAMPLES
@@ -91,9 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _listener_error(exc: BaseException) -> ListenerError | None:
     """The ListenerError that is all ``exc`` is (possibly inside nested groups), else None."""
+    cause = _sole_error(exc, (ListenerError,))
+    return cause if isinstance(cause, ListenerError) else None
+
+
+def _sole_error(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The one exception of ``kinds`` that is all ``exc`` is (inside nested groups), else None."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return exc if isinstance(exc, ListenerError) else None
+    return exc if isinstance(exc, kinds) else None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -102,9 +116,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_lspci(args: argparse.Namespace) -> int:
-    """Print a server's config space as ``lspci -x`` does, then a region/IRQ summary."""
-    trio.run(partial(lspci, args.socket, level=min(args.dump, 4)))
+    """Print a server's config space as ``lspci -x`` does, then a region/IRQ summary.
+
+    A server that cannot be reached or does not answer is one line on stderr, exit 1.
+    """
+    timeout = args.timeout if args.timeout > 0 else None
+    try:
+        trio.run(partial(lspci, args.socket, level=min(args.dump, 4), negotiation_timeout=timeout))
+    except BaseException as exc:  # re-raised below unless it is the peer's doing
+        cause = _sole_error(exc, (OSError, VfioUserError))
+        if cause is None:
+            raise
+        print(f"vfio-user-trio lspci: {args.socket}: {_describe(cause)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _describe(exc: BaseException) -> str:
+    """``No such file or directory`` rather than ``[Errno 2] No such file or directory: ''``."""
+    if isinstance(exc, OSError) and not isinstance(exc, VfioUserError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 def human_bytes(count: float) -> str:
@@ -276,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="count",
         default=0,
         help="like lspci: -x 64 bytes, -xxx 256, -xxxx 4096 (default: the whole space)",
+    )
+    lspci.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_NEGOTIATION_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on a server that has not negotiated within SECONDS, e.g. one busy "
+        f"with another client (default {DEFAULT_NEGOTIATION_TIMEOUT:g}; 0 waits for ever)",
     )
     lspci.set_defaults(func=cmd_lspci)
 

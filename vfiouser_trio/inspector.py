@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .client import connect
+from .client import DEFAULT_NEGOTIATION_TIMEOUT, connect
 from .lspci_format import format_lspci_hex
 from .protocol.constants import PciIrq, PciRegion
 
@@ -22,10 +22,18 @@ DUMP_SIZES = {1: 64, 2: 256, 3: 256, 4: 4096}
 
 
 async def lspci(
-    path: str | os.PathLike[str], *, level: int = 4, out: Callable[[str], None] = print
+    path: str | os.PathLike[str],
+    *,
+    level: int = 4,
+    out: Callable[[str], None] = print,
+    negotiation_timeout: float | None = DEFAULT_NEGOTIATION_TIMEOUT,
 ) -> None:
-    """Connect to the server at ``path``, print its config space dump and a summary."""
-    async with connect(path) as client:
+    """Connect to the server at ``path``, print its config space dump and a summary.
+
+    A server that does not negotiate within ``negotiation_timeout`` seconds (one that is
+    busy with another client, or hung) raises ``NegotiationTimeout``.
+    """
+    async with connect(path, negotiation_timeout=negotiation_timeout) as client:
         dump = await client.config.dump()
         size = min(DUMP_SIZES.get(level, 4096), len(dump))
         out(format_lspci_hex(dump[:size]).rstrip("\n"))
