@@ -81,7 +81,7 @@ async def test_err_and_req_take_a_trigger_eventfd_and_deliver_to_it() -> None:
         client = pair.client
         err = (await client.enable_irqs(ERR))[0]
         req = (await client.enable_irqs(REQ))[0]
-        assert device.trigger(0, index=REQ)  # "release the device": QEMU unplugs it
+        assert device.trigger(0, index=REQ)  # "release the device" (QEMU's vfio-pci unplugs it)
         assert await wait_count(req) == 1
         assert device.trigger(0, index=ERR)
         assert await wait_count(err) == 1

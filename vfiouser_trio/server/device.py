@@ -210,7 +210,8 @@ class Device(MigrationHooks):
         ``server/irqs.py``), as QEMU expects of a device with error recovery: the client
         gives each an eventfd, ``trigger(0, index=PciIrq.ERR)`` reports an unrecoverable
         error (QEMU stops the guest) and ``trigger(0, index=PciIrq.REQ)`` asks the client
-        to release the device (QEMU unplugs it). ``add_irq(PciIrq.ERR, 0)`` opts out.
+        to release the device (QEMU's vfio-pci unplugs it). ``add_irq(PciIrq.ERR, 0)``
+        opts out.
         """
         self._declaring()
         self._irq_counts[index] = (count, flags)

@@ -72,8 +72,9 @@ INTX_EDGE_FLAGS = IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE
 
 #: Vectors every PCI device declares unless its author opts out (``Device.add_irq(index, 0)``):
 #: QEMU enables error recovery only when ERR has exactly one vector (else it warns "Could not
-#: enable error recovery for the device" at every start) and listens on REQ, the device's
-#: request to be released (QEMU then unplugs it); libvfio-user's servers declare both too.
+#: enable error recovery for the device" at every start); REQ is the device's request to be
+#: released (QEMU's vfio-pci then unplugs it; 10.2's vfio-user-pci does not listen on it yet).
+#: libvfio-user's servers declare both too.
 DEFAULT_IRQ_COUNTS: dict[int, int] = {PciIrq.ERR: 1, PciIrq.REQ: 1}
 
 #: Bits of one vector in ``IrqIndex.save_state()``.
@@ -421,8 +422,9 @@ class IrqIndex:
 
         On an automasked index, a vector whose trigger eventfd the destination's client
         has assigned already keeps that client's mask: the source's automask waited for
-        the source client's unmask, which the destination's client (QEMU, when it enables
-        INTx before the stream arrives) would never send. A vector not enabled yet takes
+        the source client's unmask, which a destination client that enables INTx before
+        the stream arrives (as QEMU's vfio-pci does at realize) would never send: it unmasks
+        only after an interrupt it delivered itself. A vector not enabled yet takes
         the source's bit and starts unmasked when its client enables it.
         Nothing is delivered here: a pending vector goes out when it may (unmasked, gate
         open, an eventfd assigned), e.g. when a stopped device runs again.
