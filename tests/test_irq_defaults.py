@@ -165,6 +165,21 @@ async def test_a_new_client_enabling_intx_finds_it_unmasked() -> None:
     device.close()
 
 
+async def test_intx_works_after_qemus_reset_sequence_mid_interrupt() -> None:
+    # QEMU's reset: INTx disabled (count 0, and QEMU forgets its pending EOI), the device
+    # reset, INTx enabled again with a new eventfd. It never unmasks what it no longer knows.
+    device = Pin()
+    async with nested_device(device) as pair:
+        client = pair.client
+        intx = (await client.enable_irqs(INTX))[0]
+        assert device.trigger(0, index=INTX) and await wait_count(intx) == 1
+        await client.disable_irqs(INTX)
+        await client.reset()
+        intx = (await client.enable_irqs(INTX))[0]
+        assert device.trigger(0, index=INTX) and await wait_count(intx) == 1
+    device.close()
+
+
 async def enable_intx(source: Client, destination: Client) -> tuple[Interrupt, Interrupt]:
     """Both clients enable INTx before migrating, as QEMU's destination does at realize."""
     src = (await source.enable_irqs(INTX))[0]
