@@ -7,12 +7,14 @@ the one-client-per-device rule, the socket file, and fd leaks.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
 import socket
 import stat
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,7 @@ from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.pci_caps import PowerManagementCapability, VendorCapability
 from vfiouser_trio.server.regions import RegionType, SparseArea
 from vfiouser_trio.server.serve import DeviceServer, serve, serve_connection
+from vfiouser_trio.server.session import DEFAULT_SERVER_CAPABILITIES
 
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 PAGE = mmap.PAGESIZE
@@ -240,8 +243,9 @@ async def test_write_multi_when_negotiated() -> None:
             await conn.request(VersionRequest(0, 2, Capabilities(write_multiple=False)))
             await expect_raw_errno(conn, Command.REGION_WRITE_MULTI, multi.pack(), errno.EINVAL)
     client_sock, server_sock = socket.socketpair()
+    offered = dataclasses.replace(DEFAULT_SERVER_CAPABILITIES, write_multiple=True)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_connection, device, server_sock)
+        nursery.start_soon(partial(serve_connection, device, server_sock, capabilities=offered))
         async with open_connection(client_sock, handler=GuestRam(0, 0).handle) as conn:
             await conn.request(VersionRequest(0, 2, Capabilities(write_multiple=True)))
             assert await raw_payload(conn, multi) == struct.pack("=Q", 2)

@@ -87,11 +87,18 @@ _REGION_WRITE: Final = int(Command.REGION_WRITE)
 _REGION_ACCESS_COMMANDS: Final = frozenset((_REGION_READ, _REGION_WRITE))
 _unpack_region_access = REGION_ACCESS_STRUCT.unpack_from
 
-#: What this server advertises unless told otherwise: libvfio-user's message sizes, plus
-#: write_multiple, which we implement; 4096 DMA maps per client (an fd-backed map holds
-#: one of the process's mappings, vm.max_map_count, shared by every client).
+#: What this server advertises unless told otherwise: libvfio-user's message sizes and
+#: 4096 DMA maps per client (an fd-backed map holds one of the process's mappings,
+#: vm.max_map_count, shared by every client).
+#:
+#: write_multiple is implemented but not offered, as libvfio-user does not offer it: QEMU
+#: (10.1, 10.2) sends every message through its send queue once it is negotiated, so when
+#: the server goes away each guest access to the device waits for QEMU's reply timeout
+#: (``x-msg-timeout``, 5 s) instead of failing at once. Offer it with
+#: ``capabilities=dataclasses.replace(DEFAULT_SERVER_CAPABILITIES, write_multiple=True)``
+#: for a client that batches posted writes and a server that outlives it (docs/qemu.md).
 DEFAULT_SERVER_CAPABILITIES = Capabilities(
-    max_msg_fds=8, max_data_xfer_size=1 << 20, max_dma_maps=4096, write_multiple=True
+    max_msg_fds=8, max_data_xfer_size=1 << 20, max_dma_maps=4096
 )
 
 
