@@ -28,6 +28,7 @@ import gzip
 import json
 import lzma
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -195,6 +196,33 @@ class Qemu:
         for name in names:
             visit(name)
         return order
+
+
+def guest_command(
+    qemu: Qemu,
+    directory: Path,
+    initrd: Path,
+    devices: Sequence[GuestDevice],
+    *,
+    shared_memory: bool,
+    reboot: bool = False,
+) -> list[str]:
+    """The command `running_guest` runs: its control port and QMP sockets in ``directory``."""
+    return qemu.command(
+        initrd, devices, shared_memory=shared_memory, control=directory / "control.sock",
+        qmp=directory / "qmp.sock", reboot=reboot,
+    )  # fmt: skip
+
+
+def shell_command(argv: Sequence[str]) -> str:
+    """``argv`` for a shell, one option and its value per line (as docs/qemu.md shows it)."""
+    lines = [shlex.quote(argv[0])]
+    for arg in argv[1:]:
+        if arg.startswith("-") or len(lines) == 1:
+            lines.append(shlex.quote(arg))
+        else:
+            lines[-1] += " " + shlex.quote(arg)
+    return " \\\n    ".join(lines)
 
 
 def build_initramfs(directory: Path, script: str, modules: Sequence[Path] = ()) -> Path:
@@ -376,17 +404,15 @@ async def running_guest(
 ) -> AsyncIterator[Guest]:
     """QEMU running the guest; on leaving, waits for it to power off (`GUEST_TIMEOUT` in
     all), then for the process. QEMU still running then is killed and the test fails."""
-    control_path, qmp_path = directory / "control.sock", directory / "qmp.sock"
     listeners = []
-    for path in (control_path, qmp_path):
+    for path in (directory / "control.sock", directory / "qmp.sock"):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
         listener.listen(1)
         listeners.append(listener)
-    argv = qemu.command(
-        initrd, devices, shared_memory=shared_memory, control=control_path, qmp=qmp_path,
-        reboot=reboot,
-    )  # fmt: skip
+    argv = guest_command(
+        qemu, directory, initrd, devices, shared_memory=shared_memory, reboot=reboot
+    )
     process = await trio.lowlevel.open_process(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

@@ -32,8 +32,10 @@ from qemu_guest import (
     GuestDevice,
     Qemu,
     build_initramfs,
+    guest_command,
     report_values,
     running_guest,
+    shell_command,
 )
 from test_cli import CLI, env, wait_until_serving
 
@@ -156,6 +158,20 @@ class ResetCounter:
             await self._changed.wait()
 
 
+def shared_ram_devices(directory: Path) -> list[GuestDevice]:
+    """The first boot's devices: gpio, null and dmaengine, served in the test."""
+    return [GuestDevice(directory / f"{name}.sock", name) for name in ("gpio", "null", "dma")]
+
+
+def unshared_ram_devices(directory: Path) -> list[GuestDevice]:
+    """The second boot's: a gpio server in its own process (killed), and dmaengine."""
+    return [
+        # A long reply timeout: an access that waited for a reply would hang the test.
+        GuestDevice(directory / "gpio.sock", "gpio", msg_timeout_ms=600_000),
+        GuestDevice(directory / "dma.sock", "dma"),
+    ]
+
+
 @pytest.fixture
 def qemu() -> Qemu:
     return Qemu.from_environment(modules=True)
@@ -189,7 +205,7 @@ async def test_guest_with_shared_ram_drives_gpio_null_and_dmaengine(
                 servers[name] = await nursery.start(
                     partial(serve, device, tmp_path / f"{name}.sock", hooks=tracers[name])
                 )
-            devices = [GuestDevice(tmp_path / f"{name}.sock", name) for name in servers]
+            devices = shared_ram_devices(tmp_path)
             async with running_guest(
                 qemu, tmp_path, initrd, devices, shared_memory=True, reboot=True
             ) as guest:
@@ -265,11 +281,7 @@ async def test_guest_without_shared_ram_survives_a_killed_server(
             )
             try:
                 await wait_until_serving(server)
-                devices = [
-                    # A long reply timeout: an access that waited for one would hang the test.
-                    GuestDevice(gpio_path, "gpio", msg_timeout_ms=600_000),
-                    GuestDevice(tmp_path / "dma.sock", "dma"),
-                ]
+                devices = unshared_ram_devices(tmp_path)
                 async with running_guest(
                     qemu, tmp_path, initrd, devices, shared_memory=False
                 ) as guest:
@@ -314,3 +326,37 @@ async def test_write_multiple_is_not_offered_by_default() -> None:
                 )
                 async with connect(ours, write_multiple=True) as client:
                     assert client.write_multiple == granted
+
+
+#: Paths docs/qemu.md shows in place of a test's own.
+DOCS_QEMU = Qemu(
+    binary=Path("qemu-system-x86_64"),
+    firmware=(),
+    bios=Path("/usr/share/seabios/bios-256k.bin"),
+    kernel=Path("bzImage"),
+)
+DOCS_DIRECTORY = Path("/tmp/vfio-user")
+
+
+def docs_commands() -> dict[str, str]:
+    """The command lines docs/qemu.md shows: the two boots the tests run, and one device."""
+    initrd, directory = Path("initrd.gz"), DOCS_DIRECTORY
+    boots = {
+        "shared": guest_command(
+            DOCS_QEMU, directory, initrd, shared_ram_devices(directory),
+            shared_memory=True, reboot=True,
+        ),
+        "unshared": guest_command(
+            DOCS_QEMU, directory, initrd, unshared_ram_devices(directory), shared_memory=False
+        ),
+        "minimal": DOCS_QEMU.command(
+            initrd, [GuestDevice(directory / "gpio.sock", "gpio")], shared_memory=True
+        ),
+    }  # fmt: skip
+    return {name: shell_command(argv) for name, argv in boots.items()}
+
+
+def test_docs_show_the_command_lines_the_tests_run() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "qemu.md").read_text()
+    for name, command in docs_commands().items():
+        assert command in page, f"docs/qemu.md lacks the {name} command line:\n{command}"
