@@ -342,6 +342,8 @@ async def test_unmap_waits_for_in_flight_device_dma() -> None:
     device = Probe()
     device.dma_gate = trio.Event()
     ram = GuestRam(0x300000, PAGE)
+    # Data no layout reads alike, so the DMA_READ reply tells the client's layout (no probe).
+    ram.mem[:] = b"\xa5" * PAGE
     # Under the spec's ordering the unmap would simply queue behind the write; a concurrent
     # policy lets it reach the DMA table while the copy is in flight.
     async with session(device, ram=ram, policy=ConcurrentOrder()) as conn:
