@@ -88,7 +88,7 @@ from .protocol.constants import (
     FLAG_TYPE_REPLY,
     HEADER_SIZE,
 )
-from .protocol.errors import ProtocolError, VfioUserError
+from .protocol.errors import ProtocolError, VfioUserError, command_name
 from .protocol.framing import (
     DEFAULT_MAX_MSG_SIZE,
     BrokenStream,
@@ -603,7 +603,7 @@ class Connection:
             if frame.header.command != request.command:
                 frame.close_fds()
                 request.error = ProtocolError(
-                    f"reply {msg_id} is for command {frame.header.command}",
+                    f"reply {msg_id} is for {command_name(frame.header.command)}",
                     command=request.command,
                 )
             else:

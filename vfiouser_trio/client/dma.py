@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..engine import HandlerResult
 from ..protocol.constants import Command
 from ..protocol.dma import DmaLayout, DmaReadReply, DmaReadRequest, DmaWriteReply, DmaWriteRequest
-from ..protocol.errors import VfioUserError
+from ..protocol.errors import VfioUserError, command_name
 from ..protocol.framing import Frame
 from ..protocol.region_io import check_xfer_size
 from .dirty import ClientWrites
@@ -171,7 +171,7 @@ class DmaService:
         """The engine handler: answer one command from the server."""
         command = frame.header.command
         if command not in (Command.DMA_READ, Command.DMA_WRITE):
-            raise VfioUserError(errno.EINVAL, f"a client does not serve command {command}")
+            raise VfioUserError(errno.EINVAL, f"a client does not serve {command_name(command)}")
         request: DmaReadRequest | DmaWriteRequest
         if command == Command.DMA_WRITE:
             request = DmaWriteRequest.unpack_as(frame.payload, frame.fds, self.layout)

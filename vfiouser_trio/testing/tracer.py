@@ -35,7 +35,7 @@ import trio
 
 from ..engine import Connection, ConnectionHooks, Forward, FramingError, Link
 from ..protocol.constants import Command
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import ProtocolError, command_name
 from ..protocol.framing import BrokenStream, Frame, OversizedFrame
 from ..protocol.header import Header
 from ..protocol.message import Message, Request
@@ -46,14 +46,6 @@ __all__ = ["ErrorReply", "FramingRecord", "TraceRecord", "Tracer"]
 
 #: The fd placeholder decoded messages carry: a tracer never keeps the real fds.
 PLACEHOLDER_FD = -1
-
-
-def command_name(command: int) -> str:
-    """``REGION_READ`` for a known command number, ``command 99`` for an unknown one."""
-    try:
-        return Command(command).name
-    except ValueError:
-        return f"command {command}"
 
 
 def _as_command(command: int) -> Command | int:
