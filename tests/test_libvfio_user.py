@@ -1,0 +1,227 @@
+"""Our client and CLI against libvfio-user's own samples/server, a real C peer.
+
+The harness (``tests/libvfio_user.py``) builds the samples from the libvfio-user source the
+QEMU provisioning unpacks, or skips. What samples/server (``samples/server.c``) offers: PCI
+ids dead:beef / cafe:babe; BAR0, 8 bytes by messages only (write a ``time_t``: INTx fires at
+that second, then the server writes 4096 bytes of 'A' to the first DMA map with DMA_WRITE
+and reads them back with DMA_READ); BAR1, 0x3000 bytes of a temporary file whose first and
+last pages are sparse-mmap areas (one fd each); a migration region (index 9); INTx, ERR and
+REQ with one vector each; a reset callback.
+
+The tree QEMU 10.2 vendors (commit 0b28d205 of libvfio-user) is protocol 0.1: no twin
+socket, no DEVICE_FEATURE (dirty logging is its former DIRTY_PAGES command 14) and the
+former region-based migration (v1). The tests check what that version shares with ours and
+pin what it does not, so that a newer tree shows up here as a failure to look at.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from libvfio_user import SampleProcess, Samples, connect_socket, sample_server, samples
+
+from vfiouser_trio.client import Client, GuestMemory, VfioUserError, connect
+from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, Link
+from vfiouser_trio.protocol.constants import Command, PciRegion
+from vfiouser_trio.protocol.framing import Frame
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+PAGE = 4096
+CLI = [sys.executable, "-m", "vfiouser_trio.cli"]
+#: INTx and DMA wait for the server's timer (whole seconds of wall time).
+TIMER_TIMEOUT = 10.0
+MIGRATION_REGION = 9
+
+
+@pytest.fixture(scope="module")
+def built() -> Samples:
+    return samples()
+
+
+class DmaReadServed(ConnectionHooks):
+    """Sets ``done`` once the client has answered ``count`` DMA_READ commands."""
+
+    def __init__(self, count: int = 1) -> None:
+        self.left = count
+        self.done = trio.Event()
+
+    def on_send(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        forward(frame)
+        if frame.header.is_reply and frame.header.command == Command.DMA_READ:
+            self.left -= 1
+            if self.left == 0:
+                self.done.set()
+
+
+@asynccontextmanager
+async def samples_server_client(
+    built: Samples, tmp_path: Path, hooks: ConnectionHooks | None = None
+) -> AsyncIterator[tuple[SampleProcess, Client]]:
+    """samples/server and our client connected to it."""
+    async with (
+        sample_server(built, tmp_path) as server,
+        connect(await connect_socket(server.socket), hooks=hooks) as client,
+    ):
+        yield server, client
+
+
+async def fire_intx_and_dma(client: Client, hooks: DmaReadServed) -> None:
+    """Arm the server's timer through BAR0, take the INTx and wait for its DMA to finish.
+
+    The sample checks nothing else while it does DMA (a command arriving before its DMA
+    reply would be taken for that reply), so the test sends nothing until it is done.
+    """
+    irq = (await client.enable_irqs(0))[0]
+    # A due time of now + 1 may arm a zero timer (disarmed) when the second turns meanwhile.
+    await client.write(PciRegion.BAR0, 0, struct.pack("<q", int(time.time()) + 2))
+    with trio.fail_after(TIMER_TIMEOUT):
+        assert await irq.wait() == 1
+        await hooks.done.wait()
+
+
+async def test_our_client_tours_samples_server(built: Samples, tmp_path: Path) -> None:
+    async with sample_server(built, tmp_path) as server:
+        sock = await connect_socket(server.socket)
+        async with connect(sock) as client:
+            negotiated = client.negotiated
+            assert negotiated is not None
+            # Protocol 0.1: the answer is the minimum of both minors; no twin socket offered.
+            assert negotiated.minor == 1
+            assert not client.twin_socket and not client.write_multiple
+            assert dict(negotiated.peer.extra) == {"migration": '{"pgsize":4096}'}
+
+            assert (client.info.num_regions, client.info.num_irqs) == (10, 5)
+            bar0, bar1 = client.regions[PciRegion.BAR0], client.regions[PciRegion.BAR1]
+            assert (bar0.size, bar0.mmappable, bar0.areas) == (8, False, ())
+            assert bar1.size == 0x3000 and bar1.mmappable
+            sparse = bar1.sparse_areas
+            assert sparse is not None
+            assert [(a.offset, a.size) for a in sparse] == [(0, PAGE), (2 * PAGE, PAGE)]
+            migration = client.regions[MIGRATION_REGION].region_type
+            assert migration is not None and migration.type == 3  # VFIO_REGION_TYPE_MIGRATION
+            assert {i: info.count for i, info in client.irq_info.items()} == {
+                0: 1,
+                1: 0,
+                2: 0,
+                3: 1,
+                4: 1,
+            }
+
+            header = await client.config.header()
+            assert (header.vendor_id, header.device_id) == (0xDEAD, 0xBEEF)
+            assert (header.subsystem_vendor_id, header.subsystem_id) == (0xCAFE, 0xBABE)
+            assert header.interrupt_pin == 1
+            # Its BARs are I/O BARs (no VFU_REGION_FLAG_MEM); BAR1's register sizes 0x3000
+            # to its lowest bit, as Linux would; unimplemented BARs (I/O bit only) are none.
+            bars = await client.config.bars()
+            assert [(b.index, b.size, b.io) for b in bars] == [(0, 8, True), (1, PAGE, True)]
+
+            # 64 concurrent config reads, each answered in turn.
+            results: list[bytes] = []
+
+            async def read_ids() -> None:
+                results.append(await client.read(PciRegion.CONFIG, 0, 4))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(64):
+                    nursery.start_soon(read_ids)
+            assert results == [bytes.fromhex("addeefbe")] * 64
+
+            # BAR1 by messages (its BAR1 read ignores the offset: a sample's shortcut).
+            await client.write(PciRegion.BAR1, 0, b"vfio-user-trio")
+            assert await client.read(PciRegion.BAR1, 0, 14) == b"vfio-user-trio"
+            # A BAR0 access of any size but 8 is the sample's EINVAL.
+            with pytest.raises(VfioUserError) as info:
+                await client.read(PciRegion.BAR0, 0, 4)
+            assert info.value.errno == errno.EINVAL
+
+            await client.reset()
+    assert "device reset by client" in server.output()
+
+
+async def test_sparse_mmap_areas_of_a_temporary_file_are_reached_by_messages(
+    built: Samples, tmp_path: Path
+) -> None:
+    """samples/server backs BAR1 with a mkstemp file, which cannot be sealed: our client
+    does not map it (a server truncating it would SIGBUS the client) and uses messages."""
+    async with samples_server_client(built, tmp_path) as (server, client):
+        bar1 = client.regions[PciRegion.BAR1]
+        assert bar1.areas == ()
+        await client.write(PciRegion.BAR1, 0, b"first page")
+        await client.write(PciRegion.BAR1, 2 * PAGE, b"last page")
+        assert await client.read(PciRegion.BAR1, 0, 10) == b"first page"
+    log = server.output()
+    assert "region1: wrote 9 bytes at 0x2000" in log
+    assert "region1: read 10 bytes at 0" in log
+
+
+@pytest.mark.parametrize("first_shared", [False, True], ids=["no-fd-first", "fd-first"])
+async def test_intx_and_message_dma_into_our_maps(
+    built: Samples, tmp_path: Path, first_shared: bool
+) -> None:
+    """The server's DMA goes to its first map, with DMA_WRITE then DMA_READ (this version
+    of libvfio-user does no direct DMA in its sample): the client serves both from the
+    guest memory, for a map without fd as for one whose fd the server has."""
+    hooks = DmaReadServed()
+    async with samples_server_client(built, tmp_path, hooks) as (server, client):
+        with GuestMemory(4 * PAGE) as memory:
+            await client.dma_map(memory, 0, size=2 * PAGE, share_fd=first_shared)
+            await client.dma_map(
+                memory, 0x10_0000, offset=2 * PAGE, size=2 * PAGE, share_fd=not first_shared
+            )
+            await fire_intx_and_dma(client, hooks)
+            assert memory.read(0, PAGE) == b"A" * PAGE
+            assert memory.read(PAGE, 3 * PAGE) == bytes(3 * PAGE)
+            await client.dma_unmap(0x10_0000, 2 * PAGE)
+            await client.dma_unmap_all()
+            assert client.dma_maps == ()
+    log = server.output()
+    assert "do_dma_io: READ  addr (nil) count 4096" in log
+    assert "removing DMA region [0x10_0000".replace("_", "") in log
+
+
+async def test_dirty_logging_is_not_in_protocol_0_1(built: Samples, tmp_path: Path) -> None:
+    """DMA logging is a DEVICE_FEATURE (command 16); this libvfio-user has only its former
+    DIRTY_PAGES (14) and answers EINVAL, which the client passes on unchanged."""
+    async with samples_server_client(built, tmp_path) as (server, client):
+        with GuestMemory(PAGE) as memory:
+            await client.dma_map(memory, 0)
+            for ranges in (None, []):
+                with pytest.raises(VfioUserError) as info:
+                    await client.start_dirty_logging(ranges=ranges)
+                assert info.value.errno == errno.EINVAL
+                assert client.dirty_logging is None
+        # The connection is still good.
+        assert (await client.config.header()).vendor_id == 0xDEAD
+    assert "bad command 16" in server.output()
+
+
+async def test_lspci_on_samples_server(built: Samples, tmp_path: Path) -> None:
+    async with sample_server(built, tmp_path) as server:
+        result = await trio.run_process(
+            [*CLI, "lspci", os.fspath(server.socket)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        with trio.fail_after(TIMER_TIMEOUT):
+            await server.process.wait()
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.startswith("00:00.0 0000: dead:beef\n00: ad de ef be ")
+    assert "20: 01 00 00 00 01 00 00 00 00 00 00 00 fe ca be ba" in out
+    assert "# region 1 BAR1   size 0x3000 rwm sparse mmap [0x0+0x1000, 0x2000+0x1000]" in out
+    assert "# region 9 REGION9 size 0x5000 rwm sparse mmap [0x1000+0x4000] type 0x3/0x1" in out
+    assert "# irq 0 INTX  count 1" in out
+    # A client that leaves ends the single-client sample, as it ends QEMU's session.
+    assert server.process.returncode == 0
