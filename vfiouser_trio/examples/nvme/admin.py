@@ -1,0 +1,220 @@
+"""Admin commands (NVMe 1.4, section 5): queues, Identify, features, logs, AER, Abort.
+
+Each handler takes the controller and a decoded command and returns ``(status,
+result)``; a bad field raises `NvmeError` with the status. Opcodes without a handler
+complete with Invalid Opcode (`Controller.admin`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import identify as ident
+from .command import HELD, Command, Handler, Outcome
+from .queues import CompletionQueue, SubmissionQueue
+from .spec import (
+    ASYNC_EVENT_LIMIT_EXCEEDED,
+    CC_IOCQES_SHIFT,
+    CC_IOSQES_SHIFT,
+    COMPLETION_QUEUE_INVALID,
+    CQES_LOG2,
+    FEATURE_NOT_SAVEABLE,
+    INVALID_FIELD,
+    INVALID_INTERRUPT_VECTOR,
+    INVALID_LOG_PAGE,
+    INVALID_NAMESPACE,
+    INVALID_QUEUE_DELETION,
+    INVALID_QUEUE_IDENTIFIER,
+    INVALID_QUEUE_SIZE,
+    SQES_LOG2,
+    SUCCESS,
+    AdminOpcode,
+    Cns,
+    Feature,
+    LogPage,
+    NvmeError,
+)
+
+if TYPE_CHECKING:
+    from .controller import NvmeController
+
+
+def _queue_geometry(ctrl: NvmeController, cmd: Command, entry_log2: int, shift: int) -> int:
+    """The checks Create I/O SQ and CQ share; returns the queue's size in entries."""
+    qid, size = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
+    if (ctrl.cc >> shift) & 0xF != entry_log2:
+        raise NvmeError(INVALID_FIELD, "CC.IOSQES/IOCQES are not the controller's entry sizes")
+    if not cmd.cdw11 & 1:
+        raise NvmeError(INVALID_FIELD, "queues must be physically contiguous (CAP.CQR)")
+    if not 2 <= size <= ctrl.max_queue_entries:
+        raise NvmeError(INVALID_QUEUE_SIZE, f"queue {qid} of {size} entries")
+    if cmd.prp1 % ctrl.page_size:
+        raise NvmeError(INVALID_FIELD, f"queue {qid} base {cmd.prp1:#x} is not page aligned")
+    return size
+
+
+async def create_io_cq(ctrl: NvmeController, cmd: Command) -> Outcome:
+    qid = cmd.cdw10 & 0xFFFF
+    if not 1 <= qid <= ctrl.io_cqs_allocated or qid in ctrl.cqs:
+        raise NvmeError(INVALID_QUEUE_IDENTIFIER, f"completion queue {qid} cannot be created")
+    size = _queue_geometry(ctrl, cmd, CQES_LOG2, CC_IOCQES_SHIFT)
+    interrupts, vector = bool(cmd.cdw11 & 0x2), cmd.cdw11 >> 16
+    if vector >= ctrl.interrupt_vectors:
+        raise NvmeError(INVALID_INTERRUPT_VECTOR, f"vector {vector} for completion queue {qid}")
+    ctrl.cqs[qid] = CompletionQueue(qid, cmd.prp1, size, vector, interrupts)
+    return SUCCESS, 0
+
+
+async def create_io_sq(ctrl: NvmeController, cmd: Command) -> Outcome:
+    qid, cqid = cmd.cdw10 & 0xFFFF, cmd.cdw11 >> 16
+    if not 1 <= qid <= ctrl.io_sqs_allocated or qid in ctrl.sqs:
+        raise NvmeError(INVALID_QUEUE_IDENTIFIER, f"submission queue {qid} cannot be created")
+    size = _queue_geometry(ctrl, cmd, SQES_LOG2, CC_IOSQES_SHIFT)
+    cq = ctrl.cqs.get(cqid)
+    if cqid == 0 or cq is None:
+        raise NvmeError(COMPLETION_QUEUE_INVALID, f"submission queue {qid} names CQ {cqid}")
+    ctrl.start_queue(SubmissionQueue(qid, cmd.prp1, size, cq))
+    return SUCCESS, 0
+
+
+async def delete_io_sq(ctrl: NvmeController, cmd: Command) -> Outcome:
+    qid = cmd.cdw10 & 0xFFFF
+    if qid == 0 or qid not in ctrl.sqs:
+        raise NvmeError(INVALID_QUEUE_IDENTIFIER, f"no submission queue {qid} to delete")
+    ctrl.stop_queue(ctrl.sqs[qid])
+    return SUCCESS, 0
+
+
+async def delete_io_cq(ctrl: NvmeController, cmd: Command) -> Outcome:
+    qid = cmd.cdw10 & 0xFFFF
+    cq = ctrl.cqs.get(qid)
+    if qid == 0 or cq is None:
+        raise NvmeError(INVALID_QUEUE_IDENTIFIER, f"no completion queue {qid} to delete")
+    if cq.sqs:
+        raise NvmeError(INVALID_QUEUE_DELETION, f"completion queue {qid} still has SQs")
+    del ctrl.cqs[qid]
+    return SUCCESS, 0
+
+
+async def identify(ctrl: NvmeController, cmd: Command) -> Outcome:
+    cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
+    if cns == Cns.CONTROLLER:
+        data = ident.identify_controller(ctrl.info, ctrl.max_io_queues)
+    elif cns == Cns.NAMESPACE:
+        if nsid != ident.NSID:
+            raise NvmeError(INVALID_NAMESPACE, f"Identify of namespace {nsid:#x}")
+        data = ident.identify_namespace(ctrl.info, ctrl.blocks, ctrl.lba_shift)
+    elif cns == Cns.ACTIVE_NAMESPACES:
+        if nsid >= 0xFFFF_FFFE:
+            raise NvmeError(INVALID_NAMESPACE, f"active namespaces above {nsid:#x}")
+        data = ident.active_namespaces(nsid)
+    elif cns == Cns.NAMESPACE_DESCRIPTORS:
+        if nsid != ident.NSID:
+            raise NvmeError(INVALID_NAMESPACE, f"descriptors of namespace {nsid:#x}")
+        data = ident.namespace_descriptors(ctrl.info)
+    else:
+        raise NvmeError(INVALID_FIELD, f"Identify CNS {cns:#x} is not supported")
+    await ctrl.to_host(cmd, data)
+    return SUCCESS, 0
+
+
+async def set_features(ctrl: NvmeController, cmd: Command) -> Outcome:
+    fid, value = cmd.cdw10 & 0xFF, cmd.cdw11
+    if cmd.cdw10 & (1 << 31):
+        raise NvmeError(FEATURE_NOT_SAVEABLE, f"feature {fid:#x} cannot be saved")
+    if fid == Feature.NUMBER_OF_QUEUES:
+        nsqr, ncqr = value & 0xFFFF, value >> 16
+        if nsqr == 0xFFFF or ncqr == 0xFFFF:
+            raise NvmeError(INVALID_FIELD, "65536 queues requested")
+        ctrl.io_sqs_allocated = min(nsqr + 1, ctrl.max_io_queues)
+        ctrl.io_cqs_allocated = min(ncqr + 1, ctrl.max_io_queues)
+        return SUCCESS, _queues_result(ctrl)
+    if fid == Feature.VOLATILE_WRITE_CACHE and not ctrl.info.volatile_write_cache:
+        raise NvmeError(INVALID_FIELD, "no volatile write cache")
+    if fid not in ctrl.features:
+        raise NvmeError(INVALID_FIELD, f"feature {fid:#x} is not supported")
+    ctrl.features[fid] = value & FEATURE_MASKS[fid]
+    return SUCCESS, 0
+
+
+async def get_features(ctrl: NvmeController, cmd: Command) -> Outcome:
+    fid, select = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 0x7
+    if select == 3:  # supported capabilities: every feature here is changeable, none saveable
+        if fid != Feature.NUMBER_OF_QUEUES and fid not in ctrl.features:
+            raise NvmeError(INVALID_FIELD, f"feature {fid:#x} is not supported")
+        return SUCCESS, 1 << 2
+    if select > 3:
+        raise NvmeError(INVALID_FIELD, f"Get Features select {select}")
+    if fid == Feature.NUMBER_OF_QUEUES:
+        return SUCCESS, _queues_result(ctrl)
+    if fid not in ctrl.features:
+        raise NvmeError(INVALID_FIELD, f"feature {fid:#x} is not supported")
+    value = ctrl.features[fid] if select == 0 else DEFAULT_FEATURES[fid]
+    return SUCCESS, value
+
+
+def _queues_result(ctrl: NvmeController) -> int:
+    return (ctrl.io_sqs_allocated - 1) | (ctrl.io_cqs_allocated - 1) << 16
+
+
+#: Features with a plain value: default and the bits that Set Features keeps.
+DEFAULT_FEATURES: dict[int, int] = {
+    Feature.TEMPERATURE_THRESHOLD: 0x0157,  # 343 K over-temperature threshold
+    Feature.VOLATILE_WRITE_CACHE: 1,
+    Feature.INTERRUPT_COALESCING: 0,
+    Feature.ASYNC_EVENT_CONFIGURATION: 0,
+}
+FEATURE_MASKS: dict[int, int] = {
+    Feature.TEMPERATURE_THRESHOLD: 0x003F_FFFF,
+    Feature.VOLATILE_WRITE_CACHE: 0x1,
+    Feature.INTERRUPT_COALESCING: 0xFFFF,
+    Feature.ASYNC_EVENT_CONFIGURATION: 0x3FF,
+}
+
+
+async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
+    lid = cmd.cdw10 & 0xFF
+    length = (((cmd.cdw11 & 0xFFFF) << 16 | cmd.cdw10 >> 16) + 1) * 4
+    offset = cmd.cdw12 | cmd.cdw13 << 32
+    if lid == LogPage.ERROR:
+        log = bytes(64)  # one entry (ELPE 0), never filled: errors are in the completions
+    elif lid == LogPage.SMART:
+        log = ctrl.smart_log()
+    elif lid == LogPage.FIRMWARE_SLOT:
+        slots = bytearray(512)
+        slots[0] = 1  # slot 1 active
+        slots[8:16] = ctrl.info.firmware.encode()[:8].ljust(8, b" ")
+        log = bytes(slots)
+    else:
+        raise NvmeError(INVALID_LOG_PAGE, f"log page {lid:#x}")
+    if offset % 4 or offset >= len(log):
+        raise NvmeError(INVALID_FIELD, f"offset {offset:#x} into log page {lid:#x}")
+    ctrl.check_transfer(length)
+    await ctrl.to_host(cmd, log[offset : offset + length].ljust(length, b"\0"))
+    return SUCCESS, 0
+
+
+async def async_event_request(ctrl: NvmeController, cmd: Command) -> Outcome:
+    if len(ctrl.async_events) > ident.AERL:
+        raise NvmeError(ASYNC_EVENT_LIMIT_EXCEEDED, "more AERs than AERL allows")
+    ctrl.async_events.append(cmd.cid)  # completes when an event happens (none yet) or never
+    return HELD
+
+
+async def abort(ctrl: NvmeController, cmd: Command) -> Outcome:
+    # Commands run to completion once fetched: report "not aborted" (DW0 bit 0).
+    return SUCCESS, 1
+
+
+HANDLERS: dict[int, Handler] = {
+    AdminOpcode.CREATE_IO_CQ: create_io_cq,
+    AdminOpcode.CREATE_IO_SQ: create_io_sq,
+    AdminOpcode.DELETE_IO_SQ: delete_io_sq,
+    AdminOpcode.DELETE_IO_CQ: delete_io_cq,
+    AdminOpcode.IDENTIFY: identify,
+    AdminOpcode.SET_FEATURES: set_features,
+    AdminOpcode.GET_FEATURES: get_features,
+    AdminOpcode.GET_LOG_PAGE: get_log_page,
+    AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
+    AdminOpcode.ABORT: abort,
+}
