@@ -26,6 +26,7 @@ from .client import (
 from .client.client import DEFAULT_CAPABILITIES
 from .demo import run as run_demo
 from .examples import EXAMPLES
+from .examples.nvme import nvme_controller
 from .inspector import lspci
 from .protocol.capabilities import Capabilities
 from .protocol.errors import ProtocolError, VfioUserError
@@ -76,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.socket_path is None) == (args.fd is None):
         raise SystemExit("give exactly one of --socket-path=PATH and --fd=N")
     factory = load_device_factory(args.device)
-    device = factory()
+    device = _nvme(args) if args.device == "nvme" else factory()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -95,6 +96,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         device.close()
     return 0
+
+
+def _nvme(args: argparse.Namespace) -> Device:
+    """``serve nvme``: the namespace from --backing FILE and --size N."""
+    try:
+        return nvme_controller(args.backing, args.size)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"vfio-user-trio serve nvme: {exc}") from None
 
 
 def _listener_error(exc: BaseException) -> ListenerError | None:
@@ -297,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-path", metavar="PATH", help="UNIX socket path to listen on")
     serve.add_argument(
         "--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)"
+    )
+    serve.add_argument("--backing", metavar="FILE", help="nvme: keep the namespace in FILE")
+    serve.add_argument(
+        "--size", metavar="N", type=_byte_count, help="nvme: namespace size, e.g. 64M"
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -9,12 +9,14 @@ from ..server.device import Device
 from .dmaengine import DmaEngine
 from .gpio import GpioDevice
 from .null import NullDevice
+from .nvme import NvmeController
 
-__all__ = ["EXAMPLES", "DmaEngine", "GpioDevice", "NullDevice"]
+__all__ = ["EXAMPLES", "DmaEngine", "GpioDevice", "NullDevice", "NvmeController"]
 
 #: Example name -> zero-argument factory of a fresh device.
 EXAMPLES: dict[str, Callable[[], Device]] = {
     "gpio": GpioDevice,
     "null": NullDevice,
     "dmaengine": DmaEngine,
+    "nvme": NvmeController,
 }

@@ -11,8 +11,31 @@ and what is not.
 
 from __future__ import annotations
 
+import os
+
 from .backing import Backing, FileBacking, MemoryBacking
-from .controller import NvmeController
+from .controller import DEFAULT_SIZE, NvmeController
 from .identify import ControllerInfo
 
-__all__ = ["Backing", "ControllerInfo", "FileBacking", "MemoryBacking", "NvmeController"]
+__all__ = [
+    "Backing",
+    "ControllerInfo",
+    "FileBacking",
+    "MemoryBacking",
+    "NvmeController",
+    "nvme_controller",
+]
+
+
+def nvme_controller(backing: str | None = None, size: int | None = None) -> NvmeController:
+    """The controller ``vfio-user-trio serve nvme [--backing FILE] [--size N]`` serves.
+
+    Without ``backing`` the namespace is ``size`` bytes of memory (64 MiB by default).
+    With it, the namespace is the file: ``size`` bytes (the file is extended if shorter),
+    or by default the file's own size, rounded down to whole 512-byte blocks.
+    """
+    if backing is None:
+        return NvmeController(MemoryBacking(size or DEFAULT_SIZE))
+    if size is None:
+        size = os.stat(backing).st_size // 512 * 512 if os.path.exists(backing) else DEFAULT_SIZE
+    return NvmeController(FileBacking(backing, size))
