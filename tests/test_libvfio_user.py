@@ -19,10 +19,12 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,11 @@ from vfiouser_trio.client import Client, GuestMemory, VfioUserError, connect
 from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, Link
 from vfiouser_trio.protocol.constants import Command, PciRegion
 from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.server import DEFAULT_SERVER_CAPABILITIES, serve
+from vfiouser_trio.server.device import Device
+from vfiouser_trio.server.pci import PciIdentity
+from vfiouser_trio.server.regions import RegionType, SparseArea
+from vfiouser_trio.testing import Tracer
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -225,3 +232,85 @@ async def test_lspci_on_samples_server(built: Samples, tmp_path: Path) -> None:
     assert "# irq 0 INTX  count 1" in out
     # A client that leaves ends the single-client sample, as it ends QEMU's session.
     assert server.process.returncode == 0
+
+
+# --- libvfio-user's samples/client against our server -----------------------------------
+
+
+class SamplesServerTwin(Device):
+    """What samples/client expects of samples/server, in Python: its ids, BAR0's 8 bytes by
+    messages, BAR1 with two sparse-mmap pages, a region 9 typed as VFIO's migration region
+    (ten regions in all, which the client checks), INTx without automask (the client never
+    unmasks), ERR and REQ."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            PciIdentity(0xDEAD, 0xBEEF, subsystem_vendor_id=0xCAFE, subsystem_id=0xBABE),
+            name="samples-server-twin",
+        )
+        self.bar0 = bytes(8)
+        self.add_bar(0, 8, read=self.read_bar0, write=self.write_bar0, io=True)
+        self.add_bar(1, 4 * PAGE, sparse=[SparseArea(0, PAGE), SparseArea(2 * PAGE, PAGE)])
+        self.add_region(
+            MIGRATION_REGION,
+            5 * PAGE,
+            read=self.read_bar0,
+            write=self.write_bar0,
+            region_type=RegionType(3, 1),
+        )
+        self.add_intx(automask=False)
+
+    async def read_bar0(self, offset: int, size: int) -> bytes:
+        return self.bar0[:size]
+
+    async def write_bar0(self, offset: int, data: bytes) -> None:
+        self.bar0 = data[:8]
+
+
+async def test_samples_client_drives_our_server_until_protocol_0_1_dirty_pages(
+    built: Samples, tmp_path: Path
+) -> None:
+    """samples/client (protocol 0.1) negotiates with our server and goes through every
+    step it shares with 0.2: a bogus region is EINVAL, device info, each region's info
+    re-sent with its whole buffer, config space ids, reset, DMA_MAP of a temporary file
+    page by page, IRQ info and an INTx eventfd. It then asks to start dirty logging with
+    DIRTY_PAGES (command 14), which protocol 0.2 replaced by DEVICE_FEATURE: EINVAL, as
+    libvfio-user answers an unknown command, and the sample exits there."""
+    device = SamplesServerTwin()
+    tracer = Tracer()
+    path = tmp_path / "twin.sock"
+    log = tmp_path / "client.log"
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, device, path, hooks=tracer))
+            with open(log, "wb") as out:
+                with trio.fail_after(TIMER_TIMEOUT):
+                    result = await trio.run_process(
+                        [built["client"], path], stdout=out, stderr=subprocess.STDOUT, check=False
+                    )
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+    output = log.read_text()
+    assert result.returncode == 1, output
+    for line in (
+        "client: devinfo: flags 0x3, num_regions 10, num_irqs 5",
+        # The bogus-region probe, answered EINVAL as the sample requires.
+        "client: failed to read from region -559038737 0-0x3: Invalid argument",
+        # One fd for both sparse areas (libvfio-user sends one per area; either is valid).
+        "client: get_device_region_info: region_info[1] offset 0 flags 0xf size 16384 "
+        "cap_sz 48 #FDs 1",
+        "client: get_region_vfio_caps: area 1 offset 0x2000 size 4096",
+        "client: migration region",
+        "client: IRQ INTx: count=1 flags=0x3",  # EVENTFD | MASKABLE, no AUTOMASKED
+        "failed to start dirty page logging: Invalid argument",
+    ):
+        assert line in output, output
+    # Everything before DIRTY_PAGES was answered; DIRTY_PAGES alone refused.
+    refused = [(r.command, r.errno) for r in tracer.errors()]
+    assert refused == [(Command.REGION_READ, errno.EINVAL), (14, errno.EINVAL)]
+    maps = tracer.commands(Command.DMA_MAP)
+    # Twice the server's max_msg_fds maps, one page each, all of one temporary file.
+    max_fds = DEFAULT_SERVER_CAPABILITIES.max_msg_fds
+    assert len(maps) == 2 * max_fds and all(r.fd_count == 1 for r in maps)
+    assert tracer.commands(Command.DEVICE_RESET)
