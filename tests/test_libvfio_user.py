@@ -314,3 +314,27 @@ async def test_samples_client_drives_our_server_until_protocol_0_1_dirty_pages(
     max_fds = DEFAULT_SERVER_CAPABILITIES.max_msg_fds
     assert len(maps) == 2 * max_fds and all(r.fd_count == 1 for r in maps)
     assert tracer.commands(Command.DEVICE_RESET)
+
+
+async def test_migrate_between_samples_servers_stops_at_the_first_device_feature(
+    built: Samples, tmp_path: Path
+) -> None:
+    """This samples/server migrates through its region 9 (VFIO migration v1); migrate()
+    speaks v2 (DEVICE_FEATURE, MIG_DATA_READ/WRITE), so the check of the source fails
+    cleanly: exit 1 naming the step and the command, no traceback, nothing half done."""
+    async with (
+        sample_server(built, tmp_path, tag="source") as source,
+        sample_server(built, tmp_path, tag="destination") as destination,
+    ):
+        result = await trio.run_process(
+            [*CLI, "migrate", os.fspath(source.socket), os.fspath(destination.socket)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert "check failed on the source: [EINVAL] Invalid argument (DEVICE_FEATURE)" in err
+    assert "Traceback" not in err
+    assert "bad command 16" in source.output()
+    assert "migration: transition" not in source.output()
