@@ -1,10 +1,11 @@
-"""The ``vfio-user-trio`` command: demo, serve, lspci, migrate, bench."""
+"""The ``vfio-user-trio`` command: demo, serve, lspci, migrate, conform, bench."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -281,6 +282,44 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conform(args: argparse.Namespace) -> int:
+    """Run the conformance catalogue against a server; 1 on any FAIL (or WARN with --strict)."""
+    from .testing import conformance  # noqa: PLC0415 - only this command needs the checker
+
+    try:
+        checks = conformance.select(args.only, args.skip)
+    except ValueError as exc:
+        print(f"vfio-user-trio conform: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        print(conformance.catalogue_markdown(), end="")
+        return 0
+    if (args.socket is None) == (args.fd is None):
+        print("vfio-user-trio conform: give exactly one of SOCKET and --fd N", file=sys.stderr)
+        return 2
+    target: conformance.Target
+    if args.fd is not None:
+        target = conformance.FdTarget(args.fd)
+    else:
+        try:
+            os.stat(args.socket)  # a wrong path is one line, not a FAIL per check
+        except OSError as exc:
+            print(f"vfio-user-trio conform: {args.socket}: {_describe(exc)}", file=sys.stderr)
+            return 1
+        target = conformance.PathTarget(args.socket)
+
+    def show(result: conformance.Result) -> None:
+        if not args.json:
+            single = conformance.Report(target.label, (result,))
+            print("\n".join(single.lines()[:-1]), flush=True)
+
+    report = trio.run(
+        partial(conformance.run_checks, target, checks=checks, timeout=args.timeout, on_result=show)
+    )
+    print(report.to_json() if args.json else report.summary())
+    return 1 if report.failed(strict=args.strict) else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmarks (a source checkout's ``bench`` package)."""
     try:
@@ -365,6 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
         "moves in pieces of at most this and each server's own limit",
     )
     migrate_cmd.set_defaults(func=cmd_migrate)
+
+    conform = sub.add_parser(
+        "conform",
+        help="check a vfio-user server against the spec (see docs/conformance.md)",
+        description="Connect to the server at SOCKET as a client, as often as needed, and run "
+        "the numbered checks: one line each, PASS, FAIL, WARN or SKIP with the spec section, and "
+        "for a failure what was sent, received and expected. Exit status 1 on any FAIL.",
+    )
+    conform.add_argument("socket", nargs="?", help="path of the server's UNIX socket")
+    conform.add_argument(
+        "--fd", type=int, metavar="N", help="an inherited socket connected to the server (one "
+        "connection: checks that need another are skipped)"
+    )
+    conform.add_argument("--json", action="store_true", help="print the report as JSON")
+    conform.add_argument(
+        "--only", action="append", metavar="ID|GROUP", help="run only these checks (repeatable)"
+    )
+    conform.add_argument(
+        "--skip", action="append", metavar="ID|GROUP", help="leave these checks out (repeatable)"
+    )
+    conform.add_argument("--strict", action="store_true", help="exit 1 on a WARN too")
+    conform.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="stop a check that takes longer and report it (default 5)",
+    )
+    conform.add_argument("--list", action="store_true", help="print the catalogue and exit")
+    conform.set_defaults(func=cmd_conform)
 
     bench = sub.add_parser("bench", help="run the benchmarks (see docs/performance.md)")
     bench.add_argument("args", nargs=argparse.REMAINDER)

@@ -27,7 +27,10 @@ from .runner import DEFAULT_TIMEOUT, Report, catalogue_markdown, run_checks
 if TYPE_CHECKING:
     from ...server.serve import DeviceSource
 
+from . import checks as _checks
 from .wire import FactoryTarget, FdTarget, NoMoreConnections, PathTarget, Target, Wire
+
+del _checks
 
 __all__ = [
     "CATALOGUE",

@@ -1,0 +1,379 @@
+"""Scripted bad servers for the conformance tests: our server, broken in one exact way.
+
+A breakage is a server-side ``ConnectionHooks`` that rewrites what the server receives
+(``receive``) or sends (``send``), or drops it, so that the server misbehaves as the
+broken implementation a check is about would: accepts what it must refuse, replies with
+the wrong size, forgets to answer, processes commands out of order.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+
+from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, FramingError, Link
+from vfiouser_trio.examples import GpioDevice
+from vfiouser_trio.protocol.constants import FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, Command
+from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.protocol.header import error_header, reply_header
+from vfiouser_trio.server.serve import serve
+from vfiouser_trio.testing.conformance import PathTarget
+
+#: Rewrites a frame; None drops it.
+Rewrite = Callable[[Connection, Frame], Frame | None]
+
+
+class Breakage(ConnectionHooks):
+    """Applies ``receive`` to frames the server gets and ``send`` to those it sends."""
+
+    def __init__(self, *, receive: Rewrite | None = None, send: Rewrite | None = None) -> None:
+        self.receive = receive
+        self.send = send
+        #: Set by a framing error on any connection: later connections are never answered.
+        self.wedge_on_framing_error = False
+        self.wedged = False
+
+    def _apply(
+        self, rewrite: Rewrite | None, conn: Connection, frame: Frame, forward: Forward
+    ) -> None:
+        if self.wedged:
+            frame.close_fds()
+            return
+        out = rewrite(conn, frame) if rewrite is not None else frame
+        if out is None:
+            frame.close_fds()
+        else:
+            forward(out)
+
+    def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self._apply(self.receive, conn, frame, forward)
+
+    def on_send(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self._apply(self.send, conn, frame, forward)
+
+    def on_framing_error(self, conn: Connection, link: Link, event: FramingError) -> None:
+        if self.wedge_on_framing_error:
+            self.wedged = True
+
+
+@asynccontextmanager
+async def broken_server(tmp_path: Path, hooks: ConnectionHooks) -> AsyncIterator[PathTarget]:
+    """The gpio example served on a socket in ``tmp_path`` with ``hooks``."""
+    path = tmp_path / "bad.sock"
+    device = GpioDevice()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve(device, path, hooks=hooks, task_status=task_status)
+            )
+            yield PathTarget(path)
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+
+
+# -- building blocks --------------------------------------------------------------------------
+
+
+def success(frame: Frame, payload: bytes) -> Frame:
+    """The success reply ``payload`` in place of ``frame`` (an error reply)."""
+    frame.close_fds()
+    return Frame(reply_header(frame.header.msg_id, frame.header.command, len(payload)), payload)
+
+
+def refused(frame: Frame, code: int = errno.EINVAL) -> Frame:
+    frame.close_fds()
+    return Frame(error_header(frame.header.msg_id, frame.header.command, code), b"")
+
+
+def with_payload(frame: Frame, payload: bytes) -> Frame:
+    header = replace(frame.header, msg_size=16 + len(payload))
+    return Frame(header, payload, frame.take_fds())
+
+
+def accepts(command: int, payload: bytes | Callable[[Frame], bytes]) -> Breakage:
+    """Answers with success where the server refused ``command``."""
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == command and frame.header.is_error:
+            return success(frame, payload(frame) if callable(payload) else payload)
+        return frame
+
+    return Breakage(send=send)
+
+
+def refuses(command: int) -> Breakage:
+    """Refuses (EINVAL) every ``command`` it would have answered with success."""
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        h = frame.header
+        if h.command == command and h.is_reply and not h.is_error:
+            return refused(frame)
+        return frame
+
+    return Breakage(send=send)
+
+
+def replies(command: int, change: Callable[[bytes], bytes]) -> Breakage:
+    """Rewrites the payload of every success reply to ``command``."""
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        h = frame.header
+        if h.command == command and h.is_reply and not h.is_error:
+            return with_payload(frame, change(frame.payload))
+        return frame
+
+    return Breakage(send=send)
+
+
+def requests(command: int, change: Callable[[Frame], Frame | None]) -> Breakage:
+    """Rewrites (or drops) every ``command`` the server receives."""
+
+    def receive(conn: Connection, frame: Frame) -> Frame | None:
+        if frame.header.command == command and frame.header.is_command:
+            return change(frame)
+        return frame
+
+    return Breakage(receive=receive)
+
+
+def patch(payload: bytes, offset: int, fmt: str, value: int) -> bytes:
+    out = bytearray(payload)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+VERSION_OK = struct.pack("=HH", 0, 2) + b'{"capabilities":{}}\0'
+DEVICE_INFO = struct.pack("=IIII", 16, 3, 9, 5)
+
+
+def _version_json(payload: bytes, change: Callable[[dict[str, object]], None]) -> bytes:
+    doc = json.loads(payload[4:].rstrip(b"\0"))
+    change(doc["capabilities"])
+    return payload[:4] + json.dumps(doc).encode() + b"\0"
+
+
+def _set_wm(caps: dict[str, object]) -> None:
+    caps["write_multiple"] = True
+
+
+# -- one breakage per check -------------------------------------------------------------------
+
+
+def _refuse_plain_version() -> Breakage:
+    plain: set[int] = set()
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.VERSION and len(frame.payload) == 4:
+            plain.add(id(conn))
+        return frame
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.VERSION and id(conn) in plain:
+            return refused(frame)
+        return frame
+
+    return Breakage(receive=receive, send=send)
+
+
+def _refuse_higher_minor(frame: Frame) -> Frame:
+    minor = struct.unpack_from("=HH", frame.payload)[1]
+    if minor > 2:  # refused as if it were another major
+        return with_payload(frame, struct.pack("=HH", 9, minor) + frame.payload[4:])
+    return frame
+
+
+def _accept_any_major() -> Breakage:
+    lied: set[int] = set()
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.VERSION and frame.payload[:2] == b"\xff\xff":
+            lied.add(id(conn))
+            return with_payload(frame, b"\0\0" + frame.payload[2:])
+        return frame
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.VERSION and id(conn) in lied and frame.header.is_reply:
+            return with_payload(frame, b"\xff\xff" + frame.payload[2:])
+        return frame
+
+    return Breakage(receive=receive, send=send)
+
+
+def _refuse_unknown_caps(frame: Frame) -> Frame:
+    if b"x_conform_unknown" in frame.payload:
+        return with_payload(frame, frame.payload[:4] + b"{oops}\0")
+    return frame
+
+
+def _ignore_no_reply(conn: Connection, frame: Frame) -> Frame:
+    h = frame.header
+    return Frame(replace(h, flags=h.flags & ~0x10), frame.payload, frame.take_fds())
+
+
+def _drop_reused_ids() -> Breakage:
+    seen: dict[int, set[int]] = {}
+
+    def receive(conn: Connection, frame: Frame) -> Frame | None:
+        ids = seen.setdefault(id(conn), set())
+        if frame.header.is_command and frame.header.msg_id in ids:
+            return None  # "already have that one"
+        ids.add(frame.header.msg_id)
+        return frame
+
+    return Breakage(receive=receive)
+
+
+def _unmap_later() -> ConnectionHooks:
+    from vfiouser_trio.testing.faults import Reorder  # noqa: PLC0415
+    from vfiouser_trio.testing.hooks import Direction  # noqa: PLC0415
+
+    return Reorder(direction=Direction.RECEIVED, command=Command.DMA_MAP)
+
+
+def _wedged_after_framing_error() -> Breakage:
+    b = Breakage()
+    b.wedge_on_framing_error = True
+    return b
+
+
+def _silent_on_oversized(conn: Connection, frame: Frame) -> Frame | None:
+    return None if frame.header.msg_id == 0x0606 and frame.header.is_error else frame
+
+
+def _answer_replies(conn: Connection, frame: Frame) -> Frame:
+    h = frame.header
+    if h.flags & 0xF == FLAG_TYPE_REPLY:
+        return Frame(replace(h, flags=FLAG_TYPE_COMMAND), frame.payload, frame.take_fds())
+    return frame
+
+
+def _keep_old_maps() -> Breakage:
+    """Remembers every client's maps: a later client's overlapping DMA_MAP gets EEXIST."""
+    maps: list[tuple[int, int, int]] = []  # (conn, start, end)
+    doomed: set[tuple[int, int]] = set()
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.DMA_MAP and frame.header.is_command:
+            _argsz, _flags, _offset, address, size = struct.unpack_from("=IIQQQ", frame.payload)
+            if any(c != id(conn) and s < address + size and address < e for c, s, e in maps):
+                doomed.add((id(conn), frame.header.msg_id))
+            maps.append((id(conn), address, address + size))
+        return frame
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        if (id(conn), frame.header.msg_id) in doomed and frame.header.command == Command.DMA_MAP:
+            return refused(frame, errno.EEXIST)
+        return frame
+
+    return Breakage(receive=receive, send=send)
+
+
+def _identical_map_is_eexist() -> Breakage:
+    seen: set[tuple[int, bytes]] = set()
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.DMA_MAP and frame.header.is_command:
+            key = (id(conn), frame.payload)
+            if key in seen:  # make it overlap instead of repeat
+                return with_payload(
+                    frame,
+                    patch(
+                        frame.payload,
+                        16,
+                        "=Q",
+                        struct.unpack_from("=Q", frame.payload, 16)[0] + 4096,
+                    ),
+                )
+            seen.add(key)
+        return frame
+
+    return Breakage(receive=receive)
+
+
+def _unmap_all_unmaps_one(frame: Frame) -> Frame:
+    argsz, flags, _address, _size = struct.unpack_from("=IIQQ", frame.payload)
+    if flags & 2:
+        return with_payload(frame, struct.pack("=IIQQ", argsz, 0, 1 << 40, 4096))
+    return frame
+
+
+def _hang_up_on_zero_read(conn: Connection, frame: Frame) -> Frame:
+    h = frame.header
+    if h.command == Command.REGION_READ and h.is_command and frame.payload[12:16] == bytes(4):
+        conn.close()
+    return frame
+
+
+def _fake_read(frame: Frame) -> bytes:
+    return bytes(16) + bytes(4)
+
+
+#: check id -> the server broken in exactly the way that check catches.
+BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
+    "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
+    "neg-02": _refuse_plain_version,
+    "neg-03": lambda: requests(Command.VERSION, _refuse_higher_minor),
+    "neg-04": _accept_any_major,
+    "neg-05": lambda: requests(Command.VERSION, _refuse_unknown_caps),
+    "neg-06": lambda: replies(Command.VERSION, lambda p: _version_json(p, _set_wm)),
+    "neg-07": lambda: accepts(Command.VERSION, VERSION_OK),
+    "neg-08": lambda: accepts(Command.DEVICE_GET_INFO, DEVICE_INFO),
+    "neg-09": lambda: accepts(Command.VERSION, VERSION_OK),
+    "frm-01": lambda: Breakage(
+        send=lambda c, f: (
+            Frame(replace(f.header, msg_id=f.header.msg_id ^ 1), f.payload, f.take_fds())
+            if f.header.msg_id == 0x1234
+            else f
+        )
+    ),
+    "frm-02": lambda: Breakage(receive=_ignore_no_reply),
+    "frm-03": _drop_reused_ids,
+    "frm-04": _unmap_later,
+    "frm-05": _wedged_after_framing_error,
+    "frm-06": lambda: Breakage(send=_silent_on_oversized),
+    "frm-07": lambda: accepts(14, b""),
+    "frm-08": lambda: accepts(Command.DMA_READ, b""),
+    "frm-09": lambda: Breakage(receive=_answer_replies),
+    "cmd-01": lambda: replies(Command.DEVICE_GET_INFO, lambda p: patch(p, 4, "=I", 1)),
+    "cmd-02": lambda: requests(
+        Command.DEVICE_GET_INFO,
+        lambda f: (
+            with_payload(f, f.payload[:16])
+            if len(f.payload) == 16
+            else with_payload(f, f.payload[:8])
+        ),
+    ),
+    "cmd-03": lambda: accepts(Command.DEVICE_GET_INFO, DEVICE_INFO),
+    "cmd-04": lambda: replies(Command.DEVICE_GET_REGION_INFO, lambda p: patch(p, 8, "=I", 99)),
+    "cmd-05": lambda: accepts(
+        Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", 32, 0, 0, 0, 0, 0)
+    ),
+    "cmd-06": lambda: replies(
+        Command.DEVICE_GET_REGION_INFO, lambda p: patch(p, 0, "=I", len(p) + 8)
+    ),
+    "cmd-07": lambda: replies(Command.DEVICE_GET_IRQ_INFO, lambda p: patch(p, 8, "=I", 99)),
+    "cmd-08": lambda: accepts(Command.DEVICE_GET_IRQ_INFO, struct.pack("=IIII", 16, 0, 0, 0)),
+    "cmd-09": lambda: refuses(Command.DEVICE_RESET),
+    "rio-01": lambda: replies(Command.REGION_READ, lambda p: p[:-1]),
+    "rio-02": lambda: accepts(Command.REGION_READ, _fake_read),
+    "rio-03": lambda: Breakage(receive=_hang_up_on_zero_read),
+    "rio-04": lambda: accepts(Command.REGION_READ, _fake_read),
+    "rio-05": lambda: accepts(Command.REGION_WRITE, bytes(16)),
+    "rio-06": lambda: replies(Command.REGION_WRITE, lambda p: patch(p, 0, "=Q", 0x40)),
+    "dma-01": lambda: requests(Command.DMA_MAP, lambda f: with_payload(f, f.payload[:8])),
+    "dma-02": _identical_map_is_eexist,
+    "dma-03": lambda: accepts(Command.DMA_MAP, b""),
+    "dma-04": lambda: accepts(Command.DMA_UNMAP, bytes(24)),
+    "dma-05": lambda: requests(Command.DMA_UNMAP, _unmap_all_unmaps_one),
+    "dma-06": _keep_old_maps,
+    "rob-01": lambda: accepts(Command.DEVICE_FEATURE, b""),
+    "rob-02": _wedged_after_framing_error,
+}

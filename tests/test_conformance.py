@@ -1,0 +1,163 @@
+"""The conformance checker: every example passes, its report, the CLI, the catalogue page."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from vfiouser_trio import cli
+from vfiouser_trio.examples import EXAMPLES
+from vfiouser_trio.server.serve import serve
+from vfiouser_trio.testing.conformance import (
+    CATALOGUE,
+    Expectations,
+    FdTarget,
+    Level,
+    Outcome,
+    PathTarget,
+    assert_conforms,
+    catalogue_markdown,
+    run_checks,
+    select,
+    served,
+)
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+PAGE = Path(__file__).parent.parent / "docs" / "conformance.md"
+BEGIN, END = "<!-- catalogue: begin -->\n", "<!-- catalogue: end -->\n"
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES.keys() & {"gpio", "null", "dmaengine"}))
+async def test_every_example_passes_every_must_and_should(name: str, tmp_path: Path) -> None:
+    device = EXAMPLES[name]()
+    try:
+        async with served(device, tmp_path / "dev.sock") as target:
+            report = await assert_conforms(target, strict=True)
+    finally:
+        device.close()
+    assert report.count(Outcome.PASS) == len(CATALOGUE)
+
+
+async def test_device_expectations_and_waivers(tmp_path: Path) -> None:
+    device = EXAMPLES["gpio"]()
+    wrong = Expectations(num_irqs=7, waive={"dma": "this device does no DMA"})
+    try:
+        async with served(device, tmp_path / "dev.sock") as target:
+            report = await run_checks(target, checks=select(["cmd-01", "dma"]), expectations=wrong)
+            with pytest.raises(AssertionError, match="num_irqs is 5, the device declares 7"):
+                await assert_conforms(target, only=["cmd-01"], expectations=wrong)
+    finally:
+        device.close()
+    outcomes = {r.check.id: (r.outcome, r.message) for r in report.results}
+    assert outcomes["cmd-01"][0] is Outcome.FAIL
+    assert outcomes["dma-01"] == (Outcome.SKIP, "waived: this device does no DMA")
+
+
+async def test_a_silent_server_fails_each_check_in_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A server that accepts and never answers: every check ends at its timeout."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "silent.sock"))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    async def accept_forever() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            accepted.append(listener.accept()[0])
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_forever)
+            report = await run_checks(
+                PathTarget(tmp_path / "silent.sock"), checks=select(["neg-01"]), timeout=2
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
+    [result] = report.results
+    assert (result.outcome, result.message) == (Outcome.FAIL, "no answer within 2 s")
+    assert result.sent.startswith("→ VERSION command id=1")
+
+
+async def test_fd_target_gives_its_one_connection_to_the_first_check() -> None:
+    device = EXAMPLES["null"]()
+    ours, theirs = socket.socketpair()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: serve(device, fd=theirs.detach()))
+            report = await run_checks(FdTarget(ours.detach()), checks=select(["neg-01", "cmd-01"]))
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+    assert [r.outcome for r in report.results] == [Outcome.PASS, Outcome.SKIP]
+    assert "--fd gives one" in report.results[1].message
+
+
+def test_select_by_id_and_group() -> None:
+    assert [c.id for c in select(["neg-02", "framing"], ["frm-01"])][:2] == ["neg-02", "frm-02"]
+    with pytest.raises(ValueError, match="no check or group named 'nope'"):
+        select(["nope"])
+
+
+def test_every_check_names_a_spec_section_and_level() -> None:
+    spec = Path(__file__).parent.parent.parent / "shared" / "spec" / "vfio-user.rst"
+    text = spec.read_text() if spec.exists() else None
+    for check in select():
+        assert isinstance(check.level, Level)
+        if text is not None:
+            assert check.section in text, check.id
+
+
+def test_docs_page_carries_the_generated_catalogue() -> None:
+    page = PAGE.read_text()
+    assert BEGIN in page and END in page
+    table = page.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert table == catalogue_markdown(), (
+        "docs/conformance.md is stale: replace its catalogue with `vfio-user-trio conform --list`"
+    )
+
+
+def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(args)
+    return code, capsys.readouterr().out
+
+
+async def test_cli_conform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``conform SOCK``: one line per check and exit 0; --json; a FAIL exits 1; --strict."""
+    device = EXAMPLES["gpio"]()
+    path = str(tmp_path / "dev.sock")
+    try:
+        async with served(device, path):
+            code, out = await trio.to_thread.run_sync(_run_cli, ["conform", path], capsys)
+            assert code == 0
+            lines = out.splitlines()
+            assert len(lines) == len(CATALOGUE) + 2  # and neg-10's observation, the summary
+            assert lines[0].startswith("PASS  neg-01  MUST    [VFIO_USER_VERSION]")
+            code, out = await trio.to_thread.run_sync(
+                _run_cli,
+                ["conform", path, "--json", "--only", "commands", "--skip", "cmd-09"],
+                capsys,
+            )
+            doc = json.loads(out)
+            assert code == 0 and doc["summary"]["PASS"] == len(select(["commands"])) - 1
+    finally:
+        device.close()
+
+
+def test_cli_conform_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["conform"]) == 2
+    assert cli.main(["conform", "x.sock", "--only", "nope"]) == 2
+    assert cli.main(["conform", "--list"]) == 0
+    assert capsys.readouterr().out == catalogue_markdown()
+    assert cli.main(["conform", "/nonexistent/vfio.sock"]) == 1
+    assert "No such file or directory" in capsys.readouterr().err

@@ -1,0 +1,47 @@
+"""Each conformance check FAILs (MUST) or WARNs (SHOULD) on a server broken in exactly the
+way it is about (tests/conformance_bad.py), and passes on the same server unbroken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from conformance_bad import BROKEN, broken_server
+
+from vfiouser_trio import cli
+from vfiouser_trio.testing.conformance import CATALOGUE, Level, Outcome, run_checks, select
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+
+def test_every_check_that_can_fail_has_a_broken_server() -> None:
+    failable = {c.id for c in select() if c.level is not Level.INFO}
+    assert failable == set(BROKEN)
+
+
+@pytest.mark.parametrize("check_id", sorted(BROKEN))
+async def test_check_catches_its_broken_server(
+    check_id: str, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    check = CATALOGUE[check_id]
+    async with broken_server(tmp_path, BROKEN[check_id]()) as target:
+        report = await run_checks(target, checks=[check], timeout=5)
+    [result] = report.results
+    want = Outcome.FAIL if check.level is Level.MUST else Outcome.WARN
+    assert result.outcome is want, "\n".join(report.lines())
+    assert result.message
+
+
+def _cli(args: list[str]) -> int:
+    return cli.main(args)
+
+
+@pytest.mark.parametrize(("check_id", "plain", "strict"), [("cmd-01", 1, 1), ("cmd-02", 0, 1)])
+async def test_cli_exit_status(check_id: str, plain: int, strict: int, tmp_path: Path) -> None:
+    """Exit 1 on a FAIL (cmd-01, a MUST); on a WARN (cmd-02, a SHOULD) only with --strict."""
+    async with broken_server(tmp_path, BROKEN[check_id]()) as target:
+        args = ["conform", target.path, "--only", check_id]
+        assert await trio.to_thread.run_sync(_cli, args) == plain
+        assert await trio.to_thread.run_sync(_cli, [*args, "--strict"]) == strict
