@@ -17,6 +17,7 @@ pin what it does not, so that a newer tree shows up here as a failure to look at
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 from libvfio_user import SampleProcess, Samples, connect_socket, sample_server, samples
+from test_client_e2e import TestDevice, served
 
 from vfiouser_trio.client import Client, GuestMemory, VfioUserError, connect
 from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, Link
@@ -156,20 +158,72 @@ async def test_our_client_tours_samples_server(built: Samples, tmp_path: Path) -
     assert "device reset by client" in server.output()
 
 
-async def test_sparse_mmap_areas_of_a_temporary_file_are_reached_by_messages(
+async def test_sparse_mmap_areas_of_a_temporary_file_are_mapped_and_used(
     built: Samples, tmp_path: Path
 ) -> None:
-    """samples/server backs BAR1 with a mkstemp file, which cannot be sealed: our client
-    does not map it (a server truncating it would SIGBUS the client) and uses messages."""
+    """samples/server backs BAR1 with a mkstemp file, which cannot be sealed against
+    shrinking. The client maps its two sparse areas all the same, with no zero-copy view:
+    it reaches them through guarded copies (a truncated file is EFAULT, not SIGBUS), and
+    what it stores there is what the server reads, and the reverse."""
     async with samples_server_client(built, tmp_path) as (server, client):
         bar1 = client.regions[PciRegion.BAR1]
-        assert bar1.areas == ()
-        await client.write(PciRegion.BAR1, 0, b"first page")
-        await client.write(PciRegion.BAR1, 2 * PAGE, b"last page")
-        assert await client.read(PciRegion.BAR1, 0, 10) == b"first page"
+        assert [(a.offset, a.size, a.view) for a in bar1.areas] == [
+            (0, PAGE, None),
+            (2 * PAGE, PAGE, None),
+        ]
+        await client.write(PciRegion.BAR1, 0, b"through the map")
+        assert await client.read(PciRegion.BAR1, 0, 15, use_mmap=False) == b"through the map"
+        await client.write(PciRegion.BAR1, 2 * PAGE, b"by message", use_mmap=False)
+        assert await client.read(PciRegion.BAR1, 2 * PAGE, 10) == b"by message"
+        await client.write(PciRegion.BAR1, PAGE, b"middle")  # not an area: a message
     log = server.output()
-    assert "region1: wrote 9 bytes at 0x2000" in log
-    assert "region1: read 10 bytes at 0" in log
+    # Only the accesses made by message reached the server's callbacks.
+    assert [line.split(": ", 1)[1] for line in log.splitlines() if "region1:" in line] == [
+        "region1: read 15 bytes at 0",
+        "region1: wrote 10 bytes at 0x2000",
+        "region1: wrote 6 bytes at 0x1000",
+    ]
+
+
+class ShrinkableMemory:
+    """Region memory whose fd the client cannot seal (as a libvfio-user temporary file);
+    the server answers messages from a separate buffer, so a message shows what it holds."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("shrinkable", os.MFD_CLOEXEC)  # no sealing: can shrink
+        os.ftruncate(self.fd, size)
+        self.view = memoryview(bytearray(size))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+async def test_a_guarded_area_whose_file_is_cut_short_falls_back_to_messages(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = TestDevice()
+    region = device.regions[PciRegion.BAR1]
+    assert region.memory is not None
+    region.memory.close()
+    memory = ShrinkableMemory(region.size)
+    region.memory = memory  # type: ignore[assignment]
+    memory.view[:5] = b"hello"
+    try:
+        async with served(device) as (client, _):
+            [area] = client.regions[PciRegion.BAR1].areas
+            assert area.view is None
+            os.ftruncate(memory.fd, 0)  # the server cuts its file short under our mapping
+            with caplog.at_level(logging.WARNING, logger="vfiouser_trio.client.regions"):
+                assert await client.read(PciRegion.BAR1, 0, 5) == b"hello"
+            assert "faulted" in caplog.text and "REGION_READ/WRITE messages" in caplog.text
+            assert client.regions[PciRegion.BAR1].areas == ()
+            await client.write(PciRegion.BAR1, PAGE, b"world")
+            assert bytes(memory.view[PAGE : PAGE + 5]) == b"world"
+    finally:
+        device.close()
 
 
 @pytest.mark.parametrize("first_shared", [False, True], ids=["no-fd-first", "fd-first"])

@@ -116,7 +116,7 @@ from .dirty import ClientWrites, DirtyLogging, DirtyPages, merge_reports, split_
 from .dma import DmaMap, DmaMaps, DmaService
 from .guest_memory import GuestMemory
 from .irqs import Interrupt, InterruptTable
-from .regions import MAX_ARGSZ, Region, RegionIoFd, query_with_argsz
+from .regions import MAX_ARGSZ, MappedArea, Region, RegionIoFd, query_with_argsz
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -490,16 +490,13 @@ class Client:
         if self.closed:
             raise ConnectionClosedError(errno=errno.ENOTCONN)
 
-    def _mapped(
-        self, region: int, offset: int, count: int, *, write: bool
-    ) -> tuple[memoryview, int] | None:
+    def _mapped(self, region: int, offset: int, count: int, *, write: bool) -> MappedArea | None:
         """The shared memory serving this access, if it may be done there."""
         known = self.regions.get(region)
         # An access the region's flags forbid goes to the server, which answers it.
         if known is None or not (known.writable if write else known.readable):
             return None
-        area = known.mapped_area(offset, count)
-        return None if area is None else (area.view, offset - area.offset)
+        return known.mapped_area(offset, count)
 
     async def read(self, region: int, offset: int, count: int, *, use_mmap: bool = True) -> bytes:
         """Read ``count`` bytes at ``offset`` of ``region``.
@@ -509,13 +506,15 @@ class Client:
         """
         _check_span(offset, count)
         self._check_open()
-        mapped = self._mapped(region, offset, count, write=False) if use_mmap else None
-        if mapped is not None or count == 0:
+        area = self._mapped(region, offset, count, write=False) if use_mmap else None
+        if area is not None or count == 0:
             await trio.lowlevel.checkpoint()
-            if mapped is None:
+            if area is None:
                 return b""
-            view, start = mapped
-            return bytes(view[start : start + count])
+            try:
+                return area.read(offset - area.offset, count)
+            except OSError as exc:  # a guarded area whose file the server cut short
+                self.regions[region].drop_area(area, exc)
         parts = []
         for start, length in _chunks(offset, count, self.max_data_xfer_size):
             reply = await self._call(RegionReadRequest(region, start, length), RegionReadReply)
@@ -534,13 +533,16 @@ class Client:
         data = bytes(data)
         _check_span(offset, len(data))
         self._check_open()
-        mapped = self._mapped(region, offset, len(data), write=True) if use_mmap else None
-        if mapped is not None or not data:
+        area = self._mapped(region, offset, len(data), write=True) if use_mmap else None
+        if area is not None or not data:
             await trio.lowlevel.checkpoint()
-            if mapped is not None:
-                view, start = mapped
-                view[start : start + len(data)] = data
-            return
+            if area is None:
+                return
+            try:
+                area.write(offset - area.offset, data)
+                return
+            except OSError as exc:  # as in read(); part of data may be stored: all is resent
+                self.regions[region].drop_area(area, exc)
         for start, length in _chunks(offset, len(data), self.max_data_xfer_size):
             piece = data[start - offset : start - offset + length]
             await self._call(RegionWriteRequest(region, start, piece), RegionWriteReply)

@@ -11,11 +11,14 @@ optimisation, never a reason to fail.
 
 The server is not trusted with our process either: a server that truncates its region
 file under our mapping would make the next access through the mapping a SIGBUS. Each
-fd is therefore checked (``fdcheck.require_memory_fd``: a memory file holding the area)
-and mapped only if its file cannot shrink: ``F_SEAL_SHRINK`` is set, or we could add it
-(``memory.forbid_shrinking``: permanent on the server's file, which can still grow). A
-region whose file can still shrink is reached by messages only (logged once per region,
-at INFO).
+fd is therefore checked (``fdcheck.require_memory_fd``: a memory file holding the area).
+If its file cannot shrink (``F_SEAL_SHRINK`` is set, or we could add it:
+``memory.forbid_shrinking``, permanent on the server's file, which can still grow) the
+area has a zero-copy ``view``. A file that can still shrink (libvfio-user backs regions
+with a plain temporary file) is mapped too, but reached only through the native guarded
+copy (``Mapping.load`` / ``store``) that turns that SIGBUS into ``OSError(EFAULT)``: such
+an area has no ``view``, and the client drops it at its first fault and goes on by
+messages (logged at WARNING).
 """
 
 from __future__ import annotations
@@ -78,18 +81,39 @@ async def query_with_argsz(
 
 @dataclass(frozen=True, slots=True, eq=False)
 class MappedArea:
-    """Part of a region mapped into this process: region bytes ``[offset, offset + size)``."""
+    """Part of a region mapped into this process: region bytes ``[offset, offset + size)``.
+
+    ``view`` is the memory itself, or None when the server's file can still shrink: then
+    :meth:`read` and :meth:`write` go through guarded copies, which raise ``OSError``
+    (EFAULT) instead of a SIGBUS if the file was cut short.
+    """
 
     offset: int
     size: int
-    view: memoryview
+    view: memoryview | None
     mapping: Mapping
+    #: Where the area starts in ``mapping`` (mmap maps from the page below it).
+    lead: int = 0
 
     def covers(self, offset: int, count: int) -> bool:
         return self.offset <= offset and offset + count <= self.offset + self.size
 
+    def read(self, start: int, count: int) -> bytes:
+        """``count`` bytes at ``start`` of the area (OSError only for a guarded area)."""
+        if self.view is not None:
+            return bytes(self.view[start : start + count])
+        return self.mapping.load(self.lead + start, count)
+
+    def write(self, start: int, data: bytes) -> None:
+        """Store ``data`` at ``start`` of the area (OSError only for a guarded area)."""
+        if self.view is not None:
+            self.view[start : start + len(data)] = data
+        else:
+            self.mapping.store(self.lead + start, data)
+
     def close(self) -> None:
-        self.view.release()
+        if self.view is not None:
+            self.view.release()
         try:
             self.mapping.close()
         except BufferError:
@@ -155,6 +179,19 @@ class Region:
         """The mapped area holding all of ``[offset, offset + count)``, if any."""
         return next((a for a in self.areas if a.covers(offset, count)), None)
 
+    def drop_area(self, area: MappedArea, reason: BaseException) -> None:
+        """Stop using ``area`` (its guarded copy faulted): later accesses go by messages."""
+        log.warning(
+            "region %d: area %#x+%#x faulted (%s): the server cut its file short; "
+            "using REGION_READ/WRITE messages instead",
+            self.index,
+            area.offset,
+            area.size,
+            reason,
+        )
+        self.areas = tuple(a for a in self.areas if a is not area)
+        area.close()
+
     def close(self) -> None:
         """Unmap the areas (idempotent)."""
         areas, self.areas = self.areas, ()
@@ -178,7 +215,7 @@ def _map_areas(info: RegionInfoReply) -> list[MappedArea]:
         Prot.WRITE if info.writable else Prot.NONE
     )
     areas: list[MappedArea] = []
-    shrinkable_logged = False
+    guarded_logged = False
     for i, (offset, size) in enumerate(spans):
         # libvfio-user sends one fd per sparse area (all of the same file); others send one.
         fd = fds[i] if len(fds) == len(spans) else fds[0]
@@ -192,23 +229,22 @@ def _map_areas(info: RegionInfoReply) -> list[MappedArea]:
         except VfioUserError as exc:
             log.warning("region %d: area %#x+%#x not mapped: %s", info.index, offset, size, exc)
             continue
-        if not forbid_shrinking(fd, file):
-            if not shrinkable_logged:
-                log.info(
-                    "region %d: the server's file can shrink (no F_SEAL_SHRINK): "
-                    "reached by REGION_READ/WRITE messages, not mapped",
-                    info.index,
-                )
-                shrinkable_logged = True
-            continue
+        guarded = not forbid_shrinking(fd, file)
+        if guarded and not guarded_logged:
+            log.info(
+                "region %d: the server's file can shrink (no F_SEAL_SHRINK): "
+                "mapped, reached through SIGBUS-guarded copies only",
+                info.index,
+            )
+            guarded_logged = True
         lead = file_offset % page_size()
         try:
             mapping = Mapping(fd, size + lead, offset=file_offset - lead, prot=prot)
         except (OSError, ValueError) as exc:
             log.warning("region %d: cannot map area %#x+%#x: %s", info.index, offset, size, exc)
             continue
-        view = mapping.view[lead : lead + size]
-        areas.append(MappedArea(offset, size, view, mapping))
+        view = None if guarded else mapping.view[lead : lead + size]
+        areas.append(MappedArea(offset, size, view, mapping, lead))
     return areas
 
 
