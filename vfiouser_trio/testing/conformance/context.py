@@ -59,6 +59,8 @@ class Probe:
         self.wires: list[Wire] = []
         #: Observations the check made, joined into its result's message.
         self.notes: list[str] = []
+        #: Lesser problems found (``warn``): the check's outcome is WARN if it ends without FAIL.
+        self.concerns: list[Warned] = []
 
     # ----------------------------------------------------------------- connections
 
@@ -95,10 +97,9 @@ class Probe:
     ) -> NoReturn:
         raise Violation(message, sent=sent, received=received, expected=expected)
 
-    def warn(
-        self, message: str, *, sent: str = "", received: str = "", expected: str = ""
-    ) -> NoReturn:
-        raise Warned(message, sent=sent, received=received, expected=expected)
+    def warn(self, message: str, *, sent: str = "", received: str = "", expected: str = "") -> None:
+        """Record a lesser problem and go on: the check ends WARN (unless it FAILs)."""
+        self.concerns.append(Warned(message, sent=sent, received=received, expected=expected))
 
     def skip(self, message: str) -> NoReturn:
         raise Skipped(message)

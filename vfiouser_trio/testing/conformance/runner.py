@@ -110,6 +110,16 @@ async def _run_one(
         with trio.move_on_after(timeout) as scope:
             found = await check.func(probe)
             message = "; ".join(probe.notes + ([found] if found else []))
+            if probe.concerns:
+                first = probe.concerns[0]
+                outcome, sent, received, expected = (
+                    Outcome.WARN,
+                    first.sent,
+                    first.received,
+                    first.expected,
+                )
+                more = len(probe.concerns) - 1
+                message = first.message + (f" (and {more} more)" if more else "")
         if scope.cancelled_caught:
             outcome = _violated(check)
             message = f"no answer within {timeout:g} s"

@@ -46,6 +46,10 @@ SHOWN_BYTES = 48
 CHECKER_MAX_MSG = max_msg_size_for(16 << 20)
 #: fds the checker accepts with one message (a VERSION reply's twin socket, IO fds).
 CHECKER_MAX_FDS = 64
+#: What the checker proposes unless a check says otherwise: the spec's defaults, but room
+#: for 16 fds in a message as QEMU proposes (libvfio-user refuses GET_REGION_INFO of a
+#: region with more sparse mmap areas than the client takes fds: ENOSPC).
+CHECKER_CAPABILITIES = Capabilities(max_msg_fds=16)
 
 
 class NoMoreConnections(Exception):
@@ -268,12 +272,12 @@ class Wire:
         return header, await self.next_frame()
 
     async def negotiate(self, capabilities: Capabilities | None = None) -> Negotiated:
-        """VERSION with ``capabilities`` (default: the spec's defaults, no twin socket).
+        """VERSION with ``capabilities`` (default: ``CHECKER_CAPABILITIES``, no twin socket).
 
         Raises :class:`~.model.Violation` when the server does not accept a proposal any
         server must accept.
         """
-        request = VersionRequest(capabilities=capabilities or Capabilities())
+        request = VersionRequest(capabilities=capabilities or CHECKER_CAPABILITIES)
         _header, reply = await self.call(request.COMMAND, request.pack())
         sent = self.log[-2] if reply is not None else self.log[-1]
         if reply is None or reply.header.is_error or not reply.header.is_reply:

@@ -113,9 +113,9 @@ async def read_zero(probe: Probe) -> str:
         probe.expect_reply(header, reply, what="zero-length REGION_READ", payload=payload)
         if len(reply.payload) != _ACCESS.size:
             probe.warn(
-                "a zero-length read returned data",
+                f"the reply to a zero-length read is {len(reply.payload)} bytes",
                 received=describe(reply),
-                expected="the 16-byte echo and no data",
+                expected="the 16-byte {offset, region, count} echo and no data",
             )
         outcome = "answered empty"
     check_payload = _ACCESS.pack(0, CONFIG, 2)
