@@ -368,7 +368,7 @@ def test_refused_transition_cannot_be_started() -> None:
 
 C = Command
 EVERYTHING = set(Command)
-# Written out per state from REFERENCE_BEHAVIOUR.md and the decisions in migration_fsm.py.
+# Written out per state from the spec's migration section and the decisions in migration_fsm.py.
 ALLOWED: dict[MigState, set[Command]] = {
     STOP: {C.REGION_READ, C.REGION_WRITE, C.REGION_WRITE_MULTI, C.DEVICE_FEATURE},
     STOP_COPY: {

@@ -1,7 +1,7 @@
 """Live migration served over real sockets: features, the state machine, data streams, quiesce.
 
-The client is the engine used raw: every feature GET/SET/PROBE with the reply sizes of
-REFERENCE_BEHAVIOUR.md, a full migration between two in-process servers, refused
+The client is the engine used raw: every feature GET/SET/PROBE with the reply sizes deployed
+peers use, a full migration between two in-process servers, refused
 transitions and commands, ERROR and DEVICE_RESET, and what "stopped" means for IRQs and DMA.
 """
 

@@ -1,6 +1,6 @@
 """The server over real sockets, driven by the raw engine client of tests/raw_client.py.
 
-Checks reply sizes and errnos against REFERENCE_BEHAVIOUR.md, DMA through fd
+Checks reply sizes and errnos against the spec and libvfio-user's answers, DMA through fd
 maps and through messages, unmap waiting for device DMA, disconnect cleanup,
 the one-client-per-device rule, the socket file, and fd leaks.
 """

@@ -48,7 +48,8 @@ DEFAULT_MAX_MSG_FDS = 1
 DEFAULT_MAX_DATA_XFER_SIZE = 1 << 20
 DEFAULT_MAX_DMA_MAPS = 65535
 DEFAULT_PGSIZES = 4096
-#: Upper bound accepted for max_msg_fds in a peer's capabilities (REFERENCE_BEHAVIOUR.md).
+#: Upper bound accepted for max_msg_fds in a peer's capabilities: a sanity bound far above
+#: any deployed peer's value (libvfio-user and QEMU propose a handful).
 MAX_MSG_FDS_LIMIT = 1024
 
 # DMA_MAP / DMA_UNMAP flags.

@@ -1,8 +1,8 @@
 """Command number -> message class, and decoding of a frame's payload.
 
 An unknown command is answered with EINVAL: libvfio-user does so, and it is the
-errno the spec uses for every other malformed message (REFERENCE_BEHAVIOUR.md
-allows EINVAL or ENOSYS; we pick one and keep it).
+errno the spec uses for every other malformed message (deployed servers answer
+EINVAL or ENOSYS; we pick one and keep it).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class Region:
         return flags
 
     def check_access(self, offset: int, count: int, *, write: bool) -> None:
-        """EINVAL for out-of-range or forbidden accesses (REFERENCE_BEHAVIOUR.md)."""
+        """EINVAL for out-of-range or forbidden accesses, as libvfio-user answers them."""
         if write and not self.writable:
             raise VfioUserError(errno.EINVAL, f"region {self.index} is not writable")
         if not write and not self.readable:
