@@ -1,0 +1,54 @@
+"""The checker against a real peer: libvfio-user's samples/server, one process per connection
+(the sample serves one client, then exits). Skipped without libvfio-user's source (see
+tests/libvfio_user.py). What it finds there is pinned here, so a change in either shows."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+from libvfio_user import Samples, connect_socket, sample_server, samples
+
+from vfiouser_trio.testing.conformance import FactoryTarget, Outcome, run_checks
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+#: libvfio-user's deviations, check id -> the start of the WARN's message.
+KNOWN = {
+    # It parses the version data leniently: a JSON array is taken as "no capabilities".
+    "neg-07": "VERSION with JSON not an object: accepted",
+    # A message that is not a command is refused before its payload is read
+    # (lib/libvfio-user.c, is_valid_header): the payload is then read as the next header.
+    "frm-09": "answered with a reply that echoes none of the messages sent",
+    # Its config space region info carries neither READ nor WRITE.
+    "cmd-04": "GET_REGION_INFO 7: the config space region's flags",
+    # A zero-length REGION_READ is answered with an empty payload, without the echo.
+    "rio-03": "the reply to a zero-length read is 0 bytes",
+}
+
+
+@pytest.fixture
+def built() -> Samples:
+    return samples()
+
+
+async def test_libvfio_user_samples_server(built: Samples, tmp_path: Path) -> None:
+    async with AsyncExitStack() as stack:
+        count = 0
+
+        async def new_server() -> socket.socket:
+            nonlocal count
+            count += 1
+            where = tmp_path / f"s{count}"
+            where.mkdir()
+            proc = await stack.enter_async_context(sample_server(built, where))
+            return await connect_socket(proc.socket)
+
+        report = await run_checks(FactoryTarget(new_server, "samples/server"), timeout=10)
+    found = {r.check.id: r.message for r in report.results if r.outcome is not Outcome.PASS}
+    assert found.keys() == KNOWN.keys(), "\n".join(report.lines())
+    for check_id, start in KNOWN.items():
+        assert found[check_id].startswith(start), check_id
+    assert all(r.outcome in (Outcome.PASS, Outcome.WARN) for r in report.results)
