@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,6 @@ import trio.testing
 
 from vfiouser_trio.client import Client, GuestMemory, connect
 from vfiouser_trio.client.irqs import Interrupt
-from vfiouser_trio.examples import EXAMPLES
 from vfiouser_trio.examples.nvme import FileBacking, MemoryBacking, NvmeController
 from vfiouser_trio.examples.nvme import spec as nv
 from vfiouser_trio.protocol.constants import PciIrq
@@ -152,7 +152,9 @@ class Host:
     async def read_blocks(self, qid: int, slba: int, count: int, buffer: int = DATA) -> Completion:
         return await self.rw(nv.IoOpcode.READ, qid, slba, count, buffer)
 
-    async def write_blocks(self, qid: int, slba: int, data: bytes, buffer: int = DATA) -> Completion:
+    async def write_blocks(
+        self, qid: int, slba: int, data: bytes, buffer: int = DATA
+    ) -> Completion:
         self.mem_write(buffer, data)
         return await self.rw(nv.IoOpcode.WRITE, qid, slba, len(data) // BLOCK, buffer)
 
@@ -160,7 +162,9 @@ class Host:
         """A Read or Write of ``count`` blocks at ``buffer``, with PRP2 or a PRP list."""
         length = count * BLOCK
         first = PAGE - buffer % PAGE
-        pages = [buffer - buffer % PAGE + PAGE * i for i in range(1, -(-(length - first) // PAGE) + 1)]
+        pages = [
+            buffer - buffer % PAGE + PAGE * i for i in range(1, -(-(length - first) // PAGE) + 1)
+        ]
         prp2 = 0
         if len(pages) == 1:
             prp2 = pages[0]
@@ -224,7 +228,11 @@ async def test_identify_and_queues_as_linux_brings_the_controller_up(tmp_path: P
         assert done.result == 3 << 16 | 3
         done = await host.admin(nv.AdminOpcode.GET_FEATURES, cdw=(nv.Feature.VOLATILE_WRITE_CACHE,))
         assert done.result == 1
-        for lid, size in ((nv.LogPage.SMART, 512), (nv.LogPage.ERROR, 64), (nv.LogPage.FIRMWARE_SLOT, 512)):
+        for lid, size in (
+            (nv.LogPage.SMART, 512),
+            (nv.LogPage.ERROR, 64),
+            (nv.LogPage.FIRMWARE_SLOT, 512),
+        ):
             done = await host.admin(nv.AdminOpcode.GET_LOG_PAGE, nsid=0xFFFF_FFFF, prp1=DATA,
                                     cdw=(lid | (size // 4 - 1) << 16,))  # fmt: skip
             assert done.status == nv.SUCCESS, lid
@@ -235,3 +243,348 @@ async def test_identify_and_queues_as_linux_brings_the_controller_up(tmp_path: P
         host.mem_write(DATA, bytes(len(data)))
         assert (await host.read_blocks(1, 100, 8)).status == nv.SUCCESS
         assert host.mem_read(DATA, len(data)) == data
+
+
+def prp_chain(host: Host, buffer: int, length: int, list_at: int) -> int:
+    """Write the PRP list for ``length`` bytes at ``buffer`` from ``list_at`` on, chaining
+    to the next page when the list reaches a page's end; returns PRP2."""
+    first = PAGE - buffer % PAGE
+    pages = [buffer - buffer % PAGE + PAGE * i for i in range(1, -(-(length - first) // PAGE) + 1)]
+    if len(pages) == 1:
+        return pages[0]
+    at = list_at
+    while pages:
+        room = (PAGE - at % PAGE) // 8
+        if len(pages) <= room:
+            host.mem_write(at, struct.pack(f"<{len(pages)}Q", *pages))
+            break
+        chunk, pages = pages[: room - 1], pages[room - 1 :]
+        following = at - at % PAGE + PAGE
+        host.mem_write(at, struct.pack(f"<{room}Q", *chunk, following))
+        at = following
+    return list_at
+
+
+@pytest.mark.parametrize("share_fd", [True, False], ids=["fd-map", "messages"])
+async def test_prp_lists_that_cross_pages_and_chain(tmp_path: Path, share_fd: bool) -> None:
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock", share_fd=share_fd) as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        blocks = 200  # 100 KiB from an offset in its first page: 26 pages, list of 25
+        data = os.urandom(blocks * BLOCK)
+        buffer = DATA + 0x200
+        host.mem_write(buffer, data)
+        # The list starts 2 entries before a page's end: one entry, then the chain pointer.
+        prp2 = prp_chain(host, buffer, len(data), PRP_LIST + PAGE - 16)
+        done = await host.run(1, nv.IoOpcode.WRITE, prp1=buffer, prp2=prp2,
+                              cdw=(7, 0, blocks - 1))  # fmt: skip
+        assert done.status == nv.SUCCESS
+        assert await device.backing.read(7 * BLOCK, len(data)) == data
+        host.mem_write(buffer, bytes(len(data)))
+        done = await host.run(1, nv.IoOpcode.READ, prp1=buffer, prp2=prp2,
+                              cdw=(7, 0, blocks - 1))  # fmt: skip
+        assert done.status == nv.SUCCESS
+        assert host.mem_read(buffer, len(data)) == data
+        # Two pages: PRP2 is the second page itself.
+        assert (await host.write_blocks(1, 0, data[: 2 * PAGE], DATA + PAGE)).status == 0
+        assert await device.backing.read(0, 2 * PAGE) == data[: 2 * PAGE]
+
+
+UNMAPPED = 0x4000_0000
+
+
+async def test_every_bad_command_completes_with_its_status(tmp_path: Path) -> None:
+    device = NvmeController(MemoryBacking(1 << 20), io_queues=2)
+    blocks = (1 << 20) // BLOCK
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        A, IO = nv.AdminOpcode, nv.IoOpcode
+        cases: list[tuple[str, int, int, int, dict[str, object]]] = [
+            ("unknown admin opcode", 0, 0x7F, nv.INVALID_OPCODE,
+             {}),
+            ("keep alive, not advertised", 0, 0x18, nv.INVALID_OPCODE,
+             {}),
+            ("unknown I/O opcode", 1, 0x7E, nv.INVALID_OPCODE,
+             {}),
+            ("SGL data pointer", 1, IO.READ, nv.INVALID_FIELD,
+             {"psdt": 1, "prp1": DATA}),
+            ("Identify CNS 0x10", 0, A.IDENTIFY, nv.INVALID_FIELD,
+             {"prp1": DATA, "cdw": (0x10,)}),
+            ("Identify of namespace 2", 0, A.IDENTIFY, nv.INVALID_NAMESPACE,
+             {"nsid": 2, "prp1": DATA}),
+            ("read of namespace 2", 1, IO.READ, nv.INVALID_NAMESPACE,
+             {"nsid": 2, "prp1": DATA}),
+            ("read past the end", 1, IO.READ, nv.LBA_OUT_OF_RANGE,
+             {"prp1": DATA, "cdw": (blocks, 0, 0)}),
+            ("read across the end", 1, IO.READ, nv.LBA_OUT_OF_RANGE,
+             {"prp1": DATA, "cdw": (blocks - 1, 0, 1)}),
+            ("write zeroes past the end", 1, IO.WRITE_ZEROES, nv.LBA_OUT_OF_RANGE,
+             {"cdw": (0, 1, 0)}),
+            ("a read beyond MDTS", 1, IO.READ, nv.INVALID_FIELD,
+             {"prp1": DATA, "cdw": (0, 0, 511)}),
+            ("PRP1 not dword aligned", 1, IO.READ, nv.INVALID_PRP_OFFSET,
+             {"prp1": DATA + 2}),
+            ("PRP2 with an offset", 1, IO.READ, nv.INVALID_PRP_OFFSET,
+             {"prp1": DATA, "prp2": DATA + PAGE + 8, "cdw": (0, 0, 15)}),
+            ("PRP list entry with an offset", 1, IO.READ, nv.INVALID_PRP_OFFSET,
+             {"prp1": DATA, "prp2": PRP_LIST + PAGE, "cdw": (0, 0, 23)}),
+            ("PRP1 unmapped", 1, IO.READ, nv.DATA_TRANSFER_ERROR,
+             {"prp1": UNMAPPED}),
+            ("PRP list unmapped", 1, IO.WRITE, nv.DATA_TRANSFER_ERROR,
+             {"prp1": DATA, "prp2": UNMAPPED, "cdw": (0, 0, 23)}),
+            ("DSM range past the end", 1, IO.DATASET_MANAGEMENT, nv.LBA_OUT_OF_RANGE,
+             {"prp1": PRP_LIST}),
+            ("create CQ 0", 0, A.CREATE_IO_CQ, nv.INVALID_QUEUE_IDENTIFIER,
+             {"prp1": CQ2, "cdw": (15 << 16, 3)}),
+            ("create CQ beyond the queues", 0, A.CREATE_IO_CQ, nv.INVALID_QUEUE_IDENTIFIER,
+             {"prp1": CQ2, "cdw": (15 << 16 | 3, 3)}),
+            ("create CQ 1 twice", 0, A.CREATE_IO_CQ, nv.INVALID_QUEUE_IDENTIFIER,
+             {"prp1": CQ2, "cdw": (15 << 16 | 1, 3)}),
+            ("create a CQ of one entry", 0, A.CREATE_IO_CQ, nv.INVALID_QUEUE_SIZE,
+             {"prp1": CQ2, "cdw": (2, 3)}),
+            ("create a CQ above MQES", 0, A.CREATE_IO_CQ, nv.INVALID_QUEUE_SIZE,
+             {"prp1": CQ2, "cdw": (1024 << 16 | 2, 3)}),
+            ("create a CQ with vector 3", 0, A.CREATE_IO_CQ, nv.INVALID_INTERRUPT_VECTOR,
+             {"prp1": CQ2, "cdw": (15 << 16 | 2, 3 << 16 | 3)}),
+            ("create a CQ not contiguous", 0, A.CREATE_IO_CQ, nv.INVALID_FIELD,
+             {"prp1": CQ2, "cdw": (15 << 16 | 2, 2)}),
+            ("create a CQ off a page", 0, A.CREATE_IO_CQ, nv.INVALID_FIELD,
+             {"prp1": CQ2 + 64, "cdw": (15 << 16 | 2, 3)}),
+            ("create an SQ on no CQ", 0, A.CREATE_IO_SQ, nv.COMPLETION_QUEUE_INVALID,
+             {"prp1": SQ2, "cdw": (15 << 16 | 2, 2 << 16 | 1)}),
+            ("create an SQ on the admin CQ", 0, A.CREATE_IO_SQ, nv.COMPLETION_QUEUE_INVALID,
+             {"prp1": SQ2, "cdw": (15 << 16 | 2, 1)}),
+            ("delete SQ 0", 0, A.DELETE_IO_SQ, nv.INVALID_QUEUE_IDENTIFIER,
+             {"cdw": (0,)}),
+            ("delete SQ 2, never created", 0, A.DELETE_IO_SQ, nv.INVALID_QUEUE_IDENTIFIER,
+             {"cdw": (2,)}),
+            ("delete CQ 1 under SQ 1", 0, A.DELETE_IO_CQ, nv.INVALID_QUEUE_DELETION,
+             {"cdw": (1,)}),
+            ("log page 0x7F", 0, A.GET_LOG_PAGE, nv.INVALID_LOG_PAGE,
+             {"prp1": DATA, "cdw": (0x7F | 127 << 16,)}),
+            ("log page offset past it", 0, A.GET_LOG_PAGE, nv.INVALID_FIELD,
+             {"prp1": DATA, "cdw": (2 | 127 << 16, 0, 512)}),
+            ("log page beyond MDTS", 0, A.GET_LOG_PAGE, nv.INVALID_FIELD,
+             {"prp1": DATA, "cdw": (2 | 0xFFFF << 16, 1)}),
+            ("unknown feature", 0, A.GET_FEATURES, nv.INVALID_FIELD,
+             {"cdw": (0x7F,)}),
+            ("save a feature", 0, A.SET_FEATURES, nv.FEATURE_NOT_SAVEABLE,
+             {"cdw": (1 << 31 | 6, 1)}),
+            ("65536 queues", 0, A.SET_FEATURES, nv.INVALID_FIELD,
+             {"cdw": (7, 0xFFFF)}),
+        ]  # fmt: skip
+        host.mem_write(PRP_LIST, struct.pack("<IIQ", 0, 8, blocks - 4))  # a DSM range
+        host.mem_write(PRP_LIST + PAGE, struct.pack("<Q", DATA + 8))
+        statuses = {}
+        for what, qid, opcode, _, fields in cases:
+            statuses[what] = (await host.run(qid, opcode, **fields)).status
+        assert statuses == {what: expected for what, _, _, expected, _ in cases}
+        # Four AERs are held (AERL 3); a fifth completes with the limit exceeded.
+        for _ in range(4):
+            await host.submit(0, sqe(nv.AdminOpcode.ASYNC_EVENT_REQUEST, 0x100))
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(0) is None
+        done = await host.admin(nv.AdminOpcode.ASYNC_EVENT_REQUEST)
+        assert done.status == nv.ASYNC_EVENT_LIMIT_EXCEEDED
+        # Abort: the command ran already ("not aborted"); the controller still works.
+        assert (await host.admin(nv.AdminOpcode.ABORT, cdw=(1 << 16 | 1,))).result & 1
+        data = os.urandom(BLOCK)
+        assert (await host.write_blocks(1, 3, data)).status == nv.SUCCESS
+        assert await device.backing.read(3 * BLOCK, BLOCK) == data
+
+
+class GatedBacking(MemoryBacking):
+    """Memory whose reads wait for ``gate``: a slow disk under one queue."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = trio.Event()
+        self.waiting = 0
+
+    async def read(self, offset: int, count: int) -> bytes:
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().read(offset, count)
+
+
+async def test_each_queue_is_served_by_its_own_task(tmp_path: Path) -> None:
+    backing = GatedBacking(1 << 20)
+    device = NvmeController(backing, io_queues=2)
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        await host.create_io_queues(2, SQ2, CQ2)
+        await host.submit(1, sqe(nv.IoOpcode.READ, 1, prp1=DATA))
+        await trio.testing.wait_all_tasks_blocked()
+        assert backing.waiting == 1
+        # Queue 1 waits for its disk; queue 2 and the admin queue go on.
+        data = os.urandom(BLOCK)
+        assert (await host.write_blocks(2, 9, data, DATA + PAGE)).status == nv.SUCCESS
+        assert (await host.admin(nv.AdminOpcode.GET_FEATURES, cdw=(7,))).status == nv.SUCCESS
+        assert host.peek(1) is None
+        backing.gate.set()
+        assert (await host.completion(1)).status == nv.SUCCESS
+
+
+async def test_completion_queue_phase_sq_head_and_a_full_queue(tmp_path: Path) -> None:
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1, entries=4)
+        # Laps round the 4-entry queues: the phase tag flips at each wrap of the CQ and
+        # the SQ head each completion reports is the entry after the command's.
+        heads = []
+        for i in range(10):
+            heads.append((await host.run(1, nv.IoOpcode.FLUSH)).sq_head)
+            assert host.queues[1].phase == (1 if (i + 1) // 4 % 2 == 0 else 0)
+        assert heads == [(i + 1) % 4 for i in range(10)]
+        # The host consumes nothing: three completions fill the CQ (one slot stays
+        # free), the fourth command waits for the CQ head doorbell.
+        for cid in range(20, 23):
+            await host.submit(1, sqe(nv.IoOpcode.FLUSH, cid))
+        await trio.testing.wait_all_tasks_blocked()
+        queue = host.queues[1]
+        posted = []
+        for _ in range(3):
+            done = await host.completion(1, consume=False)
+            posted.append(done.cid)
+            queue.cq_head = (queue.cq_head + 1) % queue.entries
+            queue.phase ^= queue.cq_head == 0
+        assert posted == [20, 21, 22]
+        await host.submit(1, sqe(nv.IoOpcode.FLUSH, 23))
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(1) is None  # the CQ is full until the host says otherwise
+        await host.set_reg(nv.DOORBELLS + 12, queue.cq_head)
+        assert (await host.completion(1)).cid == 23
+
+
+async def wait_csts(host: Host, mask: int, value: int) -> int:
+    """Poll CSTS as a driver does until ``CSTS & mask == value``."""
+    with trio.fail_after(TIMEOUT):
+        while (csts := await host.reg(nv.CSTS)) & mask != value:
+            await trio.testing.wait_all_tasks_blocked()
+    return csts
+
+
+async def test_shutdown_controller_reset_and_device_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = tmp_path / "disk.img"
+    device = NvmeController(FileBacking(disk, 1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        data = os.urandom(4 * BLOCK)
+        assert (await host.write_blocks(1, 2, data)).status == nv.SUCCESS
+        assert (await host.run(1, nv.IoOpcode.FLUSH)).status == nv.SUCCESS
+        assert disk.read_bytes()[2 * BLOCK : 6 * BLOCK] == data
+        # Shutdown notification: CSTS.SHST reports it complete once the file is synced.
+        await host.set_reg(nv.CC, CC_ENABLE | 1 << nv.CC_SHN_SHIFT)
+        await wait_csts(host, 0x3 << nv.CSTS_SHST_SHIFT, nv.SHST_COMPLETE << nv.CSTS_SHST_SHIFT)
+        # Controller reset (CC.EN 1 to 0): not ready, the I/O queues are gone.
+        await host.set_reg(nv.CC, 0)
+        assert await host.reg(nv.CSTS) == 0
+        with caplog.at_level(logging.WARNING):
+            await host.set_reg(nv.DOORBELLS + 8, 1)
+        assert "SQ tail doorbell of queue 1 written 1" in caplog.text
+        assert await host.reg(nv.AQA) != 0  # the admin queue registers stay
+        # Enabled again: a fresh admin queue (phase 1 from slot 0).
+        host.mem_write(ACQ, bytes(PAGE))
+        await host.enable()
+        done = await host.admin(nv.AdminOpcode.CREATE_IO_SQ, prp1=SQ1,
+                                cdw=(15 << 16 | 1, 1 << 16 | 1))  # fmt: skip
+        assert done.status == nv.COMPLETION_QUEUE_INVALID  # CQ 1 went with the reset
+        # DEVICE_RESET: every register to power-on.
+        await host.client.reset()
+        assert [await host.reg(r) for r in (nv.CC, nv.CSTS, nv.AQA, nv.ASQ, nv.ACQ)] == [0] * 5
+
+
+async def test_bad_doorbells_and_configurations_are_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        with caplog.at_level(logging.WARNING):
+            await host.set_reg(nv.DOORBELLS + 8 * 5, 1)  # no SQ 5
+            await host.set_reg(nv.DOORBELLS + 8, 16)  # beyond SQ 1's 16 entries
+            await host.set_reg(nv.DOORBELLS + 12, 200)  # beyond CQ 1
+            await host.set_reg(nv.DOORBELLS + 8, 1, size=2)  # half a doorbell
+            await host.client.write(0, nv.DOORBELLS + 2, b"\x01\x00\x00\x00")  # misaligned
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 5 and all(w.startswith("nvme:") for w in warnings), warnings
+        assert (await host.run(1, nv.IoOpcode.FLUSH)).status == nv.SUCCESS
+        # An admin queue of one entry cannot be enabled: Controller Fatal Status.
+        await host.set_reg(nv.CC, 0)
+        await host.set_reg(nv.AQA, 0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            await host.set_reg(nv.CC, CC_ENABLE)
+        assert await host.reg(nv.CSTS) == nv.CSTS_CFS
+        assert "controller fatal status: cannot enable: an admin queue of one entry" in caplog.text
+        # Register writes of any size and to read-only registers change nothing else.
+        await host.set_reg(nv.CAP, 0, 8)
+        await host.set_reg(nv.VS, 0)
+        assert await host.reg(nv.VS) == 0x0001_0400
+
+
+async def test_an_unreadable_queue_is_controller_fatal_until_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        # A queue the guest placed outside its memory: the first fetch fails.
+        done = await host.admin(nv.AdminOpcode.CREATE_IO_CQ, prp1=CQ1, cdw=(15 << 16 | 1, 3))
+        assert done.status == nv.SUCCESS
+        done = await host.admin(nv.AdminOpcode.CREATE_IO_SQ, prp1=UNMAPPED,
+                                cdw=(15 << 16 | 1, 1 << 16 | 1))  # fmt: skip
+        assert done.status == nv.SUCCESS
+        with caplog.at_level(logging.WARNING):
+            await host.set_reg(nv.DOORBELLS + 8, 1)
+            await wait_csts(host, nv.CSTS_CFS, nv.CSTS_CFS)
+        assert "SQ 1 entry at 0x40000000 unreadable" in caplog.text
+        # The host resets the controller, and it works again.
+        await host.set_reg(nv.CC, 0)
+        host.mem_write(ACQ, bytes(PAGE))
+        await host.enable()
+        assert (await host.admin(nv.AdminOpcode.GET_FEATURES, cdw=(7,))).status == nv.SUCCESS
+
+
+async def test_intx_when_the_driver_has_no_msix(tmp_path: Path) -> None:
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock", interrupts=PciIrq.INTX) as host:
+        [intx] = host.irqs
+        await host.submit(0, sqe(nv.AdminOpcode.GET_FEATURES, 7, cdw=(7,)))
+        assert await intx.wait() == 1
+        assert (await host.completion(0)).cid == 7
+        await host.client.unmask_irqs(PciIrq.INTX)
+        # INTMS masks it; INTMC lets the held interrupt through.
+        await host.set_reg(nv.INTMS, 1)
+        await host.submit(0, sqe(nv.AdminOpcode.GET_FEATURES, 8, cdw=(7,)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(0) is not None and intx.try_read() is None
+        await host.set_reg(nv.INTMC, 1)
+        assert await intx.wait() == 1
+        assert (await host.completion(0)).cid == 8
+
+
+async def test_guest_garbage_never_escapes_the_controller(tmp_path: Path) -> None:
+    """Random entries on the admin and an I/O queue: each completes with a status."""
+    rng = random.Random(14)
+    device = NvmeController(MemoryBacking(1 << 20))
+    addresses = [DATA, DATA + 0x10, DATA + 3, DATA + PAGE, UNMAPPED, 0, 1 << 63, PRP_LIST]
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        host.mem_write(PRP_LIST, struct.pack("<4Q", DATA, 0x123, UNMAPPED, 1 << 63))
+        admin_opcodes = [0x02, 0x06, 0x08, 0x09, 0x0A, 0x10, 0x18, 0x7F, 0xC0]
+        for i in range(300):
+            qid = i % 2
+            opcode = rng.choice(admin_opcodes) if qid == 0 else rng.randrange(0x100)
+            words = tuple(
+                rng.choice([0, 1, 7, 0xFF, 0xFFFF, rng.getrandbits(32)]) for _ in range(6)
+            )
+            entry = sqe(opcode, i, nsid=rng.choice([0, 1, 2, 0xFFFF_FFFF]),
+                        prp1=rng.choice(addresses), prp2=rng.choice(addresses), cdw=words,
+                        psdt=rng.choice([0, 0, 0, 1]))  # fmt: skip
+            await host.submit(qid, entry)
+            done = await host.completion(qid)
+            assert done.cid == i
+        assert await host.reg(nv.CSTS) == nv.CSTS_RDY
+        assert (await host.run(1, nv.IoOpcode.FLUSH)).status == nv.SUCCESS
