@@ -49,7 +49,7 @@ LIB_SOURCES = (
 )
 #: samples/client.c links only these of the library (samples/meson.build).
 CLIENT_LIB_SOURCES = ("migration.c", "tran.c", "tran_sock.c")
-SERVER_SAMPLES = ("server",)
+SERVER_SAMPLES = ("server", "gpio-pci-idio-16")
 CFLAGS = ("-O1", "-g", "-std=gnu99", "-D_GNU_SOURCE", "-pthread")
 #: How long a sample may take to create its socket, or to exit once signalled.
 START_TIMEOUT = 10.0

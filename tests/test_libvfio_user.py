@@ -393,3 +393,40 @@ async def test_migrate_between_samples_servers_stops_at_the_first_device_feature
     assert "Traceback" not in err
     assert "bad command 16" in source.output()
     assert "migration: transition" not in source.output()
+
+
+async def test_gpio_sample_serves_clients_in_turn_and_lspci_gives_up_while_busy(
+    built: Samples, tmp_path: Path
+) -> None:
+    """samples/gpio-pci-idio-16 (the device our gpio example also is) serves one client at a
+    time and takes the next when it leaves, keeping its state. Meanwhile a new client's
+    VERSION is never answered (its connection waits in the backlog), which `lspci --timeout`
+    reports in one line instead of hanging. That client having gone, the sample's next
+    re-attach answers a closed socket and the sample exits ("failed to re-attach device")."""
+    async with sample_server(built, tmp_path, name="gpio-pci-idio-16", tag="gpio") as gpio:
+        async with connect(await connect_socket(gpio.socket)) as client:
+            header = await client.config.header()
+            assert (header.vendor_id, header.device_id) == (0x494F, 0x0DC8)
+            assert client.regions[PciRegion.BAR2].size == 0x100
+            # Its input register counts reads (each value three times).
+            values = [(await client.read(PciRegion.BAR2, 0, 1))[0] for _ in range(6)]
+            assert values == [0, 0, 0, 1, 1, 1]
+        async with connect(await connect_socket(gpio.socket)) as client:
+            assert (await client.read(PciRegion.BAR2, 0, 1))[0] == 2  # the next client
+            busy = await trio.run_process(
+                [*CLI, "lspci", "--timeout", "1", os.fspath(gpio.socket)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert (await client.read(PciRegion.BAR2, 0, 1))[0] == 2  # still ours
+        with trio.fail_after(TIMER_TIMEOUT):
+            await gpio.process.wait()
+    err = busy.stderr.decode()
+    assert busy.returncode == 1 and busy.stdout == b""
+    assert err.endswith(
+        f"vfio-user-trio lspci: {gpio.socket}: [ETIMEDOUT] no answer to VERSION within 1 s\n"
+    )
+    assert "Traceback" not in err
+    assert gpio.process.returncode == 1
+    assert "failed to re-attach device" in gpio.output()
