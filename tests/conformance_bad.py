@@ -316,6 +316,25 @@ def _fake_read(frame: Frame) -> bytes:
     return bytes(16) + bytes(4)
 
 
+def _trigger_does_nothing(frame: Frame) -> Frame:
+    """A client's TRIGGER (DATA_NONE/BOOL) is done as an UNMASK: answered, never signalled."""
+    argsz, flags, index, start, count = struct.unpack_from("=IIIII", frame.payload)
+    if flags & 0x20 and not flags & 0x4 and count:
+        flags = flags & ~0x20 | 0x10
+        return with_payload(
+            frame, struct.pack("=IIIII", argsz, flags, index, start, count) + frame.payload[20:]
+        )
+    return frame
+
+
+def _keeps_eventfd(frame: Frame) -> Frame:
+    """DATA_EVENTFD without fds is answered but changes nothing (done as an UNMASK)."""
+    argsz, flags, index, start, count = struct.unpack_from("=IIIII", frame.payload)
+    if flags & 0x4 and not frame.fds and count:
+        return with_payload(frame, struct.pack("=IIIII", argsz, 0x11, index, start, count))
+    return frame
+
+
 #: check id -> the server broken in exactly the way that check catches.
 BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
@@ -368,6 +387,10 @@ BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "rio-04": lambda: accepts(Command.REGION_READ, _fake_read),
     "rio-05": lambda: accepts(Command.REGION_WRITE, bytes(16)),
     "rio-06": lambda: replies(Command.REGION_WRITE, lambda p: patch(p, 0, "=Q", 0x40)),
+    "irq-01": lambda: refuses(Command.DEVICE_SET_IRQS),
+    "irq-02": lambda: requests(Command.DEVICE_SET_IRQS, _trigger_does_nothing),
+    "irq-03": lambda: accepts(Command.DEVICE_SET_IRQS, b""),
+    "irq-04": lambda: requests(Command.DEVICE_SET_IRQS, _keeps_eventfd),
     "dma-01": lambda: requests(Command.DMA_MAP, lambda f: with_payload(f, f.payload[:8])),
     "dma-02": _identical_map_is_eexist,
     "dma-03": lambda: accepts(Command.DMA_MAP, b""),
