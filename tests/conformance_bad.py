@@ -335,6 +335,79 @@ def _keeps_eventfd(frame: Frame) -> Frame:
     return frame
 
 
+def config_reads(change: Callable[[int, bytes], bytes]) -> Breakage:
+    """Rewrites the data of config space reads: ``change(offset, data)``."""
+
+    def rewrite(payload: bytes) -> bytes:
+        offset, region, _count = struct.unpack_from("=QII", payload)
+        if region != 7:
+            return payload
+        return payload[:16] + change(offset, payload[16:])
+
+    return replies(Command.REGION_READ, rewrite)
+
+
+def _cap_list_bit_flipped(offset: int, data: bytes) -> bytes:
+    return bytes([data[0] ^ 0x10, data[1]]) if offset == 6 else data
+
+
+def _cap_loop(offset: int, data: bytes) -> bytes:
+    """A capability list (gpio has none) whose first capability, at 0x40, points at itself."""
+    if offset == 6:
+        return bytes([data[0] | 0x10, data[1]])
+    if offset == 0x34:
+        return b"\x40"
+    if offset == 0x40 and len(data) == 2:
+        return b"\x05\x40"
+    return data
+
+
+def _extended_loop() -> Breakage:
+    """Says config space is 4 KiB, and its extended capability at 0x100 points at itself."""
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        h, p = frame.header, frame.payload
+        if (
+            h.command == Command.DEVICE_GET_REGION_INFO
+            and not h.is_error
+            and p[8:12] == b"\7\0\0\0"
+        ):
+            return with_payload(frame, patch(p, 16, "=Q", 4096))
+        if h.command == Command.REGION_READ and h.is_error:  # the reads past 256 it refused
+            return success(frame, bytes(16) + struct.pack("=I", 0x100 << 20 | 1))
+        return frame
+
+    return Breakage(send=send)
+
+
+def _writable_revision() -> Breakage:
+    """Read-only registers take what is written: later reads return it."""
+    written: dict[tuple[int, int], bytes] = {}
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.REGION_WRITE and frame.header.is_command:
+            offset, region, count = struct.unpack_from("=QII", frame.payload)
+            if region == 7 and offset in (0x08, 0x0E):
+                written[id(conn), offset] = frame.payload[16 : 16 + count]
+        return frame
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        h = frame.header
+        if h.command == Command.REGION_READ and h.is_reply and not h.is_error:
+            offset = struct.unpack_from("=Q", frame.payload)[0]
+            if (id(conn), offset) in written:
+                return with_payload(frame, frame.payload[:16] + written[id(conn), offset])
+        return frame
+
+    return Breakage(receive=receive, send=send)
+
+
+def _bar_too_small(offset: int, data: bytes) -> bytes:
+    if 0x10 <= offset < 0x28 and len(data) == 4 and data[3] == 0xFF:  # a BAR being sized
+        return struct.pack("=I", 0xFFFFFFF0 | data[0] & 0xF)
+    return data
+
+
 #: check id -> the server broken in exactly the way that check catches.
 BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
@@ -387,6 +460,11 @@ BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "rio-04": lambda: accepts(Command.REGION_READ, _fake_read),
     "rio-05": lambda: accepts(Command.REGION_WRITE, bytes(16)),
     "rio-06": lambda: replies(Command.REGION_WRITE, lambda p: patch(p, 0, "=Q", 0x40)),
+    "cfg-01": lambda: config_reads(_cap_list_bit_flipped),
+    "cfg-02": lambda: config_reads(_cap_loop),
+    "cfg-03": _extended_loop,
+    "cfg-04": _writable_revision,
+    "cfg-05": lambda: config_reads(_bar_too_small),
     "irq-01": lambda: refuses(Command.DEVICE_SET_IRQS),
     "irq-02": lambda: requests(Command.DEVICE_SET_IRQS, _trigger_does_nothing),
     "irq-03": lambda: accepts(Command.DEVICE_SET_IRQS, b""),
