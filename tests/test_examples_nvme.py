@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import struct
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from test_cli import CLI, env, wait_until_serving
 
 from vfiouser_trio.client import Client, GuestMemory, connect
 from vfiouser_trio.client.irqs import Interrupt
@@ -588,3 +590,38 @@ async def test_guest_garbage_never_escapes_the_controller(tmp_path: Path) -> Non
             assert done.cid == i
         assert await host.reg(nv.CSTS) == nv.CSTS_RDY
         assert (await host.run(1, nv.IoOpcode.FLUSH)).status == nv.SUCCESS
+
+
+async def test_cli_serves_a_file_backed_namespace(tmp_path: Path) -> None:
+    disk, path = tmp_path / "disk.img", tmp_path / "nvme.sock"
+    server = await trio.lowlevel.open_process(
+        [*CLI, "serve", "nvme", f"--backing={disk}", "--size=2M", f"--socket-path={path}"],
+        stderr=subprocess.PIPE,
+        env=env(),
+    )
+    try:
+        await wait_until_serving(server)
+        assert disk.stat().st_size == 2 << 20
+        with GuestMemory(MEMORY) as memory:
+            async with connect(path) as client:
+                await client.dma_map(memory, IOVA)
+                host = Host(client, memory)
+                await host.enable()
+                await host.admin(nv.AdminOpcode.IDENTIFY, prp1=DATA, cdw=(nv.Cns.NAMESPACE,))
+                assert struct.unpack_from("<Q", host.mem_read(DATA, 8))[0] == (2 << 20) // BLOCK
+                await host.create_io_queues(1, SQ1, CQ1)
+                data = os.urandom(2 * BLOCK)
+                assert (await host.write_blocks(1, 4095 - 1, data)).status == nv.SUCCESS
+                assert disk.read_bytes()[-2 * BLOCK :] == data
+    finally:
+        server.terminate()
+        with trio.CancelScope(shield=True):
+            await server.wait()
+        assert server.stderr is not None
+        await server.stderr.aclose()
+    bad = subprocess.run([*CLI, "serve", "nvme", "--size=1000", f"--socket-path={path}"],
+                         capture_output=True, text=True, env=env(), check=False)  # fmt: skip
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == (
+        "vfio-user-trio serve nvme: a namespace is a whole number of 512-byte blocks"
+    )

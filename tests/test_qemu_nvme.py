@@ -28,9 +28,9 @@ from vfiouser_trio.testing import Tracer
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 DISK_SIZE = 64 << 20
-#: What the guest writes into the filesystem: 1 MiB of a pattern the test can find in the
-#: backing file (a counter per 16-byte line, so no two 4 KiB blocks are alike).
-PATTERN_BLOCKS = 256
+#: What the guest writes into the filesystem besides 256 KiB of random bytes: ``seq`` of
+#: these numbers, 512 KiB the test finds in the backing file (no two 4 KiB blocks alike).
+PATTERN = range(1_000_000, 1_065_536)
 
 SCRIPT = r"""
 pci() { for d in /sys/bus/pci/devices/*; do
@@ -44,25 +44,29 @@ echo "queues=$(ls /sys/block/nvme0n1/mq | wc -l)"
 mke2fs -F /dev/nvme0n1 >/dev/null 2>&1 && echo mkfs=ok
 mkdir -p /mnt
 mount -t ext2 /dev/nvme0n1 /mnt && echo mount=ok
-i=0; while [ $i -lt PATTERN_LINES ]; do printf '%015d\n' $i; i=$((i + 1)); done >/mnt/pattern
+seq PATTERN_FIRST PATTERN_LAST >/mnt/pattern
 dd if=/dev/urandom of=/mnt/random bs=4096 count=64 2>/dev/null
-written=$(cat /mnt/pattern /mnt/random | md5sum | cut -d' ' -f1)
+sums() { cat /mnt/pattern /mnt/random | md5sum | cut -d' ' -f1; }
+written=$(sums)
 sync
 umount /mnt && echo umount=ok
 mount -t ext2 /dev/nvme0n1 /mnt && echo remount=ok
-echo "files_match=$([ "$(cat /mnt/pattern /mnt/random | md5sum | cut -d' ' -f1)" = $written ] && echo yes || echo no)"
+[ "$(sums)" = $written ] && echo files_match=yes
 umount /mnt
 echo "disk_md5=$(md5sum /dev/nvme0n1 | cut -d' ' -f1)"
 host check
 echo 1 >$NVME/reset && echo reset=done
 echo "after_reset_md5=$(md5sum /dev/nvme0n1 | cut -d' ' -f1)"
-mount -t ext2 /dev/nvme0n1 /mnt && echo "after_reset_match=$([ "$(cat /mnt/pattern /mnt/random | md5sum | cut -d' ' -f1)" = $written ] && echo yes || echo no)"
+mount -t ext2 /dev/nvme0n1 /mnt && [ "$(sums)" = $written ] && echo after_reset_match=yes
 umount /mnt
-""".replace("PATTERN_LINES", str(PATTERN_BLOCKS * 4096 // 16))
+grep nvme0q /proc/interrupts | sed 's/^ */irq: /'
+echo "msi_vectors=$(grep -c 'MSI.*nvme0q' /proc/interrupts)"
+echo "nvme_complaints=$(dmesg | grep -c -i -E 'nvme.*(error|timeout|abort|invalid|fail|warn)')"
+""".replace("PATTERN_FIRST", str(PATTERN[0])).replace("PATTERN_LAST", str(PATTERN[-1]))
 
 
 def pattern() -> bytes:
-    return b"".join(b"%015d\n" % i for i in range(PATTERN_BLOCKS * 4096 // 16))
+    return b"".join(b"%d\n" % i for i in PATTERN)
 
 
 @pytest.fixture
@@ -104,5 +108,8 @@ async def test_linux_nvme_driver_formats_mounts_and_uses_the_disk(
     assert report["reset"] == "done"
     assert report["after_reset_md5"] == report["disk_md5"]
     assert report["after_reset_match"] == "yes"
+    # A vector per queue pair (the device has MSI-X and no MSI, which Linux 6.1 lists as MSI).
+    assert int(report["msi_vectors"]) == int(report["queues"]) + 1, guest.report()
+    assert report["nvme_complaints"] == "0"
     assert [(int(r.command), r.errno) for r in tracer.errors()] == []
     assert guest.stderr == ""
