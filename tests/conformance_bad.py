@@ -408,6 +408,37 @@ def _bar_too_small(offset: int, data: bytes) -> bytes:
     return data
 
 
+def accepts_echo(command: int) -> Breakage:
+    """Answers with success, echoing the request's payload, where the server refused."""
+    last: dict[int, bytes] = {}
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == command and frame.header.is_command:
+            last[id(conn)] = frame.payload
+        return frame
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == command and frame.header.is_error:
+            return success(frame, last.get(id(conn), b""))
+        return frame
+
+    return Breakage(receive=receive, send=send)
+
+
+def _no_stop_copy_flag(payload: bytes) -> bytes:
+    flags = struct.unpack_from("=I", payload, 4)[0]
+    if flags & 0xFFFF == 1 and flags & 0x10000 and len(payload) >= 16:  # GET MIGRATION
+        return patch(payload, 8, "=Q", 0)
+    return payload
+
+
+def _refuse_stop_copy(frame: Frame) -> Frame:
+    flags = struct.unpack_from("=I", frame.payload, 4)[0]
+    if flags & 0xFFFF == 2 and flags & 0x20000 and frame.payload[8:12] == b"\3\0\0\0":
+        return with_payload(frame, patch(frame.payload, 8, "=I", 99))
+    return frame
+
+
 #: check id -> the server broken in exactly the way that check catches.
 BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
@@ -469,6 +500,11 @@ BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "irq-02": lambda: requests(Command.DEVICE_SET_IRQS, _trigger_does_nothing),
     "irq-03": lambda: accepts(Command.DEVICE_SET_IRQS, b""),
     "irq-04": lambda: requests(Command.DEVICE_SET_IRQS, _keeps_eventfd),
+    "mig-02": lambda: replies(Command.DEVICE_FEATURE, _no_stop_copy_flag),
+    "mig-03": lambda: requests(Command.DEVICE_FEATURE, _refuse_stop_copy),
+    "mig-04": lambda: accepts_echo(Command.DEVICE_FEATURE),
+    "mig-05": lambda: accepts(Command.MIG_DATA_READ, struct.pack("=II", 8, 0)),
+    "mig-06": lambda: accepts_echo(Command.DEVICE_FEATURE),
     "dma-01": lambda: requests(Command.DMA_MAP, lambda f: with_payload(f, f.payload[:8])),
     "dma-02": _identical_map_is_eexist,
     "dma-03": lambda: accepts(Command.DMA_MAP, b""),

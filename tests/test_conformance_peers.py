@@ -29,9 +29,10 @@ KNOWN = {
     # BAR sizing answers ~size + 1 (lib/pci.c), and the sample's BAR1 is 3 pages: not a
     # power of two, as no PCI BAR can be.
     "cfg-05": "BAR1 sizes to 0x3000",
-    # Its config space is 256 bytes.
-    "cfg-03": "config space is 256 bytes",
 }
+#: Checks that do not apply to it: a 256-byte config space, no DEVICE_FEATURE migration
+#: (this libvfio-user speaks protocol 0.1).
+SKIPPED = {"cfg-03", "mig-02", "mig-03", "mig-04", "mig-05"}
 
 
 @pytest.fixture
@@ -52,10 +53,9 @@ async def test_libvfio_user_samples_server(built: Samples, tmp_path: Path) -> No
             return await connect_socket(proc.socket)
 
         report = await run_checks(FactoryTarget(new_server, "samples/server"), timeout=10)
-    found = {r.check.id: r.message for r in report.results if r.outcome is not Outcome.PASS}
-    assert found.keys() == KNOWN.keys(), "\n".join(report.lines())
+    found = {r.check.id: r.message for r in report.results if r.outcome is Outcome.WARN}
+    skipped = {r.check.id for r in report.results if r.outcome is Outcome.SKIP}
+    assert (found.keys(), skipped) == (KNOWN.keys(), SKIPPED), "\n".join(report.lines())
     for check_id, start in KNOWN.items():
         assert found[check_id].startswith(start), check_id
-    assert all(
-        r.outcome in (Outcome.PASS, Outcome.WARN) for r in report.results if r.check.id != "cfg-03"
-    )
+    assert report.count(Outcome.FAIL) == 0

@@ -81,7 +81,17 @@ class Check:
 
 
 #: The groups, in the order a run takes them (and the catalogue lists them).
-GROUPS = ("negotiation", "framing", "commands", "region_io", "config", "irqs", "dma", "robustness")
+GROUPS = (
+    "negotiation",
+    "framing",
+    "commands",
+    "region_io",
+    "config",
+    "irqs",
+    "dma",
+    "migration",
+    "robustness",
+)
 
 #: Every registered check, by id, in registration order (the catalogue order).
 CATALOGUE: dict[str, Check] = {}
