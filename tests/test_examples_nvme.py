@@ -4,6 +4,7 @@ Linux's nvme driver drives it: admin and I/O queues in guest memory, doorbells, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,9 +20,9 @@ import trio
 import trio.testing
 from test_cli import CLI, env, wait_until_serving
 
-from vfiouser_trio.client import Client, GuestMemory, connect
+from vfiouser_trio.client import Client, GuestMemory, connect, migrate
 from vfiouser_trio.client.irqs import Interrupt
-from vfiouser_trio.examples.nvme import FileBacking, MemoryBacking, NvmeController
+from vfiouser_trio.examples.nvme import FileBacking, MemoryBacking, NvmeController, migration
 from vfiouser_trio.examples.nvme import spec as nv
 from vfiouser_trio.protocol.constants import PciIrq
 from vfiouser_trio.server.pci import COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY
@@ -65,6 +66,7 @@ class Queue:
     cq: int
     entries: int
     vector: int
+    cq_entries: int = 0
     sq_tail: int = 0
     cq_head: int = 0
     phase: int = 1
@@ -126,7 +128,7 @@ class Host:
             while (done := self.peek(qid)) is None:
                 await self.irqs[min(q.vector, len(self.irqs) - 1)].wait()
         if consume:
-            q.cq_head = (q.cq_head + 1) % q.entries
+            q.cq_head = (q.cq_head + 1) % (q.cq_entries or q.entries)
             q.phase ^= q.cq_head == 0
             await self.set_reg(nv.DOORBELLS + 8 * qid + 4, q.cq_head)
         return done
@@ -141,15 +143,18 @@ class Host:
     async def admin(self, opcode: int, **fields: object) -> Completion:
         return await self.run(0, opcode, **fields)
 
-    async def create_io_queues(self, qid: int, sq: int, cq: int, entries: int = 16) -> None:
+    async def create_io_queues(
+        self, qid: int, sq: int, cq: int, entries: int = 16, cq_entries: int | None = None
+    ) -> None:
         vector = min(qid, len(self.irqs) - 1)
+        cq_entries = cq_entries or entries
         done = await self.admin(nv.AdminOpcode.CREATE_IO_CQ, prp1=cq,
-                                cdw=((entries - 1) << 16 | qid, vector << 16 | 0x3))  # fmt: skip
+                                cdw=((cq_entries - 1) << 16 | qid, vector << 16 | 0x3))  # fmt: skip
         assert done.status == nv.SUCCESS
         done = await self.admin(nv.AdminOpcode.CREATE_IO_SQ, prp1=sq,
                                 cdw=((entries - 1) << 16 | qid, qid << 16 | 0x1))  # fmt: skip
         assert done.status == nv.SUCCESS
-        self.queues[qid] = Queue(sq, cq, entries, vector)
+        self.queues[qid] = Queue(sq, cq, entries, vector, cq_entries)
 
     async def read_blocks(self, qid: int, slba: int, count: int, buffer: int = DATA) -> Completion:
         return await self.rw(nv.IoOpcode.READ, qid, slba, count, buffer)
@@ -625,3 +630,88 @@ async def test_cli_serves_a_file_backed_namespace(tmp_path: Path) -> None:
     assert bad.stderr.strip() == (
         "vfio-user-trio serve nvme: a namespace is a whole number of 512-byte blocks"
     )
+
+
+async def test_migrates_with_completions_the_host_had_no_room_for(tmp_path: Path) -> None:
+    """Five writes on the source with a 4-entry CQ nobody drains: three complete there,
+    two wait for room; the destination, given the same guest memory, posts those two once
+    the host consumes, and holds the data the source wrote (a namespace in memory)."""
+    source_device = NvmeController(MemoryBacking(1 << 20))
+    destination_device = NvmeController(MemoryBacking(1 << 20))
+    try:
+        with trio.fail_after(TIMEOUT), GuestMemory(MEMORY) as memory:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, source_device, tmp_path / "src.sock")
+                await nursery.start(serve, destination_device, tmp_path / "dst.sock")
+                async with (
+                    connect(tmp_path / "src.sock") as source,
+                    connect(tmp_path / "dst.sock") as destination,
+                ):
+                    await source.dma_map(memory, IOVA)
+                    await destination.dma_map(memory, IOVA)
+                    host = Host(source, memory)
+                    await host.enable()
+                    await host.create_io_queues(1, SQ1, CQ1, entries=8, cq_entries=4)
+                    blocks = [os.urandom(BLOCK) for _ in range(5)]
+                    for i, data in enumerate(blocks):
+                        host.mem_write(DATA + i * PAGE, data)
+                        await host.submit(1, sqe(nv.IoOpcode.WRITE, 100 + i, prp1=DATA + i * PAGE,
+                                                 cdw=(10 * i, 0, 0)), ring=i == 3)  # fmt: skip
+                    await host.set_reg(nv.DOORBELLS + 8, host.queues[1].sq_tail)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(source_device.cqs[1].pending) == 2
+                    await migrate(source, destination, track_dirty=False)
+                    # The host goes on with the destination.
+                    host.client = destination
+                    host.irqs = await destination.enable_irqs(PciIrq.MSIX)
+                    cids = [(await host.completion(1)).cid for _ in range(5)]
+                    assert cids == [100, 101, 102, 103, 104]
+                    for i, data in enumerate(blocks):
+                        assert (await host.read_blocks(1, 10 * i, 1)).status == nv.SUCCESS
+                        assert host.mem_read(DATA, BLOCK) == data
+                    assert await host.reg(nv.CSTS) == nv.CSTS_RDY
+                nursery.cancel_scope.cancel()
+    finally:
+        source_device.close()
+        destination_device.close()
+
+
+async def test_a_migration_state_the_controller_could_not_have_saved_is_refused() -> None:
+    device = NvmeController(MemoryBacking(1 << 20))
+    try:
+        saved = b"".join([chunk async for chunk in migration.save_chunks(device)])
+        (length,) = struct.unpack_from("<I", saved)
+        state = json.loads(saved[4 : 4 + length])
+        contents = saved[4 + length :]
+
+        def stream(**changes: object) -> bytes:
+            header = json.dumps({**state, **changes}).encode()
+            return struct.pack("<I", len(header)) + header + contents
+
+        await device.load_state(stream())  # what it saved loads
+        bad = {
+            "another size": stream(blocks=1),
+            "a file namespace's state": stream(memory=False),
+            "a CQ of 1 entry": stream(cqs=[[1, 0, 1, 0, True, 0, 0, 1, []]]),
+            "a head past the queue": stream(cqs=[[1, 0, 4, 0, True, 4, 0, 1, []]]),
+            "a vector it lacks": stream(cqs=[[1, 0, 4, 9, True, 0, 0, 1, []]]),
+            "an SQ on no CQ": stream(sqs=[[1, 0, 4, 1, 0, 0]]),
+            "too many completions": stream(cqs=[[1, 0, 2, 0, True, 0, 0, 1, [[0] * 5] * 3]]),
+            "too many AERs": stream(async_events=[1, 2, 3, 4, 5]),
+            "an unknown feature": stream(features={"99": 1}),
+            "a string for a register": stream(registers=["0", 0, 0, 0, 0, 0]),
+            "a boolean for a number": stream(allocated=[True, 1]),
+        }
+        outcomes = {}
+        for what, data in bad.items():
+            try:
+                await device.load_state(data)
+                outcomes[what] = "loaded"
+            except ValueError:
+                outcomes[what] = "refused"
+        assert outcomes == dict.fromkeys(bad, "refused")
+        for cut in (b"", saved[:3], saved[:-1], saved + b"x", b"\xff\xff\xff\xff" + saved[4:]):
+            with pytest.raises(ValueError):
+                await device.load_state(cut)
+    finally:
+        device.close()

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -28,7 +29,7 @@ from ...protocol.constants import PciIrq
 from ...protocol.errors import VfioUserError
 from ...server.device import Device
 from ...server.pci import PciIdentity
-from . import admin, nvm
+from . import admin, migration, nvm
 from .backing import Backing, MemoryBacking
 from .command import Command, Handler, Outcome
 from .identify import ControllerInfo
@@ -145,6 +146,12 @@ class NvmeController(Device):
         self.max_transfer = PAGE_SIZE << self.info.mdts
         self.stats = Stats()
         self._nursery: trio.Nursery | None = None
+        # Migration quiesce: set while queues may fetch; commands executing hold _idle clear.
+        self._unparked = trio.Event()
+        self._unparked.set()
+        self._busy = 0
+        self._idle = trio.Event()
+        self._idle.set()
         self._clear()
         self.add_bar(
             REGISTER_BAR, REGISTER_BAR_SIZE, read=self.read_bar0, write=self.write_bar0,
@@ -153,6 +160,7 @@ class NvmeController(Device):
         self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, read=self._read_zeros, write=self._ignore)
         self.add_msix(self.interrupt_vectors, bar=MSIX_BAR, pba_offset=MSIX_PBA_OFFSET)
         self.add_intx()
+        self.enable_migration()
 
     def _clear(self) -> None:
         """Power-on state of every register and queue."""
@@ -174,7 +182,7 @@ class NvmeController(Device):
         self.features = dict(admin.DEFAULT_FEATURES)
         self.io_sqs_allocated = self.max_io_queues
         self.io_cqs_allocated = self.max_io_queues
-        self._intx_held = False
+        self.intx_held = False
 
     @property
     def cap(self) -> int:
@@ -230,8 +238,8 @@ class NvmeController(Device):
             self.intms |= value & mask
         elif reg == INTMC:
             self.intms &= ~(value & mask)
-            if self._intx_held and not self.intms & 1:
-                self._intx_held = False
+            if self.intx_held and not self.intms & 1:
+                self.intx_held = False
                 self.trigger(0, index=PciIrq.INTX)
         elif reg == AQA:
             self.aqa = merged(self.aqa) & 0x0FFF_0FFF
@@ -309,6 +317,8 @@ class NvmeController(Device):
             return
         if isinstance(queue, CompletionQueue):
             queue.set_head(value)
+            if queue.pending:
+                self._spawn(partial(self._post, queue))
         else:
             queue.set_tail(value)
 
@@ -329,7 +339,7 @@ class NvmeController(Device):
         """Serve ``sq`` in its own task."""
         self.sqs[sq.qid] = sq
         sq.cq.sqs.add(sq.qid)
-        self._spawn(lambda: self._serve(sq))
+        self._spawn(partial(self._serve, sq))
 
     def stop_queue(self, sq: SubmissionQueue) -> None:
         """Delete ``sq``: its task stops, commands it has not completed are dropped."""
@@ -342,16 +352,33 @@ class NvmeController(Device):
         with sq.cancel_scope:
             while True:
                 await sq.wait_for_entries()
-                address = sq.take()
+                while sq.cq.backlogged:
+                    await sq.cq.wait_for_room()
+                await self._unparked.wait()  # stopped for a migration: fetch nothing
+                if not self._busy:
+                    self._idle = trio.Event()
+                self._busy += 1
                 try:
-                    raw = await self.dma.read(address, SQE_SIZE)
-                except VfioUserError as error:
-                    self._fatal(f"SQ {sq.qid} entry at {address:#x} unreadable: {error}")
-                    return
-                cmd = Command.parse(raw)
-                outcome = await self._execute(sq, cmd, handlers)
-                if outcome is not None:
-                    await self._complete(sq, cmd.cid, *outcome)
+                    await self._fetch_and_execute(sq, handlers)
+                finally:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._idle.set()
+                await self._post(sq.cq)
+
+    async def _fetch_and_execute(
+        self, sq: SubmissionQueue, handlers: Mapping[int, Handler]
+    ) -> None:
+        address = sq.take()
+        try:
+            raw = await self.dma.read(address, SQE_SIZE)
+        except VfioUserError as error:
+            self._fatal(f"SQ {sq.qid} entry at {address:#x} unreadable: {error}")
+            return
+        cmd = Command.parse(raw)
+        outcome = await self._execute(sq, cmd, handlers)
+        if outcome is not None:
+            sq.cq.pending.append((outcome[1], sq.head, sq.qid, cmd.cid, outcome[0]))
 
     async def _execute(
         self, sq: SubmissionQueue, cmd: Command, handlers: Mapping[int, Handler]
@@ -375,19 +402,25 @@ class NvmeController(Device):
             log.exception("%s: SQ %d command %#x failed", self.name, sq.qid, cmd.opcode)
             return INTERNAL_ERROR, 0
 
-    async def _complete(self, sq: SubmissionQueue, cid: int, status: int, result: int) -> None:
-        cq = sq.cq
+    async def _post(self, cq: CompletionQueue) -> None:
+        """Post the completions waiting for ``cq`` while it has room; then interrupt."""
+        posted = False
         async with cq.lock:
-            while cq.full:
-                await cq.wait_for_room()
-            entry = cq.entry(result, sq.head, sq.qid, cid, status)
-            try:
-                await self.dma.write(cq.slot(cq.tail), entry)
-            except VfioUserError as error:
-                self._fatal(f"CQ {cq.qid} slot {cq.tail} unwritable: {error}")
-                return
-            cq.advance()
-        self._interrupt(cq)
+            while cq.pending and not cq.full:
+                result, sq_head, sqid, cid, status = cq.pending[0]
+                try:
+                    await self.dma.write(
+                        cq.slot(cq.tail), cq.entry(result, sq_head, sqid, cid, status)
+                    )
+                except VfioUserError as error:
+                    self._fatal(f"CQ {cq.qid} slot {cq.tail} unwritable: {error}")
+                    return
+                cq.pending.popleft()
+                cq.advance()
+                posted = True
+        if posted:
+            cq.notify()
+            self._interrupt(cq)
 
     def _interrupt(self, cq: CompletionQueue) -> None:
         if not cq.interrupts:
@@ -395,7 +428,7 @@ class NvmeController(Device):
         if self.active_irq_index() == PciIrq.MSIX:
             self.trigger(cq.vector, index=PciIrq.MSIX)
         elif self.intms & 1:
-            self._intx_held = True  # masked by INTMS: raised when INTMC clears it
+            self.intx_held = True  # masked by INTMS: raised when INTMC clears it
         else:
             self.trigger(0)
 
@@ -449,6 +482,58 @@ class NvmeController(Device):
     async def reset(self) -> None:
         """DEVICE_RESET (and a bus reset): every register and queue to power-on."""
         self._clear()
+        self._unparked.set()  # also the way out of a failed migration (ERROR)
+
+    # --- migration -----------------------------------------------------------------------
+
+    async def on_stop(self) -> None:
+        """Quiesce: commands being executed finish, then no queue fetches more.
+
+        Their completions, and any the host had no room for, travel with the state and
+        are posted by the destination once it runs.
+        """
+        if self._unparked.is_set():
+            self._unparked = trio.Event()
+        await self._idle.wait()
+
+    async def on_run(self) -> None:
+        self._unparked.set()
+        for cq in self.cqs.values():
+            if cq.pending:
+                self._spawn(partial(self._post, cq))
+
+    async def save_chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in migration.save_chunks(self):
+            yield chunk
+
+    async def load_state(self, data: bytes) -> None:
+        await migration.restore(self, data)
+
+    def restore_state(
+        self,
+        *,
+        registers: tuple[int, int, int, int, int, int],
+        allocated: tuple[int, int],
+        features: dict[int, int],
+        async_events: list[int],
+        intx_held: bool,
+        stats: list[int],
+        cqs: dict[int, CompletionQueue],
+        sqs: dict[int, SubmissionQueue],
+    ) -> None:
+        """Take a checked migration state (`migration.restore`); queues start parked."""
+        self._clear()
+        if self._unparked.is_set():
+            self._unparked = trio.Event()
+        self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms = registers
+        self.io_sqs_allocated, self.io_cqs_allocated = allocated
+        self.features = features
+        self.async_events = async_events
+        self.intx_held = intx_held
+        self.stats = Stats(*stats)
+        self.cqs = cqs
+        for sq in sqs.values():
+            self.start_queue(sq)
 
     async def detached(self) -> None:
         """The client went with its guest memory: nothing the queues point at stays."""

@@ -9,6 +9,7 @@ Entry"), and the SQ head, which tells the host which entries it may reuse.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import trio
@@ -34,6 +35,9 @@ class CompletionQueue:
     phase: int = 1
     #: The submission queues posting here (a CQ cannot be deleted while any remain).
     sqs: set[int] = field(default_factory=set)
+    #: Completions not yet posted (the queue is full, or the device stopped): (result,
+    #: SQ head, SQ id, command id, status). At most ``size``: submission queues wait.
+    pending: deque[tuple[int, int, int, int, int]] = field(default_factory=deque)
     lock: trio.Lock = field(default_factory=trio.Lock)
     _moved: trio.Event = field(default_factory=_event)
 
@@ -57,12 +61,21 @@ class CompletionQueue:
 
     def set_head(self, head: int) -> None:
         self.head = head
+        self.notify()
+
+    def notify(self) -> None:
+        """The head moved or pending completions were posted: wake who waits for room."""
         self._moved.set()
         self._moved = trio.Event()
 
     async def wait_for_room(self) -> None:
-        """Until the host consumes an entry (its CQ head doorbell)."""
+        """Until the host consumes an entry (its CQ head doorbell) or completions post."""
         await self._moved.wait()
+
+    @property
+    def backlogged(self) -> bool:
+        """As many completions wait as the queue holds: its SQs fetch nothing more."""
+        return len(self.pending) >= self.size
 
     def slot(self, index: int) -> int:
         return self.base + index * CQE_SIZE
