@@ -72,11 +72,11 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import trio
 
@@ -93,6 +93,7 @@ from .protocol.framing import (
     DEFAULT_MAX_MSG_SIZE,
     BrokenStream,
     Frame,
+    FrameEvent,
     OversizedFrame,
     StrayFds,
     close_fds,
@@ -209,33 +210,58 @@ class _CommandQueue:
     """Commands received on one link, in arrival order (an ordering.CommandSource).
 
     Counts the commands it was given until they are done (``release``), also once a policy
-    has taken them: ``cost`` (bytes with ``FRAME_OVERHEAD`` each) and ``fd_count``. The
-    reader bounds these by not reading (see the module doc); ``taken`` (the reader's
-    parking lot) is woken whenever a command is done.
+    has taken them or while one runs inline in the reader (``hold``): ``held``, ``cost``
+    (bytes with ``FRAME_OVERHEAD`` each) and ``fd_count``. The reader bounds these by not
+    reading (see the module doc); ``taken`` (the reader's parking lot) is woken whenever a
+    command is done. ``adopted`` is the stand-in of an inline command that had to wait
+    (see :meth:`adopt`).
     """
 
-    __slots__ = ("_frames", "_lot", "_taken", "cost", "fd_count")
+    __slots__ = ("_frames", "_lot", "_taken", "adopted", "cost", "fd_count", "held")
 
     def __init__(self, taken: trio.lowlevel.ParkingLot) -> None:
         self._frames: deque[Frame] = deque()
         self._lot = trio.lowlevel.ParkingLot()
         self._taken = taken
+        self.held = 0
         self.cost = 0
         self.fd_count = 0
+        self.adopted: Frame | None = None
 
-    def put(self, frame: Frame) -> None:
-        self._frames.append(frame)
+    def hold(self, frame: Frame) -> None:
+        """Count ``frame`` until it is released, without queueing it."""
+        self.held += 1
         self.cost += FRAME_OVERHEAD + len(frame.payload)
         if frame.fds:
             self.fd_count += len(frame.fds)
+
+    def put(self, frame: Frame) -> None:
+        self.hold(frame)
+        self._frames.append(frame)
+        if self._lot:
+            self._lot.unpark()
+
+    def adopt(self, stand_in: Frame) -> None:
+        """Queue the stand-in of an inline command that is still running, so that the policy
+        orders the commands after it as if it had started that command itself. It counts in
+        ``held`` only (the command itself counts its cost) until :meth:`drop_stand_in`."""
+        self.held += 1
+        self.adopted = stand_in
+        self._frames.append(stand_in)
         if self._lot:
             self._lot.unpark()
 
     def has_pending(self) -> bool:
         return bool(self._frames)
 
+    def drop_stand_in(self) -> None:
+        """The policy is done with the stand-in (its command is done)."""
+        self.held -= 1
+        self.adopted = None
+
     def release(self, frame: Frame, fd_count: int) -> None:
         """``frame`` is done; it held ``fd_count`` fds when it was queued."""
+        self.held -= 1
         self.cost -= FRAME_OVERHEAD + len(frame.payload)
         self.fd_count -= fd_count
         if self._taken:
@@ -253,12 +279,15 @@ class _CommandQueue:
     def close(self) -> None:
         while self._frames:
             frame = self._frames.popleft()
-            self.release(frame, len(frame.fds))
-            frame.close_fds()
+            if frame is self.adopted:
+                self.drop_stand_in()
+            else:
+                self.release(frame, len(frame.fds))
+                frame.close_fds()
 
 
 class _LinkState:
-    __slots__ = ("commands", "dispatched", "link", "progress", "transport")
+    __slots__ = ("adopted_done", "commands", "dispatched", "link", "more", "progress", "transport")
 
     def __init__(self, link: Link, transport: Transport, *, bounded: bool) -> None:
         self.link = link
@@ -268,8 +297,13 @@ class _LinkState:
         #: is sent on this link.
         self.progress = trio.lowlevel.ParkingLot()
         self.commands = _CommandQueue(self.progress)
-        #: Commands started since the dispatcher last yielded.
+        #: Commands started (by the dispatcher or inline) since the link last yielded.
         self.dispatched = 0
+        #: True while the reader runs a command inline that is not the last of its read:
+        #: its reply may wait, to leave in one sendmsg with the next ones.
+        self.more = False
+        #: Set when the inline command whose stand-in the policy holds is done.
+        self.adopted_done: trio.Event | None = None
         if bounded:
             transport.on_progress = self.wake
 
@@ -480,44 +514,73 @@ class Connection:
 
     # ----------------------------------------------------------------- receiving
 
-    async def _read_loop(self, state: _LinkState) -> None:
+    async def _read_loop(self, state: _LinkState, carried: Sequence[FrameEvent] = ()) -> None:
+        """Read the link until it ends; ``carried``: events a previous reader left unhandled.
+
+        Commands run inline here when the policy allows it (see :meth:`_may_inline`). If an
+        inline command would block, the reader hands its role to a fresh reader task (which
+        takes the rest of the events) and finishes that command as an ordinary task: reading
+        never waits for a handler that waits, so the guarantee of the module doc holds.
+        """
         transport = state.transport
         deliver = partial(self._deliver, state)
         reason: BaseException | None = None
         limit = self._max_backlog
+        batch = self._dispatch_batch
+        events = carried
+        suspended: _Suspended | None = None
         try:
             while reason is None:
-                if limit is None:
-                    events = await transport.receive()
-                else:
-                    if self._pressure(state, limit) >= 1.0:
-                        reason = await self._hold_reading(state, limit)
-                        if reason is not None:
-                            break
-                    events = await transport.receive(self._read_budget(state, limit))
                 if not events:
-                    if not transport.at_frame_boundary:
-                        log.debug("%s link: peer hung up mid-frame", state.link.value)
-                    break
+                    if limit is None:
+                        events = await transport.receive()
+                    else:
+                        if self._pressure(state, limit) >= 1.0:
+                            reason = await self._hold_reading(state, limit)
+                            if reason is not None:
+                                break
+                        events = await transport.receive(self._read_budget(state, limit))
+                    if not events:
+                        if not transport.at_frame_boundary:
+                            log.debug("%s link: peer hung up mid-frame", state.link.value)
+                        break
                 hooks = self._hooks
-                for event in events:
+                last = len(events) - 1
+                for index, event in enumerate(events):
                     if isinstance(event, Frame):
-                        if hooks is None:
-                            deliver(event)
-                        else:
+                        if hooks is not None:
                             hooks.on_receive(self, state.link, event, deliver)
+                            continue
+                        if state.dispatched >= batch:
+                            # Fairness: inline commands count as the dispatcher's do.
+                            state.dispatched = 0
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                        suspended = self._route(state, event, more=index < last)
+                        if suspended is not None:
+                            events = events[index + 1 :]
+                            break
                     else:
                         if hooks is not None:
                             hooks.on_framing_error(self, state.link, event)
                         reason = self._on_framing_error(state, event)
                         if reason is not None:
                             break
+                else:
+                    events = ()
+                if suspended is not None:
+                    break
         except trio.ClosedResourceError:
             # Closed by the connection (then shutdown is a no-op) or by the transport itself
             # after a failed send.
             reason = transport.send_error
         except (ProtocolError, OSError) as exc:
             reason = exc
+        if suspended is not None:
+            # Leader/follower: a fresh reader takes over the link before this task waits.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._read_loop, state, events)
+            await suspended
+            return
         if reason is not None:
             log.warning(
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
@@ -581,7 +644,16 @@ class Connection:
         return None
 
     def _deliver(self, state: _LinkState, frame: Frame) -> None:
-        """Route one received frame: reply to its request, command to the dispatcher."""
+        """Route a frame the hooks passed on (never inline: a hook may forward it later,
+        from a task of its own)."""
+        self._route(state, frame, more=None)
+
+    def _route(self, state: _LinkState, frame: Frame, *, more: bool | None) -> _Suspended | None:
+        """Route one received frame: reply to its request, command to the dispatcher.
+
+        Only the reader passes ``more`` (whether more events of its read follow): a command
+        may then run inline. Returns the inline command when it has to wait.
+        """
         header = frame.header
         kind = header.flags & FLAG_TYPE_MASK  # Header.is_reply / is_command, inlined
         if kind == FLAG_TYPE_REPLY:
@@ -592,8 +664,56 @@ class Connection:
             self._reject(state, frame, f"{len(frame.fds)} fds exceed the limit")
         elif self.closed.is_set():
             frame.close_fds()
+        elif more is not None and self._may_inline(state):
+            return self._run_inline(state, frame, more)
         else:
             state.commands.put(frame)
+        return None
+
+    def _may_inline(self, state: _LinkState) -> bool:
+        """Whether the reader may run the next command itself, now.
+
+        Only when the link holds no other command (none queued, none running: nothing can be
+        ahead of it, whatever the policy), the policy allows it, and the send backlog is
+        below the mark (where the dispatcher would wait, see ``_process``).
+        """
+        if state.commands.held or not self._policy.runs_inline:
+            return False
+        limit = self._max_backlog
+        return limit is None or state.transport.backlog < limit
+
+    def _run_inline(self, state: _LinkState, frame: Frame, more: bool) -> _Suspended | None:
+        """Run a command in the reader, up to its first wait; the rest, if any, is returned.
+
+        A handler that completes without waiting is the fast path: no task switch between
+        the read and its reply. One that waits is *adopted*: a stand-in goes through the
+        queue, so the policy orders later commands after it (SpecOrder runs none before it
+        is done, KeyedOrder keys it, ConcurrentOrder counts it in its limit).
+        """
+        state.commands.hold(frame)
+        state.dispatched += 1
+        coro = self._inline_command(state, frame)
+        state.more = more
+        try:
+            trap = coro.send(None)
+        except StopIteration:
+            return None
+        finally:
+            state.more = False
+        state.adopted_done = trio.Event()
+        state.commands.adopt(Frame(frame.header, frame.payload, []))
+        return _Suspended(coro, trap)
+
+    async def _inline_command(self, state: _LinkState, frame: Frame) -> None:
+        held_fds = len(frame.fds)
+        try:
+            await self._run_command(state, frame)
+        finally:
+            state.commands.release(frame, held_fds)
+            done = state.adopted_done
+            if done is not None:
+                state.adopted_done = None
+                done.set()
 
     def _on_reply(self, frame: Frame) -> None:
         msg_id = frame.header.msg_id
@@ -696,6 +816,14 @@ class Connection:
         The command counts in the link's load until it is done, whether it waits in the
         queue or in a policy of its own (KeyedOrder's lanes, ConcurrentOrder's tasks).
         """
+        if frame is state.commands.adopted:
+            # The stand-in of an inline command, which runs in the former reader's task.
+            try:
+                if state.adopted_done is not None:
+                    await state.adopted_done.wait()
+            finally:
+                state.commands.drop_stand_in()
+            return
         held_fds = len(frame.fds)
         try:
             state.dispatched += 1
@@ -767,7 +895,7 @@ class Connection:
         # A closed socket is noticed by the reader, which shuts the connection down.
         # (try/except rather than contextlib.suppress: this runs once per command.)
         try:
-            flush = not state.commands.has_pending()
+            flush = not (state.more or state.commands.has_pending())
             self._send(state, header, payload, fds, transfer_fds, flush=flush)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
@@ -947,6 +1075,37 @@ class Connection:
             self._send(state, header, payload, fds, transfer_fds)
         except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise ConnectionClosedError(errno=errno.ENOTCONN, command=header.command) from exc
+
+
+class _Suspended:
+    """The rest of a coroutine whose first step ran already and yielded ``trap``.
+
+    Awaiting it passes ``trap`` on to trio and drives the coroutine to its end, exactly as
+    awaiting the coroutine would have done after that first step. The task that awaits it
+    must be the one that ran the first step (trio's traps belong to the task).
+    """
+
+    __slots__ = ("_coro", "_trap")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], trap: object) -> None:
+        self._coro = coro
+        self._trap = trap
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, trap = self._coro, self._trap
+        while True:
+            try:
+                sent = yield trap
+            except BaseException as exc:
+                try:
+                    trap = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    trap = coro.send(sent)
+                except StopIteration:
+                    return
 
 
 def _reply_body(result: HandlerResult) -> tuple[Buffer, Sequence[int], bool]:

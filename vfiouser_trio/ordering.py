@@ -46,7 +46,18 @@ class CommandSource(Protocol):
 
 
 class OrderingPolicy(abc.ABC):
-    """Decides when each received command is processed."""
+    """Decides when each received command is processed.
+
+    ``runs_inline`` (False unless a policy sets it) lets the engine run a command in the
+    link's reader, without a task switch, when the link holds no other command: nothing
+    queued, nothing running. Set it when such a command would be started at once anyway.
+    A command that then has to wait reaches ``run`` after all, as a stand-in frame that
+    ``process`` completes when the command is done, so the policy orders the commands
+    after it as usual.
+    """
+
+    #: Whether a command may run inline in the reader when the link is idle (see above).
+    runs_inline: bool = False
 
     @abc.abstractmethod
     async def run(self, commands: CommandSource, process: ProcessCommand) -> None:
@@ -60,6 +71,8 @@ class SpecOrder(OrderingPolicy):
     the reply to any younger command is sent.
     """
 
+    runs_inline = True
+
     async def run(self, commands: CommandSource, process: ProcessCommand) -> None:
         while True:
             await process(await commands.get())
@@ -71,6 +84,8 @@ class ConcurrentOrder(OrderingPolicy):
     Starting order is still arrival order. Not spec-conformant (a No_reply command may still be
     running when a younger command's reply leaves): a tool to prototype with.
     """
+
+    runs_inline = True
 
     def __init__(self, limit: int | float = math.inf) -> None:
         if limit < 1:
@@ -109,6 +124,8 @@ class KeyedOrder(OrderingPolicy):
     runs alone, and commands after it wait for it. With :func:`region_key` this lets accesses to
     different regions proceed concurrently while everything else stays serialised.
     """
+
+    runs_inline = True
 
     def __init__(self, key: KeyFunction) -> None:
         self.key = key
