@@ -120,6 +120,7 @@ class Qemu:
         control: Path | None = None,
         qmp: Path | None = None,
         reboot: bool = False,
+        extra: Sequence[str] = (),
     ) -> list[str]:
         """QEMU's command line: a q35 guest with our devices.
 
@@ -127,7 +128,8 @@ class Qemu:
         guest RAM has no fd and the device reaches it with DMA_READ/DMA_WRITE messages.
         ``control`` and ``qmp`` are sockets QEMU connects to (ttyS1 and the QMP monitor).
         Without ``reboot`` a guest reset makes QEMU exit (``-no-reboot``); with it, a reset
-        (QMP ``system_reset``) restarts the guest.
+        (QMP ``system_reset``) restarts the guest. ``extra`` arguments go last (e.g. a
+        QEMU-emulated device to compare ours with).
         """
         backend = (
             f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on"
@@ -167,7 +169,7 @@ class Qemu:
                 "-device", f"pcie-root-port,id={port},chassis={chassis}",
                 "-device", json.dumps(spec, separators=(",", ":")),
             ]  # fmt: skip
-        return argv
+        return argv + list(extra)
 
     def module_files(self, names: Sequence[str]) -> list[Path]:
         """The .ko files of ``names`` and of what they depend on, dependencies first."""
@@ -206,11 +208,12 @@ def guest_command(
     *,
     shared_memory: bool,
     reboot: bool = False,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The command `running_guest` runs: its control port and QMP sockets in ``directory``."""
     return qemu.command(
         initrd, devices, shared_memory=shared_memory, control=directory / "control.sock",
-        qmp=directory / "qmp.sock", reboot=reboot,
+        qmp=directory / "qmp.sock", reboot=reboot, extra=extra,
     )  # fmt: skip
 
 
@@ -225,15 +228,20 @@ def shell_command(argv: Sequence[str]) -> str:
     return " \\\n    ".join(lines)
 
 
-def build_initramfs(directory: Path, script: str, modules: Sequence[Path] = ()) -> Path:
+def build_initramfs(
+    directory: Path, script: str, modules: Sequence[Path] = (), programs: Sequence[Path] = ()
+) -> Path:
     """A gzipped newc initramfs in ``directory`` whose /init loads ``modules`` (in order,
-    as `Qemu.module_files` lists them) and runs ``script`` (sh)."""
+    as `Qemu.module_files` lists them) and runs ``script`` (sh); ``programs`` (static
+    executables) go in /bin."""
     root = directory / "initramfs"
     for sub in ("bin", "proc", "sys", "dev", "tmp", "modules"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     busybox = shutil.which("busybox")
     assert busybox is not None
     shutil.copy(busybox, root / "bin" / "busybox")
+    for program in programs:
+        shutil.copy(program, root / "bin" / program.name)
     names = []
     for module in modules:
         name = module.name.split(".ko")[0] + ".ko"
@@ -401,9 +409,11 @@ async def running_guest(
     *,
     shared_memory: bool,
     reboot: bool = False,
+    extra: Sequence[str] = (),
 ) -> AsyncIterator[Guest]:
-    """QEMU running the guest; on leaving, waits for it to power off (`GUEST_TIMEOUT` in
-    all), then for the process. QEMU still running then is killed and the test fails."""
+    """QEMU running the guest (``extra``: more QEMU arguments); on leaving, waits for it to
+    power off (`GUEST_TIMEOUT` in all), then for the process. QEMU still running then is
+    killed and the test fails."""
     listeners = []
     for path in (directory / "control.sock", directory / "qmp.sock"):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -411,7 +421,7 @@ async def running_guest(
         listener.listen(1)
         listeners.append(listener)
     argv = guest_command(
-        qemu, directory, initrd, devices, shared_memory=shared_memory, reboot=reboot
+        qemu, directory, initrd, devices, shared_memory=shared_memory, reboot=reboot, extra=extra
     )
     process = await trio.lowlevel.open_process(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
