@@ -18,6 +18,7 @@ import trio.testing
 
 from vfiouser_trio.engine import (
     DEFAULT_DISPATCH_BATCH,
+    FRAME_OVERHEAD,
     Connection,
     ConnectionHooks,
     Forward,
@@ -26,13 +27,19 @@ from vfiouser_trio.engine import (
     RawMessage,
     open_connection,
 )
-from vfiouser_trio.ordering import ConcurrentOrder, KeyedOrder, OrderingPolicy, region_key
-from vfiouser_trio.protocol.constants import FLAG_NO_REPLY, Command
+from vfiouser_trio.ordering import (
+    ConcurrentOrder,
+    KeyedOrder,
+    OrderingPolicy,
+    SpecOrder,
+    region_key,
+)
+from vfiouser_trio.protocol.constants import FLAG_NO_REPLY, FLAG_TYPE_REPLY, Command
 from vfiouser_trio.protocol.errors import ProtocolError, VfioUserError
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import Header
 from vfiouser_trio.protocol.message import Buffer, Reply, Request
-from vfiouser_trio.transport import Transport
+from vfiouser_trio.transport import CHUNK_OVERHEAD, Transport
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -458,6 +465,201 @@ async def test_handler_may_request_from_a_peer_awaiting_its_reply_twin_sockets()
         (Link.TWIN, "out", Command.DMA_READ, True),
         (Link.MAIN, "in", Command.REGION_WRITE, True),
     ]
+
+
+# The same interleavings under every policy, with no hooks (hooks turn the inline fast path
+# off): the server's reader runs REGION_WRITE inline and its handler must wait for the peer,
+# directly (its own DMA_READ) or through another task's request.
+POLICIES: dict[str, Callable[[], OrderingPolicy]] = {
+    "spec": SpecOrder,
+    "concurrent": ConcurrentOrder,
+    "keyed": lambda: KeyedOrder(region_key),
+}
+
+
+def _indirect_handlers(
+    holder: dict[str, Connection], nursery: trio.Nursery
+) -> tuple[
+    Callable[[Frame], Awaitable[HandlerResult]], Callable[[Frame], Awaitable[HandlerResult]]
+]:
+    """a's REGION_WRITE waits for a task of its own, which waits for b's DMA_READ reply."""
+
+    async def dma_task(done: trio.Event) -> None:
+        dma = await holder["a"].request_raw(Command.DMA_READ, b"addr")
+        assert dma.payload == b"guest data"
+        done.set()
+
+    async def server(frame: Frame) -> HandlerResult:
+        assert frame.header.command == Command.REGION_WRITE
+        done = trio.Event()
+        nursery.start_soon(dma_task, done)
+        await done.wait()
+        return RawMessage(b"done")
+
+    _, client = _nested_handlers(holder)
+    return server, client
+
+
+@asynccontextmanager
+async def twin_connected(
+    server: Callable[[Frame], Awaitable[HandlerResult]],
+    client: Callable[[Frame], Awaitable[HandlerResult]],
+    holder: dict[str, Connection],
+    policy: Callable[[], OrderingPolicy],
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    """A connection pair that has negotiated twin sockets (a creates them, as a server)."""
+
+    async def server_with_version(frame: Frame) -> HandlerResult:
+        if frame.header.command != Command.VERSION:
+            return await server(frame)
+        mine, theirs = socket.socketpair()
+        holder["a"].attach_twin(mine, requests_on_twin=True)
+        return RawMessage(b"twin", [theirs.detach()], transfer_fds=True)
+
+    a_sock, b_sock = socket.socketpair()
+    async with (
+        open_connection(a_sock, handler=server_with_version, policy=policy()) as a,
+        open_connection(b_sock, handler=client, policy=policy()) as b,
+    ):
+        holder["a"] = a
+        version = await b.request_raw(Command.VERSION, b"twin please")
+        (twin_fd,) = version.take_fds()
+        b.attach_twin(twin_fd, requests_on_twin=False)
+        assert a.has_twin and b.has_twin
+        yield a, b
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-sockets"])
+@pytest.mark.parametrize("indirect", [False, True], ids=["own-request", "other-task"])
+@pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))
+async def test_an_inline_handler_that_waits_for_the_peer_completes_under_every_policy(
+    policy: Callable[[], OrderingPolicy], indirect: bool, twin: bool
+) -> None:
+    holder: dict[str, Connection] = {}
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            if indirect:
+                server, client = _indirect_handlers(holder, nursery)
+            else:
+                server, client = _nested_handlers(holder)
+            if twin:
+                pair = twin_connected(server, client, holder, policy)
+            else:
+                pair = connected(server, client, policy=policy())
+            async with pair as (a, b):
+                holder["a"] = a
+                # Pipelined: the second REGION_WRITE arrives while the first one waits.
+                async with trio.open_nursery() as requests:
+                    for _ in range(2):
+                        requests.start_soon(_nested_round_trip, a, b)
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Names of the tasks trio runs, in order."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))
+async def test_a_command_that_never_waits_is_answered_by_the_reader_alone(
+    policy: Callable[[], OrderingPolicy],
+) -> None:
+    """The fast path: no dispatcher task runs between reading a command and its reply."""
+    a, b = socket.socketpair()
+    with a, trio.fail_after(5):
+        async with open_connection(b, handler=echo_handler, policy=policy()):
+            await trio.testing.wait_all_tasks_blocked()
+            steps = TaskSteps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                a.sendall(Header(7, Command.DEVICE_GET_INFO, 20, 0).pack() + b"ping")
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            a.setblocking(False)
+            reply = Header(7, Command.DEVICE_GET_INFO, 20, FLAG_TYPE_REPLY).pack() + b"ping"
+            assert a.recv(64) == reply
+    me = trio.lowlevel.current_task().name
+    engine_steps = {name.rsplit(".", 1)[-1] for name in steps.names if name != me}
+    assert engine_steps == {"_read_loop"}
+
+
+async def test_a_waiting_inline_command_is_ordered_before_the_next_one_under_spec_order() -> None:
+    """The reader hands its role on when the first command waits; the second, in the same
+    read, is queued behind it and starts only once the first is done."""
+    gate = trio.Event()
+    log: list[str] = []
+
+    async def handler(frame: Frame) -> HandlerResult:
+        log.append(f"start {frame.header.msg_id}")
+        if frame.header.msg_id == 1:
+            await gate.wait()
+        log.append(f"end {frame.header.msg_id}")
+        return None
+
+    async with peer_and_connection(handler) as (peer, _conn):
+        with trio.fail_after(5):
+            peer.transport.write(Header(1, Command.REGION_READ, 16, 0), flush=False)
+            peer.send(2, Command.REGION_READ)
+            await trio.testing.wait_all_tasks_blocked()
+            assert log == ["start 1"]
+            gate.set()
+            replies = await peer.wait_frames(2)
+    assert [f.header.msg_id for f in replies] == [1, 2]
+    assert log == ["start 1", "end 1", "start 2", "end 2"]
+
+
+async def test_closing_while_an_inline_command_waits_cancels_it_and_closes_its_fds() -> None:
+    waiting = trio.Event()
+    cancelled = trio.Event()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        waiting.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    async with peer_and_connection(handler) as (peer, conn):
+        with trio.fail_after(5):
+            fd = os.eventfd(0)
+            header = Header(1, Command.DMA_MAP, 16, 0)
+            peer.transport.write(header, b"", [fd])  # the transport sends a duplicate
+            os.close(fd)
+            await waiting.wait()
+            conn.close()
+            await cancelled.wait()
+    # no_fd_leak: the fd the command carried was closed with it.
+
+
+async def test_inline_commands_respect_the_send_backlog_mark_within_one_read() -> None:
+    """32 small commands in one read, each asking for a 64 KiB reply, of a peer that never
+    reads: the reader runs commands inline only below the mark, so at most one reply is
+    queued past it (the rest wait in the queue, as the dispatcher keeps them)."""
+    mark = 128 << 10
+    reply_size = 64 << 10
+    count = 32
+    big = bytes(reply_size)
+
+    async def handler(frame: Frame) -> HandlerResult:
+        return RawMessage(big)
+
+    a, b = socket.socketpair()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    blob = b"".join(
+        Header(i, Command.REGION_READ, 32, 0).pack() + _region_read(0) for i in range(count)
+    )
+    with a, trio.fail_after(5):
+        async with open_connection(b, handler=handler, max_send_backlog=mark) as conn:
+            a.sendall(blob)
+            await trio.testing.wait_all_tasks_blocked()
+            held = conn.held_bytes
+            assert held <= mark + reply_size + count * (FRAME_OVERHEAD + 16 + CHUNK_OVERHEAD)
 
 
 async def test_attach_twin_rejects_what_is_not_a_stream_socket() -> None:
