@@ -715,3 +715,69 @@ async def test_a_migration_state_the_controller_could_not_have_saved_is_refused(
                 await device.load_state(cut)
     finally:
         device.close()
+
+
+SHADOW, EVENTS = IOVA + 0x6000, IOVA + 0x7000
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """Linux's nvme_dbbuf_need_event: ring when the event index is in [old, new)."""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+async def test_shadow_doorbells_spare_the_host_its_doorbell_writes(tmp_path: Path) -> None:
+    """Doorbell Buffer Config, driven as Linux drives it: the host writes its doorbells
+    to memory and writes the register only when the event index asks for it. A command
+    submitted while the controller is busy needs no doorbell write at all."""
+    backing = GatedBacking(1 << 20)
+    device = NvmeController(backing)
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        done = await host.admin(nv.AdminOpcode.IDENTIFY, prp1=DATA, cdw=(nv.Cns.CONTROLLER,))
+        assert struct.unpack_from("<H", host.mem_read(DATA, 258), 256)[0] & 1 << 8  # OACS
+        done = await host.admin(nv.AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=SHADOW, prp2=EVENTS)
+        assert done.status == nv.SUCCESS
+        await host.create_io_queues(1, SQ1, CQ1, entries=8, cq_entries=2)
+        q = host.queues[1]
+        rings = []
+
+        async def submit(entry: bytes) -> None:
+            old = q.sq_tail
+            await host.submit(1, entry, ring=False)
+            host.mem_write(SHADOW + 8, struct.pack("<I", q.sq_tail))
+            if need_event(struct.unpack("<I", host.mem_read(EVENTS + 8, 4))[0], q.sq_tail, old):
+                rings.append("sq")
+                await host.set_reg(nv.DOORBELLS + 8, q.sq_tail)
+
+        async def consume() -> Completion:
+            done = await host.completion(1, consume=False)
+            old = q.cq_head
+            q.cq_head = (q.cq_head + 1) % q.cq_entries
+            q.phase ^= q.cq_head == 0
+            host.mem_write(SHADOW + 12, struct.pack("<I", q.cq_head))
+            if need_event(struct.unpack("<I", host.mem_read(EVENTS + 12, 4))[0], q.cq_head, old):
+                rings.append("cq")
+                await host.set_reg(nv.DOORBELLS + 12, q.cq_head)
+            return done
+
+        await submit(sqe(nv.IoOpcode.READ, 1, prp1=DATA))
+        await trio.testing.wait_all_tasks_blocked()
+        assert backing.waiting == 1 and rings == ["sq"]
+        # Busy with command 1: command 2 goes in the shadow doorbell only.
+        await submit(sqe(nv.IoOpcode.FLUSH, 2))
+        assert rings == ["sq"]
+        backing.gate.set()
+        # Command 1 fills the 2-entry CQ; command 2 waits for room, which the host gives
+        # in memory and, asked by the event index, by one doorbell write.
+        assert (await consume()).cid == 1
+        assert (await consume()).cid == 2
+        assert rings == ["sq", "cq"]
+        # Idle again: the event index asks for the next submission's doorbell.
+        await trio.testing.wait_all_tasks_blocked()
+        assert struct.unpack("<I", host.mem_read(EVENTS + 8, 4))[0] == q.sq_tail
+        await submit(sqe(nv.IoOpcode.FLUSH, 3))
+        assert rings == ["sq", "cq", "sq"]
+        assert (await consume()).cid == 3
+        # Buffers off a page are refused.
+        done = await host.admin(nv.AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=SHADOW + 8,
+                                prp2=EVENTS)  # fmt: skip
+        assert done.status == nv.INVALID_FIELD

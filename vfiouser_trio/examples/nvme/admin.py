@@ -206,6 +206,15 @@ async def abort(ctrl: NvmeController, cmd: Command) -> Outcome:
     return SUCCESS, 1
 
 
+async def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> Outcome:
+    """Shadow doorbells (PRP1) and event indexes (PRP2) for the I/O queues: the host then
+    writes its doorbells to memory and rings the controller only when it asks."""
+    if cmd.prp1 % ctrl.page_size or cmd.prp2 % ctrl.page_size or not cmd.prp1 or not cmd.prp2:
+        raise NvmeError(INVALID_FIELD, "doorbell buffers must be page aligned")
+    ctrl.shadow = (cmd.prp1, cmd.prp2)
+    return SUCCESS, 0
+
+
 HANDLERS: dict[int, Handler] = {
     AdminOpcode.CREATE_IO_CQ: create_io_cq,
     AdminOpcode.CREATE_IO_SQ: create_io_sq,
@@ -217,4 +226,5 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.GET_LOG_PAGE: get_log_page,
     AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
     AdminOpcode.ABORT: abort,
+    AdminOpcode.DOORBELL_BUFFER_CONFIG: doorbell_buffer_config,
 }

@@ -183,6 +183,8 @@ class NvmeController(Device):
         self.io_sqs_allocated = self.max_io_queues
         self.io_cqs_allocated = self.max_io_queues
         self.intx_held = False
+        #: Doorbell Buffer Config: (shadow doorbells, event indexes) for the I/O queues.
+        self.shadow: tuple[int, int] | None = None
 
     @property
     def cap(self) -> int:
@@ -350,21 +352,72 @@ class NvmeController(Device):
     async def _serve(self, sq: SubmissionQueue) -> None:
         handlers = admin.HANDLERS if sq.qid == 0 else nvm.HANDLERS
         with sq.cancel_scope:
-            while True:
-                await sq.wait_for_entries()
-                while sq.cq.backlogged:
-                    await sq.cq.wait_for_room()
-                await self._unparked.wait()  # stopped for a migration: fetch nothing
+            try:
+                await self._serve_queue(sq, handlers)
+            except VfioUserError as error:  # shadow doorbells out of reach
+                self._fatal(f"SQ {sq.qid} doorbell buffer unreachable: {error}")
+            except Exception:
+                # A bug of ours must not take the device (or the process) down with it.
+                log.exception("%s: SQ %d failed", self.name, sq.qid)
+                self._fatal(f"SQ {sq.qid} stopped by an internal error")
+
+    async def _serve_queue(self, sq: SubmissionQueue, handlers: Mapping[int, Handler]) -> None:
+        while True:
+            await self._wait_for_entries(sq)
+            while sq.cq.backlogged:
+                await sq.cq.wait_for_room()
+            await self._unparked.wait()  # stopped for a migration: fetch nothing
+            if not self._busy:
+                self._idle = trio.Event()
+            self._busy += 1
+            try:
+                await self._fetch_and_execute(sq, handlers)
+            finally:
+                self._busy -= 1
                 if not self._busy:
-                    self._idle = trio.Event()
-                self._busy += 1
-                try:
-                    await self._fetch_and_execute(sq, handlers)
-                finally:
-                    self._busy -= 1
-                    if not self._busy:
-                        self._idle.set()
-                await self._post(sq.cq)
+                    self._idle.set()
+            await self._post(sq.cq)
+
+    async def _wait_for_entries(self, sq: SubmissionQueue) -> None:
+        """Until ``sq`` holds entries: from its doorbell, or its shadow doorbell.
+
+        With shadow doorbells the host rings only when the tail passes the event index,
+        so the controller reads the shadow tail after each command, and before it
+        sleeps sets the event index to where it stopped and looks once more (the host
+        may have written the shadow meanwhile).
+        """
+        while True:
+            if self.shadow is not None and sq.qid:
+                await self._shadow_tail(sq)
+                if sq.empty:
+                    await self._shadow_write(self.shadow[1], 2 * sq.qid, sq.tail)
+                    await self._shadow_tail(sq)
+            if not sq.empty:
+                return
+            await sq.wait_rung()
+
+    async def _shadow_tail(self, sq: SubmissionQueue) -> None:
+        assert self.shadow is not None
+        value = await self._shadow_read(self.shadow[0], 2 * sq.qid)
+        if value < sq.size:
+            sq.tail = value
+        elif not sq.bad_shadow:
+            sq.bad_shadow = True  # once per queue: the guest may leave it so for long
+            log.warning("%s: shadow SQ tail of queue %d is %d, beyond its %d entries: "
+                        "ignored", self.name, sq.qid, value, sq.size)  # fmt: skip
+
+    async def _shadow_head(self, cq: CompletionQueue) -> None:
+        assert self.shadow is not None
+        value = await self._shadow_read(self.shadow[0], 2 * cq.qid + 1)
+        if value < cq.size:
+            cq.head = value
+
+    async def _shadow_read(self, base: int, index: int) -> int:
+        raw = await self.dma.read(base + 4 * index, 4)
+        return int.from_bytes(raw, "little")
+
+    async def _shadow_write(self, base: int, index: int, value: int) -> None:
+        await self.dma.write(base + 4 * index, value.to_bytes(4, "little"))
 
     async def _fetch_and_execute(
         self, sq: SubmissionQueue, handlers: Mapping[int, Handler]
@@ -406,6 +459,8 @@ class NvmeController(Device):
         """Post the completions waiting for ``cq`` while it has room; then interrupt."""
         posted = False
         async with cq.lock:
+            if cq.pending and cq.full and self.shadow is not None and cq.qid:
+                await self._room_from_shadow(cq)
             while cq.pending and not cq.full:
                 result, sq_head, sqid, cid, status = cq.pending[0]
                 try:
@@ -421,6 +476,18 @@ class NvmeController(Device):
         if posted:
             cq.notify()
             self._interrupt(cq)
+
+    async def _room_from_shadow(self, cq: CompletionQueue) -> None:
+        """A full CQ under shadow doorbells: the host's head is in memory; if it has not
+        moved, ask for a ring when it does (event index) and look once more."""
+        assert self.shadow is not None
+        try:
+            await self._shadow_head(cq)
+            if cq.full:
+                await self._shadow_write(self.shadow[1], 2 * cq.qid + 1, cq.head)
+                await self._shadow_head(cq)
+        except VfioUserError as error:
+            self._fatal(f"shadow doorbells of CQ {cq.qid} unreachable: {error}")
 
     def _interrupt(self, cq: CompletionQueue) -> None:
         if not cq.interrupts:
@@ -520,6 +587,7 @@ class NvmeController(Device):
         stats: list[int],
         cqs: dict[int, CompletionQueue],
         sqs: dict[int, SubmissionQueue],
+        shadow: tuple[int, int] | None,
     ) -> None:
         """Take a checked migration state (`migration.restore`); queues start parked."""
         self._clear()
@@ -532,6 +600,7 @@ class NvmeController(Device):
         self.intx_held = intx_held
         self.stats = Stats(*stats)
         self.cqs = cqs
+        self.shadow = shadow
         for sq in sqs.values():
             self.start_queue(sq)
 

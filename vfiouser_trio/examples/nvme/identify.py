@@ -13,6 +13,8 @@ NSID = 1  # the one namespace
 #: ONCS bits: Dataset Management (2) and Write Zeroes (3).
 ONCS_DSM = 1 << 2
 ONCS_WRITE_ZEROES = 1 << 3
+#: OACS bit 8: Doorbell Buffer Config (shadow doorbells).
+OACS_DBBUF = 1 << 8
 #: Asynchronous Event Request Limit, 0-based: four outstanding AERs.
 AERL = 3
 #: Abort Command Limit, 0-based.
@@ -45,6 +47,7 @@ def identify_controller(info: ControllerInfo, io_queues: int) -> bytes:
     data[77] = info.mdts
     struct.pack_into("<HI", data, 78, 1, VERSION_1_4)  # CNTLID, VER
     data[111] = 1  # CNTRLTYPE: I/O controller
+    struct.pack_into("<H", data, 256, OACS_DBBUF)  # OACS
     data[258] = ACL
     data[259] = AERL
     data[260] = 1 << 1  # FRMW: one firmware slot, slot 1 read-only

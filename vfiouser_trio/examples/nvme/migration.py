@@ -65,6 +65,7 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
             ]
             for cq in ctrl.cqs.values()
         ],
+        "shadow": list(ctrl.shadow) if ctrl.shadow is not None else None,
         "sqs": [
             [sq.qid, sq.base, sq.size, sq.cq.qid, sq.head, sq.tail] for sq in ctrl.sqs.values()
         ],
@@ -166,10 +167,18 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
         sqs[qid] = SubmissionQueue(qid, _int(base, 0, U64, "an SQ base"), entries, cq_of,
                                    _int(head, 0, entries - 1, "an SQ head"),
                                    _int(tail, 0, entries - 1, "an SQ tail"))  # fmt: skip
+    shadow_in = state.get("shadow")
+    shadow = None
+    if shadow_in is not None:
+        dbs, eis = (_int(v, 1, U64, "a doorbell buffer") for v in _list(shadow_in, 2, "shadow"))
+        if dbs % ctrl.page_size or eis % ctrl.page_size:
+            _refuse("doorbell buffers off a page")
+        shadow = (dbs, eis)
     # Everything checked: replace the controller's state.
     ctrl.restore_state(
         registers=(cc, csts, aqa, asq, acq, intms), allocated=(nsq, ncq), features=features,
         async_events=events, intx_held=intx_held, stats=stats, cqs=cqs, sqs=sqs,
+        shadow=shadow,
     )  # fmt: skip
     if memory:
         await ctrl.backing.write(0, contents)

@@ -92,6 +92,8 @@ class SubmissionQueue:
     head: int = 0
     tail: int = 0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: A shadow tail beyond the queue was reported (once).
+    bad_shadow: bool = False
     _rung: trio.Event = field(default_factory=_event)
 
     @property
@@ -102,10 +104,10 @@ class SubmissionQueue:
         self.tail = tail
         self._rung.set()
 
-    async def wait_for_entries(self) -> None:
-        while self.empty:
-            await self._rung.wait()
-            self._rung = trio.Event()
+    async def wait_rung(self) -> None:
+        """Until the host writes this queue's tail doorbell (at once if it did already)."""
+        await self._rung.wait()
+        self._rung = trio.Event()
 
     def take(self) -> int:
         """The guest address of the entry at the head; the head moves on."""

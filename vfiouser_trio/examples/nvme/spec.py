@@ -58,6 +58,7 @@ class AdminOpcode(IntEnum):
     SET_FEATURES = 0x09
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
+    DOORBELL_BUFFER_CONFIG = 0x7C
 
 
 class IoOpcode(IntEnum):
