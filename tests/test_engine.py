@@ -662,6 +662,40 @@ async def test_inline_commands_respect_the_send_backlog_mark_within_one_read() -
             assert held <= mark + reply_size + count * (FRAME_OVERHEAD + 16 + CHUNK_OVERHEAD)
 
 
+async def test_inline_commands_yield_every_dispatch_batch() -> None:
+    """64 commands in one read run inline, but the reader lets the rest of the process run
+    every ``dispatch_batch`` commands, as the dispatcher does: another connection's command,
+    readable from the first one on, is answered within two batches (not after all 64)."""
+    batch = 4
+    count = 64
+    a_peer, a_sock = socket.socketpair()
+    b_peer, b_sock = socket.socketpair()
+    ran = 0
+    seen_at: list[int] = []
+
+    async def a_handler(frame: Frame) -> HandlerResult:
+        nonlocal ran
+        ran += 1
+        if ran == 1:
+            b_peer.sendall(Header(7, Command.DEVICE_RESET, 16, 0).pack())
+        return None
+
+    async def b_handler(frame: Frame) -> HandlerResult:
+        seen_at.append(ran)
+        return None
+
+    blob = b"".join(Header(i, Command.DEVICE_RESET, 16, 0).pack() for i in range(count))
+    with a_peer, b_peer, trio.fail_after(5):
+        async with (
+            open_connection(a_sock, handler=a_handler, dispatch_batch=batch),
+            open_connection(b_sock, handler=b_handler, dispatch_batch=batch),
+        ):
+            a_peer.sendall(blob)
+            while ran < count or not seen_at:
+                await trio.testing.wait_all_tasks_blocked()
+    assert seen_at[0] <= 2 * batch
+
+
 async def test_attach_twin_rejects_what_is_not_a_stream_socket() -> None:
     with trio.fail_after(5):
         async with connected() as (a, _b):
