@@ -781,3 +781,58 @@ async def test_shadow_doorbells_spare_the_host_its_doorbell_writes(tmp_path: Pat
         done = await host.admin(nv.AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=SHADOW + 8,
                                 prp2=EVENTS)  # fmt: skip
         assert done.status == nv.INVALID_FIELD
+
+
+@asynccontextmanager
+async def nvme_server(disk: Path, path: Path) -> AsyncIterator[None]:
+    """``vfio-user-trio serve nvme --backing DISK`` in its own process, until SIGTERM."""
+    server = await trio.lowlevel.open_process(
+        [*CLI, "serve", "nvme", f"--backing={disk}", "--size=1M", f"--socket-path={path}"],
+        stderr=subprocess.PIPE,
+        env=env(),
+    )
+    try:
+        await wait_until_serving(server)
+        yield
+    finally:
+        server.terminate()
+        with trio.CancelScope(shield=True):
+            await server.wait()
+        assert server.stderr is not None
+        await server.stderr.aclose()
+
+
+async def test_migrates_between_two_server_processes_on_one_file(tmp_path: Path) -> None:
+    """Two ``serve nvme`` processes on the same backing file (shared storage): writes on
+    the source, completions left waiting in a full CQ, ``migrate()``, and the host goes on
+    with the destination, which posts what the source could not."""
+    disk = tmp_path / "disk.img"
+    with trio.fail_after(TIMEOUT * 3), GuestMemory(MEMORY) as memory:
+        async with (
+            nvme_server(disk, tmp_path / "src.sock"),
+            nvme_server(disk, tmp_path / "dst.sock"),
+            connect(tmp_path / "src.sock") as source,
+            connect(tmp_path / "dst.sock") as destination,
+        ):
+            await source.dma_map(memory, IOVA)
+            await destination.dma_map(memory, IOVA)
+            host = Host(source, memory)
+            await host.enable()
+            await host.create_io_queues(1, SQ1, CQ1, entries=8, cq_entries=4)
+            blocks = [os.urandom(BLOCK) for _ in range(5)]
+            for i, data in enumerate(blocks):
+                host.mem_write(DATA + i * PAGE, data)
+                await host.submit(1, sqe(nv.IoOpcode.WRITE, 200 + i, prp1=DATA + i * PAGE,
+                                         cdw=(20 * i, 0, 0)), ring=i == 4)  # fmt: skip
+            # The CQ holds three; the other two completions wait on the source.
+            while nv.CQE.unpack(host.mem_read(CQ1 + 2 * 16, 16))[5] & 1 == 0:
+                await host.irqs[1].wait()
+            await migrate(source, destination, track_dirty=False)
+            host.client = destination
+            host.irqs = await destination.enable_irqs(PciIrq.MSIX)
+            assert [(await host.completion(1)).cid for _ in range(5)] == list(range(200, 205))
+            for i, data in enumerate(blocks):
+                assert (await host.read_blocks(1, 20 * i, 1)).status == nv.SUCCESS
+                assert host.mem_read(DATA, BLOCK) == data
+    image = disk.read_bytes()
+    assert all(image[20 * i * BLOCK : (20 * i + 1) * BLOCK] == d for i, d in enumerate(blocks))
