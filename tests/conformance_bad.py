@@ -13,18 +13,22 @@ import json
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
+from conformance_devices import EXPECTATIONS
 
 from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, FramingError, Link
-from vfiouser_trio.examples import GpioDevice
+from vfiouser_trio.examples import DmaEngine, GpioDevice
+from vfiouser_trio.limits import DEFAULT_LIMITS, ServerLimits
 from vfiouser_trio.protocol.constants import FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, Command
+from vfiouser_trio.protocol.dma import DmaLayout
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import error_header, reply_header
+from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.serve import serve
-from vfiouser_trio.testing.conformance import PathTarget
+from vfiouser_trio.testing.conformance import Expectations, PathTarget
 
 #: Rewrites a frame; None drops it.
 Rewrite = Callable[[Connection, Frame], Frame | None]
@@ -63,16 +67,35 @@ class Breakage(ConnectionHooks):
             self.wedged = True
 
 
+@dataclass(frozen=True)
+class Setup:
+    """A breakage that needs more than hooks on the gpio example."""
+
+    hooks: ConnectionHooks | None = None
+    device: Callable[[], Device] = GpioDevice
+    limits: ServerLimits = DEFAULT_LIMITS
+    expectations: Expectations | None = None
+
+
+def setup_of(made: ConnectionHooks | Setup) -> Setup:
+    return made if isinstance(made, Setup) else Setup(hooks=made)
+
+
 @asynccontextmanager
-async def broken_server(tmp_path: Path, hooks: ConnectionHooks) -> AsyncIterator[PathTarget]:
-    """The gpio example served on a socket in ``tmp_path`` with ``hooks``."""
+async def broken_server(
+    tmp_path: Path, hooks: ConnectionHooks | Setup | None
+) -> AsyncIterator[PathTarget]:
+    """The gpio example (or the Setup's device) served on a socket in ``tmp_path``."""
+    setup = setup_of(hooks) if hooks is not None else Setup()
     path = tmp_path / "bad.sock"
-    device = GpioDevice()
+    device = setup.device()
+
+    async def run(task_status: trio.TaskStatus[object]) -> None:
+        await serve(device, path, hooks=setup.hooks, limits=setup.limits, task_status=task_status)
+
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve(device, path, hooks=hooks, task_status=task_status)
-            )
+            await nursery.start(run)
             yield PathTarget(path)
             nursery.cancel_scope.cancel()
     finally:
@@ -439,8 +462,20 @@ def _refuse_stop_copy(frame: Frame) -> Frame:
     return frame
 
 
+def _dma_outside_window() -> Setup:
+    """dmaengine, whose DMA_READ requests land 16 pages past where the device meant."""
+
+    def send(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.DMA_READ and frame.header.is_command:
+            address = struct.unpack_from("=Q", frame.payload)[0]
+            return with_payload(frame, patch(frame.payload, 0, "=Q", address + 16 * 4096))
+        return frame
+
+    return Setup(Breakage(send=send), DmaEngine, expectations=EXPECTATIONS["dmaengine"])
+
+
 #: check id -> the server broken in exactly the way that check catches.
-BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
+BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
     "neg-02": _refuse_plain_version,
     "neg-03": lambda: requests(Command.VERSION, _refuse_higher_minor),
@@ -500,6 +535,13 @@ BROKEN: dict[str, Callable[[], ConnectionHooks]] = {
     "irq-02": lambda: requests(Command.DEVICE_SET_IRQS, _trigger_does_nothing),
     "irq-03": lambda: accepts(Command.DEVICE_SET_IRQS, b""),
     "irq-04": lambda: requests(Command.DEVICE_SET_IRQS, _keeps_eventfd),
+    "dma-07": _dma_outside_window,
+    # A server that speaks only the spec's layout (ours, told so).
+    "dma-08": lambda: Setup(
+        device=DmaEngine,
+        limits=ServerLimits(dma_layout=DmaLayout.SPEC),
+        expectations=EXPECTATIONS["dmaengine"],
+    ),
     "mig-02": lambda: replies(Command.DEVICE_FEATURE, _no_stop_copy_flag),
     "mig-03": lambda: requests(Command.DEVICE_FEATURE, _refuse_stop_copy),
     "mig-04": lambda: accepts_echo(Command.DEVICE_FEATURE),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conformance_bad import BROKEN, broken_server
+from conformance_bad import BROKEN, broken_server, setup_of
 
 from vfiouser_trio import cli
 from vfiouser_trio.testing.conformance import CATALOGUE, Level, Outcome, run_checks, select
@@ -26,8 +26,11 @@ async def test_check_catches_its_broken_server(
     check_id: str, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     check = CATALOGUE[check_id]
-    async with broken_server(tmp_path, BROKEN[check_id]()) as target:
-        report = await run_checks(target, checks=[check], timeout=5)
+    setup = setup_of(BROKEN[check_id]())
+    async with broken_server(tmp_path, setup) as target:
+        report = await run_checks(
+            target, checks=[check], expectations=setup.expectations, timeout=5
+        )
     [result] = report.results
     want = Outcome.FAIL if check.level is Level.MUST else Outcome.WARN
     assert result.outcome is want, "\n".join(report.lines())

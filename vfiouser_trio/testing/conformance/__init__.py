@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .context import Expectations, Probe, Survey
+from .dma_window import DmaTrigger, DmaWindow
 from .model import CATALOGUE, SPEC_URL, Check, Level, Outcome, Result, check, select
 from .runner import DEFAULT_TIMEOUT, Report, catalogue_markdown, run_checks
 
@@ -37,6 +38,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "SPEC_URL",
     "Check",
+    "DmaTrigger",
+    "DmaWindow",
     "Expectations",
     "FactoryTarget",
     "FdTarget",

@@ -14,6 +14,7 @@ from ...protocol.framing import Frame, close_fds
 from ...protocol.header import Header
 from ...protocol.irqs import IrqInfoReply, IrqInfoRequest
 from ...protocol.regions import RegionInfoReply, RegionInfoRequest
+from .dma_window import DmaTrigger
 from .model import Skipped, Violation, Warned
 from .wire import Target, Wire, describe, describe_header, hexdump
 
@@ -37,6 +38,10 @@ class Expectations:
     allow_reset: bool = True
     #: First IOVA of the window the DMA checks map and unmap (16 pages from here).
     dma_base: int = 1 << 40
+    #: Makes the device DMA into a window mapped without an fd (``dma-07``): an async
+    #: function of a :class:`~.dma_window.DmaWindow`, returning once the device is done and
+    #: put back as it was. None: the check is skipped (the checker cannot know how).
+    dma_trigger: DmaTrigger | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,14 +39,15 @@ class Report:
         counts = ", ".join(f"{self.count(o)} {o.value}" for o in Outcome)
         return f"{self.target}: {len(self.results)} checks: {counts}"
 
-    def lines(self, *, verbose: bool = False) -> list[str]:
-        """One line per check, and for FAIL/WARN what was sent, received and expected."""
+    def lines(self) -> list[str]:
+        """One line per check; under it what the check saw or why it did not pass, and for
+        FAIL/WARN what was sent, received and expected."""
         out = []
         for r in self.results:
             c = r.check
             line = f"{r.outcome.value:4}  {c.id}  {c.level.value:6}  [{c.section}] {c.title}"
             out.append(line)
-            if r.message and (r.outcome is not Outcome.PASS or verbose or c.level is Level.INFO):
+            if r.message:
                 out.append(f"        {r.message}")
             if r.outcome in (Outcome.FAIL, Outcome.WARN):
                 for label, text in (
@@ -135,6 +136,9 @@ async def _run_one(
         outcome, message = Outcome.SKIP, str(exc)
     except OSError as exc:
         outcome, message = Outcome.FAIL, f"cannot reach the server: {exc}"
+    except Exception as exc:
+        outcome, message = Outcome.FAIL, f"the check raised {type(exc).__name__}: {exc}"
+        sent = probe.last_sent
     finally:
         probe.close()
     return Result(check, outcome, message, sent, received, expected, trio.current_time() - start)

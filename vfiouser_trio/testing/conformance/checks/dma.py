@@ -9,6 +9,7 @@ import errno
 from ....protocol.constants import DMA_UNMAP_FLAG_ALL, Command
 from ....protocol.dma import DmaMapRequest, DmaUnmapRequest
 from ..context import Probe
+from ..dma_window import DmaWindow
 from ..model import Level, check
 from ..wire import Wire, describe
 
@@ -135,3 +136,66 @@ async def disconnect(probe: Probe) -> None:
     wire = await probe.connect()  # the first connection closes here
     await _map(probe, wire, base + PAGE, 2 * PAGE, "the next client's DMA_MAP over the old window")
     await _unmap(probe, wire, base + PAGE, 2 * PAGE, "DMA_UNMAP")
+
+
+@check(
+    "dma-07",
+    G,
+    Level.MUST,
+    "Client memory access",
+    "reaches a map made without an fd through DMA_READ / DMA_WRITE inside the window and within "
+    "the client's max_data_xfer_size, in either layout (reported); needs Expectations.dma_trigger",
+)
+async def message_dma(probe: Probe) -> str:
+    return await _triggered_dma(probe, qemu=False)
+
+
+@check(
+    "dma-08",
+    G,
+    Level.SHOULD,
+    "Client memory access",
+    "works with a client that lays DMA_READ replies and DMA_WRITE out as QEMU does ({address "
+    "u64, count u32, data, 4 pad}, DMA_WRITE answered empty); needs Expectations.dma_trigger",
+)
+async def qemu_layout(probe: Probe) -> str:
+    return await _triggered_dma(probe, qemu=True)
+
+
+async def _triggered_dma(probe: Probe, *, qemu: bool) -> str:
+    trigger = probe.expectations.dma_trigger
+    if trigger is None:
+        probe.skip("no dma_trigger declared: the checker cannot know how to make the device DMA")
+    wire = await probe.connect()
+    assert wire.negotiated is not None
+    base = probe.expectations.dma_base
+    size = 16 * PAGE
+    window = DmaWindow(
+        wire, base, bytearray(size), wire.negotiated.ours.max_data_xfer_size, qemu=qemu
+    )
+    wire.on_server_command = window.serve
+    await _map(probe, wire, base, size, "DMA_MAP")
+    try:
+        await trigger(window)
+    except AssertionError as exc:
+        if window.violations:  # the cause, rather than what the device made of our refusal
+            probe.fail(
+                window.violations[0], expected="DMA inside the window, at most max_data_xfer_size"
+            )
+        probe.fail(
+            f"the device's DMA went wrong: {exc}",
+            received=", ".join(window.seen) or "no DMA messages",
+            expected="the trigger's DMA done" + (" in QEMU's layout" if qemu else ""),
+        )
+    await _unmap(probe, wire, base, size, "DMA_UNMAP")
+    if window.violations:
+        probe.fail(
+            window.violations[0], expected="DMA inside the window, at most max_data_xfer_size"
+        )
+    if not window.seen:
+        probe.fail(
+            "the device did no DMA_READ or DMA_WRITE when triggered",
+            expected="DMA_READ / DMA_WRITE messages for a map without an fd",
+        )
+    kinds = sorted(set(window.seen), key=window.seen.index)
+    return f"{len(window.seen)} messages: " + ", ".join(kinds)
