@@ -5,7 +5,8 @@ AQA, ASQ, ACQ; NVMe 1.4 section 3.1) and, from 0x1000, the doorbells with a stri
 4 bytes (CAP.DSTRD 0). MSI-X (a vector per queue pair) lives in BAR4; INTx is the
 fallback. Doorbells are served as region writes: the value written (a new SQ tail or
 CQ head) is what the controller needs, and an ioeventfd carries none (QEMU's
-``vfio-user-pci`` does not ask for GET_REGION_IO_FDS).
+``vfio-user-pci`` does not ask for GET_REGION_IO_FDS). Shadow doorbells (Doorbell
+Buffer Config) let the host skip most of those writes for its I/O queues.
 
 The guest is untrusted: every register value, queue entry and PRP is checked, a bad
 command completes with its status, a bad doorbell write is ignored with a WARNING, and
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -145,6 +146,7 @@ class NvmeController(Device):
         self.blocks = self.backing.size >> LBA_SHIFT
         self.max_transfer = PAGE_SIZE << self.info.mdts
         self.stats = Stats()
+        self.sqs: dict[int, SubmissionQueue] = {}
         self._nursery: trio.Nursery | None = None
         # Migration quiesce: set while queues may fetch; commands executing hold _idle clear.
         self._unparked = trio.Event()
@@ -174,9 +176,9 @@ class NvmeController(Device):
 
     def _clear_queues(self) -> None:
         """What a controller reset (CC.EN 1 to 0) clears: queues, AERs, features."""
-        for sq in getattr(self, "sqs", {}).values():
+        for sq in self.sqs.values():
             sq.cancel_scope.cancel()
-        self.sqs: dict[int, SubmissionQueue] = {}
+        self.sqs = {}
         self.cqs: dict[int, CompletionQueue] = {}
         self.async_events: list[int] = []
         self.features = dict(admin.DEFAULT_FEATURES)
@@ -332,10 +334,10 @@ class NvmeController(Device):
 
     # --- queues --------------------------------------------------------------------------
 
-    def _spawn(self, task: object) -> None:
+    def _spawn(self, task: Callable[[], Awaitable[object]]) -> None:
         if self._nursery is None:
             raise RuntimeError(f"{self.name}: the controller is not running (serve it)")
-        self._nursery.start_soon(task)  # type: ignore[arg-type]
+        self._nursery.start_soon(task)
 
     def start_queue(self, sq: SubmissionQueue) -> None:
         """Serve ``sq`` in its own task."""
@@ -613,8 +615,8 @@ class NvmeController(Device):
         self.backing.close()
 
 
-def _merge64(old: int, half: int, merged: object) -> int:
+def _merge64(old: int, half: int, merged: Callable[[int], int]) -> int:
     """A 64-bit register with one 32-bit half (``half`` 0 or 4) rewritten by ``merged``."""
     shift = 8 * half
-    word = merged((old >> shift) & 0xFFFF_FFFF)  # type: ignore[operator]
-    return (old & ~(0xFFFF_FFFF << shift)) | (int(word) << shift)
+    word = merged((old >> shift) & 0xFFFF_FFFF)
+    return (old & ~(0xFFFF_FFFF << shift)) | (word << shift)
