@@ -1,10 +1,12 @@
 """Testing tools: nested devices, a message tracer, fault injection and pytest fixtures.
 
-See docs/testing.md. The pytest fixtures live in :mod:`vfiouser_trio.testing.fixtures`
-(registered by the plugin :mod:`vfiouser_trio.testing.plugin`); importing this package does
-not import pytest.
+See docs/testing.md; the conformance checker is :mod:`vfiouser_trio.testing.conformance`
+(docs/conformance.md; ``assert_conforms`` and ``served`` are re-exported here). The pytest
+fixtures live in :mod:`vfiouser_trio.testing.fixtures` (registered by the plugin
+:mod:`vfiouser_trio.testing.plugin`); importing this package does not import pytest.
 """
 
+from .conformance import assert_conforms, served
 from .faults import (
     Corrupt,
     Delay,
@@ -34,9 +36,11 @@ __all__ = [
     "Reorder",
     "TraceRecord",
     "Tracer",
+    "assert_conforms",
     "chain",
     "fd_table",
     "nested_device",
+    "served",
     "set_header",
     "set_payload",
 ]
