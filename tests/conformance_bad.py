@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from vfiouser_trio.protocol.header import error_header, reply_header
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.serve import serve
 from vfiouser_trio.testing.conformance import Expectations, PathTarget
+from vfiouser_trio.testing.hooks import close_hooks
 
 #: Rewrites a frame; None drops it.
 Rewrite = Callable[[Connection, Frame], Frame | None]
@@ -43,6 +45,8 @@ class Breakage(ConnectionHooks):
         #: Set by a framing error on any connection: later connections are never answered.
         self.wedge_on_framing_error = False
         self.wedged = False
+        #: Duplicates of fds the broken server holds on to; closed by close().
+        self.kept: list[int] = []
 
     def _apply(
         self, rewrite: Rewrite | None, conn: Connection, frame: Frame, forward: Forward
@@ -65,6 +69,12 @@ class Breakage(ConnectionHooks):
     def on_framing_error(self, conn: Connection, link: Link, event: FramingError) -> None:
         if self.wedge_on_framing_error:
             self.wedged = True
+
+    def close(self) -> None:
+        """Close the fds a breakage kept (see close_hooks)."""
+        for fd in self.kept:
+            os.close(fd)
+        self.kept.clear()
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ async def broken_server(
             nursery.cancel_scope.cancel()
     finally:
         device.close()
+        close_hooks(setup.hooks)
 
 
 # -- building blocks --------------------------------------------------------------------------
@@ -474,6 +485,43 @@ def _dma_outside_window() -> Setup:
     return Setup(Breakage(send=send), DmaEngine, expectations=EXPECTATIONS["dmaengine"])
 
 
+def _forgets_config() -> Breakage:
+    """Config space reads as if no client had written it: the Interrupt Line reads 0."""
+    return config_reads(lambda offset, data: b"\0" if offset == 0x3C and len(data) == 1 else data)
+
+
+def _keeps_old_eventfds() -> Breakage:
+    """A departed client's eventfd keeps being signalled: the next client's triggers write it."""
+    b = Breakage()
+    kept = b.kept
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        h = frame.header
+        if h.command == Command.DEVICE_SET_IRQS and h.is_command:
+            if frame.fds:
+                kept.extend(os.dup(fd) for fd in frame.fds)
+            elif frame.payload[4:8] == b"\x21\0\0\0" and kept:  # DATA_NONE|TRIGGER
+                os.eventfd_write(kept[-1], 1)
+        return frame
+
+    b.receive = receive
+    return b
+
+
+def _keeps_stray_fds() -> Breakage:
+    """fds sent with a command that takes none are kept (until the breakage closes them)."""
+    b = Breakage()
+    kept = b.kept
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        if frame.header.command == Command.DEVICE_GET_INFO and frame.fds:
+            kept.extend(os.dup(fd) for fd in frame.fds)
+        return frame
+
+    b.receive = receive
+    return b
+
+
 #: check id -> the server broken in exactly the way that check catches.
 BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
@@ -553,6 +601,9 @@ BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "dma-04": lambda: accepts(Command.DMA_UNMAP, bytes(24)),
     "dma-05": lambda: requests(Command.DMA_UNMAP, _unmap_all_unmaps_one),
     "dma-06": _keep_old_maps,
+    "dis-01": _forgets_config,
+    "dis-02": _keeps_old_eventfds,
+    "rob-03": _keeps_stray_fds,
     "rob-01": lambda: accepts(Command.DEVICE_FEATURE, b""),
     "rob-02": _wedged_after_framing_error,
 }

@@ -90,6 +90,7 @@ GROUPS = (
     "irqs",
     "dma",
     "migration",
+    "disconnect",
     "robustness",
 )
 

@@ -178,6 +178,18 @@ async def write_size(probe: Probe) -> None:
         )
 
 
+async def _access(probe: Probe, wire: Wire, offset: int, data: bytes | None) -> bytes:
+    """Read one byte of config space (``data`` None) or write ``data`` there."""
+    if data is None:
+        header, reply = await wire.call(Command.REGION_READ, _ACCESS.pack(offset, CONFIG, 1))
+        frame = probe.expect_reply(header, reply, what=f"config read at {offset:#x}")
+        return frame.payload[_ACCESS.size : _ACCESS.size + 1]
+    payload = _ACCESS.pack(offset, CONFIG, len(data)) + data
+    header, reply = await wire.call(Command.REGION_WRITE, payload)
+    probe.expect_reply(header, reply, what=f"config write at {offset:#x}", payload=payload)
+    return data
+
+
 async def _interrupt_line(probe: Probe, wire: Wire) -> bytes:
     header, reply = await wire.call(Command.REGION_READ, _ACCESS.pack(INTERRUPT_LINE, CONFIG, 1))
     frame = probe.expect_reply(header, reply, what="REGION_READ of the Interrupt Line")

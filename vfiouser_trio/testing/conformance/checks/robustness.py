@@ -3,7 +3,10 @@ Considerations": servers should not trust clients)."""
 
 from __future__ import annotations
 
+import os
+
 from ....protocol.constants import Command
+from ....protocol.device_info import DeviceGetInfoRequest
 from ....protocol.header import Header
 from ..context import Probe
 from ..model import Level, check
@@ -64,3 +67,35 @@ async def battery(probe: Probe) -> None:
     wire = await probe.connect()
     await wire.send_header(Header(7, Command.REGION_WRITE, 4096, 0, 0), b"\0" * 100)
     await probe.still_serves("broken connections")
+
+
+@check(
+    "rob-03",
+    G,
+    Level.SHOULD,
+    "Security Considerations",
+    "closes file descriptors sent with a "
+    "command that takes none (whether it refuses the command or not)",
+)
+async def stray_fds(probe: Probe) -> str:
+    wire = await probe.connect()
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        payload = DeviceGetInfoRequest().pack()
+        try:
+            _header, reply = await wire.call(Command.DEVICE_GET_INFO, payload, fds=(write_end,))
+        finally:
+            os.close(write_end)  # the server's copy is now the only write end
+        outcome = "refused" if reply is not None and reply.header.is_error else "answered"
+        await wire.call(Command.DEVICE_GET_INFO, payload)  # one more round trip
+        try:
+            if os.read(read_end, 1) == b"":
+                return f"the command was {outcome}, the fd closed"
+        except BlockingIOError:
+            pass
+        probe.fail(
+            f"the command was {outcome} but the server kept the fd sent with it",
+            expected="the fd closed (EOF on the other end of the pipe)",
+        )
+    finally:
+        os.close(read_end)
