@@ -185,6 +185,7 @@ async def stray_types(probe: Probe) -> None:
     wire = await probe.connect()
     await wire.send(Command.DEVICE_GET_INFO, _INFO, msg_id=0x0909, flags=FLAG_TYPE_REPLY)
     await wire.send(Command.DEVICE_GET_INFO, _INFO, msg_id=0x0A0A, flags=0x7)
+    strays = "; ".join(wire.log[-2:])
     header, reply = await wire.call(Command.DEVICE_GET_INFO, _INFO, msg_id=0x0B0B)
     # An error answer to either stray message is fine; a success means it was processed as
     # a command; an answer echoing no message sent leaves a client unable to match it.
@@ -197,6 +198,7 @@ async def stray_types(probe: Probe) -> None:
             "processed a stray message as a command"
             if stray
             else "answered with a reply that echoes none of the messages sent",
+            sent=strays,
             received=describe(reply),
             expected="no answer to the stray messages (or an error reply echoing their ID), "
             f"then the reply to id={header.msg_id}",
