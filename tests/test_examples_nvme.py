@@ -490,7 +490,9 @@ async def test_shutdown_controller_reset_and_device_reset(
         assert await host.reg(nv.CSTS) == 0
         with caplog.at_level(logging.WARNING):
             await host.set_reg(nv.DOORBELLS + 8, 1)
-        assert "SQ tail doorbell of queue 1 written 1" in caplog.text
+        assert "SQ tail doorbell of queue 1 written while the controller is not ready" in (
+            caplog.text
+        )
         assert await host.reg(nv.AQA) != 0  # the admin queue registers stay
         # Enabled again: a fresh admin queue (phase 1 from slot 0).
         host.mem_write(ACQ, bytes(PAGE))
@@ -836,3 +838,32 @@ async def test_migrates_between_two_server_processes_on_one_file(tmp_path: Path)
                 assert host.mem_read(DATA, BLOCK) == data
     image = disk.read_bytes()
     assert all(image[20 * i * BLOCK : (20 * i + 1) * BLOCK] == d for i, d in enumerate(blocks))
+
+
+async def test_invalid_doorbell_writes_are_error_events(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held AER completes with an Error event (Invalid Doorbell Register or Write
+    Value, log page 01h); the next waits until the host has read the error log."""
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1, entries=4)
+        for cid in (0x301, 0x302):
+            await host.submit(0, sqe(nv.AdminOpcode.ASYNC_EVENT_REQUEST, cid))
+        await trio.testing.wait_all_tasks_blocked()
+        with caplog.at_level(logging.WARNING):
+            await host.set_reg(nv.DOORBELLS + 8 * 3, 1)  # no SQ 3: Invalid Doorbell Register
+            event = await host.completion(0)
+            assert (event.cid, event.status, event.result) == (0x301, nv.SUCCESS, 0x01_01_00)
+            # Masked until the error log is read: this one is only a warning.
+            await host.set_reg(nv.DOORBELLS + 12, 2)  # CQ 1 head past its tail (0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert host.peek(0) is None
+            done = await host.admin(nv.AdminOpcode.GET_LOG_PAGE, prp1=DATA,
+                                    cdw=(nv.LogPage.ERROR | 15 << 16,))  # fmt: skip
+            assert done.status == nv.SUCCESS
+            await host.set_reg(nv.DOORBELLS + 12, 2)  # Invalid Doorbell Write Value
+            event = await host.completion(0)
+            assert (event.cid, event.result) == (0x302, 0x01_02_00)
+        assert "CQ head doorbell of queue 1 written 2: ignored" in caplog.text
+        assert (await host.run(1, nv.IoOpcode.FLUSH)).status == nv.SUCCESS

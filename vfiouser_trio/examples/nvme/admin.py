@@ -178,6 +178,8 @@ async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
     offset = cmd.cdw12 | cmd.cdw13 << 32
     if lid == LogPage.ERROR:
         log = bytes(64)  # one entry (ELPE 0), never filled: errors are in the completions
+        if not cmd.cdw10 & (1 << 15):  # RAE clear: error events are reported again
+            ctrl.error_events_masked = False
     elif lid == LogPage.SMART:
         log = ctrl.smart_log()
     elif lid == LogPage.FIRMWARE_SLOT:
@@ -197,7 +199,7 @@ async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
 async def async_event_request(ctrl: NvmeController, cmd: Command) -> Outcome:
     if len(ctrl.async_events) > ident.AERL:
         raise NvmeError(ASYNC_EVENT_LIMIT_EXCEEDED, "more AERs than AERL allows")
-    ctrl.async_events.append(cmd.cid)  # completes when an event happens (none yet) or never
+    ctrl.async_events.append(cmd.cid)  # completes with the next error event, if any
     return HELD
 
 

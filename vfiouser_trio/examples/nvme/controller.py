@@ -65,10 +65,17 @@ from .spec import (
     SHST_COMPLETE,
     SHST_OCCURRING,
     SQE_SIZE,
+    SUCCESS,
     VERSION_1_4,
     VS,
+    LogPage,
     NvmeError,
 )
+
+#: Asynchronous event: type Error (DW0 bits 2:0) and its information (bits 15:8).
+AER_ERROR = 0
+AEI_INVALID_DOORBELL = 0x01  # Invalid Doorbell Register
+AEI_INVALID_VALUE = 0x02  # Invalid Doorbell Write Value
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +192,8 @@ class NvmeController(Device):
         self.io_sqs_allocated = self.max_io_queues
         self.io_cqs_allocated = self.max_io_queues
         self.intx_held = False
+        #: An error event was reported: no other until the host reads the error log.
+        self.error_events_masked = False
         #: Doorbell Buffer Config: (shadow doorbells, event indexes) for the I/O queues.
         self.shadow: tuple[int, int] | None = None
 
@@ -315,9 +324,21 @@ class NvmeController(Device):
         value = int.from_bytes(data, "little")
         queue: SubmissionQueue | CompletionQueue | None = (self.cqs if is_cq else self.sqs).get(qid)
         kind = "CQ head" if is_cq else "SQ tail"
-        if not self.csts & CSTS_RDY or queue is None or value >= queue.size:
-            log.warning("%s: %s doorbell of queue %d written %d: no such queue or entry, "
-                        "ignored", self.name, kind, qid, value)  # fmt: skip
+        if not self.csts & CSTS_RDY:
+            log.warning("%s: %s doorbell of queue %d written while the controller is not "
+                        "ready: ignored", self.name, kind, qid)  # fmt: skip
+            return
+        if queue is None:
+            self._invalid_doorbell(AEI_INVALID_DOORBELL, f"{kind} doorbell of no queue {qid}")
+            return
+        # A CQ head may move up to the tail, not past it (that would free slots we never
+        # filled); an SQ tail is any slot of the queue.
+        if value >= queue.size or (
+            isinstance(queue, CompletionQueue)
+            and (value - queue.head) % queue.size > (queue.tail - queue.head) % queue.size
+        ):
+            self._invalid_doorbell(AEI_INVALID_VALUE, f"{kind} doorbell of queue {qid} "
+                                   f"written {value}")  # fmt: skip
             return
         if isinstance(queue, CompletionQueue):
             queue.set_head(value)
@@ -325,6 +346,18 @@ class NvmeController(Device):
                 self._spawn(partial(self._post, queue))
         else:
             queue.set_tail(value)
+
+    def _invalid_doorbell(self, info: int, reason: str) -> None:
+        """Ignore the write; tell the host with an error event if it asked for events."""
+        log.warning("%s: %s: ignored", self.name, reason)
+        if self.error_events_masked or not self.async_events:
+            return  # one error event until the host reads the error log; dropped meanwhile
+        self.error_events_masked = True
+        cid = self.async_events.pop(0)
+        admin_cq = self.cqs[0]
+        result = AER_ERROR | info << 8 | LogPage.ERROR << 16
+        admin_cq.pending.append((result, self.sqs[0].head, 0, cid, SUCCESS))
+        self._spawn(partial(self._post, admin_cq))
 
     async def _read_zeros(self, offset: int, size: int) -> bytes:
         return bytes(size)
@@ -590,6 +623,7 @@ class NvmeController(Device):
         cqs: dict[int, CompletionQueue],
         sqs: dict[int, SubmissionQueue],
         shadow: tuple[int, int] | None,
+        error_events_masked: bool,
     ) -> None:
         """Take a checked migration state (`migration.restore`); queues start parked."""
         self._clear()
@@ -603,6 +637,7 @@ class NvmeController(Device):
         self.stats = Stats(*stats)
         self.cqs = cqs
         self.shadow = shadow
+        self.error_events_masked = error_events_masked
         for sq in sqs.values():
             self.start_queue(sq)
 

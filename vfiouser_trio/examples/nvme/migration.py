@@ -45,6 +45,7 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
         "features": {str(fid): value for fid, value in ctrl.features.items()},
         "async_events": list(ctrl.async_events),
         "intx_held": ctrl.intx_held,
+        "error_events_masked": ctrl.error_events_masked,
         "stats": [
             ctrl.stats.bytes_read,
             ctrl.stats.bytes_written,
@@ -132,9 +133,9 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
               for c in _list(state.get("async_events"), None, "AERs")]  # fmt: skip
     if len(events) > AERL + 1:
         raise ValueError("NVMe state: more AERs than AERL")
-    intx_held = state.get("intx_held")
-    if not isinstance(intx_held, bool):
-        _refuse("intx_held is not a boolean")
+    intx_held, masked = state.get("intx_held"), state.get("error_events_masked")
+    if not isinstance(intx_held, bool) or not isinstance(masked, bool):
+        _refuse("intx_held or error_events_masked is not a boolean")
     stats = [_int(v, 0, U64, "a counter") for v in _list(state.get("stats"), 4, "stats")]
     cqs: dict[int, CompletionQueue] = {}
     for item in _list(state.get("cqs"), None, "CQs"):
@@ -178,7 +179,7 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
     ctrl.restore_state(
         registers=(cc, csts, aqa, asq, acq, intms), allocated=(nsq, ncq), features=features,
         async_events=events, intx_held=intx_held, stats=stats, cqs=cqs, sqs=sqs,
-        shadow=shadow,
+        shadow=shadow, error_events_masked=masked,
     )  # fmt: skip
     if memory:
         await ctrl.backing.write(0, contents)
