@@ -601,6 +601,7 @@ BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "dma-04": lambda: accepts(Command.DMA_UNMAP, bytes(24)),
     "dma-05": lambda: requests(Command.DMA_UNMAP, _unmap_all_unmaps_one),
     "dma-06": _keep_old_maps,
+    "dma-09": lambda: accepts(Command.DMA_UNMAP, bytes(24)),
     "dis-01": _forgets_config,
     "dis-02": _keeps_old_eventfds,
     "rob-03": _keeps_stray_fds,

@@ -143,11 +143,13 @@ class Probe:
         what: str,
         payload: bytes = b"",
         errnos: frozenset[int] | None = None,
+        errno_required: bool = False,
         may_close: bool = True,
     ) -> int | None:
-        """``reply`` must refuse ``sent``: an error reply (with one of ``errnos``, if given,
-        and a header alone: the spec's error-reply shape) or, with ``may_close``, a hang-up.
-        Returns the errno, or None for a hang-up."""
+        """``reply`` must refuse ``sent``: an error reply (with one of ``errnos``, if given:
+        another is a WARN, or with ``errno_required`` a violation; and a header alone: the
+        spec's error-reply shape) or, with ``may_close``, a hang-up. Returns the errno, or
+        None for a hang-up."""
         shown = f"{describe_header(sent)}: {hexdump(payload)}"
         want = "an error reply"
         if errnos:
@@ -180,6 +182,13 @@ class Probe:
                 expected="a 16-byte error reply",
             )
         code = reply.header.error
+        if errnos and code not in errnos and errno_required:
+            self.fail(
+                f"{what}: refused with another errno than the spec names",
+                sent=shown,
+                received=describe(reply),
+                expected=want,
+            )
         if errnos and code not in errnos:
             self.warn(
                 f"{what}: refused with an unexpected errno",
