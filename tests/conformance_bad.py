@@ -522,6 +522,13 @@ def _keeps_stray_fds() -> Breakage:
     return b
 
 
+def _io_fd_index_out_of_range(payload: bytes) -> bytes:
+    """The first sub-region of a GET_REGION_IO_FDS reply names an fd that was not sent."""
+    if len(payload) >= 16 + 40:
+        return patch(payload, 16 + 16, "=I", 9)
+    return payload
+
+
 #: check id -> the server broken in exactly the way that check catches.
 BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
@@ -568,6 +575,9 @@ BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "cmd-07": lambda: replies(Command.DEVICE_GET_IRQ_INFO, lambda p: patch(p, 8, "=I", 99)),
     "cmd-08": lambda: accepts(Command.DEVICE_GET_IRQ_INFO, struct.pack("=IIII", 16, 0, 0, 0)),
     "cmd-09": lambda: refuses(Command.DEVICE_RESET),
+    "cmd-10": lambda: Setup(
+        replies(Command.DEVICE_GET_REGION_IO_FDS, _io_fd_index_out_of_range), DmaEngine
+    ),
     "rio-01": lambda: replies(Command.REGION_READ, lambda p: p[:-1]),
     "rio-02": lambda: accepts(Command.REGION_READ, _fake_read),
     "rio-03": lambda: Breakage(receive=_hang_up_on_zero_read),

@@ -329,3 +329,77 @@ async def reset(probe: Probe) -> None:
             received=describe(frame),
             expected="an empty reply",
         )
+
+
+_IO_FDS = struct.Struct("=IIII")  # argsz, flags, index, count
+_SUB_REGION = struct.Struct("=QQIII4xQ")  # offset, size, fd_index, type, flags, datamatch
+
+
+@check(
+    "cmd-10",
+    G,
+    Level.SHOULD,
+    "VFIO_USER_DEVICE_GET_REGION_IO_FDS",
+    "answers GET_REGION_IO_FDS for every region (an error where it has none): index echoed, "
+    "flags 0, argsz covering the sub-regions, each inside the region and naming an fd it sent",
+)
+async def io_fds(probe: Probe) -> str:
+    survey = await probe.survey()
+    wire = await probe.connect()
+    offered = []
+    for index, region in enumerate(survey.regions):
+        if region is None or not region.size:
+            continue
+        what = f"GET_REGION_IO_FDS {index}"
+        payload = _IO_FDS.pack(_IO_FDS.size, 0, index, 0)
+        header, reply = await wire.call(Command.DEVICE_GET_REGION_IO_FDS, payload)
+        if reply is not None and reply.header.is_error:
+            continue  # no io fds for this region
+        frame = probe.expect_reply(header, reply, what=what, payload=payload)
+        close_fds(frame.take_fds())
+        if len(frame.payload) < _IO_FDS.size:
+            probe.fail(f"{what}: the reply is shorter than 16 bytes", received=describe(frame))
+        argsz, flags, got, count = _IO_FDS.unpack_from(frame.payload)
+        if got != index or flags:
+            probe.fail(
+                f"{what}: index or flags wrong",
+                received=describe(frame),
+                expected=f"index {index}, flags 0",
+            )
+        if not count:
+            continue
+        if argsz < _IO_FDS.size + count * _SUB_REGION.size:
+            probe.fail(
+                f"{what}: argsz {argsz} cannot hold {count} sub-regions",
+                received=describe(frame),
+                expected=f"argsz >= {16 + 40 * count}",
+            )
+        payload = _IO_FDS.pack(argsz, 0, index, 0)
+        header, reply = await wire.call(Command.DEVICE_GET_REGION_IO_FDS, payload)
+        frame = probe.expect_reply(
+            header, reply, what=f"{what} with argsz {argsz}", payload=payload
+        )
+        fds = frame.take_fds()
+        close_fds(fds)
+        entry = (argsz - _IO_FDS.size) // count
+        if not fds or len(frame.payload) < _IO_FDS.size + count * entry:
+            probe.fail(
+                f"{what} with argsz {argsz}: {len(fds)} fds, {len(frame.payload)} bytes "
+                f"for {count} sub-regions",
+                received=describe(frame),
+                expected="every sub-region, and at least one fd",
+            )
+        for i in range(count):
+            offset, size, fd_index, kind, _flags, _match = _SUB_REGION.unpack_from(
+                frame.payload, _IO_FDS.size + i * entry
+            )
+            if fd_index >= len(fds) or kind not in (0, 1) or offset + size > region.size:
+                probe.fail(
+                    f"{what}: sub-region {i} (offset {offset:#x} size {size:#x} fd_index "
+                    f"{fd_index} type {kind}) is not valid",
+                    received=describe(frame),
+                    expected=f"inside the region's {region.size:#x} bytes, one of "
+                    f"{len(fds)} fds, type 0 or 1",
+                )
+        offered.append(f"region {index}: {count}")
+    return "io fds: " + (", ".join(offered) if offered else "none")
