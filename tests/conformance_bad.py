@@ -583,6 +583,7 @@ BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "rio-03": lambda: Breakage(receive=_hang_up_on_zero_read),
     "rio-04": lambda: accepts(Command.REGION_READ, _fake_read),
     "rio-05": lambda: accepts(Command.REGION_WRITE, bytes(16)),
+    "rio-07": lambda: accepts(Command.REGION_WRITE_MULTI, struct.pack("=Q", 2)),
     "rio-06": lambda: replies(Command.REGION_WRITE, lambda p: patch(p, 0, "=Q", 0x40)),
     "cfg-01": lambda: config_reads(_cap_list_bit_flipped),
     "cfg-02": lambda: config_reads(_cap_loop),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from conformance_devices import EXPECTATIONS
 from vfiouser_trio import cli
 from vfiouser_trio.examples import EXAMPLES
 from vfiouser_trio.server.serve import serve
+from vfiouser_trio.server.session import DEFAULT_SERVER_CAPABILITIES
 from vfiouser_trio.testing.conformance import (
     CATALOGUE,
     Expectations,
@@ -54,6 +56,18 @@ async def test_every_example_passes_every_must_and_should(name: str, tmp_path: P
     skipped = {r.check.id for r in report.results if r.outcome is Outcome.SKIP}
     assert skipped == SKIPPED[name]
     assert len(report.results) == len(CATALOGUE)
+
+
+async def test_write_multiple_when_offered(tmp_path: Path) -> None:
+    device = EXAMPLES["gpio"]()
+    offer = replace(DEFAULT_SERVER_CAPABILITIES, write_multiple=True)
+    try:
+        async with served(device, tmp_path / "dev.sock", capabilities=offer) as target:
+            report = await run_checks(target, checks=select(["rio-07"]))
+    finally:
+        device.close()
+    [result] = report.results
+    assert (result.outcome, result.message) == (Outcome.PASS, "write_multiple offered and working")
 
 
 async def test_device_expectations_and_waivers(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,6 +27,8 @@ from .model import CATALOGUE, SPEC_URL, Check, Level, Outcome, Result, check, se
 from .runner import DEFAULT_TIMEOUT, Report, catalogue_markdown, run_checks
 
 if TYPE_CHECKING:
+    from ...limits import ServerLimits
+    from ...protocol.capabilities import Capabilities
     from ...server.serve import DeviceSource
 
 from . import checks as _checks
@@ -86,13 +89,25 @@ async def assert_conforms(
 
 
 @asynccontextmanager
-async def served(source: DeviceSource, path: str | os.PathLike[str]) -> AsyncIterator[PathTarget]:
+async def served(
+    source: DeviceSource,
+    path: str | os.PathLike[str],
+    *,
+    capabilities: Capabilities | None = None,
+    limits: ServerLimits | None = None,
+) -> AsyncIterator[PathTarget]:
     """Serve ``source`` (a Device, or a factory of one per connection) on ``path`` in this
-    program for the body, yielding the target to check."""
+    program for the body, yielding the target to check. ``capabilities`` and ``limits`` go
+    to ``serve()`` (its defaults when None)."""
     from ...server.serve import serve  # noqa: PLC0415 - the checker needs no server otherwise
 
+    options: dict[str, Any] = {}
+    if capabilities is not None:
+        options["capabilities"] = capabilities
+    if limits is not None:
+        options["limits"] = limits
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve, source, path)
+        await nursery.start(partial(serve, source, path, **options))
         try:
             yield PathTarget(path)
         finally:

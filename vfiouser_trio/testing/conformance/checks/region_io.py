@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import struct
 
+from ....protocol.capabilities import Capabilities
 from ....protocol.constants import Command, PciRegion
 from ..context import Probe, Survey
 from ..model import Level, check
@@ -234,3 +235,46 @@ async def write_echo(probe: Probe) -> None:
             received=after.hex(),
             expected=line.hex(),
         )
+
+
+_WR_ONE = struct.Struct("=QII8s")  # offset, region, count, data[8]
+
+
+@check(
+    "rio-07",
+    G,
+    Level.SHOULD,
+    "VFIO_USER_VERSION",
+    "refuses REGION_WRITE_MULTI unless write_multiple was negotiated, and when it was, does "
+    "every write and answers their count",
+)
+async def write_multi(probe: Probe) -> str:
+    survey = await probe.survey()
+    _config_size(probe, survey)
+    wire = await probe.connect()
+    line = await _interrupt_line(probe, wire)
+    entry = _WR_ONE.pack(INTERRUPT_LINE, CONFIG, 1, line.ljust(8, b"\0"))
+    payload = struct.pack("=Q", 2) + entry * 2
+    header, reply = await wire.call(Command.REGION_WRITE_MULTI, payload)
+    probe.expect_refused(
+        header,
+        reply,
+        what="REGION_WRITE_MULTI without write_multiple",
+        payload=payload,
+        may_close=False,
+    )
+    wire = await probe.connect(capabilities=Capabilities(max_msg_fds=16, write_multiple=True))
+    assert wire.negotiated is not None
+    if not wire.negotiated.write_multiple:
+        return "write_multiple not offered"
+    header, reply = await wire.call(Command.REGION_WRITE_MULTI, payload)
+    frame = probe.expect_reply(header, reply, what="REGION_WRITE_MULTI", payload=payload)
+    if len(frame.payload) < 8 or struct.unpack_from("=Q", frame.payload)[0] != 2:
+        probe.fail(
+            "the REGION_WRITE_MULTI reply does not count 2 writes",
+            received=describe(frame),
+            expected="wr_cnt 2 (u64)",
+        )
+    if await _interrupt_line(probe, wire) != line:
+        probe.fail("the Interrupt Line does not read back what REGION_WRITE_MULTI wrote")
+    return "write_multiple offered and working"
