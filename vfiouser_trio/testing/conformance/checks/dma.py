@@ -5,6 +5,7 @@ in the window ``Expectations.dma_base``, and unmapped before the check ends."""
 from __future__ import annotations
 
 import errno
+import os
 
 from ....protocol.constants import DMA_UNMAP_FLAG_ALL, Command
 from ....protocol.dma import DmaMapRequest, DmaUnmapRequest
@@ -155,6 +156,27 @@ async def unmap_partial(probe: Probe) -> None:
             probe.expect_refused(header, reply, what=what, payload=payload, may_close=False)
     finally:
         await _unmap(probe, wire, base, 4 * PAGE, "DMA_UNMAP of the whole map")
+
+
+@check(
+    "dma-10",
+    G,
+    Level.MUST,
+    "VFIO_USER_DMA_MAP",
+    "maps a window backed by a file descriptor (a memfd, sent with the message) and unmaps it",
+)
+async def fd_map(probe: Probe) -> None:
+    wire = await probe.connect()
+    base = probe.expectations.dma_base
+    fd = os.memfd_create("vfio-user-conform", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 4 * PAGE)
+        request = DmaMapRequest(base, 4 * PAGE, fds=(fd,))
+        header, reply = await wire.call(Command.DMA_MAP, request.pack(), fds=(fd,))
+    finally:
+        os.close(fd)
+    probe.expect_reply(header, reply, what="DMA_MAP with an fd", payload=request.pack())
+    await _unmap(probe, wire, base, 4 * PAGE, "DMA_UNMAP")
 
 
 @check(

@@ -298,3 +298,63 @@ async def feature_rules(probe: Probe) -> None:
             errnos=codes,
             may_close=False,
         )
+
+
+_LOG_CONTROL = struct.Struct("=QII")  # page_size, num_ranges, reserved
+_LOG_RANGE = struct.Struct("=QQ")  # iova, length
+_LOG_REPORT = struct.Struct("=QQQ")  # iova, length, page_size
+_DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, offset, address, size
+
+
+@check(
+    "mig-07",
+    G,
+    Level.MUST,
+    "VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT",
+    "offering DMA logging, starts it over a mapped range, reports a u64 bitmap of the range "
+    "(nothing dirty without DMA, no bits past the range) and stops it",
+)
+async def dirty_logging(probe: Probe) -> str:
+    wire = await probe.connect()
+    page, pages = 4096, 8
+    base = probe.expectations.dma_base
+    start = _feature(DEVICE_FEATURE_PROBE | DEVICE_FEATURE_SET | Feature.DMA_LOGGING_START)
+    header, reply = await wire.call(Command.DEVICE_FEATURE, start)
+    if reply is None or reply.header.is_error:
+        probe.skip("the device does not offer DMA logging")
+    mapping = _DMA_MAP.pack(_DMA_MAP.size, 3, 0, base, pages * page)
+    header, reply = await wire.call(Command.DMA_MAP, mapping)
+    probe.expect_reply(header, reply, what="DMA_MAP", payload=mapping)
+    control = _LOG_CONTROL.pack(page, 1, 0) + _LOG_RANGE.pack(base, pages * page)
+    payload = _feature(DEVICE_FEATURE_SET | Feature.DMA_LOGGING_START, control)
+    header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
+    probe.expect_reply(header, reply, what="SET DMA_LOGGING_START", payload=payload)
+    try:
+        # A report of 7 pages: one u64 word, whose bits past the 7th must be zero.
+        report = _LOG_REPORT.pack(base, 7 * page, page)
+        argsz = _FEATURE.size + _LOG_REPORT.size + 8
+        payload = _feature(DEVICE_FEATURE_GET | Feature.DMA_LOGGING_REPORT, report, argsz=argsz)
+        header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
+        frame = probe.expect_reply(header, reply, what="GET DMA_LOGGING_REPORT", payload=payload)
+        if len(frame.payload) != argsz or frame.payload[8:32] != report:
+            probe.fail(
+                "the report is not the request's fields and one u64 of bitmap",
+                sent=hexdump(payload),
+                received=describe(frame),
+                expected=f"{argsz} bytes: argsz, flags, iova, length, page_size, bitmap",
+            )
+        bitmap = struct.unpack_from("=Q", frame.payload, 32)[0]
+        if bitmap:
+            probe.fail(
+                f"bitmap {bitmap:#x} with no DMA done (or bits past the range)",
+                received=describe(frame),
+                expected="0",
+            )
+    finally:
+        if not wire.closed:
+            stop = _feature(
+                DEVICE_FEATURE_SET | Feature.DMA_LOGGING_STOP, _LOG_CONTROL.pack(page, 0, 0)
+            )
+            header, reply = await wire.call(Command.DEVICE_FEATURE, stop)
+            probe.expect_reply(header, reply, what="SET DMA_LOGGING_STOP", payload=stop)
+    return "started, reported and stopped"
