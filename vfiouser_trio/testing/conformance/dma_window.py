@@ -6,19 +6,17 @@ and answers it with no payload)."""
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ...protocol.constants import Command
 from ...protocol.framing import Frame
 from ...protocol.header import error_header, reply_header
+from .layouts import DMA_RW as _SPEC
+from .layouts import QEMU_DMA_RW as _QEMU
+from .layouts import REGION_ACCESS as _ACCESS
 from .model import Violation
 from .wire import Wire, describe
-
-_SPEC = struct.Struct("=QQ")  # address, count
-_QEMU = struct.Struct("=QI")  # address, count (QEMU's DMA_WRITE)
-_ACCESS = struct.Struct("=QII")  # offset, region, count
 
 
 @dataclass

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import errno
-import struct
 
 from ....protocol.constants import (
     DEVICE_FLAGS_RESET,
@@ -18,12 +17,14 @@ from ....protocol.constants import (
 from ....protocol.framing import close_fds
 from ....protocol.regions import RegionInfoReply
 from ..context import Probe
+from ..layouts import DEVICE_INFO as _INFO
+from ..layouts import IO_FDS as _IO_FDS
+from ..layouts import REGION_INFO as _REGION
+from ..layouts import SUB_REGION as _SUB_REGION
 from ..model import Level, check
 from ..wire import describe, hexdump
 
 G = "commands"
-_INFO = struct.Struct("=IIII")  # DEVICE_GET_INFO and GET_IRQ_INFO: argsz, flags, a, b
-_REGION = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
 REGION_INFO_SIZE = _REGION.size
 EINVAL = frozenset({errno.EINVAL})
 
@@ -109,7 +110,10 @@ async def device_info_argsz(probe: Probe) -> None:
 )
 async def device_info_small(probe: Probe) -> None:
     wire = await probe.connect()
-    for payload, what in ((_INFO.pack(8, 0, 0, 0), "argsz 8"), (b"\x10\0\0\0", "a 4-byte payload")):
+    for payload, what in (
+        (_INFO.pack(8, 0, 0, 0), "argsz 8"),
+        (b"\x10\0\0\0", "a 4-byte payload"),
+    ):
         header, reply = await wire.call(Command.DEVICE_GET_INFO, payload)
         probe.expect_refused(
             header,
@@ -208,7 +212,10 @@ async def region_info_bad(probe: Probe) -> None:
     survey = await probe.survey()
     wire = await probe.connect()
     cases = (
-        (_REGION.pack(REGION_INFO_SIZE, 0, survey.info.num_regions, 0, 0, 0), "index num_regions"),
+        (
+            _REGION.pack(REGION_INFO_SIZE, 0, survey.info.num_regions, 0, 0, 0),
+            "index num_regions",
+        ),
         (_REGION.pack(REGION_INFO_SIZE, 0, 0xFFFFFFFF, 0, 0, 0), "index 0xffffffff"),
         (_REGION.pack(16, 0, PciRegion.CONFIG, 0, 0, 0), "argsz 16"),
     )
@@ -329,10 +336,6 @@ async def reset(probe: Probe) -> None:
             received=describe(frame),
             expected="an empty reply",
         )
-
-
-_IO_FDS = struct.Struct("=IIII")  # argsz, flags, index, count
-_SUB_REGION = struct.Struct("=QQIII4xQ")  # offset, size, fd_index, type, flags, datamatch
 
 
 @check(

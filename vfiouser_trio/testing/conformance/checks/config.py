@@ -7,12 +7,12 @@ import struct
 
 from ....protocol.constants import PCI_NUM_REGIONS, Command, PciRegion
 from ..context import Probe, Survey
+from ..layouts import REGION_ACCESS as _ACCESS
 from ..model import Level, check
 from ..wire import Wire, describe
 
 G = "config"
 S = "Region Information"
-_ACCESS = struct.Struct("=QII")  # offset, region, count
 CONFIG = PciRegion.CONFIG
 STATUS_CAP_LIST = 0x10
 #: More capabilities than fit in the standard space (48 dwords past the header): a loop.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import struct
 
 import trio
 
@@ -22,12 +21,12 @@ from ....protocol.constants import (
 )
 from ....protocol.irqs import IrqInfoReply
 from ..context import Probe
+from ..layouts import IRQ_SET as _SET
 from ..model import Level, check
 from ..wire import Wire, describe
 
 G = "irqs"
 S = "VFIO_USER_DEVICE_SET_IRQS"
-_SET = struct.Struct("=IIIII")  # argsz, flags, index, start, count
 EINVAL = frozenset({errno.EINVAL})
 TRIGGER_EVENTFD = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
 #: How long a client-triggered interrupt may take to reach its eventfd.

@@ -19,13 +19,17 @@ from ....protocol.constants import (
     MigState,
 )
 from ..context import Probe
+from ..layouts import DMA_MAP as _DMA_MAP
+from ..layouts import FEATURE as _FEATURE
+from ..layouts import LOG_CONTROL as _LOG_CONTROL
+from ..layouts import LOG_RANGE as _LOG_RANGE
+from ..layouts import LOG_REPORT as _LOG_REPORT
+from ..layouts import MIG_DATA as _MIG_DATA
+from ..layouts import MIG_STATE as _STATE
 from ..model import Level, check
 from ..wire import Wire, describe, hexdump
 
 G = "migration"
-_FEATURE = struct.Struct("=II")  # argsz, flags
-_STATE = struct.Struct("=Ii")  # device_state, data_fd
-_MIG_DATA = struct.Struct("=II")  # argsz, size
 RUNNING, STOP, STOP_COPY, RESUMING, PRE_COPY = (
     MigState.RUNNING,
     MigState.STOP,
@@ -298,12 +302,6 @@ async def feature_rules(probe: Probe) -> None:
             errnos=codes,
             may_close=False,
         )
-
-
-_LOG_CONTROL = struct.Struct("=QII")  # page_size, num_ranges, reserved
-_LOG_RANGE = struct.Struct("=QQ")  # iova, length
-_LOG_REPORT = struct.Struct("=QQQ")  # iova, length, page_size
-_DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, offset, address, size
 
 
 @check(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import struct
 
 from ....protocol.capabilities import Capabilities, TwinSocket
 from ....protocol.constants import VERSION_MINOR, Command
@@ -12,11 +11,11 @@ from ....protocol.framing import close_fds
 from ....protocol.version import VersionReply
 from ...conformance.model import Level, check
 from ..context import Probe
+from ..layouts import VERSION as _VERSION
 from ..wire import describe, hexdump
 
 G = "negotiation"
 S = "VFIO_USER_VERSION"
-_VERSION = struct.Struct("=HH")
 
 
 def _version(major: int, minor: int, data: bytes | None) -> bytes:

@@ -11,11 +11,12 @@ import struct
 from ....protocol.capabilities import Capabilities
 from ....protocol.constants import Command, PciRegion
 from ..context import Probe, Survey
+from ..layouts import REGION_ACCESS as _ACCESS
+from ..layouts import WRITE_MULTI_ENTRY as _WR_ONE
 from ..model import Level, check
 from ..wire import Wire, describe, hexdump
 
 G = "region_io"
-_ACCESS = struct.Struct("=QII")  # offset, region, count
 EINVAL = frozenset({errno.EINVAL})
 CONFIG = PciRegion.CONFIG
 INTERRUPT_LINE = 0x3C
@@ -235,9 +236,6 @@ async def write_echo(probe: Probe) -> None:
             received=after.hex(),
             expected=line.hex(),
         )
-
-
-_WR_ONE = struct.Struct("=QII8s")  # offset, region, count, data[8]
 
 
 @check(
