@@ -10,6 +10,15 @@ described in docs/architecture.md cannot happen, on one socket or on two. (A rea
 only when the peer leaves too much unread, and never while a reply it carries is awaited:
 see "Bounded memory" below.)
 
+The fast path: when a link holds no other command and its policy allows it
+(``OrderingPolicy.runs_inline``), the reader runs a command itself, with no task switch
+between the read and the reply. It runs the handler only up to its first wait: a handler
+that completes without waiting (most register accesses) is answered at once; one that
+would wait hands the reader's role to a fresh reader task before it waits, finishes in the
+former reader's task, and is adopted by the policy through a stand-in, so the commands
+after it are ordered as if the dispatcher had started it. The rule above still holds:
+reading never waits for a handler that waits.
+
 Which socket carries what:
 
 * a reply always leaves on the link its command arrived on;
@@ -534,6 +543,8 @@ class Connection:
                 if not events:
                     if limit is None:
                         events = await transport.receive()
+                    elif not state.load:
+                        events = await transport.receive()  # nothing held: no bound to keep
                     else:
                         if self._pressure(state, limit) >= 1.0:
                             reason = await self._hold_reading(state, limit)

@@ -303,6 +303,11 @@ class Transport:
         out = self._out
         size = len(raw_header)
         payload_size = len(payload)
+        if flush and not out and not fds:
+            # Nothing queued ahead (the common case of a reply to one command): straight to
+            # the kernel, header and payload as two iovecs, no chunk unless it takes less.
+            self._send_now(raw_header, payload, size + payload_size)
+            return
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
             out.append(first)
@@ -320,6 +325,28 @@ class Transport:
             first.owns_fds = True
         if out:
             self._writer_lot.unpark()
+
+    def _send_now(self, raw_header: bytes, payload: Buffer, total: int) -> None:
+        """``write`` with an empty queue: one ``sendmsg``; whatever the kernel leaves is queued."""
+        try:
+            sent = self._sock.sendmsg(
+                (raw_header, payload) if payload else (raw_header,), (), _MSG_NOSIGNAL
+            )
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._broken = exc
+            self.close()
+            raise trio.BrokenResourceError("send failed") from exc
+        if sent:
+            if self.on_progress is not None:
+                self.on_progress()
+            if sent == total:
+                return
+        rest = memoryview(b"".join((raw_header, payload)))[sent:]
+        self._out.append(_Chunk(rest, (), False, not sent))
+        self._queued_bytes += total - sent
+        self._writer_lot.unpark()
 
     async def send(
         self,
