@@ -537,6 +537,29 @@ def _dirty_bitmap(payload: bytes) -> bytes:
     return payload
 
 
+def _refuses_own_state() -> Breakage:
+    """After migration data was written, leaving RESUMING (SET STOP) is refused."""
+    resumed: set[int] = set()
+
+    def receive(conn: Connection, frame: Frame) -> Frame:
+        h, p = frame.header, frame.payload
+        if h.command == Command.MIG_DATA_WRITE and h.is_command:
+            resumed.add(id(conn))
+        elif (
+            h.command == Command.DEVICE_FEATURE
+            and id(conn) in resumed
+            and p[4:12]
+            == (
+                b"\x02\x00\x02\x00\x01\x00\x00\x00"  # SET MIG_DEVICE_STATE, state STOP
+            )
+        ):
+            resumed.discard(id(conn))
+            return with_payload(frame, patch(p, 8, "=I", 99))
+        return frame
+
+    return Breakage(receive=receive)
+
+
 #: check id -> the server broken in exactly the way that check catches.
 BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
     "neg-01": lambda: replies(Command.VERSION, lambda p: patch(p, 2, "=H", 0x7FFF)),
@@ -609,6 +632,8 @@ BROKEN: dict[str, Callable[[], ConnectionHooks | Setup]] = {
         limits=ServerLimits(dma_layout=DmaLayout.SPEC),
         expectations=EXPECTATIONS["dmaengine"],
     ),
+    "mig-08": lambda: replies(Command.MIG_DATA_READ, lambda p: patch(p, 0, "=I", len(p) + 4)),
+    "mig-09": _refuses_own_state,
     "mig-02": lambda: replies(Command.DEVICE_FEATURE, _no_stop_copy_flag),
     "mig-03": lambda: requests(Command.DEVICE_FEATURE, _refuse_stop_copy),
     "mig-04": lambda: accepts_echo(Command.DEVICE_FEATURE),

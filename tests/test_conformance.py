@@ -41,7 +41,18 @@ BEGIN, END = "<!-- catalogue: begin -->\n", "<!-- catalogue: end -->\n"
 SKIPPED = {
     "gpio": {"cfg-03", "dma-07", "dma-08"},
     "dmaengine": {"cfg-03"},
-    "null": {"cfg-03", "dma-07", "dma-08", "mig-02", "mig-03", "mig-04", "mig-05", "mig-07"},
+    "null": {
+        "cfg-03",
+        "dma-07",
+        "dma-08",
+        "mig-02",
+        "mig-03",
+        "mig-04",
+        "mig-05",
+        "mig-07",
+        "mig-08",
+        "mig-09",
+    },
 }
 
 

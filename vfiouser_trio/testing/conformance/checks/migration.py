@@ -356,3 +356,93 @@ async def dirty_logging(probe: Probe) -> str:
             header, reply = await wire.call(Command.DEVICE_FEATURE, stop)
             probe.expect_reply(header, reply, what="SET DMA_LOGGING_STOP", payload=stop)
     return "started, reported and stopped"
+
+
+#: Bytes one MIG_DATA_READ asks for, and the most the checker reads of a stream.
+MIG_CHUNK = 4096
+MIG_STREAM_MAX = 16 << 20
+
+
+async def _read_stream(probe: Probe, wire: Wire) -> bytes:
+    """MIG_DATA_READ until a short read (the end of the stream), checking every reply."""
+    stream = bytearray()
+    padded: list[int] = []
+    while len(stream) < MIG_STREAM_MAX:
+        payload = _MIG_DATA.pack(_MIG_DATA.size + MIG_CHUNK, MIG_CHUNK)
+        header, reply = await wire.call(Command.MIG_DATA_READ, payload)
+        frame = probe.expect_reply(
+            header, reply, what="MIG_DATA_READ in STOP_COPY", payload=payload
+        )
+        if len(frame.payload) < _MIG_DATA.size:
+            probe.fail("the MIG_DATA_READ reply is shorter than 8 bytes", received=describe(frame))
+        argsz, size = _MIG_DATA.unpack_from(frame.payload)
+        # Bytes past 8 + size are padding (libvfio-user pads the reply to the size asked).
+        if size > MIG_CHUNK or len(frame.payload) < _MIG_DATA.size + size or argsz != 8 + size:
+            probe.fail(
+                "the MIG_DATA_READ reply's argsz, size and data disagree",
+                received=describe(frame),
+                expected=f"size <= {MIG_CHUNK}, size bytes of data, argsz = 8 + size",
+            )
+        if len(frame.payload) > _MIG_DATA.size + size and not padded:
+            padded.append(len(frame.payload) - _MIG_DATA.size - size)
+        stream += frame.payload[_MIG_DATA.size : _MIG_DATA.size + size]
+        if size < MIG_CHUNK:
+            if padded:
+                probe.note("replies padded past their data to the size asked")
+            return bytes(stream)
+    probe.skip(f"the stream is longer than the {MIG_STREAM_MAX} bytes the checker reads")
+
+
+@check(
+    "mig-08",
+    G,
+    Level.MUST,
+    "VFIO_USER_MIG_DATA_READ",
+    "in STOP_COPY, answers MIG_DATA_READ with at most the size asked, argsz = 8 + size, and "
+    "ends the stream with a short read",
+)
+async def stream_read(probe: Probe) -> str:
+    wire, _flags = await _migratable(probe)
+    try:
+        for state in (STOP, STOP_COPY):
+            if not await set_state(probe, wire, state):
+                probe.fail(f"SET {MigState(state).name} was refused", expected="a success reply")
+        stream = await _read_stream(probe, wire)
+    finally:
+        if not wire.closed:
+            await _back_to_running(probe, wire)
+    return f"a {len(stream)}-byte stream"
+
+
+@check(
+    "mig-09",
+    G,
+    Level.SHOULD,
+    "VFIO_USER_MIG_DATA_WRITE",
+    "takes its own saved state back: the stream it gave in STOP_COPY, written in RESUMING, "
+    "then RESUMING -> STOP succeeds",
+)
+async def stream_resume(probe: Probe) -> str:
+    wire, _flags = await _migratable(probe)
+    try:
+        for state in (STOP, STOP_COPY):
+            await set_state(probe, wire, state)
+        stream = await _read_stream(probe, wire)
+        for state in (STOP, RESUMING):
+            if not await set_state(probe, wire, state):
+                probe.fail(f"SET {MigState(state).name} was refused", expected="a success reply")
+        for start in range(0, len(stream), MIG_CHUNK):
+            chunk = stream[start : start + MIG_CHUNK]
+            payload = _MIG_DATA.pack(_MIG_DATA.size + len(chunk), len(chunk)) + chunk
+            header, reply = await wire.call(Command.MIG_DATA_WRITE, payload)
+            probe.expect_reply(header, reply, what="MIG_DATA_WRITE in RESUMING", payload=payload)
+        if not await set_state(probe, wire, STOP):
+            probe.fail(
+                "RESUMING -> STOP refused the device's own saved state",
+                received=wire.log[-1],
+                expected="a success reply",
+            )
+    finally:
+        if not wire.closed:
+            await _back_to_running(probe, wire)
+    return f"{len(stream)} bytes saved and restored"
