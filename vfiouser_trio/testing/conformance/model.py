@@ -1,9 +1,10 @@
 """What a conformance check is, what it reports, and the catalogue they are registered in.
 
 A check is an async function taking a :class:`~.context.Probe`, registered with
-:func:`check`. It returns normally to PASS, or raises :class:`Violation` (through
-``probe.fail``), :class:`Skipped` (``probe.skip``) or :class:`Warned` (``probe.warn``). A
-violation of a MUST check is a FAIL; of a SHOULD check a WARN (``--strict`` counts it as a
+:func:`check`. It returns (optionally what it observed) to PASS, or raises
+:class:`Violation` (through ``probe.fail``) or :class:`Skipped` (``probe.skip``);
+``probe.warn`` records a lesser problem and lets it go on. A violation of a MUST check is a
+FAIL; of a SHOULD check, and any lesser problem, a WARN (``--strict`` counts it as a
 failure). INFO checks only observe: they PASS with what they saw, or SKIP.
 """
 
@@ -52,7 +53,7 @@ class Violation(Exception):
 
 
 class Warned(Violation):
-    """A lesser problem, reported WARN whatever the check's level."""
+    """A lesser problem (``probe.warn``), reported WARN whatever the check's level."""
 
 
 class Skipped(Exception):

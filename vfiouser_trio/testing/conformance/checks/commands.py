@@ -151,7 +151,7 @@ async def region_info(probe: Probe) -> str:
             probe.fail(
                 f"{what}: the reply is shorter than the 32-byte structure", received=describe(frame)
             )
-        argsz, flags, got_index, cap_offset, size, _offset = _REGION.unpack_from(frame.payload)
+        argsz, flags, got_index, _cap_offset, size, _offset = _REGION.unpack_from(frame.payload)
         if got_index != index or argsz < REGION_INFO_SIZE:
             probe.fail(
                 f"{what}: index or argsz wrong",
@@ -197,7 +197,6 @@ async def region_info(probe: Probe) -> str:
                 )
         if size:
             described.append(f"{index}: {size:#x}")
-        _ = cap_offset
     return "regions " + ", ".join(described)
 
 
