@@ -18,6 +18,7 @@ from vfiouser_trio.server.serve import serve
 from vfiouser_trio.server.session import DEFAULT_SERVER_CAPABILITIES
 from vfiouser_trio.testing.conformance import (
     CATALOGUE,
+    DmaWindow,
     Expectations,
     FdTarget,
     Level,
@@ -79,6 +80,27 @@ async def test_write_multiple_when_offered(tmp_path: Path) -> None:
         device.close()
     [result] = report.results
     assert (result.outcome, result.message) == (Outcome.PASS, "write_multiple offered and working")
+
+
+async def test_a_trigger_that_raises_is_one_fail(tmp_path: Path) -> None:
+    async def broken_trigger(window: DmaWindow) -> None:
+        raise RuntimeError("no such register")
+
+    device = EXAMPLES["dmaengine"]()
+    try:
+        async with served(device, tmp_path / "dev.sock") as target:
+            report = await run_checks(
+                target,
+                checks=select(["dma-07", "dma-10"]),
+                expectations=Expectations(dma_trigger=broken_trigger),
+            )
+    finally:
+        device.close()
+    outcomes = [(r.outcome, r.message) for r in report.results]
+    assert outcomes == [
+        (Outcome.FAIL, "the check raised RuntimeError: no such register"),
+        (Outcome.PASS, ""),
+    ]
 
 
 async def test_device_expectations_and_waivers(tmp_path: Path) -> None:
