@@ -23,11 +23,13 @@ server session turns client commands into calls on it.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Sequence
 
 import trio
 
 from ..protocol.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
+from .device_errors import DeviceErrors
 from .dma import DmaTable
 from .doorbells import Doorbell
 from .irqs import DEFAULT_IRQ_COUNTS, INTX_EDGE_FLAGS, IrqIndex, IrqTable
@@ -78,6 +80,9 @@ class Device(MigrationHooks):
         self._irqs: IrqTable | None = None
         self._msix_table_driven = False
         self._quiesced = False
+        # Where the declarations were frozen (see _declaring), and where device bugs go.
+        self._built_by: str | None = None
+        self._errors = DeviceErrors(self.name)
         if self._interrupt_pin:
             self._irq_counts[PciIrq.INTX] = (1, None)
         for index, count in DEFAULT_IRQ_COUNTS.items():  # ERR and REQ: see add_irq
@@ -87,7 +92,25 @@ class Device(MigrationHooks):
 
     def _declaring(self) -> None:
         if self._config is not None:
-            raise RuntimeError("declare regions, IRQs and capabilities before serving the device")
+            raise RuntimeError(
+                f"{self.name}: too late to declare: the declarations were frozen by "
+                f"{self._built_by or 'serving the device'}. Declare every region, IRQ and "
+                "capability first (config, irqs, region(), num_regions, trigger() and "
+                "active_irq_index() build the device from them)"
+            )
+
+    def _refuse(self, where: str, problem: str, fix: str) -> ValueError:
+        """A declaration error naming the device, what is declared, and the fix."""
+        return ValueError(f"{self.name}: {where}: {problem}; {fix}")
+
+    def _check_handlers(self, where: str, **handlers: object) -> None:
+        for kind, handler in handlers.items():
+            if handler is not None and not callable(handler):
+                raise self._refuse(
+                    where,
+                    f"{kind}={handler!r} is not callable",
+                    f"pass a method such as {kind}=self.{kind}_handler (async def or plain def)",
+                )
 
     def add_bar(
         self,
@@ -107,12 +130,18 @@ class Device(MigrationHooks):
 
         Served by ``read``/``write`` callbacks, by ``memory`` (a memfd the device
         reaches as ``region.memory.view``; ``mmap`` lets the client map it, only the
-        ``sparse`` areas when given), or both.
+        ``sparse`` areas when given), or both. A callback is an ``async def`` or a plain
+        function (called on the event loop: it must not block). A callback that raises,
+        or a read returning other than the bytes asked for, answers the client EIO and is
+        logged at WARNING with its traceback (see ``server/device_errors.py``).
         """
         self._declaring()
         if not 0 <= bar <= PciRegion.BAR5:
-            raise ValueError("BARs are numbered 0..5")
-        spec = BarSpec(size, io=io, is_64bit=is_64bit, prefetchable=prefetchable)
+            raise ValueError(f"{self.name}: BAR {bar}: BARs are numbered 0..5")
+        try:
+            spec = BarSpec(size, io=io, is_64bit=is_64bit, prefetchable=prefetchable)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: BAR {bar}: {exc}") from None
         self._bars[bar] = spec
         return self._add(
             bar,
@@ -186,7 +215,8 @@ class Device(MigrationHooks):
         region_type: RegionType | None,
     ) -> Region:
         if index in self.regions:
-            raise ValueError(f"region {index} is declared twice")
+            raise ValueError(f"{self.name}: region {index} is declared twice")
+        self._check_handlers(f"region {index}", read=read, write=write)
         if mmap or sparse:
             memory = True
         backing = RegionMemory(f"{self.name}-region{index}", size) if memory else None
@@ -199,6 +229,7 @@ class Device(MigrationHooks):
             mmap=mmap or bool(sparse),
             sparse=tuple(sparse),
             region_type=region_type,
+            errors=self._errors,
         )
         self.regions[index] = region
         return region
@@ -243,27 +274,61 @@ class Device(MigrationHooks):
         vectors: int,
         *,
         bar: int,
-        table_offset: int = 0,
+        table_offset: int | None = None,
         pba_bar: int | None = None,
         pba_offset: int | None = None,
     ) -> None:
         """Add MSI-X with its table (and PBA) in a memory BAR declared with ``add_bar``.
 
-        The framework serves the table and PBA; the rest of the BAR stays the device's.
+        The framework serves the table (at ``table_offset``, 0 by default) and the PBA
+        (right after the table unless ``pba_bar``/``pba_offset`` say otherwise); the rest
+        of the BAR stays the device's. Both must fit in their BAR and stay out of its
+        sparse mmap areas. In a BAR the device serves itself (callbacks or memory), the
+        framework's bytes would hide the device's there: place the structures explicitly
+        (``table_offset`` or ``pba_offset``) to say that is the layout meant.
         """
         self._declaring()
-        cap = MsixCapability(
-            vectors,
-            table_bar=bar,
-            table_offset=table_offset,
-            pba_bar=pba_bar,
-            pba_offset=pba_offset,
-        )
-        for b in {cap.table_bar, cap.pba_bir}:
-            if b not in self.regions:
-                raise ValueError(f"declare BAR {b} before placing the MSI-X table in it")
+        try:
+            cap = MsixCapability(
+                vectors,
+                table_bar=bar,
+                table_offset=table_offset or 0,
+                pba_bar=pba_bar,
+                pba_offset=pba_offset,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: MSI-X: {exc}") from None
+        placed = table_offset is not None or pba_offset is not None
+        self._check_msix_area("table", cap.table_bar, cap.table_offset, 16 * vectors, placed)
+        self._check_msix_area("PBA", cap.pba_bir, cap.pba_start, cap.pba_size, placed)
         self._capabilities.append(cap)
         self._irq_counts[PciIrq.MSIX] = (vectors, None)
+
+    def _check_msix_area(self, what: str, bar: int, offset: int, size: int, placed: bool) -> None:
+        where = f"MSI-X {what} at BAR {bar} {offset:#x}+{size:#x}"
+        region = self.regions.get(bar)
+        if region is None or bar > PciRegion.BAR5:
+            raise self._refuse(where, f"BAR {bar} is not declared", "call add_bar first")
+        if offset + size > region.size:
+            raise self._refuse(
+                where, f"beyond the BAR's {region.size:#x} bytes", "make the BAR larger"
+            )
+        for area in region.sparse:
+            if offset < area.offset + area.size and area.offset < offset + size:
+                raise self._refuse(
+                    where,
+                    f"overlaps the sparse mmap area {area.offset:#x}+{area.size:#x} (the client "
+                    "would map it and bypass the framework)",
+                    "move the table/PBA out of the sparse areas",
+                )
+        if not placed and (region.read or region.write or region.memory):
+            raise self._refuse(
+                where,
+                f"the framework would serve these bytes and hide BAR {bar}'s own "
+                "callbacks/memory there",
+                "give MSI-X a BAR of its own (add_bar(N, 0x1000); add_msix(..., bar=N)), or "
+                "place it explicitly with table_offset=/pba_offset= if that is the layout meant",
+            )
 
     def add_capability(self, capability: Capability) -> None:
         """Add any other capability (power management, PCI Express, vendor-specific, ...)."""
@@ -287,10 +352,12 @@ class Device(MigrationHooks):
 
     # --- built state ---------------------------------------------------------------------
 
-    def _build(self) -> None:
+    def _build(self, cause: str = "serving the device") -> None:
         """Freeze the declarations into config space, the config region and the IRQ table."""
         if self._config is not None:
             return
+        self._built_by = f"{cause} at {_caller()}"
+        self._errors.device = self.name
         config = PciConfigSpace(
             self.identity,
             bars=self._bars,
@@ -308,7 +375,11 @@ class Device(MigrationHooks):
             config.write(offset, data)
 
         self.regions[PciRegion.CONFIG] = Region(
-            PciRegion.CONFIG, config.size, read=read_config, write=write_config
+            PciRegion.CONFIG,
+            config.size,
+            read=read_config,
+            write=write_config,
+            errors=self._errors,
         )
         indexes = [
             IrqIndex(index, *self._irq_counts.get(index, (0, None)))
@@ -344,24 +415,24 @@ class Device(MigrationHooks):
     @property
     def config(self) -> PciConfigSpace:
         """The device's PCI configuration space (built on first use)."""
-        self._build()
+        self._build("reading config")
         assert self._config is not None
         return self._config
 
     @property
     def irqs(self) -> IrqTable:
         """The device's IRQ indexes (built on first use)."""
-        self._build()
+        self._build("reading irqs")
         assert self._irqs is not None
         return self._irqs
 
     @property
     def num_regions(self) -> int:
-        self._build()
+        self._build("reading num_regions")
         return max(PCI_NUM_REGIONS, max(self.regions) + 1)
 
     def region(self, index: int) -> Region | None:
-        self._build()
+        self._build("calling region()")
         return self.regions.get(index)
 
     # --- interrupts ------------------------------------------------------------------------
@@ -439,7 +510,10 @@ class Device(MigrationHooks):
         """Full reset: config space to power-on, then the device's own ``reset``."""
         self.config.reset()
         self._msix_table_driven = False
-        await self.reset()
+        try:
+            await self.reset()
+        except Exception as exc:
+            raise self._errors.bug("DEVICE_RESET", "in reset()", f"raised {exc!r}", exc) from exc
 
     async def client_gone(self) -> None:
         """Disconnect cleanup per the spec: unmap DMA, close IRQ fds, keep device state.
@@ -471,3 +545,11 @@ class Device(MigrationHooks):
         """Release the device's memory and doorbells (after serving ends)."""
         for region in self.regions.values():
             region.close()
+
+
+def _caller() -> str:
+    """``file.py:12 in __init__``: the first frame outside this module (who built the device)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename != __file__:
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "an unknown place"

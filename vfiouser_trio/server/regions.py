@@ -12,6 +12,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from inspect import isawaitable
 
 from ..memory import MemFd
 from ..protocol.constants import (
@@ -20,12 +21,15 @@ from ..protocol.constants import (
     REGION_INFO_FLAG_WRITE,
 )
 from ..protocol.errors import VfioUserError
+from .device_errors import DeviceErrors, region_name
+from .dma import DmaError
 from .doorbells import Doorbell
 
-#: ``await read(offset, count) -> bytes`` — exactly ``count`` bytes.
-ReadHandler = Callable[[int, int], Awaitable[bytes]]
-#: ``await write(offset, data)``.
-WriteHandler = Callable[[int, bytes], Awaitable[None]]
+#: ``read(offset, count) -> bytes``, exactly ``count`` bytes: an ``async def`` (awaited) or a
+#: plain function (called; it runs on the event loop, so it must not block).
+ReadHandler = Callable[[int, int], Awaitable[bytes] | bytes]
+#: ``write(offset, data)``: an ``async def`` or a plain function, as for ReadHandler.
+WriteHandler = Callable[[int, bytes], Awaitable[None] | None]
 #: Synchronous handlers used by framework overlays (MSI-X table, PBA).
 SyncRead = Callable[[int, int], bytes]
 SyncWrite = Callable[[int, bytes], None]
@@ -120,6 +124,8 @@ class Region:
     overlays: list[Overlay] = field(default_factory=list)
     #: Where the region starts in the fd the client maps (REGION_INFO ``offset``).
     mmap_offset: int = 0
+    #: Where failures of the callbacks are reported (the device's, set by Device).
+    errors: DeviceErrors = field(default_factory=lambda: DeviceErrors("device"))
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -172,13 +178,23 @@ class Region:
         memory = self.memory
         if memory is not None and self._memory_serves(offset, count, self.read):
             return bytes(memory.view[offset : offset + count])
-        if self.read is None:
+        read = self.read
+        if read is None:
             raise VfioUserError(errno.EINVAL, f"region {self.index} has no read handler")
-        data = await self.read(offset, count)
-        if len(data) != count:
-            raise VfioUserError(
-                errno.EIO, f"region {self.index} read handler returned {len(data)} of {count} bytes"
-            )
+        try:
+            data = read(offset, count)
+            if isawaitable(data):
+                data = await data
+        except VfioUserError as exc:
+            self._refused("REGION_READ", offset, count, exc)
+            raise
+        except Exception as exc:
+            raise self._bug("REGION_READ", offset, count, "the read callback", exc) from exc
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) != count:
+            what = f"{len(data)} bytes" if isinstance(data, bytes | bytearray) else repr(data)
+            where = self._where(offset, count)
+            reason = f"the read callback returned {what[:60]}, not the {count} bytes asked for"
+            raise self.errors.bug("REGION_READ", where, reason)
         return bytes(data)
 
     async def do_write(self, offset: int, data: bytes) -> None:
@@ -196,11 +212,34 @@ class Region:
         if memory is not None and self._memory_serves(offset, count, self.write):
             memory.view[offset : offset + count] = data
         elif self.write is not None:
-            await self.write(offset, data)
+            try:
+                done = self.write(offset, data)
+                if isawaitable(done):
+                    await done
+            except VfioUserError as exc:
+                self._refused("REGION_WRITE", offset, count, exc)
+                raise
+            except Exception as exc:
+                raise self._bug("REGION_WRITE", offset, count, "the write callback", exc) from exc
         elif not self.doorbells:
             raise VfioUserError(errno.EINVAL, f"region {self.index} has no write handler")
         for bell in self.doorbells:
             bell.ring_on_write(offset, data)
+
+    def _where(self, offset: int, count: int) -> str:
+        return f"{region_name(self.index)} at {offset:#x}+{count:#x}"
+
+    def _refused(self, command: str, offset: int, count: int, exc: VfioUserError) -> None:
+        """A callback answered with an errno: its own choice, unless its DMA failed (logged)."""
+        if isinstance(exc, DmaError):
+            self.errors.dma_failed(command, self._where(offset, count), exc)
+
+    def _bug(
+        self, command: str, offset: int, count: int, callback: str, exc: Exception
+    ) -> VfioUserError:
+        """Report a callback that raised ``exc``; the client's EIO."""
+        reason = f"{callback} raised {type(exc).__name__}: {exc}"
+        return self.errors.bug(command, self._where(offset, count), reason, exc)
 
     def close(self) -> None:
         if self.memory is not None:

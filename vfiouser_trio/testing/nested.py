@@ -13,6 +13,13 @@ would for a real disconnect (DMA maps and IRQ fds dropped, device state kept), a
 of open file descriptors is compared with the number before: more is a leak, reported as
 :class:`FdLeakError` (``check_fds=False`` turns this off). The device itself is not closed:
 the test may still inspect it, and closes it when it wants its memory back.
+
+A bug in the device's code (a region callback raising, a read returning the wrong length,
+``reset()`` raising) answers the client EIO, as when served for real, and is also collected
+in ``pair.device_errors``: on exit the first one is raised into the test as a
+:class:`~vfiouser_trio.server.device_errors.DeviceCodeError` whose cause is the device's own
+exception, even when the body caught the client's EIO. A test that provokes one on purpose
+clears ``pair.device_errors`` after checking it (or passes ``raise_device_errors=False``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
@@ -33,12 +40,14 @@ from ..client import Client, connect
 from ..engine import ConnectionHooks
 from ..ordering import OrderingPolicy
 from ..server.device import Device
+from ..server.device_errors import DeviceCodeError
 from ..server.listener import accept, create_listener
 from ..server.serve import DeviceServer
 from .hooks import chain, close_hooks
 from .tracer import Tracer
 
 __all__ = [
+    "DeviceCodeError",
     "Faults",
     "FdLeakError",
     "NestedDevice",
@@ -67,6 +76,8 @@ class NestedDevice(Generic[D]):
     tracer: Tracer
     #: The socket file the client connected to (``path=True``), else None.
     path: str | None = None
+    #: Bugs of the device's code so far, oldest first; raised on exit unless cleared.
+    device_errors: list[DeviceCodeError] = field(default_factory=list)
 
 
 class FdLeakError(AssertionError):
@@ -110,6 +121,7 @@ async def nested_device(
     faults: Faults | None = None,
     path: bool = False,
     check_fds: bool = True,
+    raise_device_errors: bool = True,
 ) -> AsyncIterator[NestedDevice[D]]:
     """Serve ``device`` and connect a client to it for the ``async with`` body.
 
@@ -119,8 +131,12 @@ async def nested_device(
     fault hooks on the client's connection, between the client and the tracer, so the trace
     shows what really crossed the socket. ``path``: serve on a socket file instead of a
     socket pair. ``check_fds``: raise :class:`FdLeakError` on exit if fds leaked.
+    ``raise_device_errors``: raise the first of ``pair.device_errors`` on exit.
     """
     before = fd_table() if check_fds else None
+    device_errors: list[DeviceCodeError] = []
+    listeners = device._errors.listeners
+    listeners.append(device_errors.append)
     tracer = tracer if tracer is not None else Tracer()
     fault_hooks = [faults] if isinstance(faults, ConnectionHooks) else list(faults or ())
     hooks = chain(*fault_hooks, tracer)
@@ -148,7 +164,7 @@ async def nested_device(
             nursery.start_soon(device.run)
             try:
                 async with connect(target, twin_socket=twin_socket, hooks=hooks) as client:
-                    yield NestedDevice(client, device, tracer, socket_path)
+                    yield NestedDevice(client, device, tracer, socket_path, device_errors)
             finally:
                 close_hooks(hooks)
             # The client is gone: let the device see it go as it would a real disconnect.
@@ -157,10 +173,30 @@ async def nested_device(
             body_error = exc
         finally:
             nursery.cancel_scope.cancel()
+            listeners.remove(device_errors.append)
+    if raise_device_errors and device_errors and not _interrupts(body_error):
+        raise _first_device_error(device_errors, body_error)
     if body_error is not None:
         raise body_error
     if before is not None:
         _check_fds(before)
+
+
+def _interrupts(error: BaseException | None) -> bool:
+    """Whether ``error`` is no failure of the test's own (a cancellation, Ctrl-C)."""
+    return error is not None and not isinstance(error, Exception)
+
+
+def _first_device_error(
+    errors: Sequence[DeviceCodeError], body_error: BaseException | None
+) -> DeviceCodeError:
+    """The first device bug, noting the others and what the body then raised."""
+    first = errors[0]
+    for later in errors[1:]:
+        first.add_note(f"then: {later}")
+    if body_error is not None:
+        first.add_note(f"the test body then raised {type(body_error).__name__}: {body_error}")
+    return first
 
 
 async def _listen(
@@ -194,7 +230,8 @@ class NestedDeviceFactory:
 
     What the ``vfio_pair`` fixture yields. Takes the options of :func:`nested_device`. Every
     pair runs until :meth:`aclose` (the end of the test); pairs are closed in reverse order of
-    creation, each checked for fd leaks. ``on_tracer(label, tracer)`` is told of each pair's
+    creation, each checked for fd leaks and raising its device's bugs (a test error at
+    teardown). ``on_tracer(label, tracer)`` is told of each pair's
     tracer.
     """
 
@@ -215,6 +252,7 @@ class NestedDeviceFactory:
         faults: Faults | None = None,
         path: bool = False,
         check_fds: bool = True,
+        raise_device_errors: bool = True,
     ) -> NestedDevice[D]:
         tracer = tracer if tracer is not None else Tracer()
         if self._on_tracer is not None:
@@ -231,6 +269,7 @@ class NestedDeviceFactory:
                     faults=faults,
                     path=path,
                     check_fds=check_fds,
+                    raise_device_errors=raise_device_errors,
                 ) as pair:
                     task_status.started(pair)
                     await stop.wait()
