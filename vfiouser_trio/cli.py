@@ -15,6 +15,8 @@ from typing import TextIO
 
 import trio
 
+from . import __version__
+from .cli_errors import run_command
 from .client import (
     DEFAULT_NEGOTIATION_TIMEOUT,
     MigrationError,
@@ -334,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfio-user-trio", description="vfio-user devices and clients on trio"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages (and tracebacks)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the gpio example and a client in one process")
@@ -445,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # Everything after "bench" belongs to the benchmark runner, options included.
-        return cmd_bench(argparse.Namespace(args=argv[1:]))
+        bench_args = argparse.Namespace(args=argv[1:])
+        return run_command(partial(cmd_bench, bench_args), "vfio-user-trio bench")
     args = build_parser().parse_args(argv)
     quiet = args.command == "demo"  # the tour's own output is the point there
     logging.basicConfig(
@@ -453,8 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    result: int = args.func(args)
-    return result
+    return run_command(partial(args.func, args), f"vfio-user-trio {args.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover
