@@ -463,7 +463,7 @@ async def test_reset_abandons_in_flight_work(rig: Rig) -> None:
 def test_state_round_trips_and_examples_registry() -> None:
     state = DmaEngineState(3, 2, 0x1_2345_6780, 64, 5, 7, 100, 2, 4, 9)
     assert DmaEngineState.unpack(state.pack()) == state
-    assert set(EXAMPLES) == {"gpio", "null", "dmaengine"}
+    assert set(EXAMPLES) == {"gpio", "null", "dmaengine", "nvme"}
     first, second = EXAMPLES["dmaengine"](), EXAMPLES["dmaengine"]()
     assert isinstance(first, DmaEngine) and first is not second
     first.close()

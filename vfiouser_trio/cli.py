@@ -346,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve a device on a UNIX socket")
-    serve.add_argument("device", help="example name (gpio, null, dmaengine) or module:attribute")
+    serve.add_argument(
+        "device", help=f"example name ({', '.join(EXAMPLES)}) or module:attribute"
+    )
     serve.add_argument("--socket-path", metavar="PATH", help="UNIX socket path to listen on")
     serve.add_argument(
         "--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)"
