@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import BenchError, Row, Settings, Target, median
-from .processes import device_socket, many_devices_server, rss_kib
+from .processes import cpu_ticks, device_socket, many_devices_server, rss_kib
 from .wire import connect, read_once, region_reads
 
 FIGURE = 7
@@ -50,13 +50,6 @@ class Backlog:
     before_mib: float
     #: Requests the server took off the socket (all of them unless it stopped reading).
     written: int
-
-
-def cpu_ticks(pid: int) -> int:
-    """User + system CPU time of process ``pid``, in clock ticks (/proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def wait_idle(pid: int) -> None:

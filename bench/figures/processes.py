@@ -177,6 +177,13 @@ def device_socket(directory: Path, index: int) -> Path:
     return directory / f"dev-{index}.sock"
 
 
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of process ``pid``, in clock ticks (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of process ``pid``, in KiB (VmRSS of /proc/<pid>/status)."""
     with open(f"/proc/{pid}/status") as status:

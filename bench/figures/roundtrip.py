@@ -5,11 +5,15 @@ driven by the C load generator: 4-byte reads of BAR2 (region 2) at offset 0. Bas
 the same run and alternating with the target: the raw AF_UNIX C ping-pong with messages of
 the same sizes (figure 1), and the same load generator against the C echo server (figure 2).
 Figure 1 also reports two reference floors (:mod:`bench.figures.floors`): bare Python
-responders, blocking and trio, with no framework at all, against the same baseline.
+responders, blocking and trio, with no framework at all, against the same baseline; our rate
+against the bare trio responder's (the engine's fast-path target); and the server CPU time per
+round trip, ours against the bare trio responder's (user + system time of the server process
+over each one-at-a-time run, warm-up included: less sensitive to a loaded machine than rates).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from functools import partial
@@ -24,11 +28,14 @@ from bench.baselines import (
 )
 
 from .common import Row, Settings, Target, alternate, median, micros, rate, ratio
-from .processes import cli_server, floor_server, retry_busy
+from .processes import cli_server, cpu_ticks, floor_server, retry_busy
 
 GPIO_BAR = 2
 ACCESS_SIZE = 4
 ROUND_TRIP_TARGET = Target.ratio_at_least(0.5)
+#: Our one-at-a-time rate against the bare trio responder's (issue 12).
+TRIO_FLOOR_TARGET = Target.ratio_at_least(0.8)
+_TICK = os.sysconf("SC_CLK_TCK")
 PIPELINE_TARGET = Target.ratio_at_least(0.5)
 #: The depth whose pipelined rate has a target.
 TARGET_DEPTH = 64
@@ -86,6 +93,8 @@ def measure(settings: Settings) -> list[Row]:
     echo: dict[Workload, list[LatencyResult]] = {w: [] for w in workloads}
     raw: list[LatencyResult] = []
     floors: dict[str, list[LatencyResult]] = {kind: [] for kind in FLOORS}
+    #: Server CPU µs per round trip of each one-at-a-time run: ours, the bare trio floor's.
+    cpu: dict[str, list[float]] = {"ours": [], "trio": []}
     seconds = settings.seconds
 
     with (
@@ -93,7 +102,7 @@ def measure(settings: Settings) -> list[Row]:
         cli_server("gpio", Path(tmp) / "gpio.sock") as gpio,
         echo_server() as c_echo,
         floor_server("blocking", Path(tmp) / "blocking.sock"),
-        floor_server("trio", Path(tmp) / "trio.sock"),
+        floor_server("trio", Path(tmp) / "trio.sock") as trio_floor,
     ):
         gpio_path = Path(tmp) / "gpio.sock"
 
@@ -110,11 +119,19 @@ def measure(settings: Settings) -> list[Row]:
                 )
             )
 
+        def timed(pid: int, key: str, path: Path, w: Workload) -> LatencyResult:
+            before = cpu_ticks(pid)
+            result = run(path, w, GPIO_BAR)
+            if w.mode is LoadMode.READ and result.round_trips:
+                used = (cpu_ticks(pid) - before) / _TICK
+                cpu[key].append(used / result.round_trips * 1e6)
+            return result
+
         for rep in range(settings.repeats):
             for w in workloads:
                 a, b = alternate(
                     rep,
-                    partial(run, gpio_path, w, GPIO_BAR),
+                    partial(timed, gpio.pid, "ours", gpio_path, w),
                     partial(run, c_echo.path, w, GPIO_BAR),
                 )
                 ours[w].append(a)
@@ -122,7 +139,11 @@ def measure(settings: Settings) -> list[Row]:
                 if w.mode is LoadMode.READ:
                     raw.append(run_pingpong(seconds))
                     for kind, runs in floors.items():
-                        runs.append(run(Path(tmp) / f"{kind}.sock", w, GPIO_BAR))
+                        if kind == "trio":
+                            sock = Path(tmp) / "trio.sock"
+                            runs.append(timed(trio_floor.pid, "trio", sock, w))
+                        else:
+                            runs.append(run(Path(tmp) / f"{kind}.sock", w, GPIO_BAR))
             gpio.check_alive()
 
     rows = []
@@ -147,6 +168,29 @@ def measure(settings: Settings) -> list[Row]:
                 floor.describe(),
                 "the same raw C ping-pong",
                 ratio(floor.round_trips_per_s, base.round_trips_per_s),
+                None,
+            )
+        )
+    mine, trio = Summary.of(ours[read]), Summary.of(floors["trio"])
+    rows.append(
+        Row(
+            1,
+            "round trip against the bare trio responder, 1 at a time",
+            mine.describe(),
+            f"bare trio responder {trio.describe()}",
+            ratio(mine.round_trips_per_s, trio.round_trips_per_s),
+            TRIO_FLOOR_TARGET,
+        )
+    )
+    if cpu["ours"] and cpu["trio"]:
+        ours_cpu, trio_cpu = median(cpu["ours"]), median(cpu["trio"])
+        rows.append(
+            Row(
+                1,
+                "server CPU per round trip, 1 at a time (ratio: bare trio's / ours)",
+                f"{micros(ours_cpu)} CPU",
+                f"bare trio responder {micros(trio_cpu)} CPU",
+                ratio(trio_cpu, ours_cpu),
                 None,
             )
         )
