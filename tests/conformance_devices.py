@@ -55,4 +55,5 @@ EXPECTATIONS = {
     "gpio": Expectations(num_irqs=5),
     "null": Expectations(num_irqs=5),
     "dmaengine": Expectations(num_irqs=5, dma_trigger=dmaengine_copy),
+    "nvme": Expectations(num_irqs=5),
 }

@@ -38,8 +38,10 @@ BEGIN, END = "<!-- catalogue: begin -->\n", "<!-- catalogue: end -->\n"
 
 
 #: What does not apply to each example: 256-byte config spaces (no extended capabilities),
-#: only dmaengine does DMA, and null does not migrate.
+#: only dmaengine has a DMA trigger, null does not migrate, and nvme's stream (its 64 MiB
+#: namespace in memory travels) is above what the checker reads back (MIG_STREAM_MAX).
 SKIPPED = {
+    "nvme": {"cfg-03", "dma-07", "dma-08", "mig-08", "mig-09"},
     "gpio": {"cfg-03", "dma-07", "dma-08"},
     "dmaengine": {"cfg-03"},
     "null": {
@@ -55,6 +57,10 @@ SKIPPED = {
         "mig-09",
     },
 }
+
+
+def test_every_example_is_checked() -> None:
+    assert set(SKIPPED) == set(EXAMPLES) == set(EXPECTATIONS)
 
 
 @pytest.mark.parametrize("name", sorted(SKIPPED))
