@@ -771,7 +771,18 @@ static int vfu_eventfd_guard_signo(void)
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("vfiouser_trio._native", C_SOURCE, extra_compile_args=["-std=gnu11"])
+# The limited API of CPython 3.11 (the stable ABI): one abi3 module, and so one wheel
+# (tagged cp311-abi3 by setup.py), for every CPython from 3.11 on. cffi's setuptools hook
+# marks the extension py_limited_api itself (hence ``_native.abi3.so``); passing it here as
+# well would break compile() below (cffi 2.1 then names the module ``.abi3.so``).
+LIMITED_API = ("Py_LIMITED_API", "0x030B0000")
+
+ffibuilder.set_source(
+    "vfiouser_trio._native",
+    C_SOURCE,
+    extra_compile_args=["-std=gnu11"],
+    define_macros=[LIMITED_API],
+)
 
 
 if __name__ == "__main__":

@@ -323,12 +323,21 @@ def cmd_conform(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the benchmarks (a source checkout's ``bench`` package)."""
-    try:
-        # The benchmarks are not installed with the package: they run from a checkout.
-        from bench.run import main as bench_main  # noqa: PLC0415
-    except ImportError:
-        raise SystemExit("the benchmarks live in the source tree: run from a checkout") from None
+    """Run the benchmarks: the ``bench`` package of the checkout this package runs from.
+
+    The benchmarks are not installed with the package. An installed package never imports a
+    ``bench`` found elsewhere (the current directory, say): it would measure another tree.
+    """
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(checkout, "bench", "run.py")):
+        raise SystemExit(
+            "vfio-user-trio bench: the benchmarks are not installed with the package; "
+            "run them from a source checkout (pip install -e . there, or python -m bench)"
+        )
+    if sys.path[:1] != [checkout]:
+        sys.path.insert(0, checkout)  # this checkout's bench, ahead of any other
+    from bench.run import main as bench_main  # noqa: PLC0415 - only this command needs it
+
     return int(bench_main(args.args))
 
 
