@@ -12,6 +12,7 @@ from vfiouser_trio.protocol.constants import IRQ_SET_ACTION_TRIGGER, IRQ_SET_DAT
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.regions import SparseArea
+from vfiouser_trio.testing import nested_device
 
 ID = PciIdentity(vendor_id=0x1234, device_id=0x5678, class_code=0xFF0000)
 
@@ -222,3 +223,12 @@ def test_declaring_after_reading_config_in_init_names_the_cause() -> None:
     message = str(refused.value)
     assert message.startswith("early0: too late to declare: the declarations were frozen by ")
     assert f"reading config at {__file__}:" in message and " in __init__." in message
+
+
+async def test_declaring_after_serving_says_serving_froze_it() -> None:
+    device = Registers(bar=2)
+    async with nested_device(device):
+        pass
+    with pytest.raises(RuntimeError, match=r"frozen by serving the device\. Declare"):
+        device.add_bar(3, 0x100)
+    device.close()

@@ -23,6 +23,7 @@ server session turns client commands into calls on it.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Sequence
 
@@ -356,7 +357,8 @@ class Device(MigrationHooks):
         """Freeze the declarations into config space, the config region and the IRQ table."""
         if self._config is not None:
             return
-        self._built_by = f"{cause} at {_caller()}"
+        caller = _caller()
+        self._built_by = f"{cause} at {caller}" if caller else "serving the device"
         self._errors.device = self.name
         config = PciConfigSpace(
             self.identity,
@@ -547,9 +549,15 @@ class Device(MigrationHooks):
             region.close()
 
 
-def _caller() -> str:
-    """``file.py:12 in __init__``: the first frame outside this module (who built the device)."""
+_SERVER = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller() -> str | None:
+    """``file.py:12 in __init__``: the first frame outside this module, unless it is the
+    server's (then serving built the device, not the device's own code)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         if frame.filename != __file__:
+            if os.path.dirname(os.path.abspath(frame.filename)) == _SERVER:
+                return None
             return f"{frame.filename}:{frame.lineno} in {frame.name}"
-    return "an unknown place"
+    return None

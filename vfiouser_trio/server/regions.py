@@ -1,8 +1,8 @@
 """Device regions: BARs, ROM, config space, VGA and device-specific regions.
 
-A region is served by async callbacks, by memory the client may mmap (a memfd),
-or by both: memory for the sparse-mmap areas the client maps directly, callbacks
-for the trapped rest. Overlays claim sub-ranges of a region for the framework
+A region is served by callbacks (``async def`` or plain functions), by memory the client
+may mmap (a memfd), or by both: memory for the sparse-mmap areas the client maps directly,
+callbacks for the trapped rest. Overlays claim sub-ranges of a region for the framework
 itself (an MSI-X table and PBA living in a BAR) ahead of the device's callbacks.
 """
 
