@@ -135,3 +135,41 @@ def test_a_leak_fails_the_test_at_teardown(inner: pytest.Pytester) -> None:
     result = inner.runpytest(*_plugin_args())
     result.assert_outcomes(failed=1)  # pytest-trio reports a fixture crash as a failure
     result.stdout.fnmatch_lines(["*FdLeakError: 1 file descriptor(s) leaked: * -> /memfd:leaked*"])
+
+
+def test_a_device_bug_fails_the_test_with_the_devices_traceback(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import pytest
+        from vfiouser_trio.client import VfioUserError
+        from vfiouser_trio.examples.null import NullDevice
+
+        class Buggy(NullDevice):
+            async def read_bar0(self, offset, size):
+                return {}["register %d" % offset]
+
+        async def test_caught_eio(vfio_pair):
+            pair = await vfio_pair(Buggy())
+            with pytest.raises(VfioUserError):
+                await pair.client.read(0, 0x10, 4)
+
+        async def test_expected(vfio_pair):
+            pair = await vfio_pair(Buggy())
+            with pytest.raises(VfioUserError):
+                await pair.client.read(0, 0x10, 4)
+            pair.device_errors.clear()
+        """
+    )
+    result = inner.runpytest(*_plugin_args())
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*in read_bar0",
+            "*KeyError: 'register 16'",
+            "*The above exception was the direct cause of the following exception:*",
+            "*DeviceCodeError: null: REGION_READ BAR0 at 0x10+0x4: the read callback "
+            "raised KeyError: 'register 16'",
+        ]
+    )
+    # One group only: pytest-trio's own around a fixture's failure, not one from vfio_pair too.
+    assert result.stdout.str().count("ExceptionGroup: Exceptions from Trio nursery") == 1

@@ -34,11 +34,23 @@ def register_tracer(node: pytest.Item | pytest.Collector, label: str, tracer: Tr
 
 @pytest.fixture
 async def vfio_pair(request: pytest.FixtureRequest) -> AsyncIterator[NestedDeviceFactory]:
-    """A factory of nested devices: ``pair = await vfio_pair(MyDevice())``."""
-    async with trio.open_nursery() as nursery:
-        factory = NestedDeviceFactory(nursery, on_tracer=partial(register_tracer, request.node))
-        yield factory
-        await factory.aclose()
+    """A factory of nested devices: ``pair = await vfio_pair(MyDevice())``.
+
+    When the test ends every pair is closed; a pair's failure then (a leak, a bug of the
+    device's code) fails the test as itself, not inside this fixture's nursery's group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            factory = NestedDeviceFactory(
+                nursery, on_tracer=partial(register_tracer, request.node)
+            )
+            yield factory
+            await factory.aclose()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        # Its own cause (the device's exception) is what the report should show, not the group.
+        raise group.exceptions[0] from group.exceptions[0].__cause__
 
 
 @pytest.fixture
