@@ -183,6 +183,43 @@ async def test_large_frames_survive_partial_sends_and_backpressure() -> None:
     right.close()
 
 
+class CappedSocket(socket.socket):
+    """A socket whose sendmsg takes at most ``cap`` bytes per call, as a full kernel buffer
+    does."""
+
+    cap = 1 << 30
+
+    def sendmsg(self, buffers: Any, *args: Any) -> int:
+        left = self.cap
+        taken: list[bytes] = []
+        for buffer in buffers:
+            piece = bytes(buffer)[:left]
+            taken.append(piece)
+            left -= len(piece)
+        return super().sendmsg(taken, *args)
+
+
+@pytest.mark.parametrize("cap", [5, 16, 21], ids=["in-header", "header-only", "in-payload"])
+async def test_a_write_to_an_empty_queue_that_the_kernel_takes_in_part(cap: int) -> None:
+    """A frame written with nothing queued goes straight to sendmsg; what the kernel does not
+    take (part of the header, all the payload, part of it) is queued and sent in order."""
+    a, b = socket.socketpair()
+    capped = CappedSocket(fileno=a.detach())
+    capped.cap = cap
+    left, right = Transport(capped), Transport(b)
+    payload = bytes(range(40))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.run_writer)
+            left.write(command_header(1, 10, len(payload)), payload)
+            assert left.queued_bytes == 16 + len(payload) - cap
+            left.write(command_header(2, 10, 3), b"two")
+            frames = await receive_frames(right, 2)
+            left.close()
+    assert [(f.header.msg_id, f.payload) for f in frames] == [(1, payload), (2, b"two")]
+    right.close()
+
+
 async def test_more_fds_than_the_limit_is_fatal_and_leaks_nothing() -> None:
     a, b = socket.socketpair()
     right = Transport(b, max_recv_fds=1)

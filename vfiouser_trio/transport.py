@@ -343,8 +343,14 @@ class Transport:
                 self.on_progress()
             if sent == total:
                 return
-        rest = memoryview(b"".join((raw_header, payload)))[sent:]
-        self._out.append(_Chunk(rest, (), False, not sent))
+        # Queue what is left without copying the payload (it may be large).
+        head = len(raw_header)
+        if sent < head:
+            self._out.append(_Chunk(raw_header[sent:], (), False, not sent))
+            if payload:
+                self._out.append(_Chunk(payload, (), False, False))
+        else:
+            self._out.append(_Chunk(memoryview(payload)[sent - head :], (), False, False))
         self._queued_bytes += total - sent
         self._writer_lot.unpark()
 
