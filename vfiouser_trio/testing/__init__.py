@@ -6,6 +6,7 @@ fixtures live in :mod:`vfiouser_trio.testing.fixtures` (registered by the plugin
 :mod:`vfiouser_trio.testing.plugin`); importing this package does not import pytest.
 """
 
+from ..server.device_errors import DeviceCodeError
 from .conformance import assert_conforms, served
 from .faults import (
     Corrupt,
@@ -24,6 +25,7 @@ from .tracer import ErrorReply, Tracer, TraceRecord
 __all__ = [
     "Corrupt",
     "Delay",
+    "DeviceCodeError",
     "Direction",
     "Disconnect",
     "Drop",
