@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
@@ -197,6 +197,37 @@ class Probe:
                 expected=want,
             )
         return code
+
+    async def call_ok(
+        self, wire: Wire, command: int, payload: bytes = b"", *, what: str, fds: Sequence[int] = ()
+    ) -> Frame:
+        """Send ``command`` on ``wire`` and expect a success reply (:meth:`expect_reply`)."""
+        header, reply = await wire.call(command, payload, fds=fds)
+        return self.expect_reply(header, reply, what=what, payload=payload)
+
+    async def call_refused(
+        self,
+        wire: Wire,
+        command: int,
+        payload: bytes = b"",
+        *,
+        what: str,
+        fds: Sequence[int] = (),
+        errnos: frozenset[int] | None = None,
+        errno_required: bool = False,
+        may_close: bool = True,
+    ) -> int | None:
+        """Send ``command`` on ``wire`` and expect it refused (:meth:`expect_refused`)."""
+        header, reply = await wire.call(command, payload, fds=fds)
+        return self.expect_refused(
+            header,
+            reply,
+            what=what,
+            payload=payload,
+            errnos=errnos,
+            errno_required=errno_required,
+            may_close=may_close,
+        )
 
     async def still_serves(self, what: str) -> None:
         """A fresh client must be served: VERSION, then DEVICE_GET_INFO answered."""

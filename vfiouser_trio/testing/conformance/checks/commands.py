@@ -40,8 +40,7 @@ EINVAL = frozenset({errno.EINVAL})
 async def device_info(probe: Probe) -> str:
     wire = await probe.connect()
     payload = _INFO.pack(_INFO.size, 0, 0, 0)
-    header, reply = await wire.call(Command.DEVICE_GET_INFO, payload)
-    frame = probe.expect_reply(header, reply, what="DEVICE_GET_INFO", payload=payload)
+    frame = await probe.call_ok(wire, Command.DEVICE_GET_INFO, payload, what="DEVICE_GET_INFO")
     if len(frame.payload) < _INFO.size:
         probe.fail(
             "the reply is shorter than the structure",
@@ -87,9 +86,11 @@ async def device_info(probe: Probe) -> str:
 async def device_info_argsz(probe: Probe) -> None:
     wire = await probe.connect()
     payload = _INFO.pack(256, 0, 0, 0) + bytes(240)
-    header, reply = await wire.call(Command.DEVICE_GET_INFO, payload)
-    frame = probe.expect_reply(
-        header, reply, what="DEVICE_GET_INFO with argsz 256 and trailing bytes", payload=payload
+    frame = await probe.call_ok(
+        wire,
+        Command.DEVICE_GET_INFO,
+        payload,
+        what="DEVICE_GET_INFO with argsz 256 and trailing bytes",
     )
     if len(frame.payload) != _INFO.size or _INFO.unpack_from(frame.payload)[0] != _INFO.size:
         probe.warn(
@@ -114,12 +115,11 @@ async def device_info_small(probe: Probe) -> None:
         (_INFO.pack(8, 0, 0, 0), "argsz 8"),
         (b"\x10\0\0\0", "a 4-byte payload"),
     ):
-        header, reply = await wire.call(Command.DEVICE_GET_INFO, payload)
-        probe.expect_refused(
-            header,
-            reply,
+        await probe.call_refused(
+            wire,
+            Command.DEVICE_GET_INFO,
+            payload,
             what=f"DEVICE_GET_INFO with {what}",
-            payload=payload,
             errnos=EINVAL,
             may_close=False,
         )
@@ -167,9 +167,8 @@ async def region_info(probe: Probe) -> str:
         if argsz > REGION_INFO_SIZE:
             # The capabilities: ask again with room for them, and read the chain.
             payload = _REGION.pack(argsz, 0, index, 0, 0, 0)
-            header, reply = await wire.call(Command.DEVICE_GET_REGION_INFO, payload)
-            frame = probe.expect_reply(
-                header, reply, what=f"{what} with argsz {argsz}", payload=payload
+            frame = await probe.call_ok(
+                wire, Command.DEVICE_GET_REGION_INFO, payload, what=f"{what} with argsz {argsz}"
             )
             fds = frame.take_fds()
             try:
@@ -219,12 +218,11 @@ async def region_info_bad(probe: Probe) -> None:
         (_REGION.pack(16, 0, PciRegion.CONFIG, 0, 0, 0), "argsz 16"),
     )
     for payload, what in cases:
-        header, reply = await wire.call(Command.DEVICE_GET_REGION_INFO, payload)
-        probe.expect_refused(
-            header,
-            reply,
+        await probe.call_refused(
+            wire,
+            Command.DEVICE_GET_REGION_INFO,
+            payload,
             what=f"GET_REGION_INFO with {what}",
-            payload=payload,
             errnos=EINVAL,
             may_close=False,
         )
@@ -241,9 +239,11 @@ async def region_info_bad(probe: Probe) -> None:
 async def region_info_argsz(probe: Probe) -> None:
     wire = await probe.connect()
     payload = _REGION.pack(4096, 0, PciRegion.CONFIG, 0, 0, 0) + bytes(64)
-    header, reply = await wire.call(Command.DEVICE_GET_REGION_INFO, payload)
-    frame = probe.expect_reply(
-        header, reply, what="GET_REGION_INFO with argsz 4096 and trailing bytes", payload=payload
+    frame = await probe.call_ok(
+        wire,
+        Command.DEVICE_GET_REGION_INFO,
+        payload,
+        what="GET_REGION_INFO with argsz 4096 and trailing bytes",
     )
     close_fds(frame.take_fds())
     if len(frame.payload) < REGION_INFO_SIZE or _REGION.unpack_from(frame.payload)[0] != len(
@@ -269,8 +269,9 @@ async def irq_info(probe: Probe) -> str:
     seen = []
     for index in range(survey.info.num_irqs):
         payload = _INFO.pack(_INFO.size, 0, index, 0)
-        header, reply = await wire.call(Command.DEVICE_GET_IRQ_INFO, payload)
-        frame = probe.expect_reply(header, reply, what=f"GET_IRQ_INFO {index}", payload=payload)
+        frame = await probe.call_ok(
+            wire, Command.DEVICE_GET_IRQ_INFO, payload, what=f"GET_IRQ_INFO {index}"
+        )
         if len(frame.payload) < _INFO.size:
             probe.fail(
                 f"GET_IRQ_INFO {index}: the reply is shorter than 16 bytes",
@@ -302,12 +303,11 @@ async def irq_info_bad(probe: Probe) -> None:
     survey = await probe.survey()
     wire = await probe.connect()
     payload = _INFO.pack(_INFO.size, 0, survey.info.num_irqs, 0)
-    header, reply = await wire.call(Command.DEVICE_GET_IRQ_INFO, payload)
-    probe.expect_refused(
-        header,
-        reply,
+    await probe.call_refused(
+        wire,
+        Command.DEVICE_GET_IRQ_INFO,
+        payload,
         what=f"GET_IRQ_INFO {survey.info.num_irqs}",
-        payload=payload,
         errnos=EINVAL,
         may_close=False,
     )
@@ -377,9 +377,8 @@ async def io_fds(probe: Probe) -> str:
                 expected=f"argsz >= {16 + 40 * count}",
             )
         payload = _IO_FDS.pack(argsz, 0, index, 0)
-        header, reply = await wire.call(Command.DEVICE_GET_REGION_IO_FDS, payload)
-        frame = probe.expect_reply(
-            header, reply, what=f"{what} with argsz {argsz}", payload=payload
+        frame = await probe.call_ok(
+            wire, Command.DEVICE_GET_REGION_IO_FDS, payload, what=f"{what} with argsz {argsz}"
         )
         fds = frame.take_fds()
         close_fds(fds)

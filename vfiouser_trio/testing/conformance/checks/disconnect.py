@@ -68,16 +68,16 @@ async def irq_fds_dropped(probe: Probe) -> None:
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
         payload = _set(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, index, 0, 1)
-        header, reply = await wire.call(Command.DEVICE_SET_IRQS, payload, fds=(fd,))
-        probe.expect_reply(header, reply, what="SET_IRQS eventfd", payload=payload)
+        await probe.call_ok(
+            wire, Command.DEVICE_SET_IRQS, payload, what="SET_IRQS eventfd", fds=(fd,)
+        )
         wire = await probe.connect()  # the first client leaves; its eventfd stays open here
         await wire.call(
             Command.DEVICE_SET_IRQS, _set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, index, 0, 1)
         )
         trigger = _set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, index, 0, 1)
-        header, reply = await wire.call(Command.DEVICE_SET_IRQS, trigger)
-        probe.expect_reply(
-            header, reply, what="the next client's SET_IRQS trigger", payload=trigger
+        await probe.call_ok(
+            wire, Command.DEVICE_SET_IRQS, trigger, what="the next client's SET_IRQS trigger"
         )
         info = DeviceGetInfoRequest().pack()
         await wire.call(Command.DEVICE_GET_INFO, info)  # one more round trip, for a late signal

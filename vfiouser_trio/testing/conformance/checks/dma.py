@@ -20,14 +20,12 @@ PAGE = 4096
 
 async def _map(probe: Probe, wire: Wire, address: int, size: int, what: str) -> None:
     request = DmaMapRequest(address, size)
-    header, reply = await wire.call(Command.DMA_MAP, request.pack())
-    probe.expect_reply(header, reply, what=what, payload=request.pack())
+    await probe.call_ok(wire, Command.DMA_MAP, request.pack(), what=what)
 
 
 async def _unmap(probe: Probe, wire: Wire, address: int, size: int, what: str) -> None:
     request = DmaUnmapRequest(address, size)
-    header, reply = await wire.call(Command.DMA_UNMAP, request.pack())
-    frame = probe.expect_reply(header, reply, what=what, payload=request.pack())
+    frame = await probe.call_ok(wire, Command.DMA_UNMAP, request.pack(), what=what)
     if len(frame.payload) < 24:
         probe.warn(
             f"{what}: the reply does not carry the DMA entry back",
@@ -105,9 +103,8 @@ async def overlap(probe: Probe) -> None:
 async def unmap_unknown(probe: Probe) -> None:
     wire = await probe.connect()
     request = DmaUnmapRequest(probe.expectations.dma_base + 8 * PAGE, PAGE)
-    header, reply = await wire.call(Command.DMA_UNMAP, request.pack())
-    probe.expect_refused(
-        header, reply, what="DMA_UNMAP of nothing", payload=request.pack(), may_close=False
+    await probe.call_refused(
+        wire, Command.DMA_UNMAP, request.pack(), what="DMA_UNMAP of nothing", may_close=False
     )
 
 
@@ -125,8 +122,7 @@ async def unmap_all(probe: Probe) -> None:
     await _map(probe, wire, base, PAGE, "DMA_MAP")
     await _map(probe, wire, base + 2 * PAGE, PAGE, "a second DMA_MAP")
     request = DmaUnmapRequest(0, 0, DMA_UNMAP_FLAG_ALL)
-    header, reply = await wire.call(Command.DMA_UNMAP, request.pack())
-    probe.expect_reply(header, reply, what="DMA_UNMAP with FLAG_ALL", payload=request.pack())
+    await probe.call_ok(wire, Command.DMA_UNMAP, request.pack(), what="DMA_UNMAP with FLAG_ALL")
     # Both windows are gone: mapping them differently now works.
     await _map(probe, wire, base, 3 * PAGE, "DMA_MAP over the unmapped windows")
     await _unmap(probe, wire, base, 3 * PAGE, "DMA_UNMAP")
@@ -152,8 +148,7 @@ async def unmap_partial(probe: Probe) -> None:
             ),
             ("DMA_MAP of size 0", Command.DMA_MAP, DmaMapRequest(base + 8 * PAGE, 0).pack()),
         ):
-            header, reply = await wire.call(command, payload)
-            probe.expect_refused(header, reply, what=what, payload=payload, may_close=False)
+            await probe.call_refused(wire, command, payload, what=what, may_close=False)
     finally:
         await _unmap(probe, wire, base, 4 * PAGE, "DMA_UNMAP of the whole map")
 

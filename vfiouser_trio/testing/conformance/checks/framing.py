@@ -91,9 +91,8 @@ async def pipelined(probe: Probe) -> None:
     mapping = DmaMapRequest(base, 4096)
     unmap = DmaUnmapRequest(base, 4096)
     await wire.send(mapping.COMMAND, mapping.pack(), no_reply=True)
-    header, reply = await wire.call(unmap.COMMAND, unmap.pack())
-    probe.expect_reply(
-        header, reply, what="DMA_UNMAP right after a No_reply DMA_MAP", payload=unmap.pack()
+    await probe.call_ok(
+        wire, unmap.COMMAND, unmap.pack(), what="DMA_UNMAP right after a No_reply DMA_MAP"
     )
 
 
@@ -152,8 +151,9 @@ async def unknown_command(probe: Probe) -> None:
     for command in (0, 14, 0x7FFF):
         header, reply = await wire.call(command, b"\0" * 16)
         probe.expect_refused(header, reply, what=f"command {command}", may_close=False)
-    header, reply = await wire.call(Command.DEVICE_GET_INFO, _INFO)
-    probe.expect_reply(header, reply, what="DEVICE_GET_INFO after unknown commands", payload=_INFO)
+    await probe.call_ok(
+        wire, Command.DEVICE_GET_INFO, _INFO, what="DEVICE_GET_INFO after unknown commands"
+    )
 
 
 @check(
@@ -169,8 +169,7 @@ async def wrong_direction(probe: Probe) -> None:
         payload = (probe.expectations.dma_base).to_bytes(8, "little") + (8).to_bytes(8, "little")
         if command is Command.DMA_WRITE:
             payload += bytes(8)
-        header, reply = await wire.call(command, payload)
-        probe.expect_refused(header, reply, what=command.name, payload=payload, may_close=False)
+        await probe.call_refused(wire, command, payload, what=command.name, may_close=False)
 
 
 @check(

@@ -51,8 +51,7 @@ async def _eventfd_irq(probe: Probe) -> tuple[int, IrqInfoReply]:
 async def _call_ok(
     probe: Probe, wire: Wire, payload: bytes, what: str, fds: tuple[int, ...] = ()
 ) -> None:
-    header, reply = await wire.call(Command.DEVICE_SET_IRQS, payload, fds=fds)
-    frame = probe.expect_reply(header, reply, what=what, payload=payload)
+    frame = await probe.call_ok(wire, Command.DEVICE_SET_IRQS, payload, what=what, fds=fds)
     if frame.payload:
         probe.warn(
             f"{what}: the reply carries a payload",

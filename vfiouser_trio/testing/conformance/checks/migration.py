@@ -70,8 +70,7 @@ async def _migratable(probe: Probe) -> tuple[Wire, int]:
 
 async def get_state(probe: Probe, wire: Wire) -> int:
     payload = _feature(DEVICE_FEATURE_GET | Feature.MIG_DEVICE_STATE, argsz=16)
-    header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
-    frame = probe.expect_reply(header, reply, what="GET MIG_DEVICE_STATE", payload=payload)
+    frame = await probe.call_ok(wire, Command.DEVICE_FEATURE, payload, what="GET MIG_DEVICE_STATE")
     if len(frame.payload) != 16:
         probe.warn(
             "the GET MIG_DEVICE_STATE reply is not 16 bytes",
@@ -174,9 +173,8 @@ async def basics(probe: Probe) -> str:
         )
     for feature in (Feature.MIGRATION, Feature.MIG_DEVICE_STATE):
         payload = _feature(DEVICE_FEATURE_PROBE | DEVICE_FEATURE_GET | feature)
-        header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
-        probe.expect_reply(
-            header, reply, what=f"DEVICE_FEATURE PROBE|GET {feature.name}", payload=payload
+        await probe.call_ok(
+            wire, Command.DEVICE_FEATURE, payload, what=f"DEVICE_FEATURE PROBE|GET {feature.name}"
         )
     state = await get_state(probe, wire)
     if state != RUNNING:
@@ -261,14 +259,12 @@ async def illegal(probe: Probe) -> None:
 async def mig_data_rules(probe: Probe) -> None:
     wire, _flags = await _migratable(probe)
     read = _MIG_DATA.pack(_MIG_DATA.size, 64)
-    header, reply = await wire.call(Command.MIG_DATA_READ, read)
-    probe.expect_refused(
-        header, reply, what="MIG_DATA_READ while RUNNING", payload=read, may_close=False
+    await probe.call_refused(
+        wire, Command.MIG_DATA_READ, read, what="MIG_DATA_READ while RUNNING", may_close=False
     )
     write = _MIG_DATA.pack(_MIG_DATA.size + 8, 8) + bytes(8)
-    header, reply = await wire.call(Command.MIG_DATA_WRITE, write)
-    probe.expect_refused(
-        header, reply, what="MIG_DATA_WRITE while RUNNING", payload=write, may_close=False
+    await probe.call_refused(
+        wire, Command.MIG_DATA_WRITE, write, what="MIG_DATA_WRITE while RUNNING", may_close=False
     )
 
 
@@ -293,12 +289,11 @@ async def feature_rules(probe: Probe) -> None:
         ),
         ("GET of feature 0x7777", _feature(DEVICE_FEATURE_GET | 0x7777, argsz=64)),
     ):
-        header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
-        probe.expect_refused(
-            header,
-            reply,
+        await probe.call_refused(
+            wire,
+            Command.DEVICE_FEATURE,
+            payload,
             what=f"DEVICE_FEATURE {what}",
-            payload=payload,
             errnos=codes,
             may_close=False,
         )
@@ -317,23 +312,22 @@ async def dirty_logging(probe: Probe) -> str:
     page, pages = 4096, 8
     base = probe.expectations.dma_base
     start = _feature(DEVICE_FEATURE_PROBE | DEVICE_FEATURE_SET | Feature.DMA_LOGGING_START)
-    header, reply = await wire.call(Command.DEVICE_FEATURE, start)
+    _header, reply = await wire.call(Command.DEVICE_FEATURE, start)
     if reply is None or reply.header.is_error:
         probe.skip("the device does not offer DMA logging")
     mapping = _DMA_MAP.pack(_DMA_MAP.size, 3, 0, base, pages * page)
-    header, reply = await wire.call(Command.DMA_MAP, mapping)
-    probe.expect_reply(header, reply, what="DMA_MAP", payload=mapping)
+    await probe.call_ok(wire, Command.DMA_MAP, mapping, what="DMA_MAP")
     control = _LOG_CONTROL.pack(page, 1, 0) + _LOG_RANGE.pack(base, pages * page)
     payload = _feature(DEVICE_FEATURE_SET | Feature.DMA_LOGGING_START, control)
-    header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
-    probe.expect_reply(header, reply, what="SET DMA_LOGGING_START", payload=payload)
+    await probe.call_ok(wire, Command.DEVICE_FEATURE, payload, what="SET DMA_LOGGING_START")
     try:
         # A report of 7 pages: one u64 word, whose bits past the 7th must be zero.
         report = _LOG_REPORT.pack(base, 7 * page, page)
         argsz = _FEATURE.size + _LOG_REPORT.size + 8
         payload = _feature(DEVICE_FEATURE_GET | Feature.DMA_LOGGING_REPORT, report, argsz=argsz)
-        header, reply = await wire.call(Command.DEVICE_FEATURE, payload)
-        frame = probe.expect_reply(header, reply, what="GET DMA_LOGGING_REPORT", payload=payload)
+        frame = await probe.call_ok(
+            wire, Command.DEVICE_FEATURE, payload, what="GET DMA_LOGGING_REPORT"
+        )
         if len(frame.payload) != argsz or frame.payload[8:32] != report:
             probe.fail(
                 "the report is not the request's fields and one u64 of bitmap",
@@ -353,8 +347,7 @@ async def dirty_logging(probe: Probe) -> str:
             stop = _feature(
                 DEVICE_FEATURE_SET | Feature.DMA_LOGGING_STOP, _LOG_CONTROL.pack(page, 0, 0)
             )
-            header, reply = await wire.call(Command.DEVICE_FEATURE, stop)
-            probe.expect_reply(header, reply, what="SET DMA_LOGGING_STOP", payload=stop)
+            await probe.call_ok(wire, Command.DEVICE_FEATURE, stop, what="SET DMA_LOGGING_STOP")
     return "started, reported and stopped"
 
 
@@ -369,9 +362,8 @@ async def _read_stream(probe: Probe, wire: Wire) -> bytes:
     padded: list[int] = []
     while len(stream) < MIG_STREAM_MAX:
         payload = _MIG_DATA.pack(_MIG_DATA.size + MIG_CHUNK, MIG_CHUNK)
-        header, reply = await wire.call(Command.MIG_DATA_READ, payload)
-        frame = probe.expect_reply(
-            header, reply, what="MIG_DATA_READ in STOP_COPY", payload=payload
+        frame = await probe.call_ok(
+            wire, Command.MIG_DATA_READ, payload, what="MIG_DATA_READ in STOP_COPY"
         )
         if len(frame.payload) < _MIG_DATA.size:
             probe.fail("the MIG_DATA_READ reply is shorter than 8 bytes", received=describe(frame))
@@ -434,8 +426,9 @@ async def stream_resume(probe: Probe) -> str:
         for start in range(0, len(stream), MIG_CHUNK):
             chunk = stream[start : start + MIG_CHUNK]
             payload = _MIG_DATA.pack(_MIG_DATA.size + len(chunk), len(chunk)) + chunk
-            header, reply = await wire.call(Command.MIG_DATA_WRITE, payload)
-            probe.expect_reply(header, reply, what="MIG_DATA_WRITE in RESUMING", payload=payload)
+            await probe.call_ok(
+                wire, Command.MIG_DATA_WRITE, payload, what="MIG_DATA_WRITE in RESUMING"
+            )
         if not await set_state(probe, wire, STOP):
             probe.fail(
                 "RESUMING -> STOP refused the device's own saved state",

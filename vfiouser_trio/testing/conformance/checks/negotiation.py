@@ -26,8 +26,7 @@ async def _version_reply(probe: Probe, payload: bytes, what: str) -> VersionRepl
     """Send VERSION ``payload`` on a fresh connection; it must be accepted with a reply
     whose major is ours, minor not above the proposal, capabilities a subset."""
     wire = await probe.connect(negotiate=False)
-    header, reply = await wire.call(Command.VERSION, payload)
-    frame = probe.expect_reply(header, reply, what=what, payload=payload)
+    frame = await probe.call_ok(wire, Command.VERSION, payload, what=what)
     fds = frame.take_fds()
     try:
         parsed = VersionReply.unpack(frame.payload, fds)
@@ -192,12 +191,11 @@ async def malformed(probe: Probe) -> None:
     for name, data in _MALFORMED.items():
         payload = _version(0, VERSION_MINOR, data)
         wire = await probe.connect(negotiate=False)
-        header, reply = await wire.call(Command.VERSION, payload)
-        probe.expect_refused(
-            header,
-            reply,
+        await probe.call_refused(
+            wire,
+            Command.VERSION,
+            payload,
             what=f"VERSION with {name}",
-            payload=payload,
             errnos=frozenset({errno.EINVAL}),
         )
     await probe.still_serves("malformed VERSION data")
@@ -207,9 +205,8 @@ async def malformed(probe: Probe) -> None:
 async def not_first(probe: Probe) -> None:
     wire = await probe.connect(negotiate=False)
     request = DeviceGetInfoRequest()
-    header, reply = await wire.call(request.COMMAND, request.pack())
-    probe.expect_refused(
-        header, reply, what="DEVICE_GET_INFO before VERSION", payload=request.pack()
+    await probe.call_refused(
+        wire, request.COMMAND, request.pack(), what="DEVICE_GET_INFO before VERSION"
     )
 
 

@@ -41,8 +41,7 @@ async def read_echo(probe: Probe) -> str:
     _config_size(probe, survey)
     wire = await probe.connect()
     payload = _ACCESS.pack(0, CONFIG, 4)
-    header, reply = await wire.call(Command.REGION_READ, payload)
-    frame = probe.expect_reply(header, reply, what="REGION_READ config 0+4", payload=payload)
+    frame = await probe.call_ok(wire, Command.REGION_READ, payload, what="REGION_READ config 0+4")
     if len(frame.payload) != _ACCESS.size + 4 or _ACCESS.unpack_from(frame.payload) != (
         0,
         CONFIG,
@@ -78,12 +77,11 @@ async def read_bounds(probe: Probe) -> None:
     )
     for offset, region, count, what in cases:
         payload = _ACCESS.pack(offset, region, count)
-        header, reply = await wire.call(Command.REGION_READ, payload)
-        probe.expect_refused(
-            header,
-            reply,
+        await probe.call_refused(
+            wire,
+            Command.REGION_READ,
+            payload,
             what=f"REGION_READ {what}",
-            payload=payload,
             errnos=EINVAL,
             may_close=False,
         )
@@ -121,9 +119,8 @@ async def read_zero(probe: Probe) -> str:
             )
         outcome = "answered empty"
     check_payload = _ACCESS.pack(0, CONFIG, 2)
-    header, reply = await wire.call(Command.REGION_READ, check_payload)
-    probe.expect_reply(
-        header, reply, what="REGION_READ after a zero-length one", payload=check_payload
+    await probe.call_ok(
+        wire, Command.REGION_READ, check_payload, what="REGION_READ after a zero-length one"
     )
     return outcome
 
@@ -141,12 +138,11 @@ async def read_too_big(probe: Probe) -> None:
     _config_size(probe, survey)
     wire = await probe.connect()
     payload = _ACCESS.pack(0, CONFIG, survey.capabilities.max_data_xfer_size + 4096)
-    header, reply = await wire.call(Command.REGION_READ, payload)
-    probe.expect_refused(
-        header,
-        reply,
+    await probe.call_refused(
+        wire,
+        Command.REGION_READ,
+        payload,
         what="REGION_READ above max_data_xfer_size",
-        payload=payload,
         errnos=EINVAL,
         may_close=False,
     )
@@ -169,12 +165,11 @@ async def write_size(probe: Probe) -> None:
         (_ACCESS.pack(INTERRUPT_LINE, CONFIG, 2) + line, "1 data byte for count 2"),
         (_ACCESS.pack(INTERRUPT_LINE, CONFIG, 1) + line * 2, "2 data bytes for count 1"),
     ):
-        header, reply = await wire.call(Command.REGION_WRITE, payload)
-        probe.expect_refused(
-            header,
-            reply,
+        await probe.call_refused(
+            wire,
+            Command.REGION_WRITE,
+            payload,
             what=f"REGION_WRITE with {what}",
-            payload=payload,
             errnos=EINVAL,
             may_close=False,
         )
@@ -187,8 +182,7 @@ async def _access(probe: Probe, wire: Wire, offset: int, data: bytes | None) -> 
         frame = probe.expect_reply(header, reply, what=f"config read at {offset:#x}")
         return frame.payload[_ACCESS.size : _ACCESS.size + 1]
     payload = _ACCESS.pack(offset, CONFIG, len(data)) + data
-    header, reply = await wire.call(Command.REGION_WRITE, payload)
-    probe.expect_reply(header, reply, what=f"config write at {offset:#x}", payload=payload)
+    await probe.call_ok(wire, Command.REGION_WRITE, payload, what=f"config write at {offset:#x}")
     return data
 
 
@@ -212,9 +206,8 @@ async def write_echo(probe: Probe) -> None:
     wire = await probe.connect()
     line = await _interrupt_line(probe, wire)
     payload = _ACCESS.pack(INTERRUPT_LINE, CONFIG, 1) + line
-    header, reply = await wire.call(Command.REGION_WRITE, payload)
-    frame = probe.expect_reply(
-        header, reply, what="REGION_WRITE of the Interrupt Line", payload=payload
+    frame = await probe.call_ok(
+        wire, Command.REGION_WRITE, payload, what="REGION_WRITE of the Interrupt Line"
     )
     if len(frame.payload) < _ACCESS.size or _ACCESS.unpack_from(frame.payload) != (
         INTERRUPT_LINE,
@@ -253,20 +246,20 @@ async def write_multi(probe: Probe) -> str:
     line = await _interrupt_line(probe, wire)
     entry = _WR_ONE.pack(INTERRUPT_LINE, CONFIG, 1, line.ljust(8, b"\0"))
     payload = struct.pack("=Q", 2) + entry * 2
-    header, reply = await wire.call(Command.REGION_WRITE_MULTI, payload)
-    probe.expect_refused(
-        header,
-        reply,
+    await probe.call_refused(
+        wire,
+        Command.REGION_WRITE_MULTI,
+        payload,
         what="REGION_WRITE_MULTI without write_multiple",
-        payload=payload,
         may_close=False,
     )
     wire = await probe.connect(capabilities=Capabilities(max_msg_fds=16, write_multiple=True))
     assert wire.negotiated is not None
     if not wire.negotiated.write_multiple:
         return "write_multiple not offered"
-    header, reply = await wire.call(Command.REGION_WRITE_MULTI, payload)
-    frame = probe.expect_reply(header, reply, what="REGION_WRITE_MULTI", payload=payload)
+    frame = await probe.call_ok(
+        wire, Command.REGION_WRITE_MULTI, payload, what="REGION_WRITE_MULTI"
+    )
     if len(frame.payload) < 8 or struct.unpack_from("=Q", frame.payload)[0] != 2:
         probe.fail(
             "the REGION_WRITE_MULTI reply does not count 2 writes",
