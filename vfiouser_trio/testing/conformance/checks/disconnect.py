@@ -8,7 +8,6 @@ import os
 from ....protocol.constants import (
     IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_UNMASK,
-    IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
     Command,
     PciRegion,
@@ -16,7 +15,7 @@ from ....protocol.constants import (
 from ....protocol.device_info import DeviceGetInfoRequest
 from ..context import Probe
 from ..model import Level, check
-from .irqs import _eventfd_irq, _set
+from .irqs import _assigned_eventfd, _set
 from .region_io import INTERRUPT_LINE, _access, _config_size
 
 G = "disconnect"
@@ -63,14 +62,7 @@ async def state_kept(probe: Probe) -> None:
     "next client does not signal them",
 )
 async def irq_fds_dropped(probe: Probe) -> None:
-    index, _info = await _eventfd_irq(probe)
-    wire = await probe.connect()
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        payload = _set(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, index, 0, 1)
-        await probe.call_ok(
-            wire, Command.DEVICE_SET_IRQS, payload, what="SET_IRQS eventfd", fds=(fd,)
-        )
+    async with _assigned_eventfd(probe, empty_reply=False) as (index, _first, fd):
         wire = await probe.connect()  # the first client leaves; its eventfd stays open here
         await wire.call(
             Command.DEVICE_SET_IRQS, _set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, index, 0, 1)
@@ -89,5 +81,3 @@ async def irq_fds_dropped(probe: Probe) -> None:
             "the departed client's eventfd was signalled by the next client's trigger",
             expected="the eventfd released when its client left",
         )
-    finally:
-        os.close(fd)

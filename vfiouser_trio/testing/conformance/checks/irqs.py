@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -60,6 +61,29 @@ async def _call_ok(
         )
 
 
+@contextlib.asynccontextmanager
+async def _assigned_eventfd(
+    probe: Probe, *, empty_reply: bool = True
+) -> AsyncIterator[tuple[int, Wire, int]]:
+    """(index, connection, eventfd): a new connection with an eventfd assigned to vector 0 of
+    the first index that takes eventfds (else SKIP). The eventfd is closed on leaving; with
+    ``empty_reply``, a reply with a payload is a WARN."""
+    index, _info = await _eventfd_irq(probe)
+    wire = await probe.connect()
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        payload = _set(TRIGGER_EVENTFD, index, 0, 1)
+        if empty_reply:
+            await _call_ok(probe, wire, payload, "SET_IRQS eventfd", (fd,))
+        else:
+            await probe.call_ok(
+                wire, Command.DEVICE_SET_IRQS, payload, what="SET_IRQS eventfd", fds=(fd,)
+            )
+        yield index, wire, fd
+    finally:
+        os.close(fd)
+
+
 async def _signalled(fd: int) -> bool:
     """Whether the eventfd ``fd`` is (or becomes, within SIGNAL_WAIT) readable; reads it."""
     with trio.move_on_after(SIGNAL_WAIT):
@@ -81,19 +105,13 @@ async def _signalled(fd: int) -> bool:
     "with an empty reply, and takes it away again with count 0 (disable all)",
 )
 async def assign(probe: Probe) -> str:
-    index, _info = await _eventfd_irq(probe)
-    wire = await probe.connect()
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        await _call_ok(probe, wire, _set(TRIGGER_EVENTFD, index, 0, 1), "SET_IRQS eventfd", (fd,))
+    async with _assigned_eventfd(probe) as (index, wire, _fd):
         await _call_ok(
             probe,
             wire,
             _set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, index, 0, 0),
             "SET_IRQS count 0 (disable all)",
         )
-    finally:
-        os.close(fd)
     return f"index {index}"
 
 
@@ -106,11 +124,7 @@ async def assign(probe: Probe) -> str:
     "(DATA_NONE|ACTION_TRIGGER, and DATA_BOOL true)",
 )
 async def client_trigger(probe: Probe) -> None:
-    index, _info = await _eventfd_irq(probe)
-    wire = await probe.connect()
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        await _call_ok(probe, wire, _set(TRIGGER_EVENTFD, index, 0, 1), "SET_IRQS eventfd", (fd,))
+    async with _assigned_eventfd(probe) as (index, wire, fd):
         # Unmasked first: a maskable vector may start masked (INTx after a previous client).
         unmask = _set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, index, 0, 1)
         await wire.call(Command.DEVICE_SET_IRQS, unmask)  # an unmaskable index may refuse
@@ -137,8 +151,6 @@ async def client_trigger(probe: Probe) -> None:
             _set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, index, 0, 0),
             "SET_IRQS count 0 (disable all)",
         )
-    finally:
-        os.close(fd)
 
 
 @check(
@@ -202,11 +214,7 @@ async def rules(probe: Probe) -> None:
 
 @check("irq-04", G, Level.SHOULD, S, "takes DATA_EVENTFD without fds as de-assigning the vectors")
 async def deassign(probe: Probe) -> None:
-    index, _info = await _eventfd_irq(probe)
-    wire = await probe.connect()
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        await _call_ok(probe, wire, _set(TRIGGER_EVENTFD, index, 0, 1), "SET_IRQS eventfd", (fd,))
+    async with _assigned_eventfd(probe) as (index, wire, fd):
         await _call_ok(
             probe, wire, _set(TRIGGER_EVENTFD, index, 0, 1), "SET_IRQS DATA_EVENTFD without fds"
         )
@@ -225,5 +233,3 @@ async def deassign(probe: Probe) -> None:
             "the eventfd was signalled after it was de-assigned",
             expected="no signal on a de-assigned eventfd",
         )
-    finally:
-        os.close(fd)
