@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
@@ -272,29 +272,32 @@ class Probe:
         header, frame = await wire.call(info_request.COMMAND, info_request.pack())
         frame = self.expect_reply(header, frame, what="DEVICE_GET_INFO")
         info = _decode(self, DeviceGetInfoReply, frame, "DEVICE_GET_INFO")
-        regions: list[RegionInfoReply | None] = []
-        for index in range(min(info.num_regions, 64)):
-            request = RegionInfoRequest(index)
-            header, frame = await wire.call(request.COMMAND, request.pack())
-            if frame is None:
-                self.fail("DEVICE_GET_REGION_INFO: the server hung up")
-            if frame.header.is_error:
-                regions.append(None)
-                continue
-            regions.append(_decode(self, RegionInfoReply, frame, "DEVICE_GET_REGION_INFO"))
-        irqs: list[IrqInfoReply | None] = []
-        for index in range(min(info.num_irqs, 64)):
-            irq_request = IrqInfoRequest(index)
-            header, frame = await wire.call(irq_request.COMMAND, irq_request.pack())
-            if frame is None:
-                self.fail("DEVICE_GET_IRQ_INFO: the server hung up")
-            irqs.append(
-                None
-                if frame.header.is_error
-                else _decode(self, IrqInfoReply, frame, "DEVICE_GET_IRQ_INFO")
-            )
+        regions = await self._infos(
+            wire, info.num_regions, RegionInfoRequest, RegionInfoReply, "DEVICE_GET_REGION_INFO"
+        )
+        irqs = await self._infos(
+            wire, info.num_irqs, IrqInfoRequest, IrqInfoReply, "DEVICE_GET_IRQ_INFO"
+        )
         self.close()
         return Survey(wire.negotiated.peer, info, tuple(regions), tuple(irqs))
+
+    async def _infos(
+        self,
+        wire: Wire,
+        count: int,
+        request: Callable[[int], RegionInfoRequest | IrqInfoRequest],
+        cls: type[_M],
+        what: str,
+    ) -> list[_M | None]:
+        """The info replies for indexes 0..count-1 (at most 64): None where refused."""
+        infos: list[_M | None] = []
+        for index in range(min(count, 64)):
+            sent = request(index)
+            _header, frame = await wire.call(sent.COMMAND, sent.pack())
+            if frame is None:
+                self.fail(f"{what}: the server hung up")
+            infos.append(None if frame.header.is_error else _decode(self, cls, frame, what))
+        return infos
 
 
 _M = TypeVar("_M", DeviceGetInfoReply, RegionInfoReply, IrqInfoReply)

@@ -16,7 +16,7 @@ from ....protocol.device_info import DeviceGetInfoRequest
 from ..context import Probe
 from ..model import Level, check
 from .irqs import _assigned_eventfd, _set
-from .region_io import INTERRUPT_LINE, _access, _config_size
+from .region_io import INTERRUPT_LINE, _access, _config_wire
 
 G = "disconnect"
 S = "Client Disconnection"
@@ -32,9 +32,7 @@ CONFIG = PciRegion.CONFIG
     "space register the last client wrote reads back the same), and serves that client",
 )
 async def state_kept(probe: Probe) -> None:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    _survey, _size, wire = await _config_wire(probe)
     original = await _access(probe, wire, INTERRUPT_LINE, None)
     changed = bytes([original[0] ^ 0x5A])
     await _access(probe, wire, INTERRUPT_LINE, changed)

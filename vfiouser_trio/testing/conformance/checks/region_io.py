@@ -29,6 +29,13 @@ def _config_size(probe: Probe, survey: Survey) -> int:
     return region.size
 
 
+async def _config_wire(probe: Probe) -> tuple[Survey, int, Wire]:
+    """The survey, the config space's size (SKIP without one), and a new connection."""
+    survey = await probe.survey()
+    size = _config_size(probe, survey)
+    return survey, size, await probe.connect()
+
+
 @check(
     "rio-01",
     G,
@@ -37,9 +44,7 @@ def _config_size(probe: Probe, survey: Survey) -> int:
     "answers REGION_READ with offset, region and count echoed and exactly count bytes",
 )
 async def read_echo(probe: Probe) -> str:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    _survey, _size, wire = await _config_wire(probe)
     payload = _ACCESS.pack(0, CONFIG, 4)
     frame = await probe.call_ok(wire, Command.REGION_READ, payload, what="REGION_READ config 0+4")
     if len(frame.payload) != _ACCESS.size + 4 or _ACCESS.unpack_from(frame.payload) != (
@@ -66,9 +71,7 @@ async def read_echo(probe: Probe) -> str:
     "the region's end, or name a region that does not exist (EINVAL)",
 )
 async def read_bounds(probe: Probe) -> None:
-    survey = await probe.survey()
-    size = _config_size(probe, survey)
-    wire = await probe.connect()
+    survey, size, wire = await _config_wire(probe)
     cases = (
         (size - 2, CONFIG, 4, "ending past the end"),
         (size, CONFIG, 4, "at the end"),
@@ -96,9 +99,7 @@ async def read_bounds(probe: Probe) -> None:
     "harm: an empty success or an error, and serves the next command",
 )
 async def read_zero(probe: Probe) -> str:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    _survey, _size, wire = await _config_wire(probe)
     payload = _ACCESS.pack(0, CONFIG, 0)
     header, reply = await wire.call(Command.REGION_READ, payload)
     if reply is None:
@@ -134,9 +135,7 @@ async def read_zero(probe: Probe) -> str:
     "is above its max_data_xfer_size (EINVAL), without sending that much",
 )
 async def read_too_big(probe: Probe) -> None:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    survey, _size, wire = await _config_wire(probe)
     payload = _ACCESS.pack(0, CONFIG, survey.capabilities.max_data_xfer_size + 4096)
     await probe.call_refused(
         wire,
@@ -156,9 +155,7 @@ async def read_too_big(probe: Probe) -> None:
     "refuses a REGION_WRITE whose data is shorter or longer than its count (EINVAL)",
 )
 async def write_size(probe: Probe) -> None:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    _survey, _size, wire = await _config_wire(probe)
     line = await _interrupt_line(probe, wire)
     # Were it accepted, either write only puts the register's own value back.
     for payload, what in (
@@ -201,9 +198,7 @@ async def _interrupt_line(probe: Probe, wire: Wire) -> bytes:
     "region and count echoed, and the data written reads back (the Interrupt Line's own value)",
 )
 async def write_echo(probe: Probe) -> None:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    _survey, _size, wire = await _config_wire(probe)
     line = await _interrupt_line(probe, wire)
     payload = _ACCESS.pack(INTERRUPT_LINE, CONFIG, 1) + line
     frame = await probe.call_ok(
@@ -240,9 +235,7 @@ async def write_echo(probe: Probe) -> None:
     "every write and answers their count",
 )
 async def write_multi(probe: Probe) -> str:
-    survey = await probe.survey()
-    _config_size(probe, survey)
-    wire = await probe.connect()
+    _survey, _size, wire = await _config_wire(probe)
     line = await _interrupt_line(probe, wire)
     entry = _WR_ONE.pack(INTERRUPT_LINE, CONFIG, 1, line.ljust(8, b"\0"))
     payload = struct.pack("=Q", 2) + entry * 2
