@@ -26,6 +26,13 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+def run_cli_text(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run to its end (within a minute), its output as text; any exit status."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, env=env(), check=False
+    )
+
+
 def test_demo_prints_the_tour_and_exits_zero() -> None:
     result = subprocess.run(
         [*CLI, "demo"], capture_output=True, text=True, timeout=120, env=env(), check=False
@@ -114,14 +121,7 @@ async def test_serve_then_lspci_decodes_identity_and_capabilities(
 def test_serve_refuses_a_regular_file(tmp_path: Path) -> None:
     path = tmp_path / "file"
     path.write_text("precious")
-    result = subprocess.run(
-        [*CLI, "serve", "null", f"--socket-path={path}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env(),
-        check=False,
-    )
+    result = run_cli_text("serve", "null", f"--socket-path={path}")
     assert result.returncode != 0
     assert "not a socket" in result.stderr
     assert path.read_text() == "precious"
@@ -129,14 +129,7 @@ def test_serve_refuses_a_regular_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where", ["missing-dir/dev.sock", "x" * 120])
 def test_serve_on_an_unusable_path_is_one_line(tmp_path: Path, where: str) -> None:
-    result = subprocess.run(
-        [*CLI, "serve", "null", f"--socket-path={tmp_path / where}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env(),
-        check=False,
-    )
+    result = run_cli_text("serve", "null", f"--socket-path={tmp_path / where}")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -167,14 +160,7 @@ async def test_serve_on_an_inherited_connected_fd() -> None:
 
 
 def test_unknown_device_is_a_clear_error() -> None:
-    result = subprocess.run(
-        [*CLI, "serve", "nosuch", "--socket-path=/tmp/x.sock"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env(),
-        check=False,
-    )
+    result = run_cli_text("serve", "nosuch", "--socket-path=/tmp/x.sock")
     assert result.returncode != 0
     assert "unknown device 'nosuch'" in result.stderr
 

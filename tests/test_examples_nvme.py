@@ -634,6 +634,44 @@ async def test_cli_serves_a_file_backed_namespace(tmp_path: Path) -> None:
     )
 
 
+async def _host_on_a_small_cq(source: Client, destination: Client, memory: GuestMemory) -> Host:
+    """``memory`` mapped on both, a host enabled on ``source`` with I/O queue 1 (8 entries,
+    a CQ of 4)."""
+    await source.dma_map(memory, IOVA)
+    await destination.dma_map(memory, IOVA)
+    host = Host(source, memory)
+    await host.enable()
+    await host.create_io_queues(1, SQ1, CQ1, entries=8, cq_entries=4)
+    return host
+
+
+async def _write_five_blocks(
+    host: Host, *, first_cid: int, lba_step: int, ring_at: int
+) -> list[bytes]:
+    """Five random blocks written at LBAs 0, ``lba_step``, ...; the doorbell rung only
+    after the ``ring_at``-th submission (0-based). Returns the blocks."""
+    blocks = [os.urandom(BLOCK) for _ in range(5)]
+    for i, data in enumerate(blocks):
+        host.mem_write(DATA + i * PAGE, data)
+        await host.submit(1, sqe(nv.IoOpcode.WRITE, first_cid + i, prp1=DATA + i * PAGE,
+                                 cdw=(lba_step * i, 0, 0)), ring=i == ring_at)  # fmt: skip
+    return blocks
+
+
+async def _go_on_with(
+    host: Host, destination: Client, blocks: list[bytes], *, first_cid: int, lba_step: int
+) -> None:
+    """The host switched to ``destination``: the five writes complete in order there and
+    read back what was written."""
+    host.client = destination
+    host.irqs = await destination.enable_irqs(PciIrq.MSIX)
+    cids = [(await host.completion(1)).cid for _ in range(5)]
+    assert cids == list(range(first_cid, first_cid + 5))
+    for i, data in enumerate(blocks):
+        assert (await host.read_blocks(1, lba_step * i, 1)).status == nv.SUCCESS
+        assert host.mem_read(DATA, BLOCK) == data
+
+
 async def test_migrates_with_completions_the_host_had_no_room_for(tmp_path: Path) -> None:
     """Five writes on the source with a 4-entry CQ nobody drains: three complete there,
     two wait for room; the destination, given the same guest memory, posts those two once
@@ -649,28 +687,14 @@ async def test_migrates_with_completions_the_host_had_no_room_for(tmp_path: Path
                     connect(tmp_path / "src.sock") as source,
                     connect(tmp_path / "dst.sock") as destination,
                 ):
-                    await source.dma_map(memory, IOVA)
-                    await destination.dma_map(memory, IOVA)
-                    host = Host(source, memory)
-                    await host.enable()
-                    await host.create_io_queues(1, SQ1, CQ1, entries=8, cq_entries=4)
-                    blocks = [os.urandom(BLOCK) for _ in range(5)]
-                    for i, data in enumerate(blocks):
-                        host.mem_write(DATA + i * PAGE, data)
-                        await host.submit(1, sqe(nv.IoOpcode.WRITE, 100 + i, prp1=DATA + i * PAGE,
-                                                 cdw=(10 * i, 0, 0)), ring=i == 3)  # fmt: skip
+                    host = await _host_on_a_small_cq(source, destination, memory)
+                    blocks = await _write_five_blocks(host, first_cid=100, lba_step=10, ring_at=3)
                     await host.set_reg(nv.DOORBELLS + 8, host.queues[1].sq_tail)
                     await trio.testing.wait_all_tasks_blocked()
                     assert len(source_device.cqs[1].pending) == 2
                     await migrate(source, destination, track_dirty=False)
                     # The host goes on with the destination.
-                    host.client = destination
-                    host.irqs = await destination.enable_irqs(PciIrq.MSIX)
-                    cids = [(await host.completion(1)).cid for _ in range(5)]
-                    assert cids == [100, 101, 102, 103, 104]
-                    for i, data in enumerate(blocks):
-                        assert (await host.read_blocks(1, 10 * i, 1)).status == nv.SUCCESS
-                        assert host.mem_read(DATA, BLOCK) == data
+                    await _go_on_with(host, destination, blocks, first_cid=100, lba_step=10)
                     assert await host.reg(nv.CSTS) == nv.CSTS_RDY
                 nursery.cancel_scope.cancel()
     finally:
@@ -816,26 +840,13 @@ async def test_migrates_between_two_server_processes_on_one_file(tmp_path: Path)
             connect(tmp_path / "src.sock") as source,
             connect(tmp_path / "dst.sock") as destination,
         ):
-            await source.dma_map(memory, IOVA)
-            await destination.dma_map(memory, IOVA)
-            host = Host(source, memory)
-            await host.enable()
-            await host.create_io_queues(1, SQ1, CQ1, entries=8, cq_entries=4)
-            blocks = [os.urandom(BLOCK) for _ in range(5)]
-            for i, data in enumerate(blocks):
-                host.mem_write(DATA + i * PAGE, data)
-                await host.submit(1, sqe(nv.IoOpcode.WRITE, 200 + i, prp1=DATA + i * PAGE,
-                                         cdw=(20 * i, 0, 0)), ring=i == 4)  # fmt: skip
+            host = await _host_on_a_small_cq(source, destination, memory)
+            blocks = await _write_five_blocks(host, first_cid=200, lba_step=20, ring_at=4)
             # The CQ holds three; the other two completions wait on the source.
             while nv.CQE.unpack(host.mem_read(CQ1 + 2 * 16, 16))[5] & 1 == 0:
                 await host.irqs[1].wait()
             await migrate(source, destination, track_dirty=False)
-            host.client = destination
-            host.irqs = await destination.enable_irqs(PciIrq.MSIX)
-            assert [(await host.completion(1)).cid for _ in range(5)] == list(range(200, 205))
-            for i, data in enumerate(blocks):
-                assert (await host.read_blocks(1, 20 * i, 1)).status == nv.SUCCESS
-                assert host.mem_read(DATA, BLOCK) == data
+            await _go_on_with(host, destination, blocks, first_cid=200, lba_step=20)
     image = disk.read_bytes()
     assert all(image[20 * i * BLOCK : (20 * i + 1) * BLOCK] == d for i, d in enumerate(blocks))
 

@@ -410,29 +410,17 @@ def test_region_memory_is_sealed_before_its_fd_is_handed_out() -> None:
 HOSTILE_SERVER_VICTIM = """
     import os, mmap
     import trio
+    from mappings import ShrinkableMemory
     from test_client_e2e import TestDevice, served
     from vfiouser_trio.protocol.constants import PciRegion
 
     PAGE = mmap.PAGESIZE
 
-    class HostileMemory:
-        # Hands the client an fd that can shrink, and serves messages from a bytearray.
-        def __init__(self, size: int) -> None:
-            self.size = size
-            self.fd = os.memfd_create("hostile", os.MFD_CLOEXEC)  # seals frozen: no SHRINK
-            os.ftruncate(self.fd, size)
-            self.view = memoryview(bytearray(size))
-
-        def close(self) -> None:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-
     async def main() -> None:
         device = TestDevice()
         region = device.regions[PciRegion.BAR1]
         region.memory.close()
-        region.memory = HostileMemory(region.size)
+        region.memory = ShrinkableMemory(region.size)
         region.memory.view[:5] = b"hello"
         async with served(device) as (client, _):
             os.ftruncate(region.memory.fd, 0)  # the server shrinks its region file

@@ -15,6 +15,7 @@ import os
 import resource
 import socket
 import subprocess
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,13 @@ def _connect(path: Path | str) -> socket.socket:
 
 async def _no_commands(frame: object) -> None:
     raise VfioUserError(errno.EINVAL)
+
+
+def _served(nursery: trio.Nursery, server: DeviceServer) -> AbstractAsyncContextManager[Connection]:
+    """A connection to ``server``, which serves the other end of a socket pair in ``nursery``."""
+    client, ours = socket.socketpair()
+    nursery.start_soon(server.serve_connection, ours)
+    return open_connection(client, handler=_no_commands)
 
 
 # --- 1. a client that leaves mid-migration --------------------------------------------------
@@ -330,16 +338,12 @@ async def test_a_reconnect_waits_for_a_slow_teardown_then_is_served() -> None:
     server = DeviceServer(device)
     outcome: list[object] = []
     async with trio.open_nursery() as nursery:
-        client, ours = socket.socketpair()
-        nursery.start_soon(server.serve_connection, ours)
-        async with open_connection(client, handler=_no_commands) as conn:
+        async with _served(nursery, server) as conn:
             await conn.request(VersionRequest())
         await device.tearing_down.wait()  # the first session is in its teardown
 
         async def second() -> None:
-            client, ours = socket.socketpair()
-            nursery.start_soon(server.serve_connection, ours)
-            async with open_connection(client, handler=_no_commands) as conn:
+            async with _served(nursery, server) as conn:
                 try:
                     outcome.append(await conn.request(VersionRequest()))
                 except VfioUserError as exc:
@@ -361,15 +365,11 @@ async def test_a_reconnect_waits_for_teardown_at_most_detach_wait(
     release = device.teardown = trio.Event()
     server = DeviceServer(device, limits=ServerLimits(detach_wait=5.0))
     async with trio.open_nursery() as nursery:
-        client, ours = socket.socketpair()
-        nursery.start_soon(server.serve_connection, ours)
-        async with open_connection(client, handler=_no_commands) as conn:
+        async with _served(nursery, server) as conn:
             await conn.request(VersionRequest())
         await device.tearing_down.wait()
-        client, ours = socket.socketpair()
-        nursery.start_soon(server.serve_connection, ours)
         start = trio.current_time()
-        async with open_connection(client, handler=_no_commands) as conn:
+        async with _served(nursery, server) as conn:
             with pytest.raises(VfioUserError) as exc:
                 await conn.request(VersionRequest())
         waited = trio.current_time() - start
@@ -383,20 +383,15 @@ async def test_a_truly_concurrent_client_is_still_refused_at_once(
 ) -> None:
     device = Saver()
     server = DeviceServer(device)
-    async with trio.open_nursery() as nursery:
-        client, ours = socket.socketpair()
-        nursery.start_soon(server.serve_connection, ours)
-        async with open_connection(client, handler=_no_commands) as first:
-            await first.request(VersionRequest())
-            client, ours = socket.socketpair()
-            nursery.start_soon(server.serve_connection, ours)
-            start = trio.current_time()
-            async with open_connection(client, handler=_no_commands) as other:
-                with pytest.raises(VfioUserError) as exc:
-                    await other.request(VersionRequest())
-                assert exc.value.errno == errno.EBUSY
-            assert trio.current_time() == start
-            await first.request(RegionReadRequest(0, 0, 8))  # the first client is unaffected
+    async with trio.open_nursery() as nursery, _served(nursery, server) as first:
+        await first.request(VersionRequest())
+        start = trio.current_time()
+        async with _served(nursery, server) as other:
+            with pytest.raises(VfioUserError) as exc:
+                await other.request(VersionRequest())
+            assert exc.value.errno == errno.EBUSY
+        assert trio.current_time() == start
+        await first.request(RegionReadRequest(0, 0, 8))  # the first client is unaffected
     device.close()
 
 
@@ -408,17 +403,14 @@ async def test_a_refused_client_that_hangs_up_is_released_at_once(
 ) -> None:
     device = Saver()
     server = DeviceServer(device)
-    async with trio.open_nursery() as nursery:
-        client, ours = socket.socketpair()
-        nursery.start_soon(server.serve_connection, ours)
-        async with open_connection(client, handler=_no_commands) as conn:
-            await conn.request(VersionRequest())
-            refused, ours = socket.socketpair()
-            refused.close()  # hangs up without a word
-            start = trio.current_time()
-            await server.serve_connection(ours)
-            assert trio.current_time() - start < server.limits.busy_answer_timeout
-            assert trio.current_time() == start
+    async with trio.open_nursery() as nursery, _served(nursery, server) as conn:
+        await conn.request(VersionRequest())
+        refused, ours = socket.socketpair()
+        refused.close()  # hangs up without a word
+        start = trio.current_time()
+        await server.serve_connection(ours)
+        assert trio.current_time() - start < server.limits.busy_answer_timeout
+        assert trio.current_time() == start
     device.close()
 
 

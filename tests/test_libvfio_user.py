@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 from libvfio_user import SampleProcess, Samples, connect_socket, sample_server, samples
+from mappings import ShrinkableMemory
 from test_client_e2e import TestDevice, served
 
 from vfiouser_trio.client import Client, GuestMemory, VfioUserError, connect
@@ -184,22 +185,6 @@ async def test_sparse_mmap_areas_of_a_temporary_file_are_mapped_and_used(
         "region1: wrote 10 bytes at 0x2000",
         "region1: wrote 6 bytes at 0x1000",
     ]
-
-
-class ShrinkableMemory:
-    """Region memory whose fd the client cannot seal (as a libvfio-user temporary file);
-    the server answers messages from a separate buffer, so a message shows what it holds."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.fd = os.memfd_create("shrinkable", os.MFD_CLOEXEC)  # no sealing: can shrink
-        os.ftruncate(self.fd, size)
-        self.view = memoryview(bytearray(size))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 async def test_a_guarded_area_whose_file_is_cut_short_falls_back_to_messages(

@@ -139,6 +139,24 @@ class Plain(Device):
 
 
 @asynccontextmanager
+async def served_plain(
+    configured: DmaLayout | None,
+) -> AsyncIterator[tuple[Device, socket.socket]]:
+    """A Plain device served on one end of a socket pair (within 10 seconds), knowing the
+    layout only if ``configured`` (ServerLimits.dma_layout). Yields it and the other end."""
+    device = Plain()
+    ours, theirs = socket.socketpair()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                limits = ServerLimits(dma_layout=configured)
+                nursery.start_soon(partial(serve_connection, device, theirs, limits=limits))
+                yield device, ours
+    finally:
+        device.close()
+
+
+@asynccontextmanager
 async def message_dma(
     layout: DmaLayout, memory: GuestMemory, *, configured: DmaLayout | None = None
 ) -> AsyncIterator[tuple[Device, Tracer]]:
@@ -147,18 +165,13 @@ async def message_dma(
     The server knows the layout only if ``configured`` (ServerLimits.dma_layout). Yields
     the device and a tracer of the client's connection.
     """
-    device, tracer = Plain(), Tracer()
-    ours, theirs = socket.socketpair()
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                limits = ServerLimits(dma_layout=configured)
-                nursery.start_soon(partial(serve_connection, device, theirs, limits=limits))
-                async with connect(ours, dma_layout=layout, hooks=tracer) as client:
-                    await client.dma_map(memory, IOVA, share_fd=False)
-                    yield device, tracer
-    finally:
-        device.close()
+    tracer = Tracer()
+    async with (
+        served_plain(configured) as (device, ours),
+        connect(ours, dma_layout=layout, hooks=tracer) as client,
+    ):
+        await client.dma_map(memory, IOVA, share_fd=False)
+        yield device, tracer
 
 
 def dma_writes(tracer: Tracer) -> list[bytes]:
@@ -241,24 +254,17 @@ Answer = Callable[[Frame], RawMessage]
 async def scripted_client(
     answer: Answer, *, configured: DmaLayout | None = None
 ) -> AsyncIterator[tuple[Device, Connection]]:
-    device = Plain()
-    ours, theirs = socket.socketpair()
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                limits = ServerLimits(dma_layout=configured)
-                nursery.start_soon(partial(serve_connection, device, theirs, limits=limits))
+    async def handle(frame: Frame) -> RawMessage:
+        return answer(frame)
 
-                async def handle(frame: Frame) -> RawMessage:
-                    return answer(frame)
-
-                async with open_connection(ours, handler=handle) as conn:
-                    reply = await conn.request(VersionRequest(0, 2, Capabilities()))
-                    assert isinstance(reply, VersionReply)
-                    await conn.request(DmaMapRequest(IOVA, PAGE))
-                    yield device, conn
-    finally:
-        device.close()
+    async with (
+        served_plain(configured) as (device, ours),
+        open_connection(ours, handler=handle) as conn,
+    ):
+        reply = await conn.request(VersionRequest(0, 2, Capabilities()))
+        assert isinstance(reply, VersionReply)
+        await conn.request(DmaMapRequest(IOVA, PAGE))
+        yield device, conn
 
 
 def echo(frame: Frame) -> bytes:
