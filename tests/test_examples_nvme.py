@@ -601,13 +601,7 @@ async def test_guest_garbage_never_escapes_the_controller(tmp_path: Path) -> Non
 
 async def test_cli_serves_a_file_backed_namespace(tmp_path: Path) -> None:
     disk, path = tmp_path / "disk.img", tmp_path / "nvme.sock"
-    server = await trio.lowlevel.open_process(
-        [*CLI, "serve", "nvme", f"--backing={disk}", "--size=2M", f"--socket-path={path}"],
-        stderr=subprocess.PIPE,
-        env=env(),
-    )
-    try:
-        await wait_until_serving(server)
+    async with nvme_server(disk, path, size="2M"):
         assert disk.stat().st_size == 2 << 20
         with GuestMemory(MEMORY) as memory:
             async with connect(path) as client:
@@ -620,12 +614,6 @@ async def test_cli_serves_a_file_backed_namespace(tmp_path: Path) -> None:
                 data = os.urandom(2 * BLOCK)
                 assert (await host.write_blocks(1, 4095 - 1, data)).status == nv.SUCCESS
                 assert disk.read_bytes()[-2 * BLOCK :] == data
-    finally:
-        server.terminate()
-        with trio.CancelScope(shield=True):
-            await server.wait()
-        assert server.stderr is not None
-        await server.stderr.aclose()
     bad = subprocess.run([*CLI, "serve", "nvme", "--size=1000", f"--socket-path={path}"],
                          capture_output=True, text=True, env=env(), check=False)  # fmt: skip
     assert bad.returncode == 1
@@ -810,10 +798,11 @@ async def test_shadow_doorbells_spare_the_host_its_doorbell_writes(tmp_path: Pat
 
 
 @asynccontextmanager
-async def nvme_server(disk: Path, path: Path) -> AsyncIterator[None]:
-    """``vfio-user-trio serve nvme --backing DISK`` in its own process, until SIGTERM."""
+async def nvme_server(disk: Path, path: Path, *, size: str = "1M") -> AsyncIterator[None]:
+    """``vfio-user-trio serve nvme --backing DISK --size SIZE`` in its own process, until
+    SIGTERM."""
     server = await trio.lowlevel.open_process(
-        [*CLI, "serve", "nvme", f"--backing={disk}", "--size=1M", f"--socket-path={path}"],
+        [*CLI, "serve", "nvme", f"--backing={disk}", f"--size={size}", f"--socket-path={path}"],
         stderr=subprocess.PIPE,
         env=env(),
     )
