@@ -14,9 +14,6 @@ Skipped without a provisioned QEMU (see tests/qemu_guest.py and docs/qemu.md).
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 import trio
 from qemu_guest import GuestDevice, Qemu, build_initramfs, report_values, running_guest
 
+from bench.figures.nvme import METRICS, build_nvbench
 from vfiouser_trio.examples.nvme import FileBacking, NvmeController
 from vfiouser_trio.server import serve
 from vfiouser_trio.testing import Tracer
@@ -31,7 +29,6 @@ from vfiouser_trio.testing import Tracer
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 DISK_SIZE = 64 << 20
-BENCH_TOOL = Path(__file__).resolve().parent / "nvme_bench" / "nvbench.c"
 #: What the guest writes into the filesystem besides 256 KiB of random bytes: ``seq`` of
 #: these numbers, 512 KiB the test finds in the backing file (no two 4 KiB blocks alike).
 PATTERN = range(1_000_000, 1_065_536)
@@ -63,6 +60,7 @@ echo 1 >$NVME/reset && echo reset=done
 echo "after_reset_md5=$(md5sum /dev/nvme0n1 | cut -d' ' -f1)"
 mount -t ext2 /dev/nvme0n1 /mnt && [ "$(sums)" = $written ] && echo after_reset_match=yes
 umount /mnt
+nvbench /dev/nvme0n1 1 16 | sed 's/^/nvbench_/'
 grep nvme0q /proc/interrupts | sed 's/^ */irq: /'
 echo "msi_vectors=$(grep -c 'MSI.*nvme0q' /proc/interrupts)"
 echo "nvme_complaints=$(dmesg | grep -c -i -E 'nvme.*(error|timeout|abort|invalid|fail|warn)')"
@@ -85,7 +83,8 @@ async def test_linux_nvme_driver_formats_mounts_and_uses_the_disk(
     device = NvmeController(FileBacking(disk, DISK_SIZE))
     tracer = Tracer()
     modules = qemu.module_files(["nvme", "ext4", "crc32c_generic"])
-    initrd = build_initramfs(tmp_path, SCRIPT, modules)
+    # The benchmark's guest tool (python -m bench nvme) runs one tiny pass at the end.
+    initrd = build_initramfs(tmp_path, SCRIPT, modules, [build_nvbench(tmp_path)])
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve, device, tmp_path / "nvme.sock", hooks=tracer))
@@ -117,64 +116,6 @@ async def test_linux_nvme_driver_formats_mounts_and_uses_the_disk(
     # A vector per queue pair (the device has MSI-X and no MSI, which Linux 6.1 lists as MSI).
     assert int(report["msi_vectors"]) == int(report["queues"]) + 1, guest.report()
     assert report["nvme_complaints"] == "0"
+    assert all(float(report[f"nvbench_{key}"]) > 0 for key, _, _ in METRICS), report
     assert [(int(r.command), r.errno) for r in tracer.errors()] == []
     assert guest.stderr == ""
-
-
-BENCH_SCRIPT = r"""
-i=0; while [ $(ls /sys/block | grep -c nvme) -lt 2 ] && [ $i -lt 600 ]; do
-  sleep 0.1; i=$((i + 1)); done
-for c in /sys/class/nvme/nvme*; do
-  case "$(cat $c/model)" in
-    vfiouser*) label=ours ;;
-    *) label=qemu ;;
-  esac
-  nvbench /dev/$(basename $c)n1 SEQ_MIB RANDOM_OPS | sed "s/^/${label}_/"
-done
-"""
-
-#: Per device: sequential MiB written then read (128 KiB requests), 4 KiB random ops.
-BENCH_SEQ_MIB = 32
-BENCH_RANDOM_OPS = 2000
-
-
-@pytest.mark.skipif(
-    not os.environ.get("VFIO_USER_NVME_BENCH"), reason="a benchmark: VFIO_USER_NVME_BENCH=1"
-)
-async def test_benchmark_against_qemus_own_nvme(qemu: Qemu, tmp_path: Path) -> None:
-    """Our controller and QEMU's ``-device nvme`` side by side in one guest, the same
-    size, both on a file in the host's page cache; prints the figures and the ratios
-    (never asserted). Needs gcc with a static libc for the guest's benchmark tool."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the guest's benchmark tool")
-    tool = tmp_path / "nvbench"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(tool), str(BENCH_TOOL)], check=True)
-    ours, theirs = tmp_path / "ours.img", tmp_path / "qemu.img"
-    with theirs.open("wb") as f:
-        f.truncate(DISK_SIZE)
-    device = NvmeController(FileBacking(ours, DISK_SIZE))
-    script = BENCH_SCRIPT.replace("SEQ_MIB", str(BENCH_SEQ_MIB)).replace(
-        "RANDOM_OPS", str(BENCH_RANDOM_OPS)
-    )
-    initrd = build_initramfs(tmp_path, script, qemu.module_files(["nvme"]), [tool])
-    extra = [
-        "-drive", f"file={theirs},if=none,id=qemu-disk,format=raw",
-        "-device", "pcie-root-port,id=qemu-nvme-port,chassis=9",
-        "-device", "nvme,drive=qemu-disk,serial=qemu-nvme,bus=qemu-nvme-port",
-    ]  # fmt: skip
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, device, tmp_path / "nvme.sock")
-            devices = [GuestDevice(tmp_path / "nvme.sock", "nvme")]
-            async with running_guest(
-                qemu, tmp_path, initrd, devices, shared_memory=True, extra=extra
-            ) as guest:
-                pass
-            report = report_values(guest.report())
-            nursery.cancel_scope.cancel()
-    finally:
-        device.close()
-    print()
-    for key in ("seq_write_mbps", "seq_read_mbps", "rand_read_iops", "rand_write_iops"):
-        mine, qemus = float(report[f"ours_{key}"]), float(report[f"qemu_{key}"])
-        print(f"{key}: ours {mine:.1f}, QEMU's nvme {qemus:.1f}, ratio {mine / qemus:.3f}")
