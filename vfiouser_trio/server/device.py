@@ -32,6 +32,7 @@ import trio
 from ..protocol.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
 from .device_errors import DeviceErrors
 from .dma import DmaTable
+from .dma_hooks import DmaHooks
 from .doorbells import Doorbell
 from .irqs import DEFAULT_IRQ_COUNTS, INTX_EDGE_FLAGS, IrqIndex, IrqTable
 from .migration import MigrationHooks
@@ -50,7 +51,7 @@ from .regions import (
 log = logging.getLogger(__name__)
 
 
-class Device(MigrationHooks):
+class Device(DmaHooks, MigrationHooks):
     """An emulated PCI function. Subclass it; declare regions and IRQs in ``__init__``.
 
     Live migration: call ``enable_migration()`` and override the hooks of

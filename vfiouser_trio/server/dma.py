@@ -4,7 +4,19 @@ Maps that came with a file descriptor are mmap'd and accessed directly (zero-cop
 views are possible); maps without one are reached through DMA_READ / DMA_WRITE
 messages to the client, split at the client's ``max_data_xfer_size``. Every access
 is checked against the maps and their permissions, and an unmap waits until the
-accesses and views using that map are finished before the reply goes out.
+accesses and views using that map are finished before the reply goes out. An access
+may span adjacent maps (``sgl`` lists the pieces, as libvfio-user's
+``vfu_addr_to_sgl`` does); a byte outside every map is EFAULT. ``prefer_messages`` (or
+``read``/``write``'s ``messages=True``) sends DMA_READ / DMA_WRITE even for a map we
+hold the fd of, as libvfio-user's samples/server does on one map.
+
+The device hears of the client's maps through its ``dma_mapped`` / ``dma_unmapped``
+hooks (``server/dma_hooks.py``; libvfio-user's ``vfu_setup_device_dma`` callbacks).
+Removing a map (DMA_UNMAP, the client leaving) runs in this order: ``dma_unmapped``
+while the map is still usable; then no new access starts on it; then the unmap waits
+for the accesses, views and pins using it to finish; then its memory is unmapped and
+the reply goes out, after which the server never touches it (spec: "DMA_UNMAP",
+https://www.qemu.org/docs/master/interop/vfio-user.html).
 
 While the device is stopped (migration STOP, STOP_COPY, RESUMING, ERROR) the table's
 quiesce gate holds device DMA: ``read``/``write`` from a device task wait until the
@@ -79,6 +91,42 @@ class DmaError(VfioUserError):
 WriteObserver = Callable[[int, int], None]
 
 
+@dataclass(frozen=True, slots=True)
+class DmaWindow:
+    """A client's DMA map as the device sees it (read-only): what its hooks are given."""
+
+    iova: int
+    size: int
+    readable: bool
+    writable: bool
+    #: True when the client sent a file descriptor and the device reaches the memory
+    #: directly (views possible); False when every access is a DMA_READ/DMA_WRITE message.
+    fd_backed: bool
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class DmaSegment:
+    """One piece of a guest range that lies in one DMA map (see ``DmaTable.sgl``)."""
+
+    iova: int
+    length: int
+    window: DmaWindow
+
+
+class DmaListener(Protocol):
+    """Tells the device of maps added and removed (``dma_hooks.DmaHookRunner``)."""
+
+    async def mapped(self, window: DmaWindow) -> None: ...
+
+    async def unmapped(self, window: DmaWindow) -> None:
+        """Must not raise (but may be cancelled): the window goes whatever the device says."""
+        ...
+
+
 @dataclass(eq=False)
 class DmaMapping:
     """One DMA_MAP window."""
@@ -105,6 +153,24 @@ class DmaMapping:
     _idle: trio.Event | None = field(default=None, repr=False)
     #: Tasks holding a pin on this window, with their pin counts.
     _pinned_by: dict[object, int] = field(default_factory=dict, repr=False)
+    _window: DmaWindow | None = field(default=None, repr=False)
+    #: Who was told of this map (its ``unmapped`` is owed); None once told of the removal.
+    _listener: DmaListener | None = field(default=None, repr=False)
+    #: Set once the listener's ``mapped`` returned (or failed); None when never announced.
+    _announced: trio.Event | None = field(default=None, repr=False)
+    #: An unmap of this window has begun (a replayed DMA_MAP of it is no longer a no-op).
+    _retiring: bool = False
+    #: Set when the unmap under way ends (a second unmap of the window waits for it).
+    _retired: trio.Event | None = field(default=None, repr=False)
+
+    @property
+    def window(self) -> DmaWindow:
+        """The read-only description the device's hooks are given."""
+        if self._window is None:
+            self._window = DmaWindow(
+                self.iova, self.size, self.readable, self.writable, self._mapping is not None
+            )
+        return self._window
 
     @property
     def end(self) -> int:
@@ -218,7 +284,7 @@ def _same_map(
 ) -> bool:
     """Whether a DMA_MAP asks again for exactly ``existing``: same window, protection,
     offset and file (compared by st_dev/st_ino), or both without a file."""
-    if existing._removing or (existing.iova, existing.size, existing.flags) != (iova, size, flags):
+    if existing._retiring or (existing.iova, existing.size, existing.flags) != (iova, size, flags):
         return False
     if fd is None or existing.file is None:
         return fd is None and existing.file is None
@@ -300,6 +366,9 @@ class DmaTable:
         #: Allow ``view`` on maps the client can shrink (see the module doc); the
         #: session sets it from ``ServerLimits.trust_client_memory``.
         self.trust_client_memory = False
+        #: Reach every map through DMA_READ / DMA_WRITE messages, also maps we hold the
+        #: fd of (``read``/``write`` take ``messages=`` per call). Views stay direct.
+        self.prefer_messages = False
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._write_observers: list[WriteObserver] = []
@@ -358,6 +427,42 @@ class DmaTable:
         fd that is not a memory file holding the window (see the module doc); EEXIST for
         any other overlap (as the spec asks), ENOSPC beyond ``max_maps``.
         """
+        return self._map(iova, size, flags, fd, offset)[0]
+
+    async def map_announced(
+        self,
+        iova: int,
+        size: int,
+        flags: int,
+        fd: int | None,
+        offset: int,
+        listener: DmaListener,
+    ) -> DmaMapping:
+        """``map``, then tell ``listener`` of the new window (not of a replayed one).
+
+        The window is usable while ``listener.mapped`` runs. If it raises (or is
+        cancelled) the window is removed again, without ``unmapped``, and the error
+        propagates: the client's DMA_MAP fails and the table is as it was.
+        """
+        mapping, new = self._map(iova, size, flags, fd, offset)
+        if not new:
+            return mapping
+        announced = mapping._announced = trio.Event()
+        try:
+            await listener.mapped(mapping.window)
+        except BaseException:
+            announced.set()
+            with trio.CancelScope(shield=True):
+                await self._retire(mapping)
+            raise
+        mapping._listener = listener
+        announced.set()
+        return mapping
+
+    def _map(
+        self, iova: int, size: int, flags: int, fd: int | None, offset: int
+    ) -> tuple[DmaMapping, bool]:
+        """``map``'s work; the map and whether it is new (False: a replayed map)."""
         try:
             if size <= 0 or iova < 0 or iova + size > 1 << 64:
                 raise VfioUserError(errno.EINVAL, f"bad DMA window {iova:#x}+{size:#x}")
@@ -368,7 +473,7 @@ class DmaTable:
                 existing = self._maps[i - 1]
                 if _same_map(existing, iova, size, flags, fd, offset):
                     # A client replaying its maps (libvfio-user's rule): nothing to do.
-                    return existing
+                    return existing, False
                 raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
             if i < len(self._maps) and self._maps[i].iova < iova + size:
                 raise VfioUserError(errno.EEXIST, f"DMA window {iova:#x}+{size:#x} overlaps a map")
@@ -382,7 +487,7 @@ class DmaTable:
                 os.close(fd)
         self._starts.insert(i, iova)
         self._maps.insert(i, mapping)
-        return mapping
+        return mapping, True
 
     async def unmap(self, iova: int, size: int) -> DmaMapping:
         """Remove the window that matches exactly (ENOENT otherwise), once it is idle."""
@@ -399,9 +504,29 @@ class DmaTable:
             await self._retire(mapping)
 
     async def _retire(self, mapping: DmaMapping) -> None:
+        while mapping._retired is not None:  # another unmap of it is under way: its turn
+            await mapping._retired.wait()
+            if mapping not in self._maps:
+                return
+        mapping._retiring = True
+        done = mapping._retired = trio.Event()
+        try:
+            await self._remove(mapping)
+        finally:
+            mapping._retired = None
+            done.set()
+
+    async def _remove(self, mapping: DmaMapping) -> None:
+        if mapping._announced is not None:
+            await mapping._announced.wait()  # its dma_mapped first, then its dma_unmapped
+        listener, mapping._listener = mapping._listener, None
+        if listener is not None:
+            # While the window is still usable: the device lets go of it here.
+            await listener.unmapped(mapping.window)
         mapping._removing = True  # no new access starts on it from now on
         if mapping._users:
-            mapping._idle = trio.Event()
+            if mapping._idle is None:  # one event for every unmap waiting on this map
+                mapping._idle = trio.Event()
             await mapping._idle.wait()
         if mapping in self._maps:
             i = self._maps.index(mapping)
@@ -435,6 +560,18 @@ class DmaTable:
             i += 1
         return found
 
+    def sgl(self, iova: int, length: int, *, write: bool = False) -> list[DmaSegment]:
+        """The pieces of [iova, iova+length), one per map it crosses (``vfu_addr_to_sgl``).
+
+        DmaError(EFAULT) if any byte is unmapped or its map forbids the access (``write``
+        asks for writable maps, else readable). ``read``/``write`` take such ranges
+        whole; ``view`` takes one segment at a time.
+        """
+        return [
+            DmaSegment(m.iova + off, n, m.window)
+            for m, off, n in self._segments(iova, length, write=write)
+        ]
+
     def _segments(self, iova: int, length: int, write: bool) -> list[tuple[DmaMapping, int, int]]:
         """Split [iova, iova+length) over the windows; (map, offset in map, n) each."""
         if length < 0 or iova < 0:
@@ -452,16 +589,21 @@ class DmaTable:
             pos += n
         return segs
 
-    async def read(self, iova: int, length: int) -> bytes:
-        """Read guest memory, across windows; message-only windows go through DMA_READ."""
+    async def read(self, iova: int, length: int, *, messages: bool | None = None) -> bytes:
+        """Read guest memory, across adjacent windows; message-only windows go through DMA_READ.
+
+        ``messages=True`` uses DMA_READ for fd-backed windows too (default: the table's
+        ``prefer_messages``).
+        """
         await self.wait_running()
+        direct = not (self.prefer_messages if messages is None else messages)
         segs = self._segments(iova, length, write=False)
         for m, _, _ in segs:
             m._acquire()
         try:
             parts: list[bytes] = []
             for m, off, n in segs:
-                if m._mapping is not None:
+                if direct and m._mapping is not None:
                     parts.append(m._load(off, n))
                 else:
                     parts.append(await self._message_read(m.iova + off, n))
@@ -470,9 +612,16 @@ class DmaTable:
             for m, _, _ in segs:
                 m._release()
 
-    async def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
-        """Write guest memory, across windows; message-only windows go through DMA_WRITE."""
+    async def write(
+        self, iova: int, data: bytes | bytearray | memoryview, *, messages: bool | None = None
+    ) -> None:
+        """Write guest memory, across adjacent windows; message-only windows go through DMA_WRITE.
+
+        ``messages=True`` uses DMA_WRITE for fd-backed windows too (default: the table's
+        ``prefer_messages``).
+        """
         await self.wait_running()
+        direct = not (self.prefer_messages if messages is None else messages)
         src = memoryview(data).cast("B")
         segs = self._segments(iova, len(src), write=True)
         for m, _, _ in segs:
@@ -480,7 +629,7 @@ class DmaTable:
         try:
             pos = 0
             for m, off, n in segs:
-                if m._mapping is not None:
+                if direct and m._mapping is not None:
                     m._store(off, src[pos : pos + n])
                 else:
                     await self._message_write(m.iova + off, src[pos : pos + n])

@@ -76,6 +76,7 @@ from ..protocol.region_io import REGION_ACCESS_SIZE, REGION_ACCESS_STRUCT, check
 from ..protocol.regions import RegionCap
 from .device import Device
 from .dma import handling_command
+from .dma_hooks import DmaHookRunner
 from .migration import SessionMigration
 from .regions import Region
 
@@ -283,7 +284,7 @@ class ServerSession:
             case RegionWriteMultiRequest():
                 return await self._region_write_multi(request)
             case DmaMapRequest():
-                return self._dma_map(request)
+                return await self._dma_map(request)
             case DmaUnmapRequest():
                 return await self._dma_unmap(request)
             case DeviceResetRequest():
@@ -451,9 +452,12 @@ class ServerSession:
             raise VfioUserError(errno.EINVAL, f"no region {index}")
         return region
 
-    def _dma_map(self, request: DmaMapRequest) -> HandlerResult:
-        self.device.dma.map(
-            request.address, request.size, request.flags, request.fd, request.offset
+    async def _dma_map(self, request: DmaMapRequest) -> HandlerResult:
+        # The device's dma_mapped hook runs before the reply (server/dma_hooks.py).
+        device = self.device
+        hooks = DmaHookRunner(device, device._errors)
+        await device.dma.map_announced(
+            request.address, request.size, request.flags, request.fd, request.offset, hooks
         )
         return None
 
