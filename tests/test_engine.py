@@ -277,10 +277,10 @@ async def test_no_reply_request_returns_once_sent() -> None:
 
     with trio.fail_after(5):
         async with connected(handler_a=handler) as (_a, b):
-            await b.request(Echo(b"fire"), no_reply=True)  # returns as soon as it is sent
+            await b.post_raw(Echo.COMMAND, Echo(b"fire").pack())  # returns as soon as it is sent
             await seen.wait()
             await trio.testing.wait_all_tasks_blocked()
-            assert not b._pending
+            assert not b.core.awaiting_replies
 
 
 async def test_too_many_fds_for_the_peer_fails_before_sending() -> None:
@@ -314,7 +314,13 @@ async def test_a_request_waits_while_every_message_id_is_taken() -> None:
 
     with trio.fail_after(5):
         async with connected(handler, echo_handler, policy=ConcurrentOrder()) as (_a, b):
-            b._orphans.update(range(1, 0x10000))  # as if 65535 cancelled requests were unanswered
+            b.next_message_id = 1
+            for _ in range(0xFFFF):  # as if 65535 cancelled requests were unanswered
+                core = b.core
+                msg_id = core.allocate_id()
+                assert msg_id is not None
+                core.expect_reply(msg_id, Command.REGION_READ, waiter := object())
+                assert core.cancel(msg_id, waiter)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(b.request_raw, Command.REGION_READ, b"hold")
                 await trio.testing.wait_all_tasks_blocked()
@@ -380,7 +386,7 @@ async def test_requests_are_checkpoints() -> None:
     with trio.fail_after(5):
         async with connected() as (_a, b):
             with trio.testing.assert_checkpoints():
-                await b.request_raw(Command.DEVICE_RESET, no_reply=True)
+                await b.post_raw(Command.DEVICE_RESET)
             with trio.testing.assert_checkpoints():
                 await b.request_raw(Command.DEVICE_RESET)
 

@@ -273,7 +273,7 @@ async def test_peer_disconnect_fails_every_pending_request_at_once() -> None:
                 for i in range(5):
                     nursery.start_soon(ask, i)
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(client._pending) == 5
+                assert client.core.awaiting_replies == 5
                 server.close()
                 await client.wait_closed()
                 await trio.testing.wait_all_tasks_blocked()
@@ -495,7 +495,7 @@ async def test_fault_hooks_drop_then_disconnect() -> None:
                 nursery.start_soon(second)
                 await trio.testing.wait_all_tasks_blocked()  # its reply came and was dropped
                 assert finished == []
-                assert len(client._pending) == 1
+                assert client.core.awaiting_replies == 1
                 nursery.cancel_scope.cancel()
             with pytest.raises(ConnectionClosedError):
                 await client.request_raw(Command.REGION_READ, b"3")

@@ -28,21 +28,15 @@ Which socket carries what:
 * commands arriving on either link are dispatched, each link with its own policy run, so
   server-to-client commands are not queued behind client-to-server ones.
 
-Error choices (EINVAL where possible):
+Which received message gets which answer, message IDs and reply matching, No_reply, VERSION
+first and the limits are the protocol's rules:
+:class:`~vfiouser_trio.protocol.connection.ConnectionCore` holds them (sans-io), and the
+engine acts on what it decides. Besides those:
 
 * a handler raising :class:`VfioUserError` (or :class:`ProtocolError`) answers with its errno;
   any other exception is logged and answered with EIO (a device failure, not a bad request);
-* No_reply commands are never answered, not even with an error;
-* a reply that answers no request cannot itself be answered (the peer would take our answer
-  for a reply to one of *its* requests): it is logged, dropped, and its fds closed;
-* a reply to a request that was cancelled is dropped silently; its message ID stays reserved
-  until then, so a later request can never receive it;
-* a message larger than ``max_msg_size`` is skipped and answered with EINVAL; an oversized
-  reply fails its request with ``ProtocolError(EMSGSIZE)``; msg_size < 16 is answered with
-  EINVAL (when it is a command) and closes the connection: the stream cannot be followed;
 * more fds than ``max_recv_fds`` close the connection when the kernel truncated them
-  (MSG_CTRUNC), and are answered with EINVAL when they still fit the control buffer;
-* an error reply with errno 0 raises ``VfioUserError(EIO)``;
+  (MSG_CTRUNC; the transport reports it);
 * the peer's end of stream (or a failed send) closes the connection, also for commands still
   queued: vfio-user has no half-close;
 * when the connection ends, pending requests fail with :class:`ConnectionClosedError`
@@ -85,19 +79,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Gener
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, overload
+from typing import Any
 
 import trio
 
 from .ordering import OrderingPolicy, SpecOrder
-from .protocol.constants import (
-    DEFAULT_MAX_MSG_FDS,
-    FLAG_TYPE_COMMAND,
-    FLAG_TYPE_MASK,
-    FLAG_TYPE_REPLY,
-    HEADER_SIZE,
+from .protocol.connection import (
+    DEFAULT_DISPATCH_BATCH,
+    DISPATCH,
+    FRAME_OVERHEAD,
+    Close,
+    ConnectionClosedError,
+    ConnectionCore,
+    Ignore,
+    ReadAction,
+    ReplyArrived,
+    ReplyTooManyFds,
+    RequestFailed,
+    Role,
+    SendError,
 )
-from .protocol.errors import ProtocolError, VfioUserError, command_name
+from .protocol.constants import DEFAULT_MAX_MSG_FDS
+from .protocol.errors import ProtocolError, VfioUserError
 from .protocol.framing import (
     DEFAULT_MAX_MSG_SIZE,
     BrokenStream,
@@ -107,11 +110,13 @@ from .protocol.framing import (
     StrayFds,
     close_fds,
 )
-from .protocol.header import HEADER_STRUCT, Header, command_header, error_header, reply_header
+from .protocol.header import Header
 from .protocol.message import Buffer, Message, Request
 from .transport import MIN_READ, SEND_HIGH_WATER, Transport, byte_buffer
 
 __all__ = [
+    "DEFAULT_DISPATCH_BATCH",
+    "FRAME_OVERHEAD",
     "Connection",
     "ConnectionClosedError",
     "ConnectionHooks",
@@ -121,18 +126,11 @@ __all__ = [
     "HandlerResult",
     "Link",
     "RawMessage",
+    "Role",
     "open_connection",
 ]
 
 log = logging.getLogger(__name__)
-
-_MSG_ID_SPACE = 1 << 16
-#: What a received command costs in memory beyond its payload (frame, header and bytes
-#: objects, queue slot), for the load a link counts against ``max_send_backlog``.
-FRAME_OVERHEAD = 256
-#: Commands a dispatcher runs before it yields to the scheduler, unless told otherwise.
-DEFAULT_DISPATCH_BATCH = 8
-_pack_header = HEADER_STRUCT.pack
 
 
 class Link(enum.Enum):
@@ -140,19 +138,6 @@ class Link(enum.Enum):
 
     MAIN = "main"
     TWIN = "twin"
-
-
-class ConnectionClosedError(VfioUserError):
-    """The connection is gone.
-
-    ``errno`` is ECONNRESET for a request that was pending when the connection ended (peer
-    disconnect, fatal protocol error or local close) and ENOTCONN for one made afterwards.
-    """
-
-    def __init__(
-        self, message: str = "", *, errno: int = errno.ECONNRESET, command: int | None = None
-    ) -> None:
-        super().__init__(errno, message or "vfio-user connection closed", command=command)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +189,22 @@ class ConnectionHooks:
 
 
 class _PendingRequest:
-    """A request waiting for its reply."""
+    """The engine's side of a request waiting for its reply: what wakes the requester."""
 
-    __slots__ = ("command", "done", "error", "frame")
+    __slots__ = ("done", "error", "frame")
 
-    def __init__(self, command: int) -> None:
-        self.command = command
+    def __init__(self) -> None:
         self.done = trio.Event()
         self.frame: Frame | None = None
         self.error: VfioUserError | None = None
+
+    def deliver(self, frame: Frame) -> None:
+        self.frame = frame
+        self.done.set()
+
+    def fail(self, error: VfioUserError) -> None:
+        self.error = error
+        self.done.set()
 
 
 class _CommandQueue:
@@ -282,9 +274,6 @@ class _CommandQueue:
             await self._lot.park()
         return self._frames.popleft()
 
-    def get_nowait(self) -> Frame | None:
-        return self._frames.popleft() if self._frames else None
-
     def close(self) -> None:
         while self._frames:
             frame = self._frames.popleft()
@@ -335,37 +324,32 @@ class Connection:
         handler: Handler,
         policy: OrderingPolicy | None = None,
         hooks: ConnectionHooks | None = None,
+        role: Role = Role.PEER,
         max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
         max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
         max_send_fds: int = DEFAULT_MAX_MSG_FDS,
-        first_message_id: int = 0,
         max_send_backlog: int | None = None,
         dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
         name: str = "vfio-user",
     ) -> None:
-        if max_send_backlog is not None and max_send_backlog < 1:
-            raise ValueError("max_send_backlog must be positive (or None: unbounded)")
-        if dispatch_batch < 1:
-            raise ValueError("dispatch_batch must be at least 1")
+        #: The protocol's state and rules (sans-io): message IDs, pending requests, limits.
+        self.core: ConnectionCore[_PendingRequest] = ConnectionCore(
+            role=role,
+            max_msg_size=max_msg_size,
+            max_recv_fds=max_recv_fds,
+            max_send_fds=max_send_fds,
+            max_send_backlog=max_send_backlog,
+            dispatch_batch=dispatch_batch,
+        )
         #: Names the connection (the device, the client) in log messages.
         self.name = name
-        self._max_backlog = max_send_backlog
-        self._dispatch_batch = dispatch_batch
         self._handler = handler
         self._policy = policy if policy is not None else SpecOrder()
         self._hooks = hooks
-        self._max_msg_size = max_msg_size
-        self._max_recv_fds = max_recv_fds
-        #: Most fds the peer accepts in one message (its ``max_msg_fds``).
-        self.max_send_fds = max_send_fds
-        self._main = self._new_link(Link.MAIN, self._new_transport(sock))
+        self._main = self._new_link(Link.MAIN, sock)
         self._twin: _LinkState | None = None
         self._request_link = self._main
-        self._pending: dict[int, _PendingRequest] = {}
-        # IDs of cancelled requests whose reply may still arrive: not reused until it does.
-        self._orphans: set[int] = set()
         self._id_lot = trio.lowlevel.ParkingLot()
-        self._next_id = first_message_id & 0xFFFF
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         #: Set once the connection has closed, for whatever reason.
@@ -375,11 +359,10 @@ class Connection:
 
     # ----------------------------------------------------------------- configuration
 
-    def _new_transport(self, sock: socket.socket) -> Transport:
-        return Transport(sock, max_msg_size=self._max_msg_size, max_recv_fds=self._max_recv_fds)
-
-    def _new_link(self, link: Link, transport: Transport) -> _LinkState:
-        return _LinkState(link, transport, bounded=self._max_backlog is not None)
+    def _new_link(self, link: Link, sock: socket.socket) -> _LinkState:
+        core = self.core
+        transport = Transport(sock, max_msg_size=core.max_msg_size, max_recv_fds=core.max_recv_fds)
+        return _LinkState(link, transport, bounded=core.max_send_backlog is not None)
 
     def _links(self) -> tuple[_LinkState, ...]:
         return (self._main,) if self._twin is None else (self._main, self._twin)
@@ -387,33 +370,25 @@ class Connection:
     @property
     def max_msg_size(self) -> int:
         """Largest message accepted from the peer, on every link."""
-        return self._max_msg_size
-
-    @max_msg_size.setter
-    def max_msg_size(self, value: int) -> None:
-        self._max_msg_size = value
-        for state in self._links():
-            state.transport.max_msg_size = value
+        return self.core.max_msg_size
 
     @property
-    def max_recv_fds(self) -> int:
-        """Most fds accepted with one message (what this side advertised as max_msg_fds)."""
-        return self._max_recv_fds
+    def max_send_fds(self) -> int:
+        """Most fds the peer accepts in one message (its ``max_msg_fds``)."""
+        return self.core.max_send_fds
 
-    @max_recv_fds.setter
-    def max_recv_fds(self, value: int) -> None:
-        self._max_recv_fds = value
-        for state in self._links():
-            state.transport.max_recv_fds = value
+    @max_send_fds.setter
+    def max_send_fds(self, value: int) -> None:
+        self.core.max_send_fds = value
 
     @property
     def next_message_id(self) -> int:
         """The message ID the next request will try first (IDs in flight are skipped)."""
-        return self._next_id
+        return self.core.next_message_id
 
     @next_message_id.setter
     def next_message_id(self, value: int) -> None:
-        self._next_id = value & 0xFFFF
+        self.core.next_message_id = value
 
     @property
     def has_twin(self) -> bool:
@@ -439,7 +414,7 @@ class Connection:
             nursery = self._check_can_attach_twin()
             if isinstance(sock, int):
                 sock = socket.socket(fileno=sock)
-            transport = self._new_transport(sock)
+            twin = self._new_link(Link.TWIN, sock)
         except BaseException as exc:
             if isinstance(sock, int):
                 close_fds((sock,))
@@ -448,10 +423,10 @@ class Connection:
             if isinstance(exc, (OSError, ValueError)):
                 raise ProtocolError(f"unusable twin socket: {exc}") from exc
             raise
-        self._twin = self._new_link(Link.TWIN, transport)
-        self._start_link(nursery, self._twin)
+        self._twin = twin
+        self._start_link(nursery, twin)
         if requests_on_twin:
-            self._request_link = self._twin
+            self._request_link = twin
 
     def _check_can_attach_twin(self) -> trio.Nursery:
         if self.closed.is_set():
@@ -509,13 +484,10 @@ class Connection:
         for state in self._links():
             state.transport.close()
             state.commands.close()
-        pending, self._pending = self._pending, {}
-        for request in pending.values():
-            error = ConnectionClosedError(message, command=request.command)
+        for command, request in self.core.close():
+            error = ConnectionClosedError(message, command=command)
             error.__cause__ = reason
-            request.error = error
-            request.done.set()
-        self._orphans.clear()
+            request.fail(error)
         self._id_lot.unpark_all()
         if self._scope is not None:
             self._scope.cancel()
@@ -534,23 +506,21 @@ class Connection:
         transport = state.transport
         deliver = partial(self._deliver, state)
         reason: BaseException | None = None
-        limit = self._max_backlog
-        batch = self._dispatch_batch
+        core = self.core
+        bounded = core.max_send_backlog is not None
+        batch = core.dispatch_batch
         events = carried
         suspended: _Suspended | None = None
         try:
             while reason is None:
                 if not events:
-                    if limit is None:
-                        events = await transport.receive()
-                    elif not state.load:
+                    if not bounded or not state.load:
                         events = await transport.receive()  # nothing held: no bound to keep
                     else:
-                        if self._pressure(state, limit) >= 1.0:
-                            reason = await self._hold_reading(state, limit)
-                            if reason is not None:
-                                break
-                        events = await transport.receive(self._read_budget(state, limit))
+                        reason = await self._hold_reading(state)
+                        if reason is not None:
+                            break
+                        events = await transport.receive(core.read_budget(state.load, MIN_READ))
                     if not events:
                         if not transport.at_frame_boundary:
                             log.debug("%s link: peer hung up mid-frame", state.link.value)
@@ -573,7 +543,7 @@ class Connection:
                     else:
                         if hooks is not None:
                             hooks.on_framing_error(self, state.link, event)
-                        reason = self._on_framing_error(state, event)
+                        reason = self._act(state, core.receive_framing_error(event))
                         if reason is not None:
                             break
                 else:
@@ -598,29 +568,21 @@ class Connection:
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
 
-    @staticmethod
-    def _read_budget(state: _LinkState, limit: int) -> int:
-        """Bytes to read so that even tiny commands (each costing ``FRAME_OVERHEAD``) cannot
-        take the load far past the mark."""
-        room = max(limit - state.load, 0) * HEADER_SIZE // (FRAME_OVERHEAD + HEADER_SIZE)
-        return max(room, MIN_READ)
-
-    def _pressure(self, state: _LinkState, limit: int) -> float:
-        """How full the link is: 1.0 at the mark (load, or fds held by queued commands)."""
-        fd_limit = self._dispatch_batch * max(self._max_recv_fds, 1)
-        return max(state.load / limit, state.commands.fd_count / fd_limit)
-
-    async def _hold_reading(self, state: _LinkState, limit: int) -> ProtocolError | None:
+    async def _hold_reading(self, state: _LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
 
         Returns the error to close the connection with when the link cannot pause (a reply
         we await may be behind the commands) and its load has reached twice the mark.
         """
+        core = self.core
         paused = False
-        while (pressure := self._pressure(state, limit)) >= (0.5 if paused else 1.0):
-            if state is self._request_link and self._pending:
-                if pressure < 2.0:
-                    return None  # keep reading: the reply we wait for may be next
+        while True:
+            pressure = core.pressure(state.load, state.commands.fd_count)
+            awaited = state is self._request_link and core.awaiting_replies > 0
+            action = core.read_action(pressure, paused=paused, awaited=awaited)
+            if action is ReadAction.READ:
+                break
+            if action is ReadAction.CLOSE:
                 # The reader logs it (WARNING) and closes the connection.
                 return ProtocolError(
                     "the peer sends commands without reading our replies while we await its"
@@ -642,18 +604,6 @@ class Connection:
             log.debug("%s: %s link: reading again", self.name, state.link.value)
         return None
 
-    def _on_framing_error(self, state: _LinkState, event: FramingError) -> ProtocolError | None:
-        """Handle a decoder report; returns the error when the stream cannot go on."""
-        if isinstance(event, OversizedFrame):
-            self._on_oversized(state, event.header)
-        elif isinstance(event, StrayFds):
-            log.warning(
-                "%s link: closed %d fds sent outside any message", state.link.value, event.count
-            )
-        else:
-            return self._on_broken_stream(state, event)
-        return None
-
     def _deliver(self, state: _LinkState, frame: Frame) -> None:
         """Route a frame the hooks passed on (never inline: a hook may forward it later,
         from a task of its own)."""
@@ -665,20 +615,49 @@ class Connection:
         Only the reader passes ``more`` (whether more events of its read follow): a command
         may then run inline. Returns the inline command when it has to wait.
         """
-        header = frame.header
-        kind = header.flags & FLAG_TYPE_MASK  # Header.is_reply / is_command, inlined
-        if kind == FLAG_TYPE_REPLY:
-            self._on_reply(frame)
-        elif kind != FLAG_TYPE_COMMAND:
-            self._reject(state, frame, "unknown message type")
-        elif len(frame.fds) > self._max_recv_fds:
-            self._reject(state, frame, f"{len(frame.fds)} fds exceed the limit")
-        elif self.closed.is_set():
-            frame.close_fds()
-        elif more is not None and self._may_inline(state):
-            return self._run_inline(state, frame, more)
-        else:
+        event = self.core.receive(frame)
+        if event is DISPATCH:
+            if more is not None and self._may_inline(state):
+                return self._run_inline(state, frame, more)
             state.commands.put(frame)
+        else:
+            self._act(state, event)
+        return None
+
+    def _act(
+        self,
+        state: _LinkState,
+        event: ReplyArrived[_PendingRequest]
+        | RequestFailed[_PendingRequest]
+        | SendError
+        | Ignore
+        | Close
+        | object,
+    ) -> ProtocolError | None:
+        """Carry out what the core decided about a received message (not a command to run);
+        returns the reason to close the connection, if it must."""
+        if self._id_lot:
+            self._id_lot.unpark()  # a reply may have freed a message ID
+        if isinstance(event, ReplyArrived):
+            event.waiter.deliver(event.frame)
+        elif isinstance(event, RequestFailed):
+            event.waiter.fail(event.error)
+        elif isinstance(event, SendError):
+            log.debug(
+                "%s: rejected message %d (command %d): %s",
+                self.name,
+                event.msg_id,
+                event.command,
+                event.why,
+            )
+            self._send_error(state, event)
+        elif isinstance(event, Ignore):
+            if event.why is not None:
+                log.warning("%s: %s link: %s", self.name, state.link.value, event.why)
+        elif isinstance(event, Close):
+            if event.answer is not None:
+                self._send_error(state, event.answer)
+            return event.reason
         return None
 
     def _may_inline(self, state: _LinkState) -> bool:
@@ -690,7 +669,7 @@ class Connection:
         """
         if state.commands.held or not self._policy.runs_inline:
             return False
-        limit = self._max_backlog
+        limit = self.core.max_send_backlog
         return limit is None or state.transport.backlog < limit
 
     def _run_inline(self, state: _LinkState, frame: Frame, more: bool) -> _Suspended | None:
@@ -726,90 +705,30 @@ class Connection:
                 state.adopted_done = None
                 done.set()
 
-    def _on_reply(self, frame: Frame) -> None:
-        msg_id = frame.header.msg_id
-        request = self._pending.pop(msg_id, None)
-        if request is not None:
-            self._id_released()
-            if frame.header.command != request.command:
-                frame.close_fds()
-                request.error = ProtocolError(
-                    f"reply {msg_id} is for {command_name(frame.header.command)}",
-                    command=request.command,
-                )
-            else:
-                request.frame = frame
-            request.done.set()
-            return
-        frame.close_fds()
-        if msg_id in self._orphans:
-            self._orphans.discard(msg_id)
-            self._id_released()
-        else:
-            log.warning(
-                "dropped a reply (id %d, command %d) that answers nothing",
-                msg_id,
-                frame.header.command,
-            )
-
-    def _reject(self, state: _LinkState, frame: Frame, why: str) -> None:
-        """Answer a malformed command with EINVAL (unless No_reply) and close its fds."""
-        frame.close_fds()
-        header = frame.header
-        log.debug("rejected message %d (command %d): %s", header.msg_id, header.command, why)
-        if not header.no_reply:
-            self._send_error(state, header, errno.EINVAL)
-
-    def _on_oversized(self, state: _LinkState, header: Header) -> None:
-        """A message the decoder skips as too large: answer EINVAL, or fail its request."""
-        if header.is_reply:
-            request = self._pending.pop(header.msg_id, None)
-            self._orphans.discard(header.msg_id)
-            self._id_released()
-            if request is not None:
-                request.error = ProtocolError(
-                    f"reply of {header.msg_size} bytes exceeds the limit of {self._max_msg_size}",
-                    errno=errno.EMSGSIZE,
-                    command=request.command,
-                )
-                request.done.set()
-        elif not header.no_reply:
-            self._send_error(state, header, errno.EINVAL)
-
-    def _on_broken_stream(self, state: _LinkState, event: BrokenStream) -> ProtocolError:
-        """msg_size < 16: the stream cannot be followed. Answer EINVAL if we can, then close."""
-        header = event.header
-        if header.is_command and not header.no_reply:
-            self._send_error(state, header, errno.EINVAL)
-        return ProtocolError(event.reason)
-
-    def _send_error(self, state: _LinkState, header: Header, code: int) -> None:
+    def _send_error(self, state: _LinkState, error: SendError) -> None:
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            self._send(state, error_header(header.msg_id, header.command, code))
+            self._send(state, error.header())
 
     # ----------------------------------------------------------------- sending
 
     def _send(
         self,
         state: _LinkState,
-        header: Header | bytes,
+        header: bytes,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
         *,
         flush: bool = True,
     ) -> None:
-        """Queue a frame on a link (through the hooks, if any). Raises trio resource errors.
-
-        ``header`` may come packed only from a caller that found no hooks installed.
-        """
+        """Queue a frame (its header packed) on a link, through the hooks if any. Raises trio
+        resource errors."""
         if self._hooks is None:
             state.transport.write(header, payload, fds, transfer_fds=transfer_fds, flush=flush)
             return
-        assert isinstance(header, Header)
         if fds and not transfer_fds:
             fds = [os.dup(fd) for fd in fds]
-        frame = Frame(header, bytes(payload), list(fds))
+        frame = Frame(Header.unpack(header), bytes(payload), list(fds))
         self._hooks.on_send(self, state.link, frame, partial(self._forward_out, state))
 
     @staticmethod
@@ -838,11 +757,11 @@ class Connection:
         held_fds = len(frame.fds)
         try:
             state.dispatched += 1
-            if state.dispatched >= self._dispatch_batch:
+            if state.dispatched >= self.core.dispatch_batch:
                 # Let the rest of the process run (the writer sends the replies queued so far).
                 state.dispatched = 0
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            limit = self._max_backlog
+            limit = self.core.max_send_backlog
             if limit is not None and state.transport.backlog >= limit:
                 try:
                     while state.transport.backlog >= limit // 2:
@@ -856,47 +775,37 @@ class Connection:
 
     async def _run_command(self, state: _LinkState, frame: Frame) -> None:
         header = frame.header
+        core = self.core
+        fds: Sequence[int] = ()
+        transfer = False
         try:
+            core.admit(header)
             payload, fds, transfer = _reply_body(await self._handler(frame))
-        except VfioUserError as exc:
-            failure = exc.errno
-            log.debug("command %d failed: %s", header.command, exc)
-        except Exception:
-            log.exception("handler of command %d raised", header.command)
-            failure = errno.EIO
-        else:
-            if header.no_reply:
-                if transfer:
-                    close_fds(fds)
-                return
-            if len(fds) <= self.max_send_fds:
-                reply: Header | bytes
-                if self._hooks is None:
-                    # Nothing observes the header: pack it at once, no Header object.
-                    size = HEADER_SIZE + len(payload)
-                    reply = _pack_header(header.msg_id, header.command, size, FLAG_TYPE_REPLY, 0)
-                else:
-                    reply = reply_header(header.msg_id, header.command, len(payload))
-                self._send_reply(state, reply, payload, fds, transfer)
-                return
-            log.error(
-                "reply to command %d carries %d fds, the peer accepts %d",
-                header.command,
-                len(fds),
-                self.max_send_fds,
-            )
+            reply = core.reply_header(header, len(payload), len(fds))
+        except Exception as exc:
             if transfer:
                 close_fds(fds)
-            failure = errno.EINVAL
+            if isinstance(exc, ReplyTooManyFds):
+                log.error("%s: %s", self.name, exc)  # noqa: TRY400 - our bug, not a traceback
+            elif isinstance(exc, VfioUserError):
+                log.debug("command %d failed: %s", header.command, exc)
+            else:
+                log.exception("handler of command %d raised", header.command)
+            reply = core.error_reply_header(header, exc)
+            if reply is not None:
+                self._send_reply(state, reply)
+        else:
+            if reply is not None:
+                self._send_reply(state, reply, payload, fds, transfer)
+            elif transfer:
+                close_fds(fds)  # No_reply: never answered
         finally:
             frame.close_fds()
-        if not header.no_reply:
-            self._send_reply(state, error_header(header.msg_id, header.command, failure))
 
     def _send_reply(
         self,
         state: _LinkState,
-        header: Header | bytes,
+        header: bytes,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
@@ -913,50 +822,14 @@ class Connection:
 
     # ----------------------------------------------------------------- requests
 
-    def _id_released(self) -> None:
-        if self._id_lot:
-            self._id_lot.unpark()
-
-    def _allocate_id(self) -> int | None:
-        busy = self._pending
-        orphans = self._orphans
-        if len(busy) + len(orphans) >= _MSG_ID_SPACE:
-            return None
-        msg_id = self._next_id
-        while msg_id in busy or msg_id in orphans:
-            msg_id = (msg_id + 1) & 0xFFFF
-        self._next_id = (msg_id + 1) & 0xFFFF
-        return msg_id
-
-    @overload
-    async def request(
-        self, msg: Request, *, no_reply: Literal[False] = False, transfer_fds: bool = False
-    ) -> Message: ...
-
-    @overload
-    async def request(
-        self, msg: Request, *, no_reply: Literal[True], transfer_fds: bool = False
-    ) -> None: ...
-
-    @overload
-    async def request(
-        self, msg: Request, *, no_reply: bool, transfer_fds: bool = False
-    ) -> Message | None: ...
-
-    async def request(
-        self, msg: Request, *, no_reply: bool = False, transfer_fds: bool = False
-    ) -> Message | None:
+    async def request(self, msg: Request, *, transfer_fds: bool = False) -> Message:
         """Send a command and return its decoded reply (``msg.parse_reply``).
 
         Raises VfioUserError for an error reply, ProtocolError for a malformed reply and
-        ConnectionClosedError when the connection ends. With ``no_reply`` it returns once the
-        command is queued. ``transfer_fds`` moves ownership of ``msg.fds`` to the engine.
+        ConnectionClosedError when the connection ends. ``transfer_fds`` moves ownership of
+        ``msg.fds`` to the engine.
         """
-        frame = await self.request_raw(
-            msg.COMMAND, msg.pack(), msg.fds, no_reply=no_reply, transfer_fds=transfer_fds
-        )
-        if frame is None:
-            return None
+        frame = await self.request_raw(msg.COMMAND, msg.pack(), msg.fds, transfer_fds=transfer_fds)
         fds = frame.take_fds()
         try:
             return msg.parse_reply(frame.payload, fds)
@@ -964,120 +837,97 @@ class Connection:
             close_fds(fds)
             raise
 
-    @overload
     async def request_raw(
         self,
         command: int,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
         *,
-        no_reply: Literal[False] = False,
         transfer_fds: bool = False,
-    ) -> Frame: ...
-
-    @overload
-    async def request_raw(
-        self,
-        command: int,
-        payload: Buffer = b"",
-        fds: Sequence[int] = (),
-        *,
-        no_reply: Literal[True],
-        transfer_fds: bool = False,
-    ) -> None: ...
-
-    @overload
-    async def request_raw(
-        self,
-        command: int,
-        payload: Buffer = b"",
-        fds: Sequence[int] = (),
-        *,
-        no_reply: bool,
-        transfer_fds: bool = False,
-    ) -> Frame | None: ...
-
-    async def request_raw(
-        self,
-        command: int,
-        payload: Buffer = b"",
-        fds: Sequence[int] = (),
-        *,
-        no_reply: bool = False,
-        transfer_fds: bool = False,
-    ) -> Frame | None:
+    ) -> Frame:
         """Send a command given as bytes; return the reply frame (the caller owns its fds).
 
         Same errors as :meth:`request`; an error reply raises instead of being returned.
         """
+        core = self.core
+        state, msg_id, header, payload = await self._begin_request(
+            command, payload, fds, transfer_fds, no_reply=False
+        )
+        request = _PendingRequest()
+        core.expect_reply(msg_id, command, request)
+        if state.progress:
+            state.progress.unpark_all()  # a paused reader must read this request's reply
         try:
-            state, msg_id = await self._begin_request(command, len(fds))
+            self._send_request(state, command, header, payload, fds, transfer_fds)
+        except BaseException:
+            core.forget(msg_id)
+            raise
+        try:
+            await request.done.wait()
+        except BaseException:
+            # Sent, not answered: the core reserves the ID until the late reply comes.
+            if not core.cancel(msg_id, request) and request.frame is not None:
+                request.frame.close_fds()
+            raise
+        if request.error is not None:
+            raise request.error
+        assert request.frame is not None
+        return core.reply_result(request.frame, command)
+
+    async def post_raw(
+        self,
+        command: int,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        transfer_fds: bool = False,
+    ) -> None:
+        """Send a command with No_reply set; returns once it is queued (errors as
+        :meth:`request`, except that no reply is awaited)."""
+        state, _, header, payload = await self._begin_request(
+            command, payload, fds, transfer_fds, no_reply=True
+        )
+        self._send_request(state, command, header, payload, fds, transfer_fds)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _begin_request(
+        self,
+        command: int,
+        payload: Buffer,
+        fds: Sequence[int],
+        transfer_fds: bool,
+        *,
+        no_reply: bool,
+    ) -> tuple[_LinkState, int, bytes, Buffer]:
+        """Checks and waits before a request is queued; its link, message ID, header and
+        payload. Closes transferred fds if it raises."""
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            core = self.core
+            core.check_request(command, len(fds))
+            state = self._request_link
+            if state.transport.queued_bytes > SEND_HIGH_WATER:
+                try:
+                    await state.transport.wait_send_capacity()
+                except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+                    raise ConnectionClosedError(errno=errno.ENOTCONN, command=command) from exc
+            msg_id = core.allocate_id()
+            while msg_id is None:
+                await self._id_lot.park()
+                core.check_request(command, len(fds))
+                msg_id = core.allocate_id()
         except BaseException:
             if transfer_fds:
                 close_fds(fds)
             raise
         payload = byte_buffer(payload)
-        header = command_header(msg_id, command, len(payload), no_reply=no_reply)
-        if no_reply:
-            self._send_request(state, header, payload, fds, transfer_fds)
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return None
-        request = _PendingRequest(command)
-        self._pending[msg_id] = request
-        if state.progress:
-            state.progress.unpark_all()  # a paused reader must read this request's reply
-        try:
-            self._send_request(state, header, payload, fds, transfer_fds)
-        except BaseException:
-            del self._pending[msg_id]
-            raise
-        try:
-            await request.done.wait()
-        except BaseException:
-            if self._pending.get(msg_id) is request:
-                # Sent, not answered: reserve the ID until the late reply comes (and is dropped).
-                del self._pending[msg_id]
-                self._orphans.add(msg_id)
-            elif request.frame is not None:
-                request.frame.close_fds()
-            raise
-        if request.error is not None:
-            raise request.error
-        frame = request.frame
-        assert frame is not None
-        if frame.header.is_error:
-            frame.close_fds()
-            code = frame.header.error or errno.EIO
-            raise VfioUserError(code, command=command)
-        return frame
-
-    async def _begin_request(self, command: int, fd_count: int) -> tuple[_LinkState, int]:
-        """Checks and waits before a request is queued; returns its link and message ID."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self.closed.is_set():
-            raise ConnectionClosedError(errno=errno.ENOTCONN, command=command)
-        if fd_count > self.max_send_fds:
-            raise ProtocolError(
-                f"{fd_count} fds exceed the peer's limit of {self.max_send_fds}", command=command
-            )
-        state = self._request_link
-        if state.transport.queued_bytes > SEND_HIGH_WATER:
-            try:
-                await state.transport.wait_send_capacity()
-            except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-                raise ConnectionClosedError(errno=errno.ENOTCONN, command=command) from exc
-        msg_id = self._allocate_id()
-        while msg_id is None:
-            await self._id_lot.park()
-            if self.closed.is_set():
-                raise ConnectionClosedError(errno=errno.ENOTCONN, command=command)
-            msg_id = self._allocate_id()
-        return state, msg_id
+        return state, msg_id, core.command_header(msg_id, command, len(payload), no_reply), payload
 
     def _send_request(
         self,
         state: _LinkState,
-        header: Header,
+        command: int,
+        header: bytes,
         payload: Buffer,
         fds: Sequence[int],
         transfer_fds: bool,
@@ -1085,7 +935,7 @@ class Connection:
         try:
             self._send(state, header, payload, fds, transfer_fds)
         except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise ConnectionClosedError(errno=errno.ENOTCONN, command=header.command) from exc
+            raise ConnectionClosedError(errno=errno.ENOTCONN, command=command) from exc
 
 
 class _Suspended:
@@ -1135,16 +985,17 @@ async def open_connection(
     handler: Handler,
     policy: OrderingPolicy | None = None,
     hooks: ConnectionHooks | None = None,
+    role: Role = Role.PEER,
     max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
     max_recv_fds: int = DEFAULT_MAX_MSG_FDS,
     max_send_fds: int = DEFAULT_MAX_MSG_FDS,
-    first_message_id: int = 0,
     max_send_backlog: int | None = None,
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
     name: str = "vfio-user",
 ) -> AsyncIterator[Connection]:
     """Run a connection over ``sock`` (which it takes ownership of) for the ``async with`` body.
 
+    ``role=Role.SERVER`` makes VERSION the first command (refusing anything else before it);
     ``max_send_backlog`` bounds the memory held for the peer (None: unbounded) and
     ``dispatch_batch`` how many commands run before the dispatcher yields (module doc).
 
@@ -1159,10 +1010,10 @@ async def open_connection(
             handler=handler,
             policy=policy,
             hooks=hooks,
+            role=role,
             max_msg_size=max_msg_size,
             max_recv_fds=max_recv_fds,
             max_send_fds=max_send_fds,
-            first_message_id=first_message_id,
             max_send_backlog=max_send_backlog,
             dispatch_batch=dispatch_batch,
             name=name,

@@ -40,10 +40,6 @@ class CommandSource(Protocol):
         one ``sendmsg``."""
         ...
 
-    def get_nowait(self) -> Frame | None:
-        """Next command if one is already queued, else None."""
-        ...
-
 
 class OrderingPolicy(abc.ABC):
     """Decides when each received command is processed.

@@ -390,9 +390,8 @@ class SessionMachine(RuleBasedStateMachine):
 
         async def burst() -> None:
             for i in range(writes):
-                await self.c.conn.request(
-                    RegionWriteRequest(region, (i * 4) % max(size - 4, 1), bytes(4)), no_reply=True
-                )
+                write = RegionWriteRequest(region, (i * 4) % max(size - 4, 1), bytes(4))
+                await self.c.conn.post_raw(write.COMMAND, write.pack())
 
         self.w.frames += writes
         with contextlib.suppress(ConnectionClosedError):

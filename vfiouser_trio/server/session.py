@@ -20,7 +20,14 @@ from typing import Final
 
 import trio
 
-from ..engine import Connection, ConnectionHooks, HandlerResult, RawMessage, open_connection
+from ..engine import (
+    Connection,
+    ConnectionHooks,
+    HandlerResult,
+    RawMessage,
+    Role,
+    open_connection,
+)
 from ..limits import DEFAULT_LIMITS, ServerLimits
 from ..ordering import OrderingPolicy
 from ..protocol import (
@@ -141,6 +148,7 @@ class ServerSession:
                 async with open_connection(
                     sock,
                     handler=self._handle,
+                    role=Role.SERVER,  # VERSION first, once (the engine's core refuses others)
                     policy=self.policy,
                     hooks=self.hooks,
                     max_msg_size=max_msg_size_for(self.capabilities.max_data_xfer_size),
@@ -233,12 +241,8 @@ class ServerSession:
 
     async def _handle(self, frame: Frame) -> HandlerResult:
         command = frame.header.command
-        if self.negotiated is None:
-            if command != Command.VERSION:
-                raise VfioUserError(errno.EINVAL, "VERSION must be the first message")
-            return await self._version(frame)
         if command == Command.VERSION:
-            raise VfioUserError(errno.EINVAL, "VERSION after negotiation")
+            return await self._version(frame)  # only ever first: Role.SERVER
         # A stopped device refuses most commands (the engine closes the frame's fds).
         self._migration.check_command(command)
         if not frame.fds and command in _REGION_ACCESS_COMMANDS:
