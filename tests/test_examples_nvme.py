@@ -309,8 +309,6 @@ async def test_every_bad_command_completes_with_its_status(tmp_path: Path) -> No
         cases: list[tuple[str, int, int, int, dict[str, object]]] = [
             ("unknown admin opcode", 0, 0x7F, nv.INVALID_OPCODE,
              {}),
-            ("keep alive, not advertised", 0, 0x18, nv.INVALID_OPCODE,
-             {}),
             ("unknown I/O opcode", 1, 0x7E, nv.INVALID_OPCODE,
              {}),
             ("SGL data pointer", 1, IO.READ, nv.INVALID_FIELD,
@@ -867,3 +865,143 @@ async def test_invalid_doorbell_writes_are_error_events(
             assert (event.cid, event.result) == (0x302, 0x01_02_00)
         assert "CQ head doorbell of queue 1 written 2: ignored" in caplog.text
         assert (await host.run(1, nv.IoOpcode.FLUSH)).status == nv.SUCCESS
+
+
+async def admin_pair(host: Host, entry: bytes) -> dict[int, Completion]:
+    """Submit an admin command that also completes a held AER: both completions, by cid."""
+    await host.submit(0, entry)
+    first = await host.completion(0)
+    second = await host.completion(0)
+    return {first.cid: first, second.cid: second}
+
+
+async def test_keep_alive_restarts_the_timer_and_its_expiry_is_controller_fatal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KAS is advertised (100 ms); KATO 250 ms rounds up to 300 ms; each Keep Alive starts
+    the timer over; without one the controller stops with CSTS.CFS until it is reset."""
+    device = NvmeController(MemoryBacking(1 << 20))
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.admin(nv.AdminOpcode.IDENTIFY, prp1=DATA, cdw=(nv.Cns.CONTROLLER,))
+        assert struct.unpack_from("<H", host.mem_read(DATA, 4096), 320)[0] == 1  # KAS
+        done = await host.admin(nv.AdminOpcode.SET_FEATURES, cdw=(nv.Feature.KEEP_ALIVE_TIMER, 250))
+        assert done.status == nv.SUCCESS
+        done = await host.admin(nv.AdminOpcode.GET_FEATURES, cdw=(nv.Feature.KEEP_ALIVE_TIMER,))
+        assert done.result == 250
+        for _ in range(5):  # 1.4 s in all, well past KATO: each Keep Alive in time
+            await trio.sleep(0.28)
+            assert (await host.admin(nv.AdminOpcode.KEEP_ALIVE)).status == nv.SUCCESS
+        assert await host.reg(nv.CSTS) == nv.CSTS_RDY
+        with caplog.at_level(logging.WARNING):
+            await trio.sleep(0.31)
+            assert await host.reg(nv.CSTS) == nv.CSTS_RDY | nv.CSTS_CFS
+        assert "keep alive timer expired: no Keep Alive within 250 ms" in caplog.text
+        # A controller reset recovers, with the timer off (KATO back to 0).
+        await host.set_reg(nv.CC, 0)
+        await host.enable()
+        await trio.sleep(1)
+        assert await host.reg(nv.CSTS) == nv.CSTS_RDY
+
+
+async def test_interrupt_coalescing_threshold_time_and_per_vector_disable(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Feature 08h: an I/O vector raises its interrupt after THR + 1 entries, or TIME after
+    the first; feature 09h's Coalescing Disable turns it off for one vector; the admin
+    vector is never coalesced."""
+    device = NvmeController(MemoryBacking(1 << 20), io_queues=2)
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        irq = host.irqs[1]
+        done = await host.admin(nv.AdminOpcode.SET_FEATURES,
+                                cdw=(nv.Feature.INTERRUPT_COALESCING, 10 << 8 | 3))  # fmt: skip
+        assert done.status == nv.SUCCESS  # 4 entries or 1 ms
+
+        async def flushes(count: int) -> float:
+            """Post ``count`` flushes; the time their completions were all visible."""
+            for _ in range(count):
+                await host.submit(1, sqe(nv.IoOpcode.FLUSH, host.next_cid()))
+            await trio.testing.wait_all_tasks_blocked()
+            return trio.current_time()
+
+        posted = await flushes(2)
+        assert irq.try_read() is None  # two entries: held back
+        await irq.wait()
+        assert trio.current_time() - posted == pytest.approx(0.001, abs=1e-6)
+        for _ in range(2):
+            assert (await host.completion(1)).status == nv.SUCCESS
+        posted = await flushes(4)  # the threshold: at once
+        assert irq.try_read() == 1 and trio.current_time() == posted
+        for _ in range(4):
+            await host.completion(1)
+        # Coalescing disabled for vector 1: every completion interrupts at once.
+        vector_config = nv.Feature.INTERRUPT_VECTOR_CONFIGURATION
+        done = await host.admin(nv.AdminOpcode.SET_FEATURES, cdw=(vector_config, 1 << 16 | 1))
+        assert done.status == nv.SUCCESS
+        posted = await flushes(1)
+        assert irq.try_read() == 1 and trio.current_time() == posted
+        await host.completion(1)
+        for vector, expected in ((1, 1 << 16 | 1), (2, 2), (0, 1 << 16)):
+            done = await host.admin(nv.AdminOpcode.GET_FEATURES, cdw=(vector_config, vector))
+            assert (done.status, done.result) == (nv.SUCCESS, expected)
+        for opcode in (nv.AdminOpcode.GET_FEATURES, nv.AdminOpcode.SET_FEATURES):
+            done = await host.admin(opcode, cdw=(vector_config, 3))
+            assert done.status == nv.INVALID_FIELD  # no vector 3 (two I/O queues + admin)
+        done = await host.admin(nv.AdminOpcode.SET_FEATURES, cdw=(vector_config, 1 << 16))
+        assert done.status == nv.INVALID_FIELD  # the admin vector
+        # Back on for vector 1; a controller reset forgets what was being held back.
+        await host.admin(nv.AdminOpcode.SET_FEATURES, cdw=(vector_config, 1))
+        await flushes(1)
+        await host.set_reg(nv.CC, 0)
+        await trio.sleep(0.01)
+        assert irq.try_read() is None
+
+
+async def test_a_temperature_threshold_crossed_is_a_smart_event(tmp_path: Path) -> None:
+    """Set Features 04h moving the over-temperature threshold to or below the controller's
+    313 K sets Critical Warning bit 1 and, when Async Event Configuration bit 1 is set,
+    completes a held AER with a SMART / Health event (log page 02h); another waits until
+    the host reads the SMART log with RAE clear. Abort never aborts: the AER stays held."""
+    device = NvmeController(MemoryBacking(1 << 20))
+    A, F = nv.AdminOpcode, nv.Feature
+    smart_event = 0x02_01_01  # log page 02h, Temperature Threshold, SMART / Health
+
+    async def threshold(value: int, cid: int = 0x500) -> bytes:
+        return sqe(A.SET_FEATURES, cid, cdw=(F.TEMPERATURE_THRESHOLD, value))
+
+    async def warning() -> int:
+        await host.admin(A.GET_LOG_PAGE, prp1=DATA, cdw=(nv.LogPage.SMART | 1 << 15 | 127 << 16,))
+        return host.mem_read(DATA, 1)[0]
+
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.submit(0, sqe(A.ASYNC_EVENT_REQUEST, 0x401))
+        # Not enabled in Async Event Configuration: the warning, no event.
+        assert (await host.admin(A.SET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, 300))).status == 0
+        assert await warning() == nv.CRITICAL_TEMPERATURE
+        await host.admin(A.SET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, 343))
+        assert await warning() == 0
+        await host.admin(A.SET_FEATURES, cdw=(F.ASYNC_EVENT_CONFIGURATION, nv.CRITICAL_TEMPERATURE))
+        done = await host.admin(A.ABORT, cdw=(0x401 << 16,))  # SQ 0, the held AER
+        assert (done.status, done.result & 1) == (nv.SUCCESS, 1)  # not aborted
+        # Under-temperature threshold above 313 K: the event completes the AER.
+        both = await admin_pair(host, await threshold(1 << 20 | 320))
+        assert both[0x500].status == nv.SUCCESS
+        assert (both[0x401].status, both[0x401].result) == (nv.SUCCESS, smart_event)
+        for select, expected in ((0, 343), (1 << 20, 320 | 1 << 20)):
+            done = await host.admin(A.GET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, select))
+            assert done.result == expected
+        await host.admin(A.SET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, 1 << 20))
+        # Masked until the SMART log is read with RAE clear: the next event waits.
+        await host.submit(0, sqe(A.ASYNC_EVENT_REQUEST, 0x402))
+        assert (await host.run(0, A.SET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, 310))).status == 0
+        assert await warning() == nv.CRITICAL_TEMPERATURE  # RAE set: still masked
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(0) is None
+        both = await admin_pair(
+            host, sqe(A.GET_LOG_PAGE, 0x501, prp1=DATA, cdw=(nv.LogPage.SMART | 127 << 16,))
+        )
+        assert both[0x501].status == nv.SUCCESS
+        assert (both[0x402].status, both[0x402].result) == (nv.SUCCESS, smart_event)
+        for bad in (1 << 16 | 300, 2 << 20 | 300):  # a sensor we lack; no such THSEL
+            done = await host.admin(A.SET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, bad))
+            assert done.status == nv.INVALID_FIELD

@@ -133,7 +133,46 @@ async def set_features(ctrl: NvmeController, cmd: Command) -> Outcome:
         raise NvmeError(INVALID_FIELD, "no volatile write cache")
     if fid not in ctrl.features:
         raise NvmeError(INVALID_FIELD, f"feature {fid:#x} is not supported")
+    if fid == Feature.TEMPERATURE_THRESHOLD:
+        return _set_temperature_threshold(ctrl, value)
+    if fid == Feature.INTERRUPT_VECTOR_CONFIGURATION:
+        vector = _vector(ctrl, value)
+        if vector == 0:
+            raise NvmeError(INVALID_FIELD, "the admin queue's vector is never coalesced")
+        disabled = ctrl.features[fid] & ~(1 << vector)
+        ctrl.features[fid] = disabled | (value >> 16 & 1) << vector
+        return SUCCESS, 0
     ctrl.features[fid] = value & FEATURE_MASKS[fid]
+    if fid == Feature.KEEP_ALIVE_TIMER:
+        ctrl.keep_alive.start(ctrl.features[fid])
+    return SUCCESS, 0
+
+
+def _vector(ctrl: NvmeController, value: int) -> int:
+    """Interrupt Vector Configuration's IV (bits 15:0), one of the controller's."""
+    vector = value & 0xFFFF
+    if vector >= ctrl.interrupt_vectors:
+        raise NvmeError(INVALID_FIELD, f"no interrupt vector {vector}")
+    return vector
+
+
+def _threshold_select(value: int) -> int:
+    """Temperature Threshold's THSEL (0 over, 1 under), for the composite temperature
+    (TMPSEL 0, or Fh: every sensor, and the composite is the only one)."""
+    tmpsel, thsel = value >> 16 & 0xF, value >> 20 & 0x3
+    if tmpsel not in (0, 0xF) or thsel > 1:
+        raise NvmeError(INVALID_FIELD, f"temperature threshold TMPSEL {tmpsel} THSEL {thsel}")
+    return thsel
+
+
+def _set_temperature_threshold(ctrl: NvmeController, value: int) -> Outcome:
+    """Kept as over | under << 16 (kelvins); a warning it causes is a SMART event."""
+    shift = 16 * _threshold_select(value)
+    fid = Feature.TEMPERATURE_THRESHOLD
+    was_warning = ctrl.temperature_warning()
+    ctrl.features[fid] = ctrl.features[fid] & ~(0xFFFF << shift) | (value & 0xFFFF) << shift
+    if ctrl.temperature_warning() and not was_warning:
+        ctrl.smart_event()
     return SUCCESS, 0
 
 
@@ -150,6 +189,12 @@ async def get_features(ctrl: NvmeController, cmd: Command) -> Outcome:
     if fid not in ctrl.features:
         raise NvmeError(INVALID_FIELD, f"feature {fid:#x} is not supported")
     value = ctrl.features[fid] if select == 0 else DEFAULT_FEATURES[fid]
+    if fid == Feature.TEMPERATURE_THRESHOLD:
+        thsel = _threshold_select(cmd.cdw11)
+        return SUCCESS, (value >> 16 * thsel) & 0xFFFF | (cmd.cdw11 & 0x3F_0000)
+    if fid == Feature.INTERRUPT_VECTOR_CONFIGURATION:
+        vector = _vector(ctrl, cmd.cdw11)
+        return SUCCESS, vector | (vector == 0 or bool(value >> vector & 1)) << 16
     return SUCCESS, value
 
 
@@ -157,18 +202,24 @@ def _queues_result(ctrl: NvmeController) -> int:
     return (ctrl.io_sqs_allocated - 1) | (ctrl.io_cqs_allocated - 1) << 16
 
 
-#: Features with a plain value: default and the bits that Set Features keeps.
+#: Features the controller keeps: default and the bits a value may have. Temperature
+#: Threshold is the over threshold | the under threshold << 16 (kelvins; the under one 0:
+#: never), Interrupt Vector Configuration a bit per vector whose coalescing is disabled.
 DEFAULT_FEATURES: dict[int, int] = {
     Feature.TEMPERATURE_THRESHOLD: 0x0157,  # 343 K over-temperature threshold
     Feature.VOLATILE_WRITE_CACHE: 1,
     Feature.INTERRUPT_COALESCING: 0,
+    Feature.INTERRUPT_VECTOR_CONFIGURATION: 0,
     Feature.ASYNC_EVENT_CONFIGURATION: 0,
+    Feature.KEEP_ALIVE_TIMER: 0,
 }
 FEATURE_MASKS: dict[int, int] = {
-    Feature.TEMPERATURE_THRESHOLD: 0x003F_FFFF,
+    Feature.TEMPERATURE_THRESHOLD: 0xFFFF_FFFF,
     Feature.VOLATILE_WRITE_CACHE: 0x1,
     Feature.INTERRUPT_COALESCING: 0xFFFF,
+    Feature.INTERRUPT_VECTOR_CONFIGURATION: (1 << 65) - 1,  # vectors 0-64
     Feature.ASYNC_EVENT_CONFIGURATION: 0x3FF,
+    Feature.KEEP_ALIVE_TIMER: 0xFFFF_FFFF,
 }
 
 
@@ -182,6 +233,9 @@ async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
             ctrl.error_events_masked = False
     elif lid == LogPage.SMART:
         log = ctrl.smart_log()
+        if not cmd.cdw10 & (1 << 15):  # RAE clear: SMART events are reported again
+            ctrl.smart_events_masked = False
+            ctrl.deliver_events()
     elif lid == LogPage.FIRMWARE_SLOT:
         slots = bytearray(512)
         slots[0] = 1  # slot 1 active
@@ -199,13 +253,21 @@ async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
 async def async_event_request(ctrl: NvmeController, cmd: Command) -> Outcome:
     if len(ctrl.async_events) > ident.AERL:
         raise NvmeError(ASYNC_EVENT_LIMIT_EXCEEDED, "more AERs than AERL allows")
-    ctrl.async_events.append(cmd.cid)  # completes with the next error event, if any
+    ctrl.async_events.append(cmd.cid)  # completes with the next event, if any
+    ctrl.deliver_events()  # a SMART event may be waiting for it
     return HELD
 
 
 async def abort(ctrl: NvmeController, cmd: Command) -> Outcome:
-    # Commands run to completion once fetched: report "not aborted" (DW0 bit 0).
+    # A fetched command always runs to its end, and one not yet fetched is not looked for:
+    # every Abort completes at once with "not aborted" (DW0 bit 0), as NVMe 1.4 section
+    # 5.1 allows, so the Abort Command Limit (ACL) is never reached.
     return SUCCESS, 1
+
+
+async def keep_alive(ctrl: NvmeController, cmd: Command) -> Outcome:
+    ctrl.keep_alive.kick()
+    return SUCCESS, 0
 
 
 async def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> Outcome:
@@ -228,5 +290,6 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.GET_LOG_PAGE: get_log_page,
     AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
     AdminOpcode.ABORT: abort,
+    AdminOpcode.KEEP_ALIVE: keep_alive,
     AdminOpcode.DOORBELL_BUFFER_CONFIG: doorbell_buffer_config,
 }

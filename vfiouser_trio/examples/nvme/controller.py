@@ -32,12 +32,19 @@ from ...server.device import Device
 from ...server.pci import PciIdentity
 from . import admin, migration, nvm
 from .backing import Backing, MemoryBacking
+from .coalescing import Coalescing
 from .command import Command, Handler, Outcome
 from .identify import ControllerInfo
+from .keepalive import KeepAlive
 from .prp import check_transfer, prp_segments
 from .queues import CompletionQueue, SubmissionQueue
 from .spec import (
     ACQ,
+    AEI_INVALID_DOORBELL,
+    AEI_INVALID_VALUE,
+    AEI_TEMPERATURE,
+    AER_ERROR,
+    AER_SMART,
     AQA,
     ASQ,
     CAP,
@@ -51,6 +58,7 @@ from .spec import (
     CC_MPS_SHIFT,
     CC_SHN_MASK,
     CC_SHN_SHIFT,
+    CRITICAL_TEMPERATURE,
     CSTS,
     CSTS_CFS,
     CSTS_RDY,
@@ -68,14 +76,11 @@ from .spec import (
     SUCCESS,
     VERSION_1_4,
     VS,
+    Feature,
     LogPage,
     NvmeError,
+    async_event,
 )
-
-#: Asynchronous event: type Error (DW0 bits 2:0) and its information (bits 15:8).
-AER_ERROR = 0
-AEI_INVALID_DOORBELL = 0x01  # Invalid Doorbell Register
-AEI_INVALID_VALUE = 0x02  # Invalid Doorbell Write Value
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,8 @@ DEFAULT_IO_QUEUES = 4
 
 CAP_CQR = 1 << 16
 CAP_CSS_NVM = 1 << 37
+#: The composite temperature the controller reports (SMART log), in kelvins.
+TEMPERATURE = 313
 
 
 @dataclass
@@ -161,6 +168,8 @@ class NvmeController(Device):
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.keep_alive = KeepAlive(self._keep_alive_expired, self._spawn)
+        self.coalescing = Coalescing(self._raise_vector, self._spawn)
         self._clear()
         self.add_bar(
             REGISTER_BAR, REGISTER_BAR_SIZE, read=self.read_bar0, write=self.write_bar0,
@@ -194,6 +203,12 @@ class NvmeController(Device):
         self.intx_held = False
         #: An error event was reported: no other until the host reads the error log.
         self.error_events_masked = False
+        #: A SMART / Health event waits for an AER; one was reported and the host has not
+        #: read the SMART log since (no other until it does).
+        self.smart_event_pending = False
+        self.smart_events_masked = False
+        self.keep_alive.stop()
+        self.coalescing.reset()
         #: Doorbell Buffer Config: (shadow doorbells, event indexes) for the I/O queues.
         self.shadow: tuple[int, int] | None = None
 
@@ -353,11 +368,39 @@ class NvmeController(Device):
         if self.error_events_masked or not self.async_events:
             return  # one error event until the host reads the error log; dropped meanwhile
         self.error_events_masked = True
+        self._complete_aer(async_event(AER_ERROR, info, LogPage.ERROR))
+
+    def _complete_aer(self, result: int) -> None:
+        """Complete the oldest held Asynchronous Event Request with event ``result``."""
         cid = self.async_events.pop(0)
         admin_cq = self.cqs[0]
-        result = AER_ERROR | info << 8 | LogPage.ERROR << 16
         admin_cq.pending.append((result, self.sqs[0].head, 0, cid, SUCCESS))
         self._spawn(partial(self._post, admin_cq))
+
+    # --- SMART / Health events and Keep Alive --------------------------------------------
+
+    def temperature_warning(self) -> bool:
+        """SMART Critical Warning bit 1: the temperature is at or past a threshold."""
+        thresholds = self.features[Feature.TEMPERATURE_THRESHOLD]
+        over, under = thresholds & 0xFFFF, thresholds >> 16
+        return over <= TEMPERATURE or under >= TEMPERATURE
+
+    def smart_event(self) -> None:
+        """The temperature warning arose: an event, if Async Event Configuration asks."""
+        if self.features[Feature.ASYNC_EVENT_CONFIGURATION] & CRITICAL_TEMPERATURE:
+            self.smart_event_pending = True
+            self.deliver_events()
+
+    def deliver_events(self) -> None:
+        """A waiting SMART event completes a held AER unless its type is masked."""
+        if self.smart_event_pending and not self.smart_events_masked and self.async_events:
+            self.smart_event_pending = False
+            self.smart_events_masked = True  # until the host reads the SMART log (RAE 0)
+            self._complete_aer(async_event(AER_SMART, AEI_TEMPERATURE, LogPage.SMART))
+
+    def _keep_alive_expired(self) -> None:
+        self._fatal(f"keep alive timer expired: no Keep Alive within "
+                    f"{self.features[Feature.KEEP_ALIVE_TIMER]} ms")  # fmt: skip
 
     async def _read_zeros(self, offset: int, size: int) -> bytes:
         return bytes(size)
@@ -492,7 +535,7 @@ class NvmeController(Device):
 
     async def _post(self, cq: CompletionQueue) -> None:
         """Post the completions waiting for ``cq`` while it has room; then interrupt."""
-        posted = False
+        posted = 0
         async with cq.lock:
             if cq.pending and cq.full and self.shadow is not None and cq.qid:
                 await self._room_from_shadow(cq)
@@ -507,10 +550,10 @@ class NvmeController(Device):
                     return
                 cq.pending.popleft()
                 cq.advance()
-                posted = True
+                posted += 1
         if posted:
             cq.notify()
-            self._interrupt(cq)
+            self._interrupt(cq, posted)
 
     async def _room_from_shadow(self, cq: CompletionQueue) -> None:
         """A full CQ under shadow doorbells: the host's head is in memory; if it has not
@@ -524,11 +567,18 @@ class NvmeController(Device):
         except VfioUserError as error:
             self._fatal(f"shadow doorbells of CQ {cq.qid} unreachable: {error}")
 
-    def _interrupt(self, cq: CompletionQueue) -> None:
+    def _interrupt(self, cq: CompletionQueue, entries: int) -> None:
+        """``entries`` were posted to ``cq``: its vector's interrupt, now or coalesced."""
         if not cq.interrupts:
             return
+        disabled = self.features[Feature.INTERRUPT_VECTOR_CONFIGURATION]
+        applies = cq.vector != 0 and not disabled >> cq.vector & 1
+        setting = self.features[Feature.INTERRUPT_COALESCING]
+        self.coalescing.posted(cq.vector, entries, setting, applies)
+
+    def _raise_vector(self, vector: int) -> None:
         if self.active_irq_index() == PciIrq.MSIX:
-            self.trigger(cq.vector, index=PciIrq.MSIX)
+            self.trigger(vector, index=PciIrq.MSIX)
         elif self.intms & 1:
             self.intx_held = True  # masked by INTMS: raised when INTMC clears it
         else:
@@ -565,7 +615,8 @@ class NvmeController(Device):
     def smart_log(self) -> bytes:
         """SMART / Health Information (log page 02h): healthy, cool, with I/O counts."""
         log_page = bytearray(512)
-        struct.pack_into("<BHBB", log_page, 0, 0, 313, 100, 10)  # warning, 313 K, spare
+        warning = CRITICAL_TEMPERATURE if self.temperature_warning() else 0
+        struct.pack_into("<BHBB", log_page, 0, warning, TEMPERATURE, 100, 10)  # spare 100%
         units = [-(-n // 512_000) for n in (self.stats.bytes_read, self.stats.bytes_written)]
         for i, value in enumerate([*units, self.stats.reads, self.stats.writes]):
             log_page[32 + 16 * i : 48 + 16 * i] = value.to_bytes(16, "little")
@@ -592,14 +643,20 @@ class NvmeController(Device):
         """Quiesce: commands being executed finish, then no queue fetches more.
 
         Their completions, and any the host had no room for, travel with the state and
-        are posted by the destination once it runs.
+        are posted by the destination once it runs. Interrupts held back by coalescing are
+        raised now (what a stopped device raises waits for it to run); the Keep Alive Timer
+        rests until the controller runs again.
         """
         if self._unparked.is_set():
             self._unparked = trio.Event()
         await self._idle.wait()
+        self.coalescing.flush()
+        self.keep_alive.stop()
 
     async def on_run(self) -> None:
         self._unparked.set()
+        if self.csts & CSTS_RDY:
+            self.keep_alive.start(self.features[Feature.KEEP_ALIVE_TIMER])
         for cq in self.cqs.values():
             if cq.pending:
                 self._spawn(partial(self._post, cq))
@@ -624,6 +681,7 @@ class NvmeController(Device):
         sqs: dict[int, SubmissionQueue],
         shadow: tuple[int, int] | None,
         error_events_masked: bool,
+        smart_events: tuple[bool, bool] = (False, False),
     ) -> None:
         """Take a checked migration state (`migration.restore`); queues start parked."""
         self._clear()
@@ -638,6 +696,7 @@ class NvmeController(Device):
         self.cqs = cqs
         self.shadow = shadow
         self.error_events_masked = error_events_masked
+        self.smart_event_pending, self.smart_events_masked = smart_events
         for sq in sqs.values():
             self.start_queue(sq)
 

@@ -6,6 +6,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from .keepalive import KAS
 from .spec import CQES_LOG2, SQES_LOG2, VERSION_1_4
 
 IDENTIFY_SIZE = 4096
@@ -53,6 +54,7 @@ def identify_controller(info: ControllerInfo, io_queues: int) -> bytes:
     data[260] = 1 << 1  # FRMW: one firmware slot, slot 1 read-only
     data[261] = 0  # LPA: no per-namespace SMART, no command effects log
     data[262] = 0  # ELPE: one error log entry
+    struct.pack_into("<H", data, 320, KAS)  # Keep Alive supported, 100 ms granularity
     data[512] = SQES_LOG2 | SQES_LOG2 << 4  # SQES: required and maximum 64 bytes
     data[513] = CQES_LOG2 | CQES_LOG2 << 4  # CQES: 16 bytes
     struct.pack_into("<H", data, 514, 0)  # MAXCMD: not reported

@@ -46,6 +46,7 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
         "async_events": list(ctrl.async_events),
         "intx_held": ctrl.intx_held,
         "error_events_masked": ctrl.error_events_masked,
+        "smart_events": [ctrl.smart_event_pending, ctrl.smart_events_masked],
         "stats": [
             ctrl.stats.bytes_read,
             ctrl.stats.bytes_written,
@@ -136,6 +137,9 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
     intx_held, masked = state.get("intx_held"), state.get("error_events_masked")
     if not isinstance(intx_held, bool) or not isinstance(masked, bool):
         _refuse("intx_held or error_events_masked is not a boolean")
+    smart_events = _list(state.get("smart_events"), 2, "smart_events")
+    if not all(isinstance(flag, bool) for flag in smart_events):
+        _refuse("smart_events are not booleans")
     stats = [_int(v, 0, U64, "a counter") for v in _list(state.get("stats"), 4, "stats")]
     cqs: dict[int, CompletionQueue] = {}
     for item in _list(state.get("cqs"), None, "CQs"):
@@ -179,7 +183,7 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
     ctrl.restore_state(
         registers=(cc, csts, aqa, asq, acq, intms), allocated=(nsq, ncq), features=features,
         async_events=events, intx_held=intx_held, stats=stats, cqs=cqs, sqs=sqs,
-        shadow=shadow, error_events_masked=masked,
+        shadow=shadow, error_events_masked=masked, smart_events=(smart_events[0], smart_events[1]),
     )  # fmt: skip
     if memory:
         await ctrl.backing.write(0, contents)

@@ -58,6 +58,7 @@ class AdminOpcode(IntEnum):
     SET_FEATURES = 0x09
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
+    KEEP_ALIVE = 0x18
     DOORBELL_BUFFER_CONFIG = 0x7C
 
 
@@ -83,13 +84,30 @@ class Feature(IntEnum):
     VOLATILE_WRITE_CACHE = 0x06
     NUMBER_OF_QUEUES = 0x07
     INTERRUPT_COALESCING = 0x08
+    INTERRUPT_VECTOR_CONFIGURATION = 0x09
     ASYNC_EVENT_CONFIGURATION = 0x0B
+    KEEP_ALIVE_TIMER = 0x0F
 
 
 class LogPage(IntEnum):
     ERROR = 0x01
     SMART = 0x02
     FIRMWARE_SLOT = 0x03
+
+
+# --- asynchronous events (section 5.2): DW0 of an AER's completion ---------------------
+AER_ERROR = 0  # event type Error
+AER_SMART = 1  # event type SMART / Health Status
+AEI_INVALID_DOORBELL = 0x01  # Error: Invalid Doorbell Register
+AEI_INVALID_VALUE = 0x02  # Error: Invalid Doorbell Write Value
+AEI_TEMPERATURE = 0x01  # SMART / Health: Temperature Threshold
+#: SMART log Critical Warning bit 1, and Async Event Configuration bit 1 enabling its event.
+CRITICAL_TEMPERATURE = 1 << 1
+
+
+def async_event(kind: int, info: int, log_page: int) -> int:
+    """An AER completion's DW0: event type, event information, the log page to read."""
+    return kind | info << 8 | log_page << 16
 
 
 # --- status (section 4.6.1): SC in bits 7:0, SCT in bits 10:8, DNR bit 14 ----------------
