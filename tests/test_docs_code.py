@@ -205,6 +205,7 @@ async def test_page_code_runs(page: Path, tmp_path: Path) -> None:
 PRINTS = {
     "README.md": ["1234:0001", "1"],
     "docs/tutorial.md": ["1234:5c7a", "42", "interrupt"],
+    "docs/client.md": ["4096", "b'guestmem'", "1"],
 }
 
 
