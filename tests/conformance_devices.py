@@ -56,4 +56,5 @@ EXPECTATIONS = {
     "null": Expectations(num_irqs=5),
     "dmaengine": Expectations(num_irqs=5, dma_trigger=dmaengine_copy),
     "nvme": Expectations(num_irqs=5),
+    "vendorcap": Expectations(num_irqs=5),
 }

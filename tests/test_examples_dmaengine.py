@@ -443,7 +443,7 @@ async def test_reset_abandons_in_flight_work(rig: Rig) -> None:
         nursery.start_soon(rig.dev.run)
         await trio.testing.wait_all_tasks_blocked()
         assert client.calls  # the engine is waiting for the descriptor
-        await rig.dev.do_reset()
+        await rig.dev._vfu.do_reset()
         client.gate.set()
         await trio.testing.wait_all_tasks_blocked()
         assert rig.dev.state == DmaEngineState()
@@ -463,7 +463,7 @@ async def test_reset_abandons_in_flight_work(rig: Rig) -> None:
 def test_state_round_trips_and_examples_registry() -> None:
     state = DmaEngineState(3, 2, 0x1_2345_6780, 64, 5, 7, 100, 2, 4, 9)
     assert DmaEngineState.unpack(state.pack()) == state
-    assert set(EXAMPLES) == {"gpio", "null", "dmaengine", "nvme"}
+    assert set(EXAMPLES) == {"gpio", "null", "dmaengine", "nvme", "vendorcap"}
     first, second = EXAMPLES["dmaengine"](), EXAMPLES["dmaengine"]()
     assert isinstance(first, DmaEngine) and first is not second
     first.close()

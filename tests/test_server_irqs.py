@@ -11,7 +11,8 @@ import trio
 import trio.testing
 from fd_leaks import fd_count
 
-from vfiouser_trio.eventfd import EVENTFD_MAX
+from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd
+from vfiouser_trio.protocol import PciRegion
 from vfiouser_trio.protocol.constants import (
     IRQ_SET_ACTION_MASK,
     IRQ_SET_ACTION_TRIGGER,
@@ -23,7 +24,12 @@ from vfiouser_trio.protocol.constants import (
 )
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server import irqs as irqs_module
+from vfiouser_trio.server.device import Device
+from vfiouser_trio.server.device_errors import DeviceCodeError
 from vfiouser_trio.server.irqs import IrqIndex, IrqTable
+from vfiouser_trio.server.pci import PciIdentity
+from vfiouser_trio.server.pci_caps import MsiCapability, MsixCapability
+from vfiouser_trio.testing import nested_device
 
 EVENTFD_TRIGGER = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
 
@@ -262,3 +268,163 @@ def test_an_eventfd_filled_during_our_write_is_not_written_again(
     irq.disable()
     for fd in mine + mine2:
         os.close(fd)
+
+
+# --- the device's interrupt state hook (irq_state_changed), over a real socket ---------------
+
+MASK_NONE = IRQ_SET_ACTION_MASK | IRQ_SET_DATA_NONE
+UNMASK_NONE = IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_NONE
+
+
+class Watched(Device):
+    """MSI (4 vectors, per-vector masking) and MSI-X (4 vectors in BAR1); records the hook."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7130), name="watched0")
+        self.add_msi(4, per_vector_masking=True)
+        self.add_bar(1, 0x1000)
+        self.add_msix(4, bar=1)
+        self.changes: list[tuple[int, int, int, bool]] = []
+
+    def irq_state_changed(self, index: int, start: int, count: int, masked: bool) -> None:
+        self.changes.append((index, start, count, masked))
+
+
+class AsyncWatched(Watched):
+    """The hook is an ``async def`` that yields before recording: order must still hold."""
+
+    async def irq_state_changed(  # type: ignore[override]
+        self, index: int, start: int, count: int, masked: bool
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self.changes.append((index, start, count, masked))
+
+
+class RaisingWatched(Watched):
+    def irq_state_changed(self, index: int, start: int, count: int, masked: bool) -> None:
+        raise RuntimeError("hook bug")
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_the_hook_hears_set_irqs_mask_and_unmask_as_sent() -> None:
+    device = Watched()
+    with trio.fail_after(10):
+        async with nested_device(device) as pair:
+            client = pair.client
+            await client.set_irqs(PciIrq.MSIX, 1, 3, MASK_NONE)
+            await client.set_irqs(
+                PciIrq.MSIX,
+                0,
+                4,
+                IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_BOOL,
+                data=[True, False, True, False],
+            )
+            await client.set_irqs(PciIrq.MSI, 0, 1, UNMASK_NONE)
+            await client.set_irqs(PciIrq.MSIX, 0, 1, IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE)
+    assert device.changes == [
+        (PciIrq.MSIX, 1, 3, True),
+        (PciIrq.MSIX, 0, 1, False),
+        (PciIrq.MSIX, 2, 1, False),
+        (PciIrq.MSI, 0, 1, False),
+    ]  # a TRIGGER is no mask change
+    assert device.irqs[PciIrq.MSIX].is_masked(1) and not device.irqs[PciIrq.MSIX].is_masked(2)
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_the_hook_hears_each_signal_of_a_mask_eventfd() -> None:
+    device = Watched()
+    mask, unmask = EventFd(), EventFd()
+    try:
+        with trio.fail_after(10):
+            async with nested_device(device) as pair:
+                client = pair.client
+                await client.set_irqs(
+                    PciIrq.MSIX, 3, 1, IRQ_SET_ACTION_MASK | IRQ_SET_DATA_EVENTFD, eventfds=[mask]
+                )
+                await client.set_irqs(
+                    PciIrq.MSIX,
+                    3,
+                    1,
+                    IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_EVENTFD,
+                    eventfds=[unmask],
+                )
+                mask.signal()
+                await trio.testing.wait_all_tasks_blocked()
+                unmask.signal()
+                await trio.testing.wait_all_tasks_blocked()
+    finally:
+        mask.close()
+        unmask.close()
+    assert device.changes == [(PciIrq.MSIX, 3, 1, True), (PciIrq.MSIX, 3, 1, False)]
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_the_hook_hears_msix_table_bits_and_the_function_mask_and_msi_mask_bits() -> None:
+    device = Watched()
+    with trio.fail_after(10):
+        async with nested_device(device) as pair:
+            client, config = pair.client, device.config
+            msix = config.find_capability(MsixCapability)
+            msi = config.find_capability(MsiCapability)
+            assert msix is not None and msi is not None
+            # Table entry 2's vector control: unmask, rewrite unmasked (no change), mask.
+            await client.write(PciRegion.BAR1, 2 * 16 + 12, (0).to_bytes(4, "little"))
+            await client.write(PciRegion.BAR1, 2 * 16 + 12, (0).to_bytes(4, "little"))
+            await client.write(PciRegion.BAR1, 2 * 16, bytes(12))  # address/data: no change
+            await client.write(PciRegion.BAR1, 2 * 16 + 12, (1).to_bytes(4, "little"))
+            # Function mask on, then off (enable stays set).
+            control = msix.offset + MsixCapability.CONTROL
+            await client.write(PciRegion.CONFIG, control, (0xC000).to_bytes(2, "little"))
+            await client.write(PciRegion.CONFIG, control, (0x8000).to_bytes(2, "little"))
+            # MSI mask bits: vectors 0 and 3 masked, then 0 unmasked.
+            mask_register = msi.offset + MsiCapability(4, per_vector_masking=True).mask_offset
+            await client.write(PciRegion.CONFIG, mask_register, (0b1001).to_bytes(4, "little"))
+            await client.write(PciRegion.CONFIG, mask_register, (0b1000).to_bytes(4, "little"))
+    assert device.changes == [
+        (PciIrq.MSIX, 2, 1, False),
+        (PciIrq.MSIX, 2, 1, True),
+        (PciIrq.MSIX, 0, 4, True),
+        (PciIrq.MSIX, 0, 4, False),
+        (PciIrq.MSI, 0, 1, True),
+        (PciIrq.MSI, 3, 1, True),
+        (PciIrq.MSI, 0, 1, False),
+    ]
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_an_async_hook_runs_its_calls_in_order() -> None:
+    device = AsyncWatched()
+    with trio.fail_after(10):
+        async with nested_device(device) as pair:
+            for vector in range(4):
+                await pair.client.set_irqs(PciIrq.MSIX, vector, 1, MASK_NONE)
+            await pair.client.set_irqs(PciIrq.MSIX, 0, 4, UNMASK_NONE)
+            await trio.testing.wait_all_tasks_blocked()
+    assert device.changes == [(PciIrq.MSIX, v, 1, True) for v in range(4)] + [
+        (PciIrq.MSIX, 0, 4, False)
+    ]
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_a_raising_hook_is_a_device_error_and_the_mask_still_changes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = RaisingWatched()
+    with trio.fail_after(10), pytest.raises(DeviceCodeError) as raised:
+        async with nested_device(device) as pair:
+            await pair.client.set_irqs(PciIrq.MSIX, 1, 1, MASK_NONE)  # answered: no error
+            assert device.irqs[PciIrq.MSIX].is_masked(1)
+    assert raised.value.command == "SET_IRQS"
+    assert "irq_state_changed(index=2, start=1, count=1, masked=True) raised" in raised.value.reason
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert "watched0: SET_IRQS in the interrupt state hook" in caplog.text
+
+
+def test_a_device_without_the_hook_installs_nothing() -> None:
+    class Plain(Device):
+        def __init__(self) -> None:
+            super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7131))
+            self.add_msi(2, per_vector_masking=True)
+
+    device = Plain()
+    assert all(irq.state_notify is None for irq in device.irqs)

@@ -10,8 +10,9 @@ from .dmaengine import DmaEngine
 from .gpio import GpioDevice
 from .null import NullDevice
 from .nvme import NvmeController
+from .vendorcap import VendorCapDevice
 
-__all__ = ["EXAMPLES", "DmaEngine", "GpioDevice", "NullDevice", "NvmeController"]
+__all__ = ["EXAMPLES", "DmaEngine", "GpioDevice", "NullDevice", "NvmeController", "VendorCapDevice"]
 
 #: Example name -> zero-argument factory of a fresh device.
 EXAMPLES: dict[str, Callable[[], Device]] = {
@@ -19,4 +20,5 @@ EXAMPLES: dict[str, Callable[[], Device]] = {
     "null": NullDevice,
     "dmaengine": DmaEngine,
     "nvme": NvmeController,
+    "vendorcap": VendorCapDevice,
 }

@@ -16,6 +16,19 @@ reset or a hot-plug, a migration destination) starts unmasked, as the kernel's v
 starts INTx when it enables it, and a migrated mask never overrides the one of a
 destination client that has already enabled the vector (see ``restore_state``).
 
+The device may watch the client's masking (libvfio-user's ``vfu_setup_irq_state_callback``):
+`IrqTable.set_state_hook` installs ``hook(index, start, count, masked)``, told of every
+SET_IRQS MASK/UNMASK (DATA_NONE: the whole range in one call; DATA_BOOL: each vector
+selected; a mask/unmask eventfd: each signal), as the client sent it, and, through
+`IrqTable.state_changed`, of the client's MSI/MSI-X mask bits in config space and the
+MSI-X table (``server/pci.py``, ``server/msix.py``). A plain hook is called at once, after
+the change; an async one runs in a task of the session, the calls one after another in
+order (the client's command does not wait for it; calls left when the client goes are
+dropped). A hook that raises is a device bug (``server/device_errors.py``): logged, told
+to the listeners, and the client's command still succeeds: the mask has changed already.
+Automasking (INTx masking itself on delivery) is the framework's, not the client's, and is
+not reported.
+
 Every fd of a SET_IRQS must be an eventfd (checked when it arrives, or the whole
 request is refused with EINVAL and changes nothing). Delivery never blocks and never
 raises into device code, whatever the client does to its eventfd (clears O_NONBLOCK,
@@ -28,9 +41,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -52,6 +68,10 @@ from ..protocol.constants import (
     PciIrq,
 )
 from ..protocol.errors import VfioUserError
+from .device_errors import DeviceErrors
+
+if TYPE_CHECKING:
+    from .pci import PciConfigSpace
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +103,14 @@ IRQ_STATE_PENDING = 0x2
 
 #: Returns True when the vector may be delivered now; False holds it pending.
 Gate = Callable[[int], bool]
+
+#: ``hook(index, start, count, masked)``: the client masked (True) or unmasked vectors
+#: ``start`` .. ``start + count - 1`` of IRQ ``index``; an ``async def`` or a plain function.
+StateHook = Callable[[int, int, int, bool], Awaitable[None] | None]
+#: How an index tells its table of the client's mask changes (see `IrqTable.state_changed`).
+StateNotify = Callable[[int, int, int, bool], None]
+#: One call of the state hook: index, start, count, masked, and the command that made it.
+_HookCall = tuple[int, int, int, bool, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +152,8 @@ class IrqIndex:
         self._stalled = [False] * count
         #: (vector, errno) already logged for the eventfd now assigned to that vector.
         self._warned: set[tuple[int, int]] = set()
+        #: Told of the client's MASK/UNMASK (set by `IrqTable.set_state_hook`).
+        self.state_notify: StateNotify | None = None
 
     @property
     def info(self) -> IrqInfo:
@@ -308,6 +338,13 @@ class IrqIndex:
                 self.mask(v)
             else:
                 self.unmask(v)
+        if action != IRQ_SET_ACTION_TRIGGER and self.state_notify is not None:
+            masked = action == IRQ_SET_ACTION_MASK
+            if data_type == IRQ_SET_DATA_NONE:
+                self.state_notify(self.index, start, count, masked)
+            else:
+                for v in selected:
+                    self.state_notify(self.index, v, 1, masked)
 
     def _validate(
         self, flags: int, start: int, count: int, data: bytes, fds: Sequence[int]
@@ -395,6 +432,8 @@ class IrqIndex:
                         self.mask(vector)
                     else:
                         self.unmask(vector)
+                    if self.state_notify is not None:
+                        self.state_notify(self.index, vector, 1, action == IRQ_SET_ACTION_MASK)
         finally:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
@@ -454,6 +493,49 @@ class IrqTable:
     def __init__(self, indexes: Sequence[IrqIndex]) -> None:
         self._indexes = {irq.index: irq for irq in indexes}
         self.num_irqs = max(self._indexes, default=-1) + 1
+        self._hook: StateHook | None = None
+        self._errors = DeviceErrors("device")
+        send, receive = trio.open_memory_channel[tuple[_HookCall, Awaitable[None]]](math.inf)
+        self._pending_hooks, self._hook_calls = send, receive
+
+    # --- the device's interrupt state hook ---------------------------------------------
+
+    def set_state_hook(self, hook: StateHook | None, errors: DeviceErrors) -> None:
+        """Tell ``hook`` of the client's masking (see the module doc); ``errors`` gets its bugs."""
+        self._hook = hook
+        self._errors = errors
+        notify = None if hook is None else partial(self.state_changed, command="SET_IRQS")
+        for irq in self._indexes.values():
+            irq.state_notify = notify
+
+    def state_changed(
+        self, index: int, start: int, count: int, masked: bool, *, command: str = "REGION_WRITE"
+    ) -> None:
+        """The client masked or unmasked vectors (by ``command``): call the state hook, if set."""
+        hook = self._hook
+        if hook is None:
+            return
+        call = (index, start, count, masked, command)
+        try:
+            result = hook(index, start, count, masked)
+        except Exception as exc:
+            self._hook_failed(call, exc)
+            return
+        if result is not None:
+            self._pending_hooks.send_nowait((call, result))
+
+    def _hook_failed(self, call: _HookCall, exc: Exception) -> None:
+        index, start, count, masked, command = call
+        what = f"irq_state_changed(index={index}, start={start}, count={count}, masked={masked})"
+        self._errors.bug(command, "in the interrupt state hook", f"{what} raised {exc!r}", exc)
+
+    async def _run_state_hooks(self) -> None:
+        """Await the async hook's calls one after another, in the order they were made."""
+        async for call, result in self._hook_calls:
+            try:
+                await result
+            except Exception as exc:
+                self._hook_failed(call, exc)
 
     def __getitem__(self, index: int) -> IrqIndex:
         try:
@@ -474,8 +556,24 @@ class IrqTable:
         raise VfioUserError(errno.EINVAL, f"no IRQ index {index}")
 
     def attach(self, nursery: trio.Nursery | None) -> None:
+        """Give every index the session's nursery (None: the session is over).
+
+        The async state hook's calls run in a task there; those a departing client left
+        unrun are dropped (closed, so no "never awaited" warning).
+        """
         for irq in self._indexes.values():
             irq.attach(nursery)
+        if nursery is None:
+            while True:
+                try:
+                    _, result = self._hook_calls.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        elif self._hook is not None:
+            nursery.start_soon(self._run_state_hooks)
 
     def disable_all(self) -> None:
         for irq in self._indexes.values():
@@ -483,3 +581,32 @@ class IrqTable:
 
     def __iter__(self) -> Iterator[IrqIndex]:
         return iter(self._indexes.values())
+
+
+class IrqStateHooks:
+    """The interrupt state hook of a :class:`~vfiouser_trio.server.Device` (which inherits it)."""
+
+    #: A plain hook: an override may be ``def`` or ``async def`` (see Device's fence).
+    _vfu_hooks: ClassVar[frozenset[str]] = frozenset({"irq_state_changed"})
+
+    def irq_state_changed(
+        self, index: int, start: int, count: int, masked: bool
+    ) -> Awaitable[None] | None:
+        """The client masked (``masked``) or unmasked vectors ``start`` .. ``start + count - 1``
+        of IRQ ``index`` (libvfio-user's ``vfu_setup_irq_state_callback``).
+
+        Override it (``def`` or ``async def``) to hear of SET_IRQS MASK/UNMASK, MSI per-vector
+        mask bits, MSI-X table entries' mask bits and the MSI-X function mask (``start`` 0,
+        ``count`` every vector); when, in what order, and errors: ``vfiouser_trio.server.irqs``.
+        """
+        return None
+
+
+def install_state_hook(
+    device: IrqStateHooks, irqs: IrqTable, config: PciConfigSpace, errors: DeviceErrors
+) -> None:
+    """Wire ``device``'s ``irq_state_changed`` to ``irqs`` and ``config``, if it overrides it."""
+    if type(device).irq_state_changed is IrqStateHooks.irq_state_changed:
+        return  # nothing to tell: masking costs nothing extra
+    irqs.set_state_hook(device.irq_state_changed, errors)
+    config.irq_mask_changed.connect(irqs.state_changed)

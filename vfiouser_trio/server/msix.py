@@ -8,6 +8,10 @@ vector (or, for MSI-X, the whole function) is masked the pending bit is set inst
 mask is cleared, every pending vector that became deliverable has its pending bit cleared and
 is reported: returned, and passed to ``deliver`` if one is registered. Changes made through
 config-space writes have no return path, so register ``deliver`` to act on them.
+
+MSI-X also tells ``mask_changed(start, count, masked)`` when the client changes a table
+entry's mask bit (one call per vector that changed) or the function mask (start 0, count
+every vector): the device's interrupt state hook listens there (``Device.irq_state_changed``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _ENTRY_WRITE_MASK = (
 )
 
 Deliver = Callable[[int], None]
+#: ``(start, count, masked)``: the client masked or unmasked vectors start .. start + count - 1.
+MaskChanged = Callable[[int, int, bool], None]
 
 
 def _set_bits(value: int) -> list[int]:
@@ -66,6 +72,7 @@ class MsixState:
             raise ValueError("MSI-X supports 1..2048 vectors")
         self.vectors = vectors
         self.deliver = deliver
+        self.mask_changed: MaskChanged | None = None
         self._write_mask = _ENTRY_WRITE_MASK * vectors
         self._table = bytearray(self.table_size)
         self._pending = 0
@@ -147,8 +154,11 @@ class MsixState:
 
     def set_control(self, *, enabled: bool, function_masked: bool) -> list[int]:
         """Apply the capability's enable / function-mask bits; returns vectors released."""
+        changed = function_masked != self._function_masked
         self._enabled = enabled
         self._function_masked = function_masked
+        if changed and self.mask_changed is not None:
+            self.mask_changed(0, self.vectors, function_masked)
         return self._release()
 
     def table_read(self, offset: int, size: int) -> bytes:
@@ -159,9 +169,15 @@ class MsixState:
     def table_write(self, offset: int, data: bytes) -> list[int]:
         """Write table bytes; returns the vectors an unmask released (see module doc)."""
         _check_access(offset, len(data), self.table_size, "MSI-X table")
+        touched = range(offset // MSIX_ENTRY_SIZE, (offset + len(data) - 1) // MSIX_ENTRY_SIZE + 1)
+        before = [self.masked(v) for v in touched] if self.mask_changed and data else []
         for i, value in enumerate(data, offset):
             mask = self._write_mask[i]
             self._table[i] = (self._table[i] & ~mask) | (value & mask)
+        if before and self.mask_changed is not None:
+            for vector, was in zip(touched, before, strict=True):
+                if self.masked(vector) != was:
+                    self.mask_changed(vector, 1, not was)
         return self._release()
 
     def pba_read(self, offset: int, size: int) -> bytes:

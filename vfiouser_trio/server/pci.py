@@ -22,6 +22,9 @@ How writes are answered (errors leave the space unchanged):
   rewrite the header; hardware accepts these and drops the read-only parts, so we do too.
 * Bytes no register claims (gaps between capabilities, unused extended space) read as zero
   and ignore writes, as reserved registers do.
+* Bytes the device serves itself (`ConfigRegisters`, a `VendorCallbackCapability`'s data)
+  read as zero *here* and ignore writes: ``server/config_access.py`` answers the client
+  there from the device's callbacks (see `PciConfigSpace.served`).
 * An offset or size outside the space fails with EINVAL.
 """
 
@@ -32,8 +35,10 @@ import enum
 import errno
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Generic, ParamSpec
+from functools import partial
+from typing import TYPE_CHECKING, Generic, ParamSpec
 
+from vfiouser_trio.protocol.constants import PciIrq
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server.msix import MsiState, MsixState
 from vfiouser_trio.server.pci_caps import (
@@ -43,6 +48,7 @@ from vfiouser_trio.server.pci_caps import (
     MSIX_CONTROL_ENABLE,
     MSIX_CONTROL_FUNCTION_MASK,
     PMCSR_POWER_STATE,
+    STANDARD_HEADER_SIZE,
     ByteKind,
     Capability,
     ExpressCapability,
@@ -51,8 +57,12 @@ from vfiouser_trio.server.pci_caps import (
     PlacedCapability,
     PowerManagementCapability,
     RegisterImage,
+    VendorCallbackCapability,
     place_capability,
 )
+
+if TYPE_CHECKING:
+    from vfiouser_trio.server.regions import ReadHandler, WriteHandler
 
 # Header register offsets.
 VENDOR_ID = 0x00
@@ -218,6 +228,66 @@ class BarSpec:
         return ~(self.size - 1) & ((1 << width) - 1) & ~low_bits
 
 
+@dataclass(frozen=True)
+class ConfigRegisters:
+    """Device-specific config-space bytes ``offset`` .. ``offset + size`` served by callbacks.
+
+    ``read(offset, count)`` / ``write(offset, data)`` see offsets from ``offset`` (the
+    first register is 0), ``async def`` or plain functions as for BARs; without ``write``
+    the registers are read-only (a write touching them fails with EPERM). The bytes must
+    lie in 0x40 .. the end of the space (256 bytes, 4096 for PCI Express), outside the
+    extended capability list's head (0x100..0x103) and away from capabilities placed at an
+    explicit offset; capabilities placed by the framework go around them.
+    """
+
+    offset: int
+    size: int
+    read: ReadHandler
+    write: WriteHandler | None = None
+
+
+def config_registers_problem(
+    offset: int, size: int, space: int, taken: Iterable[tuple[int, int]] = ()
+) -> str | None:
+    """What is wrong with device registers at ``offset``+``size`` in a ``space``-byte config
+    space beside the ``taken`` (offset, size) ones, or None: the one rule `PciConfigSpace`
+    and ``Device.add_config_registers`` check."""
+    end = offset + size
+    if size <= 0:
+        return f"size {size}: give at least one byte"
+    if offset < STANDARD_HEADER_SIZE:
+        return "the standard header (0x00..0x3f) is the framework's: start at 0x40 or later"
+    if end > space:
+        more = "" if space == EXPRESS_CONFIG_SPACE_SIZE else " (express=True gives 4096)"
+        return f"beyond the {space}-byte config space{more}"
+    if offset < EXTENDED_LIST_HEAD_END and end > CONFIG_SPACE_SIZE:
+        return "0x100..0x103 is the head of the extended capability list: leave it out"
+    for other, other_size in taken:
+        if other < end and offset < other + other_size:
+            return f"they overlap the config registers at {other:#x}+{other_size:#x}"
+    return None
+
+
+@dataclass(frozen=True)
+class ServedRange:
+    """Config bytes ``start`` .. ``start + size`` the device serves: its callbacks see
+    offsets from ``base``; ``name`` says what they are in errors and logs."""
+
+    start: int
+    size: int
+    base: int
+    read: ReadHandler
+    write: WriteHandler | None
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+EXTENDED_LIST_HEAD_END = 0x104
+
+
 def _check_bars(bars: Mapping[int, BarSpec]) -> dict[int, BarSpec]:
     taken: set[int] = set()
     for index, spec in sorted(bars.items()):
@@ -237,11 +307,18 @@ class PciConfigSpace:
     `ExpressCapability`. Add capabilities before serving the device: the power-on image
     used by `reset` is taken after each addition.
 
+    ``registers`` are device-specific bytes served by callbacks (`ConfigRegisters`); they
+    are claimed before the capabilities are placed. `served` lists every range the device
+    serves itself (those and each `VendorCallbackCapability`'s data bytes).
+
     Hooks (synchronous, called after a write has been fully applied):
     ``command_changed(old, new)``, ``bar_changed(index, address)`` (index 6 is the ROM),
-    ``msi_changed(msi_state)``, ``msix_changed(enabled, function_masked)`` and
-    ``flr_requested()``. BAR sizing makes the address read back as the size mask for a
-    moment; consumers should act on addresses only while decoding is enabled.
+    ``msi_changed(msi_state)``, ``msix_changed(enabled, function_masked)``,
+    ``irq_mask_changed(index, start, count, masked)`` (the client changed an MSI per-vector
+    mask bit, an MSI-X table entry's mask bit, or the MSI-X function mask: then ``start``
+    0 and ``count`` every vector) and ``flr_requested()``. BAR sizing makes the address
+    read back as the size mask for a moment; consumers should act on addresses only while
+    decoding is enabled.
     """
 
     def __init__(
@@ -253,6 +330,7 @@ class PciConfigSpace:
         interrupt_pin: int = InterruptPin.NONE,
         express: bool = False,
         capabilities: Iterable[Capability] = (),
+        registers: Iterable[ConfigRegisters] = (),
     ) -> None:
         capabilities = list(capabilities)
         if any(isinstance(cap, ExpressCapability) for cap in capabilities):
@@ -274,10 +352,14 @@ class PciConfigSpace:
         self.msi_changed: Hook[[MsiState]] = Hook()
         self.msix_changed: Hook[[bool, bool]] = Hook()
         self.flr_requested: Hook[[]] = Hook()
+        self.irq_mask_changed: Hook[[int, int, int, bool]] = Hook()
         self._image = RegisterImage(self.size)
         self._standard: list[PlacedCapability] = []
         self._extended: list[PlacedCapability] = []
+        self._served: list[ServedRange] = []
         self._define_header(InterruptPin(interrupt_pin))
+        for block in registers:
+            self._claim_registers(block)
         for capability in capabilities:
             self.add_capability(capability)
         self._power_on = bytes(self._image.data)
@@ -311,6 +393,22 @@ class PciConfigSpace:
         image.define(INTERRUPT_PIN, 1, interrupt_pin, kind=header)
         image.define(MIN_GNT, 2, kind=header)  # min grant, max latency: 0 (no requirement)
 
+    def _claim_registers(self, block: ConfigRegisters) -> None:
+        where = f"config registers {block.offset:#x}+{block.size:#x}"
+        taken = [(served.start, served.size) for served in self._served]
+        problem = config_registers_problem(block.offset, block.size, self.size, taken)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        self._image.define(block.offset, block.size, kind=ByteKind.DEVICE)
+        self._served.append(
+            ServedRange(block.offset, block.size, block.offset, block.read, block.write, where)
+        )
+
+    @property
+    def served(self) -> tuple[ServedRange, ...]:
+        """The bytes the device serves by its callbacks, in declaration order."""
+        return tuple(self._served)
+
     # --- capabilities -----------------------------------------------------------------
 
     def add_capability(self, capability: Capability, offset: int | None = None) -> int:
@@ -334,6 +432,16 @@ class PciConfigSpace:
             self.msi = MsiState(self._image.data, placed.offset, capability)
         elif isinstance(capability, MsixCapability):
             self.msix = MsixState(capability.table_size)
+            self.msix.mask_changed = partial(self.irq_mask_changed.emit, PciIrq.MSIX)
+        elif isinstance(capability, VendorCallbackCapability):
+            start = placed.offset + capability.BODY
+            name = f"vendor capability at {placed.offset:#x}"
+            self._served.append(
+                ServedRange(
+                    start, capability.body_size, placed.offset, capability.read,
+                    capability.write, name,
+                )
+            )
         self._power_on = bytes(self._image.data)
         return placed.offset
 
@@ -407,7 +515,9 @@ class PciConfigSpace:
             raise VfioUserError(errno.EINVAL, f"{where}: vendor/device ID are read-only")
         if ByteKind.CAP_HEADER in kinds:
             raise VfioUserError(errno.EPERM, f"{where}: capability header is read-only")
-        if ByteKind.CAP_READONLY in kinds and ByteKind.CAP_WRITABLE not in kinds:
+        # Device-served bytes reaching here are writable ones (config_access.py refuses the rest).
+        writable = {ByteKind.CAP_WRITABLE, ByteKind.DEVICE}
+        if ByteKind.CAP_READONLY in kinds and not kinds & writable:
             raise VfioUserError(errno.EPERM, f"{where}: capability register is read-only")
 
     def _flr_written(self, offset: int, data: bytes) -> bool:
@@ -450,10 +560,24 @@ class PciConfigSpace:
         if self.msi is not None and after[2] != msi_registers:
             self.msi.release()
             self.msi_changed.emit(self.msi)
+            self._msi_masks_changed(msi_registers, after[2])
         if self.msix is not None and after[3] != msix_control:
             enabled, masked = self.msix_enabled, self.msix_function_masked
             self.msix.set_control(enabled=enabled, function_masked=masked)
             self.msix_changed.emit(enabled, masked)
+
+    def _msi_masks_changed(self, before: bytes, after: bytes) -> None:
+        """Emit ``irq_mask_changed`` for each MSI vector whose mask bit the client changed."""
+        assert self.msi is not None
+        capability = self.msi.capability
+        if not capability.per_vector_masking:
+            return
+        where = slice(capability.mask_offset, capability.mask_offset + 4)
+        old = int.from_bytes(before[where], "little")
+        new = int.from_bytes(after[where], "little")
+        for vector in range(capability.vectors):
+            if (old ^ new) >> vector & 1:
+                self.irq_mask_changed.emit(PciIrq.MSI, vector, 1, bool(new >> vector & 1))
 
     # --- device side ------------------------------------------------------------------
 

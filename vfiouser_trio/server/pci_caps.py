@@ -11,7 +11,10 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from .regions import ReadHandler, WriteHandler
 
 CAPABILITY_POINTER = 0x34
 STANDARD_HEADER_SIZE = 0x40
@@ -58,6 +61,7 @@ class ByteKind(enum.IntEnum):
     CAP_HEADER = 3  # capability ID and next pointer (extended: the header dword): EPERM
     CAP_READONLY = 4  # capability register without a writable bit
     CAP_WRITABLE = 5  # capability register with at least one writable bit
+    DEVICE = 6  # served by the device's callbacks (config registers, a callback capability)
 
 
 class RegisterImage:
@@ -109,6 +113,8 @@ class Field:
     value: int = 0
     rw: int = 0
     rw1c: int = 0
+    #: The device's callbacks serve these bytes (``value`` and the masks are unused).
+    device: bool = False
 
 
 class Capability(ABC):
@@ -428,6 +434,44 @@ class VendorCapability(Capability):
 
 
 @dataclass(frozen=True)
+class VendorCallbackCapability(Capability):
+    """Vendor-specific (ID 0x09) whose ``body_size`` data bytes the device serves by callbacks.
+
+    ID, next pointer and the length byte (``3 + body_size``) are the framework's; a client
+    access to the data bytes (offsets 3 .. 3 + body_size - 1 of the capability) calls
+    ``read(offset, count)`` / ``write(offset, data)`` with ``offset`` counted from the
+    capability's start, so the first data byte is offset 3, as the PCI spec numbers
+    vendor-specific registers. Callbacks are ``async def`` or plain functions, as for BARs.
+    Without ``write`` the data bytes are read-only (a write touching them fails with EPERM).
+    libvfio-user calls this a capability with ``VFU_CAP_FLAG_CALLBACK``.
+    """
+
+    body_size: int
+    read: ReadHandler
+    write: WriteHandler | None = None
+
+    cap_id: ClassVar[int] = CAP_ID_VENDOR
+    name: ClassVar[str] = "Vendor Specific"
+
+    #: The first data byte, from the capability's start (after ID, next and length).
+    BODY: ClassVar[int] = 0x03
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.body_size <= CONFIG_SPACE_SIZE - STANDARD_HEADER_SIZE - self.BODY:
+            raise ValueError(
+                f"vendor capability body of {self.body_size} bytes: it takes 1 .. "
+                f"{CONFIG_SPACE_SIZE - STANDARD_HEADER_SIZE - self.BODY} (the length is one byte "
+                "and the capability lives in 0x40..0xff)"
+            )
+
+    def fields(self) -> tuple[Field, ...]:
+        return (
+            Field(0x02, 1, self.BODY + self.body_size),
+            Field(self.BODY, self.body_size, device=True),
+        )
+
+
+@dataclass(frozen=True)
 class SerialNumberCapability(Capability):
     """Device Serial Number extended capability (ID 0x0003, version 1): a 64-bit serial, RO."""
 
@@ -506,6 +550,8 @@ def place_capability(
         start, limit = STANDARD_HEADER_SIZE, CONFIG_SPACE_SIZE
     if offset is None:
         offset = max([start, *(placed.end for placed in chain)])
+        if chain or not capability.extended:  # the first extended one stays at 0x100
+            offset = _first_free(image, offset, capability)
     elif offset % 4 or offset < start:
         raise ValueError(f"{capability.name}: offset {offset:#x} unaligned or below {start:#x}")
     elif capability.extended and not chain and offset != EXTENDED_CAPABILITIES_START:
@@ -516,6 +562,12 @@ def place_capability(
     for placed in chain:
         if offset < placed.end and placed.offset < end:
             raise ValueError(f"{capability.name} overlaps {placed.capability.name}")
+    claimed = next((o for o in range(offset, end) if image.kind[o] == ByteKind.DEVICE), None)
+    if claimed is not None:
+        raise ValueError(
+            f"{capability.name} at {offset:#x}+{capability.size:#x} overlaps the device's "
+            f"config registers at {claimed:#x}; place it elsewhere or let it be placed"
+        )
 
     image.define(offset, capability.size, kind=ByteKind.CAP_READONLY)  # padding included
     if capability.extended:
@@ -526,6 +578,8 @@ def place_capability(
     for field in capability.fields():
         writable = field.rw | field.rw1c
         kind = ByteKind.CAP_WRITABLE if writable else ByteKind.CAP_READONLY
+        if field.device:
+            kind = ByteKind.DEVICE
         image.define(
             offset + field.offset,
             field.size,
@@ -547,3 +601,14 @@ def place_capability(
     placed = PlacedCapability(capability, offset)
     chain.append(placed)
     return placed
+
+
+def _first_free(image: RegisterImage, offset: int, capability: Capability) -> int:
+    """The first dword from ``offset`` where ``capability`` fits without covering bytes the
+    device serves itself (config registers declared before capabilities are placed)."""
+    size = capability.size
+    while offset + size <= image.size and any(
+        image.kind[o] == ByteKind.DEVICE for o in range(offset, offset + size)
+    ):
+        offset += 4
+    return offset
