@@ -259,7 +259,7 @@ async def test_mmap_path_uses_no_messages_and_agrees_with_messages() -> None:
     device = TestDevice()
     counter = SentCounter()
     async with served(device, hooks=counter) as (client, _):
-        memory = device.regions[PciRegion.BAR1].memory
+        memory = device.region(PciRegion.BAR1).memory
         assert memory is not None
         counter.sent.clear()
         data = os.urandom(4 * PAGE)
@@ -285,7 +285,7 @@ async def test_sparse_areas_mapped_and_the_rest_trapped() -> None:
     async with served(device, hooks=counter) as (client, _):
         region = client.regions[PciRegion.BAR2]
         assert [(a.offset, a.size) for a in region.areas] == [(PAGE, 2 * PAGE)]
-        memory = device.regions[PciRegion.BAR2].memory
+        memory = device.region(PciRegion.BAR2).memory
         assert memory is not None
         counter.sent.clear()
         payload = os.urandom(2 * PAGE)

@@ -178,7 +178,7 @@ async def test_reset_keeps_the_wiring_and_clears_the_rest(dev: GpioDevice) -> No
     await read(dev, gpio.IRQ_CONTROL)
     dev.set_inputs(0x0101)
     assert await read(dev, gpio.IRQ_STATUS)
-    await dev.do_reset()
+    await dev._vfu.do_reset()
     assert dev.outputs == 0
     assert dev.inputs == 0x0101
     assert await read(dev, gpio.IRQ_STATUS) == 0

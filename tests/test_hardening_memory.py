@@ -418,7 +418,7 @@ HOSTILE_SERVER_VICTIM = """
 
     async def main() -> None:
         device = TestDevice()
-        region = device.regions[PciRegion.BAR1]
+        region = device.region(PciRegion.BAR1)
         region.memory.close()
         region.memory = ShrinkableMemory(region.size)
         region.memory.view[:5] = b"hello"

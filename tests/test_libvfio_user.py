@@ -191,7 +191,7 @@ async def test_a_guarded_area_whose_file_is_cut_short_falls_back_to_messages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     device = TestDevice()
-    region = device.regions[PciRegion.BAR1]
+    region = device.region(PciRegion.BAR1)
     assert region.memory is not None
     region.memory.close()
     memory = ShrinkableMemory(region.size)

@@ -54,7 +54,7 @@ async def test_config_region_reflects_declarations() -> None:
     # BAR sizing through the config region, as a client would do it.
     await config.do_write(0x18, b"\xff\xff\xff\xff")
     assert int.from_bytes(await config.do_read(0x18, 4), "little") == 0xFFFFC000
-    assert dev.num_regions == 9
+    assert dev._vfu.num_regions == 9
     assert dev.irqs.info(PciIrq.MSIX).count == 4
     dev.close()
 
@@ -104,10 +104,10 @@ async def test_quiesce_holds_interrupts() -> None:
     dev = Sample()
     given, mine = eventfds(4)
     dev.irqs[PciIrq.MSIX].set_irqs(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 4, b"", given)
-    dev.quiesce(True)
+    dev._vfu.quiesce(True)
     assert not dev.trigger(0, index=PciIrq.MSIX)
     assert pending(mine[0]) == 0
-    dev.quiesce(False)
+    dev._vfu.quiesce(False)
     assert pending(mine[0]) == 1
     dev.irqs.disable_all()
     for fd in mine:
@@ -223,6 +223,18 @@ def test_declaring_after_reading_config_in_init_names_the_cause() -> None:
     message = str(refused.value)
     assert message.startswith("early0: too late to declare: the declarations were frozen by ")
     assert f"reading config at {__file__}:" in message and " in __init__." in message
+
+
+def test_declaring_after_reading_config_names_the_cause() -> None:
+    device = Registers(bar=2)
+    vendor = device.config.read(0, 2)  # freezes the declarations
+    assert vendor == ID.vendor_id.to_bytes(2, "little")
+    with pytest.raises(RuntimeError) as refused:
+        device.add_bar(3, 0x100)
+    message = str(refused.value)
+    assert message.startswith("regs0: too late to declare: the declarations were frozen by ")
+    assert f"reading config at {__file__}:" in message
+    device.close()
 
 
 async def test_declaring_after_serving_says_serving_froze_it() -> None:

@@ -272,7 +272,7 @@ class SessionMachine(RuleBasedStateMachine):
         dev = world.target
         self.regions = {
             i: region.size
-            for i in range(dev.num_regions)
+            for i in range(dev._vfu.num_regions)
             if (region := dev.region(i)) is not None and region.size > 0
         }
         self.irqs = {i: dev.irqs.info(i).count for i in range(dev.irqs.num_irqs)}

@@ -18,28 +18,58 @@ server session turns client commands into calls on it.
         async def write_bar0(self, offset: int, data: bytes) -> None:
             self.count += 1
             self.trigger(0)
+
+What a subclass sees of the framework, and nothing else:
+
+- declarations (from ``__init__``): ``add_bar``, ``add_rom``, ``add_region``, ``add_irq``,
+  ``add_intx``, ``add_msi``, ``add_msix``, ``add_capability``, ``add_doorbell``,
+  ``enable_migration``;
+- services for its callbacks and hooks: ``name``, ``identity``, ``dma``, ``config``,
+  ``irqs``, ``region()``, ``trigger()``, ``active_irq_index()``, ``migration``;
+- hooks it may override: ``reset``, ``attached``, ``detached``, ``run``, ``close`` (extend
+  it, calling ``super().close()``), the DMA map hooks (``server/dma_hooks.py``) and the
+  migration hooks (``server/migration.py``).
+
+Why the author's API stays on the subclass rather than behind a composed ``self.vfu``:
+"a device in about thirty lines" is ``self.add_bar(...)`` and ``self.trigger(0)``, and
+every example and test is written so. What made the class easy to misuse was everything
+else on it: the session's machinery (full reset, cleanup when a client goes, quiescing,
+MSI-X delivery) and the framework's private state, which a subclass could shadow
+without noticing. Those now live in one object the server reaches as
+``device._vfu`` (``server/device_runtime.py``), and the names above are fenced: a
+subclass that defines a framework name other than a hook, or assigns one
+(``self.config = ...``), is refused at once with the fix; a hook overridden with the
+wrong kind (a plain ``def reset``, an ``async def save_chunks``) is refused when the class
+is created. The declarations are checked as a whole when serving starts (or when device
+code first reads ``config``/``irqs``/``region()``), with errors naming the device, the
+region and the fix. The first read of ``config``/``irqs``/``region()`` freezes the
+declarations (at the end of ``__init__`` that is fine: to connect config signals, say);
+a declaration after it is refused naming the file and line of that read.
+``close()`` is the owner's (not the session's): it releases the device's memory once
+nothing serves it, and a device with resources of its own extends it.
+
+A framework class that adds a plain (non-async) hook lists it in ``_vfu_hooks``; async
+methods of the framework classes are hooks.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import traceback
+import inspect
+import types
 from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, overload
 
-import trio
-
-from ..protocol.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
-from .device_errors import DeviceErrors
+from ..protocol.constants import PciIrq, PciRegion
+from .device_runtime import DeviceRuntime, page_aligned
 from .dma import DmaTable
 from .dma_hooks import DmaHooks
 from .doorbells import Doorbell
-from .irqs import DEFAULT_IRQ_COUNTS, INTX_EDGE_FLAGS, IrqIndex, IrqTable
+from .irqs import INTX_EDGE_FLAGS, IrqTable
 from .migration import MigrationHooks
 from .pci import BarSpec, InterruptPin, PciConfigSpace, PciIdentity
 from .pci_caps import Capability, MsiCapability, MsixCapability
 from .regions import (
-    Overlay,
+    MemoryRegion,
     ReadHandler,
     Region,
     RegionMemory,
@@ -48,8 +78,6 @@ from .regions import (
     WriteHandler,
 )
 
-log = logging.getLogger(__name__)
-
 
 class Device(DmaHooks, MigrationHooks):
     """An emulated PCI function. Subclass it; declare regions and IRQs in ``__init__``.
@@ -57,6 +85,9 @@ class Device(DmaHooks, MigrationHooks):
     Live migration: call ``enable_migration()`` and override the hooks of
     :class:`~vfiouser_trio.server.migration.MigrationHooks` (``save_state``/``load_state``...).
     """
+
+    #: Plain (non-async) hooks of the framework classes; async methods are hooks anyway.
+    _vfu_hooks: ClassVar[frozenset[str]] = frozenset({"close"})
 
     def __init__(
         self,
@@ -67,52 +98,143 @@ class Device(DmaHooks, MigrationHooks):
         name: str | None = None,
         reset_supported: bool = True,
     ) -> None:
-        self.identity = identity
-        self.name = name or type(self).__name__
-        self.reset_supported = reset_supported
-        self.regions: dict[int, Region] = {}
-        self.dma = DmaTable(name=self.name)
-        self._express = express
-        self._interrupt_pin = int(interrupt_pin)
-        self._bars: dict[int, BarSpec] = {}
-        self._rom_size: int | None = None
-        self._capabilities: list[Capability] = []
-        self._irq_counts: dict[int, tuple[int, int | None]] = {}
-        self._config: PciConfigSpace | None = None
-        self._irqs: IrqTable | None = None
-        self._msix_table_driven = False
-        self._quiesced = False
-        # Where the declarations were frozen (see _declaring), and where device bugs go.
-        self._built_by: str | None = None
-        self._errors = DeviceErrors(self.name)
-        if self._interrupt_pin:
-            self._irq_counts[PciIrq.INTX] = (1, None)
-        for index, count in DEFAULT_IRQ_COUNTS.items():  # ERR and REQ: see add_irq
-            self._irq_counts[index] = (count, None)
+        runtime = DeviceRuntime(
+            self,
+            identity,
+            name=name or type(self).__name__,
+            express=express,
+            interrupt_pin=interrupt_pin,
+            reset_supported=reset_supported,
+        )
+        object.__setattr__(self, "_vfu", runtime)
+
+    # --- the fence -----------------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        reserved, hooks = _framework_names()
+        for attr, value in vars(cls).items():
+            if attr in reserved:
+                raise TypeError(
+                    f"{cls.__qualname__} defines {attr!r}, a name of the Device framework "
+                    f"({_what(attr)}); {_fix(attr)}"
+                )
+            if attr in hooks:
+                _check_hook(cls, attr, value, hooks[attr])
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        if attr in _framework_names()[0]:
+            raise AttributeError(
+                f"{type(self).__qualname__}: self.{attr} = ... would replace the framework's "
+                f"{attr!r} ({_what(attr)}); {_fix(attr)}"
+            )
+        object.__setattr__(self, attr, value)
+
+    # --- services --------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The device's name in log lines and errors (``name=`` of ``Device.__init__``)."""
+        return self._vfu.name
+
+    @property
+    def identity(self) -> PciIdentity:
+        """The PCI identity given to ``Device.__init__``."""
+        return self._vfu.identity
+
+    @property
+    def dma(self) -> DmaTable:
+        """The client's DMA maps: ``read``/``write``/``view``/``pin`` guest memory (``dma.py``)."""
+        return self._vfu.dma
+
+    @property
+    def config(self) -> PciConfigSpace:
+        """The device's PCI configuration space (built from the declarations on first use)."""
+        return self._vfu.config()
+
+    @property
+    def irqs(self) -> IrqTable:
+        """The device's IRQ indexes (built from the declarations on first use)."""
+        return self._vfu.irqs()
+
+    def region(self, index: int) -> Region | None:
+        """Region ``index`` as declared (``PciRegion.CONFIG`` once built), or None."""
+        return self._vfu.region(index, "calling region()")
+
+    def active_irq_index(self) -> int:
+        """The interrupt mode the guest enabled: MSI-X, else MSI, else INTx."""
+        return self._vfu.active_irq_index()
+
+    def trigger(self, vector: int = 0, *, index: int | None = None) -> bool:
+        """Raise interrupt ``vector``; True if it was delivered now.
+
+        ``index`` defaults to the mode the guest enabled (see ``active_irq_index``);
+        when no enabled mode has ``vector`` (the driver has not set interrupts up
+        yet) the interrupt goes nowhere, as on hardware, and False is returned. An
+        explicit ``index`` without that vector is a device bug: ValueError.
+        Masked vectors (vfio-level, or in our MSI/MSI-X structures when the client
+        programs them through us) and a quiesced device hold the interrupt pending.
+        """
+        return self._vfu.trigger(vector, index)
 
     # --- declaration (call from __init__) ------------------------------------------------
-
-    def _declaring(self) -> None:
-        if self._config is not None:
-            raise RuntimeError(
-                f"{self.name}: too late to declare: the declarations were frozen by "
-                f"{self._built_by or 'serving the device'}. Declare every region, IRQ and "
-                "capability first (config, irqs, region(), num_regions, trigger() and "
-                "active_irq_index() build the device from them)"
-            )
-
-    def _refuse(self, where: str, problem: str, fix: str) -> ValueError:
-        """A declaration error naming the device, what is declared, and the fix."""
-        return ValueError(f"{self.name}: {where}: {problem}; {fix}")
 
     def _check_handlers(self, where: str, **handlers: object) -> None:
         for kind, handler in handlers.items():
             if handler is not None and not callable(handler):
-                raise self._refuse(
+                raise self._vfu.refuse(
                     where,
                     f"{kind}={handler!r} is not callable",
                     f"pass a method such as {kind}=self.{kind}_handler (async def or plain def)",
                 )
+
+    @overload
+    def add_bar(
+        self,
+        bar: int,
+        size: int,
+        *,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
+        memory: Literal[True],
+        mmap: bool = False,
+        sparse: Sequence[SparseArea] = (),
+        io: bool = False,
+        is_64bit: bool = False,
+        prefetchable: bool = False,
+    ) -> MemoryRegion: ...
+
+    @overload
+    def add_bar(
+        self,
+        bar: int,
+        size: int,
+        *,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
+        memory: bool = False,
+        mmap: Literal[True],
+        sparse: Sequence[SparseArea] = (),
+        io: bool = False,
+        is_64bit: bool = False,
+        prefetchable: bool = False,
+    ) -> MemoryRegion: ...
+
+    @overload
+    def add_bar(
+        self,
+        bar: int,
+        size: int,
+        *,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
+        memory: bool = False,
+        mmap: bool = False,
+        sparse: Sequence[SparseArea] = (),
+        io: bool = False,
+        is_64bit: bool = False,
+        prefetchable: bool = False,
+    ) -> Region: ...
 
     def add_bar(
         self,
@@ -136,15 +258,17 @@ class Device(DmaHooks, MigrationHooks):
         function (called on the event loop: it must not block). A callback that raises,
         or a read returning other than the bytes asked for, answers the client EIO and is
         logged at WARNING with its traceback (see ``server/device_errors.py``).
+        With ``memory=True`` or ``mmap=True`` the returned region's ``memory`` is there
+        for the type checker too (a :class:`MemoryRegion`). Sparse areas are page-aligned.
         """
-        self._declaring()
+        self._vfu.declaring()
         if not 0 <= bar <= PciRegion.BAR5:
             raise ValueError(f"{self.name}: BAR {bar}: BARs are numbered 0..5")
         try:
             spec = BarSpec(size, io=io, is_64bit=is_64bit, prefetchable=prefetchable)
         except ValueError as exc:
             raise ValueError(f"{self.name}: BAR {bar}: {exc}") from None
-        self._bars[bar] = spec
+        self._vfu.bars[bar] = spec
         return self._add(
             bar,
             size,
@@ -158,8 +282,8 @@ class Device(DmaHooks, MigrationHooks):
 
     def add_rom(self, size: int, *, read: ReadHandler | None = None, data: bytes = b"") -> Region:
         """Declare an expansion ROM (read-only); ``data`` fills its memory when no callback."""
-        self._declaring()
-        self._rom_size = size
+        self._vfu.declaring()
+        self._vfu.rom_size = size
         region = self._add(
             PciRegion.ROM,
             size,
@@ -175,6 +299,48 @@ class Device(DmaHooks, MigrationHooks):
             region.memory.view[: len(data)] = data
         return region
 
+    @overload
+    def add_region(
+        self,
+        index: int,
+        size: int,
+        *,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
+        memory: Literal[True],
+        mmap: bool = False,
+        sparse: Sequence[SparseArea] = (),
+        region_type: RegionType | None = None,
+    ) -> MemoryRegion: ...
+
+    @overload
+    def add_region(
+        self,
+        index: int,
+        size: int,
+        *,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
+        memory: bool = False,
+        mmap: Literal[True],
+        sparse: Sequence[SparseArea] = (),
+        region_type: RegionType | None = None,
+    ) -> MemoryRegion: ...
+
+    @overload
+    def add_region(
+        self,
+        index: int,
+        size: int,
+        *,
+        read: ReadHandler | None = None,
+        write: WriteHandler | None = None,
+        memory: bool = False,
+        mmap: bool = False,
+        sparse: Sequence[SparseArea] = (),
+        region_type: RegionType | None = None,
+    ) -> Region: ...
+
     def add_region(
         self,
         index: int,
@@ -187,12 +353,20 @@ class Device(DmaHooks, MigrationHooks):
         sparse: Sequence[SparseArea] = (),
         region_type: RegionType | None = None,
     ) -> Region:
-        """Declare the VGA region (8) or a device-specific region (9 and up, with a type)."""
-        self._declaring()
-        if index < PciRegion.VGA:
-            raise ValueError("use add_bar / add_rom for regions 0-6; region 7 is config space")
+        """Declare the VGA region (8) or a device-specific region (9 up to
+        ``MAX_REGION_INDEX``, with a type)."""
+        self._vfu.declaring()
+        where = f"region {index}"
+        if not PciRegion.VGA <= index <= MAX_REGION_INDEX:
+            raise self._vfu.refuse(
+                where,
+                f"add_region declares regions {int(PciRegion.VGA)}..{MAX_REGION_INDEX}",
+                "use add_bar / add_rom for regions 0-6 (region 7 is config space)",
+            )
         if index > PciRegion.VGA and region_type is None:
-            raise ValueError("device-specific regions need a region_type")
+            raise self._vfu.refuse(
+                where, "a device-specific region needs a type", "pass region_type=RegionType(...)"
+            )
         return self._add(
             index,
             size,
@@ -216,9 +390,17 @@ class Device(DmaHooks, MigrationHooks):
         sparse: Sequence[SparseArea],
         region_type: RegionType | None,
     ) -> Region:
-        if index in self.regions:
+        vfu = self._vfu
+        if index in vfu.regions:
             raise ValueError(f"{self.name}: region {index} is declared twice")
         self._check_handlers(f"region {index}", read=read, write=write)
+        for area in sparse:
+            if not (page_aligned(area.offset) and page_aligned(area.size)):
+                raise vfu.refuse(
+                    f"region {index} sparse area {area.offset:#x}+{area.size:#x}",
+                    "not page-aligned (a client maps whole pages)",
+                    "give sparse areas page-aligned offsets and sizes (mmap.PAGESIZE)",
+                )
         if mmap or sparse:
             memory = True
         backing = RegionMemory(f"{self.name}-region{index}", size) if memory else None
@@ -231,9 +413,9 @@ class Device(DmaHooks, MigrationHooks):
             mmap=mmap or bool(sparse),
             sparse=tuple(sparse),
             region_type=region_type,
-            errors=self._errors,
+            errors=vfu.errors,
         )
-        self.regions[index] = region
+        vfu.regions[index] = region
         return region
 
     def add_irq(self, index: int, count: int, *, flags: int | None = None) -> None:
@@ -246,8 +428,14 @@ class Device(DmaHooks, MigrationHooks):
         to release the device (QEMU's vfio-pci unplugs it). ``add_irq(PciIrq.ERR, 0)``
         opts out.
         """
-        self._declaring()
-        self._irq_counts[index] = (count, flags)
+        self._vfu.declaring()
+        if not 0 <= index <= MAX_IRQ_INDEX or count < 0:
+            raise self._vfu.refuse(
+                f"IRQ index {index}",
+                f"{count} vectors at index {index}",
+                f"IRQ indexes are 0..{MAX_IRQ_INDEX} (PciIrq) with 0 or more vectors",
+            )
+        self._vfu.irq_counts[index] = (count, flags)
 
     def add_intx(self, pin: int = InterruptPin.INTA, *, automask: bool = True) -> None:
         """Use a legacy INTx pin (INTA by default).
@@ -261,15 +449,15 @@ class Device(DmaHooks, MigrationHooks):
         eventfd) finds it unmasked, also on a migration destination (see
         ``vfiouser_trio.server.irqs``).
         """
-        self._declaring()
-        self._interrupt_pin = int(pin)
-        self._irq_counts[PciIrq.INTX] = (1, None if automask else INTX_EDGE_FLAGS)
+        self._vfu.declaring()
+        self._vfu.interrupt_pin = int(pin)
+        self._vfu.irq_counts[PciIrq.INTX] = (1, None if automask else INTX_EDGE_FLAGS)
 
     def add_msi(self, vectors: int = 1, *, per_vector_masking: bool = False) -> None:
         """Add an MSI capability with ``vectors`` (1..32, a power of two)."""
-        self._declaring()
-        self._capabilities.append(MsiCapability(vectors, per_vector_masking=per_vector_masking))
-        self._irq_counts[PciIrq.MSI] = (vectors, None)
+        self._vfu.declaring()
+        self._vfu.capabilities.append(MsiCapability(vectors, per_vector_masking=per_vector_masking))
+        self._vfu.irq_counts[PciIrq.MSI] = (vectors, None)
 
     def add_msix(
         self,
@@ -289,7 +477,7 @@ class Device(DmaHooks, MigrationHooks):
         framework's bytes would hide the device's there: place the structures explicitly
         (``table_offset`` or ``pba_offset``) to say that is the layout meant.
         """
-        self._declaring()
+        self._vfu.declaring()
         try:
             cap = MsixCapability(
                 vectors,
@@ -303,28 +491,28 @@ class Device(DmaHooks, MigrationHooks):
         placed = table_offset is not None or pba_offset is not None
         self._check_msix_area("table", cap.table_bar, cap.table_offset, 16 * vectors, placed)
         self._check_msix_area("PBA", cap.pba_bir, cap.pba_start, cap.pba_size, placed)
-        self._capabilities.append(cap)
-        self._irq_counts[PciIrq.MSIX] = (vectors, None)
+        self._vfu.capabilities.append(cap)
+        self._vfu.irq_counts[PciIrq.MSIX] = (vectors, None)
 
     def _check_msix_area(self, what: str, bar: int, offset: int, size: int, placed: bool) -> None:
         where = f"MSI-X {what} at BAR {bar} {offset:#x}+{size:#x}"
-        region = self.regions.get(bar)
+        region = self._vfu.regions.get(bar)
         if region is None or bar > PciRegion.BAR5:
-            raise self._refuse(where, f"BAR {bar} is not declared", "call add_bar first")
+            raise self._vfu.refuse(where, f"BAR {bar} is not declared", "call add_bar first")
         if offset + size > region.size:
-            raise self._refuse(
+            raise self._vfu.refuse(
                 where, f"beyond the BAR's {region.size:#x} bytes", "make the BAR larger"
             )
         for area in region.sparse:
             if offset < area.offset + area.size and area.offset < offset + size:
-                raise self._refuse(
+                raise self._vfu.refuse(
                     where,
                     f"overlaps the sparse mmap area {area.offset:#x}+{area.size:#x} (the client "
                     "would map it and bypass the framework)",
                     "move the table/PBA out of the sparse areas",
                 )
         if not placed and (region.read or region.write or region.memory):
-            raise self._refuse(
+            raise self._vfu.refuse(
                 where,
                 f"the framework would serve these bytes and hide BAR {bar}'s own "
                 "callbacks/memory there",
@@ -334,8 +522,8 @@ class Device(DmaHooks, MigrationHooks):
 
     def add_capability(self, capability: Capability) -> None:
         """Add any other capability (power management, PCI Express, vendor-specific, ...)."""
-        self._declaring()
-        self._capabilities.append(capability)
+        self._vfu.declaring()
+        self._vfu.capabilities.append(capability)
 
     def add_doorbell(
         self, region: int, offset: int, *, size: int = 4, datamatch: int | None = None
@@ -344,154 +532,19 @@ class Device(DmaHooks, MigrationHooks):
 
         Await ``doorbell.wait()`` in the device; a plain REGION_WRITE there rings it too.
         """
-        self._declaring()
-        target = self.regions[region]
+        vfu = self._vfu
+        vfu.declaring()
+        target = vfu.regions.get(region)
+        where = f"doorbell at region {region} {offset:#x}+{size:#x}"
+        if target is None:
+            raise vfu.refuse(where, f"region {region} is not declared", "call add_bar first")
         if offset < 0 or offset + size > target.size:
-            raise ValueError("doorbell beyond its region")
+            raise vfu.refuse(
+                where, f"beyond the region's {target.size:#x} bytes", "move it inside the region"
+            )
         bell = Doorbell(offset, size, datamatch)
         target.doorbells.append(bell)
         return bell
-
-    # --- built state ---------------------------------------------------------------------
-
-    def _build(self, cause: str = "serving the device") -> None:
-        """Freeze the declarations into config space, the config region and the IRQ table."""
-        if self._config is not None:
-            return
-        caller = _caller()
-        self._built_by = f"{cause} at {caller}" if caller else "serving the device"
-        self._errors.device = self.name
-        config = PciConfigSpace(
-            self.identity,
-            bars=self._bars,
-            rom_size=self._rom_size,
-            interrupt_pin=self._interrupt_pin,
-            express=self._express,
-            capabilities=self._capabilities,
-        )
-        self._config = config
-
-        async def read_config(offset: int, size: int) -> bytes:
-            return config.read(offset, size)
-
-        async def write_config(offset: int, data: bytes) -> None:
-            config.write(offset, data)
-
-        self.regions[PciRegion.CONFIG] = Region(
-            PciRegion.CONFIG,
-            config.size,
-            read=read_config,
-            write=write_config,
-            errors=self._errors,
-        )
-        indexes = [
-            IrqIndex(index, *self._irq_counts.get(index, (0, None)))
-            for index in range(max(PCI_NUM_IRQS, max(self._irq_counts, default=0) + 1))
-        ]
-        self._irqs = IrqTable(indexes)
-        for irq in indexes:
-            irq.set_gate(self._irq_gate)
-            irq.owner = self.name  # named in its log lines
-        if config.msix is not None:
-            self._attach_msix(config)
-
-    def _attach_msix(self, config: PciConfigSpace) -> None:
-        msix = config.msix
-        placed = config.find_capability(MsixCapability)
-        assert msix is not None and placed is not None
-        cap = placed.capability
-        assert isinstance(cap, MsixCapability)
-        msix.deliver = self._deliver_msix
-
-        def table_write(offset: int, data: bytes) -> None:
-            # From the first table write on, the client drives MSI-X through our table.
-            self._msix_table_driven = True
-            msix.table_write(offset, data)
-
-        self.regions[cap.table_bar].overlays.append(
-            Overlay(cap.table_offset, msix.table_size, msix.table_read, table_write)
-        )
-        self.regions[cap.pba_bir].overlays.append(
-            Overlay(cap.pba_start, msix.pba_size, msix.pba_read, msix.pba_write)
-        )
-
-    @property
-    def config(self) -> PciConfigSpace:
-        """The device's PCI configuration space (built on first use)."""
-        self._build("reading config")
-        assert self._config is not None
-        return self._config
-
-    @property
-    def irqs(self) -> IrqTable:
-        """The device's IRQ indexes (built on first use)."""
-        self._build("reading irqs")
-        assert self._irqs is not None
-        return self._irqs
-
-    @property
-    def num_regions(self) -> int:
-        self._build("reading num_regions")
-        return max(PCI_NUM_REGIONS, max(self.regions) + 1)
-
-    def region(self, index: int) -> Region | None:
-        self._build("calling region()")
-        return self.regions.get(index)
-
-    # --- interrupts ------------------------------------------------------------------------
-
-    def _irq_gate(self, vector: int) -> bool:
-        return not self._quiesced
-
-    def _deliver_msix(self, vector: int) -> None:
-        self.irqs[PciIrq.MSIX].trigger(vector)
-
-    def active_irq_index(self) -> int:
-        """The interrupt mode the guest enabled: MSI-X, else MSI, else INTx."""
-        config = self.config
-        if config.msix is not None and config.msix_enabled:
-            return PciIrq.MSIX
-        if config.msi is not None and config.msi_enabled:
-            return PciIrq.MSI
-        # Clients that emulate the capabilities themselves may only have assigned eventfds.
-        for index in (PciIrq.MSIX, PciIrq.MSI):
-            irq = self.irqs.get(index)
-            if irq is not None and any(irq.has_eventfd(v) for v in range(irq.count)):
-                return index
-        return PciIrq.INTX
-
-    def trigger(self, vector: int = 0, *, index: int | None = None) -> bool:
-        """Raise interrupt ``vector``; True if it was delivered now.
-
-        ``index`` defaults to the mode the guest enabled (see ``active_irq_index``);
-        when no enabled mode has ``vector`` (the driver has not set interrupts up
-        yet) the interrupt goes nowhere, as on hardware, and False is returned. An
-        explicit ``index`` without that vector is a device bug: ValueError.
-        Masked vectors (vfio-level, or in our MSI/MSI-X structures when the client
-        programs them through us) and a quiesced device hold the interrupt pending.
-        """
-        if index is None:
-            index = self.active_irq_index()
-            irq = self.irqs.get(index)
-            if irq is None or not 0 <= vector < irq.count:
-                return False
-        config = self.config
-        if index == PciIrq.MSIX and config.msix is not None and self._msix_table_driven:
-            if not config.msix.trigger(vector):
-                return False
-        elif index == PciIrq.MSI and config.msi is not None and config.msi_enabled:
-            if not config.msi.trigger(vector):
-                return False
-        elif index == PciIrq.INTX and config.intx_disabled:
-            return False
-        return self.irqs[index].trigger(vector)
-
-    def quiesce(self, quiesced: bool) -> None:
-        """Hold (True) or release (False) every interrupt: a stopped device raises none."""
-        self._quiesced = quiesced
-        if not quiesced:
-            for irq in self.irqs:
-                irq.release_all()
 
     # --- hooks for subclasses ----------------------------------------------------------
 
@@ -507,58 +560,88 @@ class Device(DmaHooks, MigrationHooks):
     async def run(self) -> None:
         """Background work for as long as the device is served (e.g. a doorbell loop)."""
 
-    # --- used by the server session --------------------------------------------------
-
-    async def do_reset(self) -> None:
-        """Full reset: config space to power-on, then the device's own ``reset``."""
-        self.config.reset()
-        self._msix_table_driven = False
-        try:
-            await self.reset()
-        except Exception as exc:
-            raise self._errors.bug("DEVICE_RESET", "in reset()", f"raised {exc!r}", exc) from exc
-
-    async def client_gone(self) -> None:
-        """Disconnect cleanup per the spec: unmap DMA, close IRQ fds, keep device state.
-
-        Nothing of the client stays: its IRQ eventfds are closed first (so nothing is
-        signalled to a dead client), its DMA_READ/WRITE path is cut, a device stopped
-        for migration runs again (see ``DeviceMigration.client_gone``), and then its DMA
-        maps are unmapped once the device's accesses to them finish. The next client
-        finds the device in RUNNING with the rest of its state as it was.
-        """
-        with trio.CancelScope(shield=True):
-            self.irqs.disable_all()
-            self.irqs.attach(None)
-            for region in self.regions.values():
-                for bell in region.doorbells:
-                    bell.renew()  # the client keeps its copy: it must ring nothing now
-            self.dma.messenger = None
-            if self.migration is not None:
-                # Before unmapping: a device task held at the DMA gate may have pinned a
-                # map, and the unmap waits for it.
-                await self.migration.client_gone()
-            await self.dma.unmap_all()
-            try:
-                await self.detached()
-            except Exception:
-                log.exception("%s: detached() failed", self.name)
-
     def close(self) -> None:
-        """Release the device's memory and doorbells (after serving ends)."""
-        for region in self.regions.values():
-            region.close()
+        """Release the device's memory and doorbells once nothing serves it any more.
+
+        ``serve`` does it for the devices a factory made; the owner of a device instance
+        calls it. A device with resources of its own extends it (``super().close()``).
+        """
+        self._vfu.close()
 
 
-_SERVER = os.path.dirname(os.path.abspath(__file__))
+#: The highest region index ``add_region`` declares (device-specific regions from 9).
+MAX_REGION_INDEX = 63
+#: The highest IRQ index ``add_irq`` declares (ERR is 3, REQ 4; beyond are device-specific).
+MAX_IRQ_INDEX = 31
+
+# --- the fence: which names are the framework's -------------------------------------------
+
+_NAMES: tuple[frozenset[str], dict[str, str]] | None = None
 
 
-def _caller() -> str | None:
-    """``file.py:12 in __init__``: the first frame outside this module, unless it is the
-    server's (then serving built the device, not the device's own code)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if frame.filename != __file__:
-            if os.path.dirname(os.path.abspath(frame.filename)) == _SERVER:
-                return None
-            return f"{frame.filename}:{frame.lineno} in {frame.name}"
-    return None
+def _framework_names() -> tuple[frozenset[str], dict[str, str]]:
+    """(reserved names, {hook name: "async" | "asyncgen" | "any"}) of Device and its bases."""
+    global _NAMES  # noqa: PLW0603 - computed once, after every framework class exists
+    if _NAMES is None:
+        reserved: set[str] = {"_vfu"}
+        hooks: dict[str, str] = {}
+        for klass in Device.__mro__[:-1]:  # not object
+            plain_hooks = vars(klass).get("_vfu_hooks", frozenset())
+            for attr, value in vars(klass).items():
+                if attr.startswith("_") or attr in hooks or attr in reserved:
+                    continue
+                if inspect.isasyncgenfunction(value):
+                    hooks[attr] = "asyncgen"
+                elif inspect.iscoroutinefunction(value):
+                    hooks[attr] = "async"
+                elif attr in plain_hooks:
+                    hooks[attr] = "any"
+                else:
+                    reserved.add(attr)
+        _NAMES = frozenset(reserved), hooks
+    return _NAMES
+
+
+def _what(attr: str) -> str:
+    value = inspect.getattr_static(Device, attr, None)
+    if isinstance(value, property):
+        return "a property of every device"
+    return "a method of every device" if callable(value) else "the framework's own state"
+
+
+_FIXES = {
+    "name": "pass name= to Device.__init__ instead",
+    "identity": "pass the PciIdentity to Device.__init__ instead",
+    "config": "rename your attribute, e.g. self.config_regs",
+}
+
+
+def _fix(attr: str) -> str:
+    return _FIXES.get(attr, f"rename your attribute, e.g. self.my_{attr.lstrip('_')}")
+
+
+def _check_hook(cls: type, attr: str, value: object, kind: str) -> None:
+    """Refuse an override of hook ``attr`` the framework could not call as it does."""
+    func = value.__func__ if isinstance(value, staticmethod | classmethod) else value
+    where = f"{cls.__qualname__}.{attr}"
+    if not callable(func):
+        raise TypeError(f"{where} must be a method (the framework calls this hook)")
+    # Only plain functions are judged: a callable object or a decorator's wrapper may
+    # well return what the framework expects.
+    if not isinstance(func, types.FunctionType) or hasattr(func, "__wrapped__"):
+        return
+    if attr == "close" and "super" not in func.__code__.co_names:
+        raise TypeError(
+            f"{where} must call super().close(): the framework's memory and doorbells are "
+            "released there"
+        )
+    if kind == "async" and not inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"{where} must be 'async def' (the framework awaits this hook); "
+            f"write: async def {attr}(self, ...)"
+        )
+    if kind == "asyncgen" and inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"{where} is an 'async def' returning a value, but the framework iterates this "
+            "hook; make it an async generator (yield each chunk)"
+        )

@@ -147,9 +147,7 @@ from .dirty import DirtyLog, select_page_size
 from .migration_stream import FrameworkState, StreamDecoder, StreamEncoder
 
 if TYPE_CHECKING:
-    from .dma import DmaTable
-    from .irqs import IrqTable
-    from .pci import PciConfigSpace, PciIdentity
+    from .device_runtime import DeviceRuntime
 
 __all__ = ["DeviceMigration", "MigrationHooks", "MigrationRefused", "SessionMigration"]
 
@@ -175,25 +173,17 @@ class MigrationRefused(VfioUserError):
 class MigrationHooks:
     """Migration support of a :class:`Device` (which inherits it). See the module docstring."""
 
-    #: Set by ``enable_migration``; None for a device that cannot migrate.
-    migration: DeviceMigration | None = None
-
     # Provided by Device.
-    name: str
-    identity: PciIdentity
-    dma: DmaTable
-    _msix_table_driven: bool
+    _vfu: DeviceRuntime
     if TYPE_CHECKING:
 
-        def quiesce(self, quiesced: bool) -> None: ...
-
-        async def do_reset(self) -> None: ...
-
         @property
-        def config(self) -> PciConfigSpace: ...
+        def name(self) -> str: ...
 
-        @property
-        def irqs(self) -> IrqTable: ...
+    @property
+    def migration(self) -> DeviceMigration | None:
+        """The migration state (``.state``), set by ``enable_migration``; else None."""
+        return self._vfu.migration
 
     def enable_migration(self, *, pre_copy: bool = False, raw: bool = False) -> None:
         """Declare that the device can migrate (STOP_COPY; PRE_COPY too with ``pre_copy``).
@@ -201,7 +191,8 @@ class MigrationHooks:
         ``raw``: the device's chunks are the whole stream, with nothing of the framework's
         around them (see "Raw streams" in the module docstring).
         """
-        self.migration = DeviceMigration(self, pre_copy=pre_copy, raw=raw)
+        self._vfu.declaring()
+        self._vfu.migration = DeviceMigration(self, pre_copy=pre_copy, raw=raw)
 
     # --- the state ----------------------------------------------------------------------
 
@@ -273,12 +264,14 @@ class DeviceMigration:
         #: Incoming data collected by the default ``load_chunk``.
         self.received = bytearray()
         self._device = device
+        #: The framework's side of the device (config space, IRQs, DMA, reset).
+        self._vfu = device._vfu
         self._lock = trio.Lock()
         self._source: AsyncIterator[bytes] | None = None
         self._pending = memoryview(b"")
         self._exhausted = False
         self._broken: VfioUserError | None = None
-        self._encoder = StreamEncoder(device.identity)
+        self._encoder = StreamEncoder(device._vfu.identity)
         self._decoder: StreamDecoder | None = None
 
     @property
@@ -360,23 +353,24 @@ class DeviceMigration:
             return
         decoder, self._decoder = self._decoder, None
         framework = (decoder or self._new_decoder()).finish()
+        vfu = self._vfu
         try:
-            previous_command = framework.restore(device.config, device.irqs)
+            previous_command = framework.restore(vfu.config(), vfu.irqs())
         except ValueError as exc:  # checked on arrival: only if the device changed since
             raise VfioUserError(errno.EINVAL, f"invalid migration data: {exc}") from exc
-        device._msix_table_driven = framework.msix_table_driven
+        vfu.msix_table_driven = framework.msix_table_driven
         await device.on_end_resume()
         self.received.clear()
-        device.config.announce_restored(previous_command)
+        vfu.config().announce_restored(previous_command)
 
     def _new_decoder(self) -> StreamDecoder:
-        device = self._device
-        return StreamDecoder(device.identity, device.config, device.irqs)
+        vfu = self._vfu
+        return StreamDecoder(vfu.identity, vfu.config(), vfu.irqs())
 
     def _capture(self) -> FrameworkState:
-        device = self._device
+        vfu = self._vfu
         return FrameworkState.capture(
-            device.config, device.irqs, msix_table_driven=device._msix_table_driven
+            vfu.config(), vfu.irqs(), msix_table_driven=vfu.msix_table_driven
         )
 
     async def reset(self) -> None:
@@ -389,12 +383,12 @@ class DeviceMigration:
             self._release()
 
     def _halt(self) -> None:
-        self._device.quiesce(True)
-        self._device.dma.stop()
+        self._vfu.quiesce(True)
+        self._vfu.dma.stop()
 
     def _release(self) -> None:
-        self._device.dma.resume()
-        self._device.quiesce(False)
+        self._vfu.dma.resume()
+        self._vfu.quiesce(False)
 
     def _enter_error(self) -> None:
         self._halt()
@@ -416,7 +410,7 @@ class DeviceMigration:
         self._pending = memoryview(b"")
         self._exhausted = False
         self._broken = None
-        self._encoder = StreamEncoder(self._device.identity)
+        self._encoder = StreamEncoder(self._vfu.identity)
 
     async def client_gone(self) -> None:
         """The client left: a device it left stopped (or saving) runs again.
@@ -457,7 +451,7 @@ class DeviceMigration:
         if self.state != MigState.RUNNING:
             log.warning("%s: resetting the device (left in %s)", device.name, self.state.name)
             try:
-                await device.do_reset()
+                await self._vfu.do_reset()
             except Exception:
                 log.exception("%s: reset after the client left failed", device.name)
             await self.reset()
@@ -649,7 +643,7 @@ class SessionMigration:
         ranges = [(r.iova, r.length) for r in control.ranges]
         if self.dirty is None:
             self.dirty = DirtyLog(
-                self.device.dma,
+                self.device._vfu.dma,
                 page_size,
                 ranges,
                 max_bitmap_bytes=self.limits.max_dirty_bitmap_bytes,

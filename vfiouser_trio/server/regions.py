@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from inspect import isawaitable
 from types import CoroutineType
+from typing import TYPE_CHECKING
 
 from ..memory import MemFd
 from ..protocol.constants import (
@@ -249,3 +250,15 @@ class Region:
             self.memory.close()
         for bell in self.doorbells:
             bell.close()
+
+
+if TYPE_CHECKING:
+
+    class MemoryRegion(Region):
+        """A :class:`Region` declared with memory: ``memory`` is always there."""
+
+        memory: RegionMemory
+
+else:
+    # At run time the same class: only the type checker knows the memory is there.
+    MemoryRegion = Region

@@ -83,6 +83,9 @@ class DeviceServer:
         limits: ServerLimits = DEFAULT_LIMITS,
     ) -> None:
         self.source = source
+        if isinstance(source, Device):
+            # Declaration errors (naming device, region and fix) before any client comes.
+            source._vfu.build()
         self.limits = limits
         self.capabilities = capabilities
         self.offer_twin_socket = offer_twin_socket

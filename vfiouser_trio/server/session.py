@@ -124,6 +124,9 @@ class ServerSession:
         limits: ServerLimits = DEFAULT_LIMITS,
     ) -> None:
         self.device = device
+        # The framework's side of the device; building it checks the declarations.
+        self._vfu = device._vfu
+        self._vfu.build()
         self.limits = limits
         self.capabilities = capabilities
         self.offer_twin_socket = offer_twin_socket
@@ -142,8 +145,9 @@ class ServerSession:
     async def run(self, sock: socket.socket) -> None:
         """Serve until the client disconnects; takes ownership of ``sock``."""
         device = self.device
+        vfu = self._vfu
         async with trio.open_nursery() as nursery:
-            device.irqs.attach(nursery)
+            vfu.irqs().attach(nursery)
             try:
                 async with open_connection(
                     sock,
@@ -166,9 +170,9 @@ class ServerSession:
                 self._migration.close()
                 if self._attached:
                     self._attached = False
-                    await device.client_gone()
+                    await vfu.client_gone()
                 else:
-                    device.irqs.attach(None)
+                    vfu.irqs().attach(None)
                 nursery.cancel_scope.cancel()
 
     @property
@@ -354,15 +358,15 @@ class ServerSession:
         return theirs.detach()
 
     def _device_info(self) -> HandlerResult:
-        device = self.device
-        flags = DEVICE_FLAGS_PCI | (DEVICE_FLAGS_RESET if device.reset_supported else 0)
-        return DeviceGetInfoReply(flags, device.num_regions, device.irqs.num_irqs)
+        vfu = self._vfu
+        flags = DEVICE_FLAGS_PCI | (DEVICE_FLAGS_RESET if vfu.reset_supported else 0)
+        return DeviceGetInfoReply(flags, vfu.num_regions, vfu.irqs().num_irqs)
 
     def _region_info(self, request: RegionInfoRequest) -> HandlerResult:
-        device = self.device
-        if not 0 <= request.index < device.num_regions:
+        vfu = self._vfu
+        if not 0 <= request.index < vfu.num_regions:
             raise VfioUserError(errno.EINVAL, f"no region {request.index}")
-        region = device.region(request.index)
+        region = vfu.region(request.index)
         if region is None:  # an index below num_regions the device does not implement
             return region_info_reply(RegionInfoReply(request.index, 0, 0), request.argsz)
         caps: list[RegionCap] = []
@@ -385,10 +389,10 @@ class ServerSession:
         return region_info_reply(full, request.argsz)
 
     def _region_io_fds(self, request: RegionIoFdsRequest) -> HandlerResult:
-        device = self.device
-        if not 0 <= request.index < device.num_regions:
+        vfu = self._vfu
+        if not 0 <= request.index < vfu.num_regions:
             raise VfioUserError(errno.EINVAL, f"no region {request.index}")
-        region = device.region(request.index)
+        region = vfu.region(request.index)
         bells = region.doorbells if region is not None else []
         limit = self.negotiated.send_max_msg_fds if self.negotiated else 1
         if len(bells) > limit:
@@ -403,13 +407,13 @@ class ServerSession:
         return region_io_fds_reply(full, request.argsz)
 
     def _irq_info(self, request: IrqInfoRequest) -> HandlerResult:
-        info = self.device.irqs.info(request.index)
+        info = self._vfu.irqs().info(request.index)
         return IrqInfoReply(info.index, info.flags, info.count)
 
     def _set_irqs(self, request: SetIrqsRequest) -> HandlerResult:
         fds = list(request.fds)
         try:
-            irq = self.device.irqs[request.index]
+            irq = self._vfu.irqs()[request.index]
             request.validate_against(irq.count)
         except BaseException:
             close_fds(fds)
@@ -451,7 +455,7 @@ class ServerSession:
         return request.reply()
 
     def _region(self, index: int) -> Region:
-        region = self.device.region(index)
+        region = self._vfu.region(index)
         if region is None:
             raise VfioUserError(errno.EINVAL, f"no region {index}")
         return region
@@ -459,7 +463,7 @@ class ServerSession:
     async def _dma_map(self, request: DmaMapRequest) -> HandlerResult:
         # The device's dma_mapped hook runs before the reply (server/dma_hooks.py).
         device = self.device
-        hooks = DmaHookRunner(device, device._errors)
+        hooks = DmaHookRunner(device, device._vfu.errors)
         await device.dma.map_announced(
             request.address, request.size, request.flags, request.fd, request.offset, hooks
         )
@@ -473,8 +477,8 @@ class ServerSession:
         return request.reply()
 
     async def _reset(self) -> HandlerResult:
-        if not self.device.reset_supported:
+        if not self._vfu.reset_supported:
             raise VfioUserError(errno.EINVAL, "the device does not support reset")
-        await self.device.do_reset()
+        await self._vfu.do_reset()
         await self._migration.device_reset()
         return None

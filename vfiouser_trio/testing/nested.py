@@ -135,7 +135,7 @@ async def nested_device(
     """
     before = fd_table() if check_fds else None
     device_errors: list[DeviceCodeError] = []
-    listeners = device._errors.listeners
+    listeners = device._vfu.errors.listeners
     listeners.append(device_errors.append)
     tracer = tracer if tracer is not None else Tracer()
     fault_hooks = [faults] if isinstance(faults, ConnectionHooks) else list(faults or ())
