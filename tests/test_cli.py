@@ -69,7 +69,7 @@ async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-@pytest.mark.parametrize("example", ["gpio", "dmaengine", "null"])
+@pytest.mark.parametrize("example", ["gpio", "dmaengine", "null", "vendorcap"])
 async def test_serve_then_lspci_decodes_identity_and_capabilities(
     tmp_path: Path, example: str
 ) -> None:
@@ -114,6 +114,8 @@ async def test_serve_then_lspci_decodes_identity_and_capabilities(
     elif example == "dmaengine":
         assert "MSI-X: Enable- Count=" in decoded
         assert "Vector table: BAR=" in decoded
+    elif example == "vendorcap":
+        assert "Capabilities: [4c] Vendor Specific Information: Len=0c" in decoded
     else:
         assert "Control:" in decoded
 
