@@ -64,10 +64,25 @@ from .device_runtime import DeviceRuntime, page_aligned
 from .dma import DmaTable
 from .dma_hooks import DmaHooks
 from .doorbells import Doorbell
-from .irqs import INTX_EDGE_FLAGS, IrqTable
+from .irqs import INTX_EDGE_FLAGS, IrqStateHooks, IrqTable
 from .migration import MigrationHooks
-from .pci import BarSpec, InterruptPin, PciConfigSpace, PciIdentity
-from .pci_caps import Capability, MsiCapability, MsixCapability
+from .pci import (
+    BarSpec,
+    ConfigRegisters,
+    InterruptPin,
+    PciConfigSpace,
+    PciIdentity,
+    config_registers_problem,
+)
+from .pci_caps import (
+    CONFIG_SPACE_SIZE,
+    EXPRESS_CONFIG_SPACE_SIZE,
+    Capability,
+    ExpressCapability,
+    MsiCapability,
+    MsixCapability,
+    VendorCallbackCapability,
+)
 from .regions import (
     MemoryRegion,
     ReadHandler,
@@ -79,7 +94,7 @@ from .regions import (
 )
 
 
-class Device(DmaHooks, MigrationHooks):
+class Device(DmaHooks, IrqStateHooks, MigrationHooks):
     """An emulated PCI function. Subclass it; declare regions and IRQs in ``__init__``.
 
     Live migration: call ``enable_migration()`` and override the hooks of
@@ -523,6 +538,50 @@ class Device(DmaHooks, MigrationHooks):
     def add_capability(self, capability: Capability) -> None:
         """Add any other capability (power management, PCI Express, vendor-specific, ...)."""
         self._vfu.declaring()
+        self._vfu.capabilities.append(capability)
+
+    def add_config_registers(
+        self, offset: int, size: int, *, read: ReadHandler, write: WriteHandler | None = None
+    ) -> None:
+        """Serve config-space bytes ``offset`` .. ``offset + size`` (device-specific registers)
+        by callbacks; bytes nothing declares read as zero.
+
+        ``read(offset, count)`` / ``write(offset, data)`` see offsets from ``offset``, as BAR
+        callbacks do (``async def`` or plain; errors as for BARs). Without ``write`` the
+        registers are read-only: a client write touching them fails with EPERM. The bytes
+        lie in 0x40 .. the end of the space (256 bytes; 4096 with ``express=True``), leave
+        out 0x100..0x103 (the extended capability list's head) and do not overlap each
+        other; capabilities the framework places go around them.
+        """
+        vfu = self._vfu
+        vfu.declaring()
+        where = f"config registers at {offset:#x}+{size:#x}"
+        self._check_handlers(where, read=read, write=write)
+        express = vfu.express or any(isinstance(c, ExpressCapability) for c in vfu.capabilities)
+        space = EXPRESS_CONFIG_SPACE_SIZE if express else CONFIG_SPACE_SIZE
+        taken = [(block.offset, block.size) for block in vfu.config_registers]
+        problem = config_registers_problem(offset, size, space, taken)
+        if problem is not None:
+            raise vfu.refuse(where, problem, "move or resize the registers")
+        vfu.config_registers.append(ConfigRegisters(offset, size, read, write))
+
+    def add_vendor_capability(
+        self, size: int, *, read: ReadHandler, write: WriteHandler | None = None
+    ) -> None:
+        """Add a vendor-specific capability (ID 0x09) with ``size`` data bytes served by
+        callbacks, linked in the capability list like the others.
+
+        The framework keeps ID, next pointer and length (``3 + size``); the callbacks see
+        offsets from the capability's start, so the first data byte is offset 3 (as the
+        PCI spec numbers vendor-specific registers). Without ``write`` the data bytes are
+        read-only (EPERM). Its place: ``config.find_capability(VendorCallbackCapability)``.
+        """
+        self._vfu.declaring()
+        self._check_handlers("vendor capability", read=read, write=write)
+        try:
+            capability = VendorCallbackCapability(size, read, write)
+        except ValueError as exc:
+            raise self._vfu.refuse("vendor capability", str(exc), "give it fewer bytes") from None
         self._vfu.capabilities.append(capability)
 
     def add_doorbell(

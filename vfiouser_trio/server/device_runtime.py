@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..protocol.constants import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
+from .config_access import ConfigAccess
 from .device_errors import DeviceErrors, region_name
 from .dma import DmaTable
-from .irqs import DEFAULT_IRQ_COUNTS, IrqIndex, IrqTable
-from .pci import BarSpec, PciConfigSpace, PciIdentity
+from .irqs import DEFAULT_IRQ_COUNTS, IrqIndex, IrqTable, install_state_hook
+from .pci import BarSpec, ConfigRegisters, PciConfigSpace, PciIdentity
 from .pci_caps import Capability, MsixCapability
 from .regions import Overlay, Region
 
@@ -66,6 +67,7 @@ class DeviceRuntime:
         self.bars: dict[int, BarSpec] = {}
         self.rom_size: int | None = None
         self.capabilities: list[Capability] = []
+        self.config_registers: list[ConfigRegisters] = []
         self.irq_counts: dict[int, tuple[int, int | None]] = {}
         self.express = express
         self.interrupt_pin = int(interrupt_pin)
@@ -127,6 +129,7 @@ class DeviceRuntime:
                 interrupt_pin=self.interrupt_pin,
                 express=self.express,
                 capabilities=self.capabilities,
+                registers=self.config_registers,
             )
         except ValueError as exc:
             self._built_by = None
@@ -136,17 +139,12 @@ class DeviceRuntime:
             ) from None
         self._config = config
 
-        async def read_config(offset: int, size: int) -> bytes:
-            return config.read(offset, size)
-
-        async def write_config(offset: int, data: bytes) -> None:
-            config.write(offset, data)
-
+        served = ConfigAccess(config, self.errors)  # the header, capabilities and callbacks
         self.regions[PciRegion.CONFIG] = Region(
             PciRegion.CONFIG,
             config.size,
-            read=read_config,
-            write=write_config,
+            read=served.read,
+            write=served.write,
             errors=self.errors,
         )
         indexes = [
@@ -157,6 +155,7 @@ class DeviceRuntime:
         for irq in indexes:
             irq.set_gate(self._irq_gate)
             irq.owner = self.name  # named in its log lines
+        install_state_hook(self.device, self._irqs, config, self.errors)
         if config.msix is not None:
             self._attach_msix(config)
 
