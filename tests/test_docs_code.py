@@ -206,6 +206,7 @@ PRINTS = {
     "README.md": ["1234:0001", "1"],
     "docs/tutorial.md": ["1234:5c7a", "42", "interrupt"],
     "docs/client.md": ["4096", "b'guestmem'", "1"],
+    "docs/migration.md": ["True", "41"],
 }
 
 
