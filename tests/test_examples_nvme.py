@@ -572,6 +572,27 @@ async def test_intx_when_the_driver_has_no_msix(tmp_path: Path) -> None:
         assert (await host.completion(0)).cid == 8
 
 
+async def test_msi_when_the_driver_leaves_msix_off(tmp_path: Path) -> None:
+    """With MSI-X off (QEMU emulates MSI and gives eventfds) each CQ raises its MSI
+    vector; INTMS masks a vector (a bit each) and INTMC lets what it held through."""
+    device = NvmeController(MemoryBacking(1 << 20), io_queues=2)
+    async with nvme_host(device, tmp_path / "nvme.sock", interrupts=PciIrq.MSI) as host:
+        assert await host.client.config.find_capability(0x05) is not None  # MSI
+        assert len(host.irqs) == 4  # three vectors (admin + 2 I/O queues), a power of two
+        await host.create_io_queues(1, SQ1, CQ1)
+        assert (await host.write_blocks(1, 3, b"m" * BLOCK)).status == nv.SUCCESS
+        assert host.irqs[1].try_read() is None  # consumed by the completion's wait
+        await host.set_reg(nv.INTMS, 1 << 1)
+        await host.submit(1, sqe(nv.IoOpcode.FLUSH, 0x77))
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(1) is not None and host.irqs[1].try_read() is None
+        # The admin vector is not masked meanwhile.
+        assert (await host.admin(nv.AdminOpcode.GET_FEATURES, cdw=(7,))).status == 0
+        await host.set_reg(nv.INTMC, 1 << 1)
+        assert await host.irqs[1].wait() == 1
+        assert (await host.completion(1)).cid == 0x77
+
+
 async def test_guest_garbage_never_escapes_the_controller(tmp_path: Path) -> None:
     """Random entries on the admin and an I/O queue: each completes with a status."""
     rng = random.Random(14)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pstats
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ import trio
 from tests.qemu_guest import GuestDevice, Qemu, build_initramfs, report_values, running_guest
 
 from .common import BenchError, bandwidth, median, ratio
-from .processes import REPO_ROOT, ServerProcess, running
+from .processes import REPO_ROOT, ServerProcess, cpu_ticks, running
 
 DISK_SIZE = 64 << 20
 NVBENCH = REPO_ROOT / "tests" / "nvme_bench" / "nvbench.c"
@@ -165,9 +167,17 @@ async def _boot(
     return report_values(guest.report())
 
 
-def measure(
-    passes: int, seq_mib: int, random_ops: int, profile: Path | None = None
-) -> list[Result]:
+@dataclass(frozen=True)
+class Run:
+    """What one guest boot measured: the metrics, and the server process's CPU time
+    against the guest's wall time (boot included)."""
+
+    results: list[Result]
+    server_cpu: float
+    wall: float
+
+
+def measure(passes: int, seq_mib: int, random_ops: int, profile: Path | None = None) -> Run:
     """Boot the guest once, run the passes, return the metrics (see the module doc)."""
     try:  # the harness says what is missing by skipping
         qemu = Qemu.from_environment(modules=True)
@@ -188,8 +198,11 @@ def measure(
         server = ServerProcess(_server_argv(ours, socket_path, profile), "serve nvme")
         with running(server):
             server.wait_for_socket(socket_path)
+            started, ticks = time.monotonic(), cpu_ticks(server.pid)
             report = trio.run(_boot, qemu, directory, initrd, socket_path, theirs)
-    return results(report, passes)
+            wall = time.monotonic() - started
+            cpu = (cpu_ticks(server.pid) - ticks) / os.sysconf("SC_CLK_TCK")
+    return Run(results(report, passes), cpu, wall)
 
 
 def profile_summary(profile: Path, entries: int = 25) -> str:
@@ -221,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--passes, --seq-mib and --random-ops must be positive")
     command = "python -m bench nvme " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        rows = measure(args.passes, args.seq_mib, args.random_ops, args.profile)
+        run = measure(args.passes, args.seq_mib, args.random_ops, args.profile)
     except BenchError as error:
         print(f"python -m bench nvme: {error}", file=sys.stderr)
         return 1
@@ -230,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"4 KiB ops per pass, {DISK_SIZE >> 20} MiB disks.\n")  # fmt: skip
     if args.profile is not None:
         print("(the server ran under cProfile: these figures are slowed by it)\n")
-    print(table(rows))
+    print(table(run.results))
+    print(f"\nOur server process used {run.server_cpu:.1f} s of CPU over the guest's "
+          f"{run.wall:.1f} s (boot included).")  # fmt: skip
     if args.profile is not None:
         print("\n```\n" + profile_summary(args.profile) + "```")
     return 0

@@ -177,6 +177,10 @@ class NvmeController(Device):
         )  # fmt: skip
         self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, read=self._read_zeros, write=self._ignore)
         self.add_msix(self.interrupt_vectors, bar=MSIX_BAR, pba_offset=MSIX_PBA_OFFSET)
+        # MSI for a driver that leaves MSI-X off: a power of two of vectors, at most 32;
+        # a CQ vector beyond them lands where MSI's message data puts it (modulo).
+        self.msi_vectors = min(32, 1 << (self.interrupt_vectors - 1).bit_length())
+        self.add_msi(self.msi_vectors)
         self.add_intx()
         self.enable_migration()
 
@@ -201,6 +205,8 @@ class NvmeController(Device):
         self.io_sqs_allocated = self.max_io_queues
         self.io_cqs_allocated = self.max_io_queues
         self.intx_held = False
+        #: MSI vectors masked by INTMS when they fired: raised when INTMC unmasks them.
+        self.msi_held = 0
         #: An error event was reported: no other until the host reads the error log.
         self.error_events_masked = False
         #: A SMART / Health event waits for an AER; one was reported and the host has not
@@ -269,6 +275,10 @@ class NvmeController(Device):
             if self.intx_held and not self.intms & 1:
                 self.intx_held = False
                 self.trigger(0, index=PciIrq.INTX)
+            released, self.msi_held = self.msi_held & ~self.intms, self.msi_held & self.intms
+            for vector in range(self.msi_vectors):
+                if released >> vector & 1:
+                    self.trigger(vector, index=PciIrq.MSI)
         elif reg == AQA:
             self.aqa = merged(self.aqa) & 0x0FFF_0FFF
         elif reg in (ASQ, ASQ + 4):
@@ -577,8 +587,16 @@ class NvmeController(Device):
         self.coalescing.posted(cq.vector, entries, setting, applies)
 
     def _raise_vector(self, vector: int) -> None:
-        if self.active_irq_index() == PciIrq.MSIX:
+        """MSI-X; else MSI or INTx, where INTMS masks (NVMe 1.4, 3.1.3 and 3.1.4)."""
+        index = self.active_irq_index()
+        if index == PciIrq.MSIX:
             self.trigger(vector, index=PciIrq.MSIX)
+        elif index == PciIrq.MSI:
+            vector %= self.msi_vectors
+            if self.intms >> vector & 1:
+                self.msi_held |= 1 << vector
+            else:
+                self.trigger(vector, index=PciIrq.MSI)
         elif self.intms & 1:
             self.intx_held = True  # masked by INTMS: raised when INTMC clears it
         else:
@@ -682,6 +700,7 @@ class NvmeController(Device):
         shadow: tuple[int, int] | None,
         error_events_masked: bool,
         smart_events: tuple[bool, bool] = (False, False),
+        msi_held: int = 0,
     ) -> None:
         """Take a checked migration state (`migration.restore`); queues start parked."""
         self._clear()
@@ -692,6 +711,7 @@ class NvmeController(Device):
         self.features = features
         self.async_events = async_events
         self.intx_held = intx_held
+        self.msi_held = msi_held
         self.stats = Stats(*stats)
         self.cqs = cqs
         self.shadow = shadow

@@ -45,6 +45,7 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
         "features": {str(fid): value for fid, value in ctrl.features.items()},
         "async_events": list(ctrl.async_events),
         "intx_held": ctrl.intx_held,
+        "msi_held": ctrl.msi_held,
         "error_events_masked": ctrl.error_events_masked,
         "smart_events": [ctrl.smart_event_pending, ctrl.smart_events_masked],
         "stats": [
@@ -137,6 +138,7 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
     intx_held, masked = state.get("intx_held"), state.get("error_events_masked")
     if not isinstance(intx_held, bool) or not isinstance(masked, bool):
         _refuse("intx_held or error_events_masked is not a boolean")
+    msi_held = _int(state.get("msi_held"), 0, (1 << ctrl.msi_vectors) - 1, "held MSI vectors")
     smart_events = _list(state.get("smart_events"), 2, "smart_events")
     if not all(isinstance(flag, bool) for flag in smart_events):
         _refuse("smart_events are not booleans")
@@ -183,7 +185,8 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
     ctrl.restore_state(
         registers=(cc, csts, aqa, asq, acq, intms), allocated=(nsq, ncq), features=features,
         async_events=events, intx_held=intx_held, stats=stats, cqs=cqs, sqs=sqs,
-        shadow=shadow, error_events_masked=masked, smart_events=(smart_events[0], smart_events[1]),
+        shadow=shadow, error_events_masked=masked, msi_held=msi_held,
+        smart_events=(smart_events[0], smart_events[1]),
     )  # fmt: skip
     if memory:
         await ctrl.backing.write(0, contents)
