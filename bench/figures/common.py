@@ -31,6 +31,8 @@ class Settings:
     dma_sizes: tuple[int, ...]
     #: Device counts of figure 5.
     scales: tuple[int, ...]
+    #: Idle connections (one per device, one server process) of figure 5's memory row.
+    idle_connections: int = 1000
     #: Requests in flight of figure 2 (besides the posted batch).
     depths: tuple[int, ...] = (1, 8, 64)
     #: No_reply writes per read in figure 2's posted mode.
@@ -55,6 +57,7 @@ class Settings:
             copy_seconds=0.02,
             dma_sizes=(4096, 65536),
             scales=(1, 4),
+            idle_connections=20,
         )
 
 

@@ -152,13 +152,15 @@ def cli_server(device: str, socket_path: Path) -> Iterator[ServerProcess]:
 
 
 @contextmanager
-def many_devices_server(device: str, count: int, directory: Path) -> Iterator[ServerProcess]:
+def many_devices_server(
+    device: str, count: int, directory: Path, *, timeout: float = READY_TIMEOUT
+) -> Iterator[ServerProcess]:
     """``count`` devices in one server process (``python -m bench.devices serve``), listening
-    on ``directory/dev-<i>.sock``."""
+    on ``directory/dev-<i>.sock`` within ``timeout`` seconds."""
     argv = [sys.executable, "-m", "bench.devices", "serve", device, "--count", str(count)]
     server = ServerProcess([*argv, "--dir", str(directory)], f"server ({count} {device} devices)")
     with running(server):
-        server.wait_for_line(b"ready")
+        server.wait_for_line(b"ready", timeout)
         yield server
 
 
