@@ -84,7 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, device, args.socket_path, fd=args.fd))
+            await nursery.start(
+                partial(serve, device, args.socket_path, fd=args.fd, once=args.once)
+            )
             # Logged once the socket is listening: scripts and tests wait for this line.
             log.info("serving %s on %s", device.name, args.socket_path or f"fd {args.fd}")
 
@@ -361,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-path", metavar="PATH", help="UNIX socket path to listen on")
     serve.add_argument(
         "--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)"
+    )
+    serve.add_argument(
+        "--once",
+        action="store_true",
+        help="serve one client, then exit (the socket file is removed), as libvfio-user's "
+        "samples do",
     )
     serve.add_argument("--backing", metavar="FILE", help="nvme: keep the namespace in FILE")
     serve.add_argument(

@@ -160,14 +160,37 @@ class DeviceServer:
         log.info("%s: client disconnected", device.name)
 
     async def serve_listener(
-        self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        sock: socket.socket,
+        *,
+        once: bool = False,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept clients on a listening socket forever, each in its own task."""
+        """Accept clients on a listening socket forever, each in its own task.
+
+        ``once``: serve the first client only and return when it leaves; clients that
+        connect meanwhile are refused with EBUSY, as a second client of a device is.
+        """
         async with trio.open_nursery() as nursery:
             task_status.started()
+            if once:
+                first = await accept(sock, backoff=self.limits.accept_backoff)
+                nursery.start_soon(self._refuse_all, sock)
+                await self.serve_connection(first)
+                nursery.cancel_scope.cancel()
+                return
             while True:
                 conn = await accept(sock, backoff=self.limits.accept_backoff)
                 nursery.start_soon(self.serve_connection, conn)
+
+    async def _refuse_all(self, sock: socket.socket) -> None:
+        """Answer every client accepted on ``sock`` with EBUSY (serving once, one is served)."""
+        shared = self.shared_device
+        name = shared.name if shared is not None else "device"
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn = await accept(sock, backoff=self.limits.accept_backoff)
+                nursery.start_soon(_reject_busy, conn, name, self.limits.busy_answer_timeout)
 
 
 async def serve_connection(
@@ -235,6 +258,7 @@ async def serve(
     policy: OrderingPolicy | None = None,
     hooks: ConnectionHooks | None = None,
     limits: ServerLimits = DEFAULT_LIMITS,
+    once: bool = False,
     task_status: trio.TaskStatus[DeviceServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a device on a UNIX socket ``path`` or an inherited socket ``fd`` until cancelled.
@@ -243,6 +267,10 @@ async def serve(
     when serving ends. An inherited ``fd`` may be a listening socket (clients are
     accepted on it) or one connected client (served until it leaves, then we return).
     A device instance's ``run()`` task runs for as long as it is served.
+
+    ``once=True`` serves one client and returns when it leaves, as libvfio-user's
+    samples do: the first client is served (others connecting meanwhile get EBUSY), then
+    the listener closes and the socket file is removed.
     """
     if (path is None) == (fd is None):
         raise ValueError("give exactly one of path and fd")
@@ -266,12 +294,15 @@ async def serve(
             shared = server.shared_device
             if shared is not None:
                 nursery.start_soon(shared.run)
-            if listening:
+            if listening and not once:
                 await nursery.start(server.serve_listener, sock)
                 task_status.started(server)
             else:
                 task_status.started(server)
-                await server.serve_connection(sock)
+                if listening:
+                    await server.serve_listener(sock, once=True)
+                else:
+                    await server.serve_connection(sock)
                 nursery.cancel_scope.cancel()
     finally:
         if listener is not None:
