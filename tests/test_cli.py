@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -220,3 +221,38 @@ async def test_lspci_passes_its_timeout_to_connect(
             await inspector.lspci(path, out=printed.append, negotiation_timeout=300)
     assert info.value.step == "VERSION" and printed == []
     assert trio.current_time() >= 300
+
+
+@pytest.mark.parametrize("example", ["gpio", "vendorcap"])
+async def test_describe_names_a_command_that_serves_the_device_and_honours_sigterm(
+    tmp_path: Path, example: str
+) -> None:
+    """The spec's backend conventions: the JSON description (vhost-user's fields and args)
+    launches the device with --socket-path; SIGTERM ends it with status 0, socket removed."""
+    result = await run_cli("describe", example)
+    description = json.loads(result.stdout)
+    assert set(description) == {"description", "type", "binary", "args", "tags"}
+    assert description["type"] == "pci" and example in description["description"]
+    binary = description["binary"]
+    assert os.path.isabs(binary) and os.access(binary, os.X_OK)
+    assert description["args"][-2:] == ["serve", example]
+    path = tmp_path / "described.sock"
+    proc = await trio.lowlevel.open_process(
+        [binary, *description["args"], f"--socket-path={path}"], env=env(), stderr=subprocess.PIPE
+    )
+    try:
+        await wait_until_serving(proc)
+        async with connect(str(path)) as client:
+            vendor = await client.config.read(0, 2)
+        assert f"vendor-id={vendor:#06x}" in description["tags"]
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await proc.wait()
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert proc.stderr is not None
+        await proc.stderr.aclose()
+    assert not path.exists()

@@ -1,9 +1,10 @@
-"""The ``vfio-user-trio`` command: demo, serve, lspci, migrate, conform, bench."""
+"""The ``vfio-user-trio`` command: demo, serve, describe, lspci, migrate, conform, bench."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import TextIO
 import trio
 
 from . import __version__
+from .backend_description import describe
 from .cli_errors import run_command
 from .client import (
     DEFAULT_NEGOTIATION_TIMEOUT,
@@ -98,6 +100,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         # One line, no traceback: the socket path is the user's input, not our bug.
         raise SystemExit(f"vfio-user-trio serve: {cause}") from None
+    finally:
+        device.close()
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Print the JSON description of ``serve DEVICE`` the spec's backend conventions ask
+    for (fields and choices: ``vfiouser_trio/backend_description.py``)."""
+    device = load_device_factory(args.device)()
+    try:
+        print(json.dumps(describe(args.device, device), indent=2))
     finally:
         device.close()
     return 0
@@ -375,6 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", metavar="N", type=_byte_count, help="nvme: namespace size, e.g. 64M"
     )
     serve.set_defaults(func=cmd_serve)
+
+    describe_cmd = sub.add_parser(
+        "describe",
+        help="print the JSON description of serving a device (for /usr/share/vfio-user)",
+        description="Print the JSON file the vfio-user spec's backend program conventions ask "
+        "to install under /usr/share/vfio-user: vhost-user's fields (description, type, "
+        "binary, tags) and args, what goes between binary and --socket-path=PATH.",
+    )
+    describe_cmd.add_argument(
+        "device", help=f"example name ({', '.join(EXAMPLES)}) or module:attribute"
+    )
+    describe_cmd.set_defaults(func=cmd_describe)
 
     lspci = sub.add_parser("lspci", help="print a server's config space as lspci -x does")
     lspci.add_argument("socket", help="path of the server's UNIX socket")
