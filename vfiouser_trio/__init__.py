@@ -8,9 +8,17 @@ the engine (``open_connection``, ordering policies).
 from .client import Client, GuestMemory, connect
 from .engine import Connection, ConnectionClosedError, ConnectionHooks, RawMessage, open_connection
 from .ordering import ConcurrentOrder, KeyedOrder, OrderingPolicy, SpecOrder
-from .protocol.constants import PciIrq, PciRegion
+from .protocol.constants import MigState, PciIrq, PciRegion
 from .protocol.errors import ProtocolError, VfioUserError
-from .server import Device, PciIdentity, ServerLimits, SparseArea, serve, serve_connection
+from .server import (
+    Device,
+    MigrationRefused,
+    PciIdentity,
+    ServerLimits,
+    SparseArea,
+    serve,
+    serve_connection,
+)
 
 __version__ = "0.1.0"
 
@@ -23,6 +31,8 @@ __all__ = [
     "Device",
     "GuestMemory",
     "KeyedOrder",
+    "MigState",
+    "MigrationRefused",
     "OrderingPolicy",
     "PciIdentity",
     "PciIrq",

@@ -1,10 +1,27 @@
-"""The device side: write a PCI device as an async class and serve it to vfio-user clients."""
+"""The device side: write a PCI device as an async class and serve it to vfio-user clients.
+
+Everything a device author imports is here: the classes, the constants of the protocol a
+device names (``PciIrq``, ``PciRegion``, ``MigState``, the ``IRQ_INFO_*`` flags it may pass
+to ``add_irq``) and the errors it raises or meets.
+"""
 
 from ..limits import DEFAULT_LIMITS, ServerLimits
-from .device import Device
+from ..protocol.constants import (
+    IRQ_INFO_AUTOMASKED,
+    IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE,
+    IRQ_INFO_NORESIZE,
+    MigState,
+    PciIrq,
+    PciRegion,
+)
+from ..protocol.errors import VfioUserError
+from .device import MAX_IRQ_INDEX, MAX_REGION_INDEX, Device
+from .device_errors import DeviceCodeError
 from .dma import DmaError, DmaTable
 from .doorbells import Doorbell
 from .irqs import IrqIndex
+from .migration import MigrationRefused
 from .pci import BarSpec, InterruptPin, PciConfigSpace, PciIdentity
 from .pci_caps import (
     ExpressCapability,
@@ -15,15 +32,22 @@ from .pci_caps import (
     VendorCapability,
     VendorExtendedCapability,
 )
-from .regions import Region, RegionType, SparseArea
+from .regions import MemoryRegion, Region, RegionMemory, RegionType, SparseArea
 from .serve import DeviceServer, serve, serve_connection
 from .session import DEFAULT_SERVER_CAPABILITIES, ServerSession
 
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_SERVER_CAPABILITIES",
+    "IRQ_INFO_AUTOMASKED",
+    "IRQ_INFO_EVENTFD",
+    "IRQ_INFO_MASKABLE",
+    "IRQ_INFO_NORESIZE",
+    "MAX_IRQ_INDEX",
+    "MAX_REGION_INDEX",
     "BarSpec",
     "Device",
+    "DeviceCodeError",
     "DeviceServer",
     "DmaError",
     "DmaTable",
@@ -31,12 +55,18 @@ __all__ = [
     "ExpressCapability",
     "InterruptPin",
     "IrqIndex",
+    "MemoryRegion",
+    "MigState",
+    "MigrationRefused",
     "MsiCapability",
     "MsixCapability",
     "PciConfigSpace",
     "PciIdentity",
+    "PciIrq",
+    "PciRegion",
     "PowerManagementCapability",
     "Region",
+    "RegionMemory",
     "RegionType",
     "SerialNumberCapability",
     "ServerLimits",
@@ -44,6 +74,7 @@ __all__ = [
     "SparseArea",
     "VendorCapability",
     "VendorExtendedCapability",
+    "VfioUserError",
     "serve",
     "serve_connection",
 ]

@@ -131,7 +131,7 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
         for attr, value in vars(cls).items():
             if attr in reserved:
                 raise TypeError(
-                    f"{cls.__qualname__} defines {attr!r}, a name of the Device framework "
+                    f"{cls.__name__} defines {attr!r}, a name of the Device framework "
                     f"({_what(attr)}); {_fix(attr)}"
                 )
             if attr in hooks:
@@ -140,7 +140,7 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
     def __setattr__(self, attr: str, value: object) -> None:
         if attr in _framework_names()[0]:
             raise AttributeError(
-                f"{type(self).__qualname__}: self.{attr} = ... would replace the framework's "
+                f"{type(self).__name__}: self.{attr} = ... would replace the framework's "
                 f"{attr!r} ({_what(attr)}); {_fix(attr)}"
             )
         object.__setattr__(self, attr, value)
@@ -682,7 +682,7 @@ def _fix(attr: str) -> str:
 def _check_hook(cls: type, attr: str, value: object, kind: str) -> None:
     """Refuse an override of hook ``attr`` the framework could not call as it does."""
     func = value.__func__ if isinstance(value, staticmethod | classmethod) else value
-    where = f"{cls.__qualname__}.{attr}"
+    where = f"{cls.__name__}.{attr}"
     if not callable(func):
         raise TypeError(f"{where} must be a method (the framework calls this hook)")
     # Only plain functions are judged: a callable object or a decorator's wrapper may
