@@ -5,13 +5,17 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 from fd_leaks import fd_count
 
+from vfiouser_trio.client import connect
 from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd
+from vfiouser_trio.limits import ServerLimits
 from vfiouser_trio.protocol import PciRegion
 from vfiouser_trio.protocol.constants import (
     IRQ_SET_ACTION_MASK,
@@ -29,6 +33,7 @@ from vfiouser_trio.server.device_errors import DeviceCodeError
 from vfiouser_trio.server.irqs import IrqIndex, IrqTable
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.server.pci_caps import MsiCapability, MsixCapability
+from vfiouser_trio.server.serve import serve_connection
 from vfiouser_trio.testing import nested_device
 
 EVENTFD_TRIGGER = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
@@ -428,3 +433,42 @@ def test_a_device_without_the_hook_installs_nothing() -> None:
 
     device = Plain()
     assert all(irq.state_notify is None for irq in device.irqs)
+
+
+class SlowWatched(Watched):
+    """An async hook held until ``go`` is set: the client's masking runs ahead of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = trio.Event()
+
+    async def irq_state_changed(  # type: ignore[override]
+        self, index: int, start: int, count: int, masked: bool
+    ) -> None:
+        await self.go.wait()
+        self.changes.append((index, start, count, masked))
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_an_async_hook_far_behind_drops_calls_beyond_the_backlog(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = SlowWatched()
+    limits = ServerLimits(max_irq_state_backlog=2)
+    ours, theirs = socket.socketpair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(serve_connection, device, ours, limits=limits))
+            async with connect(theirs) as client:
+                for vector in range(4):
+                    await client.set_irqs(PciIrq.MSIX, vector, 1, MASK_NONE)
+                await client.set_irqs(PciIrq.MSIX, 0, 4, UNMASK_NONE)  # all answered
+                await trio.testing.wait_all_tasks_blocked()
+                device.go.set()
+                await trio.testing.wait_all_tasks_blocked()
+    # One call running, two waiting; the other two were dropped, and said so.
+    assert device.changes == [(PciIrq.MSIX, v, 1, True) for v in range(3)]
+    assert device.irqs.state_calls_dropped == 2
+    assert "watched0: the interrupt state hook is 2 calls behind" in caplog.text
+    assert all(device.irqs[PciIrq.MSIX].is_masked(v) is False for v in range(4))  # applied
+    device.close()

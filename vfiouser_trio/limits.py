@@ -37,6 +37,11 @@ class ServerLimits:
     #: IOVA ranges one DMA_LOGGING_START may name (more: E2BIG, as Linux's VFIO does
     #: past one page of ranges); bounds the per-write range lookup and the log's memory.
     max_dirty_ranges: int = 256
+    #: Calls of a device's async ``irq_state_changed`` hook that may wait while it runs
+    #: behind the client's masking (each mask/unmask is one); beyond this they are dropped,
+    #: counted (``IrqTable.state_calls_dropped``) and logged, so a client masking in a loop
+    #: cannot make the server queue without bound. Plain hooks run at once and never wait.
+    max_irq_state_backlog: int = 4096
     #: Seconds a refused (busy) client has to send its first command before we hang up;
     #: a refused client that hangs up earlier is released at once.
     busy_answer_timeout: float = 10.0
@@ -64,6 +69,7 @@ class ServerLimits:
             "dispatch_batch",
             "max_dirty_bitmap_bytes",
             "max_dirty_ranges",
+            "max_irq_state_backlog",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -23,8 +23,10 @@ selected; a mask/unmask eventfd: each signal), as the client sent it, and, throu
 `IrqTable.state_changed`, of the client's MSI/MSI-X mask bits in config space and the
 MSI-X table (``server/pci.py``, ``server/msix.py``). A plain hook is called at once, after
 the change; an async one runs in a task of the session, the calls one after another in
-order (the client's command does not wait for it; calls left when the client goes are
-dropped). A hook that raises is a device bug (``server/device_errors.py``): logged, told
+order (the client's command does not wait for it; at most
+``ServerLimits.max_irq_state_backlog`` calls wait, further ones are dropped and logged; calls
+left when the client goes are dropped). Async calls are made only while a client is
+attached. A hook that raises is a device bug (``server/device_errors.py``): logged, told
 to the listeners, and the client's command still succeeds: the mask has changed already.
 Automasking (INTx masking itself on delivery) is the framework's, not the client's, and is
 not reported.
@@ -40,8 +42,8 @@ an interrupt pending already, so such a trigger is coalesced rather than missing
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ import trio
 
 from ..eventfd import COUNTER_FULL, signal_eventfd, try_eventfd_read
 from ..fdcheck import require_eventfd
+from ..limits import DEFAULT_LIMITS
 from ..protocol.constants import (
     IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
@@ -111,6 +114,8 @@ StateHook = Callable[[int, int, int, bool], Awaitable[None] | None]
 StateNotify = Callable[[int, int, int, bool], None]
 #: One call of the state hook: index, start, count, masked, and the command that made it.
 _HookCall = tuple[int, int, int, bool, str]
+#: Calls of an async state hook that may wait, outside a session with its own limits.
+DEFAULT_STATE_BACKLOG = DEFAULT_LIMITS.max_irq_state_backlog
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,15 +499,19 @@ class IrqTable:
         self._indexes = {irq.index: irq for irq in indexes}
         self.num_irqs = max(self._indexes, default=-1) + 1
         self._hook: StateHook | None = None
+        self._hook_is_async = False
         self._errors = DeviceErrors("device")
-        send, receive = trio.open_memory_channel[tuple[_HookCall, Awaitable[None]]](math.inf)
-        self._pending_hooks, self._hook_calls = send, receive
+        #: The session's queue of async hook calls (None: no session, or a plain hook).
+        self._calls: trio.MemorySendChannel[_HookCall] | None = None
+        #: Calls of an async state hook dropped because the backlog was full.
+        self.state_calls_dropped = 0
 
     # --- the device's interrupt state hook ---------------------------------------------
 
     def set_state_hook(self, hook: StateHook | None, errors: DeviceErrors) -> None:
         """Tell ``hook`` of the client's masking (see the module doc); ``errors`` gets its bugs."""
         self._hook = hook
+        self._hook_is_async = inspect.iscoroutinefunction(hook)
         self._errors = errors
         notify = None if hook is None else partial(self.state_changed, command="SET_IRQS")
         for irq in self._indexes.values():
@@ -516,26 +525,55 @@ class IrqTable:
         if hook is None:
             return
         call = (index, start, count, masked, command)
+        if self._hook_is_async:
+            self._queue(call)
+            return
         try:
             result = hook(index, start, count, masked)
         except Exception as exc:
             self._hook_failed(call, exc)
             return
         if result is not None:
-            self._pending_hooks.send_nowait((call, result))
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()  # a coroutine nobody will await
+            reason = "a plain irq_state_changed returned a value; make it async def to be awaited"
+            self._errors.bug(command, "in the interrupt state hook", reason)
+
+    def _queue(self, call: _HookCall) -> None:
+        if self._calls is None:
+            return  # no client: nobody masked anything
+        try:
+            self._calls.send_nowait(call)
+        except trio.WouldBlock:
+            self.state_calls_dropped += 1
+            if self.state_calls_dropped == 1 or self.state_calls_dropped % 1000 == 0:
+                log.warning(
+                    "%s: the interrupt state hook is %d calls behind the client's masking "
+                    "(ServerLimits.max_irq_state_backlog); %d call(s) dropped so far",
+                    self._errors.device,
+                    self._calls.statistics().max_buffer_size,
+                    self.state_calls_dropped,
+                )
 
     def _hook_failed(self, call: _HookCall, exc: Exception) -> None:
         index, start, count, masked, command = call
         what = f"irq_state_changed(index={index}, start={start}, count={count}, masked={masked})"
         self._errors.bug(command, "in the interrupt state hook", f"{what} raised {exc!r}", exc)
 
-    async def _run_state_hooks(self) -> None:
+    async def _run_state_hooks(self, calls: trio.MemoryReceiveChannel[_HookCall]) -> None:
         """Await the async hook's calls one after another, in the order they were made."""
-        async for call, result in self._hook_calls:
-            try:
-                await result
-            except Exception as exc:
-                self._hook_failed(call, exc)
+        hook = self._hook
+        assert hook is not None
+        async with calls:
+            async for call in calls:
+                index, start, count, masked, _ = call
+                try:
+                    result = hook(index, start, count, masked)
+                    if result is not None:
+                        await result
+                except Exception as exc:
+                    self._hook_failed(call, exc)
 
     def __getitem__(self, index: int) -> IrqIndex:
         try:
@@ -555,25 +593,25 @@ class IrqTable:
             return IrqInfo(index, 0, DEFAULT_IRQ_FLAGS.get(index, IRQ_INFO_EVENTFD))
         raise VfioUserError(errno.EINVAL, f"no IRQ index {index}")
 
-    def attach(self, nursery: trio.Nursery | None) -> None:
+    def attach(
+        self, nursery: trio.Nursery | None, *, state_backlog: int = DEFAULT_STATE_BACKLOG
+    ) -> None:
         """Give every index the session's nursery (None: the session is over).
 
-        The async state hook's calls run in a task there; those a departing client left
-        unrun are dropped (closed, so no "never awaited" warning).
+        An async state hook's calls run one after another in a task there, at most
+        ``state_backlog`` waiting (``ServerLimits.max_irq_state_backlog``; beyond it a call
+        is dropped, counted in ``state_calls_dropped`` and logged). Calls a departing
+        client left waiting are dropped.
         """
         for irq in self._indexes.values():
             irq.attach(nursery)
-        if nursery is None:
-            while True:
-                try:
-                    _, result = self._hook_calls.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-        elif self._hook is not None:
-            nursery.start_soon(self._run_state_hooks)
+        if self._calls is not None:
+            self._calls.close()  # its task ends; a new session gets a queue of its own
+            self._calls = None
+        if nursery is not None and self._hook is not None and self._hook_is_async:
+            send, receive = trio.open_memory_channel[_HookCall](state_backlog)
+            self._calls = send
+            nursery.start_soon(self._run_state_hooks, receive)
 
     def disable_all(self) -> None:
         for irq in self._indexes.values():

@@ -147,7 +147,7 @@ class ServerSession:
         device = self.device
         vfu = self._vfu
         async with trio.open_nursery() as nursery:
-            vfu.irqs().attach(nursery)
+            vfu.irqs().attach(nursery, state_backlog=self.limits.max_irq_state_backlog)
             try:
                 async with open_connection(
                     sock,
