@@ -78,7 +78,8 @@ async def _until_signalled(run: Callable[[], object]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a device per the spec's backend conventions (never daemonizes, logs to stderr)."""
+    """Serve a device per the spec's backend conventions (never daemonizes, logs to stderr,
+    ends cleanly on SIGTERM); ``--once`` returns after the first client leaves."""
     if (args.socket_path is None) == (args.fd is None):
         raise SystemExit("give exactly one of --socket-path=PATH and --fd=N")
     factory = load_device_factory(args.device)

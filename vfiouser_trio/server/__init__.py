@@ -22,13 +22,14 @@ from .dma import DmaError, DmaTable
 from .doorbells import Doorbell
 from .irqs import IrqIndex
 from .migration import MigrationRefused
-from .pci import BarSpec, InterruptPin, PciConfigSpace, PciIdentity
+from .pci import BarSpec, ConfigRegisters, InterruptPin, PciConfigSpace, PciIdentity
 from .pci_caps import (
     ExpressCapability,
     MsiCapability,
     MsixCapability,
     PowerManagementCapability,
     SerialNumberCapability,
+    VendorCallbackCapability,
     VendorCapability,
     VendorExtendedCapability,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_IRQ_INDEX",
     "MAX_REGION_INDEX",
     "BarSpec",
+    "ConfigRegisters",
     "Device",
     "DeviceCodeError",
     "DeviceServer",
@@ -72,6 +74,7 @@ __all__ = [
     "ServerLimits",
     "ServerSession",
     "SparseArea",
+    "VendorCallbackCapability",
     "VendorCapability",
     "VendorExtendedCapability",
     "VfioUserError",

@@ -9,6 +9,10 @@ the config space first (EINVAL, EPERM: nothing changed), then handed to the call
 a write touching a range without a write callback fails with EPERM before anything
 changes. Callbacks fail as region callbacks do (``server/device_errors.py``): a raise or a
 read of the wrong length is EIO to the client and a WARNING naming device and offset.
+
+The values behind those bytes are the device's own state: the framework neither resets
+them (``reset()`` does) nor migrates them (``save_state`` does); in the saved config image
+they read as zero.
 """
 
 from __future__ import annotations
