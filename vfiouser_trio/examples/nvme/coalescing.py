@@ -1,4 +1,5 @@
-"""Interrupt coalescing (NVMe 1.4, sections 5.21.1.8 and 5.21.1.9, Set Features 08h and 09h).
+"""Interrupt coalescing (NVMe 1.4 features Interrupt Coalescing, 08h, and Interrupt Vector
+Configuration, 09h).
 
 Feature 08h holds the aggregation threshold THR (bits 7:0, the number of completion entries
 per vector minus one) and the aggregation time TIME (bits 15:8, in 100 µs units). A vector

@@ -1,4 +1,4 @@
-"""The Keep Alive Timer (NVMe 1.4, sections 5.21.1.15 "Keep Alive Timer" and 7.12 "Keep Alive").
+"""The Keep Alive Timer (NVMe 1.4: the Keep Alive Timer feature, 0Fh, and "Keep Alive").
 
 The host sets KATO (Set Features 0Fh, in milliseconds; 0 turns the timer off) and then sends
 Keep Alive commands (admin opcode 18h) more often than that. The controller counts in units of
