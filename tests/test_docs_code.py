@@ -20,6 +20,7 @@ an unmarked block that fails fails its page's test.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import re
 from collections.abc import AsyncIterator, Callable
@@ -214,6 +215,24 @@ async def test_readme_device_counts_the_client_write(tmp_path: Path) -> None:
     run = await run_page(ROOT / "README.md", tmp_path)
     [device] = run.served
     assert device.count == 1  # type: ignore[attr-defined]
+
+
+#: The packages whose every exported name (``__all__``) the API reference (docs/api/) documents.
+PUBLIC = [
+    "vfiouser_trio",
+    "vfiouser_trio.server",
+    "vfiouser_trio.client",
+    "vfiouser_trio.testing",
+    "vfiouser_trio.limits",
+]
+
+
+@pytest.mark.parametrize("package", PUBLIC)
+def test_the_api_reference_names_every_exported_name(package: str) -> None:
+    reference = "\n".join(page.read_text() for page in (ROOT / "docs" / "api").glob("*.rst"))
+    named = set(re.findall(r"[A-Za-z_]\w*", reference))
+    missing = [name for name in importlib.import_module(package).__all__ if name not in named]
+    assert not missing, f"docs/api/ does not document {package}'s {', '.join(missing)}"
 
 
 # --- the runner itself: it fails on what does not run, and runs only what it should --------
