@@ -472,3 +472,16 @@ async def test_an_async_hook_far_behind_drops_calls_beyond_the_backlog(
     assert "watched0: the interrupt state hook is 2 calls behind" in caplog.text
     assert all(device.irqs[PciIrq.MSIX].is_masked(v) is False for v in range(4))  # applied
     device.close()
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+async def test_a_reset_is_not_reported_as_the_clients_masking() -> None:
+    device = Watched()
+    with trio.fail_after(10):
+        async with nested_device(device) as pair:
+            msi = device.config.find_capability(MsiCapability)
+            assert msi is not None
+            mask_register = msi.offset + MsiCapability(4, per_vector_masking=True).mask_offset
+            await pair.client.write(PciRegion.CONFIG, mask_register, (0b10).to_bytes(4, "little"))
+            await pair.client.reset()  # the mask bits go back to power-on (0)
+    assert device.changes == [(PciIrq.MSI, 1, 1, True)]

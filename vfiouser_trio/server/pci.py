@@ -549,7 +549,9 @@ class PciConfigSpace:
         control = self._image.get(placed.offset + MsixCapability.CONTROL, 2)
         return control & (MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK)
 
-    def _notify(self, before: tuple[int, tuple[int | None, ...], bytes, int]) -> None:
+    def _notify(
+        self, before: tuple[int, tuple[int | None, ...], bytes, int], *, by_client: bool = True
+    ) -> None:
         command, bars, msi_registers, msix_control = before
         after = self._observed()
         if after[0] != command:
@@ -560,7 +562,8 @@ class PciConfigSpace:
         if self.msi is not None and after[2] != msi_registers:
             self.msi.release()
             self.msi_changed.emit(self.msi)
-            self._msi_masks_changed(msi_registers, after[2])
+            if by_client:  # a reset's masks are the power-on ones, not the client's doing
+                self._msi_masks_changed(msi_registers, after[2])
         if self.msix is not None and after[3] != msix_control:
             enabled, masked = self.msix_enabled, self.msix_function_masked
             self.msix.set_control(enabled=enabled, function_masked=masked)
@@ -587,7 +590,7 @@ class PciConfigSpace:
         self._image.data[:] = self._power_on
         if self.msix is not None:
             self.msix.reset()
-        self._notify(before)
+        self._notify(before, by_client=False)
 
     def device_write(self, offset: int, data: bytes) -> None:
         """Store bytes as the device, ignoring write masks: latch PME status, PCIe error
