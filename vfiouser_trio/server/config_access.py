@@ -81,10 +81,11 @@ class ConfigAccess:
     async def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset``: EINVAL outside the space."""
         data = self._config.read(offset, size)
-        if not self._ranges:
+        touched = self._touched(offset, size) if self._ranges else None
+        if not touched:
             return data
         out = bytearray(data)
-        for _, region, start, end in self._touched(offset, size):
+        for _, region, start, end in touched:
             out[start - offset : end - offset] = await _served(region.do_read(start, end - start))
         return bytes(out)
 
