@@ -593,6 +593,24 @@ async def test_msi_when_the_driver_leaves_msix_off(tmp_path: Path) -> None:
         assert (await host.completion(1)).cid == 0x77
 
 
+async def test_abort_never_aborts_a_command_being_executed(tmp_path: Path) -> None:
+    """Abort is best effort (NVMe 1.4 section 5.1): for a read waiting for its disk it
+    completes at once with DW0 bit 0 set (not aborted), and the read completes as usual."""
+    backing = GatedBacking(1 << 20)
+    device = NvmeController(backing)
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        await host.submit(1, sqe(nv.IoOpcode.READ, 0x66, prp1=DATA))
+        await trio.testing.wait_all_tasks_blocked()
+        assert backing.waiting == 1
+        for target in (1 | 0x66 << 16, 1 | 0x99 << 16, 7 | 0x66 << 16):  # the read, no such
+            done = await host.admin(nv.AdminOpcode.ABORT, cdw=(target,))  # cid, no such SQ
+            assert (done.status, done.result & 1) == (nv.SUCCESS, 1)
+        backing.gate.set()
+        done = await host.completion(1)
+        assert (done.cid, done.status) == (0x66, nv.SUCCESS)
+
+
 async def test_guest_garbage_never_escapes_the_controller(tmp_path: Path) -> None:
     """Random entries on the admin and an I/O queue: each completes with a status."""
     rng = random.Random(14)
@@ -734,6 +752,9 @@ async def test_a_migration_state_the_controller_could_not_have_saved_is_refused(
             "an unknown feature": stream(features={"99": 1}),
             "a string for a register": stream(registers=["0", 0, 0, 0, 0, 0]),
             "a boolean for a number": stream(allocated=[True, 1]),
+            "a held MSI vector it lacks": stream(msi_held=1 << 8),
+            "a SMART event flag not a boolean": stream(smart_events=[1, False]),
+            "no SMART event flags": stream(smart_events=None),
         }
         outcomes = {}
         for what, data in bad.items():
