@@ -727,6 +727,54 @@ async def test_migrates_with_completions_the_host_had_no_room_for(tmp_path: Path
         destination_device.close()
 
 
+async def test_keep_alive_coalescing_and_events_migrate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """KATO, the coalescing settings, the thresholds and a masked SMART event travel; the
+    Keep Alive Timer rests while stopped and runs on the destination once it runs."""
+    source_device = NvmeController(MemoryBacking(1 << 20))
+    destination_device = NvmeController(MemoryBacking(1 << 20))
+    A, F = nv.AdminOpcode, nv.Feature
+    try:
+        with GuestMemory(MEMORY) as memory:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, source_device, tmp_path / "src.sock")
+                await nursery.start(serve, destination_device, tmp_path / "dst.sock")
+                async with (
+                    connect(tmp_path / "src.sock") as source,
+                    connect(tmp_path / "dst.sock") as destination,
+                ):
+                    host = await _host_on_a_small_cq(source, destination, memory)
+                    settings = {
+                        F.INTERRUPT_COALESCING: 5 << 8 | 2,
+                        F.ASYNC_EVENT_CONFIGURATION: nv.CRITICAL_TEMPERATURE,
+                        F.TEMPERATURE_THRESHOLD: 300,  # a warning; no AER held: pending
+                        F.KEEP_ALIVE_TIMER: 500,
+                    }
+                    for fid, value in settings.items():
+                        assert (await host.admin(A.SET_FEATURES, cdw=(fid, value))).status == 0
+                    await trio.sleep(0.4)
+                    assert (await host.admin(A.KEEP_ALIVE)).status == nv.SUCCESS
+                    await migrate(source, destination, track_dirty=False)
+                    await trio.sleep(0.4)  # the destination's timer started afresh
+                    host.client = destination
+                    host.irqs = await destination.enable_irqs(PciIrq.MSIX)
+                    for fid, value in settings.items():
+                        done = await host.admin(A.GET_FEATURES, cdw=(fid,))
+                        assert (done.status, done.result) == (nv.SUCCESS, value)
+                    # The SMART event waited for an AER: the destination completes it.
+                    await host.submit(0, sqe(A.ASYNC_EVENT_REQUEST, 0x601))
+                    event = await host.completion(0)
+                    assert (event.cid, event.result) == (0x601, 0x02_01_01)
+                    assert await host.reg(nv.CSTS) == nv.CSTS_RDY
+                    await trio.sleep(0.6)  # no Keep Alive: expired on the destination
+                    assert await host.reg(nv.CSTS) == nv.CSTS_RDY | nv.CSTS_CFS
+                nursery.cancel_scope.cancel()
+    finally:
+        source_device.close()
+        destination_device.close()
+
+
 async def test_a_migration_state_the_controller_could_not_have_saved_is_refused() -> None:
     device = NvmeController(MemoryBacking(1 << 20))
     try:

@@ -6,7 +6,9 @@ and what is not.
 
     modules:  spec (numbers), command (a decoded entry), prp (PRP walking), queues,
               identify (Identify data), admin and nvm (command handlers), backing
-              (memory, file), controller (registers, doorbells, queue tasks)
+              (memory, file), keepalive (the Keep Alive Timer), coalescing (interrupt
+              coalescing), migration (the state), controller (registers, doorbells,
+              interrupts, events, queue tasks)
 """
 
 from __future__ import annotations

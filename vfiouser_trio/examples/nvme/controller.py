@@ -2,11 +2,15 @@
 
 BAR0 (64-bit, 16 KiB) holds the controller registers (CAP, VS, INTMS/INTMC, CC, CSTS,
 AQA, ASQ, ACQ; NVMe 1.4 section 3.1) and, from 0x1000, the doorbells with a stride of
-4 bytes (CAP.DSTRD 0). MSI-X (a vector per queue pair) lives in BAR4; INTx is the
-fallback. Doorbells are served as region writes: the value written (a new SQ tail or
-CQ head) is what the controller needs, and an ioeventfd carries none (QEMU's
-``vfio-user-pci`` does not ask for GET_REGION_IO_FDS). Shadow doorbells (Doorbell
-Buffer Config) let the host skip most of those writes for its I/O queues.
+4 bytes (CAP.DSTRD 0). MSI-X (a vector per queue pair) lives in BAR4; MSI and INTx
+are the fallbacks, masked per vector by INTMS/INTMC; interrupt coalescing may hold an
+I/O vector back (`coalescing`). Doorbells are served as region writes: the value
+written (a new SQ tail or CQ head) is what the controller needs, and an ioeventfd
+carries none (QEMU's ``vfio-user-pci`` does not ask for GET_REGION_IO_FDS). Shadow
+doorbells (Doorbell Buffer Config) let the host skip most of those writes for its I/O
+queues. Held Asynchronous Event Requests complete with Error events (bad doorbells) and
+SMART / Health events (a temperature threshold crossed); the Keep Alive Timer
+(`keepalive`) stops a controller the host stopped keeping alive.
 
 The guest is untrusted: every register value, queue entry and PRP is checked, a bad
 command completes with its status, a bad doorbell write is ignored with a WARNING, and
