@@ -213,21 +213,39 @@ class _CommandQueue:
     Counts the commands it was given until they are done (``release``), also once a policy
     has taken them or while one runs inline in the reader (``hold``): ``held``, ``cost``
     (bytes with ``FRAME_OVERHEAD`` each) and ``fd_count``. The reader bounds these by not
-    reading (see the module doc); ``taken`` (the reader's parking lot) is woken whenever a
+    reading (see the module doc); ``taken`` (which wakes the reader) is called whenever a
     command is done. ``adopted`` is the stand-in of an inline command that had to wait
     (see :meth:`adopt`).
     """
 
-    __slots__ = ("_frames", "_lot", "_taken", "adopted", "cost", "fd_count", "held")
+    __slots__ = ("_frames", "_lot", "_taken", "adopted", "cost", "fd_count", "held", "on_first")
 
-    def __init__(self, taken: trio.lowlevel.ParkingLot) -> None:
-        self._frames: deque[Frame] = deque()
-        self._lot = trio.lowlevel.ParkingLot()
+    def __init__(self, taken: Callable[[], None]) -> None:
+        # The deque and the parking lot are created when first needed: an idle link
+        # queues nothing (its commands run inline), and each costs hundreds of bytes.
+        self._frames: deque[Frame] | None = None
+        self._lot: trio.lowlevel.ParkingLot | None = None
         self._taken = taken
         self.held = 0
         self.cost = 0
         self.fd_count = 0
         self.adopted: Frame | None = None
+        #: Called once, when the first command is queued (it starts the policy's run).
+        self.on_first: Callable[[], None] | None = None
+
+    def _queue(self) -> deque[Frame]:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
+        return frames
+
+    def _queued(self) -> None:
+        start = self.on_first
+        if start is not None:
+            self.on_first = None
+            start()
+        if self._lot:
+            self._lot.unpark()
 
     def hold(self, frame: Frame) -> None:
         """Count ``frame`` until it is released, without queueing it."""
@@ -238,9 +256,8 @@ class _CommandQueue:
 
     def put(self, frame: Frame) -> None:
         self.hold(frame)
-        self._frames.append(frame)
-        if self._lot:
-            self._lot.unpark()
+        self._queue().append(frame)
+        self._queued()
 
     def adopt(self, stand_in: Frame) -> None:
         """Queue the stand-in of an inline command that is still running, so that the policy
@@ -248,9 +265,8 @@ class _CommandQueue:
         ``held`` only (the command itself counts its cost) until :meth:`drop_stand_in`."""
         self.held += 1
         self.adopted = stand_in
-        self._frames.append(stand_in)
-        if self._lot:
-            self._lot.unpark()
+        self._queue().append(stand_in)
+        self._queued()
 
     def has_pending(self) -> bool:
         return bool(self._frames)
@@ -265,18 +281,20 @@ class _CommandQueue:
         self.held -= 1
         self.cost -= FRAME_OVERHEAD + len(frame.payload)
         self.fd_count -= fd_count
-        if self._taken:
-            self._taken.unpark_all()
+        self._taken()
 
     async def get(self) -> Frame:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._frames:
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
-        return self._frames.popleft()
+        return self._queue().popleft()
 
     def close(self) -> None:
-        while self._frames:
-            frame = self._frames.popleft()
+        frames = self._frames
+        while frames:
+            frame = frames.popleft()
             if frame is self.adopted:
                 self.drop_stand_in()
             else:
@@ -291,10 +309,10 @@ class _LinkState:
         self.link = link
         self.transport = transport
         #: Where the reader (and a dispatcher held by the send backlog) wait for the load to
-        #: fall: woken when a command leaves the queue, the socket takes data, or a request
-        #: is sent on this link.
-        self.progress = trio.lowlevel.ParkingLot()
-        self.commands = _CommandQueue(self.progress)
+        #: fall (:meth:`wait`): woken when a command leaves the queue, the socket takes
+        #: data, or a request is sent on this link. Created when first needed.
+        self.progress: trio.lowlevel.ParkingLot | None = None
+        self.commands = _CommandQueue(self.wake)
         #: Commands started (by the dispatcher or inline) since the link last yielded.
         self.dispatched = 0
         #: True while the reader runs a command inline that is not the last of its read:
@@ -308,6 +326,12 @@ class _LinkState:
     def wake(self) -> None:
         if self.progress:
             self.progress.unpark_all()
+
+    async def wait(self) -> None:
+        """Wait for the next :meth:`wake`."""
+        if self.progress is None:
+            self.progress = trio.lowlevel.ParkingLot()
+        await self.progress.park()
 
     @property
     def load(self) -> int:
@@ -349,9 +373,10 @@ class Connection:
         self._main = self._new_link(Link.MAIN, sock)
         self._twin: _LinkState | None = None
         self._request_link = self._main
-        self._id_lot = trio.lowlevel.ParkingLot()
+        self._id_lot: trio.lowlevel.ParkingLot | None = None  # created when first needed
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
+        self._run_task: trio.lowlevel.Task | None = None
         #: Set once the connection has closed, for whatever reason.
         self.closed = trio.Event()
         #: Why the connection closed: None for a local close or a clean end of stream.
@@ -439,19 +464,35 @@ class Connection:
 
     # ----------------------------------------------------------------- running
 
-    def _start_link(self, nursery: trio.Nursery, state: _LinkState) -> None:
-        nursery.start_soon(self._read_loop, state)
-        nursery.start_soon(state.transport.run_writer)
-        nursery.start_soon(self._policy.run, state.commands, partial(self._process, state))
+    def _start_link(self, nursery: trio.Nursery, state: _LinkState, *, reader: bool = True) -> None:
+        # The writer and the dispatcher start when first needed: on an idle connection (most
+        # commands run inline, most replies leave at once) a link holds its reader alone.
+        transport = state.transport
+        process = partial(self._process, state)
+
+        def start_writer() -> None:
+            nursery.start_soon(transport.run_writer)
+
+        def start_dispatcher() -> None:
+            nursery.start_soon(self._policy.run, state.commands, process)
+
+        transport.on_writer_needed = start_writer
+        state.commands.on_first = start_dispatcher
+        if reader:
+            nursery.start_soon(self._read_loop, state)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    self._start_link(nursery, self._main)
-                    task_status.started()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._scope = nursery.cancel_scope
+                self._start_link(nursery, self._main, reader=False)
+                # This task becomes the main link's first reader, once open_connection has
+                # handed the connection to its owner (a handler may need the owner's hold).
+                self._run_task = trio.lowlevel.current_task()
+                task_status.started()
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                await self._read_loop(self._main)
         finally:
             self._nursery = None
             self._shutdown(None, "connection closed")
@@ -488,7 +529,8 @@ class Connection:
             error = ConnectionClosedError(message, command=command)
             error.__cause__ = reason
             request.fail(error)
-        self._id_lot.unpark_all()
+        if self._id_lot:
+            self._id_lot.unpark_all()
         if self._scope is not None:
             self._scope.cancel()
         self.closed.set()
@@ -504,7 +546,6 @@ class Connection:
         never waits for a handler that waits, so the guarantee of the module doc holds.
         """
         transport = state.transport
-        deliver = partial(self._deliver, state)
         reason: BaseException | None = None
         core = self.core
         bounded = core.max_send_backlog is not None
@@ -530,7 +571,7 @@ class Connection:
                 for index, event in enumerate(events):
                     if isinstance(event, Frame):
                         if hooks is not None:
-                            hooks.on_receive(self, state.link, event, deliver)
+                            hooks.on_receive(self, state.link, event, partial(self._deliver, state))
                             continue
                         if state.dispatched >= batch:
                             # Fairness: inline commands count as the dispatcher's do.
@@ -597,7 +638,7 @@ class Connection:
                     state.link.value,
                     state.load,
                 )
-            await state.progress.park()
+            await state.wait()
             if state.transport.closed:
                 return None  # e.g. the peer hung up and a send failed: the next receive says so
         if paused:
@@ -765,7 +806,7 @@ class Connection:
             if limit is not None and state.transport.backlog >= limit:
                 try:
                     while state.transport.backlog >= limit // 2:
-                        await state.progress.park()
+                        await state.wait()
                 except BaseException:
                     frame.close_fds()
                     raise
@@ -855,8 +896,7 @@ class Connection:
         )
         request = _PendingRequest()
         core.expect_reply(msg_id, command, request)
-        if state.progress:
-            state.progress.unpark_all()  # a paused reader must read this request's reply
+        state.wake()  # a paused reader must read this request's reply
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
         except BaseException:
@@ -913,6 +953,8 @@ class Connection:
                     raise ConnectionClosedError(errno=errno.ENOTCONN, command=command) from exc
             msg_id = core.allocate_id()
             while msg_id is None:
+                if self._id_lot is None:
+                    self._id_lot = trio.lowlevel.ParkingLot()
                 await self._id_lot.park()
                 core.check_request(command, len(fds))
                 msg_id = core.allocate_id()
@@ -1027,6 +1069,8 @@ async def open_connection(
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(conn._run)
+            assert conn._run_task is not None
+            trio.lowlevel.reschedule(conn._run_task)  # start reading
             yield conn
         except BaseException as exc:
             body_error = exc

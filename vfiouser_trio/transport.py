@@ -13,18 +13,19 @@ Truncated control data (``MSG_CTRUNC``: more fds than ``max_recv_fds``) is fatal
 
 Sending: frames are queued in order. ``write`` pushes the queue to the kernel at once when
 it can; whatever the kernel does not take is sent by :meth:`Transport.run_writer`, a task the
-owner runs. Consecutive frames without fds share one ``sendmsg``; a frame with fds starts a
-``sendmsg`` of its own (so the fds travel with its first byte) and nothing follows it there.
+owner runs (or starts when ``on_writer_needed`` says so). Consecutive frames without fds
+share one ``sendmsg``; a frame with fds starts a ``sendmsg`` of its own (so the fds travel
+with its first byte) and nothing follows it there.
 """
 
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import mmap
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
@@ -83,6 +84,22 @@ class _Chunk:
         self.starts_frame = starts_frame
 
 
+class _ReceiveBuffer(threading.local):
+    """The receive buffer of every transport in a thread.
+
+    One is enough: a read is parsed before any other can start (nothing between ``recvmsg``
+    and the decoder's return waits) and the decoder copies what it keeps. Anonymous memory:
+    a page becomes resident only once a read reaches it.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = mmap.mmap(-1, RECV_BUFFER_SIZE)
+        self.view = memoryview(self.buffer)
+
+
+_receive_buffer = _ReceiveBuffer()
+
+
 def byte_buffer(data: Buffer) -> Buffer:
     """``data`` as a buffer whose ``len`` counts bytes (a memoryview of wider items is cast)."""
     if type(data) is memoryview and (data.ndim != 1 or data.itemsize != 1):
@@ -119,27 +136,31 @@ class Transport:
         sock.setblocking(False)
         self._sock = sock
         self._decoder = FrameDecoder(max_msg_size=max_msg_size)
-        # Anonymous memory: a page becomes resident only once a read reaches it, so an idle
-        # connection costs a page or two instead of the whole (zero-filled) buffer.
-        self._recv_buffer = mmap.mmap(-1, RECV_BUFFER_SIZE)
-        self._recv_view = memoryview(self._recv_buffer)
-        self._recv_iov = [self._recv_view]
+        # Shared by the thread's transports, so an idle connection holds no buffer of its own.
+        self._recv = _receive_buffer
+        self._recv_iov = [self._recv.view]
         self._read_size = RECV_BUFFER_SIZE
         # What FRAMES_PER_READ allows, from the last reads; a connection starts small.
         self._fair_read_size = FRAMES_PER_READ * HEADER_SIZE
         self._max_recv_fds = 0
         self._ancbufsize = 0
         self.max_recv_fds = max_recv_fds
-        self._out: deque[_Chunk] = deque()
+        # Created when first needed: an empty deque costs more than the rest of an idle
+        # transport's state.
+        self._out: deque[_Chunk] | None = None
         self._queued_bytes = 0
-        self._writer_lot = trio.lowlevel.ParkingLot()
-        self._drained_lot = trio.lowlevel.ParkingLot()
+        # Parking lots are created when first needed (an idle transport waits for nothing).
+        self._writer_lot: trio.lowlevel.ParkingLot | None = None
+        self._drained_lot: trio.lowlevel.ParkingLot | None = None
         self._closed = False
         self._broken: OSError | None = None
         self._at_eof = False
         self._drained_socket = False
         #: Called (synchronously) whenever the kernel took queued data; None for nobody.
         self.on_progress: Callable[[], None] | None = None
+        #: Called once, the first time data stays queued: an owner that starts
+        #: :meth:`run_writer` only when it is needed sets it (None: the writer runs already).
+        self.on_writer_needed: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- limits
 
@@ -184,7 +205,8 @@ class Transport:
     @property
     def backlog(self) -> int:
         """The memory the send queue holds: its bytes plus ``CHUNK_OVERHEAD`` per chunk."""
-        return self._queued_bytes + CHUNK_OVERHEAD * len(self._out)
+        out = self._out
+        return self._queued_bytes + (CHUNK_OVERHEAD * len(out) if out else 0)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -209,7 +231,7 @@ class Transport:
         size = max(min(max_bytes, self._fair_read_size), 1)
         if size != self._read_size:
             self._read_size = size
-            self._recv_iov = [self._recv_view[:size]]
+            self._recv_iov = [self._recv.view[:size]]
         if self._drained_socket:
             # The last read emptied the socket: a read now would almost surely say EAGAIN.
             await trio.lowlevel.wait_readable(self._sock)
@@ -258,14 +280,14 @@ class Transport:
                 self._at_eof = True
                 return []
             # The decoder copies what it keeps, so the receive buffer can be reused.
-            events = self._decoder.feed(self._recv_view[:size], fds)
+            events = self._decoder.feed(self._recv.view[:size], fds)
             if len(events) > FRAMES_PER_READ:
                 self._fair_read_size = max(size * FRAMES_PER_READ // len(events), MIN_READ)
             elif size == self._read_size < RECV_BUFFER_SIZE and len(events) <= FRAMES_PER_READ // 2:
                 self._fair_read_size = min(self._fair_read_size * 2, RECV_BUFFER_SIZE)
             if size > _RELEASE_AFTER:
                 # A large read made many pages resident: hand them back until needed again.
-                self._recv_buffer.madvise(mmap.MADV_DONTNEED)
+                self._recv.buffer.madvise(mmap.MADV_DONTNEED)
             if events:
                 return events
             if self._drained_socket:
@@ -308,6 +330,7 @@ class Transport:
             # the kernel, header and payload as two iovecs, no chunk unless it takes less.
             self._send_now(raw_header, payload, size + payload_size)
             return
+        out = self._queue()
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
             out.append(first)
@@ -324,7 +347,7 @@ class Transport:
             first.fds = tuple(os.dup(fd) for fd in first.fds)
             first.owns_fds = True
         if out:
-            self._writer_lot.unpark()
+            self._wake_writer()
 
     def _send_now(self, raw_header: bytes, payload: Buffer, total: int) -> None:
         """``write`` with an empty queue: one ``sendmsg``; whatever the kernel leaves is queued."""
@@ -345,14 +368,29 @@ class Transport:
                 return
         # Queue what is left without copying the payload (it may be large).
         head = len(raw_header)
+        out = self._queue()
         if sent < head:
-            self._out.append(_Chunk(raw_header[sent:], (), False, not sent))
+            out.append(_Chunk(raw_header[sent:], (), False, not sent))
             if payload:
-                self._out.append(_Chunk(payload, (), False, False))
+                out.append(_Chunk(payload, (), False, False))
         else:
-            self._out.append(_Chunk(memoryview(payload)[sent - head :], (), False, False))
+            out.append(_Chunk(memoryview(payload)[sent - head :], (), False, False))
         self._queued_bytes += total - sent
-        self._writer_lot.unpark()
+        self._wake_writer()
+
+    def _queue(self) -> deque[_Chunk]:
+        out = self._out
+        if out is None:
+            out = self._out = deque()
+        return out
+
+    def _wake_writer(self) -> None:
+        start = self.on_writer_needed
+        if start is not None:
+            self.on_writer_needed = None
+            start()
+        if self._writer_lot:
+            self._writer_lot.unpark()
 
     async def send(
         self,
@@ -387,6 +425,8 @@ class Transport:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         while self._queued_bytes > limit:
+            if self._drained_lot is None:
+                self._drained_lot = trio.lowlevel.ParkingLot()
             await self._drained_lot.park()
             if self._closed:
                 raise self._closed_error()
@@ -394,11 +434,14 @@ class Transport:
     async def run_writer(self) -> None:
         """Send queued data whenever the socket is writable; returns when the transport closes.
 
-        Run exactly one per transport, in the owner's nursery.
+        Run exactly one per transport, in the owner's nursery (from the start, or once
+        ``on_writer_needed`` is called).
         """
         try:
             while not self._closed:
                 if not self._out:
+                    if self._writer_lot is None:
+                        self._writer_lot = trio.lowlevel.ParkingLot()
                     await self._writer_lot.park()
                     continue
                 if self._flush():
@@ -410,6 +453,8 @@ class Transport:
     def _flush(self) -> bool:
         """Send queued chunks until done or EAGAIN; True if the queue is now empty."""
         out = self._out
+        if not out:
+            return True
         sock = self._sock
         progressed = False
         while out:
@@ -451,6 +496,8 @@ class Transport:
                     chunk.data = memoryview(chunk.data)[sent:]
                     chunk.starts_frame = False
                     sent = 0
+        if not out:
+            self._out = None  # an empty deque holds hundreds of bytes: drop it until needed
         if progressed:
             if self._drained_lot:
                 self._drained_lot.unpark_all()
@@ -471,19 +518,18 @@ class Transport:
             return
         self._closed = True
         self._recv_iov = []
-        self._recv_view.release()
-        with contextlib.suppress(BufferError):  # a slice still alive: freed with it later
-            self._recv_buffer.close()
-        for chunk in self._out:
+        for chunk in self._out or ():
             if chunk.owns_fds:
                 close_fds(chunk.fds)
-        self._out.clear()
+        self._out = None
         self._queued_bytes = 0
         self._decoder.close()
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
-        self._writer_lot.unpark_all()
-        self._drained_lot.unpark_all()
+        if self._writer_lot:
+            self._writer_lot.unpark_all()
+        if self._drained_lot:
+            self._drained_lot.unpark_all()
         if self.on_progress is not None:
             # A reader paused on the backlog must learn that it will never drain.
             self.on_progress()
