@@ -97,6 +97,17 @@ def test_assigning_config_is_refused_naming_the_class_and_the_fix() -> None:
     device.close()
 
 
+def test_replacing_a_framework_method_on_the_device_is_refused_when_serving_starts() -> None:
+    device = Plain()
+    device.trigger = lambda *args: True  # type: ignore[method-assign]
+    with pytest.raises(AttributeError) as refused:
+        DeviceServer(device)
+    message = str(refused.value)
+    assert message.startswith("Plain: self.trigger = ... replaced the framework's 'trigger'")
+    assert "rename your attribute, e.g. self.my_trigger" in message
+    device.close()
+
+
 def test_defining_a_framework_name_is_refused_at_class_creation() -> None:
     with pytest.raises(TypeError) as refused:
 
@@ -255,6 +266,6 @@ def test_a_memory_bar_needs_no_assert_for_the_type_checker(tmp_path: Path) -> No
         )
     )
     out, err, status = mypy_api.run(
-        ["--strict", "--no-incremental", "--cache-dir=/dev/null", str(source)]
+        ["--strict", "--follow-imports=silent", "--cache-dir=/dev/null", str(source)]
     )
     assert status == 0, out + err

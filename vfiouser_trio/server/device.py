@@ -36,11 +36,14 @@ every example and test is written so. What made the class easy to misuse was eve
 else on it: the session's machinery (full reset, cleanup when a client goes, quiescing,
 MSI-X delivery) and the framework's private state, which a subclass could shadow
 without noticing. Those now live in one object the server reaches as
-``device._vfu`` (``server/device_runtime.py``), and the names above are fenced: a
-subclass that defines a framework name other than a hook, or assigns one
-(``self.config = ...``), is refused at once with the fix; a hook overridden with the
-wrong kind (a plain ``def reset``, an ``async def save_chunks``) is refused when the class
-is created. The declarations are checked as a whole when serving starts (or when device
+``device._vfu`` (``server/device_runtime.py``), and the names above are fenced, each
+refusal naming the class, the name and the fix: a subclass defining a framework name
+other than a hook is refused when the class is created; assigning a service
+(``self.config = ...``) is refused at the assignment; a framework method replaced on the
+instance (``self.trigger = ...``) when serving starts (no ``__setattr__``: assigning a
+device's own attributes costs what it costs on any object); a hook overridden with the
+wrong kind (a plain ``def reset``, an ``async def save_chunks``) when the class is
+created. The declarations are checked as a whole when serving starts (or when device
 code first reads ``config``/``irqs``/``region()``), with errors naming the device, the
 region and the fix. The first read of ``config``/``irqs``/``region()`` freezes the
 declarations (at the end of ``__init__`` that is fine: to connect config signals, say);
@@ -57,10 +60,10 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal, overload
+from typing import Any, ClassVar, Literal, Never, overload
 
 from ..protocol.constants import PciIrq, PciRegion
-from .device_runtime import DeviceRuntime, page_aligned
+from .device_runtime import DeviceRuntime, assignment_refused, fix_for, page_aligned
 from .dma import DmaTable
 from .dma_hooks import DmaHooks
 from .doorbells import Doorbell
@@ -121,7 +124,7 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
             interrupt_pin=interrupt_pin,
             reset_supported=reset_supported,
         )
-        object.__setattr__(self, "_vfu", runtime)
+        self._vfu = runtime
 
     # --- the fence -----------------------------------------------------------------------
 
@@ -132,18 +135,10 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
             if attr in reserved:
                 raise TypeError(
                     f"{cls.__name__} defines {attr!r}, a name of the Device framework "
-                    f"({_what(attr)}); {_fix(attr)}"
+                    f"({_what(attr)}); {fix_for(attr)}"
                 )
             if attr in hooks:
                 _check_hook(cls, attr, value, hooks[attr])
-
-    def __setattr__(self, attr: str, value: object) -> None:
-        if attr in _framework_names()[0]:
-            raise AttributeError(
-                f"{type(self).__name__}: self.{attr} = ... would replace the framework's "
-                f"{attr!r} ({_what(attr)}); {_fix(attr)}"
-            )
-        object.__setattr__(self, attr, value)
 
     # --- services --------------------------------------------------------------------------
 
@@ -152,25 +147,45 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
         """The device's name in log lines and errors (``name=`` of ``Device.__init__``)."""
         return self._vfu.name
 
+    @name.setter
+    def name(self, value: Never) -> None:
+        raise assignment_refused(self, "name")
+
     @property
     def identity(self) -> PciIdentity:
         """The PCI identity given to ``Device.__init__``."""
         return self._vfu.identity
+
+    @identity.setter
+    def identity(self, value: Never) -> None:
+        raise assignment_refused(self, "identity")
 
     @property
     def dma(self) -> DmaTable:
         """The client's DMA maps: ``read``/``write``/``view``/``pin`` guest memory (``dma.py``)."""
         return self._vfu.dma
 
+    @dma.setter
+    def dma(self, value: Never) -> None:
+        raise assignment_refused(self, "dma")
+
     @property
     def config(self) -> PciConfigSpace:
         """The device's PCI configuration space (built from the declarations on first use)."""
         return self._vfu.config()
 
+    @config.setter
+    def config(self, value: Never) -> None:
+        raise assignment_refused(self, "config")
+
     @property
     def irqs(self) -> IrqTable:
         """The device's IRQ indexes (built from the declarations on first use)."""
         return self._vfu.irqs()
+
+    @irqs.setter
+    def irqs(self, value: Never) -> None:
+        raise assignment_refused(self, "irqs")
 
     def region(self, index: int) -> Region | None:
         """Region ``index`` as declared (``PciRegion.CONFIG`` once built), or None."""
@@ -666,17 +681,6 @@ def _what(attr: str) -> str:
     if isinstance(value, property):
         return "a property of every device"
     return "a method of every device" if callable(value) else "the framework's own state"
-
-
-_FIXES = {
-    "name": "pass name= to Device.__init__ instead",
-    "identity": "pass the PciIdentity to Device.__init__ instead",
-    "config": "rename your attribute, e.g. self.config_regs",
-}
-
-
-def _fix(attr: str) -> str:
-    return _FIXES.get(attr, f"rename your attribute, e.g. self.my_{attr.lstrip('_')}")
 
 
 def _check_hook(cls: type, attr: str, value: object, kind: str) -> None:

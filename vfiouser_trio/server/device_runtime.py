@@ -120,6 +120,7 @@ class DeviceRuntime:
         caller = _caller()
         self._built_by = f"{cause} at {caller}" if caller else "serving the device"
         self.errors.device = self.name
+        self._check_shadowing()
         self._check_areas()
         try:
             config = PciConfigSpace(
@@ -158,6 +159,22 @@ class DeviceRuntime:
         install_state_hook(self.device, self._irqs, config, self.errors)
         if config.msix is not None:
             self._attach_msix(config)
+
+    def _check_shadowing(self) -> None:
+        """A framework method the device replaced on itself (``self.trigger = ...``).
+
+        Properties refuse such assignments at once; methods are checked here, when serving
+        starts, so that attribute assignment on a device costs what it costs anywhere.
+        """
+        from .device import _framework_names  # noqa: PLC0415 - device.py imports this module
+
+        reserved = _framework_names()[0]
+        for attr in vars(self.device):
+            if attr in reserved and attr != "_vfu":
+                raise AttributeError(
+                    f"{type(self.device).__name__}: self.{attr} = ... replaced the framework's "
+                    f"{attr!r} (a method of every device); {fix_for(attr)}"
+                )
 
     def _check_areas(self) -> None:
         """Doorbells where a write reaches them: not mmapped, not under MSI-X."""
@@ -317,6 +334,26 @@ class DeviceRuntime:
         """Release the device's memory and doorbells (after serving ends)."""
         for region in self.regions.values():
             region.close()
+
+
+_FIXES = {
+    "name": "pass name= to Device.__init__ instead",
+    "identity": "pass the PciIdentity to Device.__init__ instead",
+    "config": "rename your attribute, e.g. self.config_regs",
+}
+
+
+def fix_for(attr: str) -> str:
+    """How a device author gets out of the way of the framework's name ``attr``."""
+    return _FIXES.get(attr, f"rename your attribute, e.g. self.my_{attr.lstrip('_')}")
+
+
+def assignment_refused(device: object, attr: str) -> AttributeError:
+    """The error for ``self.<attr> = ...`` where ``attr`` is a service of every device."""
+    return AttributeError(
+        f"{type(device).__name__}: self.{attr} = ... would replace the framework's {attr!r} "
+        f"(a property of every device); {fix_for(attr)}"
+    )
 
 
 def page_aligned(value: int) -> bool:

@@ -105,7 +105,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Never
 
 import trio
 
@@ -143,6 +143,7 @@ from ..protocol.migration_fsm import (
     require_command_allowed,
 )
 from ..protocol.region_io import check_xfer_size
+from .device_runtime import assignment_refused
 from .dirty import DirtyLog, select_page_size
 from .migration_stream import FrameworkState, StreamDecoder, StreamEncoder
 
@@ -184,6 +185,10 @@ class MigrationHooks:
     def migration(self) -> DeviceMigration | None:
         """The migration state (``.state``), set by ``enable_migration``; else None."""
         return self._vfu.migration
+
+    @migration.setter
+    def migration(self, value: Never) -> None:
+        raise assignment_refused(self, "migration")
 
     def enable_migration(self, *, pre_copy: bool = False, raw: bool = False) -> None:
         """Declare that the device can migrate (STOP_COPY; PRE_COPY too with ``pre_copy``).
