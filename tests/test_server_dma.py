@@ -11,9 +11,18 @@ import trio
 import trio.testing
 from fd_leaks import fd_count
 
-from vfiouser_trio.protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
+from vfiouser_trio.client import GuestMemory
+from vfiouser_trio.protocol.constants import (
+    DMA_MAP_FLAG_READ,
+    DMA_MAP_FLAG_WRITE,
+    Command,
+    PciRegion,
+)
 from vfiouser_trio.protocol.errors import VfioUserError
+from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.dma import DmaError, DmaTable
+from vfiouser_trio.server.pci import PciIdentity
+from vfiouser_trio.testing import nested_device
 
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 PAGE = mmap.PAGESIZE
@@ -263,3 +272,113 @@ async def test_write_observers_see_device_writes() -> None:
     assert seen == [(0x4010, 3), (0x4100, 16)]
     await table.unmap_all()
     view.close()
+
+
+# --- scatter-gather over several maps (libvfio-user's vfu_addr_to_sgl / vfu_sgl_read) ---
+
+
+async def test_sgl_and_accesses_span_adjacent_maps_from_two_memfds() -> None:
+    table = DmaTable()
+    fd_a, mem_a = guest_memfd(PAGE)
+    fd_b, mem_b = guest_memfd(2 * PAGE)
+    table.map(0x10000, PAGE, RW, fd_a)
+    table.map(0x10000 + PAGE, PAGE, DMA_MAP_FLAG_READ, fd_b, offset=PAGE)
+    start, length = 0x10000 + PAGE - 16, 48
+    segments = table.sgl(start, length)
+    assert [(s.iova, s.length) for s in segments] == [(start, 16), (0x10000 + PAGE, 32)]
+    assert [(s.window.iova, s.window.writable, s.window.fd_backed) for s in segments] == [
+        (0x10000, True, True),
+        (0x10000 + PAGE, False, True),
+    ]
+    mem_a[PAGE - 16 :] = b"a" * 16
+    mem_b[PAGE : PAGE + 32] = b"b" * 32
+    assert await table.read(start, length) == b"a" * 16 + b"b" * 32
+    with table.pin(start, length):  # one pin holds both windows
+        assert [m.busy for m in table] == [1, 1]
+    # Zero-copy, one segment at a time.
+    pieces = []
+    for seg in segments:
+        with table.view(seg.iova, seg.length) as piece:
+            pieces.append(bytes(piece))
+    assert b"".join(pieces) == b"a" * 16 + b"b" * 32
+    # The second map is read-only: a writable range over both is refused, nothing written.
+    with pytest.raises(DmaError) as exc:
+        table.sgl(start, length, write=True)
+    assert exc.value.errno == errno.EFAULT
+    with pytest.raises(DmaError):
+        await table.write(start, bytes(length))
+    assert mem_a[PAGE - 16 :] == b"a" * 16
+    await table.unmap_all()
+    mem_a.close()
+    mem_b.close()
+
+
+async def test_a_range_over_a_gap_between_maps_is_efault() -> None:
+    table = DmaTable()
+    fd_a, mem_a = guest_memfd(PAGE)
+    fd_b, mem_b = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd_a)
+    table.map(2 * PAGE, PAGE, RW, fd_b)  # one page unmapped in between
+    for call in (
+        lambda: table.sgl(PAGE - 4, PAGE + 8),
+        lambda: table.pin(PAGE - 4, PAGE + 8).__enter__(),
+    ):
+        with pytest.raises(DmaError) as exc:
+            call()
+        assert exc.value.errno == errno.EFAULT
+    with pytest.raises(DmaError) as exc:
+        await table.read(PAGE - 4, PAGE + 8)
+    assert exc.value.errno == errno.EFAULT
+    assert table.sgl(2 * PAGE, 8)[0].window.iova == 2 * PAGE
+    assert [m.busy for m in table] == [0, 0]  # a refused access holds nothing
+    await table.unmap_all()
+    mem_a.close()
+    mem_b.close()
+
+
+# --- message DMA on an fd-backed map (libvfio-user's samples/server does both) ----------
+
+
+async def test_messages_can_be_forced_on_an_fd_backed_map() -> None:
+    client = FakeClient(base=0, size=PAGE, max_xfer=PAGE)
+    table = DmaTable(messenger=client)
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd)
+    view[:4] = b"fd!!"
+    client.mem[:4] = b"msg!"
+    assert await table.read(0, 4) == b"fd!!"  # direct by default
+    assert await table.read(0, 4, messages=True) == b"msg!"
+    await table.write(8, b"over the socket", messages=True)
+    assert client.calls == [("read", 0, 4), ("write", 8, 15)]
+    table.prefer_messages = True
+    assert await table.read(0, 4) == b"msg!"
+    assert await table.read(0, 4, messages=False) == b"fd!!"  # per call wins
+    assert client.calls[-1] == ("read", 0, 4) and len(client.calls) == 3
+    await table.unmap_all()
+    view.close()
+
+
+class Echo(Device):
+    """A write to BAR0 copies 4 bytes of guest memory from IOVA 0 to IOVA 8."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7113))
+        self.add_bar(0, 0x1000, write=self.write0)
+
+    async def write0(self, offset: int, data: bytes) -> None:
+        await self.dma.write(8, await self.dma.read(0, 4))
+
+
+async def test_forced_messages_reach_the_clients_dma_servicing_over_a_socket() -> None:
+    device = Echo()
+    device.dma.prefer_messages = True
+    async with nested_device(device) as pair:
+        with GuestMemory(PAGE) as memory:
+            await pair.client.dma_map(memory, 0, size=PAGE)  # the server gets the memfd
+            assert [m.mapped for m in device.dma] == [True]
+            memory.write(0, b"echo")
+            await pair.client.write(PciRegion.BAR0, 0, b"\1\0\0\0")
+            assert memory.read(8, 4) == b"echo"
+        served = [r.command for r in pair.tracer.commands(Command.DMA_READ, Command.DMA_WRITE)]
+    # The layout probe (a zero-length DMA_WRITE) may come first; then our read and write.
+    assert served[-2:] == [Command.DMA_READ, Command.DMA_WRITE]
