@@ -18,7 +18,7 @@ from ..protocol.constants import (
 from ..protocol.errors import VfioUserError
 from .device import MAX_IRQ_INDEX, MAX_REGION_INDEX, Device
 from .device_errors import DeviceCodeError
-from .dma import DmaError, DmaTable
+from .dma import DmaError, DmaSegment, DmaTable, DmaWindow
 from .doorbells import Doorbell
 from .irqs import IrqIndex
 from .migration import MigrationRefused
@@ -52,7 +52,9 @@ __all__ = [
     "DeviceCodeError",
     "DeviceServer",
     "DmaError",
+    "DmaSegment",
     "DmaTable",
+    "DmaWindow",
     "Doorbell",
     "ExpressCapability",
     "InterruptPin",
