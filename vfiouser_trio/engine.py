@@ -75,8 +75,8 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -303,7 +303,17 @@ class _CommandQueue:
 
 
 class _LinkState:
-    __slots__ = ("adopted_done", "commands", "dispatched", "link", "more", "progress", "transport")
+    __slots__ = (
+        "adopted_done",
+        "commands",
+        "dispatched",
+        "link",
+        "more",
+        "on_demand",
+        "progress",
+        "reading",
+        "transport",
+    )
 
     def __init__(self, link: Link, transport: Transport, *, bounded: bool) -> None:
         self.link = link
@@ -320,6 +330,10 @@ class _LinkState:
         self.more = False
         #: Set when the inline command whose stand-in the policy holds is done.
         self.adopted_done: trio.Event | None = None
+        #: The link is read only while a request of ours awaits its reply (the server's
+        #: twin link: the peer sends nothing else there); ``reading`` while a reader runs.
+        self.on_demand = False
+        self.reading = True
         if bounded:
             transport.on_progress = self.wake
 
@@ -449,9 +463,13 @@ class Connection:
                 raise ProtocolError(f"unusable twin socket: {exc}") from exc
             raise
         self._twin = twin
-        self._start_link(nursery, twin)
         if requests_on_twin:
+            # The twin carries our commands and the peer's replies (spec: "twin_socket"):
+            # an idle connection keeps no reader task on it.
+            twin.on_demand = True
+            twin.reading = False
             self._request_link = twin
+        self._start_link(nursery, twin, reader=not requests_on_twin)
 
     def _check_can_attach_twin(self) -> trio.Nursery:
         if self.closed.is_set():
@@ -467,19 +485,17 @@ class Connection:
     def _start_link(self, nursery: trio.Nursery, state: _LinkState, *, reader: bool = True) -> None:
         # The writer and the dispatcher start when first needed: on an idle connection (most
         # commands run inline, most replies leave at once) a link holds its reader alone.
-        transport = state.transport
-        process = partial(self._process, state)
-
-        def start_writer() -> None:
-            nursery.start_soon(transport.run_writer)
-
-        def start_dispatcher() -> None:
-            nursery.start_soon(self._policy.run, state.commands, process)
-
-        transport.on_writer_needed = start_writer
-        state.commands.on_first = start_dispatcher
+        state.transport.on_writer_needed = partial(self._start_writer, nursery, state)
+        state.commands.on_first = partial(self._start_dispatcher, nursery, state)
         if reader:
             nursery.start_soon(self._read_loop, state)
+
+    @staticmethod
+    def _start_writer(nursery: trio.Nursery, state: _LinkState) -> None:
+        nursery.start_soon(state.transport.run_writer)
+
+    def _start_dispatcher(self, nursery: trio.Nursery, state: _LinkState) -> None:
+        nursery.start_soon(self._policy.run, state.commands, partial(self._process, state))
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -555,6 +571,9 @@ class Connection:
         try:
             while reason is None:
                 if not events:
+                    if state.on_demand and self._reader_may_leave(state):
+                        state.reading = False
+                        return
                     if not bounded or not state.load:
                         events = await transport.receive()  # nothing held: no bound to keep
                     else:
@@ -608,6 +627,21 @@ class Connection:
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
+
+    def _reader_may_leave(self, state: _LinkState) -> bool:
+        """Whether an on-demand link's reader may stop: no reply awaited, no command held,
+        no frame half read. A later request starts a reader again (:meth:`_read_on_demand`);
+        the peer's end of stream there is noticed then, or on the main link."""
+        return (
+            not self.core.awaiting_replies
+            and not state.commands.held
+            and state.transport.at_frame_boundary
+        )
+
+    def _read_on_demand(self, state: _LinkState) -> None:
+        if not state.reading and self._nursery is not None:
+            state.reading = True
+            self._nursery.start_soon(self._read_loop, state)
 
     async def _hold_reading(self, state: _LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
@@ -897,6 +931,8 @@ class Connection:
         request = _PendingRequest()
         core.expect_reply(msg_id, command, request)
         state.wake()  # a paused reader must read this request's reply
+        if state.on_demand:
+            self._read_on_demand(state)
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
         except BaseException:
@@ -1020,8 +1056,7 @@ def _reply_body(result: HandlerResult) -> tuple[Buffer, Sequence[int], bool]:
     return result.pack(), result.fds, False
 
 
-@asynccontextmanager
-async def open_connection(
+def open_connection(
     sock: socket.socket,
     *,
     handler: Handler,
@@ -1034,7 +1069,7 @@ async def open_connection(
     max_send_backlog: int | None = None,
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
     name: str = "vfio-user",
-) -> AsyncIterator[Connection]:
+) -> AbstractAsyncContextManager[Connection]:
     """Run a connection over ``sock`` (which it takes ownership of) for the ``async with`` body.
 
     ``role=Role.SERVER`` makes VERSION the first command (refusing anything else before it);
@@ -1046,8 +1081,9 @@ async def open_connection(
     closes the connection and everything it owns; an exception from the body propagates
     unchanged (not wrapped in an ExceptionGroup).
     """
-    try:
-        conn = Connection(
+    return _Running(
+        partial(
+            Connection,
             sock,
             handler=handler,
             policy=policy,
@@ -1059,22 +1095,49 @@ async def open_connection(
             max_send_backlog=max_send_backlog,
             dispatch_batch=dispatch_batch,
             name=name,
-        )
-    except BaseException:
-        sock.close()
-        raise
-    # An exception from the body is re-raised outside the nursery, so that callers see it
-    # as it is rather than wrapped in an ExceptionGroup.
-    body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
+        ),
+        sock,
+    )
+
+
+class _Running:
+    """The context manager of :func:`open_connection`: a class rather than a generator,
+    since every open connection keeps it (a suspended generator costs a kilobyte or two)."""
+
+    __slots__ = ("_conn", "_make", "_nursery", "_sock")
+
+    def __init__(self, make: Callable[[], Connection], sock: socket.socket) -> None:
+        self._make: Callable[[], Connection] | None = make
+        self._sock: socket.socket | None = sock
+        self._conn: Connection | None = None
+        self._nursery: AbstractAsyncContextManager[trio.Nursery] | None = None
+
+    async def __aenter__(self) -> Connection:
+        make, sock = self._make, self._sock
+        assert make is not None and sock is not None, "open_connection() is entered once"
+        self._make = self._sock = None
+        try:
+            conn = make()
+        except BaseException:
+            sock.close()
+            raise
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
         try:
             await nursery.start(conn._run)
-            assert conn._run_task is not None
-            trio.lowlevel.reschedule(conn._run_task)  # start reading
-            yield conn
-        except BaseException as exc:
-            body_error = exc
-        finally:
+        except BaseException:
             conn.close()
-    if body_error is not None:
-        raise body_error
+            await manager.__aexit__(None, None, None)
+            raise
+        self._conn, self._nursery = conn, manager
+        assert conn._run_task is not None
+        trio.lowlevel.reschedule(conn._run_task)  # start reading
+        return conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # The body's exception (if any) is not passed into the nursery: it propagates as it
+        # is rather than wrapped in an ExceptionGroup.
+        conn, manager = self._conn, self._nursery
+        assert conn is not None and manager is not None
+        conn.close()
+        await manager.__aexit__(None, None, None)

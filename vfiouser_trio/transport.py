@@ -95,6 +95,15 @@ class _ReceiveBuffer(threading.local):
     def __init__(self) -> None:
         self.buffer = mmap.mmap(-1, RECV_BUFFER_SIZE)
         self.view = memoryview(self.buffer)
+        self._iov = [self.view]
+
+    def iov(self, size: int) -> list[memoryview]:
+        """The first ``size`` bytes of the buffer, as ``recvmsg_into`` takes them (the last
+        one asked for is kept: transports mostly read alike)."""
+        iov = self._iov
+        if len(iov[0]) != size:
+            iov = self._iov = [self.view[:size]]
+        return iov
 
 
 _receive_buffer = _ReceiveBuffer()
@@ -138,7 +147,6 @@ class Transport:
         self._decoder = FrameDecoder(max_msg_size=max_msg_size)
         # Shared by the thread's transports, so an idle connection holds no buffer of its own.
         self._recv = _receive_buffer
-        self._recv_iov = [self._recv.view]
         self._read_size = RECV_BUFFER_SIZE
         # What FRAMES_PER_READ allows, from the last reads; a connection starts small.
         self._fair_read_size = FRAMES_PER_READ * HEADER_SIZE
@@ -228,10 +236,7 @@ class Transport:
         """
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
-        size = max(min(max_bytes, self._fair_read_size), 1)
-        if size != self._read_size:
-            self._read_size = size
-            self._recv_iov = [self._recv.view[:size]]
+        self._read_size = max(min(max_bytes, self._fair_read_size), 1)
         if self._drained_socket:
             # The last read emptied the socket: a read now would almost surely say EAGAIN.
             await trio.lowlevel.wait_readable(self._sock)
@@ -257,7 +262,7 @@ class Transport:
         while True:
             try:
                 size, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-                    self._recv_iov, self._ancbufsize, _MSG_CMSG_CLOEXEC
+                    self._recv.iov(self._read_size), self._ancbufsize, _MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 self._drained_socket = True
@@ -517,7 +522,6 @@ class Transport:
         if self._closed:
             return
         self._closed = True
-        self._recv_iov = []
         for chunk in self._out or ():
             if chunk.owns_fds:
                 close_fds(chunk.fds)
