@@ -45,9 +45,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..protocol.constants import PciIrq
-from ..server.device import Device
-from ..server.pci import InterruptPin, PciIdentity
+# What a device author imports (vfiouser_trio.server outside this package).
+from ..server import Device, InterruptPin, PciIdentity, PciIrq
 
 VENDOR_ID = 0x494F  # ACCES I/O Products
 DEVICE_ID = 0x0DC8  # PCI-IDIO-16

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..server.device import Device
-from ..server.pci import PciIdentity
+from ..server import Device, PciIdentity
 
 # 0x1234 is the vendor ID QEMU's test devices use; it is not assigned to us.
 IDENTITY = PciIdentity(vendor_id=0x1234, device_id=0x7100, class_code=0xFF0000)
