@@ -1095,3 +1095,51 @@ async def test_a_temperature_threshold_crossed_is_a_smart_event(tmp_path: Path) 
         for bad in (1 << 16 | 300, 2 << 20 | 300):  # a sensor we lack; no such THSEL
             done = await host.admin(A.SET_FEATURES, cdw=(F.TEMPERATURE_THRESHOLD, bad))
             assert done.status == nv.INVALID_FIELD
+
+
+async def test_a_grown_namespace_is_a_namespace_attribute_notice(tmp_path: Path) -> None:
+    """OAES bit 8; with Async Event Configuration bit 8 set, ``grow`` completes a held AER
+    with a Notice (Namespace Attribute Changed, log page 04h), Identify Namespace reports
+    the new size, log page 04h lists namespace 1 until read; the next notice waits until
+    the host has read it with RAE clear (as Linux does), and goes to the next AER."""
+    device = NvmeController(FileBacking(tmp_path / "disk.img", 1 << 20))
+    A = nv.AdminOpcode
+    notice = 0x04_00_02  # log page 04h, Namespace Attribute Changed, Notice
+
+    async def changed_list(retain: bool) -> int:
+        cdw10 = nv.LogPage.CHANGED_NAMESPACES | retain << 15 | 1023 << 16
+        assert (await host.admin(A.GET_LOG_PAGE, prp1=DATA, cdw=(cdw10,))).status == 0
+        return int(struct.unpack_from("<I", host.mem_read(DATA, 4))[0])
+
+    async with nvme_host(device, tmp_path / "nvme.sock") as host:
+        await host.create_io_queues(1, SQ1, CQ1)
+        await host.admin(A.IDENTIFY, prp1=DATA, cdw=(nv.Cns.CONTROLLER,))
+        assert struct.unpack_from("<I", host.mem_read(DATA, 4096), 92)[0] == 1 << 8  # OAES
+        await host.admin(A.SET_FEATURES, cdw=(nv.Feature.ASYNC_EVENT_CONFIGURATION, 1 << 8))
+        await host.submit(0, sqe(A.ASYNC_EVENT_REQUEST, 0x701))
+        await trio.testing.wait_all_tasks_blocked()
+        await device.grow(2 << 20)
+        event = await host.completion(0)
+        assert (event.cid, event.status, event.result) == (0x701, nv.SUCCESS, notice)
+        await host.admin(A.IDENTIFY, prp1=DATA, cdw=(nv.Cns.NAMESPACE,))
+        assert struct.unpack_from("<Q", host.mem_read(DATA, 8))[0] == (2 << 20) // BLOCK
+        assert os.path.getsize(tmp_path / "disk.img") == 2 << 20
+        block = (1 << 20) // BLOCK  # the first block past the old size
+        assert (await host.write_blocks(1, block, b"g" * BLOCK)).status == nv.SUCCESS
+        # Another while masked waits for the log to be read with RAE clear.
+        await host.submit(0, sqe(A.ASYNC_EVENT_REQUEST, 0x702))
+        await device.grow(3 << 20)
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(0) is None
+        assert await changed_list(retain=True) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert host.peek(0) is None
+        await host.submit(0, sqe(A.GET_LOG_PAGE, 0x703, prp1=DATA,
+                                 cdw=(nv.LogPage.CHANGED_NAMESPACES | 1023 << 16,)))  # fmt: skip
+        both = {(done := await host.completion(0)).cid: done for _ in range(2)}
+        assert both[0x703].status == nv.SUCCESS
+        assert (both[0x702].status, both[0x702].result) == (nv.SUCCESS, notice)
+        assert await changed_list(retain=False) == 1  # the second notice is unread
+        assert await changed_list(retain=False) == 0
+        with pytest.raises(ValueError, match="cannot grow"):
+            await device.grow(1 << 20)

@@ -33,7 +33,8 @@ DISK_SIZE = 64 << 20
 #: these numbers, 512 KiB the test finds in the backing file (no two 4 KiB blocks alike).
 PATTERN = range(1_000_000, 1_065_536)
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 pci() { for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && echo $d; done; }
 host() { echo "@$1"; read -r reply <&3; }
@@ -61,10 +62,17 @@ echo "after_reset_md5=$(md5sum /dev/nvme0n1 | cut -d' ' -f1)"
 mount -t ext2 /dev/nvme0n1 /mnt && [ "$(sums)" = $written ] && echo after_reset_match=yes
 umount /mnt
 nvbench /dev/nvme0n1 1 16 | sed 's/^/nvbench_/'
+host grow
+i=0; while [ "$(cat /sys/block/nvme0n1/size)" = DISK_SECTORS ] && [ $i -lt 300 ]; do
+  sleep 0.1; i=$((i + 1)); done
+echo "grown_sectors=$(cat /sys/block/nvme0n1/size)"
 grep nvme0q /proc/interrupts | sed 's/^ */irq: /'
 echo "msi_vectors=$(grep -c 'MSI.*nvme0q' /proc/interrupts)"
 echo "nvme_complaints=$(dmesg | grep -c -i -E 'nvme.*(error|timeout|abort|invalid|fail|warn)')"
-""".replace("PATTERN_FIRST", str(PATTERN[0])).replace("PATTERN_LAST", str(PATTERN[-1]))
+""".replace("PATTERN_FIRST", str(PATTERN[0]))
+    .replace("PATTERN_LAST", str(PATTERN[-1]))
+    .replace("DISK_SECTORS", str(DISK_SIZE // 512))
+)
 
 
 def pattern() -> bytes:
@@ -95,6 +103,10 @@ async def test_linux_nvme_driver_formats_mounts_and_uses_the_disk(
                 image = await trio.to_thread.run_sync(disk.read_bytes)
                 shadow_doorbells = device.shadow is not None  # Linux took OACS bit 8
                 await guest.reply()
+                # The namespace grows: a Namespace Attribute Changed notice; Linux rescans.
+                await guest.wait_for("@grow")
+                await device.grow(2 * DISK_SIZE)
+                await guest.reply()
             report = report_values(guest.report())
             nursery.cancel_scope.cancel()
     finally:
@@ -116,6 +128,7 @@ async def test_linux_nvme_driver_formats_mounts_and_uses_the_disk(
     # A vector per queue pair (the device has MSI-X and no MSI, which Linux 6.1 lists as MSI).
     assert int(report["msi_vectors"]) == int(report["queues"]) + 1, guest.report()
     assert report["nvme_complaints"] == "0"
+    assert int(report["grown_sectors"]) * 512 == 2 * DISK_SIZE
     assert all(float(report[f"nvbench_{key}"]) > 0 for key, _, _ in METRICS), report
     assert [(int(r.command), r.errno) for r in tracer.errors()] == []
     assert guest.stderr == ""

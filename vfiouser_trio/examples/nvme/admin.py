@@ -233,9 +233,12 @@ async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
             ctrl.error_events_masked = False
     elif lid == LogPage.SMART:
         log = ctrl.smart_log()
-        if not cmd.cdw10 & (1 << 15):  # RAE clear: SMART events are reported again
-            ctrl.smart_events_masked = False
-            ctrl.deliver_events()
+        ctrl.smart.log_read(retain=bool(cmd.cdw10 & (1 << 15)))
+    elif lid == LogPage.CHANGED_NAMESPACES:
+        # Namespace 1 changed since the host last read this log after a notice.
+        changed = ctrl.notice.pending or ctrl.notice.masked
+        log = (ident.NSID if changed else 0).to_bytes(4, "little").ljust(4096, b"\0")
+        ctrl.notice.log_read(retain=bool(cmd.cdw10 & (1 << 15)))
     elif lid == LogPage.FIRMWARE_SLOT:
         slots = bytearray(512)
         slots[0] = 1  # slot 1 active
@@ -247,6 +250,7 @@ async def get_log_page(ctrl: NvmeController, cmd: Command) -> Outcome:
         raise NvmeError(INVALID_FIELD, f"offset {offset:#x} into log page {lid:#x}")
     ctrl.check_transfer(length)
     await ctrl.to_host(cmd, log[offset : offset + length].ljust(length, b"\0"))
+    ctrl.deliver_events()  # a kind unmasked by this read may have one waiting
     return SUCCESS, 0
 
 

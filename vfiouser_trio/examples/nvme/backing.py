@@ -1,7 +1,8 @@
 """Where a namespace's blocks live: memory, or a file reached off the event loop.
 
-A backing is a flat byte store of a fixed size; the namespace checks every LBA range
-against it before calling, so a backing only ever sees ranges inside its size.
+A backing is a flat byte store of ``size`` bytes, which only `grow` changes; the
+namespace checks every LBA range against it before calling, so a backing only ever sees
+ranges inside its size.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class Backing(Protocol):
     async def write_zeroes(self, offset: int, count: int) -> None: ...
 
     async def flush(self) -> None: ...
+
+    async def grow(self, size: int) -> None:
+        """Hold ``size`` bytes (at least the current size), the new ones zeroes."""
+        ...
 
     def close(self) -> None: ...
 
@@ -50,6 +55,11 @@ class MemoryBacking:
 
     async def flush(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    async def grow(self, size: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._data.extend(bytes(size - self.size))
+        self.size = size
 
     def close(self) -> None:
         self._data = bytearray()
@@ -96,6 +106,11 @@ class FileBacking:
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fsync, self._fd)
+
+    async def grow(self, size: int) -> None:
+        if (await trio.to_thread.run_sync(os.fstat, self._fd)).st_size < size:
+            await trio.to_thread.run_sync(os.ftruncate, self._fd, size)
+        self.size = size
 
     def close(self) -> None:
         if self._fd >= 0:

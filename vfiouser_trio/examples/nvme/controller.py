@@ -38,6 +38,7 @@ from . import admin, migration, nvm
 from .backing import Backing, MemoryBacking
 from .coalescing import Coalescing
 from .command import Command, Handler, Outcome
+from .events import MaskedEvent
 from .identify import ControllerInfo
 from .keepalive import KeepAlive
 from .prp import check_transfer, prp_segments
@@ -46,8 +47,10 @@ from .spec import (
     ACQ,
     AEI_INVALID_DOORBELL,
     AEI_INVALID_VALUE,
+    AEI_NAMESPACE_CHANGED,
     AEI_TEMPERATURE,
     AER_ERROR,
+    AER_NOTICE,
     AER_SMART,
     AQA,
     ASQ,
@@ -74,6 +77,7 @@ from .spec import (
     INTMS,
     INVALID_FIELD,
     INVALID_OPCODE,
+    NAMESPACE_ATTRIBUTE_NOTICES,
     SHST_COMPLETE,
     SHST_OCCURRING,
     SQE_SIZE,
@@ -213,10 +217,11 @@ class NvmeController(Device):
         self.msi_held = 0
         #: An error event was reported: no other until the host reads the error log.
         self.error_events_masked = False
-        #: A SMART / Health event waits for an AER; one was reported and the host has not
-        #: read the SMART log since (no other until it does).
-        self.smart_event_pending = False
-        self.smart_events_masked = False
+        #: SMART / Health (temperature) and Notice (namespace attribute changed) events.
+        self.smart = MaskedEvent(async_event(AER_SMART, AEI_TEMPERATURE, LogPage.SMART))
+        self.notice = MaskedEvent(
+            async_event(AER_NOTICE, AEI_NAMESPACE_CHANGED, LogPage.CHANGED_NAMESPACES)
+        )
         self.keep_alive.stop()
         self.coalescing.reset()
         #: Doorbell Buffer Config: (shadow doorbells, event indexes) for the I/O queues.
@@ -401,16 +406,31 @@ class NvmeController(Device):
 
     def smart_event(self) -> None:
         """The temperature warning arose: an event, if Async Event Configuration asks."""
-        if self.features[Feature.ASYNC_EVENT_CONFIGURATION] & CRITICAL_TEMPERATURE:
-            self.smart_event_pending = True
+        self._raise_event(self.smart, CRITICAL_TEMPERATURE)
+
+    def _raise_event(self, event: MaskedEvent, enabled_by: int) -> None:
+        if self.features[Feature.ASYNC_EVENT_CONFIGURATION] & enabled_by:
+            event.pending = True
             self.deliver_events()
 
     def deliver_events(self) -> None:
-        """A waiting SMART event completes a held AER unless its type is masked."""
-        if self.smart_event_pending and not self.smart_events_masked and self.async_events:
-            self.smart_event_pending = False
-            self.smart_events_masked = True  # until the host reads the SMART log (RAE 0)
-            self._complete_aer(async_event(AER_SMART, AEI_TEMPERATURE, LogPage.SMART))
+        """Waiting events complete held AERs, each unless its kind is masked."""
+        for event in (self.smart, self.notice):
+            if not self.async_events:
+                return
+            result = event.take()
+            if result is not None:
+                self._complete_aer(result)
+
+    async def grow(self, size: int) -> None:
+        """The namespace grows to ``size`` bytes (whole blocks, at least its size now):
+        Identify Namespace reports it, and a Namespace Attribute Changed notice goes to
+        the host if Async Event Configuration asks (log page 04h lists namespace 1)."""
+        if size < self.backing.size or size % (1 << self.lba_shift):
+            raise ValueError(f"{self.name}: cannot grow {self.backing.size} bytes to {size}")
+        await self.backing.grow(size)
+        self.blocks = size >> self.lba_shift
+        self._raise_event(self.notice, NAMESPACE_ATTRIBUTE_NOTICES)
 
     def _keep_alive_expired(self) -> None:
         self._fatal(f"keep alive timer expired: no Keep Alive within "
@@ -704,6 +724,7 @@ class NvmeController(Device):
         shadow: tuple[int, int] | None,
         error_events_masked: bool,
         smart_events: tuple[bool, bool] = (False, False),
+        notice_events: tuple[bool, bool] = (False, False),
         msi_held: int = 0,
     ) -> None:
         """Take a checked migration state (`migration.restore`); queues start parked."""
@@ -720,7 +741,8 @@ class NvmeController(Device):
         self.cqs = cqs
         self.shadow = shadow
         self.error_events_masked = error_events_masked
-        self.smart_event_pending, self.smart_events_masked = smart_events
+        self.smart.pending, self.smart.masked = smart_events
+        self.notice.pending, self.notice.masked = notice_events
         for sq in sqs.values():
             self.start_queue(sq)
 

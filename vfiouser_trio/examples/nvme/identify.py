@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 
 from .keepalive import KAS
-from .spec import CQES_LOG2, SQES_LOG2, VERSION_1_4
+from .spec import CQES_LOG2, NAMESPACE_ATTRIBUTE_NOTICES, SQES_LOG2, VERSION_1_4
 
 IDENTIFY_SIZE = 4096
 NSID = 1  # the one namespace
@@ -47,6 +47,7 @@ def identify_controller(info: ControllerInfo, io_queues: int) -> bytes:
     data[72] = 6  # RAB
     data[77] = info.mdts
     struct.pack_into("<HI", data, 78, 1, VERSION_1_4)  # CNTLID, VER
+    struct.pack_into("<I", data, 92, NAMESPACE_ATTRIBUTE_NOTICES)  # OAES
     data[111] = 1  # CNTRLTYPE: I/O controller
     struct.pack_into("<H", data, 256, OACS_DBBUF)  # OACS
     data[258] = ACL

@@ -47,7 +47,8 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
         "intx_held": ctrl.intx_held,
         "msi_held": ctrl.msi_held,
         "error_events_masked": ctrl.error_events_masked,
-        "smart_events": [ctrl.smart_event_pending, ctrl.smart_events_masked],
+        "smart_events": [ctrl.smart.pending, ctrl.smart.masked],
+        "notice_events": [ctrl.notice.pending, ctrl.notice.masked],
         "stats": [
             ctrl.stats.bytes_read,
             ctrl.stats.bytes_written,
@@ -99,6 +100,13 @@ def _list(value: object, length: int | None, what: str) -> list[Any]:
     return value
 
 
+def _flags(value: object, what: str) -> tuple[bool, bool]:
+    pending, masked = _list(value, 2, what)
+    if not isinstance(pending, bool) or not isinstance(masked, bool):
+        _refuse(f"{what} are not booleans")
+    return pending, masked
+
+
 async def restore(ctrl: NvmeController, data: bytes) -> None:
     """Load a stream `save_chunks` produced; ValueError (and nothing changed) otherwise."""
     if len(data) < LENGTH.size:
@@ -139,9 +147,8 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
     if not isinstance(intx_held, bool) or not isinstance(masked, bool):
         _refuse("intx_held or error_events_masked is not a boolean")
     msi_held = _int(state.get("msi_held"), 0, (1 << ctrl.msi_vectors) - 1, "held MSI vectors")
-    smart_events = _list(state.get("smart_events"), 2, "smart_events")
-    if not all(isinstance(flag, bool) for flag in smart_events):
-        _refuse("smart_events are not booleans")
+    smart_events, notice_events = (_flags(state.get(key), key)
+                                   for key in ("smart_events", "notice_events"))  # fmt: skip
     stats = [_int(v, 0, U64, "a counter") for v in _list(state.get("stats"), 4, "stats")]
     cqs: dict[int, CompletionQueue] = {}
     for item in _list(state.get("cqs"), None, "CQs"):
@@ -186,7 +193,7 @@ async def restore(ctrl: NvmeController, data: bytes) -> None:
         registers=(cc, csts, aqa, asq, acq, intms), allocated=(nsq, ncq), features=features,
         async_events=events, intx_held=intx_held, stats=stats, cqs=cqs, sqs=sqs,
         shadow=shadow, error_events_masked=masked, msi_held=msi_held,
-        smart_events=(smart_events[0], smart_events[1]),
+        smart_events=smart_events, notice_events=notice_events,
     )  # fmt: skip
     if memory:
         await ctrl.backing.write(0, contents)

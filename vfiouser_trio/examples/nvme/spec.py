@@ -93,14 +93,19 @@ class LogPage(IntEnum):
     ERROR = 0x01
     SMART = 0x02
     FIRMWARE_SLOT = 0x03
+    CHANGED_NAMESPACES = 0x04
 
 
 # --- asynchronous events (section 5.2): DW0 of an AER's completion ---------------------
 AER_ERROR = 0  # event type Error
 AER_SMART = 1  # event type SMART / Health Status
+AER_NOTICE = 2  # event type Notice
 AEI_INVALID_DOORBELL = 0x01  # Error: Invalid Doorbell Register
 AEI_INVALID_VALUE = 0x02  # Error: Invalid Doorbell Write Value
 AEI_TEMPERATURE = 0x01  # SMART / Health: Temperature Threshold
+AEI_NAMESPACE_CHANGED = 0x00  # Notice: Namespace Attribute Changed
+#: Async Event Configuration bit 8 (and OAES bit 8): Namespace Attribute Notices.
+NAMESPACE_ATTRIBUTE_NOTICES = 1 << 8
 #: SMART log Critical Warning bit 1, and Async Event Configuration bit 1 enabling its event.
 CRITICAL_TEMPERATURE = 1 << 1
 
