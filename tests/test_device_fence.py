@@ -269,3 +269,15 @@ def test_a_memory_bar_needs_no_assert_for_the_type_checker(tmp_path: Path) -> No
         ["--strict", "--follow-imports=silent", "--cache-dir=/dev/null", str(source)]
     )
     assert status == 0, out + err
+
+
+def test_declarations_that_conflict_as_a_whole_are_refused_before_any_client_comes() -> None:
+    device = Device(ID, name="wide0")
+    device.add_bar(0, 0x1000, is_64bit=True)
+    device.add_bar(1, 0x1000)  # the upper half of BAR0
+    with pytest.raises(ValueError) as refused:
+        DeviceServer(device)
+    message = str(refused.value)
+    assert message.startswith("wide0: the declarations do not make a valid config space: BAR 1")
+    assert "change the add_* calls" in message
+    device.close()

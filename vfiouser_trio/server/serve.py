@@ -9,7 +9,8 @@ while the previous one has hung up but its session is still being torn down is
 not refused: it waits for the teardown (at most ``ServerLimits.detach_wait``), then
 is served. A reconnecting client finds the device as the last one left it, back in
 RUNNING if it was stopped for migration (spec: Client Disconnection,
-https://www.qemu.org/docs/master/interop/vfio-user.html; see ``Device.client_gone``).
+https://www.qemu.org/docs/master/interop/vfio-user.html; see ``DeviceRuntime.client_gone`` in
+server/device_runtime.py).
 Pass a zero-argument factory instead of a device to give every connection a fresh one.
 
 Several devices in one process are several ``serve`` calls in one nursery::
