@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +14,8 @@ import trio
 import trio.testing
 from fd_leaks import fd_count
 
+from vfiouser_trio.atomics import AtomicView, MemoryOrder
+from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.examples import EXAMPLES
 from vfiouser_trio.examples import dmaengine as de
 from vfiouser_trio.examples.dmaengine import DmaEngine, DmaEngineState, descriptor
@@ -27,6 +30,7 @@ from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server.pci import COMMAND_BUS_MASTER, COMMAND_MEMORY
 from vfiouser_trio.server.pci_caps import MsixCapability
 from vfiouser_trio.server.regions import Region
+from vfiouser_trio.testing import nested_device
 
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
 PAGE = mmap.PAGESIZE
@@ -253,8 +257,9 @@ async def test_copies_between_fd_backed_maps_without_copying_through_read(rig: R
     for i in range(3):
         assert desc_at(ring, i) == (0, de.DESC_DONE)
     assert desc_at(ring, 3) == (0, 0)
-    # Only descriptors went through DmaTable.read: the data moved between views.
-    assert set(reads) == {de.DESCRIPTOR_SIZE}
+    # Nothing went through DmaTable.read: descriptors are read in place, the data moved
+    # between views.
+    assert reads == []
     assert await rig.reg(de.HEAD) == 3
     assert await rig.reg(de.COMPLETED) == 3
     assert await rig.reg(de.ERRORS) == 0
@@ -477,17 +482,80 @@ async def test_a_batch_is_at_most_one_lap(rig: Rig) -> None:
     for i in range(2):
         post(ring, i, descriptor(SRC, SRC + 8, 1))
     # The driver re-posts each descriptor as soon as it completes: endless work.
-    table_write = rig.dev.dma.write
+    complete = rig.dev._complete
 
-    async def write_and_repost(iova: int, data: bytes | bytearray | memoryview) -> None:
-        await table_write(iova, data)
-        if iova < SRC:
-            post(ring, (iova - RING) // de.DESCRIPTOR_SIZE, descriptor(SRC, SRC + 8, 1))
+    async def complete_and_repost(address: int, status: int) -> None:
+        await complete(address, status)
+        post(ring, (address - RING) // de.DESCRIPTOR_SIZE, descriptor(SRC, SRC + 8, 1))
 
-    rig.dev.dma.write = write_and_repost  # type: ignore[method-assign]
+    rig.dev._complete = complete_and_repost  # type: ignore[method-assign]
     bell = rig.dev.doorbell.fileno()
     assert pending(bell) == 1  # enabling the engine rang it
     assert await rig.dev.process_ring() == 2
     assert pending(bell) == 1  # it asked to be woken for the rest
     assert await rig.dev.process_ring() == 2
     assert await rig.reg(de.COMPLETED) == 4
+
+
+# --- ordering of the ring in shared memory, and the DMA hooks ------------------------------
+
+
+async def test_ring_ownership_is_an_acquire_load_and_a_release_store(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver sets VALID last and polls DONE: in memory both sides map, the device's
+    load of VALID is an acquire and its store of the status a release (after VALID clears)."""
+    accesses: list[tuple[str, int, MemoryOrder]] = []
+
+    class Recording(AtomicView):
+        def load_u32(self, offset: int, order: MemoryOrder = MemoryOrder.SEQ_CST) -> int:
+            accesses.append(("load", offset, order))
+            return super().load_u32(offset, order)
+
+        def store_u32(
+            self, offset: int, value: int, order: MemoryOrder = MemoryOrder.SEQ_CST
+        ) -> None:
+            accesses.append(("store", offset, order))
+            super().store_u32(offset, value, order)
+
+    monkeypatch.setattr(de, "AtomicView", Recording)
+    ring, src = rig.ram(RING), rig.ram(SRC)
+    src[:4] = b"abcd"
+    post(ring, 0, descriptor(SRC, SRC + 8, 4))
+    await rig.start()
+    assert await rig.dev.process_ring() == 1
+    assert desc_at(ring, 0) == (0, de.DESC_DONE)
+    assert accesses == [
+        ("load", de.FLAGS_OFFSET, MemoryOrder.ACQUIRE),  # descriptor 0: handed over
+        ("store", de.FLAGS_OFFSET, MemoryOrder.RELAXED),
+        ("store", de.STATUS_OFFSET, MemoryOrder.RELEASE),
+        ("load", de.FLAGS_OFFSET, MemoryOrder.ACQUIRE),  # descriptor 1: not yet
+    ]
+
+
+async def test_the_hooks_track_windows_and_an_unmapped_ring_stops_a_running_engine() -> None:
+    device = DmaEngine()
+    async with nested_device(device) as pair:
+        client = pair.client
+        with GuestMemory(2 * PAGE) as memory:
+            await client.dma_map(memory, RING, size=PAGE)
+            await client.dma_map(memory, SRC, offset=PAGE, size=PAGE, share_fd=False)
+            assert sorted(device.windows) == [RING, SRC]
+            assert not device.windows[SRC].fd_backed
+            [irq] = await client.enable_irqs(PciIrq.MSIX)
+            await client.config.write(0x04, COMMAND_MEMORY | COMMAND_BUS_MASTER, 2)
+            await client.write(0, de.RING_BASE_LO, struct.pack("<Q", RING))
+            await client.write(0, de.RING_SIZE, struct.pack("<I", 8))
+            control = de.CONTROL_ENABLE | de.CONTROL_IRQ_ENABLE
+            await client.write(0, de.CONTROL, struct.pack("<I", control))
+            await client.dma_unmap(SRC, PAGE)  # not the ring: nothing happens
+            assert await client.read(0, de.STATUS, 4) == bytes(4)
+            await client.dma_unmap(RING, PAGE)  # the ring, under a running engine
+            assert sorted(device.windows) == []
+            assert await irq.wait() == 1
+            code, control_now = (
+                await client.read(0, de.ERROR_CODE, 4),
+                await client.read(0, de.CONTROL, 4),
+            )
+            assert int.from_bytes(code, "little") == de.ERR_RING_FAULT
+            assert not int.from_bytes(control_now, "little") & de.CONTROL_ENABLE

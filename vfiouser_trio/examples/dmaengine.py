@@ -40,8 +40,14 @@ Descriptor (32 bytes, little-endian)::
     0x18 status  u32  written by the device: bit 0 DONE, bit 1 ERROR, bits 8-15 ERR_*
     0x1c         u32  reserved
 
-On completion the device clears VALID and writes the status in one 8-byte write, so a
-driver that sees DONE sees the copied data too. A bad source or destination (unmapped,
+Ownership is handed over with ordered accesses when the ring is in memory the device
+maps (an fd-backed DMA map): the device reads the flags with an acquire load before the
+rest of the descriptor (the driver sets VALID last, with a release store), and on
+completion it clears VALID, then stores the status with a release store, so a driver that
+loads DONE with acquire sees the cleared VALID and the copied data too. A ring reached
+by DMA messages is read and written back in whole messages, in that order.
+
+A bad source or destination (unmapped,
 wrong permission, refused by the client) fails that descriptor with ERR_READ_FAULT or
 ERR_WRITE_FAULT; the engine goes on with the next one. A ring it cannot read or write
 back to is a ring fault: ERR_RING_FAULT, and the engine stops (ENABLE clears). With
@@ -49,6 +55,11 @@ bus mastering off in the command register, the device does no DMA (ERR_NO_BUS_MA
 
 Copies between fd-backed DMA maps use zero-copy views; anything else goes through
 DmaTable.read/write, i.e. DMA_READ/DMA_WRITE messages for maps without an fd.
+
+The device keeps the client's DMA windows it was told of (``windows``, from its
+``dma_mapped``/``dma_unmapped`` hooks). A window holding part of the ring going away
+while the engine is enabled is a ring fault at once (ERR_RING_FAULT, ENABLE clears, the
+interrupt if enabled): the driver pulled the ring from under a running engine.
 
 The engine migrates (STOP_COPY; its state is a few registers, nothing to pre-copy).
 Stopping it quiesces the ring: the descriptor being copied completes (and a batch that
@@ -60,15 +71,20 @@ from the saved HEAD once it runs.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 
 import trio
 
+from ..atomics import AtomicView, MemoryOrder
 from ..protocol.constants import PciIrq
 from ..protocol.errors import VfioUserError
 from ..server.device import Device
+from ..server.dma import DmaWindow
 from ..server.pci import PciIdentity
+
+log = logging.getLogger(__name__)
 
 # 0x1234 is the vendor ID QEMU's test devices use; it is not assigned to us.
 # Class 0x088000: base system peripheral, other.
@@ -112,6 +128,7 @@ RING_ALIGN = 32
 DESCRIPTOR = struct.Struct("<QQIII4x")
 DESCRIPTOR_SIZE = DESCRIPTOR.size
 FLAGS_OFFSET = 0x14
+STATUS_OFFSET = 0x18
 DESC_VALID = 1 << 0
 DESC_DONE = 1 << 0
 DESC_ERROR = 1 << 1
@@ -198,6 +215,8 @@ class DmaEngine(Device):
     def __init__(self) -> None:
         super().__init__(IDENTITY, name="dmaengine")
         self.state = DmaEngineState()
+        #: The client's DMA windows, by IOVA (kept by the DMA hooks).
+        self.windows: dict[int, DmaWindow] = {}
         self._work: trio.CancelScope | None = None
         # Migration quiesce: set while the engine may work; a batch in flight holds
         # _idle clear.
@@ -326,9 +345,7 @@ class DmaEngine(Device):
             index = s.head
             address = s.ring_base + index * DESCRIPTOR_SIZE
             try:
-                src, dst, length, flags, _ = DESCRIPTOR.unpack(
-                    await self.dma.read(address, DESCRIPTOR_SIZE)
-                )
+                src, dst, length, flags = await self._fetch(address)
             except VfioUserError:
                 self._ring_fault(s, index)
                 faulted = True
@@ -345,7 +362,7 @@ class DmaEngine(Device):
                 status |= DESC_ERROR | code << 8
                 self._record_error(s, code, index)
             try:
-                await self.dma.write(address + FLAGS_OFFSET, struct.pack("<II", 0, status))
+                await self._complete(address, status)
             except VfioUserError:
                 self._ring_fault(s, index)
                 faulted = True
@@ -364,6 +381,35 @@ class DmaEngine(Device):
         if (done or faulted) and s.control & CONTROL_IRQ_ENABLE:
             self.trigger(0, index=PciIrq.MSIX)
         return done
+
+    async def _fetch(self, address: int) -> tuple[int, int, int, int]:
+        """(src, dst, length, flags) of the descriptor at ``address``."""
+        try:
+            with self.dma.view(address, DESCRIPTOR_SIZE) as raw, AtomicView(raw) as words:
+                # The driver sets VALID last: load it with acquire, then read the rest.
+                flags = words.load_u32(FLAGS_OFFSET, MemoryOrder.ACQUIRE)
+                src, dst, length, _, _ = DESCRIPTOR.unpack(raw)
+                return src, dst, length, flags
+        except (VfioUserError, ValueError):
+            pass  # not in memory we map (or not aligned there): one DMA_READ of it all
+        src, dst, length, flags, _ = DESCRIPTOR.unpack(
+            await self.dma.read(address, DESCRIPTOR_SIZE)
+        )
+        return src, dst, length, flags
+
+    async def _complete(self, address: int, status: int) -> None:
+        """Hand the descriptor back: VALID cleared, then the status (release)."""
+        try:
+            view = self.dma.view(address, DESCRIPTOR_SIZE, writable=True)
+        except VfioUserError:
+            view = None
+        if view is not None:
+            with view as raw, AtomicView(raw) as words:
+                words.store_u32(FLAGS_OFFSET, 0, MemoryOrder.RELAXED)
+                # Release: a driver that sees DONE sees the cleared VALID and the data.
+                words.store_u32(STATUS_OFFSET, status, MemoryOrder.RELEASE)
+                return
+        await self.dma.write(address + FLAGS_OFFSET, struct.pack("<II", 0, status))
 
     async def _copy(self, src: int, dst: int, length: int) -> int:
         """Copy guest memory; returns an ERR_* code."""
@@ -401,6 +447,22 @@ class DmaEngine(Device):
         s.control &= ~CONTROL_ENABLE
 
     # --- hooks ---------------------------------------------------------------------------
+
+    async def dma_mapped(self, window: DmaWindow) -> None:
+        self.windows[window.iova] = window
+        log.debug("%s: DMA window %#x+%#x mapped", self.name, window.iova, window.size)
+
+    async def dma_unmapped(self, window: DmaWindow) -> None:
+        self.windows.pop(window.iova, None)
+        log.debug("%s: DMA window %#x+%#x unmapped", self.name, window.iova, window.size)
+        s = self.state
+        ring_end = s.ring_base + s.ring_size * DESCRIPTOR_SIZE
+        if s.control & CONTROL_ENABLE and s.ring_base < window.end and window.iova < ring_end:
+            # The ring goes from under a running engine: stop now, as a fault, rather
+            # than at the next doorbell.
+            self._ring_fault(s, s.head)
+            if s.control & CONTROL_IRQ_ENABLE:
+                self.trigger(0, index=PciIrq.MSIX)
 
     async def reset(self) -> None:
         if self._work is not None:
