@@ -1,8 +1,8 @@
-"""Shared memory: owned memfds, and mappings placed where the caller chooses.
+"""Shared memory: owned memfds, and shared mappings with guarded copies.
 
 ``MemFd`` wraps ``os.memfd_create`` and the ``fcntl`` sealing calls (the stdlib
-does both well). ``Mapping`` uses the native module because Python's ``mmap``
-cannot map at an address, nor advise or sync an arbitrary range.
+does both well). ``Mapping`` uses the native module because its guarded copies
+(below) work on the mapping's address, which Python's ``mmap`` does not give.
 
 Lifetime of a ``Mapping``: ``view`` hands out memoryviews of the mapped range.
 ``close()`` refuses (``BufferError``, like ``mmap.close``) while any of them, or
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Mapping",
     "MemFd",
-    "Placement",
     "Prot",
     "Seal",
     "create_memfd",
@@ -94,19 +93,6 @@ class Prot(enum.IntFlag):
     READ = lib.PROT_READ
     WRITE = lib.PROT_WRITE
     EXEC = lib.PROT_EXEC
-
-
-class Placement(enum.Enum):
-    """How a requested address is used when mapping."""
-
-    #: The kernel may place the mapping elsewhere if the address is taken.
-    HINT = "hint"
-    #: Exactly at the address, or ``FileExistsError`` (EEXIST) if any of the range is in use.
-    FIXED_NOREPLACE = "fixed-noreplace"
-    #: Exactly at the address, silently replacing whatever was mapped there. The caller
-    #: must own the whole range (e.g. a mapping it is giving up); anything else is
-    #: memory corruption waiting to happen.
-    FIXED = "fixed"
 
 
 def _check_errno(result: int) -> int:
@@ -203,22 +189,11 @@ class MemFd:
         *,
         offset: int = 0,
         prot: Prot = Prot.READ | Prot.WRITE,
-        address: int | None = None,
-        placement: Placement = Placement.HINT,
-        populate: bool = False,
     ) -> Mapping:
         """Map ``length`` bytes (default: to the end of the file) from ``offset``."""
         if length is None:
             length = self.size - offset
-        return Mapping(
-            self,
-            length,
-            offset=offset,
-            prot=prot,
-            address=address,
-            placement=placement,
-            populate=populate,
-        )
+        return Mapping(self, length, offset=offset, prot=prot)
 
     def detach(self) -> int:
         """Give up ownership and return the fd; the MemFd is then closed."""
@@ -298,11 +273,9 @@ def _unmapper(address: int, length: int) -> Callable[[CData], None]:
 
 
 class Mapping:
-    """A shared mapping (``MAP_SHARED``) of a file descriptor.
+    """A shared mapping (``MAP_SHARED``) of a file descriptor, where the kernel puts it.
 
-    ``address`` and ``placement`` choose where it goes (see ``Placement``);
-    without an address the kernel chooses. ``offset`` and a fixed address must be
-    page-aligned. For regular files (memfds included) the range must lie within
+    ``offset`` must be page-aligned. For regular files (memfds included) the range must lie within
     the file's current size, because touching a page past the end raises SIGBUS.
     The fd may be closed once mapped.
     """
@@ -316,9 +289,6 @@ class Mapping:
         *,
         offset: int = 0,
         prot: Prot = Prot.READ | Prot.WRITE,
-        address: int | None = None,
-        placement: Placement = Placement.HINT,
-        populate: bool = False,
     ) -> None:
         raw_fd = _fd_of(fd)
         page = page_size()
@@ -326,14 +296,6 @@ class Mapping:
             raise ValueError(f"mapping length must be positive, got {length}")
         if offset < 0 or offset % page:
             raise ValueError(f"mapping offset {offset:#x} is not a page-aligned non-negative value")
-        if address is None:
-            if placement is not Placement.HINT:
-                raise ValueError(f"placement {placement.value} needs an address")
-            hint = 0
-        else:
-            if address <= 0 or (placement is not Placement.HINT and address % page):
-                raise ValueError(f"address {address:#x} is not a page-aligned positive value")
-            hint = address
         st = os.fstat(raw_fd)
         if stat.S_ISREG(st.st_mode) and offset + length > st.st_size:
             raise ValueError(
@@ -341,18 +303,7 @@ class Mapping:
                 f"({st.st_size:#x} bytes)"
             )
 
-        flags = lib.MAP_SHARED
-        if populate:
-            flags |= lib.MAP_POPULATE
-        if placement is Placement.FIXED_NOREPLACE:
-            flags |= lib.MAP_FIXED_NOREPLACE
-        elif placement is Placement.FIXED:
-            flags |= lib.MAP_FIXED
-        mapped = _check_errno(lib.vfu_mmap(hint, length, int(prot), flags, raw_fd, offset))
-        if placement is Placement.FIXED_NOREPLACE and mapped != address:
-            # Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
-            lib.vfu_munmap(mapped, length)
-            raise FileExistsError(errno.EEXIST, f"address {hint:#x} is already mapped")
+        mapped = _check_errno(lib.vfu_mmap(0, length, int(prot), lib.MAP_SHARED, raw_fd, offset))
 
         self.address: int = mapped
         self.length: int = length
@@ -396,16 +347,6 @@ class Mapping:
         """Whether a view (or anything derived from one) is still alive."""
         return self._live_buffer() is not None
 
-    def _range(self, offset: int, length: int | None) -> tuple[int, int]:
-        self._require_open()
-        if length is None:
-            length = self.length - offset
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise ValueError(f"range ({offset}, {length}) is outside the mapping")
-        if offset % page_size():
-            raise ValueError(f"offset {offset:#x} is not page-aligned")
-        return self.address + offset, length
-
     def _checked(self, offset: int, length: int, need: int) -> CData:
         ptr = self._require_open()
         if not self._prot_bits & need:  # the guard catches SIGBUS only, not SIGSEGV
@@ -432,26 +373,6 @@ class Mapping:
         """
         src = ffi.from_buffer(data)
         _guarded_copy(self._checked(offset, len(src), lib.PROT_WRITE), src, len(src))
-
-    def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
-        """``madvise`` a page-aligned part of the mapping (``mmap.MADV_*`` values)."""
-        start, length = self._range(offset, length)
-        _check_errno(lib.vfu_madvise(start, length, advice))
-
-    def sync(
-        self,
-        offset: int = 0,
-        length: int | None = None,
-        *,
-        asynchronous: bool = False,
-        invalidate: bool = False,
-    ) -> None:
-        """``msync`` a page-aligned part of the mapping (``MS_SYNC`` unless asynchronous)."""
-        start, length = self._range(offset, length)
-        flags = lib.MS_ASYNC if asynchronous else lib.MS_SYNC
-        if invalidate:
-            flags |= lib.MS_INVALIDATE
-        _check_errno(lib.vfu_msync(start, length, flags))
 
     def close(self) -> None:
         """Unmap now (idempotent); ``BufferError`` while views are alive."""
