@@ -20,7 +20,7 @@ from vfiouser_trio.protocol.constants import (
 )
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server.device import Device
-from vfiouser_trio.server.dma import DmaError, DmaTable
+from vfiouser_trio.server.dma import DmaError, DmaTable, DmaWindow
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.testing import nested_device
 
@@ -382,3 +382,39 @@ async def test_forced_messages_reach_the_clients_dma_servicing_over_a_socket() -
         served = [r.command for r in pair.tracer.commands(Command.DMA_READ, Command.DMA_WRITE)]
     # The layout probe (a zero-length DMA_WRITE) may come first; then our read and write.
     assert served[-2:] == [Command.DMA_READ, Command.DMA_WRITE]
+
+
+async def test_two_unmaps_of_one_window_both_wait_and_the_device_is_told_once() -> None:
+    """DMA_UNMAP racing the client's departure (UNMAP_ALL) while a view holds the window:
+    both finish once the view closes, and dma_unmapped runs once."""
+    told: list[tuple[str, int]] = []
+
+    class Listener:
+        async def mapped(self, window: DmaWindow) -> None:
+            told.append(("mapped", window.iova))
+
+        async def unmapped(self, window: DmaWindow) -> None:
+            told.append(("unmapped", window.iova))
+
+    table = DmaTable()
+    fd, view = guest_memfd(PAGE)
+    await table.map_announced(0, PAGE, RW, fd, 0, Listener())
+    done: list[str] = []
+
+    async def unmap(name: str) -> None:
+        if name == "one":
+            await table.unmap(0, PAGE)
+        else:
+            await table.unmap_all()
+        done.append(name)
+
+    with trio.fail_after(10):  # the old code left the first waiter hanging
+        async with trio.open_nursery() as nursery:
+            with table.view(0, 8):
+                nursery.start_soon(unmap, "one")
+                nursery.start_soon(unmap, "all")
+                await trio.testing.wait_all_tasks_blocked()
+                assert done == []
+    assert sorted(done) == ["all", "one"] and len(table) == 0
+    assert told == [("mapped", 0), ("unmapped", 0)]
+    view.close()

@@ -29,6 +29,10 @@ it is logged at WARNING (a device bug, with its traceback, raised into the test 
 ``nested_device``), the window is removed all the same and DMA_UNMAP succeeds, which
 tells the client the truth: the server no longer reaches that memory.
 
+DEVICE_RESET keeps the maps (as a VFIO reset does), so it calls neither hook. A second
+unmap of a window whose unmap is under way (a DMA_UNMAP racing the client's departure)
+waits for the first, and the device is told once.
+
 Both hooks run in the task serving the client's command, so a hook waiting on the
 client's own DMA (a map without fd) is fine, and DMA from a hook while the device is
 stopped for migration fails at once with EBUSY (see ``server/dma.py``).
