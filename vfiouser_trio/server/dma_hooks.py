@@ -29,7 +29,9 @@ it is logged at WARNING (a device bug, with its traceback, raised into the test 
 ``nested_device``), the window is removed all the same and DMA_UNMAP succeeds, which
 tells the client the truth: the server no longer reaches that memory.
 
-DEVICE_RESET keeps the maps (as a VFIO reset does), so it calls neither hook. A second
+When the client has left, its DMA_READ/DMA_WRITE path is cut before the maps go, so
+in ``dma_unmapped`` only fd-backed windows can still be reached (the others fail with
+EFAULT). DEVICE_RESET keeps the maps (as a VFIO reset does), so it calls neither hook. A second
 unmap of a window whose unmap is under way (a DMA_UNMAP racing the client's departure)
 waits for the first, and the device is told once.
 
