@@ -72,8 +72,10 @@ AUTHOR_API = {
 
 
 def test_a_subclass_sees_the_author_api_and_no_session_machinery() -> None:
-    public = {name for name in dir(Device) if not name.startswith("_")}
+    device = Device(ID)
+    public = {name for name in dir(device) if not name.startswith("_")}
     assert public == AUTHOR_API
+    device.close()
     for session_only in ("do_reset", "client_gone", "quiesce", "num_regions", "regions"):
         assert not hasattr(Device, session_only)
 
@@ -105,6 +107,14 @@ def test_replacing_a_framework_method_on_the_device_is_refused_when_serving_star
     message = str(refused.value)
     assert message.startswith("Plain: self.trigger = ... replaced the framework's 'trigger'")
     assert "rename your attribute, e.g. self.my_trigger" in message
+    device.close()
+
+
+def test_replacing_the_dma_table_is_refused_when_serving_starts() -> None:
+    device = Plain()
+    device.dma = None  # type: ignore[assignment]
+    with pytest.raises(AttributeError, match=r"^Plain: self.dma = ... replaced the framework's"):
+        DeviceServer(device)
     device.close()
 
 

@@ -125,6 +125,10 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
             reset_supported=reset_supported,
         )
         self._vfu = runtime
+        #: The client's DMA maps: ``read``/``write``/``view``/``pin`` guest memory (``dma.py``).
+        #: A plain attribute, not a property: device code reaches it on every DMA.
+        #: Replacing it is refused when serving starts.
+        self.dma: DmaTable = runtime.dma
 
     # --- the fence -----------------------------------------------------------------------
 
@@ -159,15 +163,6 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
     @identity.setter
     def identity(self, value: Never) -> None:
         raise assignment_refused(self, "identity")
-
-    @property
-    def dma(self) -> DmaTable:
-        """The client's DMA maps: ``read``/``write``/``view``/``pin`` guest memory (``dma.py``)."""
-        return self._vfu.dma
-
-    @dma.setter
-    def dma(self, value: Never) -> None:
-        raise assignment_refused(self, "dma")
 
     @property
     def config(self) -> PciConfigSpace:
@@ -657,7 +652,7 @@ def _framework_names() -> tuple[frozenset[str], dict[str, str]]:
     """(reserved names, {hook name: "async" | "asyncgen" | "any"}) of Device and its bases."""
     global _NAMES  # noqa: PLW0603 - computed once, after every framework class exists
     if _NAMES is None:
-        reserved: set[str] = {"_vfu"}
+        reserved: set[str] = {"_vfu", "dma"}  # dma: an instance attribute
         hooks: dict[str, str] = {}
         for klass in Device.__mro__[:-1]:  # not object
             plain_hooks = vars(klass).get("_vfu_hooks", frozenset())

@@ -169,8 +169,8 @@ class DeviceRuntime:
         from .device import _framework_names  # noqa: PLC0415 - device.py imports this module
 
         reserved = _framework_names()[0]
-        for attr in vars(self.device):
-            if attr in reserved and attr != "_vfu":
+        for attr, value in vars(self.device).items():
+            if attr in reserved and attr != "_vfu" and not (attr == "dma" and value is self.dma):
                 raise AttributeError(
                     f"{type(self.device).__name__}: self.{attr} = ... replaced the framework's "
                     f"{attr!r} (a method of every device); {fix_for(attr)}"
