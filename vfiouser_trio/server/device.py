@@ -19,16 +19,19 @@ server session turns client commands into calls on it.
             self.count += 1
             self.trigger(0)
 
-What a subclass sees of the framework, and nothing else:
+What a subclass sees of the framework, and nothing else (40 names, 21 of them reserved):
 
 - declarations (from ``__init__``): ``add_bar``, ``add_rom``, ``add_region``, ``add_irq``,
-  ``add_intx``, ``add_msi``, ``add_msix``, ``add_capability``, ``add_doorbell``,
-  ``enable_migration``;
+  ``add_intx``, ``add_msi``, ``add_msix``, ``add_capability``, ``add_config_registers``,
+  ``add_vendor_capability``, ``add_doorbell``, ``enable_migration``;
 - services for its callbacks and hooks: ``name``, ``identity``, ``dma``, ``config``,
   ``irqs``, ``region()``, ``trigger()``, ``active_irq_index()``, ``migration``;
-- hooks it may override: ``reset``, ``attached``, ``detached``, ``run``, ``close`` (extend
-  it, calling ``super().close()``), the DMA map hooks (``server/dma_hooks.py``) and the
-  migration hooks (``server/migration.py``).
+- hooks it may override (19): ``reset``, ``attached``, ``detached``, ``run``, ``close``
+  (extend it, calling ``super().close()``), ``dma_mapped``/``dma_unmapped``
+  (``server/dma_hooks.py``), ``irq_state_changed`` (``server/irqs.py``) and the migration
+  hooks (``server/migration.py``: ``save_state``, ``load_state``, ``save_chunks``,
+  ``precopy_chunks``, ``load_chunk``, ``on_stop``, ``on_run``, ``on_begin_save``,
+  ``on_end_save``, ``on_begin_resume``, ``on_end_resume``).
 
 Why the author's API stays on the subclass rather than behind a composed ``self.vfu``:
 "a device in about thirty lines" is ``self.add_bar(...)`` and ``self.trigger(0)``, and
@@ -40,7 +43,8 @@ without noticing. Those now live in one object the server reaches as
 refusal naming the class, the name and the fix: a subclass defining a framework name
 other than a hook is refused when the class is created; assigning a service
 (``self.config = ...``) is refused at the assignment; a framework method replaced on the
-instance (``self.trigger = ...``) when serving starts (no ``__setattr__``: assigning a
+instance (``self.trigger = ...``), or ``self.dma`` (a plain attribute: device code reaches
+it on every DMA), when serving starts (no ``__setattr__``: assigning a
 device's own attributes costs what it costs on any object); a hook overridden with the
 wrong kind (a plain ``def reset``, an ``async def save_chunks``) when the class is
 created. The declarations are checked as a whole when serving starts (or when device
