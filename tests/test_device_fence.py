@@ -177,6 +177,12 @@ def test_closing_without_super_is_refused_and_with_super_accepted() -> None:
             def close(self) -> None:
                 pass
 
+    with pytest.raises(TypeError, match=r"Later.close must be a plain 'def'"):
+
+        class Later(Device):
+            async def close(self) -> None:  # type: ignore[override]
+                super().close()
+
     class Tidy(Plain):
         closed = False
 

@@ -692,6 +692,8 @@ def _check_hook(cls: type, attr: str, value: object, kind: str) -> None:
     # well return what the framework expects.
     if not isinstance(func, types.FunctionType) or hasattr(func, "__wrapped__"):
         return
+    if attr == "close" and inspect.iscoroutinefunction(func):
+        raise TypeError(f"{where} must be a plain 'def' (close() is called, not awaited)")
     if attr == "close" and "super" not in func.__code__.co_names:
         raise TypeError(
             f"{where} must call super().close(): the framework's memory and doorbells are "
