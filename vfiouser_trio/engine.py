@@ -230,8 +230,9 @@ class _CommandQueue:
         self.cost = 0
         self.fd_count = 0
         self.adopted: Frame | None = None
-        #: Called once, when the first command is queued (it starts the policy's run).
-        self.on_first: Callable[[], None] | None = None
+        #: Called once, with this queue, when the first command is queued (it starts the
+        #: policy's run).
+        self.on_first: Callable[[_CommandQueue], None] | None = None
 
     def _queue(self) -> deque[Frame]:
         frames = self._frames
@@ -243,7 +244,7 @@ class _CommandQueue:
         start = self.on_first
         if start is not None:
             self.on_first = None
-            start()
+            start(self)
         if self._lot:
             self._lot.unpark()
 
@@ -354,6 +355,24 @@ class _LinkState:
 
 class Connection:
     """One vfio-user connection. Create it with :func:`open_connection`."""
+
+    # Slots: a server keeps one per client, and 1,000 idle ones should fit in 16 MiB.
+    __slots__ = (
+        "_handler",
+        "_hooks",
+        "_id_lot",
+        "_main",
+        "_nursery",
+        "_policy",
+        "_request_link",
+        "_run_task",
+        "_scope",
+        "_twin",
+        "close_reason",
+        "closed",
+        "core",
+        "name",
+    )
 
     def __init__(
         self,
@@ -469,7 +488,9 @@ class Connection:
             twin.on_demand = True
             twin.reading = False
             self._request_link = twin
-        self._start_link(nursery, twin, reader=not requests_on_twin)
+        self._start_link(twin)
+        if not requests_on_twin:
+            nursery.start_soon(self._read_loop, twin)
 
     def _check_can_attach_twin(self) -> trio.Nursery:
         if self.closed.is_set():
@@ -482,27 +503,34 @@ class Connection:
 
     # ----------------------------------------------------------------- running
 
-    def _start_link(self, nursery: trio.Nursery, state: _LinkState, *, reader: bool = True) -> None:
+    def _start_link(self, state: _LinkState) -> None:
         # The writer and the dispatcher start when first needed: on an idle connection (most
         # commands run inline, most replies leave at once) a link holds its reader alone.
-        state.transport.on_writer_needed = partial(self._start_writer, nursery, state)
-        state.commands.on_first = partial(self._start_dispatcher, nursery, state)
-        if reader:
-            nursery.start_soon(self._read_loop, state)
+        state.transport.on_writer_needed = self._start_writer
+        state.commands.on_first = self._start_dispatcher
 
-    @staticmethod
-    def _start_writer(nursery: trio.Nursery, state: _LinkState) -> None:
-        nursery.start_soon(state.transport.run_writer)
+    def _link_of(self, item: Transport | _CommandQueue) -> _LinkState:
+        main = self._main
+        if item is main.transport or item is main.commands:
+            return main
+        assert self._twin is not None
+        return self._twin
 
-    def _start_dispatcher(self, nursery: trio.Nursery, state: _LinkState) -> None:
-        nursery.start_soon(self._policy.run, state.commands, partial(self._process, state))
+    def _start_writer(self, transport: Transport) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(transport.run_writer)
+
+    def _start_dispatcher(self, commands: _CommandQueue) -> None:
+        if self._nursery is not None:
+            state = self._link_of(commands)
+            self._nursery.start_soon(self._policy.run, commands, partial(self._process, state))
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
-                self._start_link(nursery, self._main, reader=False)
+                self._start_link(self._main)
                 # This task becomes the main link's first reader, once open_connection has
                 # handed the connection to its owner (a handler may need the owner's hold).
                 self._run_task = trio.lowlevel.current_task()

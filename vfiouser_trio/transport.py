@@ -133,6 +133,26 @@ class Transport:
     changed at any time (for example after VERSION negotiation).
     """
 
+    __slots__ = (
+        "_ancbufsize",
+        "_at_eof",
+        "_broken",
+        "_closed",
+        "_decoder",
+        "_drained_lot",
+        "_drained_socket",
+        "_fair_read_size",
+        "_max_recv_fds",
+        "_out",
+        "_queued_bytes",
+        "_read_size",
+        "_recv",
+        "_sock",
+        "_writer_lot",
+        "on_progress",
+        "on_writer_needed",
+    )
+
     def __init__(
         self,
         sock: socket.socket,
@@ -166,9 +186,9 @@ class Transport:
         self._drained_socket = False
         #: Called (synchronously) whenever the kernel took queued data; None for nobody.
         self.on_progress: Callable[[], None] | None = None
-        #: Called once, the first time data stays queued: an owner that starts
-        #: :meth:`run_writer` only when it is needed sets it (None: the writer runs already).
-        self.on_writer_needed: Callable[[], None] | None = None
+        #: Called once, with this transport, the first time data stays queued: an owner
+        #: that starts :meth:`run_writer` only when needed sets it (None: it runs already).
+        self.on_writer_needed: Callable[[Transport], None] | None = None
 
     # ----------------------------------------------------------------- limits
 
@@ -393,7 +413,7 @@ class Transport:
         start = self.on_writer_needed
         if start is not None:
             self.on_writer_needed = None
-            start()
+            start(self)
         if self._writer_lot:
             self._writer_lot.unpark()
 

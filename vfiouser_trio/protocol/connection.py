@@ -222,7 +222,8 @@ class ConnectionCore(Generic[W]):
         self._version_rule = role is Role.SERVER
         self._negotiated = False
         self._pending: dict[int, tuple[int, W]] = {}
-        self._orphans: set[int] = set()
+        # IDs of cancelled requests whose late reply may still come; created when needed.
+        self._orphans: set[int] | None = None
         self._next_id = 0
         self._closed = False
 
@@ -255,7 +256,7 @@ class ConnectionCore(Generic[W]):
     @property
     def reserved_ids(self) -> int:
         """IDs of cancelled requests whose late reply has not come yet."""
-        return len(self._orphans)
+        return len(self._orphans) if self._orphans else 0
 
     @property
     def next_message_id(self) -> int:
@@ -274,7 +275,7 @@ class ConnectionCore(Generic[W]):
         self._closed = True
         pending = list(self._pending.values())
         self._pending.clear()
-        self._orphans.clear()
+        self._orphans = None
         return pending
 
     # ----------------------------------------------------------------- receiving
@@ -312,8 +313,9 @@ class ConnectionCore(Generic[W]):
                 return RequestFailed(waiter, error)
             return ReplyArrived(waiter, frame)
         frame.close_fds()
-        if msg_id in self._orphans:
-            self._orphans.discard(msg_id)  # the late reply of a cancelled request
+        orphans = self._orphans
+        if orphans and msg_id in orphans:
+            orphans.discard(msg_id)  # the late reply of a cancelled request
             return _IGNORE
         return Ignore(
             f"dropped a reply (id {msg_id}, command {header.command}) that answers nothing"
@@ -339,7 +341,8 @@ class ConnectionCore(Generic[W]):
             return Close(ProtocolError(event.reason), answer)
         if header.is_reply:
             entry = self._pending.pop(header.msg_id, None)
-            self._orphans.discard(header.msg_id)
+            if self._orphans:
+                self._orphans.discard(header.msg_id)
             if entry is None:
                 return _IGNORE
             command, waiter = entry
@@ -405,7 +408,7 @@ class ConnectionCore(Generic[W]):
     def allocate_id(self) -> int | None:
         """A message ID no request uses or reserves; None while all 65536 are taken."""
         busy = self._pending
-        orphans = self._orphans
+        orphans = self._orphans or ()
         if len(busy) + len(orphans) >= MSG_ID_SPACE:
             return None
         msg_id = self._next_id
@@ -438,6 +441,8 @@ class ConnectionCore(Generic[W]):
         if entry is None or entry[1] is not waiter:
             return False
         del self._pending[msg_id]
+        if self._orphans is None:
+            self._orphans = set()
         self._orphans.add(msg_id)
         return True
 
