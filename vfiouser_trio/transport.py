@@ -84,8 +84,8 @@ class _Chunk:
         self.starts_frame = starts_frame
 
 
-class _ReceiveBuffer(threading.local):
-    """The receive buffer of every transport in a thread.
+class _ReceiveBuffer:
+    """The receive buffer of every transport in a thread (:func:`_thread_receive_buffer`).
 
     One is enough: a read is parsed before any other can start (nothing between ``recvmsg``
     and the decoder's return waits) and the decoder copies what it keeps. Anonymous memory:
@@ -106,7 +106,15 @@ class _ReceiveBuffer(threading.local):
         return iov
 
 
-_receive_buffer = _ReceiveBuffer()
+_per_thread = threading.local()
+
+
+def _thread_receive_buffer() -> _ReceiveBuffer:
+    # A plain object per thread: attribute access on the threading.local itself is slower.
+    buffer: _ReceiveBuffer | None = getattr(_per_thread, "buffer", None)
+    if buffer is None:
+        buffer = _per_thread.buffer = _ReceiveBuffer()
+    return buffer
 
 
 def byte_buffer(data: Buffer) -> Buffer:
@@ -166,7 +174,7 @@ class Transport:
         self._sock = sock
         self._decoder = FrameDecoder(max_msg_size=max_msg_size)
         # Shared by the thread's transports, so an idle connection holds no buffer of its own.
-        self._recv = _receive_buffer
+        self._recv = _thread_receive_buffer()
         self._read_size = RECV_BUFFER_SIZE
         # What FRAMES_PER_READ allows, from the last reads; a connection starts small.
         self._fair_read_size = FRAMES_PER_READ * HEADER_SIZE

@@ -128,7 +128,7 @@ class Dispatch:
 DISPATCH: Final = Dispatch()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build
 class ReplyArrived(Generic[W]):
     """``frame`` answers the request ``waiter`` was registered for; the waiter owns its fds."""
 
@@ -136,7 +136,7 @@ class ReplyArrived(Generic[W]):
     frame: Frame
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build
 class RequestFailed(Generic[W]):
     """The request of ``waiter`` fails with ``error`` (its reply's fds are closed)."""
 
@@ -144,7 +144,7 @@ class RequestFailed(Generic[W]):
     error: VfioUserError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build
 class SendError:
     """Answer message ``msg_id`` (command ``command``) with an error; ``why`` for the log."""
 
@@ -157,7 +157,7 @@ class SendError:
         return error_header(self.msg_id, self.command, self.errno).pack()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build
 class Ignore:
     """Nothing to send (any fds are closed); ``why``, if set, is worth a WARNING."""
 
@@ -167,7 +167,7 @@ class Ignore:
 _IGNORE: Final = Ignore()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build
 class Close:
     """The stream cannot go on: send ``answer`` if any, then close with ``reason``."""
 
