@@ -1,23 +1,25 @@
 """The connection engine: one vfio-user connection, commands and replies in both directions.
 
+The protocol's rules (message IDs and reply matching, reserved IDs of cancelled requests,
+which received message gets which answer, No_reply, VERSION first, the limits and when a
+link stops reading) are :class:`~vfiouser_trio.protocol.connection.ConnectionCore`'s, a
+sans-io object; the engine moves bytes, fds and wake-ups and runs the handlers.
+
 A :class:`Connection` owns one socket (the *main* link) and, once twin-socket mode is
-negotiated, a second one (the *twin* link). Each link has a reader task: replies resolve
-the pending request with the same message ID, commands go to the link's dispatcher, which
-runs them through the owner's handler in the order an
-:class:`~vfiouser_trio.ordering.OrderingPolicy` decides. Because reading never waits for a
-handler, a handler may itself send a request to the peer and await its reply: the deadlock
-described in docs/architecture.md cannot happen, on one socket or on two. (A reader pauses
-only when the peer leaves too much unread, and never while a reply it carries is awaited:
-see "Bounded memory" below.)
+negotiated, a second one (the *twin* link). A link's reader passes replies to the request
+waiting for them and commands to the link's dispatcher, which runs them through the owner's
+handler in the order an :class:`~vfiouser_trio.ordering.OrderingPolicy` decides. Because
+reading never waits for a handler, a handler may itself send a request to the peer and
+await its reply: the deadlock described in docs/architecture.md cannot happen, on one
+socket or on two.
 
 The fast path: when a link holds no other command and its policy allows it
 (``OrderingPolicy.runs_inline``), the reader runs a command itself, with no task switch
-between the read and the reply. It runs the handler only up to its first wait: a handler
-that completes without waiting (most register accesses) is answered at once; one that
-would wait hands the reader's role to a fresh reader task before it waits, finishes in the
-former reader's task, and is adopted by the policy through a stand-in, so the commands
-after it are ordered as if the dispatcher had started it. The rule above still holds:
-reading never waits for a handler that waits.
+between the read and the reply, up to the handler's first wait: a handler that completes
+without waiting (most register accesses) is answered at once; one that would wait hands the
+reader's role to a fresh reader task, finishes in the former reader's task, and is adopted
+by the policy through a stand-in, so the commands after it are ordered as if the dispatcher
+had started it.
 
 Which socket carries what:
 
@@ -25,46 +27,33 @@ Which socket carries what:
 * requests this side originates go on the main link, except after
   ``attach_twin(..., requests_on_twin=True)`` (the server, which created the twin pair), when
   they go on the twin link; their replies may arrive on either link (matched by message ID);
-* commands arriving on either link are dispatched, each link with its own policy run, so
-  server-to-client commands are not queued behind client-to-server ones.
+* commands arriving on a link are dispatched, each link with its own policy run, so
+  server-to-client commands are not queued behind client-to-server ones. The side whose
+  requests go on the twin reads it only while a reply is awaited: the peer sends nothing
+  else there (spec, "twin_socket"), and its end of stream there is noticed then, or on the
+  main link.
 
-Which received message gets which answer, message IDs and reply matching, No_reply, VERSION
-first and the limits are the protocol's rules:
-:class:`~vfiouser_trio.protocol.connection.ConnectionCore` holds them (sans-io), and the
-engine acts on what it decides. Besides those:
+Besides the core's rules: a handler raising :class:`VfioUserError` (or ProtocolError)
+answers with its errno, any other exception is logged and answered with EIO; more fds than
+``max_recv_fds`` truncated by the kernel (MSG_CTRUNC) close the connection; the peer's end
+of stream (or a failed send) closes it, also for commands still queued (vfio-user has no
+half-close); pending requests then fail with :class:`ConnectionClosedError` (ECONNRESET)
+and later ones at once with ENOTCONN.
 
-* a handler raising :class:`VfioUserError` (or :class:`ProtocolError`) answers with its errno;
-  any other exception is logged and answered with EIO (a device failure, not a bad request);
-* more fds than ``max_recv_fds`` close the connection when the kernel truncated them
-  (MSG_CTRUNC; the transport reports it);
-* the peer's end of stream (or a failed send) closes the connection, also for commands still
-  queued: vfio-user has no half-close;
-* when the connection ends, pending requests fail with :class:`ConnectionClosedError`
-  (ECONNRESET), and requests made after that fail at once with ENOTCONN.
+Bounded memory and fairness (per link; the server sets the limits, a client by default has
+none but the yielding): with ``max_send_backlog`` set, a link's *load* is what it holds for
+the peer: commands received and not yet done (``FRAME_OVERHEAD`` each plus their payload)
+and data the socket has not taken (:attr:`Transport.backlog
+<vfiouser_trio.transport.Transport.backlog>`). At the mark the reader pauses until the load
+halves (near it, it reads in smaller pieces), except on a link carrying a reply we await,
+which reads on and is closed at twice the mark (ENOBUFS); the dispatcher starts no command
+while the send backlog alone is at the mark (a 32-byte REGION_READ may ask for a 1 MiB
+reply). So a client that never reads costs about twice the mark and one reply. The
+dispatcher yields after every ``dispatch_batch`` commands and reads complete about
+``FRAMES_PER_READ`` frames each, so one pipelining peer cannot starve other connections.
 
-Bounded memory and fairness (both per link; the server sets the limits, a client by
-default has none but the yielding):
-
-* with ``max_send_backlog`` set, a link's *load* is the memory it holds
-  for the peer: commands received and not yet done (``FRAME_OVERHEAD`` each plus their
-  payload) and data queued for the socket but not yet taken by it
-  (:attr:`Transport.backlog <vfiouser_trio.transport.Transport.backlog>`). At the mark the
-  link stops reading, and resumes once the load is below half of it; near the mark it reads
-  in smaller pieces, so that a read cannot take it far past. Received commands hold
-  their fds too: more than ``dispatch_batch * max_recv_fds`` of them also stop the reading.
-  The dispatcher starts no command while the send backlog alone is at the mark (a 32-byte
-  REGION_READ may ask for a 1 MiB reply), until it is below half. So a client that never
-  reads costs at most about twice the mark (commands read, replies queued) and one reply,
-  whatever it sends.
-* Pausing must not break the guarantee above: a reply to our own request may sit behind
-  the unread commands. A link that carries our requests and has one outstanding (the main
-  link without a twin socket, the twin link with one) therefore keeps reading; if its load
-  reaches twice the mark it is closed (ENOBUFS, logged): the peer sends commands without
-  reading replies while we wait for its answer. With twin sockets the main link never
-  carries our requests, so it always pauses safely.
-* the dispatcher yields to the scheduler after every ``dispatch_batch`` commands, and the
-  transport's reads complete about ``FRAMES_PER_READ`` frames each (the reader yields after
-  each read), so one pipelining peer cannot starve other connections of the process.
+An idle connection costs little: writer and dispatcher tasks, queues and parking lots are
+created when first needed, and transports share their thread's receive buffer.
 """
 
 from __future__ import annotations
@@ -730,12 +719,7 @@ class Connection:
     def _act(
         self,
         state: _LinkState,
-        event: ReplyArrived[_PendingRequest]
-        | RequestFailed[_PendingRequest]
-        | SendError
-        | Ignore
-        | Close
-        | object,
+        event: object,
     ) -> ProtocolError | None:
         """Carry out what the core decided about a received message (not a command to run);
         returns the reason to close the connection, if it must."""
