@@ -202,26 +202,24 @@ class _CommandQueue:
     Counts the commands it was given until they are done (``release``), also once a policy
     has taken them or while one runs inline in the reader (``hold``): ``held``, ``cost``
     (bytes with ``FRAME_OVERHEAD`` each) and ``fd_count``. The reader bounds these by not
-    reading (see the module doc); ``taken`` (which wakes the reader) is called whenever a
-    command is done. ``adopted`` is the stand-in of an inline command that had to wait
-    (see :meth:`adopt`).
+    reading (see the module doc), and is woken whenever a command is done. ``adopted`` is
+    the stand-in of an inline command that had to wait (see :meth:`adopt`).
     """
 
-    __slots__ = ("_frames", "_lot", "_taken", "adopted", "cost", "fd_count", "held", "on_first")
+    __slots__ = ("_frames", "_link", "_lot", "adopted", "cost", "fd_count", "held", "starter")
 
-    def __init__(self, taken: Callable[[], None]) -> None:
+    def __init__(self, link: _LinkState) -> None:
         # The deque and the parking lot are created when first needed: an idle link
         # queues nothing (its commands run inline), and each costs hundreds of bytes.
         self._frames: deque[Frame] | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None
-        self._taken = taken
+        self._link = link
         self.held = 0
         self.cost = 0
         self.fd_count = 0
         self.adopted: Frame | None = None
-        #: Called once, with this queue, when the first command is queued (it starts the
-        #: policy's run).
-        self.on_first: Callable[[_CommandQueue], None] | None = None
+        #: Starts the policy's run when the first command is queued (then None).
+        self.starter: Connection | None = None
 
     def _queue(self) -> deque[Frame]:
         frames = self._frames
@@ -230,10 +228,10 @@ class _CommandQueue:
         return frames
 
     def _queued(self) -> None:
-        start = self.on_first
-        if start is not None:
-            self.on_first = None
-            start(self)
+        starter = self.starter
+        if starter is not None:
+            self.starter = None
+            starter._start_dispatcher(self._link)
         if self._lot:
             self._lot.unpark()
 
@@ -271,7 +269,7 @@ class _CommandQueue:
         self.held -= 1
         self.cost -= FRAME_OVERHEAD + len(frame.payload)
         self.fd_count -= fd_count
-        self._taken()
+        self._link.wake()
 
     async def get(self) -> Frame:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -312,7 +310,7 @@ class _LinkState:
         #: fall (:meth:`wait`): woken when a command leaves the queue, the socket takes
         #: data, or a request is sent on this link. Created when first needed.
         self.progress: trio.lowlevel.ParkingLot | None = None
-        self.commands = _CommandQueue(self.wake)
+        self.commands = _CommandQueue(self)
         #: Commands started (by the dispatcher or inline) since the link last yielded.
         self.dispatched = 0
         #: True while the reader runs a command inline that is not the last of its read:
@@ -495,24 +493,14 @@ class Connection:
     def _start_link(self, state: _LinkState) -> None:
         # The writer and the dispatcher start when first needed: on an idle connection (most
         # commands run inline, most replies leave at once) a link holds its reader alone.
-        state.transport.on_writer_needed = self._start_writer
-        state.commands.on_first = self._start_dispatcher
+        assert self._nursery is not None
+        state.transport.writer_nursery = self._nursery
+        state.commands.starter = self
 
-    def _link_of(self, item: Transport | _CommandQueue) -> _LinkState:
-        main = self._main
-        if item is main.transport or item is main.commands:
-            return main
-        assert self._twin is not None
-        return self._twin
-
-    def _start_writer(self, transport: Transport) -> None:
+    def _start_dispatcher(self, state: _LinkState) -> None:
         if self._nursery is not None:
-            self._nursery.start_soon(transport.run_writer)
-
-    def _start_dispatcher(self, commands: _CommandQueue) -> None:
-        if self._nursery is not None:
-            state = self._link_of(commands)
-            self._nursery.start_soon(self._policy.run, commands, partial(self._process, state))
+            process = partial(self._process, state)
+            self._nursery.start_soon(self._policy.run, state.commands, process)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

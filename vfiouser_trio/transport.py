@@ -13,7 +13,7 @@ Truncated control data (``MSG_CTRUNC``: more fds than ``max_recv_fds``) is fatal
 
 Sending: frames are queued in order. ``write`` pushes the queue to the kernel at once when
 it can; whatever the kernel does not take is sent by :meth:`Transport.run_writer`, a task the
-owner runs (or starts when ``on_writer_needed`` says so). Consecutive frames without fds
+owner runs (or has started in ``writer_nursery`` when first needed). Consecutive frames without fds
 share one ``sendmsg``; a frame with fds starts a ``sendmsg`` of its own (so the fds travel
 with its first byte) and nothing follows it there.
 """
@@ -158,7 +158,7 @@ class Transport:
         "_sock",
         "_writer_lot",
         "on_progress",
-        "on_writer_needed",
+        "writer_nursery",
     )
 
     def __init__(
@@ -194,9 +194,9 @@ class Transport:
         self._drained_socket = False
         #: Called (synchronously) whenever the kernel took queued data; None for nobody.
         self.on_progress: Callable[[], None] | None = None
-        #: Called once, with this transport, the first time data stays queued: an owner
-        #: that starts :meth:`run_writer` only when needed sets it (None: it runs already).
-        self.on_writer_needed: Callable[[Transport], None] | None = None
+        #: Where :meth:`run_writer` is started the first time data stays queued, for an
+        #: owner that starts it only when needed (None: the owner runs it, or it runs).
+        self.writer_nursery: trio.Nursery | None = None
 
     # ----------------------------------------------------------------- limits
 
@@ -418,10 +418,10 @@ class Transport:
         return out
 
     def _wake_writer(self) -> None:
-        start = self.on_writer_needed
-        if start is not None:
-            self.on_writer_needed = None
-            start(self)
+        nursery = self.writer_nursery
+        if nursery is not None:
+            self.writer_nursery = None
+            nursery.start_soon(self.run_writer)
         if self._writer_lot:
             self._writer_lot.unpark()
 
@@ -467,8 +467,8 @@ class Transport:
     async def run_writer(self) -> None:
         """Send queued data whenever the socket is writable; returns when the transport closes.
 
-        Run exactly one per transport, in the owner's nursery (from the start, or once
-        ``on_writer_needed`` is called).
+        Run exactly one per transport, in the owner's nursery (or set ``writer_nursery`` to
+        have it started there when first needed).
         """
         try:
             while not self._closed:
