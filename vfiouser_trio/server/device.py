@@ -67,7 +67,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Never, overload
 
 from ..protocol.constants import PciIrq, PciRegion
-from .device_runtime import DeviceRuntime, assignment_refused, fix_for, page_aligned
+from .device_runtime import DeviceRuntime, assignment_refused, fix_for, overlaps, page_aligned
 from .dma import DmaTable
 from .dma_hooks import DmaHooks
 from .doorbells import Doorbell
@@ -533,7 +533,7 @@ class Device(DmaHooks, IrqStateHooks, MigrationHooks):
                 where, f"beyond the BAR's {region.size:#x} bytes", "make the BAR larger"
             )
         for area in region.sparse:
-            if offset < area.offset + area.size and area.offset < offset + size:
+            if overlaps(offset, size, area.offset, area.size):
                 raise self._vfu.refuse(
                     where,
                     f"overlaps the sparse mmap area {area.offset:#x}+{area.size:#x} (the client "

@@ -188,7 +188,7 @@ class DeviceRuntime:
             for bell in region.doorbells:
                 where = f"doorbell at {region_name(index)} {bell.offset:#x}+{bell.size:#x}"
                 for area in region.sparse:
-                    if _overlap(bell.offset, bell.size, area.offset, area.size):
+                    if overlaps(bell.offset, bell.size, area.offset, area.size):
                         raise self.refuse(
                             where,
                             f"inside the sparse mmap area {area.offset:#x}+{area.size:#x} (the "
@@ -196,7 +196,7 @@ class DeviceRuntime:
                             "move the doorbell out of the sparse areas",
                         )
                 for what, bar, offset, size in framework:
-                    if bar == index and _overlap(bell.offset, bell.size, offset, size):
+                    if bar == index and overlaps(bell.offset, bell.size, offset, size):
                         raise self.refuse(
                             where,
                             f"under the {what} at {offset:#x}+{size:#x} (the framework serves "
@@ -361,7 +361,8 @@ def page_aligned(value: int) -> bool:
     return value % mmap.PAGESIZE == 0
 
 
-def _overlap(a: int, a_size: int, b: int, b_size: int) -> bool:
+def overlaps(a: int, a_size: int, b: int, b_size: int) -> bool:
+    """Whether byte ranges ``a``+``a_size`` and ``b``+``b_size`` share a byte."""
     return a < b + b_size and b < a + a_size
 
 
