@@ -9,7 +9,6 @@ itself (an MSI-X table and PBA living in a BAR) ahead of the device's callbacks.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from inspect import isawaitable
@@ -88,10 +87,6 @@ class RegionMemory:
         #: The fd handed to clients in REGION_INFO (still owned here).
         self.fd = self._memfd.fileno()
         self.view = self._mapping.view
-
-    def dup_fd(self) -> int:
-        """A new fd of the memory, to hand to a client (the receiver owns it)."""
-        return os.dup(self.fd)
 
     def close(self) -> None:
         if self.fd < 0:
