@@ -291,15 +291,16 @@ def _answer_replies(conn: Connection, frame: Frame) -> Frame:
 
 def _keep_old_maps() -> Breakage:
     """Remembers every client's maps: a later client's overlapping DMA_MAP gets EEXIST."""
-    maps: list[tuple[int, int, int]] = []  # (conn, start, end)
+    # The connections themselves, not their ids: a departed connection's id may be reused.
+    maps: list[tuple[Connection, int, int]] = []  # (conn, start, end)
     doomed: set[tuple[int, int]] = set()
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.DMA_MAP and frame.header.is_command:
             _argsz, _flags, _offset, address, size = struct.unpack_from("=IIQQQ", frame.payload)
-            if any(c != id(conn) and s < address + size and address < e for c, s, e in maps):
+            if any(c is not conn and s < address + size and address < e for c, s, e in maps):
                 doomed.add((id(conn), frame.header.msg_id))
-            maps.append((id(conn), address, address + size))
+            maps.append((conn, address, address + size))
         return frame
 
     def send(conn: Connection, frame: Frame) -> Frame:

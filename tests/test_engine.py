@@ -549,21 +549,19 @@ def _engine_tasks() -> list[str]:
 
 
 async def test_an_idle_twin_socket_pair_runs_only_the_readers_it_needs() -> None:
-    """Idle, a connection holds one task per link it must read: the server (requests on
-    the twin) reads its twin only while a reply is awaited; writers and dispatchers start
-    when first needed. (Memory per idle connection: bench figure 5.)"""
+    """Idle, a connection holds a reader per link: writers and dispatchers start when first
+    needed. (Memory per idle connection: bench figure 5.)"""
     holder: dict[str, Connection] = {}
     server, client = _nested_handlers(holder)
     with trio.fail_after(5):
         async with twin_connected(server, client, holder, SpecOrder) as (a, b):
             await _nested_round_trip(a, b)  # a request each way, a handler that waits
             await trio.testing.wait_all_tasks_blocked()
-            # Each side's first task (_run) holds its nursery. a: the reader it handed its
-            # role to when the REGION_WRITE handler waited, and the dispatcher that adopted
-            # that handler; no twin reader, no writer. b: _run reads its main link, one
-            # reader for its twin (commands come there).
-            assert _engine_tasks() == ["_read_loop", "_read_loop", "_run", "_run", "run"]
-            await _nested_round_trip(a, b)  # the twin is read again when needed
+            # Each side's first task (_run) holds its nursery. a: its twin's reader, the
+            # reader it handed its main link to when the REGION_WRITE handler waited, and
+            # the dispatcher that adopted that handler; no writer. b: _run reads its main
+            # link, and one reader for its twin.
+            assert _engine_tasks() == ["_read_loop"] * 3 + ["_run", "_run", "run"]
 
 
 @pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-sockets"])

@@ -27,11 +27,9 @@ Which socket carries what:
 * requests this side originates go on the main link, except after
   ``attach_twin(..., requests_on_twin=True)`` (the server, which created the twin pair), when
   they go on the twin link; their replies may arrive on either link (matched by message ID);
-* commands arriving on a link are dispatched, each link with its own policy run, so
-  server-to-client commands are not queued behind client-to-server ones. The side whose
-  requests go on the twin reads it only while a reply is awaited: the peer sends nothing
-  else there (spec, "twin_socket"), and its end of stream there is noticed then, or on the
-  main link.
+* commands arriving on either link are dispatched, each link with its own policy run, so
+  server-to-client commands are not queued behind client-to-server ones; the peer's end of
+  stream on either link closes the connection.
 
 Besides the core's rules: a handler raising :class:`VfioUserError` (or ProtocolError)
 answers with its errno, any other exception is logged and answered with EIO; more fds than
@@ -297,9 +295,7 @@ class _LinkState:
         "dispatched",
         "link",
         "more",
-        "on_demand",
         "progress",
-        "reading",
         "transport",
     )
 
@@ -318,10 +314,6 @@ class _LinkState:
         self.more = False
         #: Set when the inline command whose stand-in the policy holds is done.
         self.adopted_done: trio.Event | None = None
-        #: The link is read only while a request of ours awaits its reply (the server's
-        #: twin link: the peer sends nothing else there); ``reading`` while a reader runs.
-        self.on_demand = False
-        self.reading = True
         if bounded:
             transport.on_progress = self.wake
 
@@ -470,14 +462,11 @@ class Connection:
             raise
         self._twin = twin
         if requests_on_twin:
-            # The twin carries our commands and the peer's replies (spec: "twin_socket"):
-            # an idle connection keeps no reader task on it.
-            twin.on_demand = True
-            twin.reading = False
             self._request_link = twin
         self._start_link(twin)
-        if not requests_on_twin:
-            nursery.start_soon(self._read_loop, twin)
+        # Always read: the peer's end of stream there ends the connection (it may keep the
+        # main socket open in another process).
+        nursery.start_soon(self._read_loop, twin)
 
     def _check_can_attach_twin(self) -> trio.Nursery:
         if self.closed.is_set():
@@ -576,9 +565,6 @@ class Connection:
         try:
             while reason is None:
                 if not events:
-                    if state.on_demand and self._reader_may_leave(state):
-                        state.reading = False
-                        return
                     if not bounded or not state.load:
                         events = await transport.receive()  # nothing held: no bound to keep
                     else:
@@ -632,21 +618,6 @@ class Connection:
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
-
-    def _reader_may_leave(self, state: _LinkState) -> bool:
-        """Whether an on-demand link's reader may stop: no reply awaited, no command held,
-        no frame half read. A later request starts a reader again (:meth:`_read_on_demand`);
-        the peer's end of stream there is noticed then, or on the main link."""
-        return (
-            not self.core.awaiting_replies
-            and not state.commands.held
-            and state.transport.at_frame_boundary
-        )
-
-    def _read_on_demand(self, state: _LinkState) -> None:
-        if not state.reading and self._nursery is not None:
-            state.reading = True
-            self._nursery.start_soon(self._read_loop, state)
 
     async def _hold_reading(self, state: _LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
@@ -931,8 +902,6 @@ class Connection:
         request = _PendingRequest()
         core.expect_reply(msg_id, command, request)
         state.wake()  # a paused reader must read this request's reply
-        if state.on_demand:
-            self._read_on_demand(state)
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
         except BaseException:
