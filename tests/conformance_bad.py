@@ -202,15 +202,15 @@ def _set_wm(caps: dict[str, object]) -> None:
 
 
 def _refuse_plain_version() -> Breakage:
-    plain: set[int] = set()
+    plain: set[Connection] = set()
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.VERSION and len(frame.payload) == 4:
-            plain.add(id(conn))
+            plain.add(conn)
         return frame
 
     def send(conn: Connection, frame: Frame) -> Frame:
-        if frame.header.command == Command.VERSION and id(conn) in plain:
+        if frame.header.command == Command.VERSION and conn in plain:
             return refused(frame)
         return frame
 
@@ -225,16 +225,16 @@ def _refuse_higher_minor(frame: Frame) -> Frame:
 
 
 def _accept_any_major() -> Breakage:
-    lied: set[int] = set()
+    lied: set[Connection] = set()
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.VERSION and frame.payload[:2] == b"\xff\xff":
-            lied.add(id(conn))
+            lied.add(conn)
             return with_payload(frame, b"\0\0" + frame.payload[2:])
         return frame
 
     def send(conn: Connection, frame: Frame) -> Frame:
-        if frame.header.command == Command.VERSION and id(conn) in lied and frame.header.is_reply:
+        if frame.header.command == Command.VERSION and conn in lied and frame.header.is_reply:
             return with_payload(frame, b"\xff\xff" + frame.payload[2:])
         return frame
 
@@ -253,10 +253,10 @@ def _ignore_no_reply(conn: Connection, frame: Frame) -> Frame:
 
 
 def _drop_reused_ids() -> Breakage:
-    seen: dict[int, set[int]] = {}
+    seen: dict[Connection, set[int]] = {}
 
     def receive(conn: Connection, frame: Frame) -> Frame | None:
-        ids = seen.setdefault(id(conn), set())
+        ids = seen.setdefault(conn, set())
         if frame.header.is_command and frame.header.msg_id in ids:
             return None  # "already have that one"
         ids.add(frame.header.msg_id)
@@ -293,18 +293,18 @@ def _keep_old_maps() -> Breakage:
     """Remembers every client's maps: a later client's overlapping DMA_MAP gets EEXIST."""
     # The connections themselves, not their ids: a departed connection's id may be reused.
     maps: list[tuple[Connection, int, int]] = []  # (conn, start, end)
-    doomed: set[tuple[int, int]] = set()
+    doomed: set[tuple[Connection, int]] = set()
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.DMA_MAP and frame.header.is_command:
             _argsz, _flags, _offset, address, size = struct.unpack_from("=IIQQQ", frame.payload)
             if any(c is not conn and s < address + size and address < e for c, s, e in maps):
-                doomed.add((id(conn), frame.header.msg_id))
+                doomed.add((conn, frame.header.msg_id))
             maps.append((conn, address, address + size))
         return frame
 
     def send(conn: Connection, frame: Frame) -> Frame:
-        if (id(conn), frame.header.msg_id) in doomed and frame.header.command == Command.DMA_MAP:
+        if (conn, frame.header.msg_id) in doomed and frame.header.command == Command.DMA_MAP:
             return refused(frame, errno.EEXIST)
         return frame
 
@@ -312,11 +312,11 @@ def _keep_old_maps() -> Breakage:
 
 
 def _identical_map_is_eexist() -> Breakage:
-    seen: set[tuple[int, bytes]] = set()
+    seen: set[tuple[Connection, bytes]] = set()
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.DMA_MAP and frame.header.is_command:
-            key = (id(conn), frame.payload)
+            key = (conn, frame.payload)
             if key in seen:  # make it overlap instead of repeat
                 return with_payload(
                     frame,
@@ -417,21 +417,21 @@ def _extended_loop() -> Breakage:
 
 def _writable_revision() -> Breakage:
     """Read-only registers take what is written: later reads return it."""
-    written: dict[tuple[int, int], bytes] = {}
+    written: dict[tuple[Connection, int], bytes] = {}
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.REGION_WRITE and frame.header.is_command:
             offset, region, count = struct.unpack_from("=QII", frame.payload)
             if region == 7 and offset in (0x08, 0x0E):
-                written[id(conn), offset] = frame.payload[16 : 16 + count]
+                written[conn, offset] = frame.payload[16 : 16 + count]
         return frame
 
     def send(conn: Connection, frame: Frame) -> Frame:
         h = frame.header
         if h.command == Command.REGION_READ and h.is_reply and not h.is_error:
             offset = struct.unpack_from("=Q", frame.payload)[0]
-            if (id(conn), offset) in written:
-                return with_payload(frame, frame.payload[:16] + written[id(conn), offset])
+            if (conn, offset) in written:
+                return with_payload(frame, frame.payload[:16] + written[conn, offset])
         return frame
 
     return Breakage(receive=receive, send=send)
@@ -445,16 +445,16 @@ def _bar_too_small(offset: int, data: bytes) -> bytes:
 
 def accepts_echo(command: int) -> Breakage:
     """Answers with success, echoing the request's payload, where the server refused."""
-    last: dict[int, bytes] = {}
+    last: dict[Connection, bytes] = {}
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == command and frame.header.is_command:
-            last[id(conn)] = frame.payload
+            last[conn] = frame.payload
         return frame
 
     def send(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == command and frame.header.is_error:
-            return success(frame, last.get(id(conn), b""))
+            return success(frame, last.get(conn, b""))
         return frame
 
     return Breakage(receive=receive, send=send)
@@ -540,21 +540,21 @@ def _dirty_bitmap(payload: bytes) -> bytes:
 
 def _refuses_own_state() -> Breakage:
     """After migration data was written, leaving RESUMING (SET STOP) is refused."""
-    resumed: set[int] = set()
+    resumed: set[Connection] = set()
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         h, p = frame.header, frame.payload
         if h.command == Command.MIG_DATA_WRITE and h.is_command:
-            resumed.add(id(conn))
+            resumed.add(conn)
         elif (
             h.command == Command.DEVICE_FEATURE
-            and id(conn) in resumed
+            and conn in resumed
             and p[4:12]
             == (
                 b"\x02\x00\x02\x00\x01\x00\x00\x00"  # SET MIG_DEVICE_STATE, state STOP
             )
         ):
-            resumed.discard(id(conn))
+            resumed.discard(conn)
             return with_payload(frame, patch(p, 8, "=I", 99))
         return frame
 
