@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import errno
 import logging
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
-from vfiouser_trio.client import VfioUserError
+from vfiouser_trio.cli_errors import leaves
+from vfiouser_trio.client import VfioUserError, connect
 from vfiouser_trio.protocol import PciRegion
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.device_errors import DeviceCodeError
 from vfiouser_trio.server.pci import PciIdentity
+from vfiouser_trio.server.serve import serve
 from vfiouser_trio.testing import NestedDeviceFactory, nested_device
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -160,7 +164,7 @@ async def test_vfio_pair_raises_device_errors_when_the_pair_closes() -> None:
             with pytest.raises(VfioUserError):
                 await pair.client.read(PciRegion.BAR0, 0x10, 4)
             await factory.aclose()
-    [error] = raised.value.exceptions
+    [error] = list(leaves(raised.value))
     assert isinstance(error, DeviceCodeError) and isinstance(error.__cause__, ZeroDivisionError)
     device.close()
 
@@ -198,3 +202,102 @@ def test_a_callback_that_is_not_callable_is_refused_at_declaration() -> None:
 
     with pytest.raises(ValueError, match=r"wrong0: region 0: read=b'.*' is not callable; pass"):
         Wrong()
+
+
+# --- the device's own task and its attach/detach hooks ---------------------------------------
+
+
+class Runner(Device):
+    """run() raises once a write to BAR0 asks it to; attached()/detached() raise on demand."""
+
+    def __init__(self, *, fail_attach: bool = False, fail_detach: bool = False) -> None:
+        super().__init__(ID, name="runner0")
+        self.add_bar(0, 0x100, read=self.read0, write=self.write0)
+        self.crash = trio.Event()
+        self.fail_attach, self.fail_detach = fail_attach, fail_detach
+
+    async def read0(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    async def write0(self, offset: int, data: bytes) -> None:
+        self.crash.set()
+
+    async def run(self) -> None:
+        await self.crash.wait()
+        raise ValueError("the engine's state machine lost its place")
+
+    async def attached(self) -> None:
+        if self.fail_attach:
+            raise RuntimeError("attach forgot to open the backing file")
+
+    async def detached(self) -> None:
+        if self.fail_detach:
+            raise RuntimeError("detach closed the backing file twice")
+
+
+def run_warnings(caplog: pytest.LogCaptureFixture, where: str) -> list[logging.LogRecord]:
+    return [r for r in warnings(caplog) if where in r.getMessage()]
+
+
+async def test_a_per_connection_device_whose_run_raises_ends_that_connection_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made: list[Runner] = []
+
+    def factory() -> Runner:
+        made.append(Runner())
+        return made[-1]
+
+    path = tmp_path / "runner.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, factory, path))
+        with trio.fail_after(30):
+            async with connect(str(path)) as other, connect(str(path)) as doomed:
+                await doomed.write(PciRegion.BAR0, 0, b"\1\0\0\0")
+                with pytest.raises((ConnectionError, VfioUserError)):
+                    while True:  # the server closes this connection once run() has failed
+                        await doomed.read(PciRegion.BAR0, 0, 4)
+                assert await other.read(PciRegion.BAR0, 0, 4) == bytes(4)
+        nursery.cancel_scope.cancel()
+    [record] = run_warnings(caplog, "in run()")
+    assert "runner0" in record.getMessage() and "lost its place" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+
+
+async def test_a_shared_device_whose_run_raises_ends_serve_with_the_device_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = Runner()
+    path = tmp_path / "runner.sock"
+    with pytest.RaisesGroup(DeviceCodeError, flatten_subgroups=True) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, device, path))
+            with trio.fail_after(30):
+                async with connect(str(path)) as client:
+                    await client.write(PciRegion.BAR0, 0, b"\1\0\0\0")
+                    await trio.sleep_forever()  # ended by serve() failing
+    device.close()
+    [error] = list(leaves(raised.value))
+    assert isinstance(error, DeviceCodeError) and error.where == "in run()"
+    assert isinstance(error.__cause__, ValueError)
+    assert len(run_warnings(caplog, "in run()")) == 1
+
+
+async def test_raising_attached_fails_version_with_eio_and_a_device_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = Runner(fail_attach=True)
+    with pytest.raises(DeviceCodeError, match="in attached"):
+        async with nested_device(device):
+            pass
+    device.close()
+    assert len(run_warnings(caplog, "in attached()")) == 1
+
+
+async def test_raising_detached_is_a_device_error(caplog: pytest.LogCaptureFixture) -> None:
+    device = Runner(fail_detach=True)
+    with pytest.raises(DeviceCodeError, match="in detached"):
+        async with nested_device(device) as pair:
+            await pair.client.read(PciRegion.BAR0, 0, 4)
+    device.close()
+    assert len(run_warnings(caplog, "in detached()")) == 1

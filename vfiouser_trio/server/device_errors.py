@@ -1,9 +1,11 @@
 """Failures of device code, explained where they happen.
 
 When the device's own code fails while serving a client command (a region callback
-raising, or returning something other than the bytes asked for; ``reset()`` raising) the
-client gets EIO, as it would from a broken device, and the failure is logged at WARNING
-naming the device, the command, the region and offset, with the device's traceback. A
+raising, or returning something other than the bytes asked for; ``reset()`` or
+``attached()`` raising) the client gets EIO, as it would from a broken device, and the
+failure is logged at WARNING naming the device, the command, the region and offset, with
+the device's traceback. ``detached()`` and ``run()`` raising are logged and reported the
+same way; a failed ``run()`` ends its device's service (``DeviceRuntime.run``). A
 DMA access of the device that fails inside a callback (an address the client never
 mapped, say) is the client's errno (EFAULT) and a WARNING too, but not a device bug.
 
@@ -54,16 +56,23 @@ class DeviceErrors:
         self.device = device
         self.listeners: list[Listener] = []
 
-    def bug(
+    def report(
         self, command: str, where: str, reason: str, cause: BaseException | None = None
-    ) -> VfioUserError:
-        """Report a device bug; returns the EIO error to answer the client with."""
+    ) -> DeviceCodeError:
+        """Log a device bug at WARNING and tell the listeners; returns it as an exception."""
         error = DeviceCodeError(self.device, command, where, reason)
         error.__cause__ = cause
         # exc_info of the device's own exception: its traceback ends in the device's code.
         log.warning("%s", error, exc_info=cause)
         for listener in list(self.listeners):
             listener(error)
+        return error
+
+    def bug(
+        self, command: str, where: str, reason: str, cause: BaseException | None = None
+    ) -> VfioUserError:
+        """Report a device bug; returns the EIO error to answer the client with."""
+        self.report(command, where, reason, cause)
         return VfioUserError(errno.EIO, f"device error in {command} {where}: {reason}")
 
     def dma_failed(self, command: str, where: str, error: VfioUserError) -> None:

@@ -327,8 +327,24 @@ class DeviceRuntime:
             await self.dma.unmap_all()
             try:
                 await self.device.detached()
-            except Exception:
-                log.exception("%s: detached() failed", self.name)
+            except Exception as exc:
+                self.errors.report("client gone", "in detached()", f"raised {exc!r}", exc)
+
+    async def run(self, failed: trio.CancelScope | None = None) -> None:
+        """The device's ``run()``; its failure is a device bug (logged, told to listeners).
+
+        With ``failed`` (a per-connection device) the failure cancels that scope: the
+        connection ends and nothing else does. Without it (a device shared by every
+        connection) the :class:`DeviceCodeError` is raised: a device whose own task died
+        is not served on.
+        """
+        try:
+            await self.device.run()
+        except Exception as exc:
+            error = self.errors.report("serving", "in run()", f"raised {exc!r}", exc)
+            if failed is None:
+                raise error from exc
+            failed.cancel()
 
     def close(self) -> None:
         """Release the device's memory and doorbells (after serving ends)."""

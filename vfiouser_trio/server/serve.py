@@ -112,7 +112,7 @@ class DeviceServer:
                 device = source()
                 try:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(device.run)
+                        nursery.start_soon(device._vfu.run, nursery.cancel_scope)
                         await self._session(device, sock)
                         nursery.cancel_scope.cancel()
                 finally:
@@ -294,7 +294,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             shared = server.shared_device
             if shared is not None:
-                nursery.start_soon(shared.run)
+                nursery.start_soon(shared._vfu.run)
             if listening and not once:
                 await nursery.start(server.serve_listener, sock)
                 task_status.started(server)

@@ -334,7 +334,12 @@ class ServerSession:
             self.device.dma.messenger = self
             self.negotiated = negotiated
             self._attached = True
-            await self.device.attached()
+            try:
+                await self.device.attached()
+            except Exception as exc:
+                raise self.device._vfu.errors.bug(
+                    "VERSION", "in attached()", f"raised {exc!r}", exc
+                ) from exc
         except BaseException:
             if theirs is not None:
                 close_fds((theirs,))
