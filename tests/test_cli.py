@@ -10,6 +10,8 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,41 @@ async def wait_until_serving(proc: trio.Process) -> str:
     return seen.decode()
 
 
+@asynccontextmanager
+async def cli_server(*args: str, program: Sequence[str] = CLI) -> AsyncIterator[trio.Process]:
+    """``vfio-user-trio ARGS`` (or ``PROGRAM ARGS``) in its own process, yielded once it
+    says it is serving.
+
+    On leaving, a server still running gets SIGTERM (then SIGKILL after 30 s), and its
+    stderr pipe is closed. The body may end it itself and check its status.
+    """
+    proc = await trio.lowlevel.open_process(
+        [*program, *args], env=env(), stderr=subprocess.PIPE
+    )
+    try:
+        await wait_until_serving(proc)
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(30):
+                    await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            assert proc.stderr is not None
+            await proc.stderr.aclose()
+
+
+async def stopped_by_sigterm(proc: trio.Process) -> None:
+    """SIGTERM ends the server with status 0 (the spec's backend conventions)."""
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(30):
+        await proc.wait()
+    assert proc.returncode == 0
+
+
 async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
         [*CLI, *args], capture_stdout=True, capture_stderr=True, env=env()
@@ -75,25 +112,12 @@ async def test_serve_then_lspci_decodes_identity_and_capabilities(
     tmp_path: Path, example: str
 ) -> None:
     path = tmp_path / f"{example}.sock"
-    proc = await trio.lowlevel.open_process(
-        [*CLI, "serve", example, f"--socket-path={path}"], env=env(), stderr=subprocess.PIPE
-    )
-    try:
-        await wait_until_serving(proc)
+    async with cli_server("serve", example, f"--socket-path={path}") as proc:
         assert stat.S_ISSOCK(path.lstat().st_mode)
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600
         result = await run_cli("lspci", str(path))
         dump = result.stdout.decode()
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            await proc.wait()
-        assert proc.returncode == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        assert proc.stderr is not None
-        await proc.stderr.aclose()
+        await stopped_by_sigterm(proc)
     assert not path.exists()  # removed on SIGTERM
     assert dump.startswith("00:00.0 ")
     assert "# region 7 CONFIG" in dump
@@ -237,22 +261,10 @@ async def test_describe_names_a_command_that_serves_the_device_and_honours_sigte
     assert os.path.isabs(binary) and os.access(binary, os.X_OK)
     assert description["args"][-2:] == ["serve", example]
     path = tmp_path / "described.sock"
-    proc = await trio.lowlevel.open_process(
-        [binary, *description["args"], f"--socket-path={path}"], env=env(), stderr=subprocess.PIPE
-    )
-    try:
-        await wait_until_serving(proc)
+    args = [*description["args"], f"--socket-path={path}"]
+    async with cli_server(*args, program=[binary]) as proc:
         async with connect(str(path)) as client:
             vendor = await client.config.read(0, 2)
         assert f"vendor-id={vendor:#06x}" in description["tags"]
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            await proc.wait()
-        assert proc.returncode == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        assert proc.stderr is not None
-        await proc.stderr.aclose()
+        await stopped_by_sigterm(proc)
     assert not path.exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from test_cli import CLI, env, wait_until_serving
+from test_cli import CLI, cli_server, env
 
 from vfiouser_trio.client import Client, GuestMemory, connect, migrate
 from vfiouser_trio.client.irqs import Interrupt
@@ -889,20 +889,10 @@ async def test_shadow_doorbells_spare_the_host_its_doorbell_writes(tmp_path: Pat
 async def nvme_server(disk: Path, path: Path, *, size: str = "1M") -> AsyncIterator[None]:
     """``vfio-user-trio serve nvme --backing DISK --size SIZE`` in its own process, until
     SIGTERM."""
-    server = await trio.lowlevel.open_process(
-        [*CLI, "serve", "nvme", f"--backing={disk}", f"--size={size}", f"--socket-path={path}"],
-        stderr=subprocess.PIPE,
-        env=env(),
-    )
-    try:
-        await wait_until_serving(server)
+    async with cli_server(
+        "serve", "nvme", f"--backing={disk}", f"--size={size}", f"--socket-path={path}"
+    ):
         yield
-    finally:
-        server.terminate()
-        with trio.CancelScope(shield=True):
-            await server.wait()
-        assert server.stderr is not None
-        await server.stderr.aclose()
 
 
 async def test_migrates_between_two_server_processes_on_one_file(tmp_path: Path) -> None:

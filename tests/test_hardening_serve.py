@@ -14,7 +14,6 @@ import mmap
 import os
 import resource
 import socket
-import subprocess
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import pytest
 import trio
 import trio.testing
 from raw_client import GuestRam, expect_errno, raw_payload, session
-from test_cli import CLI, wait_until_serving
-from test_cli import env as cli_env
+from test_cli import cli_server
 
 from vfiouser_trio.engine import Connection, open_connection
 from vfiouser_trio.limits import ServerLimits
@@ -300,11 +298,7 @@ async def test_an_immediate_reconnect_is_served_every_time(tmp_path: Path) -> No
     # A server process of its own, so the old session's teardown races the reconnect
     # in real time as it does for a VMM (in one trio run the teardown always wins).
     path = tmp_path / "gpio.sock"
-    proc = await trio.lowlevel.open_process(
-        [*CLI, "serve", "gpio", f"--socket-path={path}"], env=cli_env(), stderr=subprocess.PIPE
-    )
-    try:
-        await wait_until_serving(proc)
+    async with cli_server("serve", "gpio", f"--socket-path={path}") as proc:
         assert proc.stderr is not None
         refused = 0
         async with trio.open_nursery() as nursery:
@@ -320,11 +314,6 @@ async def test_an_immediate_reconnect_is_served_every_time(tmp_path: Path) -> No
                         refused += 1
             nursery.cancel_scope.cancel()
         assert refused == 0
-    finally:
-        proc.kill()
-        await proc.wait()
-        assert proc.stderr is not None
-        await proc.stderr.aclose()
 
 
 async def _drain(stream: trio.abc.ReceiveStream) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import errno
 import socket
-import subprocess
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
-from test_cli import CLI, env, wait_until_serving
+from test_cli import cli_server
 
 from vfiouser_trio.client import VfioUserError, connect
 from vfiouser_trio.examples.null import NullDevice
@@ -92,22 +91,10 @@ async def test_once_on_an_inherited_listening_fd(tmp_path: Path) -> None:
 
 async def test_the_cli_serves_once_and_exits_zero(tmp_path: Path) -> None:
     path = tmp_path / "cli-once.sock"
-    proc = await trio.lowlevel.open_process(
-        [*CLI, "serve", "null", "--once", f"--socket-path={path}"],
-        env=env(),
-        stderr=subprocess.PIPE,
-    )
-    try:
-        await wait_until_serving(proc)
+    async with cli_server("serve", "null", "--once", f"--socket-path={path}") as proc:
         with trio.fail_after(30):
             async with connect(str(path)) as client:
                 assert await client.read(PciRegion.BAR0, 0, 4) == bytes(4)
             await proc.wait()  # no signal: it leaves when its client has
         assert proc.returncode == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        assert proc.stderr is not None
-        await proc.stderr.aclose()
     assert not path.exists()
