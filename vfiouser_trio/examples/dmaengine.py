@@ -53,8 +53,11 @@ ERR_WRITE_FAULT; the engine goes on with the next one. A ring it cannot read or 
 back to is a ring fault: ERR_RING_FAULT, and the engine stops (ENABLE clears). With
 bus mastering off in the command register, the device does no DMA (ERR_NO_BUS_MASTER).
 
-Copies between fd-backed DMA maps use zero-copy views; anything else goes through
-DmaTable.read/write, i.e. DMA_READ/DMA_WRITE messages for maps without an fd.
+Copies between fd-backed DMA maps use zero-copy views, piece by piece over the maps a
+range crosses (``DmaTable.sgl``: a buffer may span adjacent maps); anything else goes
+through DmaTable.read/write, i.e. DMA_READ/DMA_WRITE messages for maps without an fd.
+``DmaEngine(messages=True)`` uses messages even where the client gave an fd (as
+libvfio-user's sample server can), to exercise a client's DMA servicing.
 
 The device keeps the client's DMA windows it was told of (``windows``, from its
 ``dma_mapped``/``dma_unmapped`` hooks). A window holding part of the ring going away
@@ -71,6 +74,8 @@ from the saved HEAD once it runs.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import struct
 from dataclasses import dataclass
@@ -212,8 +217,9 @@ def descriptor_status(raw: bytes) -> tuple[int, int]:
 class DmaEngine(Device):
     """The copy engine: registers in BAR0, MSI-X (one vector) in BAR2, doorbell on TAIL."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, messages: bool = False) -> None:
         super().__init__(IDENTITY, name="dmaengine")
+        self.dma.prefer_messages = messages
         self.state = DmaEngineState()
         #: The client's DMA windows, by IOVA (kept by the DMA hooks).
         self.windows: dict[int, DmaWindow] = {}
@@ -384,14 +390,14 @@ class DmaEngine(Device):
 
     async def _fetch(self, address: int) -> tuple[int, int, int, int]:
         """(src, dst, length, flags) of the descriptor at ``address``."""
-        try:
-            with self.dma.view(address, DESCRIPTOR_SIZE) as raw, AtomicView(raw) as words:
-                # The driver sets VALID last: load it with acquire, then read the rest.
-                flags = words.load_u32(FLAGS_OFFSET, MemoryOrder.ACQUIRE)
-                src, dst, length, _, _ = DESCRIPTOR.unpack(raw)
-                return src, dst, length, flags
-        except (VfioUserError, ValueError):
-            pass  # not in memory we map (or not aligned there): one DMA_READ of it all
+        # Not in memory we map (or not aligned there), or messages asked for: one DMA_READ.
+        with contextlib.suppress(VfioUserError, ValueError):
+            if not self.dma.prefer_messages:
+                with self.dma.view(address, DESCRIPTOR_SIZE) as raw, AtomicView(raw) as words:
+                    # The driver sets VALID last: load it with acquire, then read the rest.
+                    flags = words.load_u32(FLAGS_OFFSET, MemoryOrder.ACQUIRE)
+                    src, dst, length, _, _ = DESCRIPTOR.unpack(raw)
+                    return src, dst, length, flags
         src, dst, length, flags, _ = DESCRIPTOR.unpack(
             await self.dma.read(address, DESCRIPTOR_SIZE)
         )
@@ -399,10 +405,10 @@ class DmaEngine(Device):
 
     async def _complete(self, address: int, status: int) -> None:
         """Hand the descriptor back: VALID cleared, then the status (release)."""
-        try:
-            view = self.dma.view(address, DESCRIPTOR_SIZE, writable=True)
-        except VfioUserError:
-            view = None
+        view = None
+        if not self.dma.prefer_messages:
+            with contextlib.suppress(VfioUserError):
+                view = self.dma.view(address, DESCRIPTOR_SIZE, writable=True)
         if view is not None:
             with view as raw, AtomicView(raw) as words:
                 words.store_u32(FLAGS_OFFSET, 0, MemoryOrder.RELAXED)
@@ -416,15 +422,9 @@ class DmaEngine(Device):
         if not 0 < length <= MAX_TRANSFER:
             return ERR_BAD_LENGTH
         await self.dma.wait_running()  # a view cannot wait out a migration stop; we can
-        try:
-            with (
-                self.dma.view(src, length) as source,
-                self.dma.view(dst, length, writable=True) as dest,
-            ):
-                dest[:] = source
+        if self._copy_direct(src, dst, length):
             return ERR_NONE
-        except VfioUserError:
-            pass  # not both within fd-backed maps: copy through the table (and messages)
+        # Not all in fd-backed maps (or a fault, which this path names): through the table.
         try:
             data = await self.dma.read(src, length)
         except VfioUserError:
@@ -434,6 +434,30 @@ class DmaEngine(Device):
         except VfioUserError:
             return ERR_WRITE_FAULT
         return ERR_NONE
+
+    def _copy_direct(self, src: int, dst: int, length: int) -> bool:
+        """Copy between views, one piece per pair of maps the two ranges cross; False,
+        with nothing copied, unless both ranges lie wholly in fd-backed maps."""
+        if self.dma.prefer_messages:
+            return False
+        try:
+            sources = self.dma.sgl(src, length)
+            dests = self.dma.sgl(dst, length, write=True)
+        except VfioUserError:
+            return False
+        if not all(seg.window.fd_backed for seg in (*sources, *dests)):
+            return False
+        # Cut where either side passes from one map to the next: each piece lies in one map
+        # on both sides, as a view must.
+        cuts = {0} | {seg.iova + seg.length - src for seg in sources}
+        cuts |= {seg.iova + seg.length - dst for seg in dests}
+        for start, end in itertools.pairwise(sorted(cuts)):
+            with (
+                self.dma.view(src + start, end - start) as source,
+                self.dma.view(dst + start, end - start, writable=True) as dest,
+            ):
+                dest[:] = source
+        return True
 
     def _record_error(self, s: DmaEngineState, code: int, index: int) -> None:
         s.errors = (s.errors + 1) & 0xFFFF_FFFF
