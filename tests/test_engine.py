@@ -542,7 +542,7 @@ def _engine_tasks() -> list[str]:
     while pending:
         task = pending.pop()
         name = task.name.rsplit(".", 1)[-1]
-        if "engine" in task.name or name in {"run_writer", "run"}:
+        if "engine" in task.name or name in {"run_writer", "run_policy"}:
             names.append(name)
         pending.extend(t for n in task.child_nurseries for t in n.child_tasks)
     return sorted(names)
@@ -561,7 +561,7 @@ async def test_an_idle_twin_socket_pair_runs_only_the_readers_it_needs() -> None
             # reader it handed its main link to when the REGION_WRITE handler waited, and
             # the dispatcher that adopted that handler; no writer. b: _run reads its main
             # link, and one reader for its twin.
-            assert _engine_tasks() == ["_read_loop"] * 3 + ["_run", "_run", "run"]
+            assert _engine_tasks() == ["_read_loop"] * 3 + ["_run", "_run", "run_policy"]
 
 
 @pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-sockets"])

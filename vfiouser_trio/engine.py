@@ -70,7 +70,7 @@ from typing import Any
 
 import trio
 
-from .ordering import OrderingPolicy, SpecOrder
+from .ordering import OrderingPolicy, PolicyContext, ReleaseGate, SpecOrder, run_policy
 from .protocol.connection import (
     DEFAULT_DISPATCH_BATCH,
     DISPATCH,
@@ -489,7 +489,8 @@ class Connection:
     def _start_dispatcher(self, state: _LinkState) -> None:
         if self._nursery is not None:
             process = partial(self._process, state)
-            self._nursery.start_soon(self._policy.run, state.commands, process)
+            ctx = PolicyContext(self, state.link, state.commands, process, observer=self._hooks)
+            self._nursery.start_soon(run_policy, self._policy, ctx)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -786,8 +787,11 @@ class Connection:
 
     # ----------------------------------------------------------------- dispatch
 
-    async def _process(self, state: _LinkState, frame: Frame) -> None:
-        """Run one command through the handler and queue its reply (the policy's ``process``).
+    async def _process(
+        self, state: _LinkState, frame: Frame, release: ReleaseGate | None = None
+    ) -> None:
+        """Run one command through the handler and queue its reply (the policy's ``process``);
+        with ``release``, the reply waits until it returns (``PolicyContext.execute``).
 
         The command counts in the link's load until it is done, whether it waits in the
         queue or in a policy of its own (KeyedOrder's lanes, ConcurrentOrder's tasks).
@@ -815,11 +819,13 @@ class Connection:
                 except BaseException:
                     frame.close_fds()
                     raise
-            await self._run_command(state, frame)
+            await self._run_command(state, frame, release)
         finally:
             state.commands.release(frame, held_fds)
 
-    async def _run_command(self, state: _LinkState, frame: Frame) -> None:
+    async def _run_command(
+        self, state: _LinkState, frame: Frame, release: ReleaseGate | None = None
+    ) -> None:
         header = frame.header
         core = self.core
         fds: Sequence[int] = ()
@@ -839,9 +845,18 @@ class Connection:
                 log.exception("handler of command %d raised", header.command)
             reply = core.error_reply_header(header, exc)
             if reply is not None:
+                if release is not None:
+                    await release()
                 self._send_reply(state, reply)
         else:
             if reply is not None:
+                if release is not None:
+                    try:
+                        await release()
+                    except BaseException:
+                        if transfer:
+                            close_fds(fds)
+                        raise
                 self._send_reply(state, reply, payload, fds, transfer)
             elif transfer:
                 close_fds(fds)  # No_reply: never answered
