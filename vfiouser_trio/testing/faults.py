@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypedDict, Unpack
 
 import trio
@@ -40,6 +40,7 @@ __all__ = [
     "Fault",
     "FramePredicate",
     "Mangle",
+    "OrderedDelay",
     "Reorder",
     "Selection",
     "set_header",
@@ -340,3 +341,102 @@ class Reorder(_HoldingFault):
         held = _Held(frame, forward, (direction, link))
         held.remaining = self.after
         self._held.append(held)
+
+
+#: Seconds to hold one selected message (0: none), given the frame and its match number.
+DelayFunction = Callable[[Frame, int], float]
+
+
+class _Queued:
+    __slots__ = ("frame", "ready")
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.ready = False
+
+
+class OrderedDelay(_HoldingFault):
+    """Delay selected messages (trio time) without reordering any sender's messages.
+
+    Unlike :class:`Delay` a held message also holds back every later message on the same
+    path (direction and link), selected or not, as a slow network would: a real peer writes
+    one stream in order. ``seconds`` is a number, a mapping from match number (1, 2, ...) to
+    seconds (unlisted matches: no delay), or a function of the frame and its match number::
+
+        OrderedDelay(seconds={3: 0.002}, direction=Direction.SENT)  # the 3rd message, 2 ms
+
+    A message waits until its own time has passed and every message ahead of it has gone.
+    If the connection closes first, held messages are discarded.
+    """
+
+    def __init__(
+        self,
+        nth: int | None = None,
+        *,
+        seconds: float | Mapping[int, float] | DelayFunction,
+        **select: Unpack[Selection],
+    ) -> None:
+        super().__init__(nth, **select)
+        if callable(seconds):
+            self._seconds: DelayFunction = seconds
+        elif isinstance(seconds, Mapping):
+            table = dict(seconds)
+            self._seconds = lambda _frame, match: table.get(match, 0.0)
+        else:
+            fixed = float(seconds)
+            self._seconds = lambda _frame, _match: fixed
+        self._paths: dict[tuple[Direction, Link], list[tuple[_Queued, Forward]]] = {}
+        #: Messages released (sent on) so far, delayed or held behind a delayed one.
+        self.released = 0
+
+    def _pass(
+        self, conn: Connection, link: Link, direction: Direction, frame: Frame, forward: Forward
+    ) -> None:
+        path = (direction, link)
+        queue = self._paths.get(path)
+        delay = 0.0
+        if self.selects(direction, frame):
+            delay = self._seconds(frame, self.matched)
+        if delay <= 0 and not queue:
+            forward(frame)  # nothing ahead of it: the common case costs nothing
+            return
+        self.fired += delay > 0
+        if delay > 0:
+            self.triggered.set()
+        entry = _Queued(frame)
+        entry.ready = delay <= 0
+        self._paths.setdefault(path, []).append((entry, forward))
+        if not entry.ready:
+            trio.lowlevel.spawn_system_task(
+                self._release_later, conn, path, entry, delay, name="OrderedDelay"
+            )
+
+    async def _release_later(
+        self, conn: Connection, path: tuple[Direction, Link], entry: _Queued, delay: float
+    ) -> None:
+        try:
+            with trio.move_on_after(delay):
+                await conn.closed.wait()
+        except Exception:  # a system task must not raise: it would crash the trio run
+            log.exception("OrderedDelay failed")
+        entry.ready = True
+        queue = self._paths.get(path, [])
+        while queue and queue[0][0].ready:
+            head, forward = queue.pop(0)
+            if conn.closed.is_set():
+                head.frame.close_fds()
+            else:
+                self.released += 1
+                forward(head.frame)
+        if not queue:
+            self._paths.pop(path, None)
+
+    @property
+    def holding(self) -> int:
+        return sum(len(queue) for queue in self._paths.values())
+
+    def close(self) -> None:
+        paths, self._paths = self._paths, {}
+        for queue in paths.values():
+            for entry, _ in queue:
+                entry.frame.close_fds()

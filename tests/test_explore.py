@@ -1,0 +1,242 @@
+"""The interleaving explorer (vfiouser_trio.testing.explore) and the order-preserving delay."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+import trio
+
+from vfiouser_trio.client import Client
+from vfiouser_trio.ordering import (
+    CommandSource,
+    KeyedOrder,
+    OrderingPolicy,
+    ProcessCommand,
+    SpecOrder,
+    region_key,
+)
+from vfiouser_trio.protocol.constants import Command
+from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.server import Device, PciIdentity
+from vfiouser_trio.testing import explore
+from vfiouser_trio.testing.faults import OrderedDelay
+from vfiouser_trio.testing.hooks import Direction
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+IDENTITY = PciIdentity(vendor_id=0x1234, device_id=0x7199, class_code=0xFF0000)
+
+
+class Registers(Device):
+    """Two BARs of plain registers; every access is a latency choice point."""
+
+    def __init__(self, run: explore.Run) -> None:
+        super().__init__(IDENTITY, name="registers")
+        self.run_ = run
+        self.memory = [bytearray(16), bytearray(16)]
+        for bar in (0, 1):
+            self.add_bar(bar, 16, read=self._reader(bar), write=self._writer(bar))
+
+    def _reader(self, bar: int):  # type: ignore[no-untyped-def]
+        async def read(offset: int, size: int) -> bytes:
+            await self.run_.latency(f"read bar{bar}")
+            return bytes(self.memory[bar][offset : offset + size])
+
+        return read
+
+    def _writer(self, bar: int):  # type: ignore[no-untyped-def]
+        async def write(offset: int, data: bytes) -> None:
+            await self.run_.latency(f"write bar{bar}")
+            self.memory[bar][offset : offset + len(data)] = data
+
+        return write
+
+
+class BypassOrder(OrderingPolicy):
+    """Reads overtake posted writes to other regions, never to the same region.
+
+    Writes (and everything else) run one at a time in arrival order in a lane; a read of a
+    region with no write queued or running starts at once. ``racy``: the planted bug, a
+    write stops counting when it starts instead of when it is done, so a read may overtake
+    a write to its own region that is still in flight.
+    """
+
+    def __init__(self, *, racy: bool = False) -> None:
+        self.racy = racy
+
+    async def run(self, commands: CommandSource, process: ProcessCommand) -> None:
+        pending: dict[int | None, int] = {}
+        lane: deque[Frame] = deque()
+        wake = trio.Event()
+
+        def done(region: int | None) -> None:
+            pending[region] -= 1
+
+        async def writer() -> None:
+            nonlocal wake
+            while True:
+                while not lane:
+                    await wake.wait()
+                    wake = trio.Event()
+                frame = lane.popleft()
+                region = region_key(frame)
+                if self.racy:
+                    done(region)
+                try:
+                    await process(frame)
+                finally:
+                    if not self.racy:
+                        done(region)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            while True:
+                frame = await commands.get()
+                region = region_key(frame)
+                if frame.header.command == Command.REGION_READ and not pending.get(region):
+                    nursery.start_soon(process, frame)
+                else:
+                    pending[region] = pending.get(region, 0) + 1
+                    lane.append(frame)
+                    wake.set()
+
+
+async def workload(client: Client, run: explore.Run) -> None:
+    for i in range(1, 4):
+        await explore.post_write(client, 1, 0, bytes([i]) * 4)
+        await explore.post_write(client, 0, 0, bytes([i]) * 4)
+        await client.read(1, 0, 4, use_mmap=False)
+        await client.read(0, 0, 4, use_mmap=False)
+
+
+def scenario(policy: type[OrderingPolicy] | None = None, **kwargs: object) -> explore.Scenario:
+    return explore.Scenario(
+        device=Registers,
+        workload=workload,
+        policy=(lambda: None) if policy is None else (lambda: policy(**kwargs)),
+        memory_regions=frozenset({0, 1}),
+    )
+
+
+RACY = scenario(BypassOrder, racy=True)
+BUDGET = 60  # runs per strategy: each run is a few milliseconds
+
+
+def test_the_racy_bypass_is_found_and_shrunk() -> None:
+    report = explore.explore(RACY, explore.Random(seed=1), runs=BUDGET)
+    failure = report.failure
+    assert failure is not None, str(report)
+    assert "reads-see-writes" in failure.problems[0]
+    assert 1 <= failure.schedule.perturbations <= 4, str(failure)
+    assert failure.schedule.perturbations <= failure.original.perturbations
+    # Replayable: the shrunk schedule fails again, the same way, and its printout names it.
+    again = explore.replay(RACY, failure.schedule)
+    assert again.failures == failure.problems
+    assert str(failure.schedule) in str(failure)
+    # The unperturbed run passes (the bug needs the timing the schedule gives it).
+    assert not explore.replay(RACY, {}).failures
+
+
+@pytest.mark.parametrize("strategy", [explore.PCT(seed=2, depth=2), explore.Exhaustive(bound=2)])
+def test_pct_and_exhaustive_find_it_too(strategy: explore.Strategy) -> None:
+    report = explore.explore(RACY, strategy, runs=400)
+    assert report.failure is not None, str(report)
+    assert report.failure.schedule.perturbations <= 4
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(scenario(), id="SpecOrder-default"),
+        pytest.param(scenario(SpecOrder), id="SpecOrder"),
+        pytest.param(scenario(KeyedOrder, key=region_key), id="KeyedOrder(region_key)"),
+        pytest.param(scenario(BypassOrder), id="BypassOrder"),
+    ],
+)
+def test_correct_policies_pass_the_same_budget(policy: explore.Scenario) -> None:
+    report = explore.explore(policy, explore.Random(seed=1), runs=BUDGET)
+    assert report.ok, str(report)
+    assert report.distinct > BUDGET // 2  # the runs really differed
+
+
+def test_replay_is_deterministic() -> None:
+    """A random run's schedule, replayed, gives the same messages at the same times."""
+    chooser = next(explore.Random(seed=3, p=0.5).choosers())
+    original = explore.execute(scenario(SpecOrder), chooser)
+    schedule = explore.Schedule.of(original.chooser.made)
+    assert schedule.perturbations > 5
+    again = explore.replay(scenario(SpecOrder), schedule)
+    assert again.events == original.events
+    assert again.chooser.made == original.chooser.made
+
+
+def test_regression_test_text_runs() -> None:
+    report = explore.explore(RACY, explore.Random(seed=1), runs=BUDGET)
+    assert report.failure is not None
+    text = report.failure.regression_test("test_it", "SCENARIO")
+    namespace: dict[str, object] = {"explore": explore, "SCENARIO": RACY}
+    exec(compile(text, "<regression>", "exec"), namespace)
+    with pytest.raises(AssertionError, match="reads-see-writes"):
+        namespace["test_it"]()  # type: ignore[operator]
+    namespace["SCENARIO"] = scenario(BypassOrder)
+    namespace["test_it"]()  # type: ignore[operator]
+
+
+def test_a_hang_fails_the_run_with_the_pending_requests() -> None:
+    async def stuck_workload(client: Client, run: explore.Run) -> None:
+        await client.read(0, 0, 4, use_mmap=False)
+
+    async def never(offset: int, size: int) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    def stuck_device(run: explore.Run) -> Device:
+        dev = Device(IDENTITY, name="stuck")
+        dev.add_bar(0, 16, read=never)
+        return dev
+
+    stuck = explore.Scenario(device=stuck_device, workload=stuck_workload, budget=1.0)
+    run = explore.replay(stuck, {})
+    assert len(run.failures) == 1
+    assert run.failures[0].startswith("hang: the workload did not finish within 1.0 s")
+    assert "client awaits REGION_READ id=" in run.failures[0]
+
+
+def test_user_invariants_see_the_trace() -> None:
+    def no_posted_writes(run: explore.Run) -> list[str]:
+        return [f"posted: {e}" for e in run.events if e.no_reply]
+
+    checked = explore.Scenario(device=Registers, workload=workload, invariants=(no_posted_writes,))
+    run = explore.replay(checked, {})
+    assert len(run.failures) == 6
+    assert "REGION_WRITE" in run.failures[0]
+
+
+def test_ordered_delay_keeps_the_senders_order() -> None:
+    """A message held back holds back the later ones on its path: they arrive in order,
+    none before the held one (Delay would let them overtake it)."""
+
+    async def three_writes(client: Client, run: explore.Run) -> None:
+        for i in range(3):
+            await explore.post_write(client, 0, 4 * i, bytes([i + 1]) * 4)
+        await client.read(0, 0, 12, use_mmap=False)
+
+    plain = explore.Scenario(device=Registers, workload=three_writes, memory_regions=frozenset({0}))
+    base = explore.replay(plain, {})
+    first = next(c.label for c in base.chooser.made if c.label.endswith("REGION_WRITE"))
+    held = explore.replay(plain, {first: 2})  # the first write held 5 ms
+    writes = [e for e in base.events if e.command == Command.REGION_WRITE]
+    held_writes = [e for e in held.events if e.command == Command.REGION_WRITE]
+    assert [e.payload for e in held_writes] == [e.payload for e in writes]
+    assert held_writes[0].time - writes[0].time >= 0.005
+    assert all(e.time >= held_writes[0].time for e in held_writes)
+    assert not held.failures
+
+
+def test_ordered_delay_mapping_and_close() -> None:
+    delay = OrderedDelay(seconds={2: 0.5}, direction=Direction.SENT)
+    assert delay.holding == 0
+    delay.close()
+    with pytest.raises(ValueError, match="nth"):
+        OrderedDelay(0, seconds=1.0)
