@@ -253,6 +253,10 @@ class ConnectionCore(Generic[W]):
         """Requests sent and awaiting their reply (not counting cancelled ones)."""
         return len(self._pending)
 
+    def pending_requests(self) -> list[tuple[int, int]]:
+        """(message ID, command) of every request awaiting its reply, for diagnostics."""
+        return [(msg_id, command) for msg_id, (command, _) in self._pending.items()]
+
     @property
     def reserved_ids(self) -> int:
         """IDs of cancelled requests whose late reply has not come yet."""

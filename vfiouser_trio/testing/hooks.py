@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import overload
 
 from ..engine import Connection, ConnectionHooks, Forward, FramingError, Link
+from ..ordering import Processing
 from ..protocol.framing import Frame
 
 __all__ = ["Direction", "HookChain", "chain", "close_hooks"]
@@ -48,6 +49,13 @@ class HookChain(ConnectionHooks):
     def on_framing_error(self, conn: Connection, link: Link, event: FramingError) -> None:
         for hook in self.hooks:
             hook.on_framing_error(conn, link, event)
+
+    def on_processing(self, conn: Connection, link: Link, frame: Frame, phase: Processing) -> None:
+        """Tell every member that observes processing (a :class:`~.tracer.Tracer`)."""
+        for hook in self.hooks:
+            observe = getattr(hook, "on_processing", None)
+            if observe is not None:
+                observe(conn, link, frame, phase)
 
     def close(self) -> None:
         """Close every member that holds frames (see :func:`close_hooks`)."""

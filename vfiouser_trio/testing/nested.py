@@ -45,6 +45,7 @@ from ..server.listener import accept, create_listener
 from ..server.serve import DeviceServer
 from .hooks import chain, close_hooks
 from .tracer import Tracer
+from .wait_for import WaitForGraph, wait_for_graph
 
 __all__ = [
     "DeviceCodeError",
@@ -78,6 +79,14 @@ class NestedDevice(Generic[D]):
     path: str | None = None
     #: Bugs of the device's code so far, oldest first; raised on exit unless cleared.
     device_errors: list[DeviceCodeError] = field(default_factory=list)
+    #: Records the server's side of the connection (``server_tracer=``), else None.
+    server_tracer: Tracer | None = None
+
+    def wait_for_graph(self) -> WaitForGraph:
+        """Which side awaits which request now, and what each is processing (both sides'
+        pending requests; the server's side needs ``server_tracer``)."""
+        sides = [self.tracer] if self.server_tracer is None else [self.tracer, self.server_tracer]
+        return wait_for_graph(*sides)
 
 
 class FdLeakError(AssertionError):
@@ -122,6 +131,9 @@ async def nested_device(
     path: bool = False,
     check_fds: bool = True,
     raise_device_errors: bool = True,
+    client_policy: OrderingPolicy | None = None,
+    server_hooks: Faults | None = None,
+    server_tracer: Tracer | None = None,
 ) -> AsyncIterator[NestedDevice[D]]:
     """Serve ``device`` and connect a client to it for the ``async with`` body.
 
@@ -132,19 +144,28 @@ async def nested_device(
     shows what really crossed the socket. ``path``: serve on a socket file instead of a
     socket pair. ``check_fds``: raise :class:`FdLeakError` on exit if fds leaked.
     ``raise_device_errors``: raise the first of ``pair.device_errors`` on exit.
+    ``client_policy``: the client side's ordering policy (for the device's DMA requests).
+    ``server_hooks``: hooks on the server's connection (faults, observers), from the device
+    outwards; ``server_tracer``: records the server's connection next to its socket
+    (``pair.server_tracer``), processing included, for
+    :func:`~vfiouser_trio.testing.order_check.check_order` and ``pair.wait_for_graph()``.
     """
     before = fd_table() if check_fds else None
     device_errors: list[DeviceCodeError] = []
     listeners = device._vfu.errors.listeners
     listeners.append(device_errors.append)
-    tracer = tracer if tracer is not None else Tracer()
-    fault_hooks = [faults] if isinstance(faults, ConnectionHooks) else list(faults or ())
-    hooks = chain(*fault_hooks, tracer)
+    tracer = tracer if tracer is not None else Tracer(label="client")
+    hooks = chain(*_as_list(faults), tracer)
+    if server_tracer is not None and not server_tracer.label:
+        server_tracer.label = "server"
+    device_hooks = chain(*_as_list(server_hooks), server_tracer)
     # An exception from the body is re-raised outside the nursery, unwrapped.
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
-            server = DeviceServer(device, offer_twin_socket=twin_socket, policy=policy)
+            server = DeviceServer(
+                device, offer_twin_socket=twin_socket, policy=policy, hooks=device_hooks
+            )
             session_over = trio.Event()
 
             async def serve_pair(sock: socket.socket) -> None:
@@ -163,12 +184,17 @@ async def nested_device(
                 nursery.start_soon(serve_pair, server_sock)
             nursery.start_soon(device.run)
             try:
-                async with connect(target, twin_socket=twin_socket, hooks=hooks) as client:
-                    yield NestedDevice(client, device, tracer, socket_path, device_errors)
+                async with connect(
+                    target, twin_socket=twin_socket, hooks=hooks, policy=client_policy
+                ) as client:
+                    yield NestedDevice(
+                        client, device, tracer, socket_path, device_errors, server_tracer
+                    )
             finally:
                 close_hooks(hooks)
             # The client is gone: let the device see it go as it would a real disconnect.
             await session_over.wait()
+            close_hooks(device_hooks)
         except BaseException as exc:
             body_error = exc
         finally:
@@ -180,6 +206,10 @@ async def nested_device(
         raise body_error
     if before is not None:
         _check_fds(before)
+
+
+def _as_list(hooks: Faults | None) -> list[ConnectionHooks]:
+    return [hooks] if isinstance(hooks, ConnectionHooks) else list(hooks or ())
 
 
 def _interrupts(error: BaseException | None) -> bool:
@@ -253,10 +283,16 @@ class NestedDeviceFactory:
         path: bool = False,
         check_fds: bool = True,
         raise_device_errors: bool = True,
+        client_policy: OrderingPolicy | None = None,
+        server_hooks: Faults | None = None,
+        server_tracer: Tracer | None = None,
     ) -> NestedDevice[D]:
-        tracer = tracer if tracer is not None else Tracer()
+        tracer = tracer if tracer is not None else Tracer(label="client")
         if self._on_tracer is not None:
-            self._on_tracer(f"{type(device).__name__} #{len(self._running)}", tracer)
+            label = f"{type(device).__name__} #{len(self._running)}"
+            self._on_tracer(label, tracer)
+            if server_tracer is not None:
+                self._on_tracer(f"{label} (server)", server_tracer)
         stop, stopped = trio.Event(), trio.Event()
 
         async def run(*, task_status: trio.TaskStatus[NestedDevice[D]]) -> None:
@@ -270,6 +306,9 @@ class NestedDeviceFactory:
                     path=path,
                     check_fds=check_fds,
                     raise_device_errors=raise_device_errors,
+                    client_policy=client_policy,
+                    server_hooks=server_hooks,
+                    server_tracer=server_tracer,
                 ) as pair:
                     task_status.started(pair)
                     await stop.wait()

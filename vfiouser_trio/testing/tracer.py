@@ -18,6 +18,12 @@ hold at most ``full_payload_bytes``. Older records are then cut to their prefix 
 first; ``record.truncated`` tells), and decode only as far as the prefix allows.
 One tracer records one connection (the side it is installed on): ``SENT`` is what that side
 sent, ``RECEIVED`` what it received.
+
+It also records when each command it saw arrive is processed: a :class:`ProcessingRecord`
+when the side's ordering policy starts it and one when it is done (handler run, reply queued),
+No_reply commands included, which the wire alone never shows. These feed the spec-order
+checker (:mod:`vfiouser_trio.testing.order_check`) and the wait-for graph
+(:func:`vfiouser_trio.testing.wait_for.wait_for_graph`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import TextIO
 import trio
 
 from ..engine import Connection, ConnectionHooks, Forward, FramingError, Link
+from ..ordering import Processing
 from ..protocol.constants import Command
 from ..protocol.errors import ProtocolError, command_name
 from ..protocol.framing import BrokenStream, Frame, OversizedFrame
@@ -42,7 +49,7 @@ from ..protocol.message import Message, Request
 from ..protocol.registry import decode_reply, decode_request
 from .hooks import Direction
 
-__all__ = ["ErrorReply", "FramingRecord", "TraceRecord", "Tracer"]
+__all__ = ["ErrorReply", "FramingRecord", "ProcessingRecord", "TraceRecord", "Tracer"]
 
 #: The fd placeholder decoded messages carry: a tracer never keeps the real fds.
 PLACEHOLDER_FD = -1
@@ -202,24 +209,59 @@ class FramingRecord:
         return f"+{self.elapsed:.6f} {self.link.value} ! {what}"
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessingRecord:
+    """A command's processing started or ended on the side the tracer is installed on."""
+
+    index: int
+    time: float
+    elapsed: float
+    link: Link
+    phase: Processing
+    header: Header
+    #: The record of the command's arrival, when the tracer saw it.
+    command: TraceRecord | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        header = self.header
+        words = [f"+{self.elapsed:.6f}", self.link.value, "·", command_name(header.command)]
+        words += [f"id={header.msg_id}", self.phase.value]
+        if header.no_reply:
+            words.append("no_reply")
+        return " ".join(words)
+
+
 class Tracer(ConnectionHooks):
     """Records every message of the connection it is installed on (see the module doc).
 
     ``payload_prefix`` (bytes every record keeps) and ``full_payload_bytes`` (the most the
-    recent records' full payloads hold together) bound its memory.
+    recent records' full payloads hold together) bound its memory. ``label`` names the side
+    (``"client"``, ``"server"``) in the wait-for graph.
     """
 
     def __init__(
-        self, *, payload_prefix: int = 256, full_payload_bytes: int = 16 << 20
+        self,
+        *,
+        payload_prefix: int = 256,
+        full_payload_bytes: int = 16 << 20,
+        label: str = "",
     ) -> None:
         if payload_prefix < 0 or full_payload_bytes < 0:
             raise ValueError("payload_prefix and full_payload_bytes must not be negative")
+        self.label = label
+        #: The connection the tracer is installed on (known from its first message).
+        self.connection: Connection | None = None
+        self._processing: list[ProcessingRecord] = []
+        # Commands received and not yet started, by (link, message ID), oldest first.
+        self._arrived: dict[tuple[Link, int], deque[TraceRecord]] = {}
+        # Commands started and not yet ended, by the frame being processed.
+        self._running: dict[int, ProcessingRecord] = {}
         self.payload_prefix = payload_prefix
         self.full_payload_bytes = full_payload_bytes
         # Records holding more than the prefix, oldest first, and what they hold beyond it.
         self._full: deque[TraceRecord] = deque()
         self._full_bytes = 0
-        self._entries: list[TraceRecord | FramingRecord] = []
+        self._entries: list[TraceRecord | FramingRecord | ProcessingRecord] = []
         self._records: list[TraceRecord] = []
         #: Requests awaiting their reply, by (direction they went, message ID).
         self._open: dict[tuple[Direction, int], TraceRecord] = {}
@@ -235,12 +277,35 @@ class Tracer(ConnectionHooks):
     # --- hooks ---------------------------------------------------------------------------
 
     def on_send(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self.connection = conn
         self._record(link, Direction.SENT, frame)
         forward(frame)
 
     def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self.connection = conn
         self._record(link, Direction.RECEIVED, frame)
         forward(frame)
+
+    def on_processing(self, conn: Connection, link: Link, frame: Frame, phase: Processing) -> None:
+        """Called by the connection's ordering-policy context as a command starts and ends."""
+        self.connection = conn
+        header = frame.header
+        if phase is Processing.START:
+            arrived = self._arrived.get((link, header.msg_id))
+            command = arrived.popleft() if arrived else None
+            if arrived is not None and not arrived:
+                del self._arrived[(link, header.msg_id)]
+        else:
+            started = self._running.pop(id(frame), None)
+            command = started.command if started is not None else None
+        now, elapsed = self._now()
+        record = ProcessingRecord(len(self._entries), now, elapsed, link, phase, header, command)
+        if phase is Processing.START:
+            self._running[id(frame)] = record
+        self._entries.append(record)
+        self._processing.append(record)
+        if self._lot:
+            self._lot.unpark_all()
 
     def on_framing_error(self, conn: Connection, link: Link, event: FramingError) -> None:
         now, elapsed = self._now()
@@ -281,6 +346,8 @@ class Tracer(ConnectionHooks):
             self._keep_full(record, extra)
         if header.is_command and not header.no_reply:
             self._open[(direction, header.msg_id)] = record
+        if header.is_command and direction is Direction.RECEIVED:
+            self._arrived.setdefault((link, header.msg_id), deque()).append(record)
         self._entries.append(record)
         self._records.append(record)
         if self._lot:
@@ -307,6 +374,26 @@ class Tracer(ConnectionHooks):
     @property
     def framing_errors(self) -> list[FramingRecord]:
         return [e for e in self._entries if isinstance(e, FramingRecord)]
+
+    @property
+    def processing(self) -> list[ProcessingRecord]:
+        """Every processing start and end, in order."""
+        return list(self._processing)
+
+    @property
+    def entries(self) -> list[TraceRecord | FramingRecord | ProcessingRecord]:
+        """Messages, framing problems and processing records, in the order they happened."""
+        return list(self._entries)
+
+    def in_progress(self) -> list[ProcessingRecord]:
+        """The start records of commands being processed now (started, not ended)."""
+        return sorted(self._running.values(), key=lambda record: record.index)
+
+    def not_started(self) -> list[TraceRecord]:
+        """Commands received whose processing has not started (only meaningful on a side
+        whose policy reports processing: every side the tracer is installed on)."""
+        waiting = [r for queue in self._arrived.values() for r in queue]
+        return sorted(waiting, key=lambda record: record.index)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -369,13 +456,22 @@ class Tracer(ConnectionHooks):
         self._entries.clear()
         self._records.clear()
         self._open.clear()
+        self._processing.clear()
+        self._arrived.clear()
+        self._running.clear()
         self._full.clear()
         self._full_bytes = 0
 
     # --- printing ------------------------------------------------------------------------
 
-    def lines(self) -> list[str]:
-        return [str(entry) for entry in self._entries]
+    def lines(self, *, processing: bool = False) -> list[str]:
+        """One line per message and framing problem; with ``processing``, also one per
+        processing start and end (``· REGION_WRITE id=3 end``)."""
+        return [
+            str(entry)
+            for entry in self._entries
+            if processing or not isinstance(entry, ProcessingRecord)
+        ]
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
