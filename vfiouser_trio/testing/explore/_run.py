@@ -40,7 +40,8 @@ from ...protocol.region_io import RegionWriteRequest
 from ...server.device import Device
 from ...server.serve import DeviceServer
 from ..faults import OrderedDelay
-from ..hooks import Direction
+from ..hooks import Direction, chain
+from ..tracer import Tracer
 from ._schedule import Chooser
 
 __all__ = ["Event", "Invariant", "Run", "Scenario", "execute", "post_write", "reads_see_writes"]
@@ -76,6 +77,9 @@ class Scenario:
     scheduler_seeds: int = 1
     invariants: tuple[Invariant, ...] = ()
     budget: float = 10.0
+    #: Install ``run.tracer`` on the server's connection (for invariants that read a trace,
+    #: such as a spec-order check over processing records; it costs about a third more).
+    trace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,9 @@ class Run:
     failures: list[str] = field(default_factory=list)
     #: Free-form record for user invariants (device or workload notes).
     notes: list[object] = field(default_factory=list)
+    #: Records the server's side (messages and, where the engine reports it, processing
+    #: start and end): what a spec-order invariant reads.
+    tracer: Tracer = field(default_factory=lambda: Tracer(payload_prefix=64))
     #: The server's connection, once the client is connected.
     server: Connection | None = None
     client: Client | None = None
@@ -221,7 +228,7 @@ async def _main(run: Run) -> None:
         device,
         offer_twin_socket=False,
         policy=scenario.policy(),
-        hooks=_Recorder(run),
+        hooks=chain(_Recorder(run), run.tracer if scenario.trace else None),
         limits=limits,
     )
     delays = scenario.arrival_delays

@@ -48,11 +48,8 @@ class Schedule:
         """How many choices are not 0."""
         return len(self.choices)
 
-    def without(self, index: int) -> Schedule:
-        """This schedule less its ``index``-th perturbation."""
-        return Schedule(self.choices[:index] + self.choices[index + 1 :])
-
     def with_value(self, index: int, value: int) -> Schedule:
+        """This schedule with its ``index``-th perturbation's value replaced."""
         label = self.choices[index][0]
         return Schedule((*self.choices[:index], (label, value), *self.choices[index + 1 :]))
 

@@ -162,8 +162,11 @@ def replay(scenario: Scenario, schedule: Schedule | Mapping[str, int]) -> Run:
 
 
 def shrink(scenario: Scenario, schedule: Schedule, *, max_runs: int = 200) -> tuple[Schedule, Run]:
-    """A locally minimal failing schedule: perturbations removed one at a time, then values
-    lowered, while the run still fails; repeated until nothing changes (or ``max_runs``)."""
+    """A locally minimal failing schedule, delta-debugging style: each perturbation alone,
+    then the schedule less a chunk of its perturbations (halves, quarters... single ones),
+    then values lowered; the first that still fails is kept and the search starts again,
+    until nothing smaller fails (or ``max_runs`` replays). Dropping a choice can move the
+    others in time, so the result is a local minimum, not the smallest schedule."""
     run = replay(scenario, schedule)
     if not run.failures:
         raise ValueError(f"{schedule} does not fail: nothing to shrink")
@@ -171,9 +174,16 @@ def shrink(scenario: Scenario, schedule: Schedule, *, max_runs: int = 200) -> tu
     runs = 0
 
     def candidates(current: Schedule) -> Iterator[Schedule]:
-        for index in reversed(range(current.perturbations)):
-            yield current.without(index)
-        for index, (_, value) in enumerate(current.choices):
+        choices = current.choices
+        if len(choices) > 1:
+            for choice in choices:  # one perturbation may be the whole story
+                yield Schedule((choice,))
+        size = len(choices) // 2  # then drop chunks, halves first (delta debugging)
+        while size >= 1:
+            for start in reversed(range(0, len(choices), size)):
+                yield Schedule(choices[:start] + choices[start + size :])
+            size //= 2
+        for index, (_, value) in enumerate(choices):
             for lower in range(1, value):
                 yield current.with_value(index, lower)
 
