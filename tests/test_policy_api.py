@@ -4,6 +4,7 @@ spec-order checker and the wait-for graph."""
 from __future__ import annotations
 
 import math
+import pathlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,8 @@ import pytest
 import trio
 import trio.testing
 
+from vfiouser_trio import cli
+from vfiouser_trio.cli import load_policy
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.engine import Connection, HandlerResult, Link, open_connection
 from vfiouser_trio.ordering import (
@@ -214,8 +217,9 @@ def test_relaxations_name_the_pairs_they_allow() -> None:
 # --- processing records and the checker ----------------------------------------------------------
 
 
-async def posted_write_then_read(policy: OrderingPolicy) -> Tracer:
-    """A posted REGION_WRITE whose handler waits, then a REGION_READ: the server's trace."""
+async def posted_write_then_read(policy: OrderingPolicy, read_region: int | None = None) -> Tracer:
+    """A posted REGION_WRITE to region 0 whose handler waits, then a REGION_READ (of
+    ``read_region``, or with no payload): the server's trace."""
     write_may_finish = trio.Event()
 
     async def server(frame: Frame) -> HandlerResult:
@@ -227,7 +231,9 @@ async def posted_write_then_read(policy: OrderingPolicy) -> Tracer:
         async with pair(server, policy=policy) as (client, _s, _ct, server_tracer):
             await client.post_raw(Command.REGION_WRITE, struct.pack("=QII", 0, 0, 0))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.request_raw, Command.REGION_READ, b"")
+                read = b"" if read_region is None else region_io(Command.REGION_READ, read_region)
+                payload = read if isinstance(read, bytes) else read.payload
+                nursery.start_soon(client.request_raw, Command.REGION_READ, payload)
                 await trio.testing.wait_all_tasks_blocked()
                 write_may_finish.set()
             await server_tracer.wait_for(
@@ -269,11 +275,14 @@ async def test_concurrent_order_is_reported_unless_its_relaxations_are_allowed()
     assert check_order(tracer, ConcurrentOrder()) == []  # what it declares
 
 
-async def test_keyed_order_reported_only_for_the_pairs_it_does_not_declare() -> None:
-    # Write to region 0 held, read of region 1 overtakes it: declared by KeyedOrder.
-    tracer = await posted_write_then_read(KeyedOrder(region_key))
-    # The read here carries no region (empty payload): a barrier, so it waited.
+async def test_keyed_order_breaks_the_spec_order_only_where_it_declares() -> None:
+    # The write to region 0 is held; the read of region 1 overtakes it, as declared.
+    tracer = await posted_write_then_read(KeyedOrder(region_key), read_region=1)
+    assert len(check_order(tracer)) == 1
     assert check_order(tracer, KeyedOrder(region_key)) == []
+    # A read of the same region waits for the write: nothing to report.
+    tracer = await posted_write_then_read(KeyedOrder(region_key), read_region=0)
+    assert check_order(tracer) == []
 
 
 # --- the wait-for graph --------------------------------------------------------------------------
@@ -368,3 +377,96 @@ async def test_nested_device_takes_a_client_policy_and_server_hooks() -> None:
     assert {r.header.command for r in server_tracer.processing} >= {Command.VERSION}
     assert_spec_order(server_tracer, SpecOrder())
     assert_spec_order(nested.tracer, client_policy)
+
+
+# --- serve --policy ------------------------------------------------------------------------------
+
+
+def test_load_policy_takes_a_name_or_module_attribute() -> None:
+    assert isinstance(load_policy("spec"), SpecOrder)
+    assert isinstance(load_policy("concurrent"), ConcurrentOrder)
+    keyed = load_policy("region")
+    assert isinstance(keyed, KeyedOrder) and keyed.key is region_key
+    # A class, a factory, an object:
+    assert isinstance(load_policy("vfiouser_trio.ordering:SpecOrder"), SpecOrder)
+    assert isinstance(load_policy("vfiouser_trio.ordering:ConcurrentOrder"), ConcurrentOrder)
+    loaded = load_policy("tests.test_policy_api:RELEASE_IN_ORDER")
+    assert type(loaded).__name__ == "ReleaseInOrder"  # the module is imported again
+    with pytest.raises(SystemExit, match="unknown policy 'nope': use one of concurrent, region"):
+        load_policy("nope")
+    with pytest.raises(SystemExit, match=r"cannot create policy '.*:KeyedOrder'"):
+        load_policy("vfiouser_trio.ordering:KeyedOrder")  # needs a key function
+    with pytest.raises(SystemExit, match="'math:pi' is not an OrderingPolicy class"):
+        load_policy("math:pi")
+    with pytest.raises(SystemExit, match="cannot load policy 'no_such_module:X'"):
+        load_policy("no_such_module:X")
+
+
+RELEASE_IN_ORDER = ReleaseInOrder()
+
+
+def test_serve_passes_the_policy_to_every_connection(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    given: list[object] = []
+
+    async def fake_serve(
+        device: Device,
+        path: str | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        **options: object,
+    ) -> None:
+        given.append(options["policy"])
+        task_status.started()
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    sock = str(tmp_path / "s")
+    assert cli.main(["serve", "gpio", f"--socket-path={sock}", "--policy=region"]) == 0
+    assert cli.main(["serve", "gpio", f"--socket-path={sock}"]) == 0
+    [keyed, default] = given
+    assert isinstance(keyed, KeyedOrder) and default is None
+
+
+# --- the client's posted writes ------------------------------------------------------------------
+
+
+class Gated(Device):
+    """BAR0 of 16 bytes: a write waits for ``may_write``; BAR1 is read-only."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7104, class_code=0xFF0000))
+        self.regs = bytearray(0x10)
+        self.may_write = trio.Event()
+        self.add_bar(0, 0x10, read=self.read0, write=self.write0)
+        self.add_bar(1, 0x10, read=self.read1)
+
+    async def read1(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    async def read0(self, offset: int, size: int) -> bytes:
+        return bytes(self.regs[offset : offset + size])
+
+    async def write0(self, offset: int, data: bytes) -> None:
+        await self.may_write.wait()
+        self.regs[offset : offset + len(data)] = data
+
+
+async def test_a_posted_write_returns_before_the_device_has_written() -> None:
+    device = Gated()
+    server_tracer = Tracer()
+    with trio.fail_after(5):
+        async with nested_device(device, server_tracer=server_tracer) as nested:
+            await nested.client.write(PciRegion.BAR0, 0, b"\x01\x02", posted=True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert device.regs[:2] == b"\0\0"  # the handler still waits, the client does not
+            device.may_write.set()
+            # The spec's order: the read is answered after the posted write was processed.
+            assert await nested.client.read(PciRegion.BAR0, 0, 2) == b"\x01\x02"
+            # A posted write the server refuses (BAR1 is read-only) is answered with nothing.
+            await nested.client.write(PciRegion.BAR1, 0, b"\x01", posted=True)
+            assert await nested.client.read(PciRegion.BAR1, 0, 1) == b"\0"
+    writes = nested.tracer.commands(Command.REGION_WRITE, direction=Direction.SENT)
+    assert len(writes) == 2 and all(w.header.no_reply for w in writes)
+    assert server_tracer.replies(Command.REGION_WRITE) == []
+    assert_spec_order(server_tracer)

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TextIO
@@ -33,6 +33,7 @@ from .demo import run as run_demo
 from .examples import EXAMPLES
 from .examples.nvme import nvme_controller
 from .inspector import lspci
+from .ordering import ConcurrentOrder, KeyedOrder, OrderingPolicy, SpecOrder, region_key
 from .protocol.capabilities import Capabilities
 from .protocol.errors import ProtocolError, VfioUserError
 from .server.device import Device
@@ -49,17 +50,47 @@ def load_device_factory(spec: str) -> Callable[[], Device]:
     """
     if spec in EXAMPLES:
         return EXAMPLES[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not attr:
-        known = ", ".join(sorted(EXAMPLES))
-        raise SystemExit(f"unknown device {spec!r}: use one of {known} or module:attribute")
-    try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"cannot load device {spec!r}: {exc}") from exc
+    target = _load_attribute("device", spec, EXAMPLES)
     if not callable(target):
         raise SystemExit(f"{spec!r} is not a Device class or factory")
-    return target  # type: ignore[no-any-return]
+    return target
+
+
+#: ``serve --policy`` names for the shipped ordering policies.
+POLICIES: dict[str, Callable[[], OrderingPolicy]] = {
+    "spec": SpecOrder,
+    "concurrent": ConcurrentOrder,
+    "region": partial(KeyedOrder, region_key),
+}
+
+
+def load_policy(spec: str) -> OrderingPolicy:
+    """An ordering policy from a name (``spec``, ``concurrent``, ``region``: KeyedOrder by
+    region) or ``module:attribute``: an OrderingPolicy subclass, a zero-argument callable
+    returning a policy, or a policy object."""
+    if spec in POLICIES:
+        return POLICIES[spec]()
+    target = _load_attribute("policy", spec, POLICIES)
+    if not isinstance(target, OrderingPolicy):
+        try:
+            target = target() if callable(target) else target
+        except Exception as exc:
+            raise SystemExit(f"cannot create policy {spec!r}: {exc}") from exc
+    if not isinstance(target, OrderingPolicy):
+        raise SystemExit(f"{spec!r} is not an OrderingPolicy class, factory or object")
+    return target
+
+
+def _load_attribute(what: str, spec: str, names: Mapping[str, object]) -> object:
+    """``module:attribute`` imported, or a one-line SystemExit naming ``what`` and ``names``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        known = ", ".join(sorted(names))
+        raise SystemExit(f"unknown {what} {spec!r}: use one of {known} or module:attribute")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"cannot load {what} {spec!r}: {exc}") from exc
 
 
 async def _until_signalled(run: Callable[[], object]) -> None:
@@ -83,12 +114,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.socket_path is None) == (args.fd is None):
         raise SystemExit("give exactly one of --socket-path=PATH and --fd=N")
     factory = load_device_factory(args.device)
+    policy = load_policy(args.policy) if args.policy is not None else None
     device = _nvme(args) if args.device == "nvme" else factory()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve, device, args.socket_path, fd=args.fd, once=args.once)
+                partial(
+                    serve, device, args.socket_path, fd=args.fd, once=args.once, policy=policy
+                )
             )
             # Logged once the socket is listening: scripts and tests wait for this line.
             log.info("serving %s on %s", device.name, args.socket_path or f"fd {args.fd}")
@@ -383,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve one client, then exit (the socket file is removed), as libvfio-user's "
         "samples do",
+    )
+    serve.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help=f"ordering policy for every client: {', '.join(POLICIES)} or module:Class "
+        "(default spec; see docs/ordering.md)",
     )
     serve.add_argument("--backing", metavar="FILE", help="nvme: keep the namespace in FILE")
     serve.add_argument(

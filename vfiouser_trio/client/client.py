@@ -528,8 +528,18 @@ class Client:
         data: bytes | bytearray | memoryview,
         *,
         use_mmap: bool = True,
+        posted: bool = False,
     ) -> None:
-        """Write ``data`` at ``offset`` of ``region`` (shared memory or REGION_WRITE, as read)."""
+        """Write ``data`` at ``offset`` of ``region`` (shared memory or REGION_WRITE, as read).
+
+        ``posted``: send each REGION_WRITE with No_reply and return once it is queued, without
+        waiting for the server (a write to shared memory is done at once either way). The
+        server never answers a No_reply command, not even with an error, so a posted write
+        that fails is not reported: only a closed connection raises
+        (:class:`~vfiouser_trio.protocol.connection.ConnectionClosedError`). Under the spec's
+        order a later request's reply shows that the posted writes before it were
+        processed; read back or check the device's state to learn whether they succeeded.
+        """
         data = bytes(data)
         _check_span(offset, len(data))
         self._check_open()
@@ -545,7 +555,11 @@ class Client:
                 self.regions[region].drop_area(area, exc)
         for start, length in _chunks(offset, len(data), self.max_data_xfer_size):
             piece = data[start - offset : start - offset + length]
-            await self._call(RegionWriteRequest(region, start, piece), RegionWriteReply)
+            request = RegionWriteRequest(region, start, piece)
+            if posted:
+                await self.connection.post_raw(request.COMMAND, request.pack())
+            else:
+                await self._call(request, RegionWriteReply)
 
     async def write_multi(self, writes: Iterable[tuple[int, int, bytes]]) -> int:
         """Several small writes ``(region, offset, data of at most 8 bytes)``, in order.
