@@ -21,7 +21,9 @@ from .faults import (
 )
 from .hooks import Direction, HookChain, chain
 from .nested import FdLeakError, NestedDevice, NestedDeviceFactory, fd_table, nested_device
-from .tracer import ErrorReply, Tracer, TraceRecord
+from .order_check import OrderViolation, assert_spec_order, check_order
+from .tracer import ErrorReply, ProcessingRecord, Tracer, TraceRecord
+from .wait_for import WaitForGraph, wait_for_graph
 
 __all__ = [
     "Corrupt",
@@ -36,15 +38,21 @@ __all__ = [
     "HookChain",
     "NestedDevice",
     "NestedDeviceFactory",
+    "OrderViolation",
     "OrderedDelay",
+    "ProcessingRecord",
     "Reorder",
     "TraceRecord",
     "Tracer",
+    "WaitForGraph",
     "assert_conforms",
+    "assert_spec_order",
     "chain",
+    "check_order",
     "fd_table",
     "nested_device",
     "served",
     "set_header",
     "set_payload",
+    "wait_for_graph",
 ]
