@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap
 import os
@@ -10,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 from fd_leaks import fd_count
+from test_hardening_memory import assert_survived, run_victim
 
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.protocol.constants import (
@@ -20,7 +22,7 @@ from vfiouser_trio.protocol.constants import (
 )
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server.device import Device
-from vfiouser_trio.server.dma import DmaError, DmaTable, DmaWindow
+from vfiouser_trio.server.dma import DmaError, DmaTable, DmaWindow, handling_command
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.testing import nested_device
 
@@ -418,3 +420,165 @@ async def test_two_unmaps_of_one_window_both_wait_and_the_device_is_told_once() 
     assert sorted(done) == ["all", "one"] and len(table) == 0
     assert told == [("mapped", 0), ("unmapped", 0)]
     view.close()
+
+
+# --- the copy fast path: read_into, and read/write inside one fd-backed window ----------
+
+
+async def test_read_into_fills_buffers_of_any_byte_layout() -> None:
+    table = DmaTable()
+    fd, view = guest_memfd(2 * PAGE)
+    table.map(0x10000, 2 * PAGE, RW, fd)
+    view[: 2 * PAGE] = bytes(range(256)) * (2 * PAGE // 256)
+    into = bytearray(16)
+    await table.read_into(0x10000 + 3, into)
+    assert into == view[3:19]
+    mv = memoryview(bytearray(32))
+    await table.read_into(0x10000 + PAGE, mv[8:24])  # a slice of a bigger buffer
+    assert mv[8:24] == view[PAGE : PAGE + 16] and mv[:8] == bytes(8)
+    words = array.array("I", [0] * 4)  # not bytes: cast to bytes, 16 of them
+    await table.read_into(0x10000, memoryview(words))
+    assert words.tobytes() == view[:16]
+    square = memoryview(bytearray(16)).cast("B", (4, 4))  # 2-D
+    await table.read_into(0x10000 + 16, square)
+    assert square.tobytes() == view[16:32]
+    await table.write(0x10000 + 64, memoryview(array.array("H", [0x4241, 0x4443])))
+    assert view[64:68] == b"ABCD"
+    with pytest.raises(TypeError):
+        await table.read_into(0x10000, memoryview(bytes(4)))  # read-only buffer
+    await table.unmap_all()
+    view.close()
+
+
+async def test_fast_copies_check_bounds_and_permissions() -> None:
+    table = DmaTable()
+    fd, view = guest_memfd(2 * PAGE)
+    table.map(4 * PAGE, PAGE, DMA_MAP_FLAG_WRITE, os.dup(fd), offset=PAGE)
+    table.map(0, PAGE, DMA_MAP_FLAG_READ, fd, offset=0)
+    for access in (
+        table.write(0, b"x"),  # read-only map
+        table.read_into(4 * PAGE, bytearray(4)),  # write-only map
+        table.read(4 * PAGE, 4),
+        table.read_into(PAGE - 8, bytearray(16)),  # runs off the end into unmapped space
+        table.write(5 * PAGE - 2, b"abcd"),
+        table.read_into(2 * PAGE, bytearray(1)),  # between the maps
+        table.read_into(-1, bytearray(1)),
+    ):
+        with pytest.raises(DmaError) as exc:
+            await access
+        assert exc.value.errno in (errno.EFAULT, errno.EINVAL)
+    assert view[PAGE:] == bytes(PAGE)  # nothing was written
+    await table.write(5 * PAGE - 4, b"last")
+    assert view[2 * PAGE - 4 : 2 * PAGE] == b"last"
+    await table.unmap_all()
+    view.close()
+
+
+async def test_fast_copies_stop_at_an_unmap_that_has_begun() -> None:
+    table = DmaTable()
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd)
+    pinned, release = trio.Event(), trio.Event()
+    seen: list[bytes] = []
+
+    async def operation() -> None:
+        with table.pin(0, 16, write=True):
+            pinned.set()
+            await release.wait()
+            await table.write(0, b"pin!")  # the pinning task finishes its operation
+            into = bytearray(4)
+            await table.read_into(0, into)
+            seen.append(bytes(into))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(operation)
+        await pinned.wait()
+        nursery.start_soon(table.unmap, 0, PAGE)
+        await trio.testing.wait_all_tasks_blocked()
+        for access in (table.read_into(0, bytearray(4)), table.write(0, b"late"), table.read(0, 4)):
+            with pytest.raises(DmaError) as exc:
+                await access
+            assert exc.value.errno == errno.EFAULT
+        release.set()
+    assert seen == [b"pin!"] and len(table) == 0
+    view.close()
+
+
+async def test_fast_copies_wait_at_the_quiesce_gate() -> None:
+    table = DmaTable()
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd)
+    table.stop()
+    with handling_command():
+        for access in (table.read_into(0, bytearray(4)), table.write(0, b"x")):
+            with pytest.raises(DmaError) as exc:
+                await access
+            assert exc.value.errno == errno.EBUSY
+    done = trio.Event()
+
+    async def device_task() -> None:
+        await table.write(0, b"after")
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device_task)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set() and view[:5] == bytes(5)  # held while stopped
+        table.resume()
+    assert view[:5] == b"after"
+    await table.unmap_all()
+    view.close()
+
+
+async def test_fast_writes_are_observed_and_read_into_takes_messages_when_asked() -> None:
+    client = FakeClient(base=0, size=PAGE, max_xfer=PAGE)
+    table = DmaTable(messenger=client)
+    fd, view = guest_memfd(PAGE)
+    table.map(0, PAGE, RW, fd)
+    written: list[tuple[int, int]] = []
+    table.add_write_observer(lambda iova, n: written.append((iova, n)))
+    await table.write(32, b"dirty")
+    assert written == [(32, 5)]
+    client.mem[:4] = b"msg!"
+    into = bytearray(4)
+    await table.read_into(0, into, messages=True)
+    assert into == b"msg!" and client.calls == [("read", 0, 4)]
+    table.prefer_messages = True
+    await table.read_into(0, into)
+    assert len(client.calls) == 2
+    await table.unmap_all()
+    view.close()
+
+
+SHRINK_READ_INTO_VICTIM = """
+    import errno, mmap, os
+    import trio
+    from vfiouser_trio.server.dma import DmaError, DmaTable
+
+    PAGE = mmap.PAGESIZE
+
+    async def main() -> None:
+        fd = os.memfd_create("frozen", os.MFD_CLOEXEC)  # seals refused: it can shrink
+        os.ftruncate(fd, 4 * PAGE)
+        table = DmaTable()
+        table.map(0, 4 * PAGE, 3, os.dup(fd))
+        into = bytearray(16)
+        await table.read_into(0, into)
+        os.ftruncate(fd, PAGE)  # the client shrinks its memory under the map
+        for access in (table.read_into(2 * PAGE, into), table.write(3 * PAGE, b"x" * 16)):
+            try:
+                await access
+            except DmaError as exc:
+                assert exc.errno == errno.EFAULT, exc
+            else:
+                raise AssertionError("DMA past the truncated end succeeded")
+        await table.unmap_all()
+        os.close(fd)
+        print("survived")
+
+    trio.run(main)
+"""
+
+
+def test_read_into_a_truncated_dma_file_gives_efault_not_sigbus() -> None:
+    assert_survived(run_victim(SHRINK_READ_INTO_VICTIM))

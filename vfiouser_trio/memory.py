@@ -366,6 +366,12 @@ class Mapping:
         _guarded_copy(ffi.from_buffer(out), src, length)
         return bytes(out)
 
+    def load_into(self, offset: int, buffer: Buffer) -> None:
+        """Copy ``len(buffer)`` bytes from ``offset`` into the writable ``buffer``, guarded
+        as ``load`` is (no intermediate copy). Needs ``Prot.READ``."""
+        dst = ffi.from_buffer(buffer, require_writable=True)
+        _guarded_copy(dst, self._checked(offset, len(dst), lib.PROT_READ), len(dst))
+
     def store(self, offset: int, data: Buffer) -> None:
         """Copy ``data`` to ``offset``, safe if the file shrinks meanwhile (see ``load``).
 
