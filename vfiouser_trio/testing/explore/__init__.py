@@ -5,12 +5,13 @@ fresh ``trio.run`` on virtual time whose choice points (message arrival, preserv
 client's order; handler latency; the engine's batching; optionally trio's scheduling) are
 answered by a schedule. :func:`explore` tries schedules from a strategy (:class:`Random`,
 :class:`PCT`, :class:`Exhaustive`) and checks the invariants (reads-see-writes over
-``memory_regions``, no hang within ``budget``, the scenario's own); a failure comes back as
+``memory_regions``, the spec's order minus the policy's declared relaxations, no hang within
+``budget`` (with the wait-for graph of both sides), the scenario's own); a failure comes back as
 a shrunk, printable :class:`Schedule` that :func:`replay` runs again, and as the text of a
 regression test. See docs/explore.md.
 """
 
-from ._run import Event, Invariant, Run, Scenario, execute, post_write, reads_see_writes
+from ._run import Event, Invariant, Run, Scenario, execute, reads_see_writes, spec_order
 from ._schedule import Choice, Chooser, Schedule
 from ._search import (
     PCT,
@@ -40,8 +41,8 @@ __all__ = [
     "Strategy",
     "execute",
     "explore",
-    "post_write",
     "reads_see_writes",
     "replay",
     "shrink",
+    "spec_order",
 ]

@@ -14,6 +14,9 @@ the real time of its messages only. The choice points:
 * scheduling: trio's scheduler is seeded per run (``Scenario.scheduler_seeds`` choices; by
   default one, as varying it alone rarely finds an ordering bug). This reaches into trio's
   private ``trio._core._run._r``; without it the run is not reproducible and says so.
+
+Both sides are traced (:class:`~vfiouser_trio.testing.tracer.Tracer`, processing start and
+end included), for the spec-order invariant and the wait-for graph of a hung run.
 """
 
 from __future__ import annotations
@@ -32,19 +35,20 @@ import trio.testing
 from ...client import Client, connect
 from ...engine import Connection, ConnectionHooks, Forward, Link
 from ...limits import DEFAULT_LIMITS
-from ...ordering import OrderingPolicy
+from ...ordering import OrderingPolicy, SpecOrder
 from ...protocol.constants import Command
 from ...protocol.errors import command_name
 from ...protocol.framing import Frame
-from ...protocol.region_io import RegionWriteRequest
 from ...server.device import Device
 from ...server.serve import DeviceServer
 from ..faults import OrderedDelay
 from ..hooks import Direction, chain
+from ..order_check import check_order
 from ..tracer import Tracer
+from ..wait_for import wait_for_graph
 from ._schedule import Chooser
 
-__all__ = ["Event", "Invariant", "Run", "Scenario", "execute", "post_write", "reads_see_writes"]
+__all__ = ["Event", "Invariant", "Run", "Scenario", "execute", "reads_see_writes", "spec_order"]
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +81,6 @@ class Scenario:
     scheduler_seeds: int = 1
     invariants: tuple[Invariant, ...] = ()
     budget: float = 10.0
-    #: Install ``run.tracer`` on the server's connection (for invariants that read a trace,
-    #: such as a spec-order check over processing records; it costs about a third more).
-    trace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +120,12 @@ class Run:
     failures: list[str] = field(default_factory=list)
     #: Free-form record for user invariants (device or workload notes).
     notes: list[object] = field(default_factory=list)
-    #: Records the server's side (messages and, where the engine reports it, processing
-    #: start and end): what a spec-order invariant reads.
-    tracer: Tracer = field(default_factory=lambda: Tracer(payload_prefix=64))
-    #: The server's connection, once the client is connected.
-    server: Connection | None = None
-    client: Client | None = None
+    #: The server's side: its messages and each command's processing start and end.
+    tracer: Tracer = field(default_factory=lambda: Tracer(payload_prefix=64, label="server"))
+    #: The client's side.
+    client_tracer: Tracer = field(default_factory=lambda: Tracer(payload_prefix=64, label="client"))
+    #: The server's ordering policy in this run (what the spec-order check allows).
+    policy: OrderingPolicy = field(default_factory=SpecOrder)
 
     def choose(self, label: str, options: int) -> int:
         """Ask the schedule (0..options-1)."""
@@ -139,23 +140,9 @@ class Run:
         else:
             await trio.lowlevel.checkpoint()
 
-    def pending(self) -> list[str]:
-        """The requests still unanswered on the server's side of the wire, and the waits."""
-        answered = {e.msg_id for e in self.events if e.direction is Direction.SENT and e.is_reply}
-        lines = [
-            f"client awaits {command_name(e.command)} id={e.msg_id} (arrived at"
-            f" {e.time * 1000:.3f} ms, no reply yet)"
-            for e in self.events
-            if e.direction is Direction.RECEIVED
-            and not e.is_reply
-            and not e.no_reply
-            and e.msg_id not in answered
-        ]
-        if self.server is not None and self.server.core.awaiting_replies:
-            lines.append(
-                f"server awaits {self.server.core.awaiting_replies} reply(ies) of the client"
-            )
-        return lines
+    def waits(self) -> str:
+        """Who awaits what: the wait-for graph of both sides (see :func:`..wait_for_graph`)."""
+        return str(wait_for_graph(self.client_tracer, self.tracer))
 
 
 class _Recorder(ConnectionHooks):
@@ -165,7 +152,6 @@ class _Recorder(ConnectionHooks):
         self.run = run
 
     def _note(self, direction: Direction, conn: Connection, frame: Frame) -> None:
-        self.run.server = conn
         h = frame.header
         self.run.events.append(
             Event(
@@ -189,12 +175,6 @@ class _Recorder(ConnectionHooks):
         forward(frame)
 
 
-async def post_write(client: Client, region: int, offset: int, data: bytes) -> None:
-    """A posted write: REGION_WRITE with No_reply set (returns once queued)."""
-    payload = RegionWriteRequest(region, offset, data).pack()
-    await client.connection.post_raw(Command.REGION_WRITE, payload)
-
-
 def _seed_scheduler(seed: int) -> bool:
     """Seed trio's scheduler (a private attribute); False if this trio has none."""
     rng = getattr(importlib.import_module("trio._core._run"), "_r", None)
@@ -212,8 +192,8 @@ def execute(scenario: Scenario, chooser: Chooser) -> Run:
         log.warning("trio's scheduler cannot be seeded: runs may not replay exactly")
     clock = trio.testing.MockClock(autojump_threshold=0)
     trio.run(_main, run, clock=clock)
-    if not run.failures:
-        for invariant in (reads_see_writes, *scenario.invariants):
+    if not run.failures:  # a run that hung or raised is not checked further
+        for invariant in (spec_order, reads_see_writes, *scenario.invariants):
             run.failures.extend(invariant(run))
     return run
 
@@ -224,11 +204,13 @@ async def _main(run: Run) -> None:
     batch = batches[run.choose("dispatch_batch", len(batches))]
     limits = dataclasses.replace(DEFAULT_LIMITS, dispatch_batch=batch)
     device = scenario.device(run)
+    policy = scenario.policy()
+    run.policy = policy if policy is not None else SpecOrder()
     server = DeviceServer(
         device,
         offer_twin_socket=False,
-        policy=scenario.policy(),
-        hooks=chain(_Recorder(run), run.tracer if scenario.trace else None),
+        policy=run.policy,
+        hooks=chain(_Recorder(run), run.tracer),
         limits=limits,
     )
     delays = scenario.arrival_delays
@@ -237,30 +219,48 @@ async def _main(run: Run) -> None:
         label = f"arrival #{match} {command_name(frame.header.command)}"
         return delays[run.choose(label, len(delays))]
 
-    delay = OrderedDelay(seconds=arrival, direction=Direction.SENT, reply=False)
+    delay = OrderedDelay(seconds=arrival, direction=Direction.SENT)
     client_sock, server_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.serve_connection, server_sock)
         nursery.start_soon(device.run)
         try:
-            async with connect(client_sock, twin_socket=False, hooks=delay) as client:
-                run.client = client
-                with trio.move_on_after(scenario.budget) as scope:
-                    try:
-                        await scenario.workload(client, run)
-                    except Exception as exc:
-                        run.failures.append(f"the workload raised {type(exc).__name__}: {exc}")
-                if scope.cancelled_caught:
-                    dump = "\n".join(f"  {line}" for line in run.pending()) or "  (nothing pending)"
-                    run.failures.append(
-                        f"hang: the workload did not finish within {scenario.budget} s"
-                        f" (virtual); pending:\n{dump}"
-                    )
+            hooks = chain(delay, run.client_tracer)
+            async with connect(client_sock, twin_socket=False, hooks=hooks) as client:
+                await _workload(run, client)
         except Exception as exc:
             run.failures.append(f"the connection failed: {type(exc).__name__}: {exc}")
         finally:
             delay.close()
             nursery.cancel_scope.cancel()
+
+
+async def _workload(run: Run, client: Client) -> None:
+    """Run the workload; past the budget, note the wait-for graph (before cancelling the
+    workload withdraws its requests) and stop it."""
+    budget = run.scenario.budget
+    async with trio.open_nursery() as nursery:
+
+        async def watchdog() -> None:
+            await trio.sleep(budget)
+            graph = "\n".join(f"  {line}" for line in run.waits().splitlines())
+            run.failures.append(
+                f"hang: the workload did not finish within {budget} s (virtual):\n{graph}"
+            )
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watchdog)
+        try:
+            await run.scenario.workload(client, run)
+        except Exception as exc:  # reported as the run's failure
+            run.failures.append(f"the workload raised {type(exc).__name__}: {exc}")
+        nursery.cancel_scope.cancel()
+
+
+def spec_order(run: Run) -> list[str]:
+    """The spec's ordering rule (Command Concurrency) on the server's trace, minus the
+    relaxations the run's policy declares (see :func:`..order_check.check_order`)."""
+    return [f"spec order: {violation}" for violation in check_order(run.tracer, run.policy)]
 
 
 def reads_see_writes(run: Run) -> list[str]:
