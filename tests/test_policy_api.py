@@ -37,7 +37,7 @@ from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import command_header
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
-from vfiouser_trio.testing import Direction, Tracer, nested_device
+from vfiouser_trio.testing import Direction, NestedDeviceFactory, Tracer, nested_device
 from vfiouser_trio.testing.order_check import assert_spec_order, check_order
 from vfiouser_trio.testing.wait_for import RequestState, wait_for_graph
 
@@ -470,3 +470,21 @@ async def test_a_posted_write_returns_before_the_device_has_written() -> None:
     assert len(writes) == 2 and all(w.header.no_reply for w in writes)
     assert server_tracer.replies(Command.REGION_WRITE) == []
     assert_spec_order(server_tracer)
+
+
+async def test_vfio_pair_takes_the_same_options(vfio_pair: NestedDeviceFactory) -> None:
+    server_tracer = Tracer()
+    client_policy = Counting()
+    nested = await vfio_pair(
+        Fetcher(),
+        policy=ConcurrentOrder(),
+        client_policy=client_policy,
+        server_tracer=server_tracer,
+    )
+    with GuestMemory(0x1000) as memory:
+        await nested.client.dma_map(memory, 0x10000, share_fd=False)
+        await nested.client.write(PciRegion.BAR0, 0, struct.pack("<Q", 0x10020))
+        await nested.client.dma_unmap(0x10000, 0x1000)
+    assert client_policy.commands == [Command.DMA_READ]
+    assert nested.server_tracer is server_tracer
+    assert check_order(server_tracer, ConcurrentOrder()) == []
