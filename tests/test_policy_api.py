@@ -34,7 +34,7 @@ from vfiouser_trio.ordering import (
 from vfiouser_trio.protocol import PciRegion
 from vfiouser_trio.protocol.constants import Command
 from vfiouser_trio.protocol.framing import Frame
-from vfiouser_trio.protocol.header import command_header
+from vfiouser_trio.protocol.header import Header, command_header
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.testing import Direction, NestedDeviceFactory, Tracer, nested_device
@@ -283,6 +283,24 @@ async def test_keyed_order_breaks_the_spec_order_only_where_it_declares() -> Non
     # A read of the same region waits for the write: nothing to report.
     tracer = await posted_write_then_read(KeyedOrder(region_key), read_region=0)
     assert check_order(tracer) == []
+
+
+async def test_a_message_refused_unprocessed_is_no_older_command() -> None:
+    """A message that is neither command nor reply is answered EINVAL by the connection
+    core and never processed: it holds up no younger reply."""
+    a, b = socket.socketpair()
+    server_tracer = Tracer()
+    with trio.fail_after(5), a:
+        async with open_connection(b, handler=nothing, hooks=server_tracer):
+            peer = trio.socket.from_stdlib_socket(a)
+            neither = Header(0, Command.REGION_READ, 16, flags=2)
+            await peer.send(neither.pack() + Header(1, Command.REGION_READ, 16).pack())
+            received = b""
+            while len(received) < 32:
+                received += await peer.recv(64)
+    [refused, answered] = server_tracer.replies()
+    assert refused.is_error and refused.msg_id == 0 and answered.msg_id == 1
+    assert check_order(server_tracer) == []
 
 
 # --- the wait-for graph --------------------------------------------------------------------------

@@ -11,8 +11,10 @@ installed on the processing side records when each command's processing ends, so
 
 lists every reply that left while an older command on the same link was still unprocessed,
 except the pairs the policy's declared :attr:`~vfiouser_trio.ordering.OrderingPolicy.relaxations`
-allow. Commands the tracer saw arrive but never saw processed (dropped, still queued) count
-as unprocessed.
+allow. Commands the tracer saw arrive but never saw processed nor answered (dropped, still
+queued) count as unprocessed; one answered without being processed (refused by the
+connection core) is done with once its error reply leaves, and a message that is neither
+command nor reply is no command.
 """
 
 from __future__ import annotations
@@ -70,17 +72,20 @@ def check_order(
             if entry.phase is Processing.END and entry.command is not None:
                 unprocessed.get(entry.link, {}).pop(entry.command.index, None)
         elif isinstance(entry, TraceRecord):
-            if entry.direction is Direction.RECEIVED and not entry.is_reply:
+            if entry.direction is Direction.RECEIVED and entry.header.is_command:
                 unprocessed.setdefault(entry.link, {})[entry.index] = entry
             elif entry.direction is Direction.SENT and entry.is_reply:
                 younger = entry.request
                 if younger is None:
                     continue
-                for older in unprocessed.get(entry.link, {}).values():
+                waiting = unprocessed.get(entry.link, {})
+                for older in waiting.values():
                     if older.index >= younger.index:
                         break  # dicts keep arrival order: the rest are younger
                     if allowed(allowing, _frame(older), _frame(younger)) is None:
                         violations.append(OrderViolation(older, younger, entry))
+                # Answered: done with, even if never processed (refused by the core).
+                waiting.pop(younger.index, None)
     return violations
 
 

@@ -348,6 +348,13 @@ class Tracer(ConnectionHooks):
             self._open[(direction, header.msg_id)] = record
         if header.is_command and direction is Direction.RECEIVED:
             self._arrived.setdefault((link, header.msg_id), deque()).append(record)
+        elif request is not None and direction is Direction.SENT:
+            # Answered without being processed (refused by the connection core): not waiting.
+            waiting = self._arrived.get((link, header.msg_id))
+            if waiting is not None and request in waiting:
+                waiting.remove(request)
+                if not waiting:
+                    del self._arrived[(link, header.msg_id)]
         self._entries.append(record)
         self._records.append(record)
         if self._lot:
