@@ -549,21 +549,50 @@ def _engine_tasks() -> list[str]:
 
 
 async def test_an_idle_twin_socket_pair_runs_only_the_readers_it_needs() -> None:
-    """Idle, a connection holds a reader per link: writers and dispatchers start when first
-    needed. (Memory per idle connection: bench figure 5.)"""
+    """Idle, a connection holds one task per link it must read: the server (requests on
+    the twin) reads its twin only while a reply is awaited (else the process-wide idle
+    watch has it); writers and dispatchers start when first needed. (Memory per idle
+    connection: bench figure 5.)"""
     holder: dict[str, Connection] = {}
     server, client = _nested_handlers(holder)
     with trio.fail_after(5):
         async with twin_connected(server, client, holder, SpecOrder) as (a, b):
             await _nested_round_trip(a, b)  # a request each way, a handler that waits
             await trio.testing.wait_all_tasks_blocked()
-            # Each side's first task (_run) holds its nursery. a: its twin's reader, the
-            # reader it handed its main link to when the REGION_WRITE handler waited, and
-            # the dispatcher that adopted that handler; no writer. b: _run reads its main
-            # link, and one reader for its twin.
-            assert _engine_tasks() == ["_read_loop"] * 3 + ["_run", "_run", "run_policy"]
+            # Each side's first task (_run) holds its nursery. a: the reader it handed its
+            # main link to when the REGION_WRITE handler waited, and the dispatcher that
+            # adopted that handler; no twin reader, no writer. b: _run reads its main link,
+            # and one reader for its twin (commands come there).
+            assert _engine_tasks() == ["_read_loop"] * 2 + ["_run", "_run", "run_policy"]
+            await _nested_round_trip(a, b)  # the twin is read again when needed
+            await trio.testing.wait_all_tasks_blocked()
+            assert _engine_tasks() == ["_read_loop"] * 2 + ["_run", "_run", "run_policy"]
 
 
+@pytest.mark.parametrize("how", ["hang-up", "command"])
+async def test_the_idle_twin_link_is_watched_without_a_reader(how: str) -> None:
+    """The side whose requests go on the twin runs no reader there while idle, yet sees the
+    peer close only its twin (its main socket may stay open in another process) and serves
+    a command the peer sends there."""
+    holder: dict[str, Connection] = {}
+    server, client = _nested_handlers(holder)
+    with trio.fail_after(5):
+        async with twin_connected(server, client, holder, SpecOrder) as (a, b):
+            await trio.testing.wait_all_tasks_blocked()
+            assert b._twin is not None
+            if how == "hang-up":
+                # The peer leaves, its main socket kept open elsewhere: only the twin ends.
+                kept = os.dup(b._main.transport.fileno())
+                try:
+                    b.close()
+                    await a.wait_closed()
+                finally:
+                    os.close(kept)
+            else:
+                b._request_link = b._twin  # no client sends commands there, but one may
+                frame = await b.request_raw(Command.REGION_WRITE, b"on the twin")
+                assert frame.payload == b"done"  # a's handler asked b for DMA meanwhile
+                assert not a.closed.is_set()
 @pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-sockets"])
 @pytest.mark.parametrize("indirect", [False, True], ids=["own-request", "other-task"])
 @pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))

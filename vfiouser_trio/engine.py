@@ -295,7 +295,9 @@ class _LinkState:
         "dispatched",
         "link",
         "more",
+        "on_demand",
         "progress",
+        "reading",
         "transport",
     )
 
@@ -314,6 +316,10 @@ class _LinkState:
         self.more = False
         #: Set when the inline command whose stand-in the policy holds is done.
         self.adopted_done: trio.Event | None = None
+        #: The link is read only while a request of ours awaits its reply or the peer sends
+        #: something (the server's twin link); ``reading`` while a reader runs.
+        self.on_demand = False
+        self.reading = True
         if bounded:
             transport.on_progress = self.wake
 
@@ -461,12 +467,17 @@ class Connection:
                 raise ProtocolError(f"unusable twin socket: {exc}") from exc
             raise
         self._twin = twin
-        if requests_on_twin:
-            self._request_link = twin
         self._start_link(twin)
-        # Always read: the peer's end of stream there ends the connection (it may keep the
-        # main socket open in another process).
-        nursery.start_soon(self._read_loop, twin)
+        if requests_on_twin:
+            # The twin carries our commands and the peer's replies (spec: "twin_socket"): it
+            # is read while a reply is awaited, and otherwise watched (the peer may leave
+            # there, keeping the main socket open in another process).
+            self._request_link = twin
+            twin.on_demand = True
+            twin.reading = False
+            twin.transport.watch_idle(partial(self._read_on_demand, twin))
+        else:
+            nursery.start_soon(self._read_loop, twin)
 
     def _check_can_attach_twin(self) -> trio.Nursery:
         if self.closed.is_set():
@@ -563,9 +574,15 @@ class Connection:
         batch = core.dispatch_batch
         events = carried
         suspended: _Suspended | None = None
+        fresh = True  # an on-demand reader reads at least once
         try:
             while reason is None:
                 if not events:
+                    if state.on_demand and not fresh and self._reader_may_leave(state):
+                        state.reading = False
+                        transport.watch_idle(partial(self._read_on_demand, state))
+                        return
+                    fresh = False
                     if not bounded or not state.load:
                         events = await transport.receive()  # nothing held: no bound to keep
                     else:
@@ -619,6 +636,22 @@ class Connection:
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
+
+    def _reader_may_leave(self, state: _LinkState) -> bool:
+        """Whether an on-demand link's reader may stop: no reply awaited, no command held.
+        The link is then watched (:class:`~vfiouser_trio.idle_watch.IdleWatch`) until a
+        request of ours or the peer's data or hang-up starts a reader again."""
+        return (
+            not self.core.awaiting_replies
+            and not state.commands.held
+            and not state.transport.closed
+        )
+
+    def _read_on_demand(self, state: _LinkState) -> None:
+        if not state.reading and self._nursery is not None:
+            state.reading = True
+            state.transport.unwatch_idle()
+            self._nursery.start_soon(self._read_loop, state)
 
     async def _hold_reading(self, state: _LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
@@ -917,6 +950,8 @@ class Connection:
         request = _PendingRequest()
         core.expect_reply(msg_id, command, request)
         state.wake()  # a paused reader must read this request's reply
+        if not state.reading:
+            self._read_on_demand(state)
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
         except BaseException:

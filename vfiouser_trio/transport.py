@@ -32,6 +32,7 @@ from itertools import islice
 
 import trio
 
+from .idle_watch import IdleWatch
 from .protocol.constants import DEFAULT_MAX_MSG_FDS, HEADER_SIZE
 from .protocol.errors import ProtocolError
 from .protocol.framing import DEFAULT_MAX_MSG_SIZE, FrameDecoder, FrameEvent, close_fds
@@ -156,6 +157,7 @@ class Transport:
         "_read_size",
         "_recv",
         "_sock",
+        "_watch",
         "_writer_lot",
         "on_progress",
         "writer_nursery",
@@ -192,6 +194,7 @@ class Transport:
         self._broken: OSError | None = None
         self._at_eof = False
         self._drained_socket = False
+        self._watch: IdleWatch | None = None
         #: Called (synchronously) whenever the kernel took queued data; None for nobody.
         self.on_progress: Callable[[], None] | None = None
         #: Where :meth:`run_writer` is started the first time data stays queued, for an
@@ -325,6 +328,20 @@ class Transport:
                 return events
             if self._drained_socket:
                 return None
+
+    def watch_idle(self, callback: Callable[[], None]) -> None:
+        """While nobody reads the socket: call ``callback`` once when it has data or hangs up
+        (from the run's :class:`~vfiouser_trio.idle_watch.IdleWatch` task), or when the
+        transport closes, whichever comes first. :meth:`unwatch_idle` before reading again."""
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = IdleWatch.acquire()  # released by close()
+        watch.watch(self._sock.fileno(), callback)
+
+    def unwatch_idle(self) -> None:
+        """Stop :meth:`watch_idle` (nothing if not watched)."""
+        if self._watch is not None:
+            self._watch.forget(self._sock.fileno())
 
     @property
     def at_frame_boundary(self) -> bool:
@@ -556,8 +573,15 @@ class Transport:
         self._out = None
         self._queued_bytes = 0
         self._decoder.close()
+        watch, callback = self._watch, None
+        if watch is not None:
+            self._watch = None
+            callback = watch.forget(self._sock.fileno())
+            watch.release()
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
+        if callback is not None:
+            callback()  # the watcher's owner learns of it as a waiting reader would
         if self._writer_lot:
             self._writer_lot.unpark_all()
         if self._drained_lot:
