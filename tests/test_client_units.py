@@ -18,6 +18,7 @@ from vfiouser_trio.client.dma import DmaMap, DmaMaps, DmaService
 from vfiouser_trio.client.guest_memory import GuestMemory
 from vfiouser_trio.client.irqs import Interrupt, InterruptTable
 from vfiouser_trio.client.regions import Region, query_with_argsz
+from vfiouser_trio.engine import HandlerResult
 from vfiouser_trio.eventfd import EventFd
 from vfiouser_trio.memory import MemFd
 from vfiouser_trio.protocol import (
@@ -42,7 +43,7 @@ from vfiouser_trio.protocol.constants import (
     REGION_INFO_FLAG_WRITE,
     Command,
 )
-from vfiouser_trio.protocol.message import Message, Request
+from vfiouser_trio.protocol.message import Buffer, Message, Request
 from vfiouser_trio.server.pci import BarSpec, PciConfigSpace, PciIdentity
 from vfiouser_trio.server.pci_caps import (
     ExpressCapability,
@@ -170,12 +171,18 @@ def _frame(request: Request) -> Frame:
     return Frame(command_header(7, request.COMMAND, len(payload)), payload, [])
 
 
+def _payload(reply: HandlerResult) -> Buffer:
+    """The payload a handler's result puts on the wire (a DMA_READ reply comes packed)."""
+    assert reply is not None
+    return reply.pack() if isinstance(reply, Message) else reply.payload
+
+
 async def test_dma_service_reads_and_writes(memory: GuestMemory) -> None:
     maps = DmaMaps()
     maps.add(DmaMap(0x8000, 2 * PAGE, memory, offset=PAGE))
     service = DmaService(maps, max_data_xfer_size=PAGE)
     reply = await service.handle(_frame(DmaReadRequest(0x8000 + 3, 5)))
-    assert reply == DmaReadReply(0x8000 + 3, b"\x02" * 5)
+    assert _payload(reply) == DmaReadReply(0x8000 + 3, b"\x02" * 5).pack()
     reply = await service.handle(_frame(DmaWriteRequest(0x8000 + PAGE, b"abc")))
     assert reply == DmaWriteReply(0x8000 + PAGE, 3)
     assert memory.read(2 * PAGE, 3) == b"abc"
@@ -184,14 +191,29 @@ async def test_dma_service_reads_and_writes(memory: GuestMemory) -> None:
     assert await service.handle(_frame(DmaWriteRequest(0, b""))) == DmaWriteReply(0, 0)
 
 
+async def test_dma_service_reads_across_maps_and_keeps_no_view_of_the_memory() -> None:
+    memory = GuestMemory(2 * PAGE)
+    memory.view[:] = b"\x01" * PAGE + b"\x02" * PAGE
+    maps = DmaMaps()
+    maps.add(DmaMap(0x1000_0000, PAGE, memory, offset=PAGE))  # far apart in the memory
+    maps.add(DmaMap(0x1000_0000 + PAGE, PAGE, memory, offset=0))
+    service = DmaService(maps, max_data_xfer_size=PAGE)
+    for address, want in (
+        (0x1000_0000 + PAGE - 2, b"\x02\x02\x01\x01"),
+        (0x1000_0000, b"\x02" * 4),
+    ):
+        reply = await service.handle(_frame(DmaReadRequest(address, 4)))
+        assert _payload(reply) == DmaReadReply(address, want).pack()
+    memory.close()  # no view of it outlives the reply (a live one: BufferError)
+
+
 async def test_dma_service_qemu_layout(memory: GuestMemory) -> None:
     maps = DmaMaps()
     maps.add(DmaMap(0, PAGE, memory))
     service = DmaService(maps, max_data_xfer_size=PAGE, read_layout=DmaLayout.QEMU)
     reply = await service.handle(_frame(DmaReadRequest(0, 4)))
-    assert isinstance(reply, Message)
     # u64 address, u32 count, data, 4 zero bytes
-    assert reply.pack() == bytes(8) + b"\x04\0\0\0" + b"\x01" * 4 + bytes(4)
+    assert _payload(reply) == bytes(8) + b"\x04\0\0\0" + b"\x01" * 4 + bytes(4)
 
 
 async def test_dma_service_errors(memory: GuestMemory) -> None:

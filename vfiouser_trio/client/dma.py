@@ -26,7 +26,7 @@ import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..engine import HandlerResult
+from ..engine import HandlerResult, RawMessage
 from ..protocol.constants import Command
 from ..protocol.dma import DmaLayout, DmaReadReply, DmaReadRequest, DmaWriteReply, DmaWriteRequest
 from ..protocol.errors import VfioUserError, command_name
@@ -124,12 +124,19 @@ class DmaMaps:
 
     def read(self, iova: int, count: int) -> bytes:
         """Copy ``count`` bytes at ``iova`` (VfioUserError EFAULT if not allowed)."""
-        out = bytearray()
-        for m, offset, length in self._segments(iova, count, write=False):
-            out += _view(m)[offset : offset + length]
-        return bytes(out)
+        parts = self._read_views(iova, count)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
-    def write(self, iova: int, data: bytes) -> None:
+    def _read_views(self, iova: int, count: int) -> list[memoryview]:
+        """Views of the memory under [iova, iova+count), one per map (checked as ``read``).
+
+        Each holds its GuestMemory open (``close`` raises BufferError) until released."""
+        return [
+            _view(m)[offset : offset + length]
+            for m, offset, length in self._segments(iova, count, write=False)
+        ]
+
+    def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``iova`` (VfioUserError EFAULT if not allowed)."""
         segments = self._segments(iova, len(data), write=True)
         done = 0
@@ -185,8 +192,17 @@ class DmaService:
                 command=command,
             )
         if isinstance(request, DmaReadRequest):
-            data = self.maps.read(request.address, request.count) if request.count else b""
-            return DmaReadReply(request.address, data, self.layout)
+            if not request.count:
+                return DmaReadReply(request.address, b"", self.layout)
+            # Packed here, straight from guest memory: the reply's one copy of the data
+            # (a copy by ``read`` first would cost a second, and a third to join them).
+            parts = self.maps._read_views(request.address, request.count)
+            try:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                return RawMessage(DmaReadReply(request.address, data, self.layout).pack())
+            finally:
+                for part in parts:
+                    part.release()
         if request.data:
             self.maps.write(request.address, request.data)
         return DmaWriteReply(request.address, request.count, self.layout)

@@ -47,7 +47,7 @@ class DmaLayout(enum.Enum):
     QEMU = "qemu"
 
 
-def _pack_rw(address: int, data: bytes, layout: DmaLayout) -> bytes:
+def _pack_rw(address: int, data: Buffer, layout: DmaLayout) -> bytes:
     """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``."""
     if layout is DmaLayout.QEMU:
         return _QEMU_DMA_RW.pack(address, len(data)) + data + _QEMU_PAD
@@ -193,7 +193,8 @@ class DmaReadReply(Reply):
     COMMAND: ClassVar[Command] = Command.DMA_READ
 
     address: int
-    data: bytes
+    #: bytes when decoded; any byte buffer to pack (packing copies it once).
+    data: Buffer
     layout: DmaLayout = DmaLayout.SPEC
 
     @property
@@ -326,7 +327,8 @@ class DmaWriteRequest(Request):
     REPLY: ClassVar[type[Message]] = DmaWriteReply
 
     address: int
-    data: bytes
+    #: bytes when decoded; any byte buffer to pack (packing copies it once).
+    data: Buffer
     layout: DmaLayout = DmaLayout.SPEC
 
     @property

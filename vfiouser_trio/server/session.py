@@ -26,7 +26,6 @@ from ..engine import (
     HandlerResult,
     RawMessage,
     Role,
-    open_connection,
 )
 from ..limits import DEFAULT_LIMITS, ServerLimits
 from ..ordering import OrderingPolicy
@@ -149,7 +148,7 @@ class ServerSession:
         async with trio.open_nursery() as nursery:
             vfu.irqs().attach(nursery, state_backlog=self.limits.max_irq_state_backlog)
             try:
-                async with open_connection(
+                conn = self._conn = Connection(
                     sock,
                     handler=self._handle,
                     role=Role.SERVER,  # VERSION first, once (the engine's core refuses others)
@@ -160,11 +159,12 @@ class ServerSession:
                     max_send_backlog=self.limits.max_send_backlog,
                     dispatch_batch=self.limits.dispatch_batch,
                     name=device.name,
-                ) as conn:
-                    self._conn = conn
-                    await conn.wait_closed()
-                    if conn.close_reason is not None:
-                        log.info("%s: connection ended: %s", device.name, conn.close_reason)
+                )
+                # This task reads the client's main socket: no task and nursery of its own
+                # for each idle connection.
+                await conn.run()
+                if conn.close_reason is not None:
+                    log.info("%s: connection ended: %s", device.name, conn.close_reason)
             finally:
                 self._conn = None
                 self._migration.close()
@@ -204,12 +204,13 @@ class ServerSession:
             ):
                 layout = await self._peer_dma_layout(address)
         with self._refusing_dma_reply():
-            return request.parse_reply(frame.payload, (), layout=layout).data
+            # bytes() of the parsed bytes is that same object, not a copy.
+            return bytes(request.parse_reply(frame.payload, (), layout=layout).data)
 
     async def dma_write(self, address: int, data: bytes | memoryview) -> None:
         conn = self._need_conn()
         layout = self._dma_layout or await self._peer_dma_layout(address)
-        request = DmaWriteRequest(address, bytes(data), layout)
+        request = DmaWriteRequest(address, data, layout)  # packing copies it, once
         frame = await conn.request_raw(request.COMMAND, request.pack())
         frame.close_fds()
         with self._refusing_dma_reply():
