@@ -12,7 +12,7 @@ regression test. See docs/explore.md.
 """
 
 from ._run import Event, Invariant, Run, Scenario, execute, reads_see_writes, spec_order
-from ._schedule import Choice, Chooser, Schedule
+from ._schedule import Choice, Chooser, DrawingChooser, Schedule
 from ._search import (
     PCT,
     Exhaustive,
@@ -29,6 +29,7 @@ __all__ = [
     "PCT",
     "Choice",
     "Chooser",
+    "DrawingChooser",
     "Event",
     "Exhaustive",
     "Failure",

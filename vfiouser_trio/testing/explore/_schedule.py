@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Choice", "Chooser", "Schedule"]
+__all__ = ["Choice", "Chooser", "DrawingChooser", "Schedule"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +113,26 @@ class PointsChooser(Chooser):
 
     def pick(self, index: int, label: str, options: int) -> int:
         return self.rng.randrange(1, options) if index in self.points else 0
+
+
+class DrawingChooser(Chooser):
+    """Draws every choice from Hypothesis (``data`` from ``st.data()``), so Hypothesis explores
+    and shrinks the choice sequence itself; its shrinking moves values toward 0, "no
+    perturbation". Hypothesis is imported only when this is used::
+
+        @given(st.data())
+        def test_policy(data):
+            run = explore.execute(scenario, explore.DrawingChooser(data))
+            assert not run.failures, run.failures
+    """
+
+    def __init__(self, data: object) -> None:
+        from hypothesis import strategies  # noqa: PLC0415 - an optional dependency
+
+        super().__init__()
+        self._draw = getattr(data, "draw")  # noqa: B009 - data's type lives in hypothesis
+        self._integers = strategies.integers
+
+    def pick(self, index: int, label: str, options: int) -> int:
+        value: int = self._draw(self._integers(0, options - 1), label=label)
+        return value

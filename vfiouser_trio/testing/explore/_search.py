@@ -54,7 +54,7 @@ class PCT(Strategy):
 
     seed: int = 0
     depth: int = 2
-    _length: int = field(default=1, init=False)
+    _length: int = field(default=1, init=False, repr=False)
 
     def choosers(self) -> Iterator[Chooser]:
         rng = random.Random(self.seed)
