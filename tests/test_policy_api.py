@@ -33,6 +33,7 @@ from vfiouser_trio.ordering import (
 )
 from vfiouser_trio.protocol import PciRegion
 from vfiouser_trio.protocol.constants import Command
+from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import Header, command_header
 from vfiouser_trio.server.device import Device
@@ -506,3 +507,38 @@ async def test_vfio_pair_takes_the_same_options(vfio_pair: NestedDeviceFactory) 
     assert client_policy.commands == [Command.DMA_READ]
     assert nested.server_tracer is server_tracer
     assert check_order(server_tracer, ConcurrentOrder()) == []
+
+
+# --- the client's start-now, await-later calls ---------------------------------------------------
+
+
+async def test_one_task_pipelines_requests_and_awaits_their_replies_later() -> None:
+    device = Gated()
+    server_tracer = Tracer()
+    with trio.fail_after(5):
+        async with nested_device(device, server_tracer=server_tracer) as nested:
+            client = nested.client
+            write = await client.start_write(PciRegion.BAR0, 0, b"\x05")  # its handler waits
+            read = await client.start_read(PciRegion.BAR0, 0, 1)
+            refused = await client.start_write(PciRegion.BAR1, 0, b"\x01")  # read-only
+            await server_tracer.wait_for(
+                lambda r: r.command == Command.REGION_WRITE and r.direction is Direction.RECEIVED,
+                count=2,
+            )
+            # All three are on the server's side while the first is processed.
+            assert not (write.done or read.done or refused.done)
+            device.may_write.set()
+            await write
+            assert await read == b"\x05"  # the spec's order: after the write
+            with pytest.raises(VfioUserError):
+                await refused
+            abandoned = await client.start_read(PciRegion.BAR0, 0, 1)
+            abandoned.cancel()  # its late reply is consumed
+            assert await client.read(PciRegion.BAR0, 0, 1) == b"\x05"
+            assert (await client.start_read(PciRegion.BAR0, 0, 0)).done  # nothing to send
+    sent = nested.tracer.commands(Command.REGION_READ, Command.REGION_WRITE)
+    assert [r.command for r in sent][:3] == [
+        Command.REGION_WRITE,
+        Command.REGION_READ,
+        Command.REGION_WRITE,
+    ]

@@ -112,6 +112,7 @@ __all__ = [
     "Handler",
     "HandlerResult",
     "Link",
+    "PendingReply",
     "RawMessage",
     "Role",
     "open_connection",
@@ -943,6 +944,23 @@ class Connection:
 
         Same errors as :meth:`request`; an error reply raises instead of being returned.
         """
+        pending = await self.start_request_raw(command, payload, fds, transfer_fds=transfer_fds)
+        return await pending.wait()
+
+    async def start_request_raw(
+        self,
+        command: int,
+        payload: Buffer = b"",
+        fds: Sequence[int] = (),
+        *,
+        transfer_fds: bool = False,
+    ) -> PendingReply:
+        """Send a command now; returns once it is queued, without waiting for the reply.
+
+        ``await pending.wait()`` later gives the reply frame (errors as :meth:`request_raw`),
+        so one task can pipeline requests in the order it chooses. Wait for every pending
+        reply or :meth:`~PendingReply.cancel` it: until then its ID stays in use.
+        """
         core = self.core
         state, msg_id, header, payload = await self._begin_request(
             command, payload, fds, transfer_fds, no_reply=False
@@ -957,17 +975,7 @@ class Connection:
         except BaseException:
             core.forget(msg_id)
             raise
-        try:
-            await request.done.wait()
-        except BaseException:
-            # Sent, not answered: the core reserves the ID until the late reply comes.
-            if not core.cancel(msg_id, request) and request.frame is not None:
-                request.frame.close_fds()
-            raise
-        if request.error is not None:
-            raise request.error
-        assert request.frame is not None
-        return core.reply_result(request.frame, command)
+        return PendingReply(core, msg_id, command, request)
 
     async def post_raw(
         self,
@@ -1033,6 +1041,63 @@ class Connection:
             self._send(state, header, payload, fds, transfer_fds)
         except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise ConnectionClosedError(errno=errno.ENOTCONN, command=command) from exc
+
+
+class PendingReply:
+    """A request sent by :meth:`Connection.start_request_raw`, its reply still to come."""
+
+    __slots__ = ("_command", "_core", "_msg_id", "_request")
+
+    def __init__(
+        self,
+        core: ConnectionCore[_PendingRequest],
+        msg_id: int,
+        command: int,
+        request: _PendingRequest,
+    ) -> None:
+        self._core = core
+        self._msg_id = msg_id
+        self._command = command
+        self._request: _PendingRequest | None = request
+
+    @property
+    def msg_id(self) -> int:
+        return self._msg_id
+
+    @property
+    def command(self) -> int:
+        return self._command
+
+    @property
+    def done(self) -> bool:
+        """True once the reply (or the connection's end) has come."""
+        return self._request is None or self._request.done.is_set()
+
+    async def wait(self) -> Frame:
+        """The reply frame (the caller owns its fds); raises as :meth:`Connection.request_raw`.
+        Once only: the reply is the caller's from then on."""
+        request = self._request
+        if request is None:
+            raise RuntimeError("this reply was already taken or cancelled")
+        try:
+            await request.done.wait()
+        except BaseException:
+            self.cancel()
+            raise
+        self._request = None
+        if request.error is not None:
+            raise request.error
+        assert request.frame is not None
+        return self._core.reply_result(request.frame, self._command)
+
+    def cancel(self) -> None:
+        """Give up the reply: a reply already here is closed, a late one consumed when it
+        comes (its ID stays reserved until then)."""
+        request, self._request = self._request, None
+        if request is None:
+            return
+        if not self._core.cancel(self._msg_id, request) and request.frame is not None:
+            request.frame.close_fds()
 
 
 class _Suspended:

@@ -39,7 +39,13 @@ from typing import TypeVar
 
 import trio
 
-from ..engine import Connection, ConnectionClosedError, ConnectionHooks, open_connection
+from ..engine import (
+    Connection,
+    ConnectionClosedError,
+    ConnectionHooks,
+    PendingReply,
+    open_connection,
+)
 from ..eventfd import EventFd
 from ..fdcheck import require_eventfd
 from ..ordering import OrderingPolicy
@@ -83,7 +89,7 @@ from ..protocol.features import (
     MigDeviceState,
     MigrationInfo,
 )
-from ..protocol.framing import close_fds, max_msg_size_for
+from ..protocol.framing import Frame, close_fds, max_msg_size_for
 from ..protocol.irqs import IrqInfoReply, IrqInfoRequest, SetIrqsReply, SetIrqsRequest
 from ..protocol.message import Message, Request
 from ..protocol.migration_data import (
@@ -116,6 +122,7 @@ from .dirty import ClientWrites, DirtyLogging, DirtyPages, merge_reports, split_
 from .dma import DmaMap, DmaMaps, DmaService
 from .guest_memory import GuestMemory
 from .irqs import Interrupt, InterruptTable
+from .pending import PendingResult
 from .regions import MAX_ARGSZ, MappedArea, Region, RegionIoFd, query_with_argsz
 
 __all__ = [
@@ -430,10 +437,34 @@ class Client:
         try:
             return await self.connection.request(request)
         except ProtocolError as exc:
-            if exc.errno == errno.EMSGSIZE and not isinstance(exc, ConnectionClosedError):
-                log.warning("closing the connection: %s", exc.message)
-                self.connection.close()
+            self._reply_failed(exc)
             raise
+
+    def _reply_failed(self, exc: BaseException) -> None:
+        """Close the connection when a reply was beyond our limit (see :meth:`_request`)."""
+        if (
+            isinstance(exc, ProtocolError)
+            and exc.errno == errno.EMSGSIZE
+            and not isinstance(exc, ConnectionClosedError)
+        ):
+            log.warning("closing the connection: %s", exc.message)
+            self.connection.close()
+
+    async def _send_now(self, requests: Sequence[Request]) -> list[PendingReply]:
+        """Send ``requests`` now, in order; their replies are awaited later."""
+        replies: list[PendingReply] = []
+        try:
+            for request in requests:
+                replies.append(
+                    await self.connection.start_request_raw(
+                        request.COMMAND, request.pack(), request.fds
+                    )
+                )
+        except BaseException:
+            for reply in replies:
+                reply.cancel()
+            raise
+        return replies
 
     async def _call(self, request: Request, reply_type: type[R]) -> R:
         reply = await self._request(request)
@@ -560,6 +591,62 @@ class Client:
                 await self.connection.post_raw(request.COMMAND, request.pack())
             else:
                 await self._call(request, RegionWriteReply)
+
+    async def start_read(
+        self, region: int, offset: int, count: int, *, use_mmap: bool = True
+    ) -> PendingResult[bytes]:
+        """Send the REGION_READ(s) of :meth:`read` now and return without waiting for the
+        reply; ``await`` the result later for the bytes (errors as :meth:`read`).
+
+        One task can so pipeline accesses in the order it calls these, with no task per
+        request: ``a = await c.start_read(0, 0, 4); b = await c.start_read(1, 0, 4)``, then
+        ``await a``, ``await b``. A read served from shared memory is done at once.
+        """
+        _check_span(offset, count)
+        self._check_open()
+        if count == 0 or (use_mmap and self._mapped(region, offset, count, write=False)):
+            return PendingResult.ready(await self.read(region, offset, count, use_mmap=use_mmap))
+        requests = [
+            RegionReadRequest(region, start, length)
+            for start, length in _chunks(offset, count, self.max_data_xfer_size)
+        ]
+
+        def data(frames: list[Frame]) -> bytes:
+            parts = []
+            for request, frame in zip(requests, frames, strict=True):
+                reply = request.parse_reply(frame.payload, frame.fds)
+                assert isinstance(reply, RegionReadReply)  # parse_reply guarantees it
+                parts.append(reply.data)
+            return b"".join(parts)
+
+        return PendingResult(await self._send_now(requests), data, on_error=self._reply_failed)
+
+    async def start_write(
+        self,
+        region: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        use_mmap: bool = True,
+    ) -> PendingResult[None]:
+        """Send the REGION_WRITE(s) of :meth:`write` now; ``await`` the result later for
+        the server's answer (errors as :meth:`write`). See :meth:`start_read`."""
+        data = bytes(data)
+        _check_span(offset, len(data))
+        self._check_open()
+        if not data or (use_mmap and self._mapped(region, offset, len(data), write=True)):
+            await self.write(region, offset, data, use_mmap=use_mmap)
+            return PendingResult.ready(None)
+        requests = [
+            RegionWriteRequest(region, start, data[start - offset : start - offset + length])
+            for start, length in _chunks(offset, len(data), self.max_data_xfer_size)
+        ]
+
+        def answered(frames: list[Frame]) -> None:
+            for request, frame in zip(requests, frames, strict=True):
+                request.parse_reply(frame.payload, frame.fds)
+
+        return PendingResult(await self._send_now(requests), answered, on_error=self._reply_failed)
 
     async def write_multi(self, writes: Iterable[tuple[int, int, bytes]]) -> int:
         """Several small writes ``(region, offset, data of at most 8 bytes)``, in order.
