@@ -239,6 +239,20 @@ def test_hypothesis_draws_the_choices() -> None:
         check()
 
 
+def test_a_failure_names_its_arrival_delays_as_a_fault() -> None:
+    racy_reads = explore.Schedule.from_dict({"arrival #19 REGION_READ": 1, "latency write bar1": 1})
+    run = explore.replay(RACY, racy_reads)
+    assert run.failures
+    failure = explore.Failure(racy_reads, run.failures, racy_reads, run)
+    fault = failure.arrival_fault()
+    assert isinstance(fault, OrderedDelay)
+    assert "faults=OrderedDelay(seconds={19: 0.001}, direction=Direction.SENT)" in (
+        failure.regression_test()
+    )
+    only_latency = explore.Schedule.from_dict({"latency write bar1": 1})
+    assert explore.Failure(only_latency, [], only_latency, run).arrival_fault() is None
+
+
 def test_replay_is_deterministic() -> None:
     """A random run's schedule, replayed, gives the same messages at the same times."""
     chooser = next(explore.Random(seed=3, p=0.5).choosers())

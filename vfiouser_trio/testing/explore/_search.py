@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from ..faults import OrderedDelay
+from ..hooks import Direction
 from ._run import Run, Scenario, execute
 from ._schedule import Chooser, PointsChooser, RandomChooser, Schedule
 
@@ -21,6 +24,10 @@ __all__ = [
     "replay",
     "shrink",
 ]
+
+
+#: The label of an arrival choice point (see _run): the client's n-th message.
+_ARRIVAL = re.compile(r"arrival #(\d+) \S+")
 
 
 class Strategy:
@@ -122,11 +129,39 @@ class Failure:
             "    # Found by vfiouser_trio.testing.explore; it failed with:",
             *(f"    #   {line}" for p in self.problems[:3] for line in p.splitlines()),
             *(f"    # {line.strip()}" for line in self.schedule.describe().splitlines()),
+            *(f"    # {line}" for line in self._fault_note()),
             f"    schedule = explore.Schedule.from_dict({dict(self.schedule.choices)!r})",
             f"    run = explore.replay({scenario}, schedule)",
             "    assert not run.failures, run.failures",
         ]
         return "\n".join(lines) + "\n"
+
+    def arrival_fault(self) -> OrderedDelay | None:
+        """The schedule's arrival delays as the framework's fault, for the client's side of
+        a :func:`~vfiouser_trio.testing.nested_device` serving the same device and workload
+        (``faults=``, ``twin_socket=False`` as the explorer runs): the n-th message the client
+        sends is held as the schedule held it.
+        None when the schedule delays no message. Latencies and batching are not faults."""
+        seconds = self._arrival_seconds()
+        return OrderedDelay(seconds=seconds, direction=Direction.SENT) if seconds else None
+
+    def _arrival_seconds(self) -> dict[int, float]:
+        delays = self.run.scenario.arrival_delays
+        seconds = {}
+        for label, value in self.schedule.choices:
+            match = _ARRIVAL.fullmatch(label)
+            if match is not None:
+                seconds[int(match.group(1))] = delays[value]
+        return seconds
+
+    def _fault_note(self) -> list[str]:
+        seconds = self._arrival_seconds()
+        if not seconds:
+            return []
+        return [
+            "The same arrival timing on a nested device's client (twin_socket=False):",
+            f"  faults=OrderedDelay(seconds={seconds!r}, direction=Direction.SENT)",
+        ]
 
     def __str__(self) -> str:
         problems = "\n".join(self.problems)
