@@ -340,7 +340,7 @@ class _LinkState:
 
 
 class Connection:
-    """One vfio-user connection. Create it with :func:`open_connection`."""
+    """One vfio-user connection: run it with :func:`open_connection`, or :meth:`run`."""
 
     # Slots: a server keeps one per client, and 1,000 idle ones should fit in 16 MiB.
     __slots__ = (
@@ -375,21 +375,25 @@ class Connection:
         dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
         name: str = "vfio-user",
     ) -> None:
-        #: The protocol's state and rules (sans-io): message IDs, pending requests, limits.
-        self.core: ConnectionCore[_PendingRequest] = ConnectionCore(
-            role=role,
-            max_msg_size=max_msg_size,
-            max_recv_fds=max_recv_fds,
-            max_send_fds=max_send_fds,
-            max_send_backlog=max_send_backlog,
-            dispatch_batch=dispatch_batch,
-        )
+        try:
+            #: The protocol's state and rules (sans-io): message IDs, pending requests, limits.
+            self.core: ConnectionCore[_PendingRequest] = ConnectionCore(
+                role=role,
+                max_msg_size=max_msg_size,
+                max_recv_fds=max_recv_fds,
+                max_send_fds=max_send_fds,
+                max_send_backlog=max_send_backlog,
+                dispatch_batch=dispatch_batch,
+            )
+            self._main = self._new_link(Link.MAIN, sock)
+        except BaseException:
+            sock.close()  # the connection owns the socket from the start
+            raise
         #: Names the connection (the device, the client) in log messages.
         self.name = name
         self._handler = handler
         self._policy = policy if policy is not None else SpecOrder()
         self._hooks = hooks
-        self._main = self._new_link(Link.MAIN, sock)
         self._twin: _LinkState | None = None
         self._request_link = self._main
         self._id_lot: trio.lowlevel.ParkingLot | None = None  # created when first needed
@@ -504,17 +508,31 @@ class Connection:
             ctx = PolicyContext(self, state.link, state.commands, process, observer=self._hooks)
             self._nursery.start_soon(run_policy, self._policy, ctx)
 
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
+        """Run the connection in the calling task until it has closed, its tasks done.
+
+        The calling task reads the main link: an owner that would only wait for the end
+        (a server's session) spends a task and a nursery less than with
+        :func:`open_connection`. Call it once, on a connection made with ``Connection(...)``;
+        when it returns (or is cancelled) the connection is closed.
+        """
+        await self._run()
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
                 self._start_link(self._main)
-                # This task becomes the main link's first reader, once open_connection has
-                # handed the connection to its owner (a handler may need the owner's hold).
-                self._run_task = trio.lowlevel.current_task()
-                task_status.started()
-                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                if task_status is not None:
+                    # This task becomes the main link's first reader once open_connection
+                    # has handed the connection to its owner (a handler may need the
+                    # owner's hold).
+                    self._run_task = trio.lowlevel.current_task()
+                    task_status.started()
+                    await trio.lowlevel.wait_task_rescheduled(
+                        lambda _: trio.lowlevel.Abort.SUCCEEDED
+                    )
                 await self._read_loop(self._main)
         finally:
             self._nursery = None
@@ -1179,8 +1197,7 @@ def open_connection(
             max_send_backlog=max_send_backlog,
             dispatch_batch=dispatch_batch,
             name=name,
-        ),
-        sock,
+        )
     )
 
 
@@ -1188,23 +1205,18 @@ class _Running:
     """The context manager of :func:`open_connection`: a class rather than a generator,
     since every open connection keeps it (a suspended generator costs a kilobyte or two)."""
 
-    __slots__ = ("_conn", "_make", "_nursery", "_sock")
+    __slots__ = ("_conn", "_make", "_nursery")
 
-    def __init__(self, make: Callable[[], Connection], sock: socket.socket) -> None:
+    def __init__(self, make: Callable[[], Connection]) -> None:
         self._make: Callable[[], Connection] | None = make
-        self._sock: socket.socket | None = sock
         self._conn: Connection | None = None
         self._nursery: AbstractAsyncContextManager[trio.Nursery] | None = None
 
     async def __aenter__(self) -> Connection:
-        make, sock = self._make, self._sock
-        assert make is not None and sock is not None, "open_connection() is entered once"
-        self._make = self._sock = None
-        try:
-            conn = make()
-        except BaseException:
-            sock.close()
-            raise
+        make = self._make
+        assert make is not None, "open_connection() is entered once"
+        self._make = None
+        conn = make()  # closes the socket if it raises
         manager = trio.open_nursery()
         nursery = await manager.__aenter__()
         try:
