@@ -382,6 +382,32 @@ async def test_open_connection_closes_a_socket_it_cannot_use() -> None:
     b.close()
 
 
+async def test_a_connection_that_cannot_use_its_socket_closes_it() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with pytest.raises(ValueError, match="SOCK_STREAM"):
+        Connection(a, handler=echo_handler)
+    assert a.fileno() == -1
+    b.close()
+
+
+async def test_run_serves_in_the_calling_task_until_the_peer_leaves() -> None:
+    """Connection.run(): the caller's task reads the main link (the engine starts no task
+    of its own while the connection is idle) and returns once the peer has left."""
+    a_sock, b_sock = socket.socketpair()
+    a = Connection(a_sock, handler=echo_handler)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.run)
+            async with open_connection(b_sock, handler=no_commands) as b:
+                for _ in range(3):
+                    reply = await b.request(Echo(b"ping"))
+                    assert isinstance(reply, EchoReply) and reply.data == b"ping"
+                await trio.testing.wait_all_tasks_blocked()
+                assert _engine_tasks() == ["_run", "run"]  # b's first task, a's caller
+            await a.wait_closed()
+    assert a.close_reason is None
+
+
 async def test_requests_are_checkpoints() -> None:
     with trio.fail_after(5):
         async with connected() as (_a, b):
@@ -593,6 +619,8 @@ async def test_the_idle_twin_link_is_watched_without_a_reader(how: str) -> None:
                 frame = await b.request_raw(Command.REGION_WRITE, b"on the twin")
                 assert frame.payload == b"done"  # a's handler asked b for DMA meanwhile
                 assert not a.closed.is_set()
+
+
 @pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-sockets"])
 @pytest.mark.parametrize("indirect", [False, True], ids=["own-request", "other-task"])
 @pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))

@@ -100,6 +100,4 @@ class IdleWatch:
             epoll.close()
 
 
-_CURRENT: trio.lowlevel.RunVar[IdleWatch | None] = trio.lowlevel.RunVar(
-    "vfiouser_trio.idle_watch"
-)
+_CURRENT: trio.lowlevel.RunVar[IdleWatch | None] = trio.lowlevel.RunVar("vfiouser_trio.idle_watch")
