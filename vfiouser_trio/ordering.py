@@ -29,12 +29,15 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Hashable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .protocol.constants import Command
 from .protocol.framing import Frame
+
+if TYPE_CHECKING:  # the engine imports this module
+    from .engine import Connection, Link
 
 #: Runs one command to completion: handler, then reply. Never raises except trio.Cancelled.
 ProcessCommand = Callable[[Frame], Awaitable[None]]
@@ -180,8 +183,8 @@ class PolicyContext:
 
     def __init__(
         self,
-        connection: object,
-        link: enum.Enum,
+        connection: Connection,
+        link: Link,
         commands: CommandSource,
         process: GatedProcess,
         *,
@@ -195,7 +198,7 @@ class PolicyContext:
         #: Commands started and not yet done on this link.
         self.running = 0
         self._gated = process
-        self._observe: Callable[[object, enum.Enum, Frame, Processing], None] | None = getattr(
+        self._observe: Callable[[Connection, Link, Frame, Processing], None] | None = getattr(
             observer, "on_processing", None
         )
         self._nursery: trio.Nursery | None = None
@@ -203,13 +206,12 @@ class PolicyContext:
     @property
     def name(self) -> str:
         """The connection's name (the device, the client), as in its log lines."""
-        return str(getattr(self.connection, "name", "vfio-user"))
+        return self.connection.name
 
     @property
     def outstanding(self) -> int:
         """This side's requests to the peer awaiting their reply now."""
-        core = getattr(self.connection, "core", None)
-        return int(getattr(core, "awaiting_replies", 0))
+        return self.connection.core.awaiting_replies
 
     @staticmethod
     def now() -> float:
