@@ -749,13 +749,13 @@ class Connection:
                 event.command,
                 event.why,
             )
-            self._send_error(state, event)
+            self._send_reply(state, event.header())
         elif isinstance(event, Ignore):
             if event.why is not None:
                 log.warning("%s: %s link: %s", self.name, state.link.value, event.why)
         elif isinstance(event, Close):
             if event.answer is not None:
-                self._send_error(state, event.answer)
+                self._send_reply(state, event.answer.header())
             return event.reason
         return None
 
@@ -803,10 +803,6 @@ class Connection:
             if done is not None:
                 state.adopted_done = None
                 done.set()
-
-    def _send_error(self, state: _LinkState, error: SendError) -> None:
-        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            self._send(state, error.header())
 
     # ----------------------------------------------------------------- sending
 
