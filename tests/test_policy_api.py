@@ -4,6 +4,7 @@ spec-order checker and the wait-for graph."""
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import socket
 import struct
@@ -17,7 +18,7 @@ import trio.testing
 from vfiouser_trio import cli
 from vfiouser_trio.cli import load_policy
 from vfiouser_trio.client import GuestMemory
-from vfiouser_trio.engine import Connection, HandlerResult, Link, open_connection
+from vfiouser_trio.engine import Connection, HandlerResult, Link, RawMessage, open_connection
 from vfiouser_trio.ordering import (
     CommandJob,
     CommandSource,
@@ -542,3 +543,30 @@ async def test_one_task_pipelines_requests_and_awaits_their_replies_later() -> N
         Command.REGION_READ,
         Command.REGION_WRITE,
     ]
+
+
+async def test_a_held_reply_is_dropped_with_its_fds_when_the_connection_closes() -> None:
+    jobs: list[CommandJob] = []
+
+    class NeverRelease(OrderingPolicy):
+        async def serve(self, ctx: PolicyContext) -> None:
+            while True:
+                jobs.append(ctx.execute(await ctx.commands.get()))
+
+    async def server(frame: Frame) -> HandlerResult:
+        r, w = os.pipe()
+        os.close(w)
+        return RawMessage(b"", [r], transfer_fds=True)  # the engine owns it
+
+    with trio.fail_after(5):
+        async with (
+            pair(server, policy=NeverRelease()) as (client, _s, _ct, _st),
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(client.request_raw, Command.REGION_READ, b"")
+            while not jobs:
+                await trio.testing.wait_all_tasks_blocked()
+            await jobs[0].wait_handled()
+            assert not jobs[0].done
+            nursery.cancel_scope.cancel()
+    # Leaving closed the connection: the held reply's fd is closed (no_fd_leak).
