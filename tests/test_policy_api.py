@@ -146,35 +146,23 @@ async def test_the_context_counts_this_sides_outstanding_requests() -> None:
                 seen.append(ctx.outstanding)
                 await ctx.process(frame)
 
-    async def server(frame: Frame) -> HandlerResult:
-        return None
+    never = trio.Event()
 
-    holder: dict[str, Connection] = {}
-
-    async def client_handler(frame: Frame) -> HandlerResult:
+    async def client_blocks(frame: Frame) -> HandlerResult:
+        await never.wait()
         return None
 
     with trio.fail_after(5):
-        a, b = socket.socketpair()
+        # The server awaits a request of its own (which the client never answers) while
+        # the client's command is taken: one outstanding.
         async with (
-            open_connection(a, handler=client_handler) as client,
-            open_connection(b, handler=server, policy=Watching()) as srv,
+            pair(nothing, policy=Watching(), client=client_blocks) as (c, s, _ct, _st),
+            trio.open_nursery() as nursery,
         ):
-            holder["server"] = srv
-            # The server sends a request of its own first: while the client's command is
-            # taken, the server has one request outstanding.
-            never = trio.Event()
-
-            async def client_blocks(frame: Frame) -> HandlerResult:
-                await never.wait()
-                return None
-
-            client._handler = client_blocks
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(srv.request_raw, Command.DMA_READ, b"")
-                await trio.testing.wait_all_tasks_blocked()
-                await client.request_raw(Command.REGION_READ, b"")
-                nursery.cancel_scope.cancel()
+            nursery.start_soon(s.request_raw, Command.DMA_READ, b"")
+            await trio.testing.wait_all_tasks_blocked()
+            await c.request_raw(Command.REGION_READ, b"")
+            nursery.cancel_scope.cancel()
     assert seen == [1]
 
 
