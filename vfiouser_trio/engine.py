@@ -474,13 +474,13 @@ class Connection:
         self._twin = twin
         self._start_link(twin)
         if requests_on_twin:
-            # The twin carries our commands and the peer's replies (spec: "twin_socket"): it
-            # is read while a reply is awaited, and otherwise watched (the peer may leave
-            # there, keeping the main socket open in another process).
+            # The twin carries our commands and the peer's replies (spec: "twin_socket"): no
+            # task reads it, the run's idle watch does (the peer may also leave there,
+            # keeping the main socket open in another process).
             self._request_link = twin
             twin.on_demand = True
             twin.reading = False
-            twin.transport.watch_idle(partial(self._read_on_demand, twin))
+            twin.transport.watch_idle(partial(self._read_watched, twin))
         else:
             nursery.start_soon(self._read_loop, twin)
 
@@ -593,15 +593,14 @@ class Connection:
         batch = core.dispatch_batch
         events = carried
         suspended: _Suspended | None = None
-        fresh = True  # an on-demand reader reads at least once
         try:
             while reason is None:
                 if not events:
-                    if state.on_demand and not fresh and self._reader_may_leave(state):
+                    if state.on_demand and not state.load and not transport.closed:
+                        # Nothing held any more: the idle watch reads the link again.
                         state.reading = False
-                        transport.watch_idle(partial(self._read_on_demand, state))
+                        transport.watch_idle(partial(self._read_watched, state))
                         return
-                    fresh = False
                     if not bounded or not state.load:
                         events = await transport.receive()  # nothing held: no bound to keep
                     else:
@@ -650,27 +649,56 @@ class Connection:
             self._nursery.start_soon(self._read_loop, state, events)
             await suspended
             return
+        self._link_ended(state, reason)
+
+    def _link_ended(self, state: _LinkState, reason: BaseException | None) -> None:
         if reason is not None:
             log.warning(
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
 
-    def _reader_may_leave(self, state: _LinkState) -> bool:
-        """Whether an on-demand link's reader may stop: no reply awaited, no command held.
-        The link is then watched (:class:`~vfiouser_trio.idle_watch.IdleWatch`) until a
-        request of ours or the peer's data or hang-up starts a reader again."""
-        return (
-            not self.core.awaiting_replies
-            and not state.commands.held
-            and not state.transport.closed
-        )
-
-    def _read_on_demand(self, state: _LinkState) -> None:
-        if not state.reading and self._nursery is not None:
+    def _read_watched(self, state: _LinkState) -> None:
+        """The idle watch saw data or a hang-up on a link no task reads (the server's twin):
+        handle one read here, in the watch's task (replies are delivered, commands queued for
+        the dispatcher, never run inline). A link holding commands gets a reader task
+        instead, which can pause reading (the bound of the module doc) and leaves once
+        nothing is held."""
+        if state.reading or self.closed.is_set():
+            return
+        transport = state.transport
+        if state.load:
+            assert self._nursery is not None
             state.reading = True
-            state.transport.unwatch_idle()
+            transport.unwatch_idle()
             self._nursery.start_soon(self._read_loop, state)
+            return
+        reason: BaseException | None = None
+        events: list[FrameEvent] | None
+        try:
+            events = transport.receive_nowait()
+        except trio.ClosedResourceError:
+            events, reason = [], transport.send_error
+        except (ProtocolError, OSError) as exc:
+            events, reason = [], exc
+        if events is None:
+            return  # nothing complete yet
+        hooks = self._hooks
+        for event in events:
+            if not isinstance(event, Frame):
+                if hooks is not None:
+                    hooks.on_framing_error(self, state.link, event)
+                reason = self._act(state, self.core.receive_framing_error(event))
+                if reason is not None:
+                    break
+            elif hooks is not None:
+                hooks.on_receive(self, state.link, event, partial(self._deliver, state))
+            else:
+                self._route(state, event, more=None)
+        else:
+            if events:
+                return
+        self._link_ended(state, reason)  # the peer hung up there, or the link failed
 
     async def _hold_reading(self, state: _LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
@@ -982,8 +1010,6 @@ class Connection:
         request = _PendingRequest()
         core.expect_reply(msg_id, command, request)
         state.wake()  # a paused reader must read this request's reply
-        if not state.reading:
-            self._read_on_demand(state)
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
         except BaseException:

@@ -5,8 +5,8 @@ replies to our requests, spec "twin_socket") must still notice the peer's data o
 while nobody reads it. One waiting reader task per link would cost a task, its suspended
 stack and trio's registration of the socket (about 3.5 KiB per connection). Instead, every
 such socket is registered in one epoll set of our own, whose fd a single system task of the
-trio run waits on. When a watched socket becomes readable, hangs up or fails, it leaves the
-set and its callback runs (the link starts a reader).
+trio run waits on. Whenever a watched socket is readable, hung up or failed, its callback
+runs in that task (the link reads what is there without blocking, or starts a reader).
 
 The set and its task exist while some transport uses them (:meth:`IdleWatch.acquire`,
 :meth:`IdleWatch.release`): a run whose connections are all gone holds no fd for it.
@@ -61,9 +61,9 @@ class IdleWatch:
             self._epoll.close()
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (once, from the watch's task) when ``fd`` has data or hangs up.
-
-        ``fd`` must not be watched already; :meth:`forget` it before it is closed.
+        """Call ``callback`` from the watch's task whenever ``fd`` has data or has hung up,
+        until :meth:`forget`. It must consume what is there (the set is level-triggered) and
+        not block. ``fd`` must not be watched already; forget it before it is closed.
         """
         self._epoll.register(fd, _EVENTS)
         self._callbacks[fd] = callback
@@ -83,10 +83,9 @@ class IdleWatch:
                 if epoll.closed:
                     break  # released since the wake-up
                 for fd, _ in epoll.poll(0):
-                    callback = self._callbacks.pop(fd, None)
+                    callback = self._callbacks.get(fd)
                     if callback is None:
                         continue  # forgotten by an earlier callback of this batch
-                    epoll.unregister(fd)
                     try:
                         callback()
                     except Exception:

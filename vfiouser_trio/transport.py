@@ -284,6 +284,11 @@ class Transport:
                 return events
             await trio.lowlevel.wait_readable(self._sock)
 
+    def receive_nowait(self) -> list[FrameEvent] | None:
+        """:meth:`receive` without waiting: None when the kernel has nothing now."""
+        self._read_size = self._fair_read_size
+        return self._receive_nowait()
+
     def _receive_nowait(self) -> list[FrameEvent] | None:
         """Read until some event is complete; None when the kernel has nothing (EAGAIN)."""
         if self._closed:
@@ -330,9 +335,10 @@ class Transport:
                 return None
 
     def watch_idle(self, callback: Callable[[], None]) -> None:
-        """While nobody reads the socket: call ``callback`` once when it has data or hangs up
-        (from the run's :class:`~vfiouser_trio.idle_watch.IdleWatch` task), or when the
-        transport closes, whichever comes first. :meth:`unwatch_idle` before reading again."""
+        """While no task reads the socket: call ``callback`` whenever it has data or has hung
+        up (from the run's :class:`~vfiouser_trio.idle_watch.IdleWatch` task; it consumes
+        them with :meth:`receive_nowait`), and once when the transport closes.
+        :meth:`unwatch_idle` before a task reads it."""
         watch = self._watch
         if watch is None:
             watch = self._watch = IdleWatch.acquire()  # released by close()
