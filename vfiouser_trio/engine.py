@@ -29,7 +29,11 @@ Which socket carries what:
   they go on the twin link; their replies may arrive on either link (matched by message ID);
 * commands arriving on either link are dispatched, each link with its own policy run, so
   server-to-client commands are not queued behind client-to-server ones; the peer's end of
-  stream on either link closes the connection.
+  stream on either link closes the connection;
+* no task reads the server's twin link (it carries only our requests and the peer's
+  replies, spec "twin_socket"): the trio run's :class:`~vfiouser_trio.idle_watch.IdleWatch`
+  reads it when data or a hang-up arrives, and starts a reader task for it only while it
+  holds commands.
 
 Besides the core's rules: a handler raising :class:`VfioUserError` (or ProtocolError)
 answers with its errno, any other exception is logged and answered with EIO; more fds than
@@ -51,7 +55,8 @@ dispatcher yields after every ``dispatch_batch`` commands and reads complete abo
 ``FRAMES_PER_READ`` frames each, so one pipelining peer cannot starve other connections.
 
 An idle connection costs little: writer and dispatcher tasks, queues and parking lots are
-created when first needed, and transports share their thread's receive buffer.
+created when first needed, transports share their thread's receive buffer, and with
+:meth:`Connection.run` the owner's task is the main link's reader.
 """
 
 from __future__ import annotations
