@@ -621,6 +621,38 @@ async def test_the_idle_twin_link_is_watched_without_a_reader(how: str) -> None:
                 assert not a.closed.is_set()
 
 
+async def test_the_watched_twin_gets_a_reader_while_it_holds_commands() -> None:
+    """Commands arriving on the server's twin are queued by the idle watch; while the link
+    holds one, the next read is a reader task's (which can pause reading), and that reader
+    leaves after the first read that finds nothing held."""
+    holder: dict[str, Connection] = {}
+    release = trio.Event()
+
+    async def server(frame: Frame) -> HandlerResult:
+        await release.wait()
+        return RawMessage(b"done")
+
+    _, client = _nested_handlers(holder)
+    with trio.fail_after(5):
+        async with twin_connected(server, client, holder, SpecOrder) as (a, b):
+            await trio.testing.wait_all_tasks_blocked()
+            idle = _engine_tasks()
+            b._request_link = b._twin  # no client sends commands there, but one may
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(b.request_raw, Command.REGION_WRITE, b"held")
+                    await trio.testing.wait_all_tasks_blocked()
+                # a: a dispatcher (first command) and a twin reader (second one); b's two
+                # requesters are the test's.
+                busy = [t for t in _engine_tasks() if t != "request_raw"]
+                assert busy == sorted([*idle, "_read_loop", "run_policy"])
+                release.set()
+            # The reader waits in the kernel until the next message there, then leaves.
+            await a.request_raw(Command.DMA_READ, b"addr")
+            await trio.testing.wait_all_tasks_blocked()
+            assert _engine_tasks().count("_read_loop") == idle.count("_read_loop")
+
+
 @pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-sockets"])
 @pytest.mark.parametrize("indirect", [False, True], ids=["own-request", "other-task"])
 @pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))
