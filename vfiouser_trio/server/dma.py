@@ -5,6 +5,8 @@ views are possible); maps without one are reached through DMA_READ / DMA_WRITE
 messages to the client, split at the client's ``max_data_xfer_size``. Every access
 is checked against the maps and their permissions, and an unmap waits until the
 accesses and views using that map are finished before the reply goes out. An access
+inside one fd-backed map (``read``, ``read_into``, ``write``) is one bisect and one
+slice copy, with no view or pin (see ``_direct`` for why that is safe). An access
 may span adjacent maps (``sgl`` lists the pieces, as libvfio-user's
 ``vfu_addr_to_sgl`` does); a byte outside every map is EFAULT. ``prefer_messages`` (or
 ``read``/``write``'s ``messages=True``) sends DMA_READ / DMA_WRITE even for a map we
@@ -629,12 +631,12 @@ class DmaTable:
     ) -> memoryview | None:
         """Guest memory [iova, iova+length) as a slice to copy with, or None: the fast path.
 
-        ``read``/``read_into``/``write`` copy through it when the device runs, messages
-        are not asked for, and the range lies inside one window whose ``_direct`` flags
-        include ``need`` (fd-backed, unable to shrink, no unmap begun): one bisect, no
-        segment list, no view object, no pin. It never decides an error: None sends the
-        access down the general path, whose checks (``_segments``) give the answer, and
-        which makes the guarded copies of memory the client can shrink.
+        ``read`` copies through it (``read_into`` and ``write`` inline the same test) when
+        the device runs, messages are not asked for, and the range lies inside one window
+        whose ``_direct`` flags include ``need`` (fd-backed, unable to shrink, no unmap
+        begun): one bisect, no segment list, no view object, no pin. It never decides an
+        error: None sends the access down the general path, whose checks (``_segments``)
+        give the answer, and which makes the guarded copies of memory the client can shrink.
 
         Why such a copy needs no ``_acquire`` (what an unmap waits for): it runs with no
         checkpoint between this lookup and its end, so in trio's single thread no unmap
