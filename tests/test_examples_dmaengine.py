@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 from fd_leaks import fd_count
+from test_examples_e2e import program_engine
 
 from vfiouser_trio.atomics import AtomicView, MemoryOrder
 from vfiouser_trio.client import GuestMemory
@@ -306,11 +307,7 @@ async def test_messages_asked_for_go_through_the_clients_dma_servicing() -> None
             memory.write(PAGE, payload)
             memory.write(0, descriptor(SRC, SRC + 1000, 500))
             [irq] = await client.enable_irqs(PciIrq.MSIX)
-            await client.config.write(0x04, COMMAND_MEMORY | COMMAND_BUS_MASTER, 2)
-            await client.write(0, de.RING_BASE_LO, struct.pack("<Q", RING))
-            await client.write(0, de.RING_SIZE, struct.pack("<I", 8))
-            control = de.CONTROL_ENABLE | de.CONTROL_IRQ_ENABLE
-            await client.write(0, de.CONTROL, struct.pack("<I", control))
+            await program_engine(client, RING, 8)
             await client.write(0, de.TAIL, struct.pack("<I", 1))
             assert await irq.wait() == 1
             assert memory.read(PAGE + 1000, 500) == payload
@@ -598,11 +595,7 @@ async def test_the_hooks_track_windows_and_an_unmapped_ring_stops_a_running_engi
             assert sorted(device.windows) == [RING, SRC]
             assert not device.windows[SRC].fd_backed
             [irq] = await client.enable_irqs(PciIrq.MSIX)
-            await client.config.write(0x04, COMMAND_MEMORY | COMMAND_BUS_MASTER, 2)
-            await client.write(0, de.RING_BASE_LO, struct.pack("<Q", RING))
-            await client.write(0, de.RING_SIZE, struct.pack("<I", 8))
-            control = de.CONTROL_ENABLE | de.CONTROL_IRQ_ENABLE
-            await client.write(0, de.CONTROL, struct.pack("<I", control))
+            await program_engine(client, RING, 8)
             await client.dma_unmap(SRC, PAGE)  # not the ring: nothing happens
             assert await client.read(0, de.STATUS, 4) == bytes(4)
             await client.dma_unmap(RING, PAGE)  # the ring, under a running engine

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from test_testing_nested import Fetcher
 
 from vfiouser_trio import cli
 from vfiouser_trio.cli import load_policy
@@ -335,24 +336,6 @@ async def test_the_wait_for_graph_explains_a_deadlock() -> None:
 
 
 # --- nested devices ------------------------------------------------------------------------------
-
-
-class Fetcher(Device):
-    """BAR0: writing an IOVA (u64) at 0x0 makes the device DMA 4 bytes from it into 0x8."""
-
-    def __init__(self) -> None:
-        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7103, class_code=0xFF0000))
-        self.regs = bytearray(0x10)
-        self.add_bar(0, 0x10, read=self.read0, write=self.write0)
-
-    async def read0(self, offset: int, size: int) -> bytes:
-        return bytes(self.regs[offset : offset + size])
-
-    async def write0(self, offset: int, data: bytes) -> None:
-        self.regs[offset : offset + len(data)] = data
-        if offset == 0:
-            (iova,) = struct.unpack_from("<Q", self.regs, 0)
-            self.regs[8:12] = await self.dma.read(iova, 4)
 
 
 class Counting(OrderingPolicy):
