@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conformance_devices import EXPECTATIONS
+from conformance_devices import (
+    EXPECTATIONS,
+    NO_DMA_TRIGGER,
+    NO_EXTENDED_CONFIG,
+    NO_MIGRATION,
+)
 
 from vfiouser_trio import cli
 from vfiouser_trio.examples import EXAMPLES
@@ -42,33 +47,11 @@ BEGIN, END = "<!-- catalogue: begin -->\n", "<!-- catalogue: end -->\n"
 #: What does not apply to each example: 256-byte config spaces (no extended capabilities),
 #: only dmaengine has a DMA trigger, null and vendorcap do not migrate.
 SKIPPED = {
-    "nvme": {"cfg-03", "dma-07", "dma-08"},
-    "gpio": {"cfg-03", "dma-07", "dma-08"},
-    "dmaengine": {"cfg-03"},
-    "vendorcap": {
-        "cfg-03",
-        "dma-07",
-        "dma-08",
-        "mig-02",
-        "mig-03",
-        "mig-04",
-        "mig-05",
-        "mig-07",
-        "mig-08",
-        "mig-09",
-    },
-    "null": {
-        "cfg-03",
-        "dma-07",
-        "dma-08",
-        "mig-02",
-        "mig-03",
-        "mig-04",
-        "mig-05",
-        "mig-07",
-        "mig-08",
-        "mig-09",
-    },
+    "nvme": NO_EXTENDED_CONFIG | NO_DMA_TRIGGER,
+    "gpio": NO_EXTENDED_CONFIG | NO_DMA_TRIGGER,
+    "dmaengine": NO_EXTENDED_CONFIG,
+    "vendorcap": NO_EXTENDED_CONFIG | NO_DMA_TRIGGER | NO_MIGRATION,
+    "null": NO_EXTENDED_CONFIG | NO_DMA_TRIGGER | NO_MIGRATION,
 }
 
 

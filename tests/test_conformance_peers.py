@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from conformance_devices import NO_DMA_TRIGGER, NO_EXTENDED_CONFIG, NO_MIGRATION
 from libvfio_user import Samples, connect_socket, sample_server, samples
 
 from vfiouser_trio.testing.conformance import Expectations, FactoryTarget, Outcome, run_checks
@@ -36,20 +37,7 @@ KNOWN = {
 }
 #: Checks that do not apply to it: a 256-byte config space, no DMA trigger declared, no
 #: DEVICE_FEATURE migration (this libvfio-user speaks protocol 0.1).
-SKIPPED = {
-    "cfg-03",
-    "dma-06",
-    "dma-07",
-    "dma-08",
-    "mig-02",
-    "mig-03",
-    "mig-04",
-    "mig-05",
-    "mig-07",
-    "mig-08",
-    "mig-09",
-}
-SKIPPED |= {"dis-01", "dis-02"}
+SKIPPED = NO_EXTENDED_CONFIG | NO_DMA_TRIGGER | NO_MIGRATION | {"dma-06", "dis-01", "dis-02"}
 
 
 @pytest.fixture
