@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 import trio
 
 from vfiouser_trio.cli_errors import leaves
-from vfiouser_trio.client import VfioUserError, connect
+from vfiouser_trio.client import Client, VfioUserError, connect
 from vfiouser_trio.protocol import PciRegion
+from vfiouser_trio.server import MigState
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.device_errors import DeviceCodeError
 from vfiouser_trio.server.pci import PciIdentity
@@ -301,3 +303,61 @@ async def test_raising_detached_is_a_device_error(caplog: pytest.LogCaptureFixtu
             await pair.client.read(PciRegion.BAR0, 0, 4)
     device.close()
     assert len(run_warnings(caplog, "in detached()")) == 1
+
+
+class BrokenMigration(Device):
+    """Migrates; ``fail`` names the hook that raises: begin_save, save_chunks or load_chunk."""
+
+    def __init__(self, fail: str) -> None:
+        super().__init__(ID, name="broken-mig0")
+        self.add_bar(0, 0x100)
+        self.enable_migration()
+        self.fail = fail
+
+    def _maybe_fail(self, hook: str) -> None:
+        if self.fail == hook:
+            raise RuntimeError(f"{hook} lost the state")
+
+    async def on_begin_save(self) -> None:
+        self._maybe_fail("begin_save")
+
+    async def save_chunks(self) -> AsyncIterator[bytes]:
+        self._maybe_fail("save_chunks")
+        yield b"state"
+
+    async def load_chunk(self, data: bytes) -> None:
+        self._maybe_fail("load_chunk")
+
+
+async def _migrate_until_it_fails(client: Client) -> None:
+    """Save the device's state and load it back; the first hook that fails is EIO."""
+    with pytest.raises(VfioUserError) as failed:
+        await client.set_migration_state(MigState.STOP_COPY)
+        stream = b""
+        while chunk := await client.read_migration_data():
+            stream += chunk
+        await client.set_migration_state(MigState.STOP)
+        await client.set_migration_state(MigState.RESUMING)
+        await client.write_migration_data(stream)
+    assert failed.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize(
+    ("hook", "command", "where"),
+    [
+        ("begin_save", "MIG_DEVICE_STATE", "in the STOP -> STOP_COPY hook"),
+        ("save_chunks", "MIG_DATA_READ", "in save_chunks()"),
+        ("load_chunk", "MIG_DATA_WRITE", "in load_chunk()"),
+    ],
+)
+async def test_a_raising_migration_hook_is_eio_and_a_device_error(
+    hook: str, command: str, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = BrokenMigration(hook)
+    with trio.fail_after(5), pytest.raises(DeviceCodeError, match="lost the state") as raised:
+        async with nested_device(device) as pair:
+            await _migrate_until_it_fails(pair.client)
+    assert (raised.value.command, raised.value.where) == (command, where)
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert len(warnings(caplog)) == 1
+    device.close()

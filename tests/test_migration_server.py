@@ -601,6 +601,18 @@ async def test_state_survives_disconnection_and_a_stopped_device_runs_again() ->
     device.close()
 
 
+async def test_a_device_refusing_to_run_after_its_client_left_is_reset() -> None:
+    # How a device that must not run again once migrated away says so (docs/migration.md).
+    device = Counter()
+    device.failures["run"] = MigrationRefused("migrated away")
+    async with session(device) as conn:
+        await to_state(conn, S.STOP)
+    async with session(device) as conn:
+        assert await get_state(conn) == S.RUNNING and not device.dma.stopped
+        assert device.calls == ["stop", "run"] and device.resets == 1
+    device.close()
+
+
 # --- quiesce ------------------------------------------------------------------------------
 
 

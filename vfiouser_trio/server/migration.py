@@ -310,9 +310,9 @@ class DeviceMigration:
                     self.state = transition.arc_failed(restored=False)
                     self._enter_error()
                     if isinstance(exc, Exception) and not isinstance(exc, VfioUserError):
-                        log.exception("migration arc %s -> %s failed", arc.src.name, arc.dst.name)
-                        raise VfioUserError(
-                            errno.EIO, f"{arc.src.name} -> {arc.dst.name} failed: {exc}"
+                        where = f"in the {arc.src.name} -> {arc.dst.name} hook"
+                        raise self._vfu.errors.bug(
+                            "MIG_DEVICE_STATE", where, f"raised {exc!r}", exc
                         ) from exc
                     raise
                 self.state = transition.arc_done()
@@ -518,8 +518,11 @@ class DeviceMigration:
                 if isinstance(exc, VfioUserError):
                     self._broken = exc
                 else:
-                    log.exception("%s: saving migration data failed", self._device.name)
-                    self._broken = VfioUserError(errno.EIO, f"saving the state failed: {exc}")
+                    hook = "precopy_chunks" if self.state == MigState.PRE_COPY else "save_chunks"
+                    where = f"in {hook}()"
+                    self._broken = self._vfu.errors.bug(
+                        "MIG_DATA_READ", where, f"raised {exc!r}", exc
+                    )
                 raise VfioUserError(self._broken.errno, self._broken.message) from exc
             if chunk:
                 return chunk if self.raw else self._encoder.data(chunk)
@@ -555,8 +558,9 @@ class DeviceMigration:
             except VfioUserError:
                 raise
             except Exception as exc:
-                log.exception("%s: loading migration data failed", self._device.name)
-                raise VfioUserError(errno.EIO, f"loading the state failed: {exc}") from exc
+                raise self._vfu.errors.bug(
+                    "MIG_DATA_WRITE", "in load_chunk()", f"raised {exc!r}", exc
+                ) from exc
 
 
 #: The operations each feature supports (a PROBE succeeds only for these).
