@@ -7,6 +7,7 @@ fixtures live in :mod:`vfiouser_trio.testing.fixtures` (registered by the plugin
 """
 
 from ..server.device_errors import DeviceCodeError
+from .compare import Comparison, Latencies, PolicyResult, compare
 from .conformance import assert_conforms, served
 from .faults import (
     Corrupt,
@@ -26,6 +27,7 @@ from .tracer import ErrorReply, ProcessingRecord, Tracer, TraceRecord
 from .wait_for import WaitForGraph, wait_for_graph
 
 __all__ = [
+    "Comparison",
     "Corrupt",
     "Delay",
     "DeviceCodeError",
@@ -36,10 +38,12 @@ __all__ = [
     "Fault",
     "FdLeakError",
     "HookChain",
+    "Latencies",
     "NestedDevice",
     "NestedDeviceFactory",
     "OrderViolation",
     "OrderedDelay",
+    "PolicyResult",
     "ProcessingRecord",
     "Reorder",
     "TraceRecord",
@@ -49,6 +53,7 @@ __all__ = [
     "assert_spec_order",
     "chain",
     "check_order",
+    "compare",
     "fd_table",
     "nested_device",
     "served",

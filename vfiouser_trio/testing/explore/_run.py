@@ -184,14 +184,19 @@ def _seed_scheduler(seed: int) -> bool:
     return True
 
 
-def execute(scenario: Scenario, chooser: Chooser) -> Run:
-    """Run the scenario once under ``chooser``; the run's record (``run.failures``)."""
+def execute(scenario: Scenario, chooser: Chooser, *, virtual_time: bool = True) -> Run:
+    """Run the scenario once under ``chooser``; the run's record (``run.failures``).
+
+    ``virtual_time=False`` runs on trio's real clock (latencies then cost wall time), as
+    :func:`vfiouser_trio.testing.compare.compare` does for ``clock="real"``."""
     run = Run(scenario, chooser)
     seed = run.choose("scheduler seed", scenario.scheduler_seeds)
     if not _seed_scheduler(seed):
         log.warning("trio's scheduler cannot be seeded: runs may not replay exactly")
-    clock = trio.testing.MockClock(autojump_threshold=0)
-    trio.run(_main, run, clock=clock)
+    if virtual_time:
+        trio.run(_main, run, clock=trio.testing.MockClock(autojump_threshold=0))
+    else:
+        trio.run(_main, run)
     if not run.failures:  # a run that hung or raised is not checked further
         for invariant in (spec_order, reads_see_writes, *scenario.invariants):
             run.failures.extend(invariant(run))
