@@ -53,6 +53,12 @@ class LoadMode(enum.StrEnum):
     PIPELINE = "pipeline"
     #: ``batch`` No_reply REGION_WRITEs, then one REGION_READ that is waited for.
     POSTED = "posted"
+    #: ``batch`` pairs (No_reply REGION_WRITE to ``region``, REGION_READ of ``read_region``)
+    #: sent at once, then every reply; the reads' latencies are reported on their own.
+    BYPASS = "bypass"
+    #: REGION_WRITEs with a reply, round-robin over ``queues`` doorbells ``stride`` bytes
+    #: apart from ``offset``, ``depth`` in flight.
+    QUEUES = "queues"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,13 @@ class LoadgenResult(LatencyResult):
     messages_per_s: float
     #: Region bytes moved per second (every request reads or writes ``size`` bytes), 10^6 B/s.
     mb_per_s: float
+    #: Doorbell registers written (queues mode; 0 otherwise).
+    queues: int = 0
+    #: Reads timed on their own (bypass mode; 0 otherwise) and their latencies, in µs.
+    reads: int = 0
+    read_median_us: float = 0.0
+    read_p99_us: float = 0.0
+    read_max_us: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,28 +375,39 @@ def run_loadgen(
     size: int = 4,
     warmup: int = 100,
     timeout: float | None = None,
+    read_region: int = 1,
+    read_offset: int = 0,
+    queues: int = 4,
+    stride: int = 4,
 ) -> LoadgenResult:
     """Drive a vfio-user server with the C load generator and return its figures.
 
     ``target`` is the server's socket path, or (an ``int``) a connected socket fd that the
     load generator inherits; the fd stays open here. ``depth`` applies to
-    :attr:`LoadMode.PIPELINE`, ``batch`` to :attr:`LoadMode.POSTED`. The run lasts ``seconds``
+    :attr:`LoadMode.PIPELINE` and :attr:`LoadMode.QUEUES`, ``batch`` to
+    :attr:`LoadMode.POSTED` and :attr:`LoadMode.BYPASS`, ``read_region``/``read_offset`` to
+    BYPASS, ``queues``/``stride`` to QUEUES. Replies are matched by message ID (any order;
+    one to an ID not awaiting a reply is a protocol error). The run lasts ``seconds``
     (default :data:`DEFAULT_SECONDS`) or ``count`` round trips, after ``warmup`` unmeasured
     ones. Raises BenchToolError on any protocol error (the message says which) or when the
     run outlasts ``timeout`` (default: the bound plus a margin; a stalled server hits it).
     """
     load_mode = LoadMode(mode)
-    if load_mode is not LoadMode.PIPELINE and depth != 1:
-        raise ValueError("depth applies to the pipeline mode only")
+    if load_mode not in (LoadMode.PIPELINE, LoadMode.QUEUES) and depth != 1:
+        raise ValueError("depth applies to the pipeline and queues modes only")
     if not 1 <= depth <= 4096:
         raise ValueError(f"depth must be 1..4096, got {depth}")
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
-    if min(region, offset, size, warmup) < 0:
-        raise ValueError("region, offset, size and warmup must not be negative")
+    if min(region, offset, size, warmup, read_region, read_offset, stride) < 0:
+        raise ValueError("regions, offsets, size, stride and warmup must not be negative")
+    if not 1 <= queues <= 4096:
+        raise ValueError(f"queues must be 1..4096, got {queues}")
     bound, timeout = _bounds(seconds, count, timeout)
     args = ["--mode", load_mode.value, "--depth", str(depth), "--batch", str(batch)]
     args += ["--region", str(region), "--offset", str(offset), "--size", str(size)]
+    args += ["--read-region", str(read_region), "--read-offset", str(read_offset)]
+    args += ["--queues", str(queues), "--stride", str(stride)]
     args += ["--warmup", str(warmup), *bound]
     pass_fds: tuple[int, ...] = ()
     if isinstance(target, int):
@@ -409,4 +433,9 @@ def run_loadgen(
         size=_int(obj, "size"),
         messages_per_s=_float(obj, "messages_per_s"),
         mb_per_s=_float(obj, "mb_per_s"),
+        queues=_int(obj, "queues"),
+        reads=_int(obj, "reads"),
+        read_median_us=_float(obj, "read_median_us"),
+        read_p99_us=_float(obj, "read_p99_us"),
+        read_max_us=_float(obj, "read_max_us"),
     )

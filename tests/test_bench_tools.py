@@ -313,11 +313,13 @@ def on_reads(bad: Answer) -> Answer:
     return answer
 
 
-def scripted_server(sock: socket.socket, answer: Answer, hold: int, chunk: int) -> None:
+def scripted_server(
+    sock: socket.socket, answer: Answer, hold: int, chunk: int, reverse: bool = False
+) -> None:
     """Answer every request with ``answer``; after the handshake send replies ``hold`` at a time
-    in one go (several replies per recv) and cut into ``chunk``-byte sends (split replies)."""
-    pending = b""
-    held = 0
+    in one go (several replies per recv; last first if ``reverse``) and cut into
+    ``chunk``-byte sends (split replies)."""
+    held: list[bytes] = []
     try:
         while (msg := recv_message(sock)) is not None:
             hdr, payload = msg
@@ -327,12 +329,12 @@ def scripted_server(sock: socket.socket, answer: Answer, hold: int, chunk: int) 
             if hdr.command == Command.VERSION:
                 sock.sendall(reply)
                 continue
-            pending += reply
-            held += 1
-            if held == hold:
+            held.append(reply)
+            if len(held) == hold:
+                pending = b"".join(reversed(held) if reverse else held)
                 for start in range(0, len(pending), chunk):
                     sock.sendall(pending[start : start + chunk])
-                pending, held = b"", 0
+                held = []
     except (BrokenPipeError, ConnectionResetError):
         pass  # the load generator gave up on a bad reply
     finally:
@@ -345,11 +347,12 @@ def run_against_script(
     *,
     hold: int = 1,
     chunk: int = 1 << 30,
+    reverse: bool = False,
     **kw: int,
 ) -> baselines.LoadgenResult:
     server_sock, client_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     thread = threading.Thread(
-        target=scripted_server, args=(server_sock, answer, hold, chunk), daemon=True
+        target=scripted_server, args=(server_sock, answer, hold, chunk, reverse), daemon=True
     )
     thread.start()
     try:
@@ -426,7 +429,7 @@ def hang_up(hdr: Header, payload: bytes) -> bytes:
     [
         (on_reads(wrong_size), r"payload is 21 bytes, expected 20"),
         (on_reads(error_flag), r"failed: errno 5"),
-        (on_reads(wrong_id), r"out of order"),
+        (on_reads(wrong_id), r"reply to message \d+, which is not awaiting one"),
         (on_reads(not_a_reply), r"not typed as a reply"),
         (on_reads(wrong_command), r"carries command 10, expected 9"),
         (on_reads(wrong_echo), r"echoes offset 1"),
@@ -437,6 +440,93 @@ def hang_up(hdr: Header, payload: bytes) -> bytes:
 def test_loadgen_rejects_bad_replies(answer: Answer, message: str, no_fd_leak: None) -> None:
     with pytest.raises(BenchToolError, match=message):
         run_against_script(answer, count=5, size=4)
+
+
+def twice(hdr: Header, payload: bytes) -> bytes:
+    good = good_answer(hdr, payload)
+    return good + good
+
+
+def test_loadgen_rejects_a_duplicate_reply(no_fd_leak: None) -> None:
+    with pytest.raises(BenchToolError, match=r"reply to message 1, which is not awaiting one"):
+        run_against_script(on_reads(twice), count=5, size=4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kw"),
+    [
+        (LoadMode.PIPELINE, {"depth": 8}),
+        (LoadMode.QUEUES, {"depth": 8, "queues": 3, "stride": 8}),
+        (LoadMode.BYPASS, {"batch": 8}),
+    ],
+)
+def test_loadgen_takes_replies_in_any_order(
+    mode: LoadMode, kw: dict[str, int], no_fd_leak: None
+) -> None:
+    """Eight replies sent last first: each is matched to its request by ID."""
+    result = run_against_script(good_answer, mode, hold=8, reverse=True, count=16, size=4, **kw)
+    assert result.round_trips == 16
+
+
+def recording(seen: list[tuple[int, int, int, bool]]) -> Answer:
+    """Answer correctly, noting every region access (command, region, offset, posted)."""
+
+    def answer(hdr: Header, payload: bytes) -> bytes:
+        if hdr.command in (Command.REGION_READ, Command.REGION_WRITE):
+            offset, region, _ = RW_HEAD.unpack_from(payload)
+            seen.append((hdr.command, region, offset, hdr.no_reply))
+        return good_answer(hdr, payload)
+
+    return answer
+
+
+def test_loadgen_queues_mode_spreads_doorbells(no_fd_leak: None) -> None:
+    seen: list[tuple[int, int, int, bool]] = []
+    result = run_against_script(
+        recording(seen),
+        LoadMode.QUEUES,
+        depth=4,
+        count=12,
+        queues=3,
+        stride=8,
+        region=2,
+        offset=0x100,
+    )
+    assert (result.mode, result.queues, result.depth, result.round_trips) == ("queues", 3, 4, 12)
+    assert seen == [(Command.REGION_WRITE, 2, 0x100 + 8 * (i % 3), False) for i in range(12)]
+
+
+def test_loadgen_bypass_mode_times_reads_apart(no_fd_leak: None) -> None:
+    seen: list[tuple[int, int, int, bool]] = []
+    result = run_against_script(
+        recording(seen),
+        LoadMode.BYPASS,
+        batch=4,
+        count=3,
+        region=0,
+        offset=8,
+        read_region=1,
+        read_offset=12,
+    )
+    pair = [(Command.REGION_WRITE, 0, 8, True), (Command.REGION_READ, 1, 12, False)]
+    assert seen == pair * 12
+    assert (result.batch, result.round_trips, result.messages, result.reads) == (4, 3, 24, 12)
+    assert 0 < result.read_median_us <= result.read_p99_us <= result.read_max_us
+
+
+def test_loadgen_new_modes_against_echo(tmp_path: Path) -> None:
+    with baselines.start_echo_server(tmp_path / "queues.sock") as server:
+        queues = baselines.run_loadgen(
+            server.path, LoadMode.QUEUES, depth=8, queues=4, count=100, timeout=STALL_TIMEOUT
+        )
+        assert server.wait() == 0
+    with baselines.start_echo_server(tmp_path / "bypass.sock") as server:
+        bypass = baselines.run_loadgen(
+            server.path, LoadMode.BYPASS, batch=8, count=50, timeout=STALL_TIMEOUT
+        )
+        assert server.wait() == 0
+    assert (queues.messages, queues.queues) == (100, 4)
+    assert (bypass.messages, bypass.reads) == (800, 400)
 
 
 def never_answer(hdr: Header, payload: bytes) -> bytes:

@@ -4,16 +4,26 @@
  *
  * Workloads (--mode):
  *   read      REGION_READ of --size bytes at --region/--offset, one at a time.
- *   pipeline  the same reads with --depth requests kept in flight; replies
- *             must come back in order with matching message IDs.
+ *   pipeline  the same reads with --depth requests kept in flight.
  *   posted    --batch REGION_WRITEs with No_reply set, then one REGION_READ
  *             that is waited for; one "round trip" is one whole batch.
+ *   bypass    --batch rounds of one No_reply REGION_WRITE to --region/--offset
+ *             followed by one REGION_READ of --read-region/--read-offset, all
+ *             sent before any reply is awaited; one round trip is one batch,
+ *             and the reads' latencies are reported on their own (read_*).
+ *   queues    REGION_WRITEs (with a reply) of --size bytes spread round-robin
+ *             over --queues doorbell registers, --stride bytes apart from
+ *             --offset in --region, --depth in flight; a round trip is one
+ *             doorbell.
  *
- * Every reply is checked (type bit, no Error flag, command, message ID, exact
- * size, echoed offset/region/count). Exit status: 0 ok, 2 usage, 3 protocol
- * error, 4 I/O error; the reason goes to stderr.
+ * Replies are matched to requests by message ID: a table holds every request
+ * outstanding. A reply may come in any order; a reply to an ID that is not
+ * outstanding (unknown, or answered already) is a protocol error. Every reply
+ * is checked (type bit, no Error flag, command, exact size, echoed
+ * offset/region/count). Exit status: 0 ok, 2 usage, 3 protocol error, 4 I/O
+ * error; the reason goes to stderr.
  *
- * Latencies are taken with CLOCK_MONOTONIC into a preallocated array and the
+ * Latencies are taken with CLOCK_MONOTONIC into preallocated arrays and the
  * percentiles are computed after the run, so the measured loop does no
  * allocation and no sorting.
  */
@@ -119,8 +129,8 @@ static const uint8_t *read_message(struct reader *r, struct header *h)
     return msg;
 }
 
-/* The checks every reply gets: a reply, not an error, answering `command` `msg_id`. */
-static void check_reply_header(const struct header *h, uint16_t msg_id, uint16_t command)
+/* The checks every reply gets: a reply, not an error. */
+static void check_reply_flags(const struct header *h)
 {
     if ((h->flags & FLAG_TYPE_MASK) != FLAG_TYPE_REPLY)
         die(EXIT_PROTOCOL, "message %u (command %u) is not typed as a reply (flags 0x%" PRIx32 ")",
@@ -128,11 +138,12 @@ static void check_reply_header(const struct header *h, uint16_t msg_id, uint16_t
     if (h->flags & FLAG_ERROR)
         die(EXIT_PROTOCOL, "command %u (message %u) failed: errno %" PRIu32 " (%s)", h->command,
             h->msg_id, h->error, strerror((int)h->error));
+}
+
+static void check_reply_command(const struct header *h, uint16_t command)
+{
     if (h->command != command)
         die(EXIT_PROTOCOL, "reply carries command %u, expected %u", h->command, command);
-    if (h->msg_id != msg_id)
-        die(EXIT_PROTOCOL, "reply to message %u arrived where %u was due (out of order?)",
-            h->msg_id, msg_id);
 }
 
 static void handshake(int fd, struct reader *r)
@@ -155,7 +166,10 @@ static void handshake(int fd, struct reader *r)
 
     struct header rh;
     const uint8_t *reply = read_message(r, &rh);
-    check_reply_header(&rh, 0, CMD_VERSION);
+    check_reply_flags(&rh);
+    check_reply_command(&rh, CMD_VERSION);
+    if (rh.msg_id != 0)
+        die(EXIT_PROTOCOL, "VERSION reply carries message ID %u, we sent 0", rh.msg_id);
     size_t rpayload = rh.msg_size - HDR_SIZE;
     if (rpayload < 4)
         die(EXIT_PROTOCOL, "VERSION reply payload is %zu bytes, below 4", rpayload);
@@ -169,8 +183,8 @@ static void handshake(int fd, struct reader *r)
         die(EXIT_PROTOCOL, "VERSION reply JSON is not NUL-terminated");
 }
 
-enum mode { MODE_READ, MODE_PIPELINE, MODE_POSTED };
-static const char *const MODE_NAMES[] = {"read", "pipeline", "posted"};
+enum mode { MODE_READ, MODE_PIPELINE, MODE_POSTED, MODE_BYPASS, MODE_QUEUES };
+static const char *const MODE_NAMES[] = {"read", "pipeline", "posted", "bypass", "queues"};
 
 struct options {
     const char *socket_path;
@@ -182,25 +196,46 @@ struct options {
     double seconds;
     uint32_t region;
     uint64_t offset;
+    uint32_t read_region; /* bypass: where the reads go */
+    uint64_t read_offset;
+    unsigned queues;      /* queues: doorbell registers ... */
+    uint64_t stride;      /* ... this many bytes apart */
     uint32_t size;
     uint64_t warmup;
     uint64_t max_samples;
 };
+
+/* A request awaiting its reply, in the table indexed by message ID. */
+struct slot {
+    uint64_t sent_at;
+    uint64_t offset;
+    uint32_t region;
+    uint16_t command;
+    bool busy;
+    bool timed; /* a read whose latency goes to the read samples */
+};
+
+#define ID_SPACE 65536u
 
 struct client {
     int fd;
     struct reader rd;
     const struct options *opt;
     uint8_t read_req[HDR_SIZE + RW_HEAD_SIZE];
-    uint8_t *write_req; /* header + head + data, No_reply set */
+    uint8_t *write_req; /* header + head + data */
     size_t write_req_len;
     uint16_t next_id;
+    unsigned in_flight;
+    struct slot *slots; /* ID_SPACE entries */
+    uint64_t *read_samples; /* read latencies (bypass), NULL while warming up */
+    uint64_t read_count;
+    uint64_t read_capacity;
+    uint64_t next_queue;
 };
 
 static void build_requests(struct client *c)
 {
     const struct options *o = c->opt;
-    struct rw_head rw = {.offset = o->offset, .region = o->region, .count = o->size};
     struct header h = {
         .msg_id = 0,
         .command = CMD_REGION_READ,
@@ -209,7 +244,6 @@ static void build_requests(struct client *c)
         .error = 0,
     };
     memcpy(c->read_req, &h, HDR_SIZE);
-    memcpy(c->read_req + HDR_SIZE, &rw, RW_HEAD_SIZE);
 
     c->write_req_len = HDR_SIZE + RW_HEAD_SIZE + o->size;
     c->write_req = malloc(c->write_req_len);
@@ -217,73 +251,106 @@ static void build_requests(struct client *c)
         die(EXIT_IO, "out of memory");
     h.command = CMD_REGION_WRITE;
     h.msg_size = (uint32_t)c->write_req_len;
-    h.flags = FLAG_TYPE_COMMAND | FLAG_NO_REPLY;
+    h.flags = FLAG_TYPE_COMMAND;
     memcpy(c->write_req, &h, HDR_SIZE);
-    memcpy(c->write_req + HDR_SIZE, &rw, RW_HEAD_SIZE);
     memset(c->write_req + HDR_SIZE + RW_HEAD_SIZE, 0xa5, o->size);
 }
 
-static uint16_t send_read(struct client *c)
+static uint16_t take_id(struct client *c)
 {
     uint16_t id = c->next_id++;
-    memcpy(c->read_req, &id, sizeof(id)); /* msg_id is the first header field */
-    send_all(c->fd, c->read_req, sizeof(c->read_req));
+    if (c->slots[id].busy)
+        die(EXIT_PROTOCOL, "message ID %u is still awaiting its reply after %u more requests",
+            id, ID_SPACE);
     return id;
 }
 
-static void send_posted_write(struct client *c)
+/* Send a request; one with a reply is entered in the table. */
+static void send_access(struct client *c, uint16_t command, bool posted, uint32_t region,
+                        uint64_t offset, bool timed)
 {
-    uint16_t id = c->next_id++;
-    memcpy(c->write_req, &id, sizeof(id));
-    send_all(c->fd, c->write_req, c->write_req_len);
+    const struct options *o = c->opt;
+    uint16_t id = take_id(c);
+    struct rw_head rw = {.offset = offset, .region = region, .count = o->size};
+    uint8_t *msg = command == CMD_REGION_READ ? c->read_req : c->write_req;
+    size_t len = command == CMD_REGION_READ ? sizeof(c->read_req) : c->write_req_len;
+    uint32_t flags = FLAG_TYPE_COMMAND | (posted ? FLAG_NO_REPLY : 0u);
+    memcpy(msg, &id, sizeof(id)); /* msg_id is the first header field */
+    memcpy(msg + 8, &flags, sizeof(flags));
+    memcpy(msg + HDR_SIZE, &rw, RW_HEAD_SIZE);
+    if (!posted) {
+        c->slots[id] = (struct slot){.sent_at = now_ns(), .offset = offset, .region = region,
+                                     .command = command, .busy = true, .timed = timed};
+        c->in_flight++;
+    }
+    send_all(c->fd, msg, len);
 }
 
-static void expect_read_reply(struct client *c, uint16_t id)
+/* Take the next reply, check it against the request with its ID; returns its latency. */
+static uint64_t await_reply(struct client *c)
 {
     const struct options *o = c->opt;
     struct header h;
     const uint8_t *msg = read_message(&c->rd, &h);
-    check_reply_header(&h, id, CMD_REGION_READ);
-    if (h.msg_size != HDR_SIZE + RW_HEAD_SIZE + o->size)
-        die(EXIT_PROTOCOL, "REGION_READ reply payload is %" PRIu32 " bytes, expected %" PRIu32,
-            h.msg_size - HDR_SIZE, RW_HEAD_SIZE + o->size);
+    check_reply_flags(&h);
+    struct slot *slot = &c->slots[h.msg_id];
+    if (!slot->busy)
+        die(EXIT_PROTOCOL, "reply to message %u, which is not awaiting one (unknown or answered)",
+            h.msg_id);
+    uint64_t latency = now_ns() - slot->sent_at;
+    slot->busy = false;
+    c->in_flight--;
+    check_reply_command(&h, slot->command);
+    uint32_t expected = RW_HEAD_SIZE + (slot->command == CMD_REGION_READ ? o->size : 0u);
+    if (h.msg_size != HDR_SIZE + expected)
+        die(EXIT_PROTOCOL, "%s reply payload is %" PRIu32 " bytes, expected %" PRIu32,
+            slot->command == CMD_REGION_READ ? "REGION_READ" : "REGION_WRITE",
+            h.msg_size - HDR_SIZE, expected);
     struct rw_head rw;
     memcpy(&rw, msg + HDR_SIZE, RW_HEAD_SIZE);
-    if (rw.offset != o->offset || rw.region != o->region || rw.count != o->size)
+    if (rw.offset != slot->offset || rw.region != slot->region || rw.count != o->size)
         die(EXIT_PROTOCOL,
-            "REGION_READ reply echoes offset %" PRIu64 " region %" PRIu32 " count %" PRIu32
+            "reply to message %u echoes offset %" PRIu64 " region %" PRIu32 " count %" PRIu32
             ", asked for %" PRIu64 "/%" PRIu32 "/%" PRIu32,
-            rw.offset, rw.region, rw.count, o->offset, o->region, o->size);
+            h.msg_id, rw.offset, rw.region, rw.count, slot->offset, slot->region, o->size);
+    if (slot->timed && c->read_samples != NULL && c->read_count < c->read_capacity)
+        c->read_samples[c->read_count++] = latency;
+    return latency;
+}
+
+/* One request of the pipelined workloads: a read, or a doorbell of the next queue. */
+static void send_pipelined(struct client *c)
+{
+    const struct options *o = c->opt;
+    if (o->mode == MODE_QUEUES) {
+        uint64_t queue = c->next_queue++ % o->queues;
+        send_access(c, CMD_REGION_WRITE, false, o->region, o->offset + queue * o->stride, false);
+    } else {
+        send_access(c, CMD_REGION_READ, false, o->region, o->offset, false);
+    }
 }
 
 /*
- * Reads with `depth` in flight until `limit` round trips are done or, when
- * `deadline` is non-zero, no new request is issued after it. Per-request
- * latency goes to samples[i] when samples is not NULL. Returns round trips.
+ * Requests with `depth` in flight until `limit` round trips are done or, when
+ * `deadline` is non-zero, no new request is issued after it. Replies may come
+ * in any order; per-request latency goes to samples[i] when samples is not
+ * NULL. Returns round trips.
  */
-static uint64_t run_reads(struct client *c, unsigned depth, uint64_t limit, uint64_t deadline,
-                          uint64_t *samples)
+static uint64_t run_pipelined(struct client *c, unsigned depth, uint64_t limit,
+                              uint64_t deadline, uint64_t *samples)
 {
-    uint64_t sent_at[MAX_DEPTH];
-    uint16_t ids[MAX_DEPTH];
     uint64_t issued = 0, done = 0;
-
     while (issued < limit && issued < depth) {
-        sent_at[issued % depth] = now_ns();
-        ids[issued % depth] = send_read(c);
+        send_pipelined(c);
         issued++;
     }
     while (done < issued) {
-        unsigned slot = (unsigned)(done % depth);
-        expect_read_reply(c, ids[slot]);
-        uint64_t t = now_ns();
+        uint64_t latency = await_reply(c);
         if (samples != NULL)
-            samples[done] = t - sent_at[slot];
+            samples[done] = latency;
         done++;
-        if (issued < limit && (deadline == 0 || t < deadline)) {
-            /* The slot just freed is the one the next request takes. */
-            sent_at[issued % depth] = now_ns();
-            ids[issued % depth] = send_read(c);
+        if (issued < limit && (deadline == 0 || now_ns() < deadline)) {
+            send_pipelined(c);
             issued++;
         }
     }
@@ -293,14 +360,38 @@ static uint64_t run_reads(struct client *c, unsigned depth, uint64_t limit, uint
 /* Batches of posted writes, each closed by a read that is waited for. */
 static uint64_t run_posted(struct client *c, uint64_t limit, uint64_t deadline, uint64_t *samples)
 {
+    const struct options *o = c->opt;
     uint64_t done = 0;
     while (done < limit) {
         uint64_t t0 = now_ns();
         if (deadline != 0 && t0 >= deadline)
             break;
-        for (unsigned k = 0; k < c->opt->batch; k++)
-            send_posted_write(c);
-        expect_read_reply(c, send_read(c));
+        for (unsigned k = 0; k < o->batch; k++)
+            send_access(c, CMD_REGION_WRITE, true, o->region, o->offset, false);
+        send_access(c, CMD_REGION_READ, false, o->region, o->offset, false);
+        await_reply(c);
+        if (samples != NULL)
+            samples[done] = now_ns() - t0;
+        done++;
+    }
+    return done;
+}
+
+/* Rounds of (posted write to region A, read of region B) x batch, then every reply. */
+static uint64_t run_bypass(struct client *c, uint64_t limit, uint64_t deadline, uint64_t *samples)
+{
+    const struct options *o = c->opt;
+    uint64_t done = 0;
+    while (done < limit) {
+        uint64_t t0 = now_ns();
+        if (deadline != 0 && t0 >= deadline)
+            break;
+        for (unsigned k = 0; k < o->batch; k++) {
+            send_access(c, CMD_REGION_WRITE, true, o->region, o->offset, false);
+            send_access(c, CMD_REGION_READ, false, o->read_region, o->read_offset, true);
+        }
+        while (c->in_flight > 0)
+            await_reply(c);
         if (samples != NULL)
             samples[done] = now_ns() - t0;
         done++;
@@ -313,11 +404,14 @@ static uint64_t run_workload(struct client *c, uint64_t limit, uint64_t deadline
 {
     switch (c->opt->mode) {
     case MODE_READ:
-        return run_reads(c, 1, limit, deadline, samples);
+        return run_pipelined(c, 1, limit, deadline, samples);
     case MODE_PIPELINE:
-        return run_reads(c, c->opt->depth, limit, deadline, samples);
+    case MODE_QUEUES:
+        return run_pipelined(c, c->opt->depth, limit, deadline, samples);
     case MODE_POSTED:
         return run_posted(c, limit, deadline, samples);
+    case MODE_BYPASS:
+        return run_bypass(c, limit, deadline, samples);
     }
     return 0;
 }
@@ -338,9 +432,11 @@ static int connect_unix(const char *path)
 
 static void usage(void)
 {
-    fputs("usage: vfu_loadgen (--socket PATH | --fd N) [--mode read|pipeline|posted]\n"
-          "       [--depth D] [--batch K] [--count N | --seconds S] [--region R]\n"
-          "       [--offset O] [--size BYTES] [--warmup N] [--max-samples N]\n",
+    fputs("usage: vfu_loadgen (--socket PATH | --fd N)\n"
+          "       [--mode read|pipeline|posted|bypass|queues] [--depth D] [--batch K]\n"
+          "       [--count N | --seconds S] [--region R] [--offset O] [--size BYTES]\n"
+          "       [--read-region R] [--read-offset O] [--queues N] [--stride BYTES]\n"
+          "       [--warmup N] [--max-samples N]\n",
           stderr);
     exit(EXIT_USAGE);
 }
@@ -354,27 +450,32 @@ static void parse_options(int argc, char **argv, struct options *o)
         {"seconds", required_argument, NULL, 't'}, {"region", required_argument, NULL, 'r'},
         {"offset", required_argument, NULL, 'o'},  {"size", required_argument, NULL, 's'},
         {"warmup", required_argument, NULL, 'w'},  {"max-samples", required_argument, NULL, 'M'},
+        {"read-region", required_argument, NULL, 'R'},
+        {"read-offset", required_argument, NULL, 'O'},
+        {"queues", required_argument, NULL, 'q'},  {"stride", required_argument, NULL, 'x'},
         {NULL, 0, NULL, 0},
     };
     *o = (struct options){
         .fd = -1, .mode = MODE_READ, .depth = 1, .batch = 16, .size = 4,
-        .warmup = 100, .max_samples = 5000000,
+        .warmup = 100, .max_samples = 5000000, .read_region = 1, .queues = 4, .stride = 4,
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (ch) {
         case 'S': o->socket_path = optarg; break;
         case 'f': o->fd = (int)parse_u64("fd", optarg); break;
-        case 'm':
-            if (strcmp(optarg, "read") == 0)
-                o->mode = MODE_READ;
-            else if (strcmp(optarg, "pipeline") == 0)
-                o->mode = MODE_PIPELINE;
-            else if (strcmp(optarg, "posted") == 0)
-                o->mode = MODE_POSTED;
-            else
+        case 'm': {
+            bool known = false;
+            for (unsigned m = 0; m < sizeof(MODE_NAMES) / sizeof(MODE_NAMES[0]); m++) {
+                if (strcmp(optarg, MODE_NAMES[m]) == 0) {
+                    o->mode = (enum mode)m;
+                    known = true;
+                }
+            }
+            if (!known)
                 die(EXIT_USAGE, "--mode: unknown workload %s", optarg);
             break;
+        }
         case 'd': o->depth = (unsigned)parse_u64("depth", optarg); break;
         case 'b': o->batch = (unsigned)parse_u64("batch", optarg); break;
         case 'n': o->count = parse_u64("count", optarg); break;
@@ -390,6 +491,10 @@ static void parse_options(int argc, char **argv, struct options *o)
         case 's': o->size = (uint32_t)parse_u64("size", optarg); break;
         case 'w': o->warmup = parse_u64("warmup", optarg); break;
         case 'M': o->max_samples = parse_u64("max-samples", optarg); break;
+        case 'R': o->read_region = (uint32_t)parse_u64("read-region", optarg); break;
+        case 'O': o->read_offset = parse_u64("read-offset", optarg); break;
+        case 'q': o->queues = (unsigned)parse_u64("queues", optarg); break;
+        case 'x': o->stride = parse_u64("stride", optarg); break;
         default: usage();
         }
     }
@@ -403,10 +508,15 @@ static void parse_options(int argc, char **argv, struct options *o)
         o->seconds = 1.0;
     if (o->depth < 1 || o->depth > MAX_DEPTH)
         die(EXIT_USAGE, "--depth must be 1..%u", MAX_DEPTH);
-    if (o->mode != MODE_PIPELINE && o->depth != 1)
-        die(EXIT_USAGE, "--depth applies to --mode pipeline only");
-    if (o->mode == MODE_POSTED && o->batch < 1)
+    if (o->mode != MODE_PIPELINE && o->mode != MODE_QUEUES && o->depth != 1)
+        die(EXIT_USAGE, "--depth applies to --mode pipeline and queues only");
+    if ((o->mode == MODE_POSTED || o->mode == MODE_BYPASS) && o->batch < 1)
         die(EXIT_USAGE, "--batch must be at least 1");
+    if (o->mode == MODE_BYPASS && o->batch > MAX_DEPTH)
+        die(EXIT_USAGE, "--batch must be at most %u in --mode bypass (reads in flight)",
+            MAX_DEPTH);
+    if (o->mode == MODE_QUEUES && (o->queues < 1 || o->queues > MAX_DEPTH))
+        die(EXIT_USAGE, "--queues must be 1..%u", MAX_DEPTH);
     if (o->size > MAX_XFER)
         die(EXIT_USAGE, "--size must not exceed %u (our max_data_xfer_size)", MAX_XFER);
     if (o->count == 0 && o->max_samples < 1)
@@ -422,6 +532,9 @@ int main(int argc, char **argv)
     c.fd = opt.socket_path != NULL ? connect_unix(opt.socket_path) : opt.fd;
     /* Room for several maximal replies so big pipelined reads rarely compact. */
     reader_init(&c.rd, c.fd, 2 * (HDR_SIZE + RW_HEAD_SIZE + (size_t)opt.size) + 65536);
+    c.slots = calloc(ID_SPACE, sizeof(*c.slots));
+    if (c.slots == NULL)
+        die(EXIT_IO, "out of memory");
     build_requests(&c);
     handshake(c.fd, &c.rd);
 
@@ -431,6 +544,13 @@ int main(int argc, char **argv)
     uint64_t *samples = malloc(capacity * sizeof(*samples));
     if (samples == NULL)
         die(EXIT_IO, "cannot allocate %" PRIu64 " latency samples", capacity);
+    bool bypass = opt.mode == MODE_BYPASS;
+    if (bypass) {
+        c.read_capacity = capacity * opt.batch;
+        c.read_samples = malloc(c.read_capacity * sizeof(*c.read_samples));
+        if (c.read_samples == NULL)
+            die(EXIT_IO, "cannot allocate %" PRIu64 " read latency samples", c.read_capacity);
+    }
     uint64_t t0 = now_ns();
     uint64_t deadline = opt.count != 0 ? 0 : t0 + (uint64_t)(opt.seconds * 1e9);
     uint64_t round_trips = run_workload(&c, capacity, deadline, samples);
@@ -438,20 +558,32 @@ int main(int argc, char **argv)
     close(c.fd);
 
     qsort(samples, round_trips, sizeof(*samples), cmp_u64);
+    if (bypass)
+        qsort(c.read_samples, c.read_count, sizeof(*c.read_samples), cmp_u64);
     bool posted = opt.mode == MODE_POSTED;
-    uint64_t messages = posted ? round_trips * (opt.batch + 1u) : round_trips;
+    bool batched = posted || bypass;
+    uint64_t messages = posted ? round_trips * (opt.batch + 1u)
+                        : bypass ? round_trips * 2u * opt.batch
+                                 : round_trips;
     uint64_t transfers = messages; /* every message moves --size bytes */
+    bool deep = opt.mode == MODE_PIPELINE || opt.mode == MODE_QUEUES;
     printf("{\"tool\":\"vfu_loadgen\",\"mode\":\"%s\",\"depth\":%u,\"batch\":%u,"
-           "\"region\":%" PRIu32 ",\"offset\":%" PRIu64 ",\"size\":%" PRIu32 ","
+           "\"queues\":%u,\"region\":%" PRIu32 ",\"offset\":%" PRIu64 ",\"size\":%" PRIu32 ","
            "\"messages\":%" PRIu64 ",\"round_trips\":%" PRIu64 ",\"seconds\":%.6f,"
            "\"round_trips_per_s\":%.1f,\"messages_per_s\":%.1f,\"mb_per_s\":%.3f,"
-           "\"median_us\":%.3f,\"p99_us\":%.3f}\n",
-           MODE_NAMES[opt.mode], opt.mode == MODE_PIPELINE ? opt.depth : 1u,
-           posted ? opt.batch : 0u, opt.region, opt.offset, opt.size, messages, round_trips,
-           seconds, (double)round_trips / seconds, (double)messages / seconds,
-           (double)transfers * opt.size / seconds / 1e6, percentile_us(samples, round_trips, 50),
-           percentile_us(samples, round_trips, 99));
+           "\"median_us\":%.3f,\"p99_us\":%.3f,\"reads\":%" PRIu64 ",\"read_median_us\":%.3f,"
+           "\"read_p99_us\":%.3f,\"read_max_us\":%.3f}\n",
+           MODE_NAMES[opt.mode], deep ? opt.depth : 1u, batched ? opt.batch : 0u,
+           opt.mode == MODE_QUEUES ? opt.queues : 0u, opt.region, opt.offset, opt.size,
+           messages, round_trips, seconds, (double)round_trips / seconds,
+           (double)messages / seconds, (double)transfers * opt.size / seconds / 1e6,
+           percentile_us(samples, round_trips, 50), percentile_us(samples, round_trips, 99),
+           c.read_count, percentile_us(c.read_samples, c.read_count, 50),
+           percentile_us(c.read_samples, c.read_count, 99),
+           percentile_us(c.read_samples, c.read_count, 100));
     free(samples);
+    free(c.read_samples);
+    free(c.slots);
     free(c.write_req);
     free(c.rd.buf);
     return 0;
