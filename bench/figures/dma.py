@@ -12,7 +12,10 @@ Each client is a separate process (:mod:`bench.figures.dma_client`). Baselines, 
 for the fd map, the same copy pattern between two buffers in this process (Python memoryview
 slice assignment, i.e. memcpy behind one call; the C memcpy tool is shown too); for
 messages, ``size``-byte sends through an AF_UNIX socketpair between two trio tasks of this
-process. Bandwidth counts the bytes copied (2 * size per round).
+process (the issue's baseline), and beside it the fair floor of a request/reply between two
+processes (:func:`~bench.figures.sockets.reply_floor_mb_per_s`: a 16-byte request and a
+``size``-byte reply, Python and trio on both sides, nothing else). Bandwidth counts the bytes
+copied (2 * size per round; the floor's ``size`` per round trip, as one DMA_READ moves).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from .common import (
     ratio,
     size_label,
 )
-from .migration import _socketpair_mb_per_s
 from .processes import REPO_ROOT, python_env
+from .sockets import reply_floor_mb_per_s, reply_peer, socketpair_mb_per_s
 
 FIGURE = 3
 TARGET = Target.ratio_at_least(0.8)
@@ -169,6 +172,7 @@ async def _measure(settings: Settings) -> list[Row]:
             async with (
                 dma_client(fd_path, largest, share_fd=True),
                 dma_client(msg_path, largest, share_fd=False),
+                reply_peer() as peer,
             ):
                 with trio.fail_after(PEER_TIMEOUT):
                     for device in (fd_device, msg_device):
@@ -197,8 +201,10 @@ async def _measure(settings: Settings) -> list[Row]:
                                 value = await _timed(method, size, settings.copy_seconds)
                             results.setdefault((name, size), []).append(value)
                         sent = max(SOCKETPAIR_BYTES, 16 * size)
-                        value = await _socketpair_mb_per_s(sent, size)
+                        value = await socketpair_mb_per_s(sent, size)
                         results.setdefault(("socketpair", size), []).append(value)
+                        value = await reply_floor_mb_per_s(peer, size, settings.copy_seconds)
+                        results.setdefault(("floor", size), []).append(value)
             nursery.cancel_scope.cancel()
     for device in (fd_device, msg_device):
         device.close()
@@ -231,6 +237,18 @@ def _rows(sizes: tuple[int, ...], mb: dict[tuple[str, int], float]) -> list[Row]
                 f"AF_UNIX socketpair in Python {bandwidth(pair)}",
                 ratio(msg, pair),
                 MESSAGE_TARGET if size == MESSAGE_TARGET_SIZE else None,
+            )
+        )
+    for size in sizes:
+        floor, msg = mb["floor", size], mb["msg", size]
+        rows.append(
+            Row(
+                FIGURE,
+                f"DMA messages against the two-process floor, {size_label(size)}",
+                bandwidth(msg),
+                f"request + {size_label(size)} reply, two Python processes {bandwidth(floor)}",
+                ratio(msg, floor),
+                None,
             )
         )
     return rows

@@ -30,6 +30,7 @@ from vfiouser_trio.server import Device, PciIdentity
 
 from .common import BenchError, Row, Settings, bandwidth, median, ratio, size_label
 from .processes import cli_server
+from .sockets import socketpair_mb_per_s
 
 FIGURE = 6
 STATE_SIZE = 64 << 20
@@ -87,27 +88,6 @@ class StateDevice(Device):
             raise ValueError(f"{self._received} bytes of state, expected {STATE_SIZE}")
 
 
-async def _socketpair_mb_per_s(size: int, chunk: int) -> float:
-    """MB/s of ``size`` bytes sent in ``chunk``-byte pieces through an AF_UNIX socketpair."""
-    left, right = trio.socket.socketpair()
-    payload = memoryview(b"\xa5" * chunk)
-    buffer = bytearray(chunk)
-    with left, right:
-
-        async def send() -> None:
-            remaining = size
-            while remaining:
-                remaining -= await left.send(payload[: min(chunk, remaining)])
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            received = 0
-            while received < size:
-                received += await right.recv_into(buffer)
-        return size / (time.perf_counter() - started) / 1e6
-
-
 async def _region_read_mb_per_s(client: Client) -> float:
     """MB/s of reading :data:`STATE_SIZE` bytes of BAR0 with REGION_READ, a chunk at a time."""
     started = time.perf_counter()
@@ -134,7 +114,7 @@ async def _measure(settings: Settings, paths: tuple[Path, Path]) -> dict[str, li
 
             async def baselines() -> None:
                 results.setdefault("read", []).append(await _region_read_mb_per_s(clients[0]))
-                socketpair = await _socketpair_mb_per_s(STATE_SIZE, CHUNK)
+                socketpair = await socketpair_mb_per_s(STATE_SIZE, CHUNK)
                 results.setdefault("socketpair", []).append(socketpair)
 
             for rep in range(settings.repeats):
