@@ -4,6 +4,10 @@
   doorbell eventfd and waits on the interrupt eventfd does an eventfd ping-pong through the
   server (figure 4). Serve it with ``vfio-user-trio serve bench.devices:IrqEchoDevice``.
 - :class:`DmaBenchDevice` gives a benchmark direct access to a client's DMA map (figure 3).
+- :class:`PolicyBenchDevice` has a region whose writes are slow, a region read at once and
+  queue doorbells, for the ordering policies' figure (9); :func:`policy_bench` and
+  :func:`policy_bench_fast` build it for ``vfio-user-trio serve``, and :func:`queue_lanes`
+  is the per-queue ``KeyedOrder`` policy (``--policy bench.devices:queue_lanes``).
 - ``python -m bench.devices serve DEVICE --count N --dir DIR`` serves N instances of DEVICE
   (an example name or ``module:attribute``) in one process on ``DIR/dev-<i>.sock``, prints
   ``ready`` once all listen, and exits with status 0 on SIGTERM or SIGINT (figure 5).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +25,15 @@ from pathlib import Path
 import trio
 
 from vfiouser_trio.cli import load_device_factory
-from vfiouser_trio.protocol.constants import PciIrq
+from vfiouser_trio.ordering import KeyedOrder
+from vfiouser_trio.protocol.constants import Command, PciIrq
+from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server import Device, PciIdentity, serve
 
 # 0x1234 is the vendor ID QEMU's test devices use; these devices never leave the bench.
 IRQ_ECHO_IDENTITY = PciIdentity(vendor_id=0x1234, device_id=0x7EB0, class_code=0xFF0000)
 DMA_BENCH_IDENTITY = PciIdentity(vendor_id=0x1234, device_id=0x7EB1, class_code=0xFF0000)
+POLICY_BENCH_IDENTITY = PciIdentity(vendor_id=0x1234, device_id=0x7EB2, class_code=0xFF0000)
 
 #: The doorbell of IrqEchoDevice: a dword at this offset of BAR0.
 DOORBELL_BAR = 0
@@ -78,6 +86,73 @@ class DmaBenchDevice(Device):
     async def wait_ready(self) -> int:
         """Wait until the client has mapped its memory; the IOVA of the map."""
         return await self._announcements.receive()
+
+
+#: PolicyBenchDevice: writes to this BAR take ``write_latency`` each ...
+SLOW_BAR = 0
+#: ... reads of this one are answered at once ...
+FAST_BAR = 1
+#: ... and this one holds QUEUES doorbells, QUEUE_STRIDE bytes apart from offset 0, each
+#: write to one taking ``doorbell_latency`` (the queue's work before it answers).
+QUEUE_BAR = 2
+QUEUES = 8
+QUEUE_STRIDE = 4
+#: The latencies of :func:`policy_bench`, in seconds.
+BENCH_LATENCY = 0.001
+
+_REGION_ACCESS = struct.Struct("=QI")  # offset, region: the head of REGION_READ/WRITE
+
+
+class PolicyBenchDevice(Device):
+    """Three BARs (see :data:`SLOW_BAR`, :data:`FAST_BAR`, :data:`QUEUE_BAR`): what the
+    ordering policies are compared on. Latencies are ``trio.sleep``s, as a device waiting
+    for its backend."""
+
+    def __init__(self, write_latency: float = 0.0, doorbell_latency: float = 0.0) -> None:
+        super().__init__(POLICY_BENCH_IDENTITY, name="policy-bench")
+        self.write_latency = write_latency
+        self.doorbell_latency = doorbell_latency
+        self.add_bar(SLOW_BAR, 0x1000, read=_zeros, write=self._slow_write)
+        self.add_bar(FAST_BAR, 0x1000, read=_zeros, write=_ignore)
+        self.add_bar(QUEUE_BAR, 0x1000, read=_zeros, write=self._doorbell)
+
+    async def _slow_write(self, offset: int, data: bytes) -> None:
+        await _wait(self.write_latency)
+
+    async def _doorbell(self, offset: int, data: bytes) -> None:
+        await _wait(self.doorbell_latency)
+
+
+async def _wait(seconds: float) -> None:
+    if seconds > 0:
+        await trio.sleep(seconds)
+
+
+def policy_bench() -> PolicyBenchDevice:
+    """PolicyBenchDevice with 1 ms slow writes and doorbells (:data:`BENCH_LATENCY`)."""
+    return PolicyBenchDevice(BENCH_LATENCY, BENCH_LATENCY)
+
+
+def policy_bench_fast() -> PolicyBenchDevice:
+    """PolicyBenchDevice with no latency: what a reordering policy costs by itself."""
+    return PolicyBenchDevice()
+
+
+def queue_key(frame: Frame) -> int | None:
+    """KeyedOrder key: a doorbell write's queue; None (a barrier) for everything else."""
+    header = frame.header
+    if header.command == Command.REGION_WRITE and len(frame.payload) >= _REGION_ACCESS.size:
+        offset: int
+        region: int
+        offset, region = _REGION_ACCESS.unpack_from(frame.payload)
+        if region == QUEUE_BAR and offset < QUEUES * QUEUE_STRIDE:
+            return offset // QUEUE_STRIDE
+    return None
+
+
+def queue_lanes() -> KeyedOrder:
+    """One lane per queue: doorbells of different queues are processed at once."""
+    return KeyedOrder(queue_key)
 
 
 async def serve_many(devices: Sequence[Device], directory: Path) -> None:

@@ -1,6 +1,6 @@
 """The benchmark: every figure next to its baseline, printed as one markdown table.
 
-    python -m bench [--quick] [--figures 1,2,3,4,5,6,7,8] [--repeats N] [--seconds S]
+    python -m bench [--quick] [--figures 1,2,3,4,5,6,7,8,9] [--repeats N] [--seconds S]
 
 Each figure is a ratio against a baseline measured in the same run (machines are shared and
 noisy): target and baseline runs alternate, each is repeated, and medians are reported. The
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from .figures import backlog, dma, fairness, interrupts, migration, roundtrip, scale
+from .figures import backlog, dma, fairness, interrupts, migration, policies, roundtrip, scale
 from .figures.common import Row, Settings, format_table
 from .figures.machine import Machine, load_average
 
@@ -31,13 +31,15 @@ FIGURES: tuple[tuple[frozenset[int], Callable[[Settings], list[Row]]], ...] = (
     (frozenset({6}), migration.measure),
     (frozenset({7}), backlog.measure),
     (frozenset({8}), fairness.measure),
+    (frozenset({9}), policies.measure),
 )
-ALL_FIGURES = frozenset({1, 2, 3, 4, 5, 6, 7, 8})
+ALL_FIGURES = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9})
 
 LEGEND = """\
 Ratios are ours / baseline for rates and bandwidths (higher is better) and for interrupt
-latency (figures 4 and 8; lower is better). Figures are medians over the repeats; "p50"/"p99"
-are per-run latency percentiles (medians over the repeats)."""
+latency (figures 4 and 8; lower is better); figure 9's read p99 rows are latency ratios
+against SpecOrder (lower is better), its others rate ratios. Figures are medians over the
+repeats; "p50"/"p99" are per-run latency percentiles (medians over the repeats)."""
 
 
 def _figure_set(text: str) -> frozenset[int]:
