@@ -289,3 +289,71 @@ def test_kernel_merges_data_before_scm_rights(pipe_fds: list[int]) -> None:
         a.close()
         b.close()
     assert fd_count() == before
+
+
+# --- a large frame received in place (receive_space / received) -------------------------
+
+
+def test_a_frame_gets_a_buffer_of_its_size_and_the_rest_is_received_into_it(
+    pipe_fds: list[int],
+) -> None:
+    d = FrameDecoder(max_msg_size=1 << 20)
+    body = bytes(range(256)) * 1024  # 256 KiB
+    data = frame(7, body) + frame(8, b"next")
+    assert d.receive_space() is None  # at a boundary
+    assert d.feed(data[:1000], pipe_fds[:1]) == []
+    assert d.buffered == len(body)  # allocated at once, of the announced size
+    space = d.receive_space()
+    assert space is not None and len(space) == len(body) - (1000 - 16)
+    # A transport's recv_into writes the rest there, in two reads; nothing past the frame.
+    first = len(space) // 2
+    space[:first] = data[1000 : 1000 + first]
+    assert d.received(first) == []
+    space = d.receive_space()
+    assert space is not None and len(space) == len(body) - (1000 - 16) - first
+    space[:] = data[1000 + first : 16 + len(body)]
+    [event] = d.received(len(space))
+    assert isinstance(event, Frame) and event.header.msg_id == 7 and event.payload == body
+    assert event.take_fds() == pipe_fds[:1]  # the fds of the chunk it started in
+    assert d.at_boundary and d.buffered == 0 and d.receive_space() is None
+    assert frames_of(d.feed(data[16 + len(body) :])) == [(8, b"next")]
+
+
+def test_bytes_received_in_place_and_fed_mix_and_stray_fds_are_closed(
+    pipe_fds: list[int],
+) -> None:
+    d = FrameDecoder()
+    body = b"x" * 5000
+    data = frame(1, body)
+    d.feed(data[:10])  # not even the header: nothing to receive into yet
+    assert d.receive_space() is None and d.buffered == 10
+    d.feed(data[10:100])
+    space = d.receive_space()
+    assert space is not None
+    space[:900] = data[100:1000]
+    [stray] = d.received(900, pipe_fds)  # fds with continuation bytes are stray
+    assert stray == StrayFds(2) and not any(is_open(fd) for fd in pipe_fds)
+    [event] = d.feed(data[1000:])
+    assert isinstance(event, Frame) and event.payload == body and event.fds == []
+
+
+def test_received_beyond_the_frame_is_refused() -> None:
+    d = FrameDecoder()
+    with pytest.raises(ValueError):
+        d.received(1)  # no frame being received
+    d.feed(frame(1, b"abcd")[:18])
+    with pytest.raises(ValueError):
+        d.received(3)  # only 2 bytes missing
+    assert d.received(0) == [] and not d.at_boundary
+
+
+def test_a_frame_of_the_largest_size_allowed_is_allocated_on_its_header_alone() -> None:
+    """What a peer can make us allocate without sending: one frame's worth, at most the
+    limit (a bigger announcement is an OversizedFrame, skipped without a buffer)."""
+    d = FrameDecoder(max_msg_size=64 << 10)
+    d.feed(struct.pack("=HHIII", 1, 9, 64 << 10, 0, 0))
+    assert d.buffered == (64 << 10) - 16 < d.max_msg_size
+    d.close()
+    assert d.buffered == 0 and d.at_boundary
+    [event] = d.feed(struct.pack("=HHIII", 2, 9, (64 << 10) + 1, 0, 0))
+    assert isinstance(event, OversizedFrame) and d.buffered == 0

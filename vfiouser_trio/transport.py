@@ -47,8 +47,9 @@ RECV_BUFFER_SIZE = 256 * 1024
 FRAMES_PER_READ = 64
 #: The smallest read the transport makes (unless its caller asks for less).
 MIN_READ = 4096
-#: Reads larger than this give the receive buffer's pages back to the kernel afterwards.
-_RELEASE_AFTER = 64 * 1024
+#: A frame missing at least this many bytes receives them straight into its own buffer
+#: (``FrameDecoder.receive_space``); less is read through the receive buffer with what follows.
+DIRECT_READ_MIN = 16 * 1024
 #: Buffers gathered into one ``sendmsg`` (Linux allows 1024).
 _MAX_IOV = 512
 #: A payload up to this size is joined to its header in one chunk (copying it is cheaper
@@ -90,7 +91,9 @@ class _ReceiveBuffer:
 
     One is enough: a read is parsed before any other can start (nothing between ``recvmsg``
     and the decoder's return waits) and the decoder copies what it keeps. Anonymous memory:
-    a page becomes resident only once a read reaches it.
+    a page becomes resident only once a read reaches it, and stays so (at most
+    ``RECV_BUFFER_SIZE`` per thread; handing the pages back after each large read made
+    every large read fault them in again).
     """
 
     def __init__(self) -> None:
@@ -295,10 +298,15 @@ class Transport:
             raise trio.ClosedResourceError("transport is closed")
         if self._at_eof:
             return []
+        decoder = self._decoder
         while True:
+            # The rest of a large frame goes straight into its buffer (no copy out of ours).
+            space = decoder.receive_space()
+            direct = space is not None and len(space) >= DIRECT_READ_MIN
+            iov = [space] if space is not None and direct else self._recv.iov(self._read_size)
             try:
                 size, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-                    self._recv.iov(self._read_size), self._ancbufsize, _MSG_CMSG_CLOEXEC
+                    iov, self._ancbufsize, _MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 self._drained_socket = True
@@ -308,7 +316,7 @@ class Transport:
                     raise
                 size, ancdata, msg_flags = 0, [], 0
             # A short read without fds left the socket empty (a read with fds stops early).
-            self._drained_socket = size < self._read_size and not ancdata
+            self._drained_socket = size < len(iov[0]) and not ancdata
             fds = _fds_from_ancillary(ancdata) if ancdata else []
             if msg_flags & _MSG_CTRUNC:
                 close_fds(fds)
@@ -320,15 +328,19 @@ class Transport:
                 close_fds(fds)
                 self._at_eof = True
                 return []
+            if direct:
+                events = decoder.received(size, fds)
+                if events:
+                    return events
+                if self._drained_socket:
+                    return None
+                continue
             # The decoder copies what it keeps, so the receive buffer can be reused.
-            events = self._decoder.feed(self._recv.view[:size], fds)
+            events = decoder.feed(self._recv.view[:size], fds)
             if len(events) > FRAMES_PER_READ:
                 self._fair_read_size = max(size * FRAMES_PER_READ // len(events), MIN_READ)
             elif size == self._read_size < RECV_BUFFER_SIZE and len(events) <= FRAMES_PER_READ // 2:
                 self._fair_read_size = min(self._fair_read_size * 2, RECV_BUFFER_SIZE)
-            if size > _RELEASE_AFTER:
-                # A large read made many pages resident: hand them back until needed again.
-                self._recv.buffer.madvise(mmap.MADV_DONTNEED)
             if events:
                 return events
             if self._drained_socket:

@@ -130,17 +130,39 @@ class FrameDecoder:
     ``max_msg_size`` (settable at any time, e.g. after VERSION negotiation) is
     the largest ``msg_size`` accepted; larger frames become ``OversizedFrame``
     and their bytes are discarded as they arrive, never buffered.
+
+    A frame that does not arrive whole gets a buffer of its announced size as soon as
+    its header is in: at most ``max_msg_size`` bytes (the limit bounds what a peer can
+    make us allocate without sending it), filled in place as its bytes come, so a large
+    frame is never gathered piece by piece and copied out again. ``receive_space`` gives
+    the missing part of it to receive into directly (a transport's ``recv_into``).
     """
 
-    __slots__ = ("_broken", "_buf", "_pending_fds", "_skip", "max_msg_size")
+    __slots__ = (
+        "_broken",
+        "_buf",
+        "_filled",
+        "_frame",
+        "_frame_header",
+        "_frame_view",
+        "_pending_fds",
+        "_skip",
+        "max_msg_size",
+    )
 
     def __init__(self, max_msg_size: int = DEFAULT_MAX_MSG_SIZE) -> None:
         if max_msg_size < HEADER_SIZE:
             raise ValueError("max_msg_size must be at least the header size")
         self.max_msg_size = max_msg_size
-        # Bytes of the unfinished frame (always starts at a frame boundary).
+        # The first bytes of a frame whose header is not complete yet (fewer than 16).
         self._buf = bytearray()
-        # fds owned by the unfinished frame in _buf.
+        # The payload of the frame being received, once its header is in (of its size).
+        self._frame: bytearray | None = None
+        self._frame_view = memoryview(b"")
+        self._frame_header: Header | None = None
+        # Payload bytes of _frame received so far.
+        self._filled = 0
+        # fds owned by the unfinished frame.
         self._pending_fds: list[int] = []
         # Bytes of an oversized frame still to discard.
         self._skip = 0
@@ -148,9 +170,10 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for a frame not yet complete: fewer than ``max_msg_size`` (an oversized
-        frame is skipped, never held; a frame keeps the limit it started under)."""
-        return len(self._buf)
+        """Bytes held for a frame not yet complete (the buffer of its announced size): fewer
+        than ``max_msg_size`` (an oversized frame is skipped, never held; a frame keeps the
+        limit it started under)."""
+        return len(self._buf) + (len(self._frame) if self._frame is not None else 0)
 
     @property
     def pending_fds(self) -> int:
@@ -161,7 +184,7 @@ class FrameDecoder:
     @property
     def at_boundary(self) -> bool:
         """True when no partial frame is pending (a clean place for EOF)."""
-        return not self._buf and self._skip == 0
+        return not self._buf and self._frame is None and self._skip == 0
 
     @property
     def broken(self) -> bool:
@@ -170,8 +193,41 @@ class FrameDecoder:
     def close(self) -> None:
         """Drop buffered bytes and close fds waiting for an unfinished frame."""
         self._buf.clear()
+        self._drop_frame()
         self._skip = 0
         self._close_pending()
+
+    def receive_space(self) -> memoryview | None:
+        """The missing bytes of the frame being received, as a writable view to receive into
+        (then call ``received``); None unless a frame's header is in and bytes of it are not.
+
+        Bytes received there belong to that frame alone: a read into it never takes the
+        start of the next frame.
+        """
+        if self._frame is None:
+            return None
+        return self._frame_view[self._filled :]
+
+    def received(self, count: int, fds: Sequence[int] = ()) -> list[FrameEvent]:
+        """``count`` bytes were written at the start of ``receive_space()``; the events.
+
+        The frame once it is complete; fds that came with these continuation bytes are
+        closed and reported (``StrayFds``), as ``feed`` does.
+        """
+        if self._broken:
+            close_fds(fds)
+            raise ProtocolError("frame decoder used after a broken stream")
+        if self._frame is None or not 0 <= count <= len(self._frame) - self._filled:
+            close_fds(fds)
+            raise ValueError(f"{count} bytes received beyond the frame being received")
+        self._filled += count
+        events: list[FrameEvent] = []
+        if self._filled == len(self._frame):
+            events.append(self._complete())
+        if fds:
+            close_fds(fds)
+            events.append(StrayFds(len(fds)))
+        return events
 
     def feed(
         self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()
@@ -191,7 +247,7 @@ class FrameDecoder:
         end = len(view)
         pos = 0
         # Index in `events` of the last frame that started in this chunk, or
-        # _PENDING when that frame is the unfinished one now held in _buf.
+        # _PENDING when that frame is the unfinished one now held.
         owner: int | None = None
         buf = self._buf
         max_size = self.max_msg_size
@@ -203,33 +259,34 @@ class FrameDecoder:
                 n = min(self._skip, end - pos)
                 self._skip -= n
                 pos += n
+            elif self._frame is not None:
+                # Continue a frame that started in an earlier chunk, in place.
+                filled = self._filled
+                n = min(len(self._frame) - filled, end - pos)
+                self._frame_view[filled : filled + n] = view[pos : pos + n]
+                self._filled = filled + n
+                pos += n
+                if self._filled == len(self._frame):
+                    events.append(self._complete())
             elif buf:
-                # Continue a frame that started in an earlier chunk.
-                if len(buf) < HEADER_SIZE:
-                    take = min(HEADER_SIZE - len(buf), end - pos)
-                    buf += view[pos : pos + take]
-                    pos += take
-                    if len(buf) < HEADER_SIZE:
-                        break
-                    hdr = Header(*unpack(buf, 0))
-                    if hdr.msg_size < HEADER_SIZE:
-                        return self._break(events, hdr, fds)
-                    if hdr.msg_size > max_size:
-                        self._skip = hdr.msg_size - len(buf)
-                        buf.clear()
-                        events.append(OversizedFrame(hdr, len(self._pending_fds)))
-                        self._close_pending()
-                        continue
-                msg_size = unpack(buf, 0)[2]
-                take = min(msg_size - len(buf), end - pos)
+                # Complete the header of a frame that started in an earlier chunk.
+                take = min(HEADER_SIZE - len(buf), end - pos)
                 buf += view[pos : pos + take]
                 pos += take
-                if len(buf) == msg_size:
-                    hdr = Header(*unpack(buf, 0))
-                    del buf[:HEADER_SIZE]  # cheap: bytearray trims its front in place
-                    events.append(Frame(hdr, bytes(buf), self._pending_fds))
-                    self._pending_fds = []
-                    buf.clear()
+                if len(buf) < HEADER_SIZE:
+                    break
+                hdr = Header(*unpack(buf, 0))
+                buf.clear()
+                if hdr.msg_size < HEADER_SIZE:
+                    return self._break(events, hdr, fds)
+                if hdr.msg_size > max_size:
+                    self._skip = hdr.msg_size - HEADER_SIZE
+                    events.append(OversizedFrame(hdr, len(self._pending_fds)))
+                    self._close_pending()
+                    continue
+                self._start(hdr)
+                if hdr.msg_size == HEADER_SIZE:
+                    events.append(self._complete())
             elif end - pos < HEADER_SIZE:
                 # A frame starts here but even its header is incomplete.
                 buf += view[pos:end]
@@ -248,7 +305,11 @@ class FrameDecoder:
                     owner = len(events)
                     events.append(OversizedFrame(hdr))
                 elif end - pos < msg_size:
-                    buf += view[pos:end]
+                    # The frame's buffer, of its announced size, filled as it arrives.
+                    self._start(Header(msg_id, command, msg_size, flags, error))
+                    n = end - pos - HEADER_SIZE
+                    self._frame_view[:n] = view[pos + HEADER_SIZE : end]
+                    self._filled = n
                     owner = _PENDING
                     pos = end
                 else:
@@ -266,6 +327,28 @@ class FrameDecoder:
         return events
 
     # -- internals ---------------------------------------------------------
+
+    def _start(self, header: Header) -> None:
+        """Receive the frame ``header`` announces (``msg_size`` within the limit) in place."""
+        self._frame_header = header
+        self._frame = bytearray(header.msg_size - HEADER_SIZE)
+        self._frame_view = memoryview(self._frame)
+        self._filled = 0
+
+    def _complete(self) -> Frame:
+        """The frame now received whole; the decoder is back at a boundary."""
+        assert self._frame is not None and self._frame_header is not None
+        frame = Frame(self._frame_header, bytes(self._frame), self._pending_fds)
+        self._pending_fds = []
+        self._drop_frame()
+        return frame
+
+    def _drop_frame(self) -> None:
+        self._frame_view.release()
+        self._frame_view = memoryview(b"")
+        self._frame = None
+        self._frame_header = None
+        self._filled = 0
 
     def _attach_fds(self, events: list[FrameEvent], fds: list[int], owner: int | None) -> None:
         """Give the chunk's fds to the last frame that started in it (see module doc)."""
