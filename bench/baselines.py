@@ -54,7 +54,8 @@ class LoadMode(enum.StrEnum):
     #: ``batch`` No_reply REGION_WRITEs, then one REGION_READ that is waited for.
     POSTED = "posted"
     #: ``batch`` pairs (No_reply REGION_WRITE to ``region``, REGION_READ of ``read_region``)
-    #: sent at once, then every reply; the reads' latencies are reported on their own.
+    #: and a REGION_READ of ``region`` (done after the writes) sent at once, then every reply;
+    #: the ``read_region`` reads' latencies are reported on their own.
     BYPASS = "bypass"
     #: REGION_WRITEs with a reply, round-robin over ``queues`` doorbells ``stride`` bytes
     #: apart from ``offset``, ``depth`` in flight.

@@ -135,6 +135,8 @@ def _show(value: float, latency: bool) -> str:
 def measure(settings: Settings) -> list[Row]:
     """Figure 9's rows: each policy but SpecOrder on each workload, against SpecOrder."""
     runs: dict[tuple[str, str], list[float]] = {(w.key, p): [] for w in WORKLOADS for p in POLICIES}
+    #: The reads' medians beside their p99 (latency workloads).
+    medians: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     names = list(POLICIES)
     with tempfile.TemporaryDirectory(prefix="vfu-bench-policies-") as tmp, ExitStack() as stack:
         paths: dict[tuple[str, str], Path] = {}
@@ -149,6 +151,7 @@ def measure(settings: Settings) -> list[Row]:
                 for name in order:
                     result = _load(paths[(workload.device, name)], workload, settings.seconds)
                     runs[(workload.key, name)].append(workload.value(result))
+                    medians[(workload.key, name)].append(result.read_median_us)
     rows = []
     for workload in WORKLOADS:
         base = median(runs[(workload.key, BASELINE)])
@@ -156,12 +159,16 @@ def measure(settings: Settings) -> list[Row]:
             if name == BASELINE:
                 continue
             ours = median(runs[(workload.key, name)])
+            shown = [_show(ours, workload.latency), _show(base, workload.latency)]
+            if workload.latency:
+                for i, policy in enumerate((name, BASELINE)):
+                    shown[i] += f" (p50 {micros(median(medians[(workload.key, policy)]))})"
             rows.append(
                 Row(
                     FIGURE,
                     f"{workload.describe}: {name} vs {BASELINE}",
-                    _show(ours, workload.latency),
-                    _show(base, workload.latency),
+                    shown[0],
+                    shown[1],
                     ratio(ours, base),
                 )
             )
