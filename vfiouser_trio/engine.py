@@ -146,9 +146,9 @@ class RawMessage:
     transfer_fds: bool = False
 
 
-#: What a handler returns: the reply body (a typed message, a raw one, or None for an empty
-#: reply). Ignored for No_reply commands.
-HandlerResult = Message | RawMessage | None
+#: What a handler returns: the reply body (a typed message, a raw one, its packed payload
+#: as ``bytes``, or None for an empty reply). Ignored for No_reply commands.
+HandlerResult = Message | RawMessage | bytes | None
 #: The owner's command handler. It may take the frame's fds (``frame.take_fds()``); the
 #: engine closes the ones it leaves. Raising VfioUserError sends an error reply.
 Handler = Callable[[Frame], Awaitable[HandlerResult]]
@@ -595,7 +595,7 @@ class Connection:
         reason: BaseException | None = None
         core = self.core
         bounded = core.max_send_backlog is not None
-        batch = core.dispatch_batch
+        hooks = self._hooks
         events = carried
         suspended: _Suspended | None = None
         try:
@@ -617,26 +617,36 @@ class Connection:
                         if not transport.at_frame_boundary:
                             log.debug("%s link: peer hung up mid-frame", state.link.value)
                         break
-                hooks = self._hooks
-                last = len(events) - 1
-                for index, event in enumerate(events):
-                    if isinstance(event, Frame):
-                        if hooks is not None:
-                            hooks.on_receive(self, state.link, event, partial(self._deliver, state))
-                            continue
-                        if state.dispatched >= batch:
+                if hooks is not None:
+                    reason = self._receive_hooked(state, events)
+                    events = ()
+                    continue
+                # The fast path: no enumerate, no per-event objects (this runs per command).
+                index, count = 0, len(events)
+                while index < count:
+                    event = events[index]
+                    index += 1
+                    if not isinstance(event, Frame):
+                        reason = self._act(state, core.receive_framing_error(event))
+                        if reason is not None:
+                            break
+                        continue
+                    action = core.receive(event)
+                    if action is not DISPATCH:
+                        self._act(state, action)
+                    elif not self._may_inline(state):
+                        state.commands.put(event)
+                    else:
+                        if state.dispatched >= core.cut_check and core.cut_before(state.dispatched):
                             # Fairness: inline commands count as the dispatcher's do.
                             state.dispatched = 0
                             await trio.lowlevel.cancel_shielded_checkpoint()
-                        suspended = self._route(state, event, more=index < last)
+                            if not self._may_inline(state):  # the backlog grew meanwhile
+                                state.commands.put(event)
+                                continue
+                        suspended = self._run_inline(state, event, index < count)
                         if suspended is not None:
-                            events = events[index + 1 :]
-                            break
-                    else:
-                        if hooks is not None:
-                            hooks.on_framing_error(self, state.link, event)
-                        reason = self._act(state, core.receive_framing_error(event))
-                        if reason is not None:
+                            events = events[index:]
                             break
                 else:
                     events = ()
@@ -655,6 +665,23 @@ class Connection:
             await suspended
             return
         self._link_ended(state, reason)
+
+    def _receive_hooked(
+        self, state: _LinkState, events: Sequence[FrameEvent]
+    ) -> BaseException | None:
+        """The reader's events through the hooks (nothing inline: a hook may forward a frame
+        later, from a task of its own); the reason to close the connection, if any."""
+        hooks = self._hooks
+        assert hooks is not None
+        for event in events:
+            if isinstance(event, Frame):
+                hooks.on_receive(self, state.link, event, partial(self._deliver, state))
+                continue
+            hooks.on_framing_error(self, state.link, event)
+            reason = self._act(state, self.core.receive_framing_error(event))
+            if reason is not None:
+                return reason
+        return None
 
     def _link_ended(self, state: _LinkState, reason: BaseException | None) -> None:
         if reason is not None:
@@ -699,7 +726,7 @@ class Connection:
             elif hooks is not None:
                 hooks.on_receive(self, state.link, event, partial(self._deliver, state))
             else:
-                self._route(state, event, more=None)
+                self._route(state, event)
         else:
             if events:
                 return
@@ -744,22 +771,16 @@ class Connection:
     def _deliver(self, state: _LinkState, frame: Frame) -> None:
         """Route a frame the hooks passed on (never inline: a hook may forward it later,
         from a task of its own)."""
-        self._route(state, frame, more=None)
+        self._route(state, frame)
 
-    def _route(self, state: _LinkState, frame: Frame, *, more: bool | None) -> _Suspended | None:
-        """Route one received frame: reply to its request, command to the dispatcher.
-
-        Only the reader passes ``more`` (whether more events of its read follow): a command
-        may then run inline. Returns the inline command when it has to wait.
-        """
+    def _route(self, state: _LinkState, frame: Frame) -> None:
+        """Route one received frame that is not to run inline: a reply to its request, a
+        command to the link's dispatcher."""
         event = self.core.receive(frame)
         if event is DISPATCH:
-            if more is not None and self._may_inline(state):
-                return self._run_inline(state, frame, more)
             state.commands.put(frame)
         else:
             self._act(state, event)
-        return None
 
     def _act(
         self,
@@ -808,13 +829,14 @@ class Connection:
         """Run a command in the reader, up to its first wait; the rest, if any, is returned.
 
         A handler that completes without waiting is the fast path: no task switch between
-        the read and its reply. One that waits is *adopted*: a stand-in goes through the
-        queue, so the policy orders later commands after it (SpecOrder runs none before it
-        is done, KeyedOrder keys it, ConcurrentOrder counts it in its limit).
+        the read and its reply, and no bookkeeping (nothing else runs meanwhile, so nothing
+        could see it). One that waits is counted in the link's load from then on and
+        *adopted*: a stand-in goes through the queue, so the policy orders later commands
+        after it (SpecOrder runs none before it is done, KeyedOrder keys it,
+        ConcurrentOrder counts it in its limit).
         """
-        state.commands.hold(frame)
         state.dispatched += 1
-        coro = self._inline_command(state, frame)
+        coro = self._run_command(state, frame)
         state.more = more
         try:
             trap = coro.send(None)
@@ -822,20 +844,21 @@ class Connection:
             return None
         finally:
             state.more = False
-        state.adopted_done = trio.Event()
-        state.commands.adopt(Frame(frame.header, frame.payload, []))
-        return _Suspended(coro, trap)
-
-    async def _inline_command(self, state: _LinkState, frame: Frame) -> None:
+        commands = state.commands
         held_fds = len(frame.fds)
-        try:
-            await self._run_command(state, frame)
-        finally:
-            state.commands.release(frame, held_fds)
-            done = state.adopted_done
-            if done is not None:
-                state.adopted_done = None
-                done.set()
+        commands.hold(frame)
+        state.adopted_done = trio.Event()
+        commands.adopt(Frame(frame.header, frame.payload, []))
+        return _Suspended(coro, trap, partial(self._inline_done, state, frame, held_fds))
+
+    @staticmethod
+    def _inline_done(state: _LinkState, frame: Frame, held_fds: int) -> None:
+        """An inline command that had to wait is done."""
+        state.commands.release(frame, held_fds)
+        done = state.adopted_done
+        if done is not None:
+            state.adopted_done = None
+            done.set()
 
     # ----------------------------------------------------------------- sending
 
@@ -887,12 +910,13 @@ class Connection:
             return
         held_fds = len(frame.fds)
         try:
-            state.dispatched += 1
-            if state.dispatched >= self.core.dispatch_batch:
+            core = self.core
+            if state.dispatched >= core.cut_check and core.cut_before(state.dispatched):
                 # Let the rest of the process run (the writer sends the replies queued so far).
                 state.dispatched = 0
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            limit = self.core.max_send_backlog
+            state.dispatched += 1
+            limit = core.max_send_backlog
             if limit is not None and state.transport.backlog >= limit:
                 try:
                     while state.transport.backlog >= limit // 2:
@@ -913,7 +937,11 @@ class Connection:
         transfer = False
         try:
             core.admit(header)
-            payload, fds, transfer = _reply_body(await self._handler(frame))
+            result = await self._handler(frame)
+            if type(result) is bytes:  # the common case (a packed reply): no more calls
+                payload: Buffer = result
+            else:
+                payload, fds, transfer = _reply_body(result)
             reply = core.reply_header(header, len(payload), len(fds))
         except Exception as exc:
             if transfer:
@@ -942,7 +970,8 @@ class Connection:
             elif transfer:
                 close_fds(fds)  # No_reply: never answered
         finally:
-            frame.close_fds()
+            if frame.fds:
+                frame.close_fds()
 
     def _send_reply(
         self,
@@ -957,8 +986,11 @@ class Connection:
         # A closed socket is noticed by the reader, which shuts the connection down.
         # (try/except rather than contextlib.suppress: this runs once per command.)
         try:
-            flush = not (state.more or state.commands.has_pending())
-            self._send(state, header, payload, fds, transfer_fds, flush=flush)
+            if self._hooks is None:
+                flush = not (state.more or state.commands.has_pending())
+                state.transport.write(header, payload, fds, transfer_fds=transfer_fds, flush=flush)
+            else:
+                self._send(state, header, payload, fds, transfer_fds)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -1149,37 +1181,46 @@ class _Suspended:
     """The rest of a coroutine whose first step ran already and yielded ``trap``.
 
     Awaiting it passes ``trap`` on to trio and drives the coroutine to its end, exactly as
-    awaiting the coroutine would have done after that first step. The task that awaits it
-    must be the one that ran the first step (trio's traps belong to the task).
+    awaiting the coroutine would have done after that first step, then calls ``done``
+    (however it ended). The task that awaits it must be the one that ran the first step
+    (trio's traps belong to the task).
     """
 
-    __slots__ = ("_coro", "_trap")
+    __slots__ = ("_coro", "_done", "_trap")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], trap: object) -> None:
+    def __init__(
+        self, coro: Coroutine[Any, Any, None], trap: object, done: Callable[[], None]
+    ) -> None:
         self._coro = coro
         self._trap = trap
+        self._done = done
 
     def __await__(self) -> Generator[Any, Any, None]:
         coro, trap = self._coro, self._trap
-        while True:
-            try:
-                sent = yield trap
-            except BaseException as exc:
+        try:
+            while True:
                 try:
-                    trap = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    trap = coro.send(sent)
-                except StopIteration:
-                    return
+                    sent = yield trap
+                except BaseException as exc:
+                    try:
+                        trap = coro.throw(exc)
+                    except StopIteration:
+                        return
+                else:
+                    try:
+                        trap = coro.send(sent)
+                    except StopIteration:
+                        return
+        finally:
+            self._done()
 
 
 def _reply_body(result: HandlerResult) -> tuple[Buffer, Sequence[int], bool]:
     """A handler's result as (payload, fds, whether the engine owns the fds)."""
     if result is None:
         return b"", (), False
+    if isinstance(result, bytes):
+        return result, (), False
     if isinstance(result, RawMessage):
         return byte_buffer(result.payload), result.fds, result.transfer_fds
     return result.pack(), result.fds, False

@@ -26,7 +26,9 @@
   :func:`~vfiouser_trio.protocol.version.check_server_reply`;
 * the per-connection limits: ``max_msg_size`` and ``max_recv_fds`` for what we accept,
   ``max_send_fds`` for what we send, ``max_send_backlog`` and ``dispatch_batch`` for how much
-  a link may hold for its peer before it stops reading (:meth:`ConnectionCore.read_action`).
+  a link may hold for its peer before it stops reading (:meth:`ConnectionCore.read_action`);
+* when a link yields to the rest of the process between commands (:meth:`ConnectionCore.cut_before`:
+  every ``dispatch_batch`` commands, or where a ``cut_hook`` says).
 
 Requests carry an opaque *waiter* (the engine's object to wake), returned in the events.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -183,6 +186,7 @@ class ConnectionCore(Generic[W]):
 
     __slots__ = (
         "_closed",
+        "_cut_hook",
         "_max_msg_size",
         "_max_recv_fds",
         "_negotiated",
@@ -190,6 +194,7 @@ class ConnectionCore(Generic[W]):
         "_orphans",
         "_pending",
         "_version_rule",
+        "cut_check",
         "dispatch_batch",
         "max_send_backlog",
         "max_send_fds",
@@ -219,6 +224,10 @@ class ConnectionCore(Generic[W]):
         self.max_send_backlog = max_send_backlog
         #: Commands a link starts before it yields to the rest of the process.
         self.dispatch_batch = dispatch_batch
+        self._cut_hook: Callable[[int], bool] | None = None
+        #: The engine asks :meth:`cut_before` only once a link has started this many commands
+        #: since it last yielded (``dispatch_batch``; 0 with a ``cut_hook``: before each one).
+        self.cut_check = dispatch_batch
         self._version_rule = role is Role.SERVER
         self._negotiated = False
         self._pending: dict[int, tuple[int, W]] = {}
@@ -459,6 +468,30 @@ class ConnectionCore(Generic[W]):
             frame.close_fds()
             raise VfioUserError(header.error or errno.EIO, command=command)
         return frame
+
+    # ----------------------------------------------------------------- batching
+
+    @property
+    def cut_hook(self) -> Callable[[int], bool] | None:
+        """Decides, before each command a link starts, whether it yields first: called with
+        the number of commands the link started since it last yielded. None (the default):
+        every ``dispatch_batch`` commands. For tests and the explorer, which make each cut a
+        choice."""
+        return self._cut_hook
+
+    @cut_hook.setter
+    def cut_hook(self, hook: Callable[[int], bool] | None) -> None:
+        self._cut_hook = hook
+        self.cut_check = self.dispatch_batch if hook is None else 0
+
+    def cut_before(self, started: int) -> bool:
+        """Whether a link that started ``started`` commands since it last yielded yields to
+        the rest of the process before its next one (so that one pipelining peer cannot
+        starve the others). Asked once ``started`` reaches :attr:`cut_check`."""
+        hook = self._cut_hook
+        if hook is None:
+            return started >= self.dispatch_batch
+        return hook(started)
 
     # ----------------------------------------------------------------- bounded memory
 

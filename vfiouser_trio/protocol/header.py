@@ -20,7 +20,9 @@ HEADER_STRUCT = struct.Struct("=HHIII")
 assert HEADER_STRUCT.size == HEADER_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass takes three times as long to build, and the decoder builds
+# one per received message. Treat a header as immutable (``dataclasses.replace`` for another).
+@dataclass(slots=True, unsafe_hash=True)
 class Header:
     """A decoded message header. ``command`` stays a plain int: it may be unknown."""
 

@@ -50,11 +50,9 @@ from ..protocol import (
     RegionInfoRequest,
     RegionIoFdsReply,
     RegionIoFdsRequest,
-    RegionReadReply,
     RegionReadRequest,
     RegionTypeCap,
     RegionWriteMultiRequest,
-    RegionWriteReply,
     RegionWriteRequest,
     Request,
     SetIrqsRequest,
@@ -88,11 +86,13 @@ from .regions import Region
 
 log = logging.getLogger(__name__)
 
-# Plain ints: compared once per command on the REGION_READ/WRITE fast path.
+# Plain ints: compared once per command (the REGION_READ/WRITE fast path).
+_VERSION: Final = int(Command.VERSION)
 _REGION_READ: Final = int(Command.REGION_READ)
 _REGION_WRITE: Final = int(Command.REGION_WRITE)
 _REGION_ACCESS_COMMANDS: Final = frozenset((_REGION_READ, _REGION_WRITE))
 _unpack_region_access = REGION_ACCESS_STRUCT.unpack_from
+_pack_region_access = REGION_ACCESS_STRUCT.pack
 
 #: What this server advertises unless told otherwise: libvfio-user's message sizes and
 #: 4096 DMA maps per client (an fd-backed map holds one of the process's mappings,
@@ -132,6 +132,7 @@ class ServerSession:
         self.policy = policy
         self.hooks = hooks
         self.negotiated: Negotiated | None = None
+        self._xfer_max = 0  # negotiated.recv_max_data_xfer_size, read once per access
         self._conn: Connection | None = None
         self._attached = False
         # The client's DMA_READ/WRITE layout: configured, or learnt once (see dma_read).
@@ -246,7 +247,7 @@ class ServerSession:
 
     async def _handle(self, frame: Frame) -> HandlerResult:
         command = frame.header.command
-        if command == Command.VERSION:
+        if command == _VERSION:
             return await self._version(frame)  # only ever first: Role.SERVER
         # A stopped device refuses most commands (the engine closes the frame's fds).
         self._migration.check_command(command)
@@ -311,8 +312,8 @@ class ServerSession:
 
     @property
     def _recv_max(self) -> int:
-        assert self.negotiated is not None
-        return self.negotiated.recv_max_data_xfer_size
+        """The client's ``max_data_xfer_size`` for what it sends us; 0 before VERSION."""
+        return self._xfer_max
 
     async def _version(self, frame: Frame) -> HandlerResult:
         conn = self._need_conn()
@@ -334,6 +335,7 @@ class ServerSession:
             self.device.dma.trust_client_memory = self.limits.trust_client_memory
             self.device.dma.messenger = self
             self.negotiated = negotiated
+            self._xfer_max = negotiated.recv_max_data_xfer_size
             self._attached = True
             try:
                 await self.device.attached()
@@ -431,24 +433,23 @@ class ServerSession:
         return await self._read_region(request.region, request.offset, request.count)
 
     async def _read_region(self, index: int, offset: int, count: int) -> HandlerResult:
-        assert self.negotiated is not None
-        check_count(Command.REGION_READ, count, self.negotiated.recv_max_data_xfer_size)
+        check_count(Command.REGION_READ, count, self._recv_max)
         region = self._region(index)
         region.check_access(offset, count, write=False)
         data = await region.do_read(offset, count)
-        return RegionReadReply(index, offset, data)
+        # RegionReadReply's payload, packed at once (do_read returns exactly count bytes).
+        return _pack_region_access(offset, index, count) + data
 
     async def _region_write(self, request: RegionWriteRequest) -> HandlerResult:
         return await self._write_region(request.region, request.offset, request.data)
 
     async def _write_region(self, index: int, offset: int, data: bytes) -> HandlerResult:
-        assert self.negotiated is not None
         count = len(data)
-        check_count(Command.REGION_WRITE, count, self.negotiated.recv_max_data_xfer_size)
+        check_count(Command.REGION_WRITE, count, self._recv_max)
         region = self._region(index)
         region.check_access(offset, count, write=True)
         await region.do_write(offset, data)
-        return RegionWriteReply(index, offset, count)
+        return _pack_region_access(offset, index, count)  # RegionWriteReply's payload
 
     async def _region_write_multi(self, request: RegionWriteMultiRequest) -> HandlerResult:
         assert self.negotiated is not None
@@ -461,7 +462,7 @@ class ServerSession:
         return request.reply()
 
     def _region(self, index: int) -> Region:
-        region = self._vfu.region(index)
+        region = self._vfu.regions.get(index)  # built in __init__
         if region is None:
             raise VfioUserError(errno.EINVAL, f"no region {index}")
         return region
