@@ -7,7 +7,7 @@ fixtures live in :mod:`vfiouser_trio.testing.fixtures` (registered by the plugin
 """
 
 from ..server.device_errors import DeviceCodeError
-from .compare import Comparison, Latencies, PolicyResult, compare
+from .comparison import Comparison, Latencies, PolicyResult, compare
 from .conformance import assert_conforms, served
 from .faults import (
     Corrupt,

@@ -98,7 +98,8 @@ class PolicyResult:
     seconds: float
     #: Per request class, in the order the workload first sent each.
     latencies: Mapping[str, Latencies]
-    #: Replies that left before an older command was processed (the spec's rule alone).
+    #: Each (older command, younger one) whose reply left before the older was processed
+    #: (the spec's rule alone).
     violations: tuple[OrderViolation, ...]
     #: The violations the policy's declared relaxations do not allow.
     undeclared: tuple[OrderViolation, ...]
@@ -174,6 +175,8 @@ class Comparison:
             order = f"{len(result.violations)} spec-order violations"
             if result.undeclared:
                 order += f", {len(result.undeclared)} NOT DECLARED"
+            elif result.violations:
+                order += " (all declared)"
             others = len(result.problems) - len(result.undeclared)
             if others > 0:
                 order += f", {others} other problems"
@@ -212,15 +215,15 @@ def _timed(workload: Workload, window: _Window) -> Workload:
 async def _posted_done(run: Run, first: int) -> None:
     """Return once the server has processed every No_reply command the workload sent (no
     reply tells when; the times measured are the server's, not this poll's)."""
+    posted = sum(
+        1
+        for entry in run.client_tracer.entries[first:]
+        if isinstance(entry, TraceRecord)
+        and entry.direction is Direction.SENT
+        and entry.header.is_command
+        and entry.header.no_reply
+    )
     while True:
-        posted = sum(
-            1
-            for entry in run.client_tracer.entries[first:]
-            if isinstance(entry, TraceRecord)
-            and entry.direction is Direction.SENT
-            and entry.header.is_command
-            and entry.header.no_reply
-        )
         ended = sum(
             1
             for entry in run.tracer.entries

@@ -188,7 +188,7 @@ def execute(scenario: Scenario, chooser: Chooser, *, virtual_time: bool = True) 
     """Run the scenario once under ``chooser``; the run's record (``run.failures``).
 
     ``virtual_time=False`` runs on trio's real clock (latencies then cost wall time), as
-    :func:`vfiouser_trio.testing.compare.compare` does for ``clock="real"``."""
+    :func:`vfiouser_trio.testing.compare` does for ``clock="real"``."""
     run = Run(scenario, chooser)
     seed = run.choose("scheduler seed", scenario.scheduler_seeds)
     if not _seed_scheduler(seed):
