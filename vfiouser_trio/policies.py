@@ -51,29 +51,35 @@ class BypassOrder(OrderingPolicy):
     queues behind them in the other lane. A command of the other lane starts only once no
     read of its region (of any region, if it is not a posted region write) is queued or
     running in the read lane. A command counts as pending until its processing has ended.
+    A command that finds both lanes empty would start at once, so it may run inline.
     """
 
+    runs_inline = True
     relaxations: tuple[Relaxation, ...] = (READS_PASS_POSTED_WRITES,)
 
     async def run(self, commands: CommandSource, process: ProcessCommand) -> None:
         lanes: dict[str, deque[tuple[Frame, int | None]]] = {_READS: deque(), _OTHERS: deque()}
         pending: dict[str, Counter[int | None]] = {_READS: Counter(), _OTHERS: Counter()}
-        changed = trio.lowlevel.ParkingLot()
+        # Who waits for what: each lane for work, the other lane also for reads to end.
+        queued = {_READS: trio.Event(), _OTHERS: trio.Event()}
+        reads_ended = trio.lowlevel.ParkingLot()
 
         async def drain(name: str) -> None:
             lane, counts, reads = lanes[name], pending[name], pending[_READS]
             while True:
                 while not lane:
-                    await changed.park()
+                    queued[name] = trio.Event()
+                    await queued[name].wait()
                 frame, key = lane.popleft()
                 if name == _OTHERS:  # wait for the reads this command must not pass
                     while reads[key] if key is not None else reads.total():
-                        await changed.park()
+                        await reads_ended.park()
                 try:
                     await process(frame)
                 finally:
                     counts[key] -= 1  # only now: a running write still holds reads back
-                    changed.unpark_all()
+                    if name == _READS:
+                        reads_ended.unpark_all()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain, _READS)
@@ -88,4 +94,4 @@ class BypassOrder(OrderingPolicy):
                     key = None  # a read or write with a reply in this lane is a barrier
                 pending[name][key] += 1
                 lanes[name].append((frame, key))
-                changed.unpark_all()
+                queued[name].set()
