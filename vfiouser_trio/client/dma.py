@@ -181,7 +181,8 @@ class DmaService:
             raise VfioUserError(errno.EINVAL, f"a client does not serve {command_name(command)}")
         request: DmaReadRequest | DmaWriteRequest
         if command == Command.DMA_WRITE:
-            request = DmaWriteRequest.unpack_as(frame.payload, frame.fds, self.layout)
+            # The data stays a view of the frame: its one copy is into guest memory.
+            request = DmaWriteRequest.unpack_as(frame.payload, frame.fds, self.layout, copy=False)
         else:
             request = DmaReadRequest.unpack(frame.payload, frame.fds)
         check_xfer_size(request, self.max_data_xfer_size)

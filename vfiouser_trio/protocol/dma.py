@@ -341,30 +341,34 @@ class DmaWriteRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         """Decode the spec layout: exactly ``count`` data bytes (the length is the data's)."""
-        expect_no_fds(cls, fds)
-        expect_min_size(cls, payload, _DMA_RW.size)
-        address, count = _DMA_RW.unpack_from(payload)
-        if len(payload) - _DMA_RW.size != count:
-            fail(cls, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
-        return cls(address, bytes(payload[_DMA_RW.size :]))
+        return cls.unpack_as(payload, fds, DmaLayout.SPEC)
 
     @classmethod
-    def unpack_as(cls, payload: Buffer, fds: Sequence[int], layout: DmaLayout) -> Self:
+    def unpack_as(
+        cls, payload: Buffer, fds: Sequence[int], layout: DmaLayout, *, copy: bool = True
+    ) -> Self:
         """Decode in ``layout``; QEMU's is read as QEMU reads it (to imitate QEMU).
 
         QEMU wants at least its 32-byte struct (payload 16) and count <= payload - 16,
         and takes ``count`` bytes from offset 12, so a spec-layout message reaches it
-        shifted by 4 bytes: an imitation that is stricter would hide that.
+        shifted by 4 bytes: an imitation that is stricter would hide that. With
+        ``copy=False`` ``data`` is a read-only view of ``payload`` (no copy of a large
+        write; valid while ``payload`` is), else ``bytes``.
         """
-        if layout is DmaLayout.SPEC:
-            return cls.unpack(payload, fds)
         expect_no_fds(cls, fds)
         expect_min_size(cls, payload, _DMA_RW.size)
-        address, count = _QEMU_DMA_RW.unpack_from(payload)
-        if count > len(payload) - _DMA_RW.size:
-            fail(cls, f"count {count} but room for {len(payload) - _DMA_RW.size} data bytes")
-        start = _QEMU_DMA_RW.size
-        return cls(address, bytes(payload[start : start + count]), layout)
+        if layout is DmaLayout.SPEC:
+            address, count = _DMA_RW.unpack_from(payload)
+            if len(payload) - _DMA_RW.size != count:
+                fail(cls, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
+            start = _DMA_RW.size
+        else:
+            address, count = _QEMU_DMA_RW.unpack_from(payload)
+            if count > len(payload) - _DMA_RW.size:
+                fail(cls, f"count {count} but room for {len(payload) - _DMA_RW.size} data bytes")
+            start = _QEMU_DMA_RW.size
+        data = memoryview(payload).toreadonly()[start : start + count]
+        return cls(address, bytes(data) if copy else data, layout)
 
     def parse_reply(self, payload: Buffer, fds: Sequence[int] = ()) -> DmaWriteReply:
         """Decode the reply in this request's layout; it must echo address and count.
