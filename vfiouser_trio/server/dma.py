@@ -744,7 +744,7 @@ class DmaTable:
         between checkpoints calls itself to save this coroutine). Same rules, errors and
         quiesce gate as ``read``; on an error part of ``buffer`` may have been written.
         """
-        if messages is None and self.try_read_into(iova, buffer):
+        if not messages and self.try_read_into(iova, buffer):
             return
         await self.wait_running()
         out = _byte_buffer(buffer)
@@ -775,7 +775,7 @@ class DmaTable:
         ``prefer_messages``). Inside one fd-backed window it is one checked copy
         (``try_write``), as ``read_into`` is.
         """
-        if messages is None and self.try_write(iova, data):
+        if not messages and self.try_write(iova, data):
             return
         await self.wait_running()
         src = memoryview(_byte_buffer(data))
