@@ -48,8 +48,10 @@ PolicyFactory = Callable[[], OrderingPolicy | None]
 #: The class a request of the workload is counted in; None leaves it out.
 Classify = Callable[[TraceRecord], str | None]
 Workload = Callable[[Client, Run], Awaitable[None]]
-#: How often the end of a workload's No_reply commands is looked for (seconds).
-POLL = 1e-4
+#: How often the end of a workload's No_reply commands is looked for (seconds; the figures
+#: come from the tracers' times, not from this poll). One the server never processes (its
+#: core refused it) holds the run until the scenario's ``budget``, which reports a hang.
+POLL = 1e-3
 
 
 def request_class(record: TraceRecord) -> str:
