@@ -1030,3 +1030,52 @@ async def test_memfds_and_eventfds_travel_both_ways_with_the_right_message() -> 
         os.close(irq)
         for fd in doorbells:
             os.close(fd)
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts each task's steps (the runs between two of its yields)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[trio.lowlevel.Task, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task] = self.steps.get(task, 0) + 1
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "dispatcher"])
+async def test_a_cut_hook_decides_before_each_command_where_the_link_yields(inline: bool) -> None:
+    """ConnectionCore.cut_hook is asked before every command a link starts, in the reader
+    (inline) and in the dispatcher (a policy that runs nothing inline), and the link yields
+    exactly where it says: six commands of one read run in two task steps, cut before #3."""
+    count = 6
+    peer, sock = socket.socketpair()
+    asked: list[int] = []
+    step_of: list[int] = []
+    steps = _TaskSteps()
+
+    def cut(started: int, header: Header) -> bool:
+        asked.append(header.msg_id)
+        return header.msg_id == 3
+
+    async def handler(frame: Frame) -> HandlerResult:
+        step_of.append(steps.steps[trio.lowlevel.current_task()])
+        return None
+
+    class NotInline(SpecOrder):
+        runs_inline = False
+
+    blob = b"".join(Header(i, Command.DEVICE_RESET, 16, 0).pack() for i in range(count))
+    policy = SpecOrder() if inline else NotInline()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        with peer, trio.fail_after(5):
+            async with open_connection(sock, handler=handler, policy=policy) as conn:
+                conn.core.cut_hook = cut
+                peer.sendall(blob)
+                while len(step_of) < count:
+                    await trio.testing.wait_all_tasks_blocked()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert asked == list(range(count))
+    first = step_of[0]
+    assert step_of == [first] * 3 + [first + 1] * 3

@@ -340,3 +340,24 @@ def test_ordered_delay_mapping_and_close() -> None:
     delay.close()
     with pytest.raises(ValueError, match="nth"):
         OrderedDelay(0, seconds=1.0)
+
+
+def test_each_command_the_server_starts_is_a_cut_choice_point_and_cuts_replay() -> None:
+    """Batching is chosen per command ("cut before REGION_READ id=18": yield first or not),
+    not once per run; a schedule flipping every cut runs, passes under SpecOrder and replays
+    to the same server order; Scenario(cuts=False) makes no such choice."""
+    plain = explore.replay(scenario(SpecOrder), {})
+    cuts = [c.label for c in plain.chooser.made if c.label.startswith("cut before ")]
+    assert "cut before REGION_READ id=18" in cuts
+    assert len(cuts) == sum(1 for e in plain.events if e.direction is Direction.RECEIVED)
+    flipped = explore.Schedule.from_dict(dict.fromkeys(cuts, 1))
+    once = explore.replay(scenario(SpecOrder), flipped)
+    assert not once.failures
+    assert [c for c in once.chooser.made if c.label in cuts and c.value == 1]
+    again = explore.replay(scenario(SpecOrder), flipped)
+    assert again.events == once.events
+    assert again.chooser.made == once.chooser.made
+    off = explore.execute(
+        explore.Scenario(device=Registers, workload=workload, cuts=False), explore.Chooser()
+    )
+    assert not [c for c in off.chooser.made if c.label.startswith("cut")]

@@ -451,3 +451,23 @@ class RequestsAndReplies(RuleBasedStateMachine):
 
 TestRequestsAndReplies = RequestsAndReplies.TestCase
 TestRequestsAndReplies.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+def test_a_link_yields_every_dispatch_batch_commands_unless_a_cut_hook_decides() -> None:
+    core: ConnectionCore[object] = ConnectionCore(dispatch_batch=4)
+    header = command(1).header
+    # Without a hook the engine asks only once a link started dispatch_batch commands.
+    assert core.cut_hook is None and core.cut_check == 4
+    assert not core.cut_before(3, header) and core.cut_before(4, header)
+    asked: list[tuple[int, int]] = []
+
+    def hook(started: int, next_command: Header) -> bool:
+        asked.append((started, next_command.msg_id))
+        return started == 1
+
+    core.cut_hook = hook
+    assert core.cut_check == 0  # asked before every command
+    assert [core.cut_before(n, header) for n in (0, 1, 4)] == [False, True, False]
+    assert asked == [(0, 1), (1, 1), (4, 1)]
+    core.cut_hook = None
+    assert core.cut_check == 4 and core.cut_before(4, header)

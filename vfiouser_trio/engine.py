@@ -637,7 +637,9 @@ class Connection:
                     elif not self._may_inline(state):
                         state.commands.put(event)
                     else:
-                        if state.dispatched >= core.cut_check and core.cut_before(state.dispatched):
+                        if state.dispatched >= core.cut_check and core.cut_before(
+                            state.dispatched, event.header
+                        ):
                             # Fairness: inline commands count as the dispatcher's do.
                             state.dispatched = 0
                             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -911,7 +913,9 @@ class Connection:
         held_fds = len(frame.fds)
         try:
             core = self.core
-            if state.dispatched >= core.cut_check and core.cut_before(state.dispatched):
+            if state.dispatched >= core.cut_check and core.cut_before(
+                state.dispatched, frame.header
+            ):
                 # Let the rest of the process run (the writer sends the replies queued so far).
                 state.dispatched = 0
                 await trio.lowlevel.cancel_shielded_checkpoint()

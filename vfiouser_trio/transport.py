@@ -389,7 +389,8 @@ class Transport:
                 close_fds(fds)
             raise self._closed_error()
         raw_header = header.pack() if isinstance(header, Header) else header
-        payload = byte_buffer(payload)
+        if type(payload) is memoryview:  # (bytes, the common case, skips the call)
+            payload = byte_buffer(payload)
         out = self._out
         size = len(raw_header)
         payload_size = len(payload)

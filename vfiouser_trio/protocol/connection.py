@@ -224,7 +224,7 @@ class ConnectionCore(Generic[W]):
         self.max_send_backlog = max_send_backlog
         #: Commands a link starts before it yields to the rest of the process.
         self.dispatch_batch = dispatch_batch
-        self._cut_hook: Callable[[int], bool] | None = None
+        self._cut_hook: Callable[[int, Header], bool] | None = None
         #: The engine asks :meth:`cut_before` only once a link has started this many commands
         #: since it last yielded (``dispatch_batch``; 0 with a ``cut_hook``: before each one).
         self.cut_check = dispatch_batch
@@ -472,26 +472,26 @@ class ConnectionCore(Generic[W]):
     # ----------------------------------------------------------------- batching
 
     @property
-    def cut_hook(self) -> Callable[[int], bool] | None:
+    def cut_hook(self) -> Callable[[int, Header], bool] | None:
         """Decides, before each command a link starts, whether it yields first: called with
-        the number of commands the link started since it last yielded. None (the default):
-        every ``dispatch_batch`` commands. For tests and the explorer, which make each cut a
-        choice."""
+        the number of commands the link started since it last yielded and the command's
+        header. None (the default): every ``dispatch_batch`` commands. For tests and the
+        explorer, which make each cut a choice."""
         return self._cut_hook
 
     @cut_hook.setter
-    def cut_hook(self, hook: Callable[[int], bool] | None) -> None:
+    def cut_hook(self, hook: Callable[[int, Header], bool] | None) -> None:
         self._cut_hook = hook
         self.cut_check = self.dispatch_batch if hook is None else 0
 
-    def cut_before(self, started: int) -> bool:
+    def cut_before(self, started: int, header: Header) -> bool:
         """Whether a link that started ``started`` commands since it last yielded yields to
-        the rest of the process before its next one (so that one pipelining peer cannot
-        starve the others). Asked once ``started`` reaches :attr:`cut_check`."""
+        the rest of the process before it starts command ``header`` (so that one pipelining
+        peer cannot starve the others). Asked once ``started`` reaches :attr:`cut_check`."""
         hook = self._cut_hook
         if hook is None:
             return started >= self.dispatch_batch
-        return hook(started)
+        return hook(started, header)
 
     # ----------------------------------------------------------------- bounded memory
 

@@ -10,7 +10,9 @@ the real time of its messages only. The choice points:
   server, never overtaking the client's earlier messages
   (:class:`~vfiouser_trio.testing.faults.OrderedDelay`);
 * latency: device code awaits ``run.latency(label)``, which sleeps a chosen virtual time;
-* batching: the server's ``dispatch_batch`` (``ServerLimits``), once per run;
+* batching: before each command the server starts, whether it yields to the rest of the
+  process first (a *cut*: ``ConnectionCore.cut_hook``; choice 0 does what
+  ``dispatch_batch`` says, 1 the opposite);
 * scheduling: trio's scheduler is seeded per run (``Scenario.scheduler_seeds`` choices; by
   default one, as varying it alone rarely finds an ordering bug). This reaches into trio's
   private ``trio._core._run._r``; without it the run is not reproducible and says so.
@@ -21,7 +23,6 @@ end included), for the spec-order invariant and the wait-for graph of a hung run
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import socket
@@ -39,6 +40,7 @@ from ...ordering import OrderingPolicy, SpecOrder
 from ...protocol.constants import Command
 from ...protocol.errors import command_name
 from ...protocol.framing import Frame
+from ...protocol.header import Header
 from ...server.device import Device
 from ...server.serve import DeviceServer
 from ..faults import OrderedDelay
@@ -75,8 +77,8 @@ class Scenario:
     arrival_delays: tuple[float, ...] = (0.0, 0.001, 0.005)
     #: Choices for each ``run.latency`` (0 first).
     latencies: tuple[float, ...] = (0.0, 0.002, 0.010)
-    #: Choices for the server's dispatch_batch (the default first).
-    dispatch_batches: tuple[int, ...] = (DEFAULT_LIMITS.dispatch_batch, 1)
+    #: Whether each command the server starts is a batching choice point (a cut before it).
+    cuts: bool = True
     #: How many scheduler seeds to choose from (1: no scheduling choice point).
     scheduler_seeds: int = 1
     invariants: tuple[Invariant, ...] = ()
@@ -146,10 +148,18 @@ class Run:
 
 
 class _Recorder(ConnectionHooks):
-    """Server-side hook: records every message crossing the server's socket."""
+    """Server-side hook: records every message crossing the server's socket, and makes the
+    server's cuts between commands choice points (``Scenario.cuts``)."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
+
+    def _cut(self, started: int, header: Header) -> bool:
+        """Whether the server yields before starting the command ``header``: 0 keeps the
+        default (every ``dispatch_batch`` commands), 1 does the opposite."""
+        default = started >= DEFAULT_LIMITS.dispatch_batch
+        label = f"cut before {command_name(header.command)} id={header.msg_id}"
+        return default != bool(self.run.choose(label, 2))
 
     def _note(self, direction: Direction, conn: Connection, frame: Frame) -> None:
         h = frame.header
@@ -171,6 +181,8 @@ class _Recorder(ConnectionHooks):
         forward(frame)
 
     def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        if self.run.scenario.cuts and conn.core.cut_hook is None:
+            conn.core.cut_hook = self._cut  # before the first command (VERSION) runs
         self._note(Direction.RECEIVED, conn, frame)
         forward(frame)
 
@@ -205,9 +217,6 @@ def execute(scenario: Scenario, chooser: Chooser, *, virtual_time: bool = True) 
 
 async def _main(run: Run) -> None:
     scenario = run.scenario
-    batches = scenario.dispatch_batches
-    batch = batches[run.choose("dispatch_batch", len(batches))]
-    limits = dataclasses.replace(DEFAULT_LIMITS, dispatch_batch=batch)
     device = scenario.device(run)
     policy = scenario.policy()
     run.policy = policy if policy is not None else SpecOrder()
@@ -216,7 +225,6 @@ async def _main(run: Run) -> None:
         offer_twin_socket=False,
         policy=run.policy,
         hooks=chain(_Recorder(run), run.tracer),
-        limits=limits,
     )
     delays = scenario.arrival_delays
 
