@@ -66,7 +66,6 @@ import errno
 import logging
 import os
 import socket
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ from typing import Any
 
 import trio
 
+from .link_state import LinkState
 from .ordering import OrderingPolicy, PolicyContext, ReleaseGate, SpecOrder, run_policy
 from .protocol.connection import (
     DEFAULT_DISPATCH_BATCH,
@@ -200,150 +200,6 @@ class _PendingRequest:
         self.done.set()
 
 
-class _CommandQueue:
-    """Commands received on one link, in arrival order (an ordering.CommandSource).
-
-    Counts the commands it was given until they are done (``release``), also once a policy
-    has taken them or while one runs inline in the reader (``hold``): ``held``, ``cost``
-    (bytes with ``FRAME_OVERHEAD`` each) and ``fd_count``. The reader bounds these by not
-    reading (see the module doc), and is woken whenever a command is done. ``adopted`` is
-    the stand-in of an inline command that had to wait (see :meth:`adopt`).
-    """
-
-    __slots__ = ("_frames", "_link", "_lot", "adopted", "cost", "fd_count", "held", "starter")
-
-    def __init__(self, link: _LinkState) -> None:
-        # The deque and the parking lot are created when first needed: an idle link
-        # queues nothing (its commands run inline), and each costs hundreds of bytes.
-        self._frames: deque[Frame] | None = None
-        self._lot: trio.lowlevel.ParkingLot | None = None
-        self._link = link
-        self.held = 0
-        self.cost = 0
-        self.fd_count = 0
-        self.adopted: Frame | None = None
-        #: Starts the policy's run when the first command is queued (then None).
-        self.starter: Connection | None = None
-
-    def _queue(self) -> deque[Frame]:
-        frames = self._frames
-        if frames is None:
-            frames = self._frames = deque()
-        return frames
-
-    def _queued(self) -> None:
-        starter = self.starter
-        if starter is not None:
-            self.starter = None
-            starter._start_dispatcher(self._link)
-        if self._lot:
-            self._lot.unpark()
-
-    def hold(self, frame: Frame) -> None:
-        """Count ``frame`` until it is released, without queueing it."""
-        self.held += 1
-        self.cost += FRAME_OVERHEAD + len(frame.payload)
-        if frame.fds:
-            self.fd_count += len(frame.fds)
-
-    def put(self, frame: Frame) -> None:
-        self.hold(frame)
-        self._queue().append(frame)
-        self._queued()
-
-    def adopt(self, stand_in: Frame) -> None:
-        """Queue the stand-in of an inline command that is still running, so that the policy
-        orders the commands after it as if it had started that command itself. It counts in
-        ``held`` only (the command itself counts its cost) until :meth:`drop_stand_in`."""
-        self.held += 1
-        self.adopted = stand_in
-        self._queue().append(stand_in)
-        self._queued()
-
-    def has_pending(self) -> bool:
-        return bool(self._frames)
-
-    def drop_stand_in(self) -> None:
-        """The policy is done with the stand-in (its command is done)."""
-        self.held -= 1
-        self.adopted = None
-
-    def release(self, frame: Frame, fd_count: int) -> None:
-        """``frame`` is done; it held ``fd_count`` fds when it was queued."""
-        self.held -= 1
-        self.cost -= FRAME_OVERHEAD + len(frame.payload)
-        self.fd_count -= fd_count
-        self._link.wake()
-
-    async def get(self) -> Frame:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while not self._frames:
-            if self._lot is None:
-                self._lot = trio.lowlevel.ParkingLot()
-            await self._lot.park()
-        return self._queue().popleft()
-
-    def close(self) -> None:
-        frames = self._frames
-        while frames:
-            frame = frames.popleft()
-            if frame is self.adopted:
-                self.drop_stand_in()
-            else:
-                self.release(frame, len(frame.fds))
-                frame.close_fds()
-
-
-class _LinkState:
-    __slots__ = (
-        "adopted_done",
-        "commands",
-        "dispatched",
-        "link",
-        "more",
-        "on_demand",
-        "progress",
-        "reading",
-        "transport",
-    )
-
-    def __init__(self, link: Link, transport: Transport, *, bounded: bool) -> None:
-        self.link = link
-        self.transport = transport
-        #: Where the reader (and a dispatcher held by the send backlog) wait for the load to
-        #: fall (:meth:`wait`): woken when a command leaves the queue, the socket takes
-        #: data, or a request is sent on this link. Created when first needed.
-        self.progress: trio.lowlevel.ParkingLot | None = None
-        self.commands = _CommandQueue(self)
-        #: Commands started (by the dispatcher or inline) since the link last yielded.
-        self.dispatched = 0
-        #: True while the reader runs a command inline that is not the last of its read:
-        #: its reply may wait, to leave in one sendmsg with the next ones.
-        self.more = False
-        #: Set when the inline command whose stand-in the policy holds is done.
-        self.adopted_done: trio.Event | None = None
-        #: The link is read only while a request of ours awaits its reply or the peer sends
-        #: something (the server's twin link); ``reading`` while a reader runs.
-        self.on_demand = False
-        self.reading = True
-        if bounded:
-            transport.on_progress = self.wake
-
-    def wake(self) -> None:
-        if self.progress:
-            self.progress.unpark_all()
-
-    async def wait(self) -> None:
-        """Wait for the next :meth:`wake`."""
-        if self.progress is None:
-            self.progress = trio.lowlevel.ParkingLot()
-        await self.progress.park()
-
-    @property
-    def load(self) -> int:
-        return self.transport.backlog + self.commands.cost
-
-
 class Connection:
     """One vfio-user connection: run it with :func:`open_connection`, or :meth:`run`."""
 
@@ -399,7 +255,7 @@ class Connection:
         self._handler = handler
         self._policy = policy if policy is not None else SpecOrder()
         self._hooks = hooks
-        self._twin: _LinkState | None = None
+        self._twin: LinkState | None = None
         self._request_link = self._main
         self._id_lot: trio.lowlevel.ParkingLot | None = None  # created when first needed
         self._nursery: trio.Nursery | None = None
@@ -412,12 +268,12 @@ class Connection:
 
     # ----------------------------------------------------------------- configuration
 
-    def _new_link(self, link: Link, sock: socket.socket) -> _LinkState:
+    def _new_link(self, link: Link, sock: socket.socket) -> LinkState:
         core = self.core
         transport = Transport(sock, max_msg_size=core.max_msg_size, max_recv_fds=core.max_recv_fds)
-        return _LinkState(link, transport, bounded=core.max_send_backlog is not None)
+        return LinkState(link, transport, bounded=core.max_send_backlog is not None)
 
-    def _links(self) -> tuple[_LinkState, ...]:
+    def _links(self) -> tuple[LinkState, ...]:
         return (self._main,) if self._twin is None else (self._main, self._twin)
 
     @property
@@ -500,14 +356,14 @@ class Connection:
 
     # ----------------------------------------------------------------- running
 
-    def _start_link(self, state: _LinkState) -> None:
+    def _start_link(self, state: LinkState) -> None:
         # The writer and the dispatcher start when first needed: on an idle connection (most
         # commands run inline, most replies leave at once) a link holds its reader alone.
         assert self._nursery is not None
         state.transport.writer_nursery = self._nursery
         state.commands.starter = self
 
-    def _start_dispatcher(self, state: _LinkState) -> None:
+    def _start_dispatcher(self, state: LinkState) -> None:
         if self._nursery is not None:
             process = partial(self._process, state)
             ctx = PolicyContext(self, state.link, state.commands, process, observer=self._hooks)
@@ -583,7 +439,7 @@ class Connection:
 
     # ----------------------------------------------------------------- receiving
 
-    async def _read_loop(self, state: _LinkState, carried: Sequence[FrameEvent] = ()) -> None:
+    async def _read_loop(self, state: LinkState, carried: Sequence[FrameEvent] = ()) -> None:
         """Read the link until it ends; ``carried``: events a previous reader left unhandled.
 
         Commands run inline here when the policy allows it (see :meth:`_may_inline`). If an
@@ -669,7 +525,7 @@ class Connection:
         self._link_ended(state, reason)
 
     def _receive_hooked(
-        self, state: _LinkState, events: Sequence[FrameEvent]
+        self, state: LinkState, events: Sequence[FrameEvent]
     ) -> BaseException | None:
         """The reader's events through the hooks (nothing inline: a hook may forward a frame
         later, from a task of its own); the reason to close the connection, if any."""
@@ -685,14 +541,14 @@ class Connection:
                 return reason
         return None
 
-    def _link_ended(self, state: _LinkState, reason: BaseException | None) -> None:
+    def _link_ended(self, state: LinkState, reason: BaseException | None) -> None:
         if reason is not None:
             log.warning(
                 "%s: %s link: closing after a fatal error: %s", self.name, state.link.value, reason
             )
         self._shutdown(reason, f"{state.link.value} socket closed")
 
-    def _read_watched(self, state: _LinkState) -> None:
+    def _read_watched(self, state: LinkState) -> None:
         """The idle watch saw data or a hang-up on a link no task reads (the server's twin):
         handle one read here, in the watch's task (replies are delivered, commands queued for
         the dispatcher, never run inline). A link holding commands gets a reader task
@@ -734,7 +590,7 @@ class Connection:
                 return
         self._link_ended(state, reason)  # the peer hung up there, or the link failed
 
-    async def _hold_reading(self, state: _LinkState) -> ProtocolError | None:
+    async def _hold_reading(self, state: LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
 
         Returns the error to close the connection with when the link cannot pause (a reply
@@ -770,12 +626,12 @@ class Connection:
             log.debug("%s: %s link: reading again", self.name, state.link.value)
         return None
 
-    def _deliver(self, state: _LinkState, frame: Frame) -> None:
+    def _deliver(self, state: LinkState, frame: Frame) -> None:
         """Route a frame the hooks passed on (never inline: a hook may forward it later,
         from a task of its own)."""
         self._route(state, frame)
 
-    def _route(self, state: _LinkState, frame: Frame) -> None:
+    def _route(self, state: LinkState, frame: Frame) -> None:
         """Route one received frame that is not to run inline: a reply to its request, a
         command to the link's dispatcher."""
         event = self.core.receive(frame)
@@ -786,7 +642,7 @@ class Connection:
 
     def _act(
         self,
-        state: _LinkState,
+        state: LinkState,
         event: object,
     ) -> ProtocolError | None:
         """Carry out what the core decided about a received message (not a command to run);
@@ -815,7 +671,7 @@ class Connection:
             return event.reason
         return None
 
-    def _may_inline(self, state: _LinkState) -> bool:
+    def _may_inline(self, state: LinkState) -> bool:
         """Whether the reader may run the next command itself, now.
 
         Only when the link holds no other command (none queued, none running: nothing can be
@@ -827,7 +683,7 @@ class Connection:
         limit = self.core.max_send_backlog
         return limit is None or state.transport.backlog < limit
 
-    def _run_inline(self, state: _LinkState, frame: Frame, more: bool) -> _Suspended | None:
+    def _run_inline(self, state: LinkState, frame: Frame, more: bool) -> _Suspended | None:
         """Run a command in the reader, up to its first wait; the rest, if any, is returned.
 
         A handler that completes without waiting is the fast path: no task switch between
@@ -854,7 +710,7 @@ class Connection:
         return _Suspended(coro, trap, partial(self._inline_done, state, frame, held_fds))
 
     @staticmethod
-    def _inline_done(state: _LinkState, frame: Frame, held_fds: int) -> None:
+    def _inline_done(state: LinkState, frame: Frame, held_fds: int) -> None:
         """An inline command that had to wait is done."""
         state.commands.release(frame, held_fds)
         done = state.adopted_done
@@ -866,7 +722,7 @@ class Connection:
 
     def _send(
         self,
-        state: _LinkState,
+        state: LinkState,
         header: bytes,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
@@ -885,7 +741,7 @@ class Connection:
         self._hooks.on_send(self, state.link, frame, partial(self._forward_out, state))
 
     @staticmethod
-    def _forward_out(state: _LinkState, frame: Frame) -> None:
+    def _forward_out(state: LinkState, frame: Frame) -> None:
         fds = frame.take_fds()
         # If the connection is closing, write() closes the fds and the frame is lost.
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -894,7 +750,7 @@ class Connection:
     # ----------------------------------------------------------------- dispatch
 
     async def _process(
-        self, state: _LinkState, frame: Frame, release: ReleaseGate | None = None
+        self, state: LinkState, frame: Frame, release: ReleaseGate | None = None
     ) -> None:
         """Run one command through the handler and queue its reply (the policy's ``process``);
         with ``release``, the reply waits until it returns (``PolicyContext.execute``).
@@ -933,7 +789,7 @@ class Connection:
             state.commands.release(frame, held_fds)
 
     async def _run_command(
-        self, state: _LinkState, frame: Frame, release: ReleaseGate | None = None
+        self, state: LinkState, frame: Frame, release: ReleaseGate | None = None
     ) -> None:
         header = frame.header
         core = self.core
@@ -979,7 +835,7 @@ class Connection:
 
     def _send_reply(
         self,
-        state: _LinkState,
+        state: LinkState,
         header: bytes,
         payload: Buffer = b"",
         fds: Sequence[int] = (),
@@ -1082,7 +938,7 @@ class Connection:
         transfer_fds: bool,
         *,
         no_reply: bool,
-    ) -> tuple[_LinkState, int, bytes, Buffer]:
+    ) -> tuple[LinkState, int, bytes, Buffer]:
         """Checks and waits before a request is queued; its link, message ID, header and
         payload. Closes transferred fds if it raises."""
         try:
@@ -1111,7 +967,7 @@ class Connection:
 
     def _send_request(
         self,
-        state: _LinkState,
+        state: LinkState,
         command: int,
         header: bytes,
         payload: Buffer,

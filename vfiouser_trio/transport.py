@@ -399,6 +399,9 @@ class Transport:
             # the kernel, header and payload as two iovecs, no chunk unless it takes less.
             self._send_now(raw_header, payload, size + payload_size)
             return
+        # The writer needs waking only when the queue stops being empty: with data queued it
+        # is awake already, or waits for the socket (it looks at the queue before it parks).
+        wake = not out
         out = self._queue()
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
@@ -415,7 +418,7 @@ class Transport:
             # Not sent yet, and the caller may close its fds once we return: keep duplicates.
             first.fds = tuple(os.dup(fd) for fd in first.fds)
             first.owns_fds = True
-        if out:
+        if out and wake:
             self._wake_writer()
 
     def _send_now(self, raw_header: bytes, payload: Buffer, total: int) -> None:
