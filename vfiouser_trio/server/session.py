@@ -50,10 +50,8 @@ from ..protocol import (
     RegionInfoRequest,
     RegionIoFdsReply,
     RegionIoFdsRequest,
-    RegionReadRequest,
     RegionTypeCap,
     RegionWriteMultiRequest,
-    RegionWriteRequest,
     Request,
     SetIrqsRequest,
     SparseMmapArea,
@@ -90,7 +88,10 @@ log = logging.getLogger(__name__)
 _VERSION: Final = int(Command.VERSION)
 _REGION_READ: Final = int(Command.REGION_READ)
 _REGION_WRITE: Final = int(Command.REGION_WRITE)
-_REGION_ACCESS_COMMANDS: Final = frozenset((_REGION_READ, _REGION_WRITE))
+_REGION_ACCESS_COMMANDS: Final = {
+    _REGION_READ: Command.REGION_READ,
+    _REGION_WRITE: Command.REGION_WRITE,
+}
 _unpack_region_access = REGION_ACCESS_STRUCT.unpack_from
 _pack_region_access = REGION_ACCESS_STRUCT.pack
 
@@ -252,22 +253,26 @@ class ServerSession:
         # A stopped device refuses most commands (the engine closes the frame's fds).
         self._migration.check_command(command)
         if not frame.fds and command in _REGION_ACCESS_COMMANDS:
-            # The hot path: a well-formed REGION_READ/WRITE is served without building a
-            # request message; anything malformed takes the general path below, whose
-            # decoder rejects it.
+            # The hot path, and the only one for these two commands: what the decoder's
+            # RegionReadRequest/RegionWriteRequest would accept, without building them
+            # (the general path's decoder refuses the rest: fds, a short payload, a count
+            # that is not the data's size).
             payload = frame.payload
             size = len(payload)
-            if command == _REGION_READ:
-                if size == REGION_ACCESS_SIZE:
-                    offset, index, count = _unpack_region_access(payload)
-                    with handling_command():
-                        return await self._read_region(index, offset, count)
-            elif size >= REGION_ACCESS_SIZE:
+            if size >= REGION_ACCESS_SIZE:
                 offset, index, count = _unpack_region_access(payload)
+                if command == _REGION_READ:
+                    region = self._accessed_region(command, index, offset, count)
+                    with handling_command():
+                        data = await region.do_read(offset, count)
+                    # RegionReadReply's payload (do_read returns exactly count bytes).
+                    return _pack_region_access(offset, index, count) + data
                 if count == size - REGION_ACCESS_SIZE:
                     data = bytes(payload[REGION_ACCESS_SIZE:])
+                    region = self._accessed_region(command, index, offset, count)
                     with handling_command():
-                        return await self._write_region(index, offset, data)
+                        await region.do_write(offset, data)
+                    return _pack_region_access(offset, index, count)  # RegionWriteReply's
         request = decode_request(command, frame.payload, frame.fds)
         # Decoding succeeded: the request now owns the fds.
         frame.take_fds()
@@ -277,10 +282,6 @@ class ServerSession:
 
     async def _dispatch(self, request: Request) -> HandlerResult:
         match request:
-            case RegionReadRequest():
-                return await self._region_read(request)
-            case RegionWriteRequest():
-                return await self._region_write(request)
             case DeviceGetInfoRequest():
                 return self._device_info()
             case RegionInfoRequest():
@@ -306,7 +307,8 @@ class ServerSession:
             case MigDataWriteRequest():
                 return await self._migration.data_write(request, self._recv_max)
             case _:
-                # DMA_READ / DMA_WRITE travel server -> client only.
+                # DMA_READ / DMA_WRITE travel server -> client only; REGION_READ/WRITE
+                # never get here (see _handle).
                 close_fds(request.fds)
                 raise VfioUserError(errno.EINVAL, f"{request.COMMAND.name} is not a client command")
 
@@ -429,27 +431,13 @@ class ServerSession:
         irq.set_irqs(request.flags, request.start, request.count, request.data, fds)
         return None
 
-    async def _region_read(self, request: RegionReadRequest) -> HandlerResult:
-        return await self._read_region(request.region, request.offset, request.count)
-
-    async def _read_region(self, index: int, offset: int, count: int) -> HandlerResult:
-        check_count(Command.REGION_READ, count, self._recv_max)
+    def _accessed_region(self, command: int, index: int, offset: int, count: int) -> Region:
+        """The region a REGION_READ/WRITE accesses; EINVAL for a count above our
+        max_data_xfer_size, no such region, or an access it does not allow."""
+        check_count(_REGION_ACCESS_COMMANDS[command], count, self._xfer_max)
         region = self._region(index)
-        region.check_access(offset, count, write=False)
-        data = await region.do_read(offset, count)
-        # RegionReadReply's payload, packed at once (do_read returns exactly count bytes).
-        return _pack_region_access(offset, index, count) + data
-
-    async def _region_write(self, request: RegionWriteRequest) -> HandlerResult:
-        return await self._write_region(request.region, request.offset, request.data)
-
-    async def _write_region(self, index: int, offset: int, data: bytes) -> HandlerResult:
-        count = len(data)
-        check_count(Command.REGION_WRITE, count, self._recv_max)
-        region = self._region(index)
-        region.check_access(offset, count, write=True)
-        await region.do_write(offset, data)
-        return _pack_region_access(offset, index, count)  # RegionWriteReply's payload
+        region.check_access(offset, count, write=command == _REGION_WRITE)
+        return region
 
     async def _region_write_multi(self, request: RegionWriteMultiRequest) -> HandlerResult:
         assert self.negotiated is not None
