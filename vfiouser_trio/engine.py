@@ -70,6 +70,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from functools import partial
+from types import CoroutineType
 from typing import Any
 
 import trio
@@ -453,7 +454,7 @@ class Connection:
         bounded = core.max_send_backlog is not None
         hooks = self._hooks
         events = carried
-        suspended: _Suspended | None = None
+        suspended: Coroutine[Any, Any, None] | None = None
         try:
             while reason is None:
                 if not events:
@@ -683,40 +684,73 @@ class Connection:
         limit = self.core.max_send_backlog
         return limit is None or state.transport.backlog < limit
 
-    def _run_inline(self, state: LinkState, frame: Frame, more: bool) -> _Suspended | None:
+    def _run_inline(
+        self, state: LinkState, frame: Frame, more: bool
+    ) -> Coroutine[Any, Any, None] | None:
         """Run a command in the reader, up to its first wait; the rest, if any, is returned.
 
         A handler that completes without waiting is the fast path: no task switch between
-        the read and its reply, and no bookkeeping (nothing else runs meanwhile, so nothing
-        could see it). One that waits is counted in the link's load from then on and
-        *adopted*: a stand-in goes through the queue, so the policy orders later commands
-        after it (SpecOrder runs none before it is done, KeyedOrder keys it,
-        ConcurrentOrder counts it in its limit).
+        the read and its reply, no coroutine but the handler's, and no bookkeeping (nothing
+        else runs meanwhile, so nothing could see it). One that waits is counted in the
+        link's load from then on and *adopted*: a stand-in goes through the queue, so the
+        policy orders later commands after it (SpecOrder runs none before it is done,
+        KeyedOrder keys it, ConcurrentOrder counts it in its limit).
         """
         state.dispatched += 1
-        coro = self._run_command(state, frame)
-        state.more = more
+        state.more = more  # its reply may wait for the next ones' (one sendmsg)
         try:
-            trap = coro.send(None)
-        except StopIteration:
+            try:
+                self.core.admit(frame.header)
+                handling = self._handler(frame)
+                coro = handling if isinstance(handling, CoroutineType) else _awaited(handling)
+                trap = coro.send(None)
+            except StopIteration as done:
+                reply, payload, fds, transfer = self._reply(frame, done.value)
+                if reply is not None:
+                    self._send_reply(state, reply, payload, fds, transfer)
+            except Exception as exc:
+                error = self._error_reply(frame, exc)
+                if error is not None:
+                    self._send_reply(state, error)
+            except BaseException:
+                frame.close_fds()
+                raise
+            else:
+                commands = state.commands
+                held_fds = len(frame.fds)
+                commands.hold(frame)
+                state.adopted_done = trio.Event()
+                commands.adopt(Frame(frame.header, frame.payload, []))
+                return self._finish_inline(state, frame, held_fds, _Suspended(coro, trap))
+            if frame.fds:
+                frame.close_fds()
             return None
         finally:
             state.more = False
-        commands = state.commands
-        held_fds = len(frame.fds)
-        commands.hold(frame)
-        state.adopted_done = trio.Event()
-        commands.adopt(Frame(frame.header, frame.payload, []))
-        return _Suspended(coro, trap, partial(self._inline_done, state, frame, held_fds))
 
-    @staticmethod
-    def _inline_done(state: LinkState, frame: Frame, held_fds: int) -> None:
-        """An inline command that had to wait is done."""
-        state.commands.release(frame, held_fds)
-        done = state.adopted_done
-        if done is not None:
-            state.adopted_done = None
-            done.set()
+    async def _finish_inline(
+        self, state: LinkState, frame: Frame, held_fds: int, rest: _Suspended
+    ) -> None:
+        """The rest of an inline command that had to wait, and its answer."""
+        try:
+            try:
+                result = await rest
+            except Exception as exc:
+                error = self._error_reply(frame, exc)
+                if error is not None:
+                    self._send_reply(state, error)
+                return
+            reply, payload, fds, transfer = self._reply(frame, result)
+            if reply is not None:
+                self._send_reply(state, reply, payload, fds, transfer)
+        finally:
+            if frame.fds:
+                frame.close_fds()
+            state.commands.release(frame, held_fds)
+            done = state.adopted_done
+            if done is not None:
+                state.adopted_done = None
+                done.set()
 
     # ----------------------------------------------------------------- sending
 
@@ -791,47 +825,66 @@ class Connection:
     async def _run_command(
         self, state: LinkState, frame: Frame, release: ReleaseGate | None = None
     ) -> None:
-        header = frame.header
-        core = self.core
+        """Run one command through the handler and queue its answer, after ``release`` if
+        given (the policy's gate); the reader's inline path is :meth:`_run_inline`."""
+        try:
+            try:
+                self.core.admit(frame.header)
+                result = await self._handler(frame)
+            except Exception as exc:
+                error = self._error_reply(frame, exc)
+                if error is not None:
+                    if release is not None:
+                        await release()
+                    self._send_reply(state, error)
+                return
+            reply, payload, fds, transfer = self._reply(frame, result)
+            if reply is None:
+                return
+            if release is not None:
+                try:
+                    await release()
+                except BaseException:
+                    if transfer:
+                        close_fds(fds)
+                    raise
+            self._send_reply(state, reply, payload, fds, transfer)
+        finally:
+            if frame.fds:
+                frame.close_fds()
+
+    def _reply(
+        self, frame: Frame, result: HandlerResult
+    ) -> tuple[bytes | None, Buffer, Sequence[int], bool]:
+        """The answer to a command whose handler returned ``result``: (packed header,
+        payload, fds, whether we own them), an error reply if it cannot be sent (too many
+        fds), no header for No_reply (then any fds we owned are closed)."""
         fds: Sequence[int] = ()
         transfer = False
         try:
-            core.admit(header)
-            result = await self._handler(frame)
             if type(result) is bytes:  # the common case (a packed reply): no more calls
                 payload: Buffer = result
             else:
                 payload, fds, transfer = _reply_body(result)
-            reply = core.reply_header(header, len(payload), len(fds))
+            reply = self.core.reply_header(frame.header, len(payload), len(fds))
         except Exception as exc:
             if transfer:
                 close_fds(fds)
-            if isinstance(exc, ReplyTooManyFds):
-                log.error("%s: %s", self.name, exc)  # noqa: TRY400 - our bug, not a traceback
-            elif isinstance(exc, VfioUserError):
-                log.debug("command %d failed: %s", header.command, exc)
-            else:
-                log.exception("handler of command %d raised", header.command)
-            reply = core.error_reply_header(header, exc)
-            if reply is not None:
-                if release is not None:
-                    await release()
-                self._send_reply(state, reply)
+            return self._error_reply(frame, exc), b"", (), False
+        if reply is None and transfer:
+            close_fds(fds)  # No_reply: never answered
+        return reply, payload, fds, transfer
+
+    def _error_reply(self, frame: Frame, exc: Exception) -> bytes | None:
+        """Log why a command failed; its error reply (None for No_reply)."""
+        header = frame.header
+        if isinstance(exc, ReplyTooManyFds):
+            log.error("%s: %s", self.name, exc)  # our bug, not a traceback
+        elif isinstance(exc, VfioUserError):
+            log.debug("command %d failed: %s", header.command, exc)
         else:
-            if reply is not None:
-                if release is not None:
-                    try:
-                        await release()
-                    except BaseException:
-                        if transfer:
-                            close_fds(fds)
-                        raise
-                self._send_reply(state, reply, payload, fds, transfer)
-            elif transfer:
-                close_fds(fds)  # No_reply: never answered
-        finally:
-            if frame.fds:
-                frame.close_fds()
+            log.exception("handler of command %d raised", header.command)
+        return self.core.error_reply_header(header, exc)
 
     def _send_reply(
         self,
@@ -1041,38 +1094,37 @@ class _Suspended:
     """The rest of a coroutine whose first step ran already and yielded ``trap``.
 
     Awaiting it passes ``trap`` on to trio and drives the coroutine to its end, exactly as
-    awaiting the coroutine would have done after that first step, then calls ``done``
-    (however it ended). The task that awaits it must be the one that ran the first step
-    (trio's traps belong to the task).
+    awaiting the coroutine would have done after that first step: it returns what the
+    coroutine returns and raises what it raises. The task that awaits it must be the one
+    that ran the first step (trio's traps belong to the task).
     """
 
-    __slots__ = ("_coro", "_done", "_trap")
+    __slots__ = ("_coro", "_trap")
 
-    def __init__(
-        self, coro: Coroutine[Any, Any, None], trap: object, done: Callable[[], None]
-    ) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, HandlerResult], trap: object) -> None:
         self._coro = coro
         self._trap = trap
-        self._done = done
 
-    def __await__(self) -> Generator[Any, Any, None]:
+    def __await__(self) -> Generator[Any, Any, HandlerResult]:
         coro, trap = self._coro, self._trap
-        try:
-            while True:
+        while True:
+            try:
+                sent = yield trap
+            except BaseException as exc:
                 try:
-                    sent = yield trap
-                except BaseException as exc:
-                    try:
-                        trap = coro.throw(exc)
-                    except StopIteration:
-                        return
-                else:
-                    try:
-                        trap = coro.send(sent)
-                    except StopIteration:
-                        return
-        finally:
-            self._done()
+                    trap = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    trap = coro.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+
+
+async def _awaited(awaitable: Awaitable[HandlerResult]) -> HandlerResult:
+    """A handler's awaitable that is not a coroutine, as one (the inline path steps it)."""
+    return await awaitable
 
 
 def _reply_body(result: HandlerResult) -> tuple[Buffer, Sequence[int], bool]:
