@@ -475,7 +475,7 @@ class Connection:
                             log.debug("%s link: peer hung up mid-frame", state.link.value)
                         break
                 if hooks is not None:
-                    reason = self._receive_hooked(state, events)
+                    reason = self._receive_queued(state, events)
                     events = ()
                     continue
                 # The fast path: no enumerate, no per-event objects (this runs per command).
@@ -525,18 +525,22 @@ class Connection:
             return
         self._link_ended(state, reason)
 
-    def _receive_hooked(
+    def _receive_queued(
         self, state: LinkState, events: Sequence[FrameEvent]
     ) -> BaseException | None:
-        """The reader's events through the hooks (nothing inline: a hook may forward a frame
-        later, from a task of its own); the reason to close the connection, if any."""
+        """Handle a read's events without running a command inline: through the hooks if
+        any (a hook may forward a frame later, from a task of its own), else routed (the
+        idle watch's reads); the reason to close the connection, if any."""
         hooks = self._hooks
-        assert hooks is not None
         for event in events:
             if isinstance(event, Frame):
-                hooks.on_receive(self, state.link, event, partial(self._deliver, state))
+                if hooks is None:
+                    self._route(state, event)
+                else:
+                    hooks.on_receive(self, state.link, event, partial(self._deliver, state))
                 continue
-            hooks.on_framing_error(self, state.link, event)
+            if hooks is not None:
+                hooks.on_framing_error(self, state.link, event)
             reason = self._act(state, self.core.receive_framing_error(event))
             if reason is not None:
                 return reason
@@ -574,20 +578,9 @@ class Connection:
             events, reason = [], exc
         if events is None:
             return  # nothing complete yet
-        hooks = self._hooks
-        for event in events:
-            if not isinstance(event, Frame):
-                if hooks is not None:
-                    hooks.on_framing_error(self, state.link, event)
-                reason = self._act(state, self.core.receive_framing_error(event))
-                if reason is not None:
-                    break
-            elif hooks is not None:
-                hooks.on_receive(self, state.link, event, partial(self._deliver, state))
-            else:
-                self._route(state, event)
-        else:
-            if events:
+        if reason is None:
+            reason = self._receive_queued(state, events)
+            if reason is None and events:
                 return
         self._link_ended(state, reason)  # the peer hung up there, or the link failed
 
