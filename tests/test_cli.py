@@ -74,9 +74,7 @@ async def cli_server(*args: str, program: Sequence[str] = CLI) -> AsyncIterator[
     On leaving, a server still running gets SIGTERM (then SIGKILL after 30 s), and its
     stderr pipe is closed. The body may end it itself and check its status.
     """
-    proc = await trio.lowlevel.open_process(
-        [*program, *args], env=env(), stderr=subprocess.PIPE
-    )
+    proc = await trio.lowlevel.open_process([*program, *args], env=env(), stderr=subprocess.PIPE)
     try:
         await wait_until_serving(proc)
         yield proc

@@ -120,9 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(
-                    serve, device, args.socket_path, fd=args.fd, once=args.once, policy=policy
-                )
+                partial(serve, device, args.socket_path, fd=args.fd, once=args.once, policy=policy)
             )
             # Logged once the socket is listening: scripts and tests wait for this line.
             log.info("serving %s on %s", device.name, args.socket_path or f"fd {args.fd}")
@@ -405,9 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="serve a device on a UNIX socket")
-    serve.add_argument(
-        "device", help=f"example name ({', '.join(EXAMPLES)}) or module:attribute"
-    )
+    serve.add_argument("device", help=f"example name ({', '.join(EXAMPLES)}) or module:attribute")
     serve.add_argument("--socket-path", metavar="PATH", help="UNIX socket path to listen on")
     serve.add_argument(
         "--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)"
@@ -504,8 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conform.add_argument("socket", nargs="?", help="path of the server's UNIX socket")
     conform.add_argument(
-        "--fd", type=int, metavar="N", help="an inherited socket connected to the server (one "
-        "connection: checks that need another are skipped)"
+        "--fd",
+        type=int,
+        metavar="N",
+        help="an inherited socket connected to the server (one "
+        "connection: checks that need another are skipped)",
     )
     conform.add_argument("--json", action="store_true", help="print the report as JSON")
     conform.add_argument(

@@ -438,8 +438,12 @@ class PciConfigSpace:
             name = f"vendor capability at {placed.offset:#x}"
             self._served.append(
                 ServedRange(
-                    start, capability.body_size, placed.offset, capability.read,
-                    capability.write, name,
+                    start,
+                    capability.body_size,
+                    placed.offset,
+                    capability.read,
+                    capability.write,
+                    name,
                 )
             )
         self._power_on = bytes(self._image.data)

@@ -41,9 +41,7 @@ async def vfio_pair(request: pytest.FixtureRequest) -> AsyncIterator[NestedDevic
     """
     try:
         async with trio.open_nursery() as nursery:
-            factory = NestedDeviceFactory(
-                nursery, on_tracer=partial(register_tracer, request.node)
-            )
+            factory = NestedDeviceFactory(nursery, on_tracer=partial(register_tracer, request.node))
             yield factory
             await factory.aclose()
     except BaseExceptionGroup as group:
