@@ -105,7 +105,7 @@ from .protocol.framing import (
 )
 from .protocol.header import Header
 from .protocol.message import Buffer, Message, Request
-from .transport import MIN_READ, SEND_HIGH_WATER, Transport, byte_buffer
+from .transport import MIN_READ, SEND_HIGH_WATER, Pieces, Transport, byte_pieces
 
 __all__ = [
     "DEFAULT_DISPATCH_BATCH",
@@ -138,11 +138,14 @@ class Link(enum.Enum):
 class RawMessage:
     """An untyped message body: payload bytes and the fds to send with them.
 
-    With ``transfer_fds`` the engine owns ``fds`` and closes them once sent (or when the
-    connection closes); otherwise the sender keeps them.
+    ``payload`` may be a tuple of buffers (``Pieces``), sent as iovecs without being joined
+    (e.g. a DMA header and a view of the data); a view must stay valid until the reply is
+    queued (the transport copies what it cannot send at once; a policy that holds the reply
+    makes the engine join the pieces first). With ``transfer_fds`` the engine owns ``fds``
+    and closes them once sent (or when the connection closes); otherwise the sender keeps them.
     """
 
-    payload: Buffer = b""
+    payload: Buffer | Pieces = b""
     fds: Sequence[int] = ()
     transfer_fds: bool = False
 
@@ -751,7 +754,7 @@ class Connection:
         self,
         state: LinkState,
         header: bytes,
-        payload: Buffer = b"",
+        payload: Buffer | Pieces = b"",
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
         *,
@@ -764,7 +767,8 @@ class Connection:
             return
         if fds and not transfer_fds:
             fds = [os.dup(fd) for fd in fds]
-        frame = Frame(Header.unpack(header), bytes(payload), list(fds))
+        data = b"".join(payload) if isinstance(payload, tuple) else bytes(payload)
+        frame = Frame(Header.unpack(header), data, list(fds))
         self._hooks.on_send(self, state.link, frame, partial(self._forward_out, state))
 
     @staticmethod
@@ -835,6 +839,10 @@ class Connection:
             if reply is None:
                 return
             if release is not None:
+                if isinstance(payload, tuple):
+                    # The reply waits for the policy: its pieces (views of memory the handler
+                    # lent) are copied now, so they hold what the handler read.
+                    payload = b"".join(payload)
                 try:
                     await release()
                 except BaseException:
@@ -848,7 +856,7 @@ class Connection:
 
     def _reply(
         self, frame: Frame, result: HandlerResult
-    ) -> tuple[bytes | None, Buffer, Sequence[int], bool]:
+    ) -> tuple[bytes | None, Buffer | Pieces, Sequence[int], bool]:
         """The answer to a command whose handler returned ``result``: (packed header,
         payload, fds, whether we own them), an error reply if it cannot be sent (too many
         fds), no header for No_reply (then any fds we owned are closed)."""
@@ -856,10 +864,11 @@ class Connection:
         transfer = False
         try:
             if type(result) is bytes:  # the common case (a packed reply): no more calls
-                payload: Buffer = result
+                payload: Buffer | Pieces = result
+                size = len(result)
             else:
-                payload, fds, transfer = _reply_body(result)
-            reply = self.core.reply_header(frame.header, len(payload), len(fds))
+                payload, size, fds, transfer = _reply_body(result)
+            reply = self.core.reply_header(frame.header, size, len(fds))
         except Exception as exc:
             if transfer:
                 close_fds(fds)
@@ -883,7 +892,7 @@ class Connection:
         self,
         state: LinkState,
         header: bytes,
-        payload: Buffer = b"",
+        payload: Buffer | Pieces = b"",
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
     ) -> None:
@@ -920,12 +929,13 @@ class Connection:
     async def request_raw(
         self,
         command: int,
-        payload: Buffer = b"",
+        payload: Buffer | Pieces = b"",
         fds: Sequence[int] = (),
         *,
         transfer_fds: bool = False,
     ) -> Frame:
-        """Send a command given as bytes; return the reply frame (the caller owns its fds).
+        """Send a command given as bytes (or ``Pieces``, sent as iovecs: see ``RawMessage``);
+        return the reply frame (the caller owns its fds).
 
         Same errors as :meth:`request`; an error reply raises instead of being returned.
         """
@@ -935,7 +945,7 @@ class Connection:
     async def start_request_raw(
         self,
         command: int,
-        payload: Buffer = b"",
+        payload: Buffer | Pieces = b"",
         fds: Sequence[int] = (),
         *,
         transfer_fds: bool = False,
@@ -963,7 +973,7 @@ class Connection:
     async def post_raw(
         self,
         command: int,
-        payload: Buffer = b"",
+        payload: Buffer | Pieces = b"",
         fds: Sequence[int] = (),
         *,
         transfer_fds: bool = False,
@@ -979,12 +989,12 @@ class Connection:
     async def _begin_request(
         self,
         command: int,
-        payload: Buffer,
+        payload: Buffer | Pieces,
         fds: Sequence[int],
         transfer_fds: bool,
         *,
         no_reply: bool,
-    ) -> tuple[LinkState, int, bytes, Buffer]:
+    ) -> tuple[LinkState, int, bytes, Buffer | Pieces]:
         """Checks and waits before a request is queued; its link, message ID, header and
         payload. Closes transferred fds if it raises."""
         try:
@@ -1008,15 +1018,15 @@ class Connection:
             if transfer_fds:
                 close_fds(fds)
             raise
-        payload = byte_buffer(payload)
-        return state, msg_id, core.command_header(msg_id, command, len(payload), no_reply), payload
+        payload, size = byte_pieces(payload)
+        return state, msg_id, core.command_header(msg_id, command, size, no_reply), payload
 
     def _send_request(
         self,
         state: LinkState,
         command: int,
         header: bytes,
-        payload: Buffer,
+        payload: Buffer | Pieces,
         fds: Sequence[int],
         transfer_fds: bool,
     ) -> None:
@@ -1120,15 +1130,16 @@ async def _awaited(awaitable: Awaitable[HandlerResult]) -> HandlerResult:
     return await awaitable
 
 
-def _reply_body(result: HandlerResult) -> tuple[Buffer, Sequence[int], bool]:
-    """A handler's result as (payload, fds, whether the engine owns the fds)."""
+def _reply_body(result: HandlerResult) -> tuple[Buffer | Pieces, int, Sequence[int], bool]:
+    """A handler's result as (payload, its size, fds, whether the engine owns the fds)."""
     if result is None:
-        return b"", (), False
+        return b"", 0, (), False
     if isinstance(result, bytes):
-        return result, (), False
+        return result, len(result), (), False
     if isinstance(result, RawMessage):
-        return byte_buffer(result.payload), result.fds, result.transfer_fds
-    return result.pack(), result.fds, False
+        return *byte_pieces(result.payload), result.fds, result.transfer_fds
+    payload = result.pack()
+    return payload, len(payload), result.fds, False
 
 
 def open_connection(

@@ -121,11 +121,25 @@ def _thread_receive_buffer() -> _ReceiveBuffer:
     return buffer
 
 
+#: A payload in pieces, sent as iovecs (``Transport.write``): e.g. a DMA header and the data.
+#: Each piece is a buffer whose ``len`` counts bytes.
+Pieces = tuple[Buffer, ...]
+
+
 def byte_buffer(data: Buffer) -> Buffer:
     """``data`` as a buffer whose ``len`` counts bytes (a memoryview of wider items is cast)."""
     if type(data) is memoryview and (data.ndim != 1 or data.itemsize != 1):
         return data.cast("B")
     return data
+
+
+def byte_pieces(payload: Buffer | Pieces) -> tuple[Buffer | Pieces, int]:
+    """``payload`` with every buffer as :func:`byte_buffer` makes it, and its size in bytes."""
+    if isinstance(payload, tuple):
+        pieces = tuple(byte_buffer(piece) for piece in payload)
+        return pieces, sum(len(piece) for piece in pieces)
+    payload = byte_buffer(payload)
+    return payload, len(payload)
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -371,7 +385,7 @@ class Transport:
     def write(
         self,
         header: Header | bytes,
-        payload: Buffer = b"",
+        payload: Buffer | Pieces = b"",
         fds: Sequence[int] = (),
         *,
         transfer_fds: bool = False,
@@ -379,7 +393,10 @@ class Transport:
     ) -> None:
         """Queue one frame without blocking; with ``flush``, hand the queue to the kernel now.
 
-        With ``transfer_fds`` the transport owns ``fds`` and closes them once sent (or on
+        ``payload`` is one buffer, or a tuple of them (:data:`Pieces`: sent as iovecs of
+        one ``sendmsg``, never joined, as long as the kernel takes them now; what it leaves
+        is copied into the queue, so no piece is referenced once this returns). With
+        ``transfer_fds`` the transport owns ``fds`` and closes them once sent (or on
         :meth:`close`); otherwise the caller keeps them and may close them when this returns.
         Raises ``trio.ClosedResourceError`` after :meth:`close` and ``trio.BrokenResourceError``
         once a send has failed.
@@ -389,7 +406,12 @@ class Transport:
                 close_fds(fds)
             raise self._closed_error()
         raw_header = header.pack() if isinstance(header, Header) else header
-        if type(payload) is memoryview:  # (bytes, the common case, skips the call)
+        if isinstance(payload, tuple):
+            joined = self._write_pieces(raw_header, payload, flush and not self._out and not fds)
+            if joined is None:
+                return
+            payload = joined
+        elif type(payload) is memoryview:  # (bytes, the common case, skips the call)
             payload = byte_buffer(payload)
         out = self._out
         size = len(raw_header)
@@ -420,6 +442,41 @@ class Transport:
             first.owns_fds = True
         if out and wake:
             self._wake_writer()
+
+    def _write_pieces(self, raw_header: bytes, pieces: Pieces, now: bool) -> bytes | None:
+        """``write``'s pieces. With ``now`` (flushing, nothing queued ahead, no fds) header
+        and pieces go to the kernel as the iovecs of one ``sendmsg`` and whatever it leaves
+        is queued, joined; None then. Else the pieces joined, for ``write`` to queue as one
+        payload. Joined means copied: no piece (maybe a view of memory the caller reuses or
+        unmaps) is referenced once ``write`` returns."""
+        if not now:
+            return b"".join(pieces)
+        buffers = [raw_header, *pieces]
+        try:
+            sent = self._sock.sendmsg(buffers, (), _MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._broken = exc
+            self.close()
+            raise trio.BrokenResourceError("send failed") from exc
+        if sent and self.on_progress is not None:
+            self.on_progress()
+        rest: list[Buffer] = []
+        skip = sent
+        for buffer in buffers:
+            size = len(buffer)
+            if skip >= size:
+                skip -= size
+                continue
+            rest.append(memoryview(buffer)[skip:] if skip else buffer)
+            skip = 0
+        if rest:
+            data = b"".join(rest)
+            self._queue().append(_Chunk(data, (), False, not sent))
+            self._queued_bytes += len(data)
+            self._wake_writer()
+        return None
 
     def _send_now(self, raw_header: bytes, payload: Buffer, total: int) -> None:
         """``write`` with an empty queue: one ``sendmsg``; whatever the kernel leaves is queued."""

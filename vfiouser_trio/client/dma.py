@@ -195,15 +195,20 @@ class DmaService:
         if isinstance(request, DmaReadRequest):
             if not request.count:
                 return DmaReadReply(request.address, b"", self.layout)
-            # Packed here, straight from guest memory: the reply's one copy of the data
-            # (a copy by ``read`` first would cost a second, and a third to join them).
             parts = self.maps._read_views(request.address, request.count)
+            if len(parts) == 1:
+                # Sent straight from guest memory, the view one iovec of the reply: the engine
+                # queues the reply before anything else runs (or joins the pieces when a
+                # policy holds it) and the transport copies what the kernel does not take at
+                # once, so the view is gone before any unmap or close can come.
+                reply = DmaReadReply(request.address, parts[0], self.layout)
+                return RawMessage(reply.pack_pieces())
             try:
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                return RawMessage(DmaReadReply(request.address, data, self.layout).pack())
+                data = b"".join(parts)  # spanning maps: one copy, joined
             finally:
                 for part in parts:
                     part.release()
+            return RawMessage(DmaReadReply(request.address, data, self.layout).pack_pieces())
         if request.data:
             self.maps.write(request.address, request.data)
         return DmaWriteReply(request.address, request.count, self.layout)

@@ -47,11 +47,17 @@ class DmaLayout(enum.Enum):
     QEMU = "qemu"
 
 
-def _pack_rw(address: int, data: Buffer, layout: DmaLayout) -> bytes:
-    """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``."""
+def _rw_pieces(address: int, data: Buffer, layout: DmaLayout) -> tuple[Buffer, ...]:
+    """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``, in pieces: the DMA
+    header, ``data`` itself (not copied), and QEMU's padding."""
     if layout is DmaLayout.QEMU:
-        return _QEMU_DMA_RW.pack(address, len(data)) + data + _QEMU_PAD
-    return _DMA_RW.pack(address, len(data)) + data
+        return _QEMU_DMA_RW.pack(address, len(data)), data, _QEMU_PAD
+    return _DMA_RW.pack(address, len(data)), data
+
+
+def _pack_rw(address: int, data: Buffer, layout: DmaLayout) -> bytes:
+    """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``, joined."""
+    return b"".join(_rw_pieces(address, data, layout))
 
 
 def _empty_reply_unpack(cls: type[Message], payload: Buffer, fds: Sequence[int]) -> None:
@@ -193,7 +199,8 @@ class DmaReadReply(Reply):
     COMMAND: ClassVar[Command] = Command.DMA_READ
 
     address: int
-    #: bytes when decoded; any byte buffer to pack (packing copies it once).
+    #: bytes when decoded (a view with ``parse_reply(copy=False)``); any byte buffer to
+    #: pack (``pack`` copies it once, ``pack_pieces`` not at all).
     data: Buffer
     layout: DmaLayout = DmaLayout.SPEC
 
@@ -203,6 +210,11 @@ class DmaReadReply(Reply):
 
     def pack(self) -> bytes:
         return _pack_rw(self.address, self.data, self.layout)
+
+    def pack_pieces(self) -> tuple[Buffer, ...]:
+        """The payload as ``pack`` makes it, in pieces to send as iovecs (``data`` itself
+        among them, uncopied: it must stay unchanged until sent)."""
+        return _rw_pieces(self.address, self.data, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
@@ -261,7 +273,12 @@ class DmaReadRequest(Request):
         return cls(*_DMA_RW.unpack_from(payload))
 
     def parse_reply(
-        self, payload: Buffer, fds: Sequence[int] = (), *, layout: DmaLayout | None = None
+        self,
+        payload: Buffer,
+        fds: Sequence[int] = (),
+        *,
+        layout: DmaLayout | None = None,
+        copy: bool = True,
     ) -> DmaReadReply:
         """Decode the reply; it must carry exactly ``count`` bytes.
 
@@ -269,6 +286,8 @@ class DmaReadRequest(Request):
         the ambiguous case reads as the spec layout, which is wrong for QEMU: a
         session that does not know its peer's layout yet checks
         ``dma_read_reply_layouts`` first and learns it another way when both fit.
+        With ``copy=False`` ``data`` is a read-only view of ``payload`` (valid while
+        ``payload`` is), else ``bytes``.
         """
         expect_no_fds(DmaReadReply, fds)
         expect_min_size(DmaReadReply, payload, _DMA_RW.size)
@@ -286,7 +305,8 @@ class DmaReadRequest(Request):
                 DmaReadReply,
                 f"reply {address:#x}+{count:#x} does not echo {self.address:#x}+{self.count:#x}",
             )
-        return DmaReadReply(address, bytes(payload[start : start + count]), chosen)
+        data = memoryview(payload).toreadonly()[start : start + count]
+        return DmaReadReply(address, bytes(data) if copy else data, chosen)
 
 
 # -- DMA_WRITE ----------------------------------------------------------------
@@ -327,7 +347,8 @@ class DmaWriteRequest(Request):
     REPLY: ClassVar[type[Message]] = DmaWriteReply
 
     address: int
-    #: bytes when decoded; any byte buffer to pack (packing copies it once).
+    #: bytes when decoded (a view with ``unpack_as(copy=False)``); any byte buffer to
+    #: pack (``pack`` copies it once, ``pack_pieces`` not at all).
     data: Buffer
     layout: DmaLayout = DmaLayout.SPEC
 
@@ -337,6 +358,11 @@ class DmaWriteRequest(Request):
 
     def pack(self) -> bytes:
         return _pack_rw(self.address, self.data, self.layout)
+
+    def pack_pieces(self) -> tuple[Buffer, ...]:
+        """The payload as ``pack`` makes it, in pieces to send as iovecs (``data`` itself
+        among them, uncopied: it must stay unchanged until sent)."""
+        return _rw_pieces(self.address, self.data, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:

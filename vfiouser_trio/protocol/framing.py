@@ -72,12 +72,15 @@ def close_fds(fds: Iterable[int]) -> None:
 class Frame:
     """One complete message: header, payload bytes after the header, and its fds.
 
-    The holder owns ``fds``: hand them on with ``take_fds()`` (which empties the
-    frame's list) or release them with ``close_fds()``.
+    ``payload`` is ``bytes``, or for a frame received in place (one that did not arrive in
+    one read) the ``bytearray`` it was received into: the frame's own, never reused by the
+    decoder, so it stays intact across later receives. The holder owns ``fds``: hand them
+    on with ``take_fds()`` (which empties the frame's list) or release them with
+    ``close_fds()``.
     """
 
     header: Header
-    payload: bytes
+    payload: bytes | bytearray
     fds: list[int] = field(default_factory=list)
 
     def take_fds(self) -> list[int]:
@@ -338,7 +341,8 @@ class FrameDecoder:
     def _complete(self) -> Frame:
         """The frame now received whole; the decoder is back at a boundary."""
         assert self._frame is not None and self._frame_header is not None
-        frame = Frame(self._frame_header, bytes(self._frame), self._pending_fds)
+        # The buffer itself: it is this frame's alone (the next frame gets a new one).
+        frame = Frame(self._frame_header, self._frame, self._pending_fds)
         self._pending_fds = []
         self._drop_frame()
         return frame

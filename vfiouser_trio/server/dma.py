@@ -82,7 +82,7 @@ class DmaMessenger(Protocol):
     @property
     def max_data_xfer_size(self) -> int: ...
 
-    async def dma_read(self, address: int, count: int) -> bytes: ...
+    async def dma_read(self, address: int, count: int) -> bytes | memoryview: ...
 
     async def dma_write(self, address: int, data: bytes | memoryview) -> None: ...
 
@@ -760,7 +760,7 @@ class DmaTable:
                 if direct and m._mapping is not None:
                     m._load_into(off, dst[pos : pos + n])
                 else:
-                    dst[pos : pos + n] = await self._message_read(m.iova + off, n)
+                    await self._message_read_into(m.iova + off, dst[pos : pos + n])
                 pos += n
         finally:
             for m, _, _ in segs:
@@ -865,7 +865,19 @@ class DmaTable:
             if len(chunk) != n:
                 raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {n}")
             parts.append(chunk)
-        return b"".join(parts)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+    async def _message_read_into(self, address: int, dst: memoryview) -> None:
+        """``_message_read`` straight into ``dst`` (each reply's data copied once, there)."""
+        messenger = self._need_messenger()
+        step = messenger.max_data_xfer_size
+        count = len(dst)
+        for pos in range(0, count, step):
+            n = min(step, count - pos)
+            chunk = await messenger.dma_read(address + pos, n)
+            if len(chunk) != n:
+                raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {n}")
+            dst[pos : pos + n] = chunk
 
     async def _message_write(self, address: int, data: memoryview) -> None:
         messenger = self._need_messenger()

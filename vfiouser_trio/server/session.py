@@ -188,7 +188,8 @@ class ServerSession:
         assert self.negotiated is not None
         return self.negotiated.send_max_data_xfer_size
 
-    async def dma_read(self, address: int, count: int) -> bytes:
+    async def dma_read(self, address: int, count: int) -> memoryview:
+        """The data at ``address``: a read-only view of the reply frame (ours alone)."""
         conn = self._need_conn()
         request = DmaReadRequest(address, count)
         frame = await conn.request_raw(request.COMMAND, request.pack())
@@ -206,14 +207,17 @@ class ServerSession:
             ):
                 layout = await self._peer_dma_layout(address)
         with self._refusing_dma_reply():
-            # bytes() of the parsed bytes is that same object, not a copy.
-            return bytes(request.parse_reply(frame.payload, (), layout=layout).data)
+            data = request.parse_reply(frame.payload, (), layout=layout, copy=False).data
+        assert isinstance(data, memoryview)  # copy=False gives a view
+        return data
 
     async def dma_write(self, address: int, data: bytes | memoryview) -> None:
         conn = self._need_conn()
         layout = self._dma_layout or await self._peer_dma_layout(address)
-        request = DmaWriteRequest(address, data, layout)  # packing copies it, once
-        frame = await conn.request_raw(request.COMMAND, request.pack())
+        request = DmaWriteRequest(address, data, layout)
+        # Header, DMA header and the device's data go out as iovecs: the data is not copied
+        # unless the kernel leaves part of it (the transport then copies that part at once).
+        frame = await conn.request_raw(request.COMMAND, request.pack_pieces())
         frame.close_fds()
         with self._refusing_dma_reply():
             request.parse_reply(frame.payload)

@@ -198,7 +198,7 @@ def set_payload(payload: bytes | Callable[[bytes], bytes], *, fix_size: bool = T
     """
 
     def mangle(frame: Frame) -> Frame:
-        new = payload(frame.payload) if callable(payload) else payload
+        new = payload(bytes(frame.payload)) if callable(payload) else payload
         header: Header = frame.header
         if fix_size:
             size = header.msg_size - len(frame.payload) + len(new)

@@ -330,6 +330,8 @@ class Tracer(ConnectionHooks):
         extra = size - prefix
         if extra > self.full_payload_bytes:
             payload = bytes(payload[:prefix])
+        elif type(payload) is not bytes:
+            payload = bytes(payload)  # a frame received in place: the record keeps bytes
         record = TraceRecord(
             len(self._entries),
             now,

@@ -47,7 +47,7 @@ class DmaWindow:
         )
         if reply is None or reply.header.is_error or len(reply.payload) != _ACCESS.size + count:
             raise Violation(f"REGION_READ {region}:{offset:#x}+{count}: {describe(reply)}")
-        return reply.payload[_ACCESS.size :]
+        return bytes(reply.payload[_ACCESS.size :])
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
         payload = _ACCESS.pack(offset, region, len(data)) + data

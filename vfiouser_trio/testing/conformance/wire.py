@@ -143,7 +143,7 @@ def describe(frame: Frame | None) -> str:
     """One frame as a report shows it (None: the connection closed)."""
     if frame is None:
         return "the connection closed"
-    return f"{describe_header(frame.header)}: {hexdump(frame.payload)}"
+    return f"{describe_header(frame.header)}: {hexdump(bytes(frame.payload))}"
 
 
 ServerCommandHandler = Callable[["Wire", Frame], Awaitable[None]]

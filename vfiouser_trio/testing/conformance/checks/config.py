@@ -33,7 +33,7 @@ class Config:
         frame = self.probe.expect_reply(
             header, reply, what=f"config read {offset:#x}+{count}", payload=payload
         )
-        data = frame.payload[_ACCESS.size :]
+        data = bytes(frame.payload[_ACCESS.size :])
         if len(data) != count:
             self.probe.fail(
                 f"config read {offset:#x}+{count}: {len(data)} bytes came back",

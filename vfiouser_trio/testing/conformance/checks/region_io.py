@@ -177,7 +177,7 @@ async def _access(probe: Probe, wire: Wire, offset: int, data: bytes | None) -> 
     if data is None:
         header, reply = await wire.call(Command.REGION_READ, _ACCESS.pack(offset, CONFIG, 1))
         frame = probe.expect_reply(header, reply, what=f"config read at {offset:#x}")
-        return frame.payload[_ACCESS.size : _ACCESS.size + 1]
+        return bytes(frame.payload[_ACCESS.size : _ACCESS.size + 1])
     payload = _ACCESS.pack(offset, CONFIG, len(data)) + data
     await probe.call_ok(wire, Command.REGION_WRITE, payload, what=f"config write at {offset:#x}")
     return data
@@ -186,7 +186,7 @@ async def _access(probe: Probe, wire: Wire, offset: int, data: bytes | None) -> 
 async def _interrupt_line(probe: Probe, wire: Wire) -> bytes:
     header, reply = await wire.call(Command.REGION_READ, _ACCESS.pack(INTERRUPT_LINE, CONFIG, 1))
     frame = probe.expect_reply(header, reply, what="REGION_READ of the Interrupt Line")
-    return frame.payload[_ACCESS.size : _ACCESS.size + 1]
+    return bytes(frame.payload[_ACCESS.size : _ACCESS.size + 1])
 
 
 @check(

@@ -1,0 +1,211 @@
+"""Message DMA without fresh copies of the data: payloads in pieces, frames handed on whole.
+
+The server's DMA_WRITE and the client's DMA_READ reply go out as iovecs (header, DMA header,
+the data itself: the device's buffer, a view of guest memory); what the kernel does not take
+at once is copied before ``Transport.write`` returns, so no view of the caller's memory
+outlives the call. A frame received in place is handed on as the buffer it was received
+into (the frame's own: later receives never touch it), and a DMA_READ reply's data goes from
+it straight into the device's buffer. Real sockets, real memfds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from vfiouser_trio.client import GuestMemory, connect
+from vfiouser_trio.client.client import Client
+from vfiouser_trio.limits import ServerLimits
+from vfiouser_trio.protocol import DmaLayout
+from vfiouser_trio.protocol.dma import DmaReadReply, DmaReadRequest, DmaWriteRequest
+from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.protocol.header import Header
+from vfiouser_trio.server.device import Device
+from vfiouser_trio.server.dma import DmaError
+from vfiouser_trio.server.pci import PciIdentity
+from vfiouser_trio.server.serve import serve_connection
+from vfiouser_trio.transport import Transport
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+IOVA = 0x40_0000
+LAYOUTS = [DmaLayout.SPEC, DmaLayout.QEMU]
+SIZES = [256 << 10, 1 << 20]
+
+
+class Plain(Device):
+    """A device whose DMA the tests drive directly (as a device's own task would)."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1AF4, device_id=0x10FE, class_code=0xFF0000))
+        self.add_bar(0, 0x100)
+
+
+@asynccontextmanager
+async def message_dma(
+    layout: DmaLayout, memory: GuestMemory
+) -> AsyncIterator[tuple[Device, Client]]:
+    """A Plain device served over a socket pair to our client imitating ``layout`` (no
+    hooks: they would join every frame), ``memory`` mapped at IOVA without its fd."""
+    device = Plain()
+    ours, theirs = socket.socketpair()
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                limits = ServerLimits(dma_layout=layout)
+                nursery.start_soon(partial(serve_connection, device, theirs, limits=limits))
+                async with connect(ours, dma_layout=layout) as client:
+                    await client.dma_map(memory, IOVA, share_fd=False)
+                    yield device, client
+    finally:
+        device.close()
+
+
+@contextmanager
+def recorded_iovecs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
+    """(id of the exporting object, length) of every memoryview iovec sent from now on:
+    ids only, so that no record keeps guest memory's buffer (and its mapping) alive."""
+    sent: list[tuple[int, int]] = []
+    sendmsg = socket.socket.sendmsg
+
+    def recording(sock: socket.socket, buffers: Any, *args: Any) -> int:
+        buffers = list(buffers)
+        for buffer in buffers:
+            if isinstance(buffer, memoryview):
+                sent.append((id(buffer.obj), len(buffer)))
+        return sendmsg(sock, buffers, *args)
+
+    monkeypatch.setattr(socket.socket, "sendmsg", recording)
+    yield sent
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s >> 10}KiB")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+async def test_message_dma_sends_the_data_itself_and_moves_it_intact(
+    monkeypatch: pytest.MonkeyPatch, layout: DmaLayout, size: int
+) -> None:
+    """DMA_WRITE from the device's buffer and the DMA_READ reply from guest memory are
+    iovecs of their frames (never joined to their headers), in both layouts; the bytes
+    land intact both ways."""
+    with GuestMemory(4 << 20) as memory:
+        async with message_dma(layout, memory) as (device, _):
+            with recorded_iovecs(monkeypatch) as sent:
+                out = bytearray(os.urandom(size))
+                await device.dma.write(IOVA + 4096, out)
+                assert memory.read(4096, size) == out
+                assert (id(out), size) in sent  # the device's buffer itself, uncopied
+                memory.write(8 << 10, os.urandom(size))
+                back = bytearray(size)
+                await device.dma.read_into(IOVA + (8 << 10), back)
+                assert back == memory.read(8 << 10, size)
+                assert (id(memory.view.obj), size) in sent  # straight from guest memory
+
+
+async def test_pieces_the_kernel_leaves_are_copied_before_write_returns() -> None:
+    """A payload in pieces larger than the socket takes: what is left is queued as a copy,
+    so guest memory changed (or closed) once ``write`` returns does not change the frame."""
+    a, b = socket.socketpair()
+    sender, receiver = Transport(a), Transport(b, max_msg_size=(4 << 20) + 64)
+    memory = GuestMemory(4 << 20)
+    data = os.urandom(4 << 20)
+    memory.write(0, data)
+    view = memory.view[: len(data)]
+    header = Header(7, 9, 16 + 8 + len(data) + 4, 0)
+    sender.write(header, (b"DMA-HEAD", view, b"tail"))
+    assert sender.queued_bytes > 0  # the kernel took part of it only
+    view.release()
+    memory.write(0, bytes(len(data)))  # overwritten, then unmapped: the frame is unchanged
+    memory.close()  # no view of it is left (BufferError otherwise)
+    frames: list[Frame] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run_writer)
+        while not frames:
+            frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
+        nursery.cancel_scope.cancel()
+    sender.close()
+    receiver.close()
+    [frame] = frames
+    assert frame.payload == b"DMA-HEAD" + data + b"tail"
+
+
+async def test_a_frame_received_in_place_is_never_changed_by_later_receives() -> None:
+    """Three 256 KiB frames, each received into a buffer of its own, handed on as it is (no
+    copy); the first one's payload, held meanwhile, is intact after the others came."""
+    a, b = socket.socketpair()
+    sender, receiver = Transport(a), Transport(b, max_msg_size=(1 << 20))
+    contents = [os.urandom(256 << 10) for _ in range(3)]
+    frames: list[Frame] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run_writer)
+        for i, content in enumerate(contents):
+            sender.write(Header(i + 1, 9, 16 + len(content), 0), content)
+        while len(frames) < 3:
+            frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
+        nursery.cancel_scope.cancel()
+    sender.close()
+    receiver.close()
+    first = frames[0].payload
+    assert type(first) is bytearray  # the buffer it was received into, handed on
+    assert [f.payload for f in frames] == contents
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_pieces_join_to_the_packed_payload_and_replies_decode_to_views(
+    layout: DmaLayout,
+) -> None:
+    data = bytearray(os.urandom(5000))
+    for message in (DmaWriteRequest(0x1000, data, layout), DmaReadReply(0x1000, data, layout)):
+        pieces = message.pack_pieces()
+        assert any(piece is data for piece in pieces)  # the data itself, not a copy
+        assert b"".join(pieces) == message.pack()
+    payload = DmaReadReply(0x1000, data, layout).pack()
+    reply = DmaReadRequest(0x1000, len(data)).parse_reply(payload, layout=layout, copy=False)
+    assert isinstance(reply.data, memoryview) and reply.data.obj is payload
+    assert reply.data.readonly and reply.data == data
+
+
+async def test_an_unmap_racing_message_dma_leaves_no_view_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client unmaps (and closes) guest memory while the device reads it through 1 MiB
+    DMA_READs answered from views of it: each read is whole until they are refused, and
+    the memory closes at once after the unmap (no reply's view outlives its send)."""
+    memory = GuestMemory(4 << 20)
+    guest = id(memory.view.obj)
+    data = os.urandom(4 << 20)
+    memory.write(0, data)
+    outcomes: list[bool] = []
+    try:
+        async with message_dma(DmaLayout.SPEC, memory) as (device, client):
+            with recorded_iovecs(monkeypatch) as sent:
+                started = trio.Event()
+
+                async def reader() -> None:
+                    for i in range(64):
+                        offset = (i % 4) << 20
+                        buffer = bytearray(1 << 20)
+                        try:
+                            await device.dma.read_into(IOVA + offset, buffer)
+                        except DmaError:
+                            outcomes.append(False)
+                            return
+                        assert buffer == data[offset : offset + (1 << 20)]
+                        outcomes.append(True)
+                        started.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    await started.wait()
+                    await client.dma_unmap(IOVA, 4 << 20)
+                    memory.close()  # BufferError if a reply still held a view of it
+            assert (guest, 1 << 20) in sent  # the replies were sent from views of it
+    finally:
+        memory.close()
+    assert outcomes[0] and outcomes[-1] is False
