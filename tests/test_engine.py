@@ -1079,3 +1079,30 @@ async def test_a_cut_hook_decides_before_each_command_where_the_link_yields(inli
     assert asked == list(range(count))
     first = step_of[0]
     assert step_of == [first] * 3 + [first + 1] * 3
+
+
+async def test_commands_arriving_one_per_read_never_make_the_reader_yield_for_fairness() -> None:
+    """A receive yields to the scheduler, so a reader whose commands come one per read
+    starts a new batch with each: no extra yield every ``dispatch_batch`` commands (one
+    task step per command; there was a cut, a step more, every second command here)."""
+    count = 6
+    peer, sock = socket.socketpair()
+    step_of: list[int] = []
+    steps = _TaskSteps()
+
+    async def handler(frame: Frame) -> HandlerResult:
+        step_of.append(steps.steps[trio.lowlevel.current_task()])
+        return None
+
+    trio.lowlevel.add_instrument(steps)
+    try:
+        with peer, trio.fail_after(5):
+            async with open_connection(sock, handler=handler, dispatch_batch=2):
+                for i in range(count):
+                    peer.sendall(Header(i, Command.DEVICE_RESET, 16, 0).pack())
+                    while len(step_of) <= i:
+                        await trio.testing.wait_all_tasks_blocked()
+                    assert Header.unpack(peer.recv(16)).msg_id == i  # answered at once
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert [b - a for a, b in zip(step_of, step_of[1:], strict=False)] == [1] * (count - 1)

@@ -473,6 +473,11 @@ class Connection:
                         if reason is not None:
                             break
                         events = await transport.receive(core.read_budget(state.load, MIN_READ))
+                    if not state.commands.held:
+                        # The read yielded (a receive always does) while nothing of this link
+                        # ran or waited but this task: the next commands start a new batch
+                        # (at one command per read, no yield of its own every batch).
+                        state.dispatched = 0
                     if not events:
                         if not transport.at_frame_boundary:
                             log.debug("%s link: peer hung up mid-frame", state.link.value)
@@ -698,7 +703,7 @@ class Connection:
             try:
                 self.core.admit(frame.header)
                 handling = self._handler(frame)
-                coro = handling if isinstance(handling, CoroutineType) else _awaited(handling)
+                coro = handling if type(handling) is CoroutineType else _awaited(handling)
                 trap = coro.send(None)
             except StopIteration as done:
                 reply, payload, fds, transfer = self._reply(frame, done.value)

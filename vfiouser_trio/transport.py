@@ -280,7 +280,8 @@ class Transport:
         and ``BrokenStream`` (after which the caller must close the transport). Returns an
         empty list once the peer has closed the connection. Raises :class:`ProtocolError`
         (after closing the transport) when the peer sent more fds than ``max_recv_fds``, and
-        ``trio.ClosedResourceError`` after :meth:`close`.
+        ``trio.ClosedResourceError`` after :meth:`close`. A full checkpoint: it yields to the
+        scheduler at least once, also when data was waiting (the engine's batches rely on it).
         """
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
