@@ -19,11 +19,15 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from vfiouser_trio.client import GuestMemory, connect
 from vfiouser_trio.client.client import Client
+from vfiouser_trio.engine import HandlerResult, RawMessage, open_connection
 from vfiouser_trio.limits import ServerLimits
+from vfiouser_trio.ordering import CommandJob, OrderingPolicy, PolicyContext
 from vfiouser_trio.protocol import DmaLayout
+from vfiouser_trio.protocol.constants import Command
 from vfiouser_trio.protocol.dma import DmaReadReply, DmaReadRequest, DmaWriteRequest
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import Header
@@ -209,3 +213,44 @@ async def test_an_unmap_racing_message_dma_leaves_no_view_behind(
     finally:
         memory.close()
     assert outcomes[0] and outcomes[-1] is False
+
+
+async def test_a_reply_a_policy_holds_carries_what_its_handler_lent() -> None:
+    """A handler's reply in pieces (a view of its buffer) that the policy holds is copied
+    before it waits: the buffer changed meanwhile does not change the reply."""
+    jobs: list[CommandJob] = []
+
+    class HoldReplies(OrderingPolicy):
+        async def serve(self, ctx: PolicyContext) -> None:
+            while True:
+                jobs.append(ctx.execute(await ctx.commands.get()))
+
+    lent = bytearray(b"before" * 10_000)
+
+    async def server(frame: Frame) -> HandlerResult:
+        return RawMessage((b"head", memoryview(lent)))
+
+    async def client_handler(frame: Frame) -> HandlerResult:
+        return None
+
+    replies: list[Frame] = []
+    a, b = socket.socketpair()
+    with trio.fail_after(10):
+        async with (
+            open_connection(a, handler=client_handler) as client,
+            open_connection(b, handler=server, policy=HoldReplies()),
+            trio.open_nursery() as nursery,
+        ):
+
+            async def ask() -> None:
+                replies.append(await client.request_raw(Command.REGION_READ, b""))
+
+            nursery.start_soon(ask)
+            while not jobs:
+                await trio.testing.wait_all_tasks_blocked()
+            await jobs[0].wait_handled()
+            lent[:] = b"after!" * 10_000
+            await jobs[0].release_reply()
+            while not replies:
+                await trio.testing.wait_all_tasks_blocked()
+    assert replies[0].payload == b"head" + b"before" * 10_000
