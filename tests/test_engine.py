@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import os
 import socket
 import struct
@@ -1105,4 +1106,4 @@ async def test_commands_arriving_one_per_read_never_make_the_reader_yield_for_fa
                     assert Header.unpack(peer.recv(16)).msg_id == i  # answered at once
     finally:
         trio.lowlevel.remove_instrument(steps)
-    assert [b - a for a, b in zip(step_of, step_of[1:], strict=False)] == [1] * (count - 1)
+    assert [b - a for a, b in itertools.pairwise(step_of)] == [1] * (count - 1)

@@ -43,6 +43,7 @@ from typing import Final, Generic, TypeVar
 
 from .constants import (
     DEFAULT_MAX_MSG_FDS,
+    FLAG_NO_REPLY,
     FLAG_TYPE_COMMAND,
     FLAG_TYPE_MASK,
     FLAG_TYPE_REPLY,
@@ -386,7 +387,7 @@ class ConnectionCore(Generic[W]):
         No_reply. Raises :class:`ReplyTooManyFds` beyond ``max_send_fds``."""
         if self._version_rule and header.command == _VERSION:
             self._negotiated = True
-        if header.no_reply:
+        if header.flags & FLAG_NO_REPLY:  # Header.no_reply, inlined: once per command
             return None
         if fd_count > self.max_send_fds:
             raise ReplyTooManyFds(

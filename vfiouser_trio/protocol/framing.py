@@ -296,34 +296,42 @@ class FrameDecoder:
                 owner = _PENDING
                 pos = end
             else:
+                # Whole frames back to back, the common case: none of the state tested above
+                # changes while they last, so it is not tested again for each.
                 msg_id, command, msg_size, flags, error = unpack(view, pos)
-                if msg_size < HEADER_SIZE:
-                    hdr = Header(msg_id, command, msg_size, flags, error)
-                    return self._break(events, hdr, fds)
-                if msg_size > max_size:
-                    hdr = Header(msg_id, command, msg_size, flags, error)
-                    n = min(msg_size, end - pos)
-                    self._skip = msg_size - n
-                    pos += n
-                    owner = len(events)
-                    events.append(OversizedFrame(hdr))
-                elif end - pos < msg_size:
-                    # The frame's buffer, of its announced size, filled as it arrives.
-                    self._start(Header(msg_id, command, msg_size, flags, error))
-                    n = end - pos - HEADER_SIZE
-                    self._frame_view[:n] = view[pos + HEADER_SIZE : end]
-                    self._filled = n
-                    owner = _PENDING
-                    pos = end
-                else:
+                while HEADER_SIZE <= msg_size <= max_size and msg_size <= end - pos:
                     owner = len(events)
                     events.append(
                         Frame(
                             Header(msg_id, command, msg_size, flags, error),
-                            bytes(view[pos + HEADER_SIZE : pos + msg_size]),
+                            # (tobytes: a byte view's copy without bytes()'s buffer
+                            # protocol round trip, about half the time for a small frame)
+                            view[pos + HEADER_SIZE : pos + msg_size].tobytes(),
                         )
                     )
                     pos += msg_size
+                    if end - pos < HEADER_SIZE:
+                        break  # the chunk's end, or a header to complete from the next one
+                    msg_id, command, msg_size, flags, error = unpack(view, pos)
+                else:
+                    # The header at pos announces no frame whole in this chunk.
+                    hdr = Header(msg_id, command, msg_size, flags, error)
+                    if msg_size < HEADER_SIZE:
+                        return self._break(events, hdr, fds)
+                    if msg_size > max_size:
+                        n = min(msg_size, end - pos)
+                        self._skip = msg_size - n
+                        pos += n
+                        owner = len(events)
+                        events.append(OversizedFrame(hdr))
+                    else:
+                        # The frame's buffer, of its announced size, filled as it arrives.
+                        self._start(hdr)
+                        n = end - pos - HEADER_SIZE
+                        self._frame_view[:n] = view[pos + HEADER_SIZE : end]
+                        self._filled = n
+                        owner = _PENDING
+                        pos = end
 
         if fds:
             self._attach_fds(events, list(fds), owner)

@@ -589,7 +589,7 @@ class SessionMigration:
 
     def check_command(self, command: int) -> None:
         """EINVAL for a command the device's migration state does not accept."""
-        migration = self.device.migration
+        migration = self.device._vfu.migration  # (Device.migration, without the property call)
         if migration is None:
             return
         if migration.state == MigState.RUNNING and command not in _MIG_DATA_COMMANDS:

@@ -181,14 +181,16 @@ class Region:
         try:
             data = read(offset, count)
             # An async def's coroutine first: the common case, and the cheapest test.
-            if type(data) is CoroutineType or isawaitable(data):
+            if type(data) is not bytes and (type(data) is CoroutineType or isawaitable(data)):
                 data = await data
         except VfioUserError as exc:
             self._refused("REGION_READ", offset, count, exc)
             raise
         except Exception as exc:
             raise self._bug("REGION_READ", offset, count, "the read callback", exc) from exc
-        is_bytes = type(data) is bytes or isinstance(data, bytearray | memoryview)
+        if type(data) is bytes and len(data) == count:
+            return data  # the common case: nothing to check or copy
+        is_bytes = isinstance(data, bytes | bytearray | memoryview)
         if not is_bytes or len(data) != count:
             what = f"{len(data)} bytes" if isinstance(data, bytes | bytearray) else repr(data)
             where = self._where(offset, count)

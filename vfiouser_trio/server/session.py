@@ -140,6 +140,10 @@ class ServerSession:
         self._dma_layout: DmaLayout | None = limits.dma_layout
         self._dma_probe = trio.Lock()
         self._migration = SessionMigration(device, limits)
+        # Decided once (the declarations are frozen by build() above): a device that cannot
+        # migrate is never stopped, so its commands need neither the migration state's
+        # check nor the quiesce gate's mark (handling_command); the hot path skips both.
+        self._gated = self._vfu.migration is not None
 
     # --- running -------------------------------------------------------------------------
 
@@ -254,8 +258,10 @@ class ServerSession:
         command = frame.header.command
         if command == _VERSION:
             return await self._version(frame)  # only ever first: Role.SERVER
-        # A stopped device refuses most commands (the engine closes the frame's fds).
-        self._migration.check_command(command)
+        gated = self._gated
+        if gated:
+            # A stopped device refuses most commands (the engine closes the frame's fds).
+            self._migration.check_command(command)
         if not frame.fds and command in _REGION_ACCESS_COMMANDS:
             # The hot path, and the only one for these two commands: what the decoder's
             # RegionReadRequest/RegionWriteRequest would accept, without building them
@@ -267,15 +273,21 @@ class ServerSession:
                 offset, index, count = _unpack_region_access(payload)
                 if command == _REGION_READ:
                     region = self._accessed_region(command, index, offset, count)
-                    with handling_command():
+                    if not gated:
                         data = await region.do_read(offset, count)
+                    else:
+                        with handling_command():
+                            data = await region.do_read(offset, count)
                     # RegionReadReply's payload (do_read returns exactly count bytes).
                     return _pack_region_access(offset, index, count) + data
                 if count == size - REGION_ACCESS_SIZE:
                     data = bytes(payload[REGION_ACCESS_SIZE:])
                     region = self._accessed_region(command, index, offset, count)
-                    with handling_command():
+                    if not gated:
                         await region.do_write(offset, data)
+                    else:
+                        with handling_command():
+                            await region.do_write(offset, data)
                     return _pack_region_access(offset, index, count)  # RegionWriteReply's
         request = decode_request(command, frame.payload, frame.fds)
         # Decoding succeeded: the request now owns the fds.
@@ -439,7 +451,9 @@ class ServerSession:
         """The region a REGION_READ/WRITE accesses; EINVAL for a count above our
         max_data_xfer_size, no such region, or an access it does not allow."""
         check_count(_REGION_ACCESS_COMMANDS[command], count, self._xfer_max)
-        region = self._region(index)
+        region = self._vfu.regions.get(index)  # (_region, without a call per access)
+        if region is None:
+            region = self._region(index)  # raises: no such region
         region.check_access(offset, count, write=command == _REGION_WRITE)
         return region
 
