@@ -128,11 +128,12 @@ async def test_pieces_the_kernel_leaves_are_copied_before_write_returns() -> Non
     memory.write(0, bytes(len(data)))  # overwritten, then unmapped: the frame is unchanged
     memory.close()  # no view of it is left (BufferError otherwise)
     frames: list[Frame] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sender.run_writer)
-        while not frames:
-            frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
-        nursery.cancel_scope.cancel()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.run_writer)
+            while not frames:
+                frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
+            nursery.cancel_scope.cancel()
     sender.close()
     receiver.close()
     [frame] = frames
@@ -254,3 +255,22 @@ async def test_a_reply_a_policy_holds_carries_what_its_handler_lent() -> None:
             while not replies:
                 await trio.testing.wait_all_tasks_blocked()
     assert replies[0].payload == b"head" + b"before" * 10_000
+
+
+async def test_a_piece_of_wider_items_counts_its_bytes() -> None:
+    """A memoryview of 4-byte items as a piece: what the kernel leaves is cut by bytes."""
+    a, b = socket.socketpair()
+    sender, receiver = Transport(a), Transport(b, max_msg_size=(2 << 20) + 64)
+    data = os.urandom(2 << 20)
+    sender.write(Header(3, 9, 16 + 4 + len(data), 0), (b"head", memoryview(data).cast("I")))
+    assert sender.queued_bytes > 0
+    frames: list[Frame] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.run_writer)
+            while not frames:
+                frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
+            nursery.cancel_scope.cancel()
+    sender.close()
+    receiver.close()
+    assert frames[0].payload == b"head" + data

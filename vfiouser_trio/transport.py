@@ -452,7 +452,7 @@ class Transport:
         unmaps) is referenced once ``write`` returns."""
         if not now:
             return b"".join(pieces)
-        buffers = [raw_header, *pieces]
+        buffers = [raw_header, *map(byte_buffer, pieces)]  # (len must count bytes below)
         try:
             sent = self._sock.sendmsg(buffers, (), _MSG_NOSIGNAL)
         except BlockingIOError:
