@@ -575,13 +575,16 @@ async def test_commands_a_policy_holds_count_until_done() -> None:
     peer = RawPeer(peer_sock)
     counter = CountReceived(lambda: None)
     blob = pipeline(count)
-    async with open_connection(
-        server_sock,
-        handler=handler,
-        hooks=counter,
-        policy=KeyedOrder(region_key),
-        max_send_backlog=mark,
-    ) as conn, trio.open_nursery() as nursery:
+    async with (
+        open_connection(
+            server_sock,
+            handler=handler,
+            hooks=counter,
+            policy=KeyedOrder(region_key),
+            max_send_backlog=mark,
+        ) as conn,
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(peer.stream.send_all, blob)
         await trio.testing.wait_all_tasks_blocked()
         read = counter.count
