@@ -112,6 +112,20 @@ async def test_message_dma_sends_the_data_itself_and_moves_it_intact(
                 assert (id(memory.view.obj), size) in sent  # straight from guest memory
 
 
+async def drain_frames(sender: Transport, receiver: Transport) -> list[Frame]:
+    """Run ``sender``'s writer until ``receiver`` has frames; close both; those frames."""
+    frames: list[Frame] = []
+    with trio.fail_after(10):  # a write that loses bytes hangs: fail instead
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.run_writer)
+            while not frames:
+                frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
+            nursery.cancel_scope.cancel()
+    sender.close()
+    receiver.close()
+    return frames
+
+
 async def test_pieces_the_kernel_leaves_are_copied_before_write_returns() -> None:
     """A payload in pieces larger than the socket takes: what is left is queued as a copy,
     so guest memory changed (or closed) once ``write`` returns does not change the frame."""
@@ -127,15 +141,7 @@ async def test_pieces_the_kernel_leaves_are_copied_before_write_returns() -> Non
     view.release()
     memory.write(0, bytes(len(data)))  # overwritten, then unmapped: the frame is unchanged
     memory.close()  # no view of it is left (BufferError otherwise)
-    frames: list[Frame] = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender.run_writer)
-            while not frames:
-                frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
-            nursery.cancel_scope.cancel()
-    sender.close()
-    receiver.close()
+    frames = await drain_frames(sender, receiver)
     [frame] = frames
     assert frame.payload == b"DMA-HEAD" + data + b"tail"
 
@@ -264,13 +270,5 @@ async def test_a_piece_of_wider_items_counts_its_bytes() -> None:
     data = os.urandom(2 << 20)
     sender.write(Header(3, 9, 16 + 4 + len(data), 0), (b"head", memoryview(data).cast("I")))
     assert sender.queued_bytes > 0
-    frames: list[Frame] = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender.run_writer)
-            while not frames:
-                frames.extend(e for e in await receiver.receive() if isinstance(e, Frame))
-            nursery.cancel_scope.cancel()
-    sender.close()
-    receiver.close()
+    frames = await drain_frames(sender, receiver)
     assert frames[0].payload == b"head" + data

@@ -453,16 +453,7 @@ class Transport:
         if not now:
             return b"".join(pieces)
         buffers = [raw_header, *map(byte_buffer, pieces)]  # (len must count bytes below)
-        try:
-            sent = self._sock.sendmsg(buffers, (), _MSG_NOSIGNAL)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._broken = exc
-            self.close()
-            raise trio.BrokenResourceError("send failed") from exc
-        if sent and self.on_progress is not None:
-            self.on_progress()
+        sent = self._send_once(buffers)
         rest: list[Buffer] = []
         skip = sent
         for buffer in buffers:
@@ -481,21 +472,9 @@ class Transport:
 
     def _send_now(self, raw_header: bytes, payload: Buffer, total: int) -> None:
         """``write`` with an empty queue: one ``sendmsg``; whatever the kernel leaves is queued."""
-        try:
-            sent = self._sock.sendmsg(
-                (raw_header, payload) if payload else (raw_header,), (), _MSG_NOSIGNAL
-            )
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._broken = exc
-            self.close()
-            raise trio.BrokenResourceError("send failed") from exc
-        if sent:
-            if self.on_progress is not None:
-                self.on_progress()
-            if sent == total:
-                return
+        sent = self._send_once((raw_header, payload) if payload else (raw_header,))
+        if sent == total:
+            return
         # Queue what is left without copying the payload (it may be large).
         head = len(raw_header)
         out = self._queue()
@@ -507,6 +486,22 @@ class Transport:
             out.append(_Chunk(memoryview(payload)[sent - head :], (), False, False))
         self._queued_bytes += total - sent
         self._wake_writer()
+
+    def _send_once(self, buffers: Sequence[Buffer]) -> int:
+        """One non-blocking ``sendmsg``: the bytes the kernel took (0 when it took none).
+
+        A failed send breaks the transport (BrokenResourceError)."""
+        try:
+            sent = self._sock.sendmsg(buffers, (), _MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._broken = exc
+            self.close()
+            raise trio.BrokenResourceError("send failed") from exc
+        if sent and self.on_progress is not None:
+            self.on_progress()
+        return sent
 
     def _queue(self) -> deque[_Chunk]:
         out = self._out
