@@ -43,7 +43,7 @@ from .common import (
     ratio,
     size_label,
 )
-from .processes import REPO_ROOT, python_env
+from .processes import REPO_ROOT, python_env, reap
 from .sockets import reply_floor_mb_per_s, reply_peer, socketpair_mb_per_s
 
 FIGURE = 3
@@ -80,14 +80,10 @@ async def dma_client(socket_path: Path, size: int, *, share_fd: bool) -> AsyncIt
     try:
         yield
     finally:
+        assert process.stdin is not None
         with trio.CancelScope(shield=True):
-            assert process.stdin is not None
-            await process.stdin.aclose()
-            with trio.move_on_after(PEER_TIMEOUT):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await process.stdin.aclose()  # the client's end of work
+        await reap(process, PEER_TIMEOUT)
     if process.returncode != 0:
         raise BenchError(f"DMA client (share_fd={share_fd}) exited with {process.returncode}")
 

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import trio
+
 from bench.baselines import BenchToolError
 
 from .common import BenchError
@@ -205,3 +207,13 @@ def retry_busy(run: Callable[[], T]) -> T:
                 raise
             time.sleep(0.01)
     raise AssertionError("unreachable")
+
+
+async def reap(process: trio.Process, timeout: float) -> None:
+    """Wait (shielded) up to ``timeout`` seconds for a peer process to exit, then kill it."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(timeout):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

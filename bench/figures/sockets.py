@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from .common import BenchError
-from .processes import REPO_ROOT, python_env
+from .processes import REPO_ROOT, python_env, reap
 
 _REQUEST = struct.Struct("=QQ")
 #: Every measurement makes at least this many round trips, however short its time slice.
@@ -70,12 +70,7 @@ async def reply_peer() -> AsyncIterator[trio.socket.SocketType]:
         with sock:  # closing it is the peer's end of stream
             yield sock
     finally:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(PEER_TIMEOUT):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        await reap(process, PEER_TIMEOUT)
     if process.returncode != 0:
         raise BenchError(f"reply peer exited with {process.returncode}")
 
