@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
@@ -44,7 +43,7 @@ from .common import (
     size_label,
 )
 from .processes import REPO_ROOT, python_env, reap
-from .sockets import reply_floor_mb_per_s, reply_peer, socketpair_mb_per_s
+from .sockets import reply_floor_mb_per_s, reply_peer, socketpair_mb_per_s, timed_mb_per_s
 
 FIGURE = 3
 TARGET = Target.ratio_at_least(0.8)
@@ -57,9 +56,6 @@ MESSAGE_TARGET_SIZE = 262144
 SOCKETPAIR_BYTES = 8 << 20
 IOVA = 0x1000_0000
 PEER_TIMEOUT = 60.0
-#: Every measurement copies at least this many rounds, however short its time slice.
-MIN_ROUNDS = 3
-
 #: One copy round: guest memory (or the baseline's buffer) to a device buffer and back.
 CopyRound = Callable[[], Awaitable[None]]
 
@@ -90,15 +86,7 @@ async def dma_client(socket_path: Path, size: int, *, share_fd: bool) -> AsyncIt
 
 async def _timed(copy_round: CopyRound, size: int, seconds: float) -> float:
     """MB/s of ``copy_round`` (which moves 2 * size bytes), run for ``seconds``."""
-    await copy_round()  # warm: page tables, caches, first-use paths
-    rounds = 0
-    start = time.perf_counter()
-    while True:
-        await copy_round()
-        rounds += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and rounds >= MIN_ROUNDS:
-            return 2 * size * rounds / elapsed / 1e6
+    return await timed_mb_per_s(copy_round, 2 * size, seconds)
 
 
 class Copier:

@@ -17,7 +17,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -89,15 +89,23 @@ async def reply_floor_mb_per_s(sock: trio.socket.SocketType, size: int, seconds:
                 raise BenchError("the reply peer left")
             received += n
 
-    await round_trip()  # warm
+    return await timed_mb_per_s(round_trip, size, seconds)
+
+
+async def timed_mb_per_s(
+    one_round: Callable[[], Awaitable[None]], round_bytes: int, seconds: float
+) -> float:
+    """MB/s of ``one_round`` (moving ``round_bytes``), after a warm-up round, run for
+    ``seconds`` and at least :data:`MIN_ROUNDS` rounds."""
+    await one_round()  # warm: page tables, caches, first-use paths
     rounds = 0
     start = time.perf_counter()
     while True:
-        await round_trip()
+        await one_round()
         rounds += 1
         elapsed = time.perf_counter() - start
         if elapsed >= seconds and rounds >= MIN_ROUNDS:
-            return size * rounds / elapsed / 1e6
+            return round_bytes * rounds / elapsed / 1e6
 
 
 async def _serve_replies(fd: int) -> None:
