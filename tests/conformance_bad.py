@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
-from conformance_devices import EXPECTATIONS
 
+from tests.conformance_devices import EXPECTATIONS
 from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, FramingError, Link
 from vfiouser_trio.examples import DmaEngine, GpioDevice
 from vfiouser_trio.limits import DEFAULT_LIMITS, ServerLimits

@@ -6,7 +6,8 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from fd_leaks import fd_count
+
+from tests.fd_leaks import fd_count
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fd_leaks import fd_count
 
 from bench import baselines, cbuild
 from bench.baselines import BenchToolError, LoadMode
+from tests.fd_leaks import fd_count
 from vfiouser_trio.protocol.constants import FLAG_ERROR, FLAG_TYPE_REPLY, HEADER_SIZE, Command
 from vfiouser_trio.protocol.header import Header, command_header, reply_header
 

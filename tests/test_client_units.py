@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.client.config import PciConfig
 from vfiouser_trio.client.dma import DmaMap, DmaMaps, DmaService
 from vfiouser_trio.client.guest_memory import GuestMemory

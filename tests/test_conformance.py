@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conformance_devices import (
+
+from tests.conformance_devices import (
     EXPECTATIONS,
     NO_DMA_TRIGGER,
     NO_EXTENDED_CONFIG,
     NO_MIGRATION,
 )
-
 from vfiouser_trio import cli
 from vfiouser_trio.examples import EXAMPLES
 from vfiouser_trio.examples.nvme import MemoryBacking, NvmeController

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conformance_bad import BROKEN, broken_server, setup_of
 
+from tests.conformance_bad import BROKEN, broken_server, setup_of
 from vfiouser_trio import cli
 from vfiouser_trio.testing.conformance import CATALOGUE, Level, Outcome, run_checks, select
 

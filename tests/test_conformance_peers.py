@@ -9,9 +9,9 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from conformance_devices import NO_DMA_TRIGGER, NO_EXTENDED_CONFIG, NO_MIGRATION
-from libvfio_user import Samples, connect_socket, sample_server, samples
 
+from tests.conformance_devices import NO_DMA_TRIGGER, NO_EXTENDED_CONFIG, NO_MIGRATION
+from tests.libvfio_user import Samples, connect_socket, sample_server, samples
 from vfiouser_trio.testing.conformance import Expectations, FactoryTarget, Outcome, run_checks
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from fd_leaks import fd_count
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from raw_client import GuestRam, expect_errno, raw_payload, session
 
+from tests.fd_leaks import fd_count
+from tests.raw_client import GuestRam, expect_errno, raw_payload, session
 from vfiouser_trio.bitmap import bitmap_nbytes
 from vfiouser_trio.engine import Connection
 from vfiouser_trio.protocol import (

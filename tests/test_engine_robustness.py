@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.engine import (
     Connection,
     ConnectionClosedError,

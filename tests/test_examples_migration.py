@@ -16,8 +16,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.client import Client, GuestMemory, Interrupt, connect
 from vfiouser_trio.engine import Connection
 from vfiouser_trio.examples import dmaengine as de

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from test_cli import CLI, cli_server, env
 
+from tests.test_cli import CLI, cli_server, env
 from vfiouser_trio.client import Client, GuestMemory, connect, migrate
 from vfiouser_trio.client.irqs import Interrupt
 from vfiouser_trio.examples.nvme import FileBacking, MemoryBacking, NvmeController, migration

@@ -20,8 +20,8 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from raw_client import expect_errno
 
+from tests.raw_client import expect_errno
 from vfiouser_trio.bitmap import CHUNK_BITS, DirtyBitmap
 from vfiouser_trio.engine import Connection, HandlerResult, open_connection
 from vfiouser_trio.limits import DEFAULT_LIMITS, ServerLimits

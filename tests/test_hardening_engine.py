@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
-from raw_client import GuestRam
 
+from tests.fd_leaks import fd_count
+from tests.raw_client import GuestRam
 from vfiouser_trio.engine import (
     FRAME_OVERHEAD,
     Connection,

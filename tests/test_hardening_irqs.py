@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
-from raw_client import expect_errno, raw_payload, session
 
+from tests.fd_leaks import fd_count
+from tests.raw_client import expect_errno, raw_payload, session
 from vfiouser_trio.eventfd import EVENTFD_MAX
 from vfiouser_trio.protocol import (
     RegionIoFdsRequest,

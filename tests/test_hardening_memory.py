@@ -18,9 +18,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from mappings import is_mapped
-from test_client_e2e import SRC, TestDevice, served
 
+from tests.mappings import is_mapped
+from tests.test_client_e2e import SRC, TestDevice, served
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.client.regions import Region as ClientRegion
 from vfiouser_trio.memory import Prot, create_memfd
@@ -82,7 +82,7 @@ def sealable_memfd(size: int) -> int:
 SHRINK_DMA_VICTIM = """
     import errno, logging, mmap, os
     import trio
-    from raw_client import session
+    from tests.raw_client import session
     from vfiouser_trio.protocol import DmaMapRequest
     from vfiouser_trio.server.device import Device
     from vfiouser_trio.server.dma import DmaError
@@ -314,7 +314,7 @@ def test_guarded_copies_fault_safely_in_any_thread() -> None:
 FD_VICTIM = """
     import os, resource, mmap
     import trio
-    from raw_client import session
+    from tests.raw_client import session
     from vfiouser_trio.protocol import DmaMapRequest, DeviceGetInfoRequest
     from vfiouser_trio.server.device import Device
     from vfiouser_trio.server.pci import PciIdentity
@@ -367,7 +367,7 @@ def test_more_fd_backed_dma_maps_than_the_fd_limit() -> None:
 REGION_VICTIM = """
     import os
     import trio
-    from raw_client import session
+    from tests.raw_client import session
     from vfiouser_trio.protocol import RegionInfoRequest, RegionReadRequest
     from vfiouser_trio.protocol.regions import RegionInfoReply
     from vfiouser_trio.server.device import Device
@@ -410,8 +410,8 @@ def test_region_memory_is_sealed_before_its_fd_is_handed_out() -> None:
 HOSTILE_SERVER_VICTIM = """
     import os, mmap
     import trio
-    from mappings import ShrinkableMemory
-    from test_client_e2e import TestDevice, served
+    from tests.mappings import ShrinkableMemory
+    from tests.test_client_e2e import TestDevice, served
     from vfiouser_trio.protocol.constants import PciRegion
 
     PAGE = mmap.PAGESIZE

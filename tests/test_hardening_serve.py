@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from raw_client import GuestRam, expect_errno, raw_payload, session
-from test_cli import cli_server
 
+from tests.raw_client import GuestRam, expect_errno, raw_payload, session
+from tests.test_cli import cli_server
 from vfiouser_trio.engine import Connection, open_connection
 from vfiouser_trio.limits import ServerLimits
 from vfiouser_trio.protocol import (

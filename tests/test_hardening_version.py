@@ -10,8 +10,8 @@ import struct
 
 import pytest
 import trio
-from raw_client import GuestRam, expect_raw_errno
 
+from tests.raw_client import GuestRam, expect_raw_errno
 from vfiouser_trio.engine import open_connection
 from vfiouser_trio.protocol import Capabilities, ProtocolError, VersionReply, VersionRequest
 from vfiouser_trio.protocol.capabilities import (

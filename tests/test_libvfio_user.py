@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from libvfio_user import SampleProcess, Samples, connect_socket, sample_server, samples
-from mappings import ShrinkableMemory
-from test_client_e2e import TestDevice, served
 
+from tests.libvfio_user import SampleProcess, Samples, connect_socket, sample_server, samples
+from tests.mappings import ShrinkableMemory
+from tests.test_client_e2e import TestDevice, served
 from vfiouser_trio.client import Client, GuestMemory, VfioUserError, connect
 from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, Link
 from vfiouser_trio.protocol.constants import Command, PciRegion

@@ -8,8 +8,8 @@ import mmap
 import os
 
 import pytest
-from mappings import is_mapped
 
+from tests.mappings import is_mapped
 from vfiouser_trio.fdcheck import require_memory_fd
 from vfiouser_trio.memory import (
     Mapping,

@@ -17,7 +17,8 @@ from functools import partial
 
 import pytest
 import trio
-from test_client_migrate import (
+
+from tests.test_client_migrate import (
     IOVA,
     MEMORY,
     PAGE,
@@ -29,7 +30,6 @@ from test_client_migrate import (
     served,
     state,
 )
-
 from vfiouser_trio.client import (
     Client,
     GuestMemory,

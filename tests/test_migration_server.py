@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
-from raw_client import expect_errno, raw_payload, session
 
+from tests.fd_leaks import fd_count
+from tests.raw_client import expect_errno, raw_payload, session
 from vfiouser_trio.engine import Connection
 from vfiouser_trio.protocol import (
     DeviceFeatureReply,

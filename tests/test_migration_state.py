@@ -17,10 +17,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.client import Client, connect
 from vfiouser_trio.engine import Connection
 from vfiouser_trio.protocol import (

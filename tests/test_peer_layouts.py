@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from raw_client import session
 
+from tests.raw_client import session
 from vfiouser_trio.client import GuestMemory, connect
 from vfiouser_trio.engine import Connection, HandlerResult, RawMessage, open_connection
 from vfiouser_trio.examples import DmaEngine

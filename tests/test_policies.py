@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_explore import scenario
 
+from tests.test_explore import scenario
 from vfiouser_trio.cli import load_policy
 from vfiouser_trio.policies import READS_PASS_POSTED_WRITES, BypassOrder
 from vfiouser_trio.testing import explore

@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from test_testing_nested import Fetcher
 
+from tests.test_testing_nested import Fetcher
 from vfiouser_trio import cli
 from vfiouser_trio.cli import load_policy
 from vfiouser_trio.client import GuestMemory

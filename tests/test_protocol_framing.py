@@ -9,8 +9,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from fd_leaks import fd_count
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.protocol.errors import ProtocolError
 from vfiouser_trio.protocol.framing import (
     BrokenStream,

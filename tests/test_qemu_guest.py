@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from qemu_guest import (
+
+from tests.qemu_guest import (
     DMA_SCRATCH,
     GuestDevice,
     Qemu,
@@ -37,8 +38,7 @@ from qemu_guest import (
     running_guest,
     shell_command,
 )
-from test_cli import CLI, env, wait_until_serving
-
+from tests.test_cli import CLI, env, wait_until_serving
 from vfiouser_trio.client import connect
 from vfiouser_trio.examples import DmaEngine, GpioDevice, NullDevice
 from vfiouser_trio.protocol import Command, PciIrq

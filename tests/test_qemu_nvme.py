@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from qemu_guest import GuestDevice, Qemu, build_initramfs, report_values, running_guest
 
 from bench.figures.nvme import METRICS, build_nvbench
+from tests.qemu_guest import GuestDevice, Qemu, build_initramfs, report_values, running_guest
 from vfiouser_trio.examples.nvme import FileBacking, NvmeController
 from vfiouser_trio.server import serve
 from vfiouser_trio.testing import Tracer

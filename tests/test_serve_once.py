@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cli import cli_server
 
+from tests.test_cli import cli_server
 from vfiouser_trio.client import VfioUserError, connect
 from vfiouser_trio.examples.null import NullDevice
 from vfiouser_trio.protocol import PciRegion

@@ -11,8 +11,8 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.client import connect
 from vfiouser_trio.eventfd import EVENTFD_MAX, EventFd
 from vfiouser_trio.limits import ServerLimits

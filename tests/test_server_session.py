@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
-from raw_client import GuestRam, expect_raw_errno, raw_payload, session
 
+from tests.fd_leaks import fd_count
+from tests.raw_client import GuestRam, expect_raw_errno, raw_payload, session
 from vfiouser_trio.engine import open_connection
 from vfiouser_trio.ordering import ConcurrentOrder
 from vfiouser_trio.protocol import (
