@@ -23,6 +23,7 @@ from vfiouser_trio.engine import (
     Connection,
     ConnectionHooks,
     Forward,
+    Handler,
     HandlerResult,
     Link,
     RawMessage,
@@ -166,7 +167,7 @@ class Peer:
 
 @asynccontextmanager
 async def peer_and_connection(
-    handler: Callable[[Frame], Awaitable[HandlerResult]], **options: Any
+    handler: Handler, **options: Any
 ) -> AsyncIterator[tuple[Peer, Connection]]:
     a, b = socket.socketpair()
     peer = Peer(a, max_recv_fds=8)
@@ -320,7 +321,8 @@ async def test_a_request_waits_while_every_message_id_is_taken() -> None:
                 core = b.core
                 msg_id = core.allocate_id()
                 assert msg_id is not None
-                core.expect_reply(msg_id, Command.REGION_READ, waiter := object())
+                waiter: Any = object()  # (stands in for the engine's pending request)
+                core.expect_reply(msg_id, Command.REGION_READ, waiter)
                 assert core.cancel(msg_id, waiter)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(b.request_raw, Command.REGION_READ, b"hold")
@@ -510,6 +512,37 @@ POLICIES: dict[str, Callable[[], OrderingPolicy]] = {
 }
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["inline", "hooks"])
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_handler_may_answer_at_once_without_a_coroutine(policy: str, hooked: bool) -> None:
+    """A plain-function handler returns its result (or raises) instead of an awaitable: the
+    engine answers it as it would the awaited result, inline or not, under every policy."""
+
+    def handler(frame: Frame) -> HandlerResult:
+        if frame.payload == b"fail":
+            raise VfioUserError(errno.EPERM, "refused at once")
+        if frame.payload == b"nothing":
+            return None
+        return b"at once: " + frame.payload
+
+    hooks = ConnectionHooks() if hooked else None
+    with trio.fail_after(5):
+        async with peer_and_connection(handler, policy=POLICIES[policy](), hooks=hooks) as (
+            peer,
+            _conn,
+        ):
+            for msg_id, payload in enumerate((b"one", b"fail", b"posted", b"nothing", b"two")):
+                flags = FLAG_NO_REPLY if payload == b"posted" else 0
+                peer.send(msg_id, Command.REGION_WRITE, payload, flags)
+            frames = await peer.wait_frames(4)
+    replies = {f.header.msg_id: f for f in frames}
+    assert sorted(replies) == [0, 1, 3, 4]
+    assert replies[0].payload == b"at once: one" and replies[4].payload == b"at once: two"
+    assert replies[1].header.is_error and replies[1].header.error == errno.EPERM
+    assert replies[3].payload == b"" and not replies[3].header.is_error
+    assert all(f.header.flags & FLAG_TYPE_REPLY for f in frames)
+
+
 def _indirect_handlers(
     holder: dict[str, Connection], nursery: trio.Nursery
 ) -> tuple[
@@ -565,7 +598,9 @@ async def twin_connected(
 def _engine_tasks() -> list[str]:
     """The names of the engine's tasks now running, anywhere in the run."""
     names: list[str] = []
-    pending = [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    pending = [root]
     while pending:
         task = pending.pop()
         name = task.name.rsplit(".", 1)[-1]
@@ -616,6 +651,7 @@ async def test_the_idle_twin_link_is_watched_without_a_reader(how: str) -> None:
                 finally:
                     os.close(kept)
             else:
+                assert b._twin is not None
                 b._request_link = b._twin  # no client sends commands there, but one may
                 frame = await b.request_raw(Command.REGION_WRITE, b"on the twin")
                 assert frame.payload == b"done"  # a's handler asked b for DMA meanwhile
@@ -638,6 +674,7 @@ async def test_the_watched_twin_gets_a_reader_while_it_holds_commands() -> None:
         async with twin_connected(server, client, holder, SpecOrder) as (a, b):
             await trio.testing.wait_all_tasks_blocked()
             idle = _engine_tasks()
+            assert b._twin is not None
             b._request_link = b._twin  # no client sends commands there, but one may
             async with trio.open_nursery() as nursery:
                 for _ in range(2):

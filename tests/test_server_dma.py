@@ -22,7 +22,7 @@ from vfiouser_trio.protocol.constants import (
 )
 from vfiouser_trio.protocol.errors import VfioUserError
 from vfiouser_trio.server.device import Device
-from vfiouser_trio.server.dma import DmaError, DmaTable, DmaWindow, handling_command
+from vfiouser_trio.server.dma import DmaError, DmaTable, DmaWindow, mark_command_task
 from vfiouser_trio.server.pci import PciIdentity
 from vfiouser_trio.testing import nested_device
 
@@ -509,23 +509,31 @@ async def test_fast_copies_wait_at_the_quiesce_gate() -> None:
     fd, view = guest_memfd(PAGE)
     table.map(0, PAGE, RW, fd)
     table.stop()
-    with handling_command():
-        for access in (table.read_into(0, bytearray(4)), table.write(0, b"x")):
-            with pytest.raises(DmaError) as exc:
-                await access
-            assert exc.value.errno == errno.EBUSY
+    mark_command_task()  # this task handles commands (as a session's tasks do)
+    for access in (table.read_into(0, bytearray(4)), table.write(0, b"x")):
+        with pytest.raises(DmaError) as exc:
+            await access
+        assert exc.value.errno == errno.EBUSY
     done = trio.Event()
 
     async def device_task() -> None:
+        # Started from the marked task, it inherits the context but not the mark.
         await table.write(0, b"after")
         done.set()
 
+    async def former_command_task() -> None:
+        mark_command_task()
+        mark_command_task(False)  # the session's task once its connection has ended
+        await table.write(8, b"later")
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(device_task)
+        nursery.start_soon(former_command_task)
         await trio.testing.wait_all_tasks_blocked()
-        assert not done.is_set() and view[:5] == bytes(5)  # held while stopped
+        assert not done.is_set() and view[:13] == bytes(13)  # held while stopped
         table.resume()
-    assert view[:5] == b"after"
+    mark_command_task(False)
+    assert view[:5] == b"after" and view[8:13] == b"later"
     await table.unmap_all()
     view.close()
 

@@ -70,6 +70,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from functools import partial
+from inspect import isawaitable
 from types import CoroutineType
 from typing import Any
 
@@ -153,9 +154,11 @@ class RawMessage:
 #: What a handler returns: the reply body (a typed message, a raw one, its packed payload
 #: as ``bytes``, or None for an empty reply). Ignored for No_reply commands.
 HandlerResult = Message | RawMessage | bytes | None
-#: The owner's command handler. It may take the frame's fds (``frame.take_fds()``); the
-#: engine closes the ones it leaves. Raising VfioUserError sends an error reply.
-Handler = Callable[[Frame], Awaitable[HandlerResult]]
+#: The owner's command handler: an awaitable of the result (an ``async def``), or the result
+#: itself when it has it at once (then no coroutine runs: the cheapest way to answer). It
+#: may take the frame's fds (``frame.take_fds()``); the engine closes the ones it leaves.
+#: Raising VfioUserError sends an error reply.
+Handler = Callable[[Frame], Awaitable[HandlerResult] | HandlerResult]
 #: Framing problems the decoder reports instead of a frame.
 FramingError = OversizedFrame | StrayFds | BrokenStream
 #: Passes a frame on to the next stage (the socket, or the engine's demultiplexer).
@@ -702,11 +705,28 @@ class Connection:
         try:
             try:
                 self.core.admit(frame.header)
-                handling = self._handler(frame)
-                coro = handling if type(handling) is CoroutineType else _awaited(handling)
-                trap = coro.send(None)
-            except StopIteration as done:
-                reply, payload, fds, transfer = self._reply(frame, done.value)
+                # The handler's result, or an awaitable of it (told apart below).
+                result: Any = self._handler(frame)
+                coro: Coroutine[Any, Any, HandlerResult] | None
+                if type(result) is CoroutineType:
+                    coro = result
+                elif type(result) is bytes or not isawaitable(result):
+                    coro = None  # answered at once: no coroutine to step
+                else:
+                    coro = _awaited(result)
+                if coro is not None:
+                    try:
+                        trap = coro.send(None)
+                    except StopIteration as done:
+                        result = done.value
+                    else:
+                        commands = state.commands
+                        held_fds = len(frame.fds)
+                        commands.hold(frame)
+                        state.adopted_done = trio.Event()
+                        commands.adopt(Frame(frame.header, frame.payload, []))
+                        return self._finish_inline(state, frame, held_fds, _Suspended(coro, trap))
+                reply, payload, fds, transfer = self._reply(frame, result)
                 if reply is not None:
                     self._send_reply(state, reply, payload, fds, transfer)
             except Exception as exc:
@@ -716,13 +736,6 @@ class Connection:
             except BaseException:
                 frame.close_fds()
                 raise
-            else:
-                commands = state.commands
-                held_fds = len(frame.fds)
-                commands.hold(frame)
-                state.adopted_done = trio.Event()
-                commands.adopt(Frame(frame.header, frame.payload, []))
-                return self._finish_inline(state, frame, held_fds, _Suspended(coro, trap))
             if frame.fds:
                 frame.close_fds()
             return None
@@ -832,7 +845,9 @@ class Connection:
         try:
             try:
                 self.core.admit(frame.header)
-                result = await self._handler(frame)
+                result = self._handler(frame)
+                if type(result) is not bytes and isawaitable(result):
+                    result = await result
             except Exception as exc:
                 error = self._error_reply(frame, exc)
                 if error is not None:

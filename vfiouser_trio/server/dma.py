@@ -22,7 +22,7 @@ https://www.qemu.org/docs/master/interop/vfio-user.html).
 
 While the device is stopped (migration STOP, STOP_COPY, RESUMING, ERROR) the table's
 quiesce gate holds device DMA: ``read``/``write`` from a device task wait until the
-device runs again; from a task handling a client command (see ``handling_command``)
+device runs again; from a task handling client commands (see ``mark_command_task``)
 they fail at once with EBUSY, because the command that would restart the device is
 queued behind that handler. Opening a ``view`` while stopped fails with EBUSY (it
 cannot wait); device tasks ``await dma.wait_running()`` right before opening one.
@@ -290,25 +290,24 @@ def _current_task() -> object:
         return None
 
 
-#: In a task that handles a client command: that task (see ``handling_command``).
+#: In a task that handles client commands: that task (see ``mark_command_task``). A task
+#: started from it inherits the value, not the mark: the identity tells them apart.
 _command_task: ContextVar[object | None] = ContextVar("vfiouser_command_task", default=None)
 
 
-class handling_command:  # a class used like a function: ``with handling_command():``
-    """Mark the current task as handling a client command, for the quiesce gate.
+def mark_command_task(marked: bool = True) -> None:
+    """Mark the current task as one that handles client commands, for the quiesce gate.
 
     Device DMA from such a task fails at once (EBUSY) while the device is stopped instead
-    of waiting: waiting would deadlock the session. A plain class rather than a
-    ``@contextmanager`` generator: it is entered once per command.
+    of waiting: waiting would deadlock the session, whose command that restarts the device
+    is queued behind the handler. The mark lasts for the task (a connection's reader,
+    dispatcher and policy tasks run nothing but commands), so it costs one check per
+    command; ``mark_command_task(False)`` removes it (the session's task, once its
+    connection has ended).
     """
-
-    __slots__ = ("_token",)
-
-    def __enter__(self) -> None:
-        self._token = _command_task.set(_current_task())
-
-    def __exit__(self, *exc_info: object) -> None:
-        _command_task.reset(self._token)
+    task = _current_task() if marked else None
+    if _command_task.get() is not task:
+        _command_task.set(task)
 
 
 def _same_map(

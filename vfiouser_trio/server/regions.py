@@ -9,11 +9,11 @@ itself (an MSI-X table and PBA living in a BAR) ahead of the device's callbacks.
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from inspect import isawaitable
 from types import CoroutineType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..memory import MemFd
 from ..protocol.constants import (
@@ -163,8 +163,13 @@ class Region:
         """Whether the memory (not ``handler``) serves an access; callers check ``memory``."""
         return handler is None or self._in_sparse(offset, count)
 
-    async def do_read(self, offset: int, count: int) -> bytes:
-        """Serve a REGION_READ (after ``check_access``)."""
+    def read_now(self, offset: int, count: int) -> bytes | Coroutine[Any, Any, bytes]:
+        """Serve a REGION_READ (after ``check_access``): its data, or a coroutine giving it
+        when the read callback returns an awaitable (an ``async def``).
+
+        A plain-function callback (like overlays and memory) answers without any coroutine:
+        the session's fast path replies at once.
+        """
         if count == 0:
             return b""
         for ov in self.overlays:
@@ -180,67 +185,96 @@ class Region:
             raise VfioUserError(errno.EINVAL, f"region {self.index} has no read handler")
         try:
             data = read(offset, count)
-            # An async def's coroutine first: the common case, and the cheapest test.
-            if type(data) is not bytes and (type(data) is CoroutineType or isawaitable(data)):
-                data = await data
-        except VfioUserError as exc:
-            self._refused("REGION_READ", offset, count, exc)
-            raise
         except Exception as exc:
-            raise self._bug("REGION_READ", offset, count, "the read callback", exc) from exc
+            self._fail("REGION_READ", offset, count, "the read callback", exc)
         if type(data) is bytes and len(data) == count:
             return data  # the common case: nothing to check or copy
-        is_bytes = isinstance(data, bytes | bytearray | memoryview)
-        if not is_bytes or len(data) != count:
+        # An async def's coroutine first: the common case, and the cheapest test.
+        if type(data) is CoroutineType or isawaitable(data):
+            return self._read_awaited(offset, count, data)
+        return self._read_result(offset, count, data)
+
+    async def do_read(self, offset: int, count: int) -> bytes:
+        """Serve a REGION_READ (after ``check_access``), awaiting the callback if it waits."""
+        data = self.read_now(offset, count)
+        return data if isinstance(data, bytes) else await data
+
+    async def _read_awaited(self, offset: int, count: int, pending: Awaitable[bytes]) -> bytes:
+        try:
+            data = await pending
+        except Exception as exc:
+            self._fail("REGION_READ", offset, count, "the read callback", exc)
+        return self._read_result(offset, count, data)
+
+    def _read_result(self, offset: int, count: int, data: object) -> bytes:
+        """The read callback's result, checked: exactly ``count`` bytes, as ``bytes``."""
+        if type(data) is bytes and len(data) == count:
+            return data
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) != count:
             what = f"{len(data)} bytes" if isinstance(data, bytes | bytearray) else repr(data)
             where = self._where(offset, count)
             reason = f"the read callback returned {what[:60]}, not the {count} bytes asked for"
             raise self.errors.bug("REGION_READ", where, reason)
         return bytes(data)
 
-    async def do_write(self, offset: int, data: bytes) -> None:
-        """Serve a REGION_WRITE (after ``check_access``); rings doorbells it covers."""
+    def write_now(self, offset: int, data: bytes) -> Coroutine[Any, Any, None] | None:
+        """Serve a REGION_WRITE (after ``check_access``), ringing the doorbells it covers:
+        None once done, or a coroutine that finishes it when the write callback returns an
+        awaitable (the callback's wait, then the doorbells)."""
         count = len(data)
         if count == 0:
-            return
+            return None
         for ov in self.overlays:
             if ov.touches(offset, count):
                 if not ov.covers(offset, count):
                     raise VfioUserError(errno.EINVAL, "access straddles a framework area")
                 ov.write(offset - ov.offset, data)
-                return
+                return None
         memory = self.memory
         if memory is not None and self._memory_serves(offset, count, self.write):
             memory.view[offset : offset + count] = data
         elif self.write is not None:
             try:
                 done = self.write(offset, data)
-                if type(done) is CoroutineType or isawaitable(done):
-                    await done
-            except VfioUserError as exc:
-                self._refused("REGION_WRITE", offset, count, exc)
-                raise
             except Exception as exc:
-                raise self._bug("REGION_WRITE", offset, count, "the write callback", exc) from exc
+                self._fail("REGION_WRITE", offset, count, "the write callback", exc)
+            if type(done) is CoroutineType or isawaitable(done):
+                return self._write_awaited(offset, data, done)
         elif not self.doorbells:
             raise VfioUserError(errno.EINVAL, f"region {self.index} has no write handler")
+        for bell in self.doorbells:
+            bell.ring_on_write(offset, data)
+        return None
+
+    async def do_write(self, offset: int, data: bytes) -> None:
+        """Serve a REGION_WRITE (after ``check_access``), awaiting the callback if it waits."""
+        pending = self.write_now(offset, data)
+        if pending is not None:
+            await pending
+
+    async def _write_awaited(self, offset: int, data: bytes, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except Exception as exc:
+            self._fail("REGION_WRITE", offset, len(data), "the write callback", exc)
         for bell in self.doorbells:
             bell.ring_on_write(offset, data)
 
     def _where(self, offset: int, count: int) -> str:
         return f"{region_name(self.index)} at {offset:#x}+{count:#x}"
 
-    def _refused(self, command: str, offset: int, count: int, exc: VfioUserError) -> None:
-        """A callback answered with an errno: its own choice, unless its DMA failed (logged)."""
-        if isinstance(exc, DmaError):
-            self.errors.dma_failed(command, self._where(offset, count), exc)
-
-    def _bug(
+    def _fail(
         self, command: str, offset: int, count: int, callback: str, exc: Exception
-    ) -> VfioUserError:
-        """Report a callback that raised ``exc``; the client's EIO."""
+    ) -> NoReturn:
+        """Raise what a callback that raised ``exc`` answers: a VfioUserError is its own
+        choice of errno (logged when its DMA failed); anything else is a device bug, the
+        client's EIO."""
+        if isinstance(exc, VfioUserError):
+            if isinstance(exc, DmaError):
+                self.errors.dma_failed(command, self._where(offset, count), exc)
+            raise exc
         reason = f"{callback} raised {type(exc).__name__}: {exc}"
-        return self.errors.bug(command, self._where(offset, count), reason, exc)
+        raise self.errors.bug(command, self._where(offset, count), reason, exc) from exc
 
     def close(self) -> None:
         if self.memory is not None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -77,7 +77,7 @@ from ..protocol.framing import Frame, close_fds
 from ..protocol.region_io import REGION_ACCESS_SIZE, REGION_ACCESS_STRUCT, check_count
 from ..protocol.regions import RegionCap
 from .device import Device
-from .dma import handling_command
+from .dma import mark_command_task
 from .dma_hooks import DmaHookRunner
 from .migration import SessionMigration
 from .regions import Region
@@ -142,7 +142,7 @@ class ServerSession:
         self._migration = SessionMigration(device, limits)
         # Decided once (the declarations are frozen by build() above): a device that cannot
         # migrate is never stopped, so its commands need neither the migration state's
-        # check nor the quiesce gate's mark (handling_command); the hot path skips both.
+        # check nor the quiesce gate's mark (mark_command_task); the hot path skips both.
         self._gated = self._vfu.migration is not None
 
     # --- running -------------------------------------------------------------------------
@@ -172,6 +172,8 @@ class ServerSession:
                 if conn.close_reason is not None:
                     log.info("%s: connection ended: %s", device.name, conn.close_reason)
             finally:
+                # This task read the connection and ran commands: it no longer does.
+                mark_command_task(False)
                 self._conn = None
                 self._migration.close()
                 if self._attached:
@@ -254,14 +256,17 @@ class ServerSession:
 
     # --- command handling ----------------------------------------------------------------
 
-    async def _handle(self, frame: Frame) -> HandlerResult:
+    def _handle(self, frame: Frame) -> HandlerResult | Coroutine[Any, Any, HandlerResult]:
+        """Answer a command: at once (the reply's payload) for a REGION_READ/WRITE whose
+        region answers without waiting, else a coroutine that answers it."""
         command = frame.header.command
         if command == _VERSION:
-            return await self._version(frame)  # only ever first: Role.SERVER
-        gated = self._gated
-        if gated:
+            return self._version(frame)  # only ever first: Role.SERVER
+        if self._gated:
             # A stopped device refuses most commands (the engine closes the frame's fds).
             self._migration.check_command(command)
+            # Device DMA from this task fails instead of waiting while the device is stopped.
+            mark_command_task()
         if not frame.fds and command in _REGION_ACCESS_COMMANDS:
             # The hot path, and the only one for these two commands: what the decoder's
             # RegionReadRequest/RegionWriteRequest would accept, without building them
@@ -273,28 +278,27 @@ class ServerSession:
                 offset, index, count = _unpack_region_access(payload)
                 if command == _REGION_READ:
                     region = self._accessed_region(command, index, offset, count)
-                    if not gated:
-                        data = await region.do_read(offset, count)
-                    else:
-                        with handling_command():
-                            data = await region.do_read(offset, count)
-                    # RegionReadReply's payload (do_read returns exactly count bytes).
+                    data = region.read_now(offset, count)
+                    if not isinstance(data, bytes):
+                        return _region_read_reply(offset, index, count, data)
+                    # RegionReadReply's payload (read_now gives exactly count bytes).
                     return _pack_region_access(offset, index, count) + data
                 if count == size - REGION_ACCESS_SIZE:
                     data = bytes(payload[REGION_ACCESS_SIZE:])
                     region = self._accessed_region(command, index, offset, count)
-                    if not gated:
-                        await region.do_write(offset, data)
-                    else:
-                        with handling_command():
-                            await region.do_write(offset, data)
-                    return _pack_region_access(offset, index, count)  # RegionWriteReply's
-        request = decode_request(command, frame.payload, frame.fds)
+                    pending = region.write_now(offset, data)
+                    reply = _pack_region_access(offset, index, count)  # RegionWriteReply's
+                    return reply if pending is None else _after(pending, reply)
+        return self._handle_request(frame)
+
+    async def _handle_request(self, frame: Frame) -> HandlerResult:
+        """A command of the general path: decoded into its request, then dispatched."""
+        request = decode_request(frame.header.command, frame.payload, frame.fds)
         # Decoding succeeded: the request now owns the fds.
         frame.take_fds()
-        # Device DMA from this task fails instead of waiting while the device is stopped.
-        with handling_command():
-            return await self._dispatch(request)
+        if not self._gated:
+            mark_command_task()  # (a device that may be stopped is marked above)
+        return await self._dispatch(request)
 
     async def _dispatch(self, request: Request) -> HandlerResult:
         match request:
@@ -495,3 +499,16 @@ class ServerSession:
         await self._vfu.do_reset()
         await self._migration.device_reset()
         return None
+
+
+async def _region_read_reply(
+    offset: int, index: int, count: int, data: Coroutine[Any, Any, bytes]
+) -> bytes:
+    """RegionReadReply's payload once a waiting read callback has answered."""
+    return _pack_region_access(offset, index, count) + await data
+
+
+async def _after(pending: Coroutine[Any, Any, None], reply: bytes) -> bytes:
+    """``reply`` once ``pending`` (a waiting write callback) is done."""
+    await pending
+    return reply
