@@ -412,6 +412,46 @@ def test_random_chunking_of_a_frame_stream(
         os.close(w)
 
 
+async def test_small_frames_queued_back_to_back_share_one_chunk() -> None:
+    """Small frames without fds queued behind each other are joined into one buffer; a
+    buffer the kernel took part of, a frame with fds and a large payload (the caller's
+    bytearray, never written to) each end the join, and everything arrives in order."""
+    a, b = socket.socketpair()
+    capped = CappedSocket(fileno=a.detach())
+    capped.cap = 50
+    left, right = Transport(capped, max_recv_fds=1), Transport(b, max_recv_fds=1)
+    memfd = os.memfd_create("coalesce")
+    large = bytearray(b"L" * 2000)
+    sent: list[tuple[int, bytes]] = []
+
+    def write(msg_id: int, payload: bytes | bytearray, **kwargs: Any) -> None:
+        left.write(command_header(msg_id, 10, len(payload)), payload, **kwargs)
+        sent.append((msg_id, bytes(payload)))
+
+    for i in range(10):
+        write(i, bytes([i]) * 4, flush=False)
+    assert left.backlog - left.queued_bytes == CHUNK_OVERHEAD  # one chunk for ten frames
+    write(10, b"flushed")  # the kernel takes 50 bytes of the joined buffer
+    write(11, b"after a partial send", flush=False)
+    write(12, b"fd", fds=[memfd], flush=False)
+    write(13, b"after the fd", flush=False)
+    write(14, large, flush=False)
+    write(15, b"after the large one", flush=False)
+    assert large == b"L" * 2000
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.run_writer)
+            frames = await receive_frames(right, len(sent))
+            left.close()
+    assert [(f.header.msg_id, f.payload) for f in frames] == sent
+    assert [len(f.fds) for f in frames] == [1 if i == 12 else 0 for i in range(16)]
+    assert large == b"L" * 2000
+    for frame in frames:
+        frame.close_fds()
+    os.close(memfd)
+    right.close()
+
+
 async def test_backlog_counts_chunks_and_progress_is_reported() -> None:
     left, right = transport_pair()
     left_sock = socket.socket(fileno=os.dup(left.fileno()))

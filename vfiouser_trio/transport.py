@@ -29,6 +29,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
+from typing import cast
 
 import trio
 
@@ -55,6 +56,8 @@ _MAX_IOV = 512
 #: A payload up to this size is joined to its header in one chunk (copying it is cheaper
 #: than queueing and gathering a second buffer); larger ones are queued as they are.
 _JOIN_MAX = 1024
+#: Small frames queued back to back share one buffer up to this size.
+_COALESCE_MAX = 64 * 1024
 #: Queued outgoing bytes above which :meth:`Transport.send` waits for the peer to read.
 SEND_HIGH_WATER = 4 * 1024 * 1024
 #: What one queued chunk costs in memory beyond its data (the chunk object, the bytes
@@ -75,15 +78,23 @@ _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 class _Chunk:
     """A piece of queued outgoing data; ``fds`` go with its first byte."""
 
-    __slots__ = ("data", "fds", "owns_fds", "starts_frame")
+    __slots__ = ("data", "fds", "joins", "owns_fds", "starts_frame")
 
     def __init__(
-        self, data: Buffer, fds: Sequence[int], owns_fds: bool, starts_frame: bool
+        self,
+        data: Buffer,
+        fds: Sequence[int],
+        owns_fds: bool,
+        starts_frame: bool,
+        joins: bool = False,
     ) -> None:
         self.data = data
         self.fds = fds
         self.owns_fds = owns_fds
         self.starts_frame = starts_frame
+        #: ``data`` is a bytearray of ours, nothing of it sent yet, that the next small
+        #: frames without fds are appended to.
+        self.joins = joins
 
 
 class _ReceiveBuffer:
@@ -426,15 +437,28 @@ class Transport:
         # is awake already, or waits for the socket (it looks at the queue before it parks).
         wake = not out
         out = self._queue()
+        self._queued_bytes += size + payload_size
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
             out.append(first)
             out.append(_Chunk(payload, (), False, False))
-        else:
-            data = raw_header + payload if payload_size else raw_header
-            first = _Chunk(data, tuple(fds), transfer_fds, True)
+        elif fds:
+            first = _Chunk(raw_header + payload, tuple(fds), transfer_fds, True)
             out.append(first)
-        self._queued_bytes += size + payload_size
+        elif not wake and (last := out[-1]).joins and len(last.data) < _COALESCE_MAX:
+            # Behind small frames not yet sent (replies to pipelined commands): appended
+            # to their buffer, one chunk and one iovec for them all.
+            batch = cast(bytearray, last.data)
+            batch += raw_header
+            batch += payload
+            if flush:
+                self._flush()
+            return
+        else:
+            batch = bytearray(raw_header)
+            batch += payload
+            first = _Chunk(batch, (), False, True, joins=True)
+            out.append(first)
         if flush:
             self._flush()
         if first.fds and not first.owns_fds:
@@ -620,6 +644,7 @@ class Transport:
                 else:
                     chunk.data = memoryview(chunk.data)[sent:]
                     chunk.starts_frame = False
+                    chunk.joins = False  # (a bytearray with a view of it cannot grow)
                     sent = 0
         if not out:
             self._out = None  # an empty deque holds hundreds of bytes: drop it until needed
