@@ -115,8 +115,12 @@ async def broken_server(
 
 # -- building blocks --------------------------------------------------------------------------
 
+#: A frame's payload as the engine hands it on (``Frame.payload``): ``bytes``, or the
+#: ``bytearray`` a frame that did not arrive in one read was received into.
+Payload = bytes | bytearray
 
-def success(frame: Frame, payload: bytes) -> Frame:
+
+def success(frame: Frame, payload: Payload) -> Frame:
     """The success reply ``payload`` in place of ``frame`` (an error reply)."""
     frame.close_fds()
     return Frame(reply_header(frame.header.msg_id, frame.header.command, len(payload)), payload)
@@ -127,12 +131,12 @@ def refused(frame: Frame, code: int = errno.EINVAL) -> Frame:
     return Frame(error_header(frame.header.msg_id, frame.header.command, code), b"")
 
 
-def with_payload(frame: Frame, payload: bytes) -> Frame:
+def with_payload(frame: Frame, payload: Payload) -> Frame:
     header = replace(frame.header, msg_size=16 + len(payload))
     return Frame(header, payload, frame.take_fds())
 
 
-def accepts(command: int, payload: bytes | Callable[[Frame], bytes]) -> Breakage:
+def accepts(command: int, payload: Payload | Callable[[Frame], Payload]) -> Breakage:
     """Answers with success where the server refused ``command``."""
 
     def send(conn: Connection, frame: Frame) -> Frame:
@@ -155,7 +159,7 @@ def refuses(command: int) -> Breakage:
     return Breakage(send=send)
 
 
-def replies(command: int, change: Callable[[bytes], bytes]) -> Breakage:
+def replies(command: int, change: Callable[[Payload], Payload]) -> Breakage:
     """Rewrites the payload of every success reply to ``command``."""
 
     def send(conn: Connection, frame: Frame) -> Frame:
@@ -178,7 +182,7 @@ def requests(command: int, change: Callable[[Frame], Frame | None]) -> Breakage:
     return Breakage(receive=receive)
 
 
-def patch(payload: bytes, offset: int, fmt: str, value: int) -> bytes:
+def patch(payload: Payload, offset: int, fmt: str, value: int) -> bytes:
     out = bytearray(payload)
     struct.pack_into(fmt, out, offset, value)
     return bytes(out)
@@ -188,7 +192,7 @@ VERSION_OK = struct.pack("=HH", 0, 2) + b'{"capabilities":{}}\0'
 DEVICE_INFO = struct.pack("=IIII", 16, 3, 9, 5)
 
 
-def _version_json(payload: bytes, change: Callable[[dict[str, object]], None]) -> bytes:
+def _version_json(payload: Payload, change: Callable[[dict[str, object]], None]) -> Payload:
     doc = json.loads(payload[4:].rstrip(b"\0"))
     change(doc["capabilities"])
     return payload[:4] + json.dumps(doc).encode() + b"\0"
@@ -316,7 +320,7 @@ def _identical_map_is_eexist() -> Breakage:
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.DMA_MAP and frame.header.is_command:
-            key = (conn, frame.payload)
+            key = (conn, bytes(frame.payload))  # a bytearray payload is not hashable
             if key in seen:  # make it overlap instead of repeat
                 return with_payload(
                     frame,
@@ -370,10 +374,10 @@ def _keeps_eventfd(frame: Frame) -> Frame:
     return frame
 
 
-def config_reads(change: Callable[[int, bytes], bytes]) -> Breakage:
+def config_reads(change: Callable[[int, Payload], Payload]) -> Breakage:
     """Rewrites the data of config space reads: ``change(offset, data)``."""
 
-    def rewrite(payload: bytes) -> bytes:
+    def rewrite(payload: Payload) -> Payload:
         offset, region, _count = struct.unpack_from("=QII", payload)
         if region != 7:
             return payload
@@ -382,11 +386,11 @@ def config_reads(change: Callable[[int, bytes], bytes]) -> Breakage:
     return replies(Command.REGION_READ, rewrite)
 
 
-def _cap_list_bit_flipped(offset: int, data: bytes) -> bytes:
+def _cap_list_bit_flipped(offset: int, data: Payload) -> Payload:
     return bytes([data[0] ^ 0x10, data[1]]) if offset == 6 else data
 
 
-def _cap_loop(offset: int, data: bytes) -> bytes:
+def _cap_loop(offset: int, data: Payload) -> Payload:
     """A capability list (gpio has none) whose first capability, at 0x40, points at itself."""
     if offset == 6:
         return bytes([data[0] | 0x10, data[1]])
@@ -417,7 +421,7 @@ def _extended_loop() -> Breakage:
 
 def _writable_revision() -> Breakage:
     """Read-only registers take what is written: later reads return it."""
-    written: dict[tuple[Connection, int], bytes] = {}
+    written: dict[tuple[Connection, int], Payload] = {}
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == Command.REGION_WRITE and frame.header.is_command:
@@ -437,7 +441,7 @@ def _writable_revision() -> Breakage:
     return Breakage(receive=receive, send=send)
 
 
-def _bar_too_small(offset: int, data: bytes) -> bytes:
+def _bar_too_small(offset: int, data: Payload) -> Payload:
     if 0x10 <= offset < 0x28 and len(data) == 4 and data[3] == 0xFF:  # a BAR being sized
         return struct.pack("=I", 0xFFFFFFF0 | data[0] & 0xF)
     return data
@@ -445,7 +449,7 @@ def _bar_too_small(offset: int, data: bytes) -> bytes:
 
 def accepts_echo(command: int) -> Breakage:
     """Answers with success, echoing the request's payload, where the server refused."""
-    last: dict[Connection, bytes] = {}
+    last: dict[Connection, Payload] = {}
 
     def receive(conn: Connection, frame: Frame) -> Frame:
         if frame.header.command == command and frame.header.is_command:
@@ -460,7 +464,7 @@ def accepts_echo(command: int) -> Breakage:
     return Breakage(receive=receive, send=send)
 
 
-def _no_stop_copy_flag(payload: bytes) -> bytes:
+def _no_stop_copy_flag(payload: Payload) -> Payload:
     flags = struct.unpack_from("=I", payload, 4)[0]
     if flags & 0xFFFF == 1 and flags & 0x10000 and len(payload) >= 16:  # GET MIGRATION
         return patch(payload, 8, "=Q", 0)
@@ -523,14 +527,14 @@ def _keeps_stray_fds() -> Breakage:
     return b
 
 
-def _io_fd_index_out_of_range(payload: bytes) -> bytes:
+def _io_fd_index_out_of_range(payload: Payload) -> Payload:
     """The first sub-region of a GET_REGION_IO_FDS reply names an fd that was not sent."""
     if len(payload) >= 16 + 40:
         return patch(payload, 16 + 16, "=I", 9)
     return payload
 
 
-def _dirty_bitmap(payload: bytes) -> bytes:
+def _dirty_bitmap(payload: Payload) -> Payload:
     """Every DMA logging report says the range's first page is dirty."""
     flags = struct.unpack_from("=I", payload, 4)[0]
     if flags & 0xFFFF == 8 and len(payload) >= 40:

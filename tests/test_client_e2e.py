@@ -259,7 +259,9 @@ async def test_mmap_path_uses_no_messages_and_agrees_with_messages() -> None:
     device = TestDevice()
     counter = SentCounter()
     async with served(device, hooks=counter) as (client, _):
-        memory = device.region(PciRegion.BAR1).memory
+        bar1 = device.region(PciRegion.BAR1)
+        assert bar1 is not None
+        memory = bar1.memory
         assert memory is not None
         counter.sent.clear()
         data = os.urandom(4 * PAGE)
@@ -285,7 +287,9 @@ async def test_sparse_areas_mapped_and_the_rest_trapped() -> None:
     async with served(device, hooks=counter) as (client, _):
         region = client.regions[PciRegion.BAR2]
         assert [(a.offset, a.size) for a in region.areas] == [(PAGE, 2 * PAGE)]
-        memory = device.region(PciRegion.BAR2).memory
+        bar2 = device.region(PciRegion.BAR2)
+        assert bar2 is not None
+        memory = bar2.memory
         assert memory is not None
         counter.sent.clear()
         payload = os.urandom(2 * PAGE)
@@ -509,7 +513,7 @@ async def test_client_checks_server_dma_requests() -> None:
                         await client.dma_map(
                             memory, 0x1000 + PAGE, offset=PAGE, size=PAGE, writable=False
                         )
-                        assert await session.dma_read(0x1000, 5) == b"guest"
+                        assert bytes(await session.dma_read(0x1000, 5)) == b"guest"
                         await session.dma_write(0x1002, b"ES")
                         assert memory.read(0, 5) == b"guESt"
                         # Across both maps: allowed for reads.

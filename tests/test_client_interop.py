@@ -157,7 +157,9 @@ async def test_read_only_mapped_region_sends_writes_to_the_server() -> None:
         )
         server = ScriptedServer(libvfio_user_version, region)
         async with scripted(server) as (client, _):
-            assert client.regions[0].areas[0].view.readonly
+            view = client.regions[0].areas[0].view
+            assert view is not None
+            assert view.readonly
             assert await client.read(0, 0, 8) == b"firmware"
             with pytest.raises(VfioUserError) as info:
                 await client.write(0, 0, b"x")  # not through the read-only mapping

@@ -18,7 +18,7 @@ from vfiouser_trio.client.dma import DmaMap, DmaMaps, DmaService
 from vfiouser_trio.client.guest_memory import GuestMemory
 from vfiouser_trio.client.irqs import Interrupt, InterruptTable
 from vfiouser_trio.client.regions import Region, query_with_argsz
-from vfiouser_trio.engine import HandlerResult
+from vfiouser_trio.engine import HandlerResult, RawMessage
 from vfiouser_trio.eventfd import EventFd
 from vfiouser_trio.memory import MemFd
 from vfiouser_trio.protocol import (
@@ -174,7 +174,7 @@ def _frame(request: Request) -> Frame:
 def _payload(reply: HandlerResult) -> Buffer:
     """The payload a handler's result puts on the wire (a DMA_READ reply comes packed, in
     pieces: joined here, so no view of guest memory outlives the call)."""
-    assert reply is not None
+    assert isinstance(reply, Message | RawMessage)
     payload = reply.pack() if isinstance(reply, Message) else reply.payload
     return b"".join(payload) if isinstance(payload, tuple) else payload
 
@@ -293,6 +293,7 @@ def test_region_maps_whole_region_and_closes_fd() -> None:
         assert region.info.fds == ()
         [area] = region.areas
         assert (area.offset, area.size) == (0, 2 * PAGE)
+        assert area.view is not None
         assert region.mapped_area(2 * PAGE - 4, 4) is area
         assert region.mapped_area(2 * PAGE - 4, 5) is None
         # The mapping starts at the region's mmap offset in the file.
@@ -319,6 +320,7 @@ def test_region_maps_sparse_areas_only_valid_ones() -> None:
         region = Region.from_reply(info)
         assert [(a.offset, a.size) for a in region.areas] == [(PAGE, PAGE), (3 * PAGE + 8, 16)]
         assert region.sparse_areas == areas
+        assert region.areas[1].view is not None
         assert bytes(region.areas[1].view) == os.pread(memfd.fileno(), 16, 3 * PAGE + 8)
         assert region.mapped_area(0, 4) is None
         region.close()
@@ -334,7 +336,9 @@ def test_region_read_only_mapping_and_no_mmap_flag() -> None:
                 fds=(os.dup(memfd.fileno()),),
             )
         )
-        assert ro.areas[0].view.readonly
+        view = ro.areas[0].view
+        assert view is not None
+        assert view.readonly
         ro.close()
         # An fd without the MMAP flag is not mapped (and still closed).
         plain = Region.from_reply(RegionInfoReply(0, RW, PAGE, fds=(os.dup(memfd.fileno()),)))

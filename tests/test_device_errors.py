@@ -200,7 +200,7 @@ def test_a_callback_that_is_not_callable_is_refused_at_declaration() -> None:
     class Wrong(Device):
         def __init__(self) -> None:
             super().__init__(ID, name="wrong0")
-            self.add_bar(0, 0x10, read=b"\0" * 16)  # type: ignore[arg-type]
+            self.add_bar(0, 0x10, read=b"\0" * 16)  # type: ignore[call-overload]  # not callable
 
     with pytest.raises(ValueError, match=r"wrong0: region 0: read=b'.*' is not callable; pass"):
         Wrong()

@@ -93,7 +93,7 @@ class Plain(Device):
 def test_assigning_config_is_refused_naming_the_class_and_the_fix() -> None:
     device = Plain()
     with pytest.raises(AttributeError) as refused:
-        device.config = {"mode": 1}  # type: ignore[misc]
+        device.config = {"mode": 1}  # type: ignore[assignment]  # the misuse under test
     message = str(refused.value)
     assert message.startswith("Plain: self.config = ... would replace the framework's 'config'")
     assert "rename your attribute, e.g. self.config_regs" in message
@@ -262,7 +262,7 @@ def test_the_author_imports_constants_from_the_server_package() -> None:
     )
 
     assert MigState is TopMigState and MigState.STOP_COPY.name == "STOP_COPY"
-    assert IRQ_INFO_EVENTFD == 1 and PciIrq.MSIX == 2
+    assert IRQ_INFO_EVENTFD == 1 and PciIrq.MSIX.value == 2
     assert issubclass(MigrationRefused, Exception) and issubclass(DeviceCodeError, Exception)
 
 

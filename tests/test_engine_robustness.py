@@ -515,7 +515,7 @@ async def test_hook_may_delay_and_reorder_outgoing_frames() -> None:
                 held, self.held = self.held, None
                 held[1](held[0])
 
-    order: list[bytes] = []
+    order: list[bytes | bytearray] = []
 
     async def record(frame: Frame) -> HandlerResult:
         order.append(frame.payload)

@@ -245,9 +245,9 @@ async def test_copies_between_fd_backed_maps_without_copying_through_read(rig: R
     reads: list[int] = []
     table_read = rig.dev.dma.read
 
-    async def counting_read(iova: int, length: int) -> bytes:
+    async def counting_read(iova: int, length: int, *, messages: bool | None = None) -> bytes:
         reads.append(length)
-        return await table_read(iova, length)
+        return await table_read(iova, length, messages=messages)
 
     rig.dev.dma.read = counting_read  # type: ignore[method-assign]
     await rig.start()

@@ -341,6 +341,7 @@ async def _engine_with_messages() -> tuple[DmaEngine, GatedMemory, int]:
     flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
     engine.irqs[MSIX].set_irqs(flags, 0, 1, b"", [os.dup(eventfd)])
     bar0 = engine.region(de.REGISTER_BAR)
+    assert bar0 is not None
     await bar0.do_write(de.RING_BASE_LO, IOVA.to_bytes(8, "little"))
     await bar0.do_write(de.RING_SIZE, RING_SIZE.to_bytes(4, "little"))
     control = de.CONTROL_ENABLE | de.CONTROL_IRQ_ENABLE
@@ -391,7 +392,9 @@ async def test_dmaengine_stop_waits_for_the_descriptor_in_flight_then_parks() ->
         assert _pending(eventfd) == 1  # the partial batch reported itself before the stop
 
         # Parked: a doorbell while stopped does nothing.
-        await engine.region(de.REGISTER_BAR).do_write(de.TAIL, (3).to_bytes(4, "little"))
+        registers = engine.region(de.REGISTER_BAR)
+        assert registers is not None
+        await registers.do_write(de.TAIL, (3).to_bytes(4, "little"))
         await trio.testing.wait_all_tasks_blocked()
         assert engine.state.head == 1
 
@@ -425,6 +428,7 @@ async def test_dmaengine_runs_again_after_a_failed_resume_and_device_reset() -> 
         command = COMMAND_MEMORY | COMMAND_BUS_MASTER
         engine.config.write(COMMAND, command.to_bytes(2, "little"))
         bar0 = engine.region(de.REGISTER_BAR)
+        assert bar0 is not None
         await bar0.do_write(de.RING_BASE_LO, IOVA.to_bytes(8, "little"))
         await bar0.do_write(de.RING_SIZE, RING_SIZE.to_bytes(4, "little"))
         memory.mem[0:32] = descriptor(IOVA + SRC, IOVA + DST, 4)

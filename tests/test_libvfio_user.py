@@ -192,6 +192,7 @@ async def test_a_guarded_area_whose_file_is_cut_short_falls_back_to_messages(
 ) -> None:
     device = TestDevice()
     region = device.region(PciRegion.BAR1)
+    assert region is not None
     assert region.memory is not None
     region.memory.close()
     memory = ShrinkableMemory(region.size)
@@ -243,6 +244,7 @@ async def test_dirty_logging_is_not_in_protocol_0_1(built: Samples, tmp_path: Pa
     async with samples_server_client(built, tmp_path) as (server, client):
         with GuestMemory(PAGE) as memory:
             await client.dma_map(memory, 0)
+            ranges: list[tuple[int, int]] | None
             for ranges in (None, []):
                 with pytest.raises(VfioUserError) as info:
                     await client.start_dirty_logging(ranges=ranges)

@@ -72,6 +72,7 @@ def libvfio_user_reports(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple
         max_data: int,
     ) -> DeviceFeatureReply:
         asked.append((data.iova, data.length))
+        assert isinstance(self.device, Device)
         windows = self.device.dma.windows(data.iova, data.length)
         if (
             len(windows) != 1

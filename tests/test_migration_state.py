@@ -282,7 +282,9 @@ async def test_the_stream_is_header_device_data_framework_end() -> None:
     device_data, framework = split_stream(stream)
     assert device_data == (0xABCDEF).to_bytes(8, "little")
     assert framework.config == source.config.save_image()
-    assert framework.msix_table == await source.region(2).do_read(0, 64)
+    msix_bar = source.region(2)
+    assert msix_bar is not None
+    assert framework.msix_table == await msix_bar.do_read(0, 64)
     assert framework.msix_table_driven
     assert dict(framework.irqs)[MSIX] == bytes(4)
     source.close()

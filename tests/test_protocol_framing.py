@@ -48,7 +48,7 @@ def pipe_fds() -> Iterator[list[int]]:
             os.close(fd)
 
 
-def frames_of(events: list[FrameEvent]) -> list[tuple[int, bytes]]:
+def frames_of(events: list[FrameEvent]) -> list[tuple[int, bytes | bytearray]]:
     out = []
     for ev in events:
         assert isinstance(ev, Frame)

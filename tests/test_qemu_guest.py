@@ -41,7 +41,7 @@ from tests.qemu_guest import (
 from tests.test_cli import CLI, env, wait_until_serving
 from vfiouser_trio.client import connect
 from vfiouser_trio.examples import DmaEngine, GpioDevice, NullDevice
-from vfiouser_trio.protocol import Command, PciIrq
+from vfiouser_trio.protocol import Command, PciIrq, SetIrqsRequest
 from vfiouser_trio.protocol.constants import IRQ_SET_ACTION_UNMASK
 from vfiouser_trio.server import DEFAULT_SERVER_CAPABILITIES, Device, DeviceServer, serve
 from vfiouser_trio.server.serve import serve_connection
@@ -250,7 +250,11 @@ async def test_guest_with_shared_ram_drives_gpio_null_and_dmaengine(
     assert int(report["inputs"]) == 0xA5C3
     assert int(report["irqs_after"]) > int(report["irqs_before"])
     assert gpio.state.irq_status == 0  # the driver's handler cleared the latch
-    unmasks = [r.decode() for r in tracers["gpio"].commands(Command.DEVICE_SET_IRQS)]
+    unmasks: list[SetIrqsRequest] = []
+    for record in tracers["gpio"].commands(Command.DEVICE_SET_IRQS):
+        unmask = record.decode()
+        assert isinstance(unmask, SetIrqsRequest)
+        unmasks.append(unmask)
     assert any(u.index == PciIrq.INTX and u.flags & IRQ_SET_ACTION_UNMASK for u in unmasks), (
         "QEMU never unmasked INTx after the guest's EOI"
     )

@@ -76,7 +76,7 @@ async def test_sync_copies_serve_a_shared_map_and_report_writes() -> None:
             # A byte memoryview slice of a bigger buffer works as well as a bytearray.
             into = memoryview(bytearray(32))
             assert device.dma.try_read_into(IOVA + 8, into[4:13])
-            assert into[4:13] == b"sync copy" and into[:4] == bytes(4)
+            assert bytes(into[4:13]) == b"sync copy" and into[:4] == bytes(4)
             await pair.client.dma_unmap(IOVA, 4 * PAGE)
 
 
@@ -120,7 +120,7 @@ async def test_sync_copies_decline_and_the_awaited_call_answers(case: str) -> No
     table.map(0, PAGE, DMA_MAP_FLAG_READ, os.dup(fd))
     table.map(PAGE, PAGE, DMA_MAP_FLAG_WRITE, fd, offset=PAGE)
     words = memoryview(array.array("I", [0] * 4))
-    attempts: dict[str, tuple[Callable[[], bool], Callable[[], Awaitable[None]], int | None]] = {
+    attempts: dict[str, tuple[Callable[[], bool], Callable[[], Awaitable[object]], int | None]] = {
         "read-only map": (
             lambda: table.try_write(0, b"x"),
             lambda: table.write(0, b"x"),
