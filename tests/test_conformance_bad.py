@@ -3,14 +3,20 @@ way it is about (tests/conformance_bad.py), and passes on the same server unbrok
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
 import trio.testing
 
-from tests.conformance_bad import BROKEN, broken_server, setup_of
+from tests.conformance_bad import BROKEN, Breakage, broken_server, setup_of
 from vfiouser_trio import cli
+from vfiouser_trio.engine import Connection
+from vfiouser_trio.protocol.constants import Command
+from vfiouser_trio.protocol.framing import Frame
+from vfiouser_trio.protocol.header import command_header
 from vfiouser_trio.testing.conformance import CATALOGUE, Level, Outcome, run_checks, select
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -35,6 +41,22 @@ async def test_check_catches_its_broken_server(
     want = Outcome.FAIL if check.level is Level.MUST else Outcome.WARN
     assert result.outcome is want, "\n".join(report.lines())
     assert result.message
+
+
+def test_the_repeated_map_breakage_takes_a_payload_received_in_place() -> None:
+    """dma-02's server tells a repeated DMA_MAP apart when its payload is the bytearray a
+    frame that did not arrive in one read was received into (Frame.payload), which a set
+    cannot hold as it is."""
+    breakage = BROKEN["dma-02"]()
+    assert isinstance(breakage, Breakage) and breakage.receive is not None
+    payload = struct.pack("=IIQQQ", 32, 3, 0, 0x1000, 0x1000)  # argsz, flags, offset, addr, size
+    conn = cast(Connection, object())  # a stand-in: the breakage only tells connections apart
+    frames = [
+        Frame(command_header(i, Command.DMA_MAP, len(payload)), bytearray(payload)) for i in (1, 2)
+    ]
+    first, again = (breakage.receive(conn, frame) for frame in frames)
+    assert first is not None and first.payload == payload
+    assert again is not None and struct.unpack_from("=Q", again.payload, 16) == (0x1000 + 4096,)
 
 
 def _cli(args: list[str]) -> int:
