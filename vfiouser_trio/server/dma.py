@@ -305,9 +305,13 @@ def mark_command_task(marked: bool = True) -> None:
     command; ``mark_command_task(False)`` removes it (the session's task, once its
     connection has ended).
     """
-    task = _current_task() if marked else None
-    if _command_task.get() is not task:
+    task = _trio_task() if marked else None  # (inside trio: a session's task)
+    if _get_command_task() is not task:
         _command_task.set(task)
+
+
+_trio_task = trio.lowlevel.current_task
+_get_command_task = _command_task.get
 
 
 def _same_map(
