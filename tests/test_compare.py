@@ -75,8 +75,7 @@ def test_order_violations_per_policy() -> None:
 
 def test_an_undeclared_reordering_is_a_problem() -> None:
     class Undeclared(ConcurrentOrder):
-        # ConcurrentOrder's own relaxations lack OrderingPolicy's tuple[Relaxation, ...] hint
-        relaxations = ()  # type: ignore[assignment]
+        relaxations = ()
 
     comparison = compare(SCENARIO, [Undeclared])
     [result] = comparison

@@ -7,8 +7,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from fd_leaks import fd_count
 
+from tests.fd_leaks import fd_count
 from vfiouser_trio.examples import gpio
 from vfiouser_trio.examples.gpio import GpioDevice, GpioState
 from vfiouser_trio.protocol.constants import IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, PciIrq

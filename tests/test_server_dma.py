@@ -10,9 +10,9 @@ import os
 import pytest
 import trio
 import trio.testing
-from fd_leaks import fd_count
-from test_hardening_memory import assert_survived, run_victim
 
+from tests.fd_leaks import fd_count
+from tests.test_hardening_memory import assert_survived, run_victim
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.protocol.constants import (
     DMA_MAP_FLAG_READ,

@@ -326,7 +326,9 @@ class ConcurrentOrder(OrderingPolicy):
     """
 
     runs_inline = True
-    relaxations = (Relaxation("ConcurrentOrder: replies leave in completion order"),)
+    relaxations: tuple[Relaxation, ...] = (
+        Relaxation("ConcurrentOrder: replies leave in completion order"),
+    )
 
     def __init__(self, limit: int | float = math.inf) -> None:
         if limit < 1:
