@@ -14,17 +14,16 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from tests.plain_device import served_plain
 from vfiouser_trio.client import GuestMemory, connect
 from vfiouser_trio.client.client import Client
 from vfiouser_trio.engine import HandlerResult, RawMessage, open_connection
-from vfiouser_trio.limits import ServerLimits
 from vfiouser_trio.ordering import CommandJob, OrderingPolicy, PolicyContext
 from vfiouser_trio.protocol import DmaLayout
 from vfiouser_trio.protocol.constants import Command
@@ -33,8 +32,6 @@ from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import Header
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.dma import DmaError
-from vfiouser_trio.server.pci import PciIdentity
-from vfiouser_trio.server.serve import serve_connection
 from vfiouser_trio.transport import Transport
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -44,32 +41,18 @@ LAYOUTS = [DmaLayout.SPEC, DmaLayout.QEMU]
 SIZES = [256 << 10, 1 << 20]
 
 
-class Plain(Device):
-    """A device whose DMA the tests drive directly (as a device's own task would)."""
-
-    def __init__(self) -> None:
-        super().__init__(PciIdentity(vendor_id=0x1AF4, device_id=0x10FE, class_code=0xFF0000))
-        self.add_bar(0, 0x100)
-
-
 @asynccontextmanager
 async def message_dma(
     layout: DmaLayout, memory: GuestMemory
 ) -> AsyncIterator[tuple[Device, Client]]:
     """A Plain device served over a socket pair to our client imitating ``layout`` (no
     hooks: they would join every frame), ``memory`` mapped at IOVA without its fd."""
-    device = Plain()
-    ours, theirs = socket.socketpair()
-    try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                limits = ServerLimits(dma_layout=layout)
-                nursery.start_soon(partial(serve_connection, device, theirs, limits=limits))
-                async with connect(ours, dma_layout=layout) as client:
-                    await client.dma_map(memory, IOVA, share_fd=False)
-                    yield device, client
-    finally:
-        device.close()
+    async with (
+        served_plain(layout, seconds=20) as (device, ours),
+        connect(ours, dma_layout=layout) as client,
+    ):
+        await client.dma_map(memory, IOVA, share_fd=False)
+        yield device, client
 
 
 @contextmanager

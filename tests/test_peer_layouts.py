@@ -17,18 +17,17 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.plain_device import served_plain
 from tests.raw_client import session
 from vfiouser_trio.client import GuestMemory, connect
 from vfiouser_trio.engine import Connection, HandlerResult, RawMessage, open_connection
 from vfiouser_trio.examples import DmaEngine
 from vfiouser_trio.examples import dmaengine as de
-from vfiouser_trio.limits import ServerLimits
 from vfiouser_trio.protocol import (
     Capabilities,
     DeviceGetInfoReply,
@@ -64,7 +63,7 @@ from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.pci import COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, PciIdentity
 from vfiouser_trio.server.regions import SparseArea
-from vfiouser_trio.server.serve import serve, serve_connection
+from vfiouser_trio.server.serve import serve
 from vfiouser_trio.testing import Tracer
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -128,32 +127,6 @@ async def test_libvfio_user_24_byte_get_info_and_irq_info() -> None:
 
 IOVA = 0x10_0000
 LAYOUTS = [DmaLayout.SPEC, DmaLayout.QEMU]
-
-
-class Plain(Device):
-    """A device whose DMA the tests drive directly (as a device's own task would)."""
-
-    def __init__(self) -> None:
-        super().__init__(PciIdentity(vendor_id=0x1AF4, device_id=0x10FF, class_code=0xFF0000))
-        self.add_bar(0, 0x100)
-
-
-@asynccontextmanager
-async def served_plain(
-    configured: DmaLayout | None,
-) -> AsyncIterator[tuple[Device, socket.socket]]:
-    """A Plain device served on one end of a socket pair (within 10 seconds), knowing the
-    layout only if ``configured`` (ServerLimits.dma_layout). Yields it and the other end."""
-    device = Plain()
-    ours, theirs = socket.socketpair()
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                limits = ServerLimits(dma_layout=configured)
-                nursery.start_soon(partial(serve_connection, device, theirs, limits=limits))
-                yield device, ours
-    finally:
-        device.close()
 
 
 @asynccontextmanager
