@@ -36,14 +36,15 @@ def table_rows(output: str) -> list[list[str]]:
 def expected_rows(settings: Settings) -> dict[int, int]:
     """Rows per figure: the round trip, two reference floors, the round trip and the server
     CPU per round trip against the trio floor; a pipelined row per depth plus
-    posted, and at the target depth the bare trio floor and our rate against it; per DMA
+    posted, and at the target depth the bare trio floor, our rate against it and the server
+    CPU per request against the floor's; per DMA
     size an fd-map row and a message row against each of two baselines (the
     socketpair, the two-process floor); two interrupt clients; a row per scale
     plus memory; migration without and with pre-copy; unread-reply memory; fairness; two
     policies against SpecOrder on three workloads."""
     return {
         1: 5,
-        2: len(settings.depths) + 1 + (2 if TARGET_DEPTH in settings.depths else 0),
+        2: len(settings.depths) + 1 + (3 if TARGET_DEPTH in settings.depths else 0),
         3: 3 * len(settings.dma_sizes),
         4: 2,
         5: len(settings.scales) + 1,

@@ -98,8 +98,11 @@ def measure(settings: Settings) -> list[Row]:
     floors: dict[str, list[LatencyResult]] = {kind: [] for kind in FLOORS}
     #: The bare trio responder at the target depth (figure 2's floor).
     deep_floor: list[LatencyResult] = []
-    #: Server CPU µs per round trip of each one-at-a-time run: ours, the bare trio floor's.
-    cpu: dict[str, list[float]] = {"ours": [], "trio": []}
+    #: Server CPU µs per round trip, ours and the bare trio floor's, by depth: of each
+    #: one-at-a-time run and each run at TARGET_DEPTH.
+    cpu: dict[tuple[str, int], list[float]] = {
+        (who, depth): [] for who in ("ours", "trio") for depth in (1, TARGET_DEPTH)
+    }
     seconds = settings.seconds
 
     with (
@@ -127,9 +130,9 @@ def measure(settings: Settings) -> list[Row]:
         def timed(pid: int, key: str, path: Path, w: Workload) -> LatencyResult:
             before = cpu_ticks(pid)
             result = run(path, w, GPIO_BAR)
-            if w.mode is LoadMode.READ and result.round_trips:
+            if (key, w.depth) in cpu and w.mode is not LoadMode.POSTED and result.round_trips:
                 used = (cpu_ticks(pid) - before) / _TICK
-                cpu[key].append(used / result.round_trips * 1e6)
+                cpu[key, w.depth].append(used / result.round_trips * 1e6)
             return result
 
         for rep in range(settings.repeats):
@@ -142,7 +145,7 @@ def measure(settings: Settings) -> list[Row]:
                 ours[w].append(a)
                 echo[w].append(b)
                 if w.depth == TARGET_DEPTH:
-                    deep_floor.append(run(Path(tmp) / "trio.sock", w, GPIO_BAR))
+                    deep_floor.append(timed(trio_floor.pid, "trio", Path(tmp) / "trio.sock", w))
                 if w.mode is LoadMode.READ:
                     raw.append(run_pingpong(seconds))
                     for kind, runs in floors.items():
@@ -189,18 +192,7 @@ def measure(settings: Settings) -> list[Row]:
             TRIO_FLOOR_TARGET,
         )
     )
-    if cpu["ours"] and cpu["trio"]:
-        ours_cpu, trio_cpu = median(cpu["ours"]), median(cpu["trio"])
-        rows.append(
-            Row(
-                1,
-                "server CPU per round trip, 1 at a time (ratio: bare trio's / ours)",
-                f"{micros(ours_cpu)} CPU",
-                f"bare trio responder {micros(trio_cpu)} CPU",
-                ratio(trio_cpu, ours_cpu),
-                None,
-            )
-        )
+    rows.extend(_cpu_row(1, "per round trip, 1 at a time", cpu, 1))
     for w in workloads:
         mine, base = Summary.of(ours[w]), Summary.of(echo[w])
         posted = w.mode is LoadMode.POSTED
@@ -238,4 +230,26 @@ def measure(settings: Settings) -> list[Row]:
                     None,
                 )
             )
+            rows.extend(_cpu_row(2, f"per request, {w.label}", cpu, w.depth))
     return rows
+
+
+def _cpu_row(
+    figure: int, what: str, cpu: dict[tuple[str, int], list[float]], depth: int
+) -> list[Row]:
+    """The server CPU row at ``depth``: ours against the bare trio responder's (none without
+    both measured)."""
+    ours, trio = cpu.get(("ours", depth)), cpu.get(("trio", depth))
+    if not ours or not trio:
+        return []
+    ours_cpu, trio_cpu = median(ours), median(trio)
+    return [
+        Row(
+            figure,
+            f"server CPU {what} (ratio: bare trio's / ours)",
+            f"{micros(ours_cpu)} CPU",
+            f"bare trio responder {micros(trio_cpu)} CPU",
+            ratio(trio_cpu, ours_cpu),
+            None,
+        )
+    ]
