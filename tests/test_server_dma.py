@@ -209,6 +209,26 @@ async def test_scatter_gather_across_fd_and_message_maps() -> None:
     view.close()
 
 
+@pytest.mark.parametrize("count", [600, 2500], ids=["one-message", "three-messages"])
+async def test_a_dma_read_reply_of_the_wrong_size_is_eio(count: int) -> None:
+    """A client answering DMA_READ with fewer bytes than asked fails the access (EIO), by
+    read and read_into alike, whether the access takes one message or several."""
+
+    class ShortClient(FakeClient):
+        async def dma_read(self, address: int, count: int) -> bytes:
+            return (await super().dma_read(address, count))[:-1]
+
+    table = DmaTable(messenger=ShortClient(base=0, size=4 * PAGE, max_xfer=1000))
+    table.map(0, 4 * PAGE, RW, None)
+    with pytest.raises(DmaError) as read:
+        await table.read(0, count)
+    with pytest.raises(DmaError) as read_into:
+        await table.read_into(0, bytearray(count))
+    assert read.value.errno == read_into.value.errno == errno.EIO
+    assert "wanted" in str(read.value)
+    await table.unmap_all()
+
+
 async def test_unmap_waits_for_in_flight_message_dma() -> None:
     gate = trio.Event()
 

@@ -859,28 +859,29 @@ class DmaTable:
         return DmaView(self, m, off, length, writable)
 
     async def _message_read(self, address: int, count: int) -> bytes:
-        messenger = self._need_messenger()
-        step = messenger.max_data_xfer_size
-        parts = []
-        for pos in range(0, count, step):
-            n = min(step, count - pos)
-            chunk = await messenger.dma_read(address + pos, n)
-            if len(chunk) != n:
-                raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {n}")
-            parts.append(chunk)
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        """``count`` bytes at ``address`` by DMA_READ (as many as the client's transfer size
+        needs)."""
+        if count <= self._need_messenger().max_data_xfer_size:
+            return bytes(await self._message_chunk(address, count)) if count else b""
+        data = bytearray(count)
+        await self._message_read_into(address, memoryview(data))
+        return bytes(data)
 
     async def _message_read_into(self, address: int, dst: memoryview) -> None:
         """``_message_read`` straight into ``dst`` (each reply's data copied once, there)."""
-        messenger = self._need_messenger()
-        step = messenger.max_data_xfer_size
+        step = self._need_messenger().max_data_xfer_size
         count = len(dst)
         for pos in range(0, count, step):
             n = min(step, count - pos)
-            chunk = await messenger.dma_read(address + pos, n)
-            if len(chunk) != n:
-                raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {n}")
-            dst[pos : pos + n] = chunk
+            dst[pos : pos + n] = await self._message_chunk(address + pos, n)
+
+    async def _message_chunk(self, address: int, count: int) -> bytes | memoryview:
+        """One DMA_READ of ``count`` bytes (at most the client's transfer size); EIO for a
+        reply of another size."""
+        chunk = await self._need_messenger().dma_read(address, count)
+        if len(chunk) != count:
+            raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {count}")
+        return chunk
 
     async def _message_write(self, address: int, data: memoryview) -> None:
         messenger = self._need_messenger()
