@@ -705,15 +705,8 @@ class Connection:
         try:
             try:
                 self.core.admit(frame.header)
-                # The handler's result, or an awaitable of it (told apart below).
                 result: Any = self._handler(frame)
-                coro: Coroutine[Any, Any, HandlerResult] | None
-                if type(result) is CoroutineType:
-                    coro = result
-                elif type(result) is bytes or not isawaitable(result):
-                    coro = None  # answered at once: no coroutine to step
-                else:
-                    coro = _awaited(result)
+                coro = _pending(result)
                 if coro is not None:
                     try:
                         trap = coro.send(None)
@@ -845,9 +838,10 @@ class Connection:
         try:
             try:
                 self.core.admit(frame.header)
-                result = self._handler(frame)
-                if type(result) is not bytes and isawaitable(result):
-                    result = await result
+                result: Any = self._handler(frame)  # the result, or an awaitable of it
+                coro = _pending(result)
+                if coro is not None:
+                    result = await coro
             except Exception as exc:
                 error = self._error_reply(frame, exc)
                 if error is not None:
@@ -1143,6 +1137,16 @@ class _Suspended:
                     trap = coro.send(sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
+
+
+def _pending(result: object) -> Coroutine[Any, Any, HandlerResult] | None:
+    """What a handler returned, as the coroutine still to run; None when it is the result
+    itself (answered at once: nothing to step or await)."""
+    if type(result) is CoroutineType:
+        return result
+    if type(result) is bytes or not isawaitable(result):
+        return None
+    return _awaited(result)
 
 
 async def _awaited(awaitable: Awaitable[HandlerResult]) -> HandlerResult:
