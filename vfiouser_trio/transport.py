@@ -153,6 +153,20 @@ def byte_pieces(payload: Buffer | Pieces) -> tuple[Buffer | Pieces, int]:
     return payload, len(payload)
 
 
+def _unsent(buffers: Sequence[Buffer], sent: int) -> list[Buffer]:
+    """What is left of ``buffers`` (each's ``len`` in bytes) once ``sent`` bytes of them went:
+    the rest of the one cut, as a view, then the whole ones after it."""
+    left: list[Buffer] = []
+    for buffer in buffers:
+        size = len(buffer)
+        if sent >= size:
+            sent -= size
+            continue
+        left.append(memoryview(buffer)[sent:] if sent else buffer)
+        sent = 0
+    return left
+
+
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -478,37 +492,25 @@ class Transport:
             return b"".join(pieces)
         buffers = [raw_header, *map(byte_buffer, pieces)]  # (len must count bytes below)
         sent = self._send_once(buffers)
-        rest: list[Buffer] = []
-        skip = sent
-        for buffer in buffers:
-            size = len(buffer)
-            if skip >= size:
-                skip -= size
-                continue
-            rest.append(memoryview(buffer)[skip:] if skip else buffer)
-            skip = 0
-        if rest:
-            data = b"".join(rest)
-            self._queue().append(_Chunk(data, (), False, not sent))
-            self._queued_bytes += len(data)
-            self._wake_writer()
+        left = _unsent(buffers, sent)
+        if left:
+            self._queue_left([b"".join(left)], sent)
         return None
 
     def _send_now(self, raw_header: bytes, payload: Buffer, total: int) -> None:
         """``write`` with an empty queue: one ``sendmsg``; whatever the kernel leaves is queued."""
-        sent = self._send_once((raw_header, payload) if payload else (raw_header,))
-        if sent == total:
-            return
-        # Queue what is left without copying the payload (it may be large).
-        head = len(raw_header)
+        buffers = (raw_header, payload) if payload else (raw_header,)
+        sent = self._send_once(buffers)
+        if sent != total:
+            # Queued as it is, the payload not copied (it may be large).
+            self._queue_left(_unsent(buffers, sent), sent)
+
+    def _queue_left(self, left: list[Buffer], sent: int) -> None:
+        """Queue ``left``, what the kernel did not take of a frame after ``sent`` bytes of it."""
         out = self._queue()
-        if sent < head:
-            out.append(_Chunk(raw_header[sent:], (), False, not sent))
-            if payload:
-                out.append(_Chunk(payload, (), False, False))
-        else:
-            out.append(_Chunk(memoryview(payload)[sent - head :], (), False, False))
-        self._queued_bytes += total - sent
+        for i, buffer in enumerate(left):
+            out.append(_Chunk(buffer, (), False, not i and not sent))
+            self._queued_bytes += len(buffer)
         self._wake_writer()
 
     def _send_once(self, buffers: Sequence[Buffer]) -> int:
