@@ -312,6 +312,35 @@ async def test_receive_and_send_are_checkpoints() -> None:
     right.close()
 
 
+async def test_an_answer_sent_while_the_receiver_yields_needs_no_wait_on_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The ping-pong case: our last read emptied the socket, and the peer's next message is in
+    # by the time we read again (in a server, it comes while receive() yields). receive()
+    # must read it, not register the fd with epoll and park first (a syscall and a
+    # wake-up more on every round trip).
+    waits = 0
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counting_wait(sock: Any) -> None:
+        nonlocal waits
+        waits += 1
+        await wait_readable(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    left, right = transport_pair()
+    with trio.fail_after(5):
+        left.write(command_header(1, 9, 0))
+        (first,) = await right.receive()  # a short read: the socket is empty now
+        left.write(command_header(2, 9, 0))  # the answer (nothing queued: sent at once)
+        (second,) = await right.receive()
+    assert isinstance(first, Frame) and isinstance(second, Frame)
+    assert second.header.msg_id == 2
+    assert waits == 0
+    left.close()
+    right.close()
+
+
 async def test_a_cancelled_receive_loses_nothing() -> None:
     left, right = transport_pair()
     with trio.move_on_after(0) as scope:

@@ -311,16 +311,15 @@ class Transport:
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
         self._read_size = max(min(max_bytes, self._fair_read_size), 1)
-        if self._drained_socket:
-            # The last read emptied the socket: a read now would almost surely say EAGAIN.
-            await trio.lowlevel.wait_readable(self._sock)
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            events = self._receive_nowait()
-            if events is not None:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return events
-            await trio.lowlevel.wait_readable(self._sock)
+        # Yield first, then read: the scheduler pass gives the peer time to answer what we
+        # just sent (a client with one request in flight does, within it), and data found
+        # then needs no epoll registration. Waiting at once after a read that emptied the
+        # socket re-armed the fd (an epoll_ctl) and parked the task on every round trip.
+        await trio.lowlevel.checkpoint()
+        events = self._receive_nowait()
+        if events is not None:
+            return events
+        await trio.lowlevel.wait_readable(self._sock)
         while True:
             events = self._receive_nowait()
             if events is not None:
