@@ -1121,8 +1121,9 @@ async def test_a_cut_hook_decides_before_each_command_where_the_link_yields(inli
 
 async def test_commands_arriving_one_per_read_never_make_the_reader_yield_for_fairness() -> None:
     """A receive yields to the scheduler, so a reader whose commands come one per read
-    starts a new batch with each: no extra yield every ``dispatch_batch`` commands (one
-    task step per command; there was a cut, a step more, every second command here)."""
+    starts a new batch with each: no extra yield every ``dispatch_batch`` commands. Two
+    task steps per command here: the receive's yield, then (this peer sends only once
+    answered) its wait on the socket; there was a cut, a step more, every second command."""
     count = 6
     peer, sock = socket.socketpair()
     step_of: list[int] = []
@@ -1143,4 +1144,4 @@ async def test_commands_arriving_one_per_read_never_make_the_reader_yield_for_fa
                     assert Header.unpack(peer.recv(16)).msg_id == i  # answered at once
     finally:
         trio.lowlevel.remove_instrument(steps)
-    assert [b - a for a, b in itertools.pairwise(step_of)] == [1] * (count - 1)
+    assert [b - a for a, b in itertools.pairwise(step_of)] == [2] * (count - 1)
