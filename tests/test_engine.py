@@ -853,6 +853,10 @@ async def test_inline_commands_yield_every_dispatch_batch() -> None:
             open_connection(a_sock, handler=a_handler, dispatch_batch=batch),
             open_connection(b_sock, handler=b_handler, dispatch_batch=batch),
         ):
+            # Both readers wait on their sockets first: else B's reader may still be
+            # starting (a scheduler pass or two) when its command arrives, and this would
+            # measure its start, not the reader of A yielding.
+            await trio.testing.wait_all_tasks_blocked()
             a_peer.sendall(blob)
             while ran < count or not seen_at:
                 await trio.testing.wait_all_tasks_blocked()
