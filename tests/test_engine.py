@@ -925,6 +925,40 @@ async def test_pipelined_replies_leave_in_one_sendmsg() -> None:
             peer.transport.close()
 
 
+async def test_a_read_answered_inline_sends_its_replies_itself_at_each_fairness_cut() -> None:
+    """The reader corks its link while it answers a read's commands: their replies leave in
+    one sendmsg per fairness batch, sent by the reader before it yields, and the writer task
+    is never started (waking it would cost a scheduler pass per batch)."""
+
+    class CountingSocket(socket.socket):
+        sendmsg_calls = 0
+
+        def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+            self.sendmsg_calls += 1
+            return super().sendmsg(*args, **kwargs)
+
+    a, b = socket.socketpair()
+    counting = CountingSocket(fileno=b.detach())
+    peer = Peer(a)
+    with trio.fail_after(5):
+        async with (
+            trio.open_nursery() as nursery,
+            open_connection(counting, handler=echo_handler) as conn,
+        ):
+            nursery.start_soon(peer.collect)
+            count = 3 * DEFAULT_DISPATCH_BATCH
+            for i in range(count):
+                header = Header(i, Command.DEVICE_GET_INFO, 17, 0)
+                peer.transport.write(header, bytes([i]), flush=i == count - 1)
+            replies = await peer.wait_frames(count)
+            assert [(r.header.msg_id, r.payload) for r in replies] == [
+                (i, bytes([i])) for i in range(count)
+            ]
+            assert counting.sendmsg_calls == 3
+            assert conn._main.transport.writer_nursery is not None  # the writer never ran
+            peer.transport.close()
+
+
 async def _no_reply_then_reply(policy: OrderingPolicy) -> tuple[list[Frame], list[str]]:
     """Send a slow No_reply command, then a normal one; report replies seen while it runs."""
     release = trio.Event()

@@ -89,6 +89,58 @@ async def test_frames_queued_without_flush_leave_in_one_sendmsg() -> None:
     right.close()
 
 
+async def test_a_corked_transport_sends_at_uncork_and_wakes_no_writer_for_what_left() -> None:
+    """Between cork and uncork even flushing writes only queue; uncork sends them in one
+    sendmsg, and the writer task is started only for what the kernel did not take."""
+
+    class FillingSocket(socket.socket):
+        """Takes ``room`` bytes, then says EAGAIN (a full kernel buffer) until given more."""
+
+        room = 1 << 30
+
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            if not self.room:
+                raise BlockingIOError
+            data = b"".join(map(bytes, buffers))[: self.room]
+            self.room -= len(data)
+            return super().sendmsg([data], *args)
+
+    a, b = socket.socketpair()
+    filling = FillingSocket(fileno=a.detach())
+    left, right = Transport(filling), Transport(b)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            left.writer_nursery = nursery
+            left.cork()
+            left.write(command_header(1, 9, 3), b"one")
+            left.write(command_header(2, 9, 3), b"two", flush=False)
+            left.write(command_header(3, 9, 5), b"three")
+            with pytest.raises(BlockingIOError):
+                b.recv(1, socket.MSG_DONTWAIT)  # nothing sent yet
+            left.uncork()
+            assert left.queued_bytes == 0
+            assert left.writer_nursery is nursery  # all sent: no writer started
+            events = await right.receive()  # one read sees all three
+            assert [(e.header.msg_id, e.payload) for e in events if isinstance(e, Frame)] == [
+                (1, b"one"),
+                (2, b"two"),
+                (3, b"three"),
+            ]
+            # The kernel takes part of it: the writer sends the rest.
+            filling.room = 20
+            left.cork()
+            left.write(command_header(4, 9, 4), b"four")
+            left.write(command_header(5, 9, 4), b"five")
+            left.uncork()
+            assert left.queued_bytes == 40 - 20
+            assert left.writer_nursery is None  # started for the rest
+            filling.room = 1 << 30
+            frames = await receive_frames(right, 2)
+            assert [(f.header.msg_id, f.payload) for f in frames] == [(4, b"four"), (5, b"five")]
+            left.close()
+    right.close()
+
+
 async def test_fds_arrive_with_their_own_message_and_are_usable() -> None:
     left, right = transport_pair(max_recv_fds=4)
     memfd = os.memfd_create("transport-test")

@@ -491,35 +491,49 @@ class Connection:
                     continue
                 # The fast path: no enumerate, no per-event objects (this runs per command).
                 index, count = 0, len(events)
-                while index < count:
-                    event = events[index]
-                    index += 1
-                    if not isinstance(event, Frame):
-                        reason = self._act(state, core.receive_framing_error(event))
-                        if reason is not None:
-                            break
-                        continue
-                    action = core.receive(event)
-                    if action is not DISPATCH:
-                        self._act(state, action)
-                    elif not self._may_inline(state):
-                        state.commands.put(event)
+                # The replies to a read's commands leave together, in one sendmsg when the
+                # read's commands are done or the reader yields first (uncork before any
+                # wait: a reply held while a handler waits could be what the peer awaits).
+                corked = count > 1
+                if corked:
+                    transport.cork()
+                try:
+                    while index < count:
+                        event = events[index]
+                        index += 1
+                        if not isinstance(event, Frame):
+                            reason = self._act(state, core.receive_framing_error(event))
+                            if reason is not None:
+                                break
+                            continue
+                        action = core.receive(event)
+                        if action is not DISPATCH:
+                            self._act(state, action)
+                        elif not self._may_inline(state):
+                            state.commands.put(event)
+                        else:
+                            if state.dispatched >= core.cut_check and core.cut_before(
+                                state.dispatched, event.header
+                            ):
+                                # Fairness: inline commands count as the dispatcher's do.
+                                state.dispatched = 0
+                                if corked:
+                                    _uncork(transport)  # the replies so far go now
+                                await trio.lowlevel.cancel_shielded_checkpoint()
+                                if corked:
+                                    transport.cork()
+                                if not self._may_inline(state):  # the backlog grew meanwhile
+                                    state.commands.put(event)
+                                    continue
+                            suspended = self._run_inline(state, event)
+                            if suspended is not None:
+                                events = events[index:]
+                                break
                     else:
-                        if state.dispatched >= core.cut_check and core.cut_before(
-                            state.dispatched, event.header
-                        ):
-                            # Fairness: inline commands count as the dispatcher's do.
-                            state.dispatched = 0
-                            await trio.lowlevel.cancel_shielded_checkpoint()
-                            if not self._may_inline(state):  # the backlog grew meanwhile
-                                state.commands.put(event)
-                                continue
-                        suspended = self._run_inline(state, event, index < count)
-                        if suspended is not None:
-                            events = events[index:]
-                            break
-                else:
-                    events = ()
+                        events = ()
+                finally:
+                    if corked:
+                        _uncork(transport)
                 if suspended is not None:
                     break
         except trio.ClosedResourceError:
@@ -688,9 +702,7 @@ class Connection:
         limit = self.core.max_send_backlog
         return limit is None or state.transport.backlog < limit
 
-    def _run_inline(
-        self, state: LinkState, frame: Frame, more: bool
-    ) -> Coroutine[Any, Any, None] | None:
+    def _run_inline(self, state: LinkState, frame: Frame) -> Coroutine[Any, Any, None] | None:
         """Run a command in the reader, up to its first wait; the rest, if any, is returned.
 
         A handler that completes without waiting is the fast path: no task switch between
@@ -701,39 +713,35 @@ class Connection:
         KeyedOrder keys it, ConcurrentOrder counts it in its limit).
         """
         state.dispatched += 1
-        state.more = more  # its reply may wait for the next ones' (one sendmsg)
         try:
-            try:
-                self.core.admit(frame.header)
-                result: Any = self._handler(frame)
-                coro = _pending(result)
-                if coro is not None:
-                    try:
-                        trap = coro.send(None)
-                    except StopIteration as done:
-                        result = done.value
-                    else:
-                        commands = state.commands
-                        held_fds = len(frame.fds)
-                        commands.hold(frame)
-                        state.adopted_done = trio.Event()
-                        commands.adopt(Frame(frame.header, frame.payload, []))
-                        return self._finish_inline(state, frame, held_fds, _Suspended(coro, trap))
-                reply, payload, fds, transfer = self._reply(frame, result)
-                if reply is not None:
-                    self._send_reply(state, reply, payload, fds, transfer)
-            except Exception as exc:
-                error = self._error_reply(frame, exc)
-                if error is not None:
-                    self._send_reply(state, error)
-            except BaseException:
-                frame.close_fds()
-                raise
-            if frame.fds:
-                frame.close_fds()
-            return None
-        finally:
-            state.more = False
+            self.core.admit(frame.header)
+            result: Any = self._handler(frame)
+            coro = _pending(result)
+            if coro is not None:
+                try:
+                    trap = coro.send(None)
+                except StopIteration as done:
+                    result = done.value
+                else:
+                    commands = state.commands
+                    held_fds = len(frame.fds)
+                    commands.hold(frame)
+                    state.adopted_done = trio.Event()
+                    commands.adopt(Frame(frame.header, frame.payload, []))
+                    return self._finish_inline(state, frame, held_fds, _Suspended(coro, trap))
+            reply, payload, fds, transfer = self._reply(frame, result)
+            if reply is not None:
+                self._send_reply(state, reply, payload, fds, transfer)
+        except Exception as exc:
+            error = self._error_reply(frame, exc)
+            if error is not None:
+                self._send_reply(state, error)
+        except BaseException:
+            frame.close_fds()
+            raise
+        if frame.fds:
+            frame.close_fds()
+        return None
 
     async def _finish_inline(
         self, state: LinkState, frame: Frame, held_fds: int, rest: _Suspended
@@ -910,13 +918,14 @@ class Connection:
         fds: Sequence[int] = (),
         transfer_fds: bool = False,
     ) -> None:
-        # While more commands wait, leave the reply queued: the last reply of a batch (or the
-        # writer task, if a handler blocks) sends them all in one sendmsg.
+        # While more commands wait for the dispatcher, leave the reply queued: the last reply
+        # of a batch (or the writer task, if a handler blocks) sends them all in one sendmsg.
+        # (The reader's inline replies are corked instead: see _read_loop.)
         # A closed socket is noticed by the reader, which shuts the connection down.
         # (try/except rather than contextlib.suppress: this runs once per command.)
         try:
             if self._hooks is None:
-                flush = not (state.more or state.commands.has_pending())
+                flush = not state.commands.has_pending()
                 state.transport.write(header, payload, fds, transfer_fds=transfer_fds, flush=flush)
             else:
                 self._send(state, header, payload, fds, transfer_fds)
@@ -1137,6 +1146,13 @@ class _Suspended:
                     trap = coro.send(sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
+
+
+def _uncork(transport: Transport) -> None:
+    """``transport.uncork()``; a failed send closed the transport, which the reader's next
+    receive reports (as for a reply, see ``_send_reply``)."""
+    with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        transport.uncork()
 
 
 def _pending(result: object) -> Coroutine[Any, Any, HandlerResult] | None:

@@ -118,7 +118,6 @@ class LinkState:
         "commands",
         "dispatched",
         "link",
-        "more",
         "on_demand",
         "progress",
         "reading",
@@ -135,9 +134,6 @@ class LinkState:
         self.commands = CommandQueue(self)
         #: Commands started (by the dispatcher or inline) since the link last yielded.
         self.dispatched = 0
-        #: True while the reader runs a command inline that is not the last of its read:
-        #: its reply may wait, to leave in one sendmsg with the next ones.
-        self.more = False
         #: Set when the inline command whose stand-in the policy holds is done.
         self.adopted_done: trio.Event | None = None
         #: The link is read only while a request of ours awaits its reply or the peer sends

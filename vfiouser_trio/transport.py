@@ -15,7 +15,10 @@ Sending: frames are queued in order. ``write`` pushes the queue to the kernel at
 it can; whatever the kernel does not take is sent by :meth:`Transport.run_writer`, a task the
 owner runs (or has started in ``writer_nursery`` when first needed). Consecutive frames without fds
 share one ``sendmsg``; a frame with fds starts a ``sendmsg`` of its own (so the fds travel
-with its first byte) and nothing follows it there.
+with its first byte) and nothing follows it there. Between :meth:`Transport.cork` and
+:meth:`Transport.uncork` writes only queue: a task that answers a batch of commands without
+yielding corks the transport, so their replies leave in one ``sendmsg`` and the writer task is
+not woken for them (a wake-up is a scheduler pass of its own).
 """
 
 from __future__ import annotations
@@ -189,6 +192,7 @@ class Transport:
         "_at_eof",
         "_broken",
         "_closed",
+        "_corked",
         "_decoder",
         "_drained_lot",
         "_drained_socket",
@@ -233,6 +237,7 @@ class Transport:
         self._writer_lot: trio.lowlevel.ParkingLot | None = None
         self._drained_lot: trio.lowlevel.ParkingLot | None = None
         self._closed = False
+        self._corked = False
         self._broken: OSError | None = None
         self._at_eof = False
         self._drained_socket = False
@@ -431,6 +436,8 @@ class Transport:
                 close_fds(fds)
             raise self._closed_error()
         raw_header = header.pack() if isinstance(header, Header) else header
+        if self._corked:
+            flush = False
         if isinstance(payload, tuple):
             joined = self._write_pieces(raw_header, payload, flush and not self._out and not fds)
             if joined is None:
@@ -478,7 +485,20 @@ class Transport:
             # Not sent yet, and the caller may close its fds once we return: keep duplicates.
             first.fds = tuple(os.dup(fd) for fd in first.fds)
             first.owns_fds = True
-        if out and wake:
+        if out and wake and not self._corked:
+            self._wake_writer()
+
+    def cork(self) -> None:
+        """Queue what :meth:`write` is given, without sending it or waking the writer task,
+        until :meth:`uncork`. The caller must uncork before it next yields to the scheduler:
+        nothing else sends corked data."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """End :meth:`cork`: send what is queued now, and leave the writer task whatever the
+        kernel does not take. Raises like :meth:`write` if the send fails."""
+        self._corked = False
+        if self._out and not self._flush():
             self._wake_writer()
 
     def _write_pieces(self, raw_header: bytes, pieces: Pieces, now: bool) -> bytes | None:
