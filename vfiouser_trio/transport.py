@@ -32,7 +32,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import cast
 
 import trio
 
@@ -456,7 +455,8 @@ class Transport:
         # The writer needs waking only when the queue stops being empty: with data queued it
         # is awake already, or waits for the socket (it looks at the queue before it parks).
         wake = not out
-        out = self._queue()
+        if out is None:
+            out = self._out = deque()
         self._queued_bytes += size + payload_size
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
@@ -468,7 +468,7 @@ class Transport:
         elif not wake and (last := out[-1]).joins and len(last.data) < _COALESCE_MAX:
             # Behind small frames not yet sent (replies to pipelined commands): appended
             # to their buffer, one chunk and one iovec for them all.
-            batch = cast(bytearray, last.data)
+            batch: bytearray = last.data  # type: ignore[assignment]  # (joins: ours)
             batch += raw_header
             batch += payload
             if flush:
