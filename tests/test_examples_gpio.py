@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fd_leaks import fd_count
 from vfiouser_trio.examples import gpio
@@ -192,3 +195,55 @@ def test_state_round_trips_through_bytes() -> None:
         outputs=0xBEEF, inputs=0x1234, irq_enabled=True, irq_status=5, filters_all=True, filters=9
     )
     assert GpioState.unpack(state.pack()) == state
+
+
+def _register_byte(state: GpioState, offset: int) -> int:
+    """One BAR2 byte read as the module doc's table says, with its effect on ``state``."""
+    if offset == gpio.OUT_0_7:
+        return state.outputs & 0xFF
+    if offset == gpio.IN_0_7:
+        return state.inputs & 0xFF
+    if offset == gpio.IRQ_CONTROL:
+        state.irq_enabled = True
+    elif offset == gpio.FILTER_CONTROL:
+        state.filters_all = True
+    elif offset == gpio.OUT_8_15:
+        return state.outputs >> 8
+    elif offset == gpio.IN_8_15:
+        return state.inputs >> 8
+    elif offset == gpio.IRQ_STATUS:
+        return state.irq_status
+    elif offset == gpio.FILTER_0_7:
+        return 0xFF if state.filters_all else state.filters
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(0, gpio.BAR_SIZE - 1),
+    size=st.integers(1, 16),
+    state=st.builds(
+        GpioState,
+        outputs=st.integers(0, 0xFFFF),
+        inputs=st.integers(0, 0xFFFF),
+        irq_enabled=st.booleans(),
+        irq_status=st.integers(0, 7),
+        filters_all=st.booleans(),
+        filters=st.integers(0, 0xFF),
+    ),
+)
+def test_a_wide_read_acts_as_its_byte_reads_in_order(
+    offset: int, size: int, state: GpioState
+) -> None:
+    """read_bar2 reads all eight registers at once: the bytes and the effects (reading
+    offsets 2 and 3) are those of reading byte after byte (3, all filters on, before 7)."""
+    size = min(size, gpio.BAR_SIZE - offset)
+    expected_state = dataclasses.replace(state)
+    expected = bytes(_register_byte(expected_state, o) for o in range(offset, offset + size))
+    device = GpioDevice()
+    try:
+        device.state = state
+        assert device.read_bar2(offset, size) == expected
+        assert device.state == expected_state
+    finally:
+        device.close()

@@ -169,33 +169,38 @@ class GpioDevice(Device):
     # Plain functions, not async def: register accesses never wait, and a callback that
     # answers at once lets the framework reply without running a coroutine.
     def read_bar2(self, offset: int, size: int) -> bytes:
-        # map, not a comprehension or a generator: this runs once per REGION_READ (the
-        # benchmarks' hot path), and map calls the register reads without a frame of its own.
-        return bytes(map(self._read_register, range(offset, offset + size)))
+        # The eight registers at once, not one call per byte: this runs once per REGION_READ
+        # (the benchmarks' hot path). Reading offsets 2 and 3 has effects; what they change
+        # (IRQ enable, all filters on) shows at offset 7 in the same access, as it would
+        # byte by byte, since 3 comes before 7.
+        end = offset + size
+        s = self.state
+        if offset <= IRQ_CONTROL < end:
+            s.irq_enabled = True
+        if offset <= FILTER_CONTROL < end:
+            s.filters_all = True
+        if offset >= FILTER_0_7 + 1:
+            return bytes(size)  # 0x8 and up read 0
+        outputs, inputs = s.outputs, s.inputs
+        registers = bytes(
+            (
+                outputs & 0xFF,
+                inputs & 0xFF,
+                0,  # IRQ_CONTROL
+                0,  # FILTER_CONTROL
+                outputs >> 8,
+                inputs >> 8,
+                s.irq_status,
+                0xFF if s.filters_all else s.filters,
+            )
+        )
+        if end <= FILTER_0_7 + 1:
+            return registers[offset:end]
+        return registers[offset:] + bytes(end - FILTER_0_7 - 1)
 
     def write_bar2(self, offset: int, data: bytes) -> None:
         for i, value in enumerate(data):
             self._write_register(offset + i, value)
-
-    def _read_register(self, offset: int) -> int:
-        s = self.state
-        if offset == OUT_0_7:
-            return s.outputs & 0xFF
-        if offset == IN_0_7:
-            return s.inputs & 0xFF
-        if offset == IRQ_CONTROL:
-            s.irq_enabled = True
-        elif offset == FILTER_CONTROL:
-            s.filters_all = True
-        elif offset == OUT_8_15:
-            return s.outputs >> 8
-        elif offset == IN_8_15:
-            return s.inputs >> 8
-        elif offset == IRQ_STATUS:
-            return s.irq_status
-        elif offset == FILTER_0_7:
-            return 0xFF if s.filters_all else s.filters
-        return 0
 
     def _write_register(self, offset: int, value: int) -> None:
         s = self.state
