@@ -900,14 +900,17 @@ async def test_spec_order_processes_pipelined_commands_one_at_a_time_in_order() 
     assert log == [(step, i) for i in range(20) for step in ("start", "end")]
 
 
+class CountingSocket(socket.socket):
+    """A socket that counts its sendmsg calls (the transport sends with nothing else)."""
+
+    sendmsg_calls = 0
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        self.sendmsg_calls += 1
+        return super().sendmsg(*args, **kwargs)
+
+
 async def test_pipelined_replies_leave_in_one_sendmsg() -> None:
-    class CountingSocket(socket.socket):
-        sendmsg_calls = 0
-
-        def sendmsg(self, *args: Any, **kwargs: Any) -> int:
-            self.sendmsg_calls += 1
-            return super().sendmsg(*args, **kwargs)
-
     a, b = socket.socketpair()
     counting = CountingSocket(fileno=b.detach())
     peer = Peer(a)
@@ -929,14 +932,6 @@ async def test_a_read_answered_inline_sends_its_replies_itself_at_each_fairness_
     """The reader corks its link while it answers a read's commands: their replies leave in
     one sendmsg per fairness batch, sent by the reader before it yields, and the writer task
     is never started (waking it would cost a scheduler pass per batch)."""
-
-    class CountingSocket(socket.socket):
-        sendmsg_calls = 0
-
-        def sendmsg(self, *args: Any, **kwargs: Any) -> int:
-            self.sendmsg_calls += 1
-            return super().sendmsg(*args, **kwargs)
-
     a, b = socket.socketpair()
     counting = CountingSocket(fileno=b.detach())
     peer = Peer(a)
