@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -928,18 +928,26 @@ async def test_pipelined_replies_leave_in_one_sendmsg() -> None:
             peer.transport.close()
 
 
-async def test_a_read_answered_inline_sends_its_replies_itself_at_each_fairness_cut() -> None:
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another-connection"])
+async def test_a_read_answered_inline_sends_its_replies_itself_at_each_fairness_cut(
+    others: int,
+) -> None:
     """The reader corks its link while it answers a read's commands: their replies leave in
     one sendmsg per fairness batch, sent by the reader before it yields, and the writer task
-    is never started (waking it would cost a scheduler pass per batch)."""
+    is never started (waking it would cost a scheduler pass per batch). Alone in its trio run
+    a connection makes no fairness cut (its reads yield): one sendmsg for the read."""
     a, b = socket.socketpair()
     counting = CountingSocket(fileno=b.detach())
     peer = Peer(a)
+    other_socks = [socket.socketpair() for _ in range(others)]
     with trio.fail_after(5):
         async with (
             trio.open_nursery() as nursery,
             open_connection(counting, handler=echo_handler) as conn,
+            AsyncExitStack() as stack,
         ):
+            for _ours, theirs in other_socks:
+                await stack.enter_async_context(open_connection(theirs, handler=echo_handler))
             nursery.start_soon(peer.collect)
             count = 3 * DEFAULT_DISPATCH_BATCH
             for i in range(count):
@@ -949,9 +957,11 @@ async def test_a_read_answered_inline_sends_its_replies_itself_at_each_fairness_
             assert [(r.header.msg_id, r.payload) for r in replies] == [
                 (i, bytes([i])) for i in range(count)
             ]
-            assert counting.sendmsg_calls == 3
+            assert counting.sendmsg_calls == (3 if others else 1)
             assert conn._main.transport.writer_nursery is not None  # the writer never ran
             peer.transport.close()
+    for ours, _theirs in other_socks:
+        ours.close()
 
 
 async def _no_reply_then_reply(policy: OrderingPolicy) -> tuple[list[Frame], list[str]]:

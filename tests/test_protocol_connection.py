@@ -459,6 +459,8 @@ def test_a_link_yields_every_dispatch_batch_commands_unless_a_cut_hook_decides()
     # Without a hook the engine asks only once a link started dispatch_batch commands.
     assert core.cut_hook is None and core.cut_check == 4
     assert not core.cut_before(3, header) and core.cut_before(4, header)
+    # A reader alone in its process has no other peer to starve: its reads yield.
+    assert not core.cut_before(4, header, alone=True)
     asked: list[tuple[int, int]] = []
 
     def hook(started: int, next_command: Header) -> bool:
@@ -468,6 +470,7 @@ def test_a_link_yields_every_dispatch_batch_commands_unless_a_cut_hook_decides()
     core.cut_hook = hook
     assert core.cut_check == 0  # asked before every command
     assert [core.cut_before(n, header) for n in (0, 1, 4)] == [False, True, False]
-    assert asked == [(0, 1), (1, 1), (4, 1)]
+    assert core.cut_before(1, header, alone=True)  # the hook decides regardless
+    assert asked == [(0, 1), (1, 1), (4, 1), (1, 1)]
     core.cut_hook = None
     assert core.cut_check == 4 and core.cut_before(4, header)

@@ -388,6 +388,12 @@ class Connection:
 
     async def _run(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
         try:
+            running = _CONNECTIONS.get()
+        except LookupError:
+            running = [0]
+            _CONNECTIONS.set(running)
+        running[0] += 1
+        try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._scope = nursery.cancel_scope
@@ -403,6 +409,7 @@ class Connection:
                     )
                 await self._read_loop(self._main)
         finally:
+            running[0] -= 1
             self._nursery = None
             self._shutdown(None, "connection closed")
 
@@ -519,8 +526,8 @@ class Connection:
                         ):  # not self._may_inline(state), without its call: once per command
                             commands.put(event)
                         else:
-                            if state.dispatched >= core.cut_check and core.cut_before(
-                                state.dispatched, event.header
+                            if state.dispatched >= core.cut_check and self._cut_inline(
+                                state, event.header
                             ):
                                 # Fairness: inline commands count as the dispatcher's do.
                                 state.dispatched = 0
@@ -696,6 +703,18 @@ class Connection:
                 self._send_reply(state, event.answer.header())
             return event.reason
         return None
+
+    def _cut_inline(self, state: LinkState, header: Header) -> bool:
+        """Whether the reader yields before the inline command ``header`` (the core's
+        ``cut_before``, told whether this connection is alone in the trio run). Alone, the
+        count restarts, so that it is asked again a batch later, not at every command."""
+        core = self.core
+        alone = _CONNECTIONS.get()[0] < 2
+        if core.cut_before(state.dispatched, header, alone=alone):
+            return True
+        if alone and core.cut_hook is None:
+            state.dispatched = 0
+        return False
 
     def _may_inline(self, state: LinkState) -> bool:
         """Whether the reader may run the next command itself, now.
@@ -1166,6 +1185,11 @@ class _Suspended:
                     trap = coro.send(sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
+
+
+#: How many connections run in each trio run (``Connection._run``): a reader alone there skips
+#: the fairness cut (``ConnectionCore.cut_before``). One list per run, so it needs no reset.
+_CONNECTIONS: trio.lowlevel.RunVar[list[int]] = trio.lowlevel.RunVar("vfiouser_trio.connections")
 
 
 def _uncork(transport: Transport) -> None:

@@ -28,7 +28,8 @@
   ``max_send_fds`` for what we send, ``max_send_backlog`` and ``dispatch_batch`` for how much
   a link may hold for its peer before it stops reading (:meth:`ConnectionCore.read_action`);
 * when a link yields to the rest of the process between commands (:meth:`ConnectionCore.cut_before`:
-  every ``dispatch_batch`` commands, or where a ``cut_hook`` says).
+  every ``dispatch_batch`` commands while other connections share the process, or where a
+  ``cut_hook`` says).
 
 Requests carry an opaque *waiter* (the engine's object to wake), returned in the events.
 """
@@ -485,13 +486,18 @@ class ConnectionCore(Generic[W]):
         self._cut_hook = hook
         self.cut_check = self.dispatch_batch if hook is None else 0
 
-    def cut_before(self, started: int, header: Header) -> bool:
+    def cut_before(self, started: int, header: Header, *, alone: bool = False) -> bool:
         """Whether a link that started ``started`` commands since it last yielded yields to
         the rest of the process before it starts command ``header`` (so that one pipelining
-        peer cannot starve the others). Asked once ``started`` reaches :attr:`cut_check`."""
+        peer cannot starve the others). Asked once ``started`` reaches :attr:`cut_check`.
+
+        ``alone``: the asking reader's connection is the only one in its process (its event
+        loop): then there is no other peer to starve, and the read itself yields, a read's
+        commands later (about ``FRAMES_PER_READ``), so it does not cut. A ``cut_hook`` decides
+        regardless."""
         hook = self._cut_hook
         if hook is None:
-            return started >= self.dispatch_batch
+            return started >= self.dispatch_batch and not alone
         return hook(started, header)
 
     # ----------------------------------------------------------------- bounded memory
