@@ -456,7 +456,7 @@ class Connection:
     async def _read_loop(self, state: LinkState, carried: Sequence[FrameEvent] = ()) -> None:
         """Read the link until it ends; ``carried``: events a previous reader left unhandled.
 
-        Commands run inline here when the policy allows it (see :meth:`_may_inline`). If an
+        Commands run inline here when the policy allows it and nothing is ahead of them. If an
         inline command would block, the reader hands its role to a fresh reader task (which
         takes the rest of the events) and finishes that command as an ordinary task: reading
         never waits for a handler that waits, so the guarantee of the module doc holds.
@@ -519,30 +519,35 @@ class Connection:
                         action = core.receive(event)
                         if action is not DISPATCH:
                             self._act(state, action)
-                        elif (
+                            continue
+                        if (
+                            state.dispatched >= core.cut_check
+                            and inline
+                            and not commands.held
+                            and self._cut_inline(state, event.header)
+                        ):
+                            # Fairness: inline commands count as the dispatcher's do.
+                            state.dispatched = 0
+                            if corked:
+                                _uncork(transport)  # the replies so far go now
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            if corked:
+                                transport.cork()
+                        # The reader runs the command itself only when the link holds no
+                        # other (none queued, none running: nothing can be ahead of it,
+                        # whatever the policy), the policy allows it, and the send backlog is
+                        # below the mark (where the dispatcher would wait, see _process).
+                        if (
                             commands.held
                             or not inline
                             or (limit is not None and transport.backlog >= limit)
-                        ):  # not self._may_inline(state), without its call: once per command
+                        ):
                             commands.put(event)
-                        else:
-                            if state.dispatched >= core.cut_check and self._cut_inline(
-                                state, event.header
-                            ):
-                                # Fairness: inline commands count as the dispatcher's do.
-                                state.dispatched = 0
-                                if corked:
-                                    _uncork(transport)  # the replies so far go now
-                                await trio.lowlevel.cancel_shielded_checkpoint()
-                                if corked:
-                                    transport.cork()
-                                if not self._may_inline(state):  # the backlog grew meanwhile
-                                    state.commands.put(event)
-                                    continue
-                            suspended = self._run_inline(state, event)
-                            if suspended is not None:
-                                events = events[index:]
-                                break
+                            continue
+                        suspended = self._run_inline(state, event)
+                        if suspended is not None:
+                            events = events[index:]
+                            break
                     else:
                         events = ()
                 finally:
@@ -715,19 +720,6 @@ class Connection:
         if alone and core.cut_hook is None:
             state.dispatched = 0
         return False
-
-    def _may_inline(self, state: LinkState) -> bool:
-        """Whether the reader may run the next command itself, now.
-
-        Only when the link holds no other command (none queued, none running: nothing can be
-        ahead of it, whatever the policy), the policy allows it, and the send backlog is
-        below the mark (where the dispatcher would wait, see ``_process``). The read loop
-        tests the same with locals, once per command (the call cost ~2% of a request).
-        """
-        if state.commands.held or not self._policy.runs_inline:
-            return False
-        limit = self.core.max_send_backlog
-        return limit is None or state.transport.backlog < limit
 
     def _run_inline(self, state: LinkState, frame: Frame) -> Coroutine[Any, Any, None] | None:
         """Run a command in the reader, up to its first wait; the rest, if any, is returned.

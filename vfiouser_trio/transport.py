@@ -455,8 +455,7 @@ class Transport:
         # The writer needs waking only when the queue stops being empty: with data queued it
         # is awake already, or waits for the socket (it looks at the queue before it parks).
         wake = not out
-        if out is None:
-            out = self._out = deque()
+        out = self._queue()
         self._queued_bytes += size + payload_size
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)
