@@ -141,6 +141,36 @@ def test_a_reply_naming_another_command_fails_the_request() -> None:
     assert not is_open(fd)
 
 
+def test_a_reply_on_another_link_than_its_request_closes_the_connection() -> None:
+    """Twin sockets: the reply must come on the socket its command went on (the requester
+    may be reading that one alone); elsewhere it closes the connection, and the request
+    stays pending until then, so that the close fails it."""
+    core: ConnectionCore[object] = ConnectionCore()
+    twin, main = object(), object()
+    msg_id = core.allocate_id()
+    assert msg_id is not None
+    waiter = object()
+    core.expect_reply(msg_id, READ, waiter, twin)
+    frame = reply(msg_id, fds=1)
+    (fd,) = frame.fds
+    event = core.receive(frame, main)
+    assert isinstance(event, Close) and event.answer is None
+    assert "another socket" in str(event.reason) and event.reason.command == READ
+    assert not is_open(fd)
+    assert core.close() == [(READ, waiter)]
+
+
+def test_a_reply_on_the_link_of_its_request_arrives() -> None:
+    core: ConnectionCore[object] = ConnectionCore()
+    twin = object()
+    msg_id = core.allocate_id()
+    assert msg_id is not None
+    waiter = object()
+    core.expect_reply(msg_id, READ, waiter, twin)
+    frame = reply(msg_id)
+    assert core.receive(frame, twin) == ReplyArrived(waiter, frame)
+
+
 def test_a_reply_that_answers_nothing_is_dropped_with_a_warning() -> None:
     core: ConnectionCore[object] = ConnectionCore()
     frame = reply(9, fds=1)

@@ -26,14 +26,16 @@ Which socket carries what:
 * a reply always leaves on the link its command arrived on;
 * requests this side originates go on the main link, except after
   ``attach_twin(..., requests_on_twin=True)`` (the server, which created the twin pair), when
-  they go on the twin link; their replies may arrive on either link (matched by message ID);
+  they go on the twin link; a reply must arrive on the link its request went on (the core's
+  rule: elsewhere it closes the connection);
 * commands arriving on either link are dispatched, each link with its own policy run, so
   server-to-client commands are not queued behind client-to-server ones; the peer's end of
   stream on either link closes the connection;
 * no task reads the server's twin link (it carries only our requests and the peer's
   replies, spec "twin_socket"): the trio run's :class:`~vfiouser_trio.idle_watch.IdleWatch`
   reads it when data or a hang-up arrives, and starts a reader task for it only while it
-  holds commands.
+  holds commands; while a request of ours awaits its reply there, the requester's task
+  reads it instead (one wake-up per reply, not the watch's and then the requester's).
 
 Besides the core's rules: a handler raising :class:`VfioUserError` (or ProtocolError)
 answers with its errno, any other exception is logged and answered with EIO; more fds than
@@ -516,9 +518,11 @@ class Connection:
                             if reason is not None:
                                 break
                             continue
-                        action = core.receive(event)
+                        action = core.receive(event, state)
                         if action is not DISPATCH:
-                            self._act(state, action)
+                            reason = self._act(state, action)
+                            if reason is not None:
+                                break
                             continue
                         if (
                             state.dispatched >= core.cut_check
@@ -579,7 +583,9 @@ class Connection:
         for event in events:
             if isinstance(event, Frame):
                 if hooks is None:
-                    self._route(state, event)
+                    reason = self._route(state, event)
+                    if reason is not None:
+                        return reason
                 else:
                     hooks.on_receive(self, state.link, event, partial(self._deliver, state))
                 continue
@@ -605,13 +611,19 @@ class Connection:
         nothing is held."""
         if state.reading or self.closed.is_set():
             return
-        transport = state.transport
         if state.load:
             assert self._nursery is not None
             state.reading = True
-            transport.unwatch_idle()
+            state.transport.unwatch_idle()
             self._nursery.start_soon(self._read_loop, state)
             return
+        self._read_nowait(state)
+
+    def _read_nowait(self, state: LinkState) -> None:
+        """Read and handle what a link no reader task reads holds now, without waiting:
+        replies are delivered, commands queued for the dispatcher (never run inline); the
+        connection ends if the peer hung up there or the link failed."""
+        transport = state.transport
         reason: BaseException | None = None
         events: list[FrameEvent] | None
         try:
@@ -627,6 +639,40 @@ class Connection:
             if reason is None and events:
                 return
         self._link_ended(state, reason)  # the peer hung up there, or the link failed
+
+    async def _await_reply(self, state: LinkState, done: trio.Event) -> None:
+        """Wait for ``done``: the reply (or failure) of a request sent on ``state``.
+
+        On a link that no task reads (the server's twin, read on demand) this task reads it
+        until then, so that the reply wakes it straight from the socket instead of waking
+        the idle watch's task, which would then wake this one: one task switch per request,
+        not two. It stops early once the link holds commands of the peer (the idle watch
+        then starts a reader for them, as it would have). A reply can only come on the link
+        its request went on (the core closes the connection otherwise), so nothing else can
+        set ``done`` meanwhile but the connection's end, which closes the socket waited on.
+        """
+        if state.reading or not state.on_demand:
+            await done.wait()  # a reader task delivers it
+            return
+        transport = state.transport
+        state.reading = True
+        transport.unwatch_idle()
+        waited = False
+        try:
+            while not done.is_set() and not state.load:
+                try:
+                    await transport.wait_readable()
+                except trio.ClosedResourceError:
+                    break  # the connection closed: the request has failed
+                waited = True
+                self._read_nowait(state)
+        finally:
+            state.reading = False
+            if not transport.closed:
+                transport.watch_idle(partial(self._read_watched, state))
+        if not (waited and done.is_set()):
+            # (After a wait, the checkpoint is done: Event.wait would take another pass.)
+            await done.wait()
 
     async def _hold_reading(self, state: LinkState) -> ProtocolError | None:
         """Stop reading the link until its load is below half the mark (see the module doc).
@@ -667,16 +713,18 @@ class Connection:
     def _deliver(self, state: LinkState, frame: Frame) -> None:
         """Route a frame the hooks passed on (never inline: a hook may forward it later,
         from a task of its own)."""
-        self._route(state, frame)
+        reason = self._route(state, frame)
+        if reason is not None:
+            self._link_ended(state, reason)
 
-    def _route(self, state: LinkState, frame: Frame) -> None:
+    def _route(self, state: LinkState, frame: Frame) -> ProtocolError | None:
         """Route one received frame that is not to run inline: a reply to its request, a
-        command to the link's dispatcher."""
-        event = self.core.receive(frame)
+        command to the link's dispatcher; the reason to close the connection, if any."""
+        event = self.core.receive(frame, state)
         if event is DISPATCH:
             state.commands.put(frame)
-        else:
-            self._act(state, event)
+            return None
+        return self._act(state, event)
 
     def _act(
         self,
@@ -1015,14 +1063,14 @@ class Connection:
             command, payload, fds, transfer_fds, no_reply=False
         )
         request = _PendingRequest()
-        core.expect_reply(msg_id, command, request)
+        core.expect_reply(msg_id, command, request, state)
         state.wake()  # a paused reader must read this request's reply
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
         except BaseException:
             core.forget(msg_id)
             raise
-        return PendingReply(core, msg_id, command, request)
+        return PendingReply(self, state, msg_id, command, request)
 
     async def post_raw(
         self,
@@ -1093,16 +1141,19 @@ class Connection:
 class PendingReply:
     """A request sent by :meth:`Connection.start_request_raw`, its reply still to come."""
 
-    __slots__ = ("_command", "_core", "_msg_id", "_request")
+    __slots__ = ("_command", "_conn", "_core", "_link", "_msg_id", "_request")
 
     def __init__(
         self,
-        core: ConnectionCore[_PendingRequest],
+        conn: Connection,
+        link: LinkState,
         msg_id: int,
         command: int,
         request: _PendingRequest,
     ) -> None:
-        self._core = core
+        self._conn = conn
+        self._core = conn.core
+        self._link = link
         self._msg_id = msg_id
         self._command = command
         self._request: _PendingRequest | None = request
@@ -1127,7 +1178,7 @@ class PendingReply:
         if request is None:
             raise RuntimeError("this reply was already taken or cancelled")
         try:
-            await request.done.wait()
+            await self._conn._await_reply(self._link, request.done)
         except BaseException:
             self.cancel()
             raise

@@ -404,6 +404,14 @@ class Transport:
         if self._watch is not None:
             self._watch.forget(self._sock.fileno())
 
+    async def wait_readable(self) -> None:
+        """Wait until the socket has data or has hung up (a full checkpoint); read it then
+        with :meth:`receive_nowait`. Raises ``trio.ClosedResourceError`` if the transport is
+        closed, also while waiting."""
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+        await trio.lowlevel.wait_readable(self._sock)
+
     @property
     def at_frame_boundary(self) -> bool:
         """False while part of a frame has been received but not the rest."""
@@ -455,7 +463,8 @@ class Transport:
         # The writer needs waking only when the queue stops being empty: with data queued it
         # is awake already, or waits for the socket (it looks at the queue before it parks).
         wake = not out
-        out = self._queue()
+        if out is None:
+            out = self._queue()
         self._queued_bytes += size + payload_size
         if payload_size > _JOIN_MAX:
             first = _Chunk(raw_header, tuple(fds), transfer_fds, True)

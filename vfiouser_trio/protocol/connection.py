@@ -5,7 +5,10 @@
 (:mod:`vfiouser_trio.engine`) moves the bytes, fds and wake-ups and runs the handlers. It owns:
 
 * message IDs of our requests and the table of requests awaiting a reply, keyed by ID; a
-  reply is matched by ID and must name the request's command;
+  reply is matched by ID and must name the request's command, and must come on the link
+  (socket) its request went on: a reply on the other socket of a twin-socket connection
+  closes the connection (spec: "twin_socket" carries server-to-client commands *and their
+  replies*; the requester may be waiting on that socket alone);
 * the reserved IDs of cancelled requests: the late reply is consumed silently, and the ID is
   not handed out again until it has come (or the connection ends);
 * which received message gets which answer (spec: https://www.qemu.org/docs/master/interop/vfio-user.html,
@@ -232,7 +235,8 @@ class ConnectionCore(Generic[W]):
         self.cut_check = dispatch_batch
         self._version_rule = role is Role.SERVER
         self._negotiated = False
-        self._pending: dict[int, tuple[int, W]] = {}
+        #: msg_id -> (command, waiter, link the request went on).
+        self._pending: dict[int, tuple[int, W, object]] = {}
         # IDs of cancelled requests whose late reply may still come; created when needed.
         self._orphans: set[int] | None = None
         self._next_id = 0
@@ -266,7 +270,7 @@ class ConnectionCore(Generic[W]):
 
     def pending_requests(self) -> list[tuple[int, int]]:
         """(message ID, command) of every request awaiting its reply, for diagnostics."""
-        return [(msg_id, command) for msg_id, (command, _) in self._pending.items()]
+        return [(msg_id, entry[0]) for msg_id, entry in self._pending.items()]
 
     @property
     def reserved_ids(self) -> int:
@@ -288,15 +292,15 @@ class ConnectionCore(Generic[W]):
         Requests made afterwards fail with ENOTCONN; received frames are ignored.
         """
         self._closed = True
-        pending = list(self._pending.values())
+        pending = [(command, waiter) for command, waiter, _ in self._pending.values()]
         self._pending.clear()
         self._orphans = None
         return pending
 
     # ----------------------------------------------------------------- receiving
 
-    def receive(self, frame: Frame) -> Event[W]:
-        """Classify one received frame; the caller acts on the event.
+    def receive(self, frame: Frame, link: object = None) -> Event[W]:
+        """Classify one received frame, which came on ``link``; the caller acts on the event.
 
         For :data:`DISPATCH` and :class:`ReplyArrived` the caller owns the frame's fds;
         for every other event they are closed.
@@ -304,7 +308,7 @@ class ConnectionCore(Generic[W]):
         header = frame.header
         kind = header.flags & FLAG_TYPE_MASK  # Header.is_reply / is_command, inlined
         if kind == FLAG_TYPE_REPLY:
-            return self._on_reply(frame)
+            return self._on_reply(frame, link)
         if kind != FLAG_TYPE_COMMAND:
             return self._reject(frame, "unknown message type")
         if len(frame.fds) > self._max_recv_fds:
@@ -314,12 +318,22 @@ class ConnectionCore(Generic[W]):
             return _IGNORE
         return DISPATCH
 
-    def _on_reply(self, frame: Frame) -> Event[W]:
+    def _on_reply(self, frame: Frame, link: object) -> Event[W]:
         header = frame.header
         msg_id = header.msg_id
-        entry = self._pending.pop(msg_id, None)
+        entry = self._pending.get(msg_id)
         if entry is not None:
-            command, waiter = entry
+            command, waiter, sent_on = entry
+            if sent_on is not link:
+                # Left pending: closing the connection fails it.
+                frame.close_fds()
+                reason = ProtocolError(
+                    f"reply {msg_id} ({command_name(command)}) came on another socket than"
+                    " its request",
+                    command=command,
+                )
+                return Close(reason, None)
+            del self._pending[msg_id]
             if header.command != command:
                 frame.close_fds()
                 error = ProtocolError(
@@ -360,7 +374,7 @@ class ConnectionCore(Generic[W]):
                 self._orphans.discard(header.msg_id)
             if entry is None:
                 return _IGNORE
-            command, waiter = entry
+            command, waiter, _ = entry
             error = ProtocolError(
                 f"reply of {header.msg_size} bytes exceeds the limit of {self._max_msg_size}",
                 errno=errno.EMSGSIZE,
@@ -437,11 +451,12 @@ class ConnectionCore(Generic[W]):
         """The packed header of our request."""
         return command_header(msg_id, command, payload_size, no_reply=no_reply).pack()
 
-    def expect_reply(self, msg_id: int, command: int, waiter: W) -> None:
-        """Register a request about to be sent; its reply will come back with ``waiter``."""
+    def expect_reply(self, msg_id: int, command: int, waiter: W, link: object = None) -> None:
+        """Register a request about to be sent on ``link``; its reply, which must come on
+        that link (``receive``'s), will come back with ``waiter``."""
         if self._closed:
             raise ConnectionClosedError(errno=errno.ENOTCONN, command=command)
-        self._pending[msg_id] = (command, waiter)
+        self._pending[msg_id] = (command, waiter, link)
 
     def forget(self, msg_id: int) -> None:
         """The request registered under ``msg_id`` was never sent."""
