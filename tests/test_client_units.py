@@ -183,14 +183,14 @@ async def test_dma_service_reads_and_writes(memory: GuestMemory) -> None:
     maps = DmaMaps()
     maps.add(DmaMap(0x8000, 2 * PAGE, memory, offset=PAGE))
     service = DmaService(maps, max_data_xfer_size=PAGE)
-    reply = await service.handle(_frame(DmaReadRequest(0x8000 + 3, 5)))
+    reply = service.handle(_frame(DmaReadRequest(0x8000 + 3, 5)))
     assert _payload(reply) == DmaReadReply(0x8000 + 3, b"\x02" * 5).pack()
-    reply = await service.handle(_frame(DmaWriteRequest(0x8000 + PAGE, b"abc")))
+    reply = service.handle(_frame(DmaWriteRequest(0x8000 + PAGE, b"abc")))
     assert reply == DmaWriteReply(0x8000 + PAGE, 3)
     assert memory.read(2 * PAGE, 3) == b"abc"
     # Zero-length transfers succeed without touching anything.
-    assert await service.handle(_frame(DmaReadRequest(0, 0))) == DmaReadReply(0, b"")
-    assert await service.handle(_frame(DmaWriteRequest(0, b""))) == DmaWriteReply(0, 0)
+    assert service.handle(_frame(DmaReadRequest(0, 0))) == DmaReadReply(0, b"")
+    assert service.handle(_frame(DmaWriteRequest(0, b""))) == DmaWriteReply(0, 0)
 
 
 async def test_dma_service_reads_across_maps_and_keeps_no_view_of_the_memory() -> None:
@@ -204,7 +204,7 @@ async def test_dma_service_reads_across_maps_and_keeps_no_view_of_the_memory() -
         (0x1000_0000 + PAGE - 2, b"\x02\x02\x01\x01"),
         (0x1000_0000, b"\x02" * 4),
     ):
-        reply = await service.handle(_frame(DmaReadRequest(address, 4)))
+        reply = service.handle(_frame(DmaReadRequest(address, 4)))
         assert _payload(reply) == DmaReadReply(address, want).pack()
     del reply  # a reply within one map is sent from a view of the memory
     memory.close()  # no view of it outlives the reply (a live one: BufferError)
@@ -214,7 +214,7 @@ async def test_dma_service_qemu_layout(memory: GuestMemory) -> None:
     maps = DmaMaps()
     maps.add(DmaMap(0, PAGE, memory))
     service = DmaService(maps, max_data_xfer_size=PAGE, read_layout=DmaLayout.QEMU)
-    reply = await service.handle(_frame(DmaReadRequest(0, 4)))
+    reply = service.handle(_frame(DmaReadRequest(0, 4)))
     # u64 address, u32 count, data, 4 zero bytes
     assert _payload(reply) == bytes(8) + b"\x04\0\0\0" + b"\x01" * 4 + bytes(4)
 
@@ -232,7 +232,7 @@ async def test_dma_service_errors(memory: GuestMemory) -> None:
     ]
     for frame, code in cases:
         with pytest.raises(VfioUserError) as info:
-            await service.handle(frame)
+            service.handle(frame)
         assert info.value.errno == code
 
 

@@ -395,5 +395,5 @@ async def test_dma_service_refuses_a_wrapping_range() -> None:
         payload = struct.pack("=QQ", (1 << 64) - 8, 16)
         frame = Frame(command_header(1, Command.DMA_READ, len(payload)), payload, [])
         with pytest.raises(VfioUserError, match="wraps") as info:
-            await service.handle(frame)
+            service.handle(frame)
         assert info.value.errno == errno.EINVAL

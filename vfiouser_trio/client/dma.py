@@ -174,8 +174,9 @@ class DmaService:
         self.max_data_xfer_size = max_data_xfer_size
         self.layout = read_layout or layout
 
-    async def handle(self, frame: Frame) -> HandlerResult:
-        """The engine handler: answer one command from the server."""
+    def handle(self, frame: Frame) -> HandlerResult:
+        """The engine handler: answer one command from the server (at once: a plain
+        function, so the engine runs no coroutine for it)."""
         command = frame.header.command
         if command not in (Command.DMA_READ, Command.DMA_WRITE):
             raise VfioUserError(errno.EINVAL, f"a client does not serve {command_name(command)}")

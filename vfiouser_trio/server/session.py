@@ -14,8 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from typing import Any, Final
 
 import trio
@@ -212,8 +211,11 @@ class ServerSession:
                 fits and len({request.parse_reply(frame.payload, layout=f).data for f in fits}) > 1
             ):
                 layout = await self._peer_dma_layout(address)
-        with self._refusing_dma_reply():
+        try:
             data = request.parse_reply(frame.payload, (), layout=layout, copy=False).data
+        except ProtocolError as exc:
+            self._refuse_dma_reply(exc)
+            raise
         assert isinstance(data, memoryview)  # copy=False gives a view
         return data
 
@@ -225,17 +227,16 @@ class ServerSession:
         # unless the kernel leaves part of it (the transport then copies that part at once).
         frame = await conn.request_raw(request.COMMAND, request.pack_pieces())
         frame.close_fds()
-        with self._refusing_dma_reply():
-            request.parse_reply(frame.payload)
-
-    @contextmanager
-    def _refusing_dma_reply(self) -> Iterator[None]:
-        """A malformed DMA reply fails that access (EINVAL to the device) and is logged."""
         try:
-            yield
+            request.parse_reply(frame.payload)
         except ProtocolError as exc:
-            log.warning("%s: the client's DMA reply is refused: %s", self.device.name, exc)
+            self._refuse_dma_reply(exc)
             raise
+
+    def _refuse_dma_reply(self, error: ProtocolError) -> None:
+        """A malformed DMA reply fails that access (EINVAL to the device) and is logged.
+        (Called from an ``except``, not a context manager: this runs once per DMA message.)"""
+        log.warning("%s: the client's DMA reply is refused: %s", self.device.name, error)
 
     async def _peer_dma_layout(self, address: int) -> DmaLayout:
         """Learn the client's DMA layout by a zero-length DMA_WRITE at ``address``, once."""
@@ -244,8 +245,11 @@ class ServerSession:
                 probe = dma_write_probe(address)
                 frame = await self._need_conn().request_raw(probe.COMMAND, probe.pack())
                 frame.close_fds()
-                with self._refusing_dma_reply():
+                try:
                     self._dma_layout = detect_dma_write_layout(frame.payload, (), address)
+                except ProtocolError as exc:
+                    self._refuse_dma_reply(exc)
+                    raise
                 log.info("%s: client's DMA layout: %s", self.device.name, self._dma_layout.value)
             return self._dma_layout
 
