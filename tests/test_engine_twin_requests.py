@@ -68,6 +68,14 @@ async def server_with_twin(
         peer.close()
 
 
+async def ask_until_closed(conn: Connection, errors: list[ConnectionClosedError]) -> None:
+    """A request that the connection's end must fail: its error goes to ``errors``."""
+    try:
+        await conn.request_raw(Command.DMA_READ, b"where")
+    except ConnectionClosedError as exc:
+        errors.append(exc)
+
+
 class TaskSteps(trio.abc.Instrument):
     """The names of the tasks trio steps."""
 
@@ -133,16 +141,9 @@ async def test_concurrent_requests_get_their_replies_in_any_order_then_the_twin_
 async def test_a_reply_on_the_main_socket_closes_the_connection_instead_of_hanging() -> None:
     with trio.fail_after(5):
         async with server_with_twin() as (conn, peer):
+            errors: list[ConnectionClosedError] = []
             async with trio.open_nursery() as nursery:
-                errors: list[BaseException] = []
-
-                async def ask() -> None:
-                    try:
-                        await conn.request_raw(Command.DMA_READ, b"where")
-                    except ConnectionClosedError as exc:
-                        errors.append(exc)
-
-                nursery.start_soon(ask)
+                nursery.start_soon(ask_until_closed, conn, errors)
                 command = await peer.command(peer.twin)
                 peer.reply(peer.main, command, b"wrong socket")
             (error,) = errors
@@ -201,16 +202,9 @@ async def test_the_requester_leaves_a_command_held_there_to_a_reader_task() -> N
 async def test_a_hang_up_while_the_requester_reads_fails_its_request(where: str) -> None:
     with trio.fail_after(5):
         async with server_with_twin() as (conn, peer):
-            errors: list[BaseException] = []
-
-            async def ask() -> None:
-                try:
-                    await conn.request_raw(Command.DMA_READ, b"where")
-                except ConnectionClosedError as exc:
-                    errors.append(exc)
-
+            errors: list[ConnectionClosedError] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(ask)
+                nursery.start_soon(ask_until_closed, conn, errors)
                 await peer.command(peer.twin)
                 await trio.testing.wait_all_tasks_blocked()
                 (peer.twin if where == "twin" else peer.main).close()
