@@ -12,7 +12,16 @@ import trio
 import trio.testing
 
 from tests.fd_leaks import fd_count
-from vfiouser_trio.engine import Connection, Handler, HandlerResult, RawMessage, open_connection
+from vfiouser_trio.engine import (
+    Connection,
+    ConnectionHooks,
+    Forward,
+    Handler,
+    HandlerResult,
+    Link,
+    RawMessage,
+    open_connection,
+)
 from vfiouser_trio.protocol.connection import ConnectionClosedError
 from vfiouser_trio.protocol.constants import FLAG_TYPE_REPLY, Command
 from vfiouser_trio.protocol.errors import ProtocolError
@@ -54,14 +63,14 @@ async def answer(frame: Frame) -> HandlerResult:
 
 @asynccontextmanager
 async def server_with_twin(
-    handler: Handler = answer,
+    handler: Handler = answer, hooks: ConnectionHooks | None = None
 ) -> AsyncIterator[tuple[Connection, RawPeer]]:
     """A connection whose requests go on a twin link (as a server's do), and its raw peer."""
     main_ours, main_peer = socket.socketpair()
     twin_ours, twin_peer = socket.socketpair()
     peer = RawPeer(main_peer, twin_peer)
     try:
-        async with open_connection(main_ours, handler=handler) as conn:
+        async with open_connection(main_ours, handler=handler, hooks=hooks) as conn:
             conn.attach_twin(twin_ours, requests_on_twin=True)
             yield conn, peer
     finally:
@@ -210,3 +219,33 @@ async def test_a_hang_up_while_the_requester_reads_fails_its_request(where: str)
                 (peer.twin if where == "twin" else peer.main).close()
             assert len(errors) == 1 and f"{where} socket closed" in str(errors[0])
             assert conn.closed.is_set()
+
+
+class HeldReplies(ConnectionHooks):
+    """Holds every received frame; the test forwards them later, from its own task."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Frame, Forward]] = []
+
+    def on_receive(self, conn: Connection, link: Link, frame: Frame, forward: Forward) -> None:
+        self.held.append((frame, forward))
+
+
+async def test_a_reply_a_hook_delivers_later_from_another_task_completes_the_request() -> None:
+    hooks = HeldReplies()
+    with trio.fail_after(5):
+        async with server_with_twin(hooks=hooks) as (conn, peer), trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def ask() -> None:
+                got.append(bytes((await conn.request_raw(Command.DMA_READ, b"where")).payload))
+
+            nursery.start_soon(ask)
+            command = await peer.command(peer.twin)
+            peer.reply(peer.twin, command, b"data")
+            while not hooks.held:
+                await trio.testing.wait_all_tasks_blocked()
+            ((frame, forward),) = hooks.held
+            forward(frame)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [b"data"]

@@ -650,9 +650,11 @@ class Connection:
         then starts a reader for them, as it would have). A reply can only come on the link
         its request went on (the core closes the connection otherwise), so nothing else can
         set ``done`` meanwhile but the connection's end, which closes the socket waited on.
+        With hooks it waits as before: a hook may deliver the reply later, from a task of its
+        own, while this one would be waiting on the socket.
         """
-        if state.reading or not state.on_demand:
-            await done.wait()  # a reader task delivers it
+        if state.reading or not state.on_demand or self._hooks is not None:
+            await done.wait()  # a reader task, the idle watch or a hook delivers it
             return
         transport = state.transport
         state.reading = True
