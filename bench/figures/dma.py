@@ -61,7 +61,9 @@ CopyRound = Callable[[], Awaitable[None]]
 
 
 @asynccontextmanager
-async def dma_client(socket_path: Path, size: int, *, share_fd: bool) -> AsyncIterator[None]:
+async def dma_client(
+    socket_path: Path, size: int, *, share_fd: bool
+) -> AsyncIterator[trio.Process]:
     """A client process serving ``size`` bytes mapped at :data:`IOVA`; must exit with 0."""
     argv = [sys.executable, "-m", "bench.figures.dma_client", str(socket_path)]
     argv += ["--size", str(size), "--iova", hex(IOVA)]
@@ -74,7 +76,7 @@ async def dma_client(socket_path: Path, size: int, *, share_fd: bool) -> AsyncIt
         cwd=REPO_ROOT,  # -1: subprocess.PIPE
     )
     try:
-        yield
+        yield process
     finally:
         assert process.stdin is not None
         with trio.CancelScope(shield=True):
