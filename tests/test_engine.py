@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.counting_socket import CountingSocket
 from vfiouser_trio.engine import (
     DEFAULT_DISPATCH_BATCH,
     FRAME_OVERHEAD,
@@ -898,16 +899,6 @@ async def test_spec_order_processes_pipelined_commands_one_at_a_time_in_order() 
             replies = await peer.wait_frames(20)
     assert [r.header.msg_id for r in replies] == list(range(20))
     assert log == [(step, i) for i in range(20) for step in ("start", "end")]
-
-
-class CountingSocket(socket.socket):
-    """A socket that counts its sendmsg calls (the transport sends with nothing else)."""
-
-    sendmsg_calls = 0
-
-    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
-        self.sendmsg_calls += 1
-        return super().sendmsg(*args, **kwargs)
 
 
 async def test_pipelined_replies_leave_in_one_sendmsg() -> None:

@@ -7,6 +7,7 @@ import itertools
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.counting_socket import CountingSocket
 from vfiouser_trio.protocol.errors import ProtocolError
 from vfiouser_trio.protocol.framing import Frame, OversizedFrame
 from vfiouser_trio.protocol.header import Header, command_header
@@ -22,20 +24,12 @@ from vfiouser_trio.transport import (
     CHUNK_OVERHEAD,
     FRAMES_PER_READ,
     RECV_BUFFER_SIZE,
+    SLOW_PEER_MISSES,
+    SLOW_PEER_READS,
     Transport,
 )
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
-
-
-class CountingSocket(socket.socket):
-    """A socket that counts its sendmsg calls (the transport uses nothing else to send)."""
-
-    sendmsg_calls = 0
-
-    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
-        self.sendmsg_calls += 1
-        return super().sendmsg(*args, **kwargs)
 
 
 def transport_pair(**limits: int) -> tuple[Transport, Transport]:
@@ -405,6 +399,125 @@ async def test_a_cancelled_receive_loses_nothing() -> None:
     assert frame.header.msg_id == 1
     left.close()
     right.close()
+
+
+class PeerTiming:
+    """Drives ``receiver`` with frames from a raw peer socket, as a slow or a fast peer, and
+    tells whether a receive read before it yielded (``receiver`` wraps a CountingSocket).
+
+    A fast peer's frame arrives while the receive yields (trio.lowlevel.checkpoint, which
+    the transport yields with, is patched to send it); a slow one's once the receiver
+    waits on the socket. Either way the frame comes, so no receive hangs."""
+
+    def __init__(
+        self,
+        receiver: Transport,
+        counting: CountingSocket,
+        peer: socket.socket,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        self.receiver, self.counting, self.peer = receiver, counting, peer
+        self.msg_id = 0
+        self._send_at_yield = False
+        checkpoint = trio.lowlevel.checkpoint
+
+        async def sending_checkpoint() -> None:
+            if self._send_at_yield:
+                self._send()
+            await checkpoint()
+
+        monkeypatch.setattr(trio.lowlevel, "checkpoint", sending_checkpoint)
+
+    def _send(self) -> None:
+        self._send_at_yield = False
+        self.msg_id += 1
+        self.peer.send(frame_bytes(self.msg_id, 9, b""))
+
+    async def _exchange(self, *, fast: bool) -> bool:
+        empty_reads = self.counting.empty_reads
+        sent = self.msg_id
+
+        async def send_when_parked() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            if self.msg_id == sent:
+                self._send()
+
+        self._send_at_yield = fast
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_when_parked)
+            (frame,) = await self.receiver.receive()
+        assert isinstance(frame, Frame) and frame.header.msg_id == self.msg_id == sent + 1
+        return self.counting.empty_reads > empty_reads
+
+    async def slow(self) -> None:
+        """A peer that answers only once the receiver waits on the socket."""
+        assert await self._exchange(fast=False)
+
+    async def within_a_pass(self) -> bool:
+        """A peer that answers while the receiver yields; True if the receive read before
+        it yielded (and so found the socket empty)."""
+        return await self._exchange(fast=True)
+
+
+@pytest.fixture
+async def peer_timing(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PeerTiming]:
+    a, b = socket.socketpair()
+    counting = CountingSocket(fileno=a.detach())
+    receiver = Transport(counting)
+    yield PeerTiming(receiver, counting, b, monkeypatch)
+    receiver.close()
+    b.close()
+
+
+async def test_a_peer_slower_than_a_pass_is_read_before_the_yield(
+    peer_timing: PeerTiming,
+) -> None:
+    """Against a peer that never answers within the yield, receive stops yielding first
+    (a scheduler pass spent for nothing on every message); every SLOW_PEER_READS + 1-th
+    receive yields first again, and one that finds data then goes back to yielding first."""
+    with trio.fail_after(5):
+        assert not await peer_timing.within_a_pass()  # a fresh transport yields first
+        for _ in range(SLOW_PEER_MISSES):
+            await peer_timing.slow()
+        for _ in range(SLOW_PEER_READS):
+            assert await peer_timing.within_a_pass()  # read at once, found nothing
+        assert not await peer_timing.within_a_pass()  # the probe: yields first, finds it
+        for _ in range(3 * SLOW_PEER_READS):
+            assert not await peer_timing.within_a_pass()  # a fast peer again
+
+
+async def test_a_peer_that_answers_within_a_pass_half_the_time_keeps_the_yield(
+    peer_timing: PeerTiming,
+) -> None:
+    """A C client on another core answers within the yield about half the time: misses must
+    be SLOW_PEER_MISSES in a row before the yield goes."""
+    with trio.fail_after(5):
+        for _ in range(4 * SLOW_PEER_MISSES):
+            await peer_timing.slow()
+            assert not await peer_timing.within_a_pass()
+        for _ in range(SLOW_PEER_MISSES - 1):
+            await peer_timing.slow()
+        assert not await peer_timing.within_a_pass()
+
+
+async def test_a_cancelled_receive_from_a_slow_peer_loses_nothing(
+    peer_timing: PeerTiming,
+) -> None:
+    """Read first or not, a receive cancelled before it returns leaves the frame waiting."""
+    with trio.fail_after(5):
+        for _ in range(SLOW_PEER_MISSES):
+            await peer_timing.slow()
+        peer_timing.peer.send(frame_bytes(100, 9, b""))  # waiting before the receive
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await peer_timing.receiver.receive()
+        assert scope.cancelled_caught
+        (frame,) = await peer_timing.receiver.receive()
+    assert isinstance(frame, Frame) and frame.header.msg_id == 100
+    with trio.testing.assert_checkpoints():
+        peer_timing.peer.send(frame_bytes(101, 9, b""))
+        (frame,) = await peer_timing.receiver.receive()  # read at once: still a checkpoint
+    assert isinstance(frame, Frame) and frame.header.msg_id == 101
 
 
 def test_rejects_sockets_that_are_not_unix_streams() -> None:
