@@ -209,11 +209,11 @@ class Transport:
         "_queued_bytes",
         "_read_size",
         "_reads_before_yield",
-        "_yield_misses",
         "_recv",
         "_sock",
         "_watch",
         "_writer_lot",
+        "_yield_misses",
         "on_progress",
         "writer_nursery",
     )

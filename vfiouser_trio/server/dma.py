@@ -306,12 +306,14 @@ def mark_command_task(marked: bool = True) -> None:
     connection has ended).
     """
     task = _trio_task() if marked else None  # (inside trio: a session's task)
-    if _get_command_task() is not task:
+    if marked_command_task() is not task:
         _command_task.set(task)
 
 
 _trio_task = trio.lowlevel.current_task
-_get_command_task = _command_task.get
+#: The task marked by ``mark_command_task`` in this context (None if none): a caller on a hot
+#: path tests it against ``trio.lowlevel.current_task()`` before it calls the marker.
+marked_command_task = _command_task.get
 
 
 def _same_map(

@@ -76,9 +76,9 @@ from ..protocol.framing import Frame, close_fds
 from ..protocol.region_io import REGION_ACCESS_SIZE, REGION_ACCESS_STRUCT, check_count
 from ..protocol.regions import RegionCap
 from .device import Device
-from .dma import mark_command_task
+from .dma import mark_command_task, marked_command_task
 from .dma_hooks import DmaHookRunner
-from .migration import SessionMigration
+from .migration import MIG_DATA_COMMANDS, RUNNING, SessionMigration
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ _REGION_ACCESS_COMMANDS: Final = {
 }
 _unpack_region_access = REGION_ACCESS_STRUCT.unpack_from
 _pack_region_access = REGION_ACCESS_STRUCT.pack
+_current_task = trio.lowlevel.current_task
 
 #: What this server advertises unless told otherwise: libvfio-user's message sizes and
 #: 4096 DMA maps per client (an fd-backed map holds one of the process's mappings,
@@ -142,7 +143,7 @@ class ServerSession:
         # Decided once (the declarations are frozen by build() above): a device that cannot
         # migrate is never stopped, so its commands need neither the migration state's
         # check nor the quiesce gate's mark (mark_command_task); the hot path skips both.
-        self._gated = self._vfu.migration is not None
+        self._device_migration = self._vfu.migration
 
     # --- running -------------------------------------------------------------------------
 
@@ -266,11 +267,17 @@ class ServerSession:
         command = frame.header.command
         if command == _VERSION:
             return self._version(frame)  # only ever first: Role.SERVER
-        if self._gated:
-            # A stopped device refuses most commands (the engine closes the frame's fds).
-            self._migration.check_command(command)
-            # Device DMA from this task fails instead of waiting while the device is stopped.
-            mark_command_task()
+        migration = self._device_migration
+        if migration is not None:
+            # A stopped device refuses most commands (the engine closes the frame's fds);
+            # a running one takes all but the migration data's (check_command's rule, its
+            # common case tested here: this runs once per command).
+            if migration.state != RUNNING or command in MIG_DATA_COMMANDS:
+                self._migration.check_command(command)
+            # Device DMA from this task fails instead of waiting while the device is
+            # stopped (the mark lasts for the task: set once, tested here).
+            if marked_command_task() is not _current_task():
+                mark_command_task()
         if not frame.fds and command in _REGION_ACCESS_COMMANDS:
             # The hot path, and the only one for these two commands: what the decoder's
             # RegionReadRequest/RegionWriteRequest would accept, without building them
@@ -300,7 +307,7 @@ class ServerSession:
         request = decode_request(frame.header.command, frame.payload, frame.fds)
         # Decoding succeeded: the request now owns the fds.
         frame.take_fds()
-        if not self._gated:
+        if self._device_migration is None:
             mark_command_task()  # (a device that may be stopped is marked above)
         return await self._dispatch(request)
 
