@@ -1043,8 +1043,18 @@ class Connection:
 
         Same errors as :meth:`request`; an error reply raises instead of being returned.
         """
-        pending = await self.start_request_raw(command, payload, fds, transfer_fds=transfer_fds)
-        return await pending.wait()
+        # start_request_raw and PendingReply.wait without the PendingReply: once per
+        # request (a device's message DMA is all requests).
+        state, msg_id, request = await self._start_request(command, payload, fds, transfer_fds)
+        try:
+            await self._await_reply(state, request.done)
+        except BaseException:
+            _cancel_request(self.core, msg_id, request)
+            raise
+        if request.error is not None:
+            raise request.error
+        assert request.frame is not None
+        return self.core.reply_result(request.frame, command)
 
     async def start_request_raw(
         self,
@@ -1060,6 +1070,13 @@ class Connection:
         so one task can pipeline requests in the order it chooses. Wait for every pending
         reply or :meth:`~PendingReply.cancel` it: until then its ID stays in use.
         """
+        state, msg_id, request = await self._start_request(command, payload, fds, transfer_fds)
+        return PendingReply(self, state, msg_id, command, request)
+
+    async def _start_request(
+        self, command: int, payload: Buffer | Pieces, fds: Sequence[int], transfer_fds: bool
+    ) -> tuple[LinkState, int, _PendingRequest]:
+        """Send a command expecting a reply: its link, message ID and the reply's waiter."""
         core = self.core
         state, msg_id, header, payload = await self._begin_request(
             command, payload, fds, transfer_fds, no_reply=False
@@ -1072,7 +1089,7 @@ class Connection:
         except BaseException:
             core.forget(msg_id)
             raise
-        return PendingReply(self, state, msg_id, command, request)
+        return state, msg_id, request
 
     async def post_raw(
         self,
@@ -1194,10 +1211,17 @@ class PendingReply:
         """Give up the reply: a reply already here is closed, a late one consumed when it
         comes (its ID stays reserved until then)."""
         request, self._request = self._request, None
-        if request is None:
-            return
-        if not self._core.cancel(self._msg_id, request) and request.frame is not None:
-            request.frame.close_fds()
+        if request is not None:
+            _cancel_request(self._core, self._msg_id, request)
+
+
+def _cancel_request(
+    core: ConnectionCore[_PendingRequest], msg_id: int, request: _PendingRequest
+) -> None:
+    """Give up the reply to ``msg_id``: one already here is closed, a late one consumed when
+    it comes (its ID stays reserved until then)."""
+    if not core.cancel(msg_id, request) and request.frame is not None:
+        request.frame.close_fds()
 
 
 class _Suspended:

@@ -290,23 +290,38 @@ class DmaReadRequest(Request):
         ``payload`` is), else ``bytes``.
         """
         expect_no_fds(DmaReadReply, fds)
-        expect_min_size(DmaReadReply, payload, _DMA_RW.size)
         chosen = layout or detect_dma_read_layout(payload, self.count)
-        if chosen is None or len(payload) != _DMA_RW.size + self.count:
+        if chosen is None:
+            expect_min_size(DmaReadReply, payload, _DMA_RW.size)
             fail(DmaReadReply, f"reply does not carry the {self.count} bytes requested")
-        if chosen is DmaLayout.QEMU:
-            address, count = _QEMU_DMA_RW.unpack_from(payload)
-            start = _QEMU_DMA_RW.size
-        else:
-            address, count = _DMA_RW.unpack_from(payload)
-            start = _DMA_RW.size
-        if (address, count) != (self.address, self.count):
-            fail(
-                DmaReadReply,
-                f"reply {address:#x}+{count:#x} does not echo {self.address:#x}+{self.count:#x}",
-            )
-        data = memoryview(payload).toreadonly()[start : start + count]
-        return DmaReadReply(address, bytes(data) if copy else data, chosen)
+        data = dma_read_reply_data(payload, self.address, self.count, chosen)
+        return DmaReadReply(self.address, bytes(data) if copy else data, chosen)
+
+
+def dma_read_request_payload(address: int, count: int) -> bytes:
+    """A DMA_READ request's payload (``DmaReadRequest(address, count).pack()``, without
+    the object: the server sends one per message-DMA access)."""
+    return _DMA_RW.pack(address, count)
+
+
+def dma_read_reply_data(payload: Buffer, address: int, count: int, layout: DmaLayout) -> memoryview:
+    """The data of a DMA_READ reply in ``layout`` to a request for ``count`` bytes at
+    ``address``, as a read-only view of ``payload``; ProtocolError unless it carries exactly
+    those bytes and echoes the request (``DmaReadRequest.parse_reply``'s rule, without
+    objects: this runs once per message-DMA read)."""
+    # (QEMU's header is 4 bytes shorter, and 4 bytes of padding follow its data.)
+    if len(payload) != _DMA_RW.size + count:
+        expect_min_size(DmaReadReply, payload, _DMA_RW.size)
+        fail(DmaReadReply, f"reply does not carry the {count} bytes requested")
+    head = _QEMU_DMA_RW if layout is DmaLayout.QEMU else _DMA_RW
+    echoed, echoed_count = head.unpack_from(payload)
+    if echoed != address or echoed_count != count:
+        fail(
+            DmaReadReply,
+            f"reply {echoed:#x}+{echoed_count:#x} does not echo {address:#x}+{count:#x}",
+        )
+    start = head.size
+    return memoryview(payload).toreadonly()[start : start + count]
 
 
 # -- DMA_WRITE ----------------------------------------------------------------
@@ -332,11 +347,7 @@ class DmaWriteReply(Reply):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        if len(payload) >= _DMA_RW.size:
-            return cls(*_DMA_RW.unpack_from(payload))
-        if len(payload) >= _QEMU_DMA_RW.size:  # the spec table's u32 count
-            return cls(*_QEMU_DMA_RW.unpack_from(payload))
-        fail(cls, f"payload of {len(payload)} bytes, expected 12 or 16")
+        return cls(*_dma_write_echo(payload))
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,18 +414,47 @@ class DmaWriteRequest(Request):
         apart. A spec reply must echo the request (libvfio-user checks this too).
         """
         expect_no_fds(DmaWriteReply, fds)
+        check_dma_write_reply(payload, self.address, self.count, self.layout)
         if self.layout is DmaLayout.QEMU:
-            if len(payload):
-                fail(DmaWriteReply, f"{len(payload)} bytes where QEMU's layout answers none")
             return DmaWriteReply(self.address, self.count, DmaLayout.QEMU)
-        reply = DmaWriteReply.unpack(payload)
-        if (reply.address, reply.count) != (self.address, self.count):
-            fail(
-                DmaWriteReply,
-                f"reply {reply.address:#x}+{reply.count:#x} does not echo "
-                f"{self.address:#x}+{self.count:#x}",
-            )
-        return reply
+        return DmaWriteReply.unpack(payload)
+
+
+def _dma_write_echo(payload: Buffer) -> tuple[int, int]:
+    """The address and count a spec-layout DMA_WRITE reply echoes (u64 count, or the spec
+    table's u32)."""
+    if len(payload) >= _DMA_RW.size:
+        return _DMA_RW.unpack_from(payload)
+    if len(payload) >= _QEMU_DMA_RW.size:
+        return _QEMU_DMA_RW.unpack_from(payload)
+    fail(DmaWriteReply, f"payload of {len(payload)} bytes, expected 12 or 16")
+
+
+def dma_write_request_pieces(address: int, data: Buffer, layout: DmaLayout) -> tuple[Buffer, ...]:
+    """``DmaWriteRequest(address, data, layout).pack_pieces()``, without the object (the
+    server sends one per message-DMA write)."""
+    return _rw_pieces(address, data, layout)
+
+
+def check_dma_write_reply(payload: Buffer, address: int, count: int, layout: DmaLayout) -> None:
+    """ProtocolError unless ``payload`` is the reply in ``layout`` to a DMA_WRITE of
+    ``count`` bytes at ``address`` (``DmaWriteRequest.parse_reply``'s rule, without objects:
+    this runs once per message-DMA write).
+
+    QEMU's reply must be empty: exact, since the length is what tells the layouts apart. A
+    spec reply must echo the request (libvfio-user checks this too); its count may be the
+    spec table's u32 (12 bytes), as ``DmaWriteReply.unpack`` reads it.
+    """
+    if layout is DmaLayout.QEMU:
+        if len(payload):
+            fail(DmaWriteReply, f"{len(payload)} bytes where QEMU's layout answers none")
+        return
+    echoed, echoed_count = _dma_write_echo(payload)
+    if echoed != address or echoed_count != count:
+        fail(
+            DmaWriteReply,
+            f"reply {echoed:#x}+{echoed_count:#x} does not echo {address:#x}+{count:#x}",
+        )
 
 
 def dma_write_probe(address: int) -> DmaWriteRequest:

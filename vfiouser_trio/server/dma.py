@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol, overload
+from typing import NoReturn, Protocol, overload
 
 import trio
 
@@ -89,6 +89,10 @@ class DmaMessenger(Protocol):
 
 class DmaError(VfioUserError):
     """A device DMA access the maps do not allow (EFAULT), or that failed in transit."""
+
+
+def _wrong_read_size(got: int, wanted: int) -> NoReturn:
+    raise DmaError(errno.EIO, f"DMA_READ returned {got} bytes, wanted {wanted}")
 
 
 #: Called for every device write to guest memory: (iova, length). Dirty-page logging hooks in here.
@@ -871,18 +875,22 @@ class DmaTable:
 
     async def _message_read_into(self, address: int, dst: memoryview) -> None:
         """``_message_read`` straight into ``dst`` (each reply's data copied once, there)."""
-        step = self._need_messenger().max_data_xfer_size
+        messenger = self._need_messenger()
+        step = messenger.max_data_xfer_size
         count = len(dst)
         for pos in range(0, count, step):
             n = min(step, count - pos)
-            dst[pos : pos + n] = await self._message_chunk(address + pos, n)
+            chunk = await messenger.dma_read(address + pos, n)
+            if len(chunk) != n:  # (_message_chunk's test, without its call per message)
+                _wrong_read_size(len(chunk), n)
+            dst[pos : pos + n] = chunk
 
     async def _message_chunk(self, address: int, count: int) -> bytes | memoryview:
         """One DMA_READ of ``count`` bytes (at most the client's transfer size); EIO for a
         reply of another size."""
         chunk = await self._need_messenger().dma_read(address, count)
         if len(chunk) != count:
-            raise DmaError(errno.EIO, f"DMA_READ returned {len(chunk)} bytes, wanted {count}")
+            _wrong_read_size(len(chunk), count)
         return chunk
 
     async def _message_write(self, address: int, data: memoryview) -> None:

@@ -38,7 +38,6 @@ from ..protocol import (
     DmaMapRequest,
     DmaReadRequest,
     DmaUnmapRequest,
-    DmaWriteRequest,
     IoEventFdSubRegion,
     IrqInfoReply,
     IrqInfoRequest,
@@ -71,6 +70,12 @@ from ..protocol.constants import (
     DEVICE_FLAGS_RESET,
     Command,
 )
+from ..protocol.dma import (
+    check_dma_write_reply,
+    dma_read_reply_data,
+    dma_read_request_payload,
+    dma_write_request_pieces,
+)
 from ..protocol.errors import ProtocolError, VfioUserError
 from ..protocol.framing import Frame, close_fds
 from ..protocol.region_io import REGION_ACCESS_SIZE, REGION_ACCESS_STRUCT, check_count
@@ -87,6 +92,8 @@ log = logging.getLogger(__name__)
 _VERSION: Final = int(Command.VERSION)
 _REGION_READ: Final = int(Command.REGION_READ)
 _REGION_WRITE: Final = int(Command.REGION_WRITE)
+_DMA_READ: Final = int(Command.DMA_READ)
+_DMA_WRITE: Final = int(Command.DMA_WRITE)
 _REGION_ACCESS_COMMANDS: Final = {
     _REGION_READ: Command.REGION_READ,
     _REGION_WRITE: Command.REGION_WRITE,
@@ -134,6 +141,9 @@ class ServerSession:
         self.hooks = hooks
         self.negotiated: Negotiated | None = None
         self._xfer_max = 0  # negotiated.recv_max_data_xfer_size, read once per access
+        #: The largest ``count`` of our DMA_READ / DMA_WRITE (DmaMessenger's): the smaller of
+        #: the client's limit and ours, from VERSION on (0 before: no map exists then).
+        self.max_data_xfer_size = 0
         self._conn: Connection | None = None
         self._attached = False
         # The client's DMA_READ/WRITE layout: configured, or learnt once (see dma_read).
@@ -189,47 +199,48 @@ class ServerSession:
 
     # --- DMA over messages (DmaMessenger) ------------------------------------------------
 
-    @property
-    def max_data_xfer_size(self) -> int:
-        assert self.negotiated is not None
-        return self.negotiated.send_max_data_xfer_size
-
     async def dma_read(self, address: int, count: int) -> memoryview:
         """The data at ``address``: a read-only view of the reply frame (ours alone)."""
-        conn = self._need_conn()
-        request = DmaReadRequest(address, count)
-        frame = await conn.request_raw(request.COMMAND, request.pack())
+        # (Payloads packed and checked without message objects: once per DMA message.)
+        frame = await self._need_conn().request_raw(
+            _DMA_READ, dma_read_request_payload(address, count)
+        )
         frame.close_fds()
+        payload = frame.payload
         layout = self._dma_layout
         if layout is None:
             # A reply only one layout fits tells the peer's layout. When both fit and the
             # two readings differ (QEMU's data starting with 4 zero bytes), ask the peer.
-            fits = dma_read_reply_layouts(frame.payload, count)
+            request = DmaReadRequest(address, count)
+            fits = dma_read_reply_layouts(payload, count)
             if len(fits) == 1:
                 (layout,) = fits
                 self._dma_layout = layout
-            elif (
-                fits and len({request.parse_reply(frame.payload, layout=f).data for f in fits}) > 1
-            ):
+            elif fits and len({request.parse_reply(payload, layout=f).data for f in fits}) > 1:
                 layout = await self._peer_dma_layout(address)
+            else:
+                try:
+                    reply = request.parse_reply(payload, copy=False)
+                except ProtocolError as exc:
+                    self._refuse_dma_reply(exc)
+                    raise
+                assert isinstance(reply.data, memoryview)  # copy=False gives a view
+                return reply.data
         try:
-            data = request.parse_reply(frame.payload, (), layout=layout, copy=False).data
+            return dma_read_reply_data(payload, address, count, layout)
         except ProtocolError as exc:
             self._refuse_dma_reply(exc)
             raise
-        assert isinstance(data, memoryview)  # copy=False gives a view
-        return data
 
     async def dma_write(self, address: int, data: bytes | memoryview) -> None:
         conn = self._need_conn()
         layout = self._dma_layout or await self._peer_dma_layout(address)
-        request = DmaWriteRequest(address, data, layout)
         # Header, DMA header and the device's data go out as iovecs: the data is not copied
         # unless the kernel leaves part of it (the transport then copies that part at once).
-        frame = await conn.request_raw(request.COMMAND, request.pack_pieces())
+        frame = await conn.request_raw(_DMA_WRITE, dma_write_request_pieces(address, data, layout))
         frame.close_fds()
         try:
-            request.parse_reply(frame.payload)
+            check_dma_write_reply(frame.payload, address, len(data), layout)
         except ProtocolError as exc:
             self._refuse_dma_reply(exc)
             raise
@@ -369,6 +380,7 @@ class ServerSession:
             self.device.dma.messenger = self
             self.negotiated = negotiated
             self._xfer_max = negotiated.recv_max_data_xfer_size
+            self.max_data_xfer_size = negotiated.send_max_data_xfer_size
             self._attached = True
             try:
                 await self.device.attached()
