@@ -403,7 +403,7 @@ async def test_a_cancelled_receive_loses_nothing() -> None:
 
 class PeerTiming:
     """Drives ``receiver`` with frames from a raw peer socket, as a slow or a fast peer, and
-    tells whether a receive read before it yielded (``receiver`` wraps a CountingSocket).
+    tells whether a receive waited on the socket without yielding first.
 
     A fast peer's frame arrives while the receive yields (trio.lowlevel.checkpoint, which
     the transport yields with, is patched to send it); a slow one's once the receiver
@@ -418,18 +418,20 @@ class PeerTiming:
     ) -> None:
         self.receiver, self.counting, self.peer = receiver, counting, peer
         self.msg_id = 0
-        self._send_at_yield = False
+        self._answer_at_yield = False
+        self._answered_at_yield = False
         checkpoint = trio.lowlevel.checkpoint
 
-        async def sending_checkpoint() -> None:
-            if self._send_at_yield:
+        async def answering_checkpoint() -> None:
+            if self._answer_at_yield:
+                self._answered_at_yield = True
                 self._send()
             await checkpoint()
 
-        monkeypatch.setattr(trio.lowlevel, "checkpoint", sending_checkpoint)
+        monkeypatch.setattr(trio.lowlevel, "checkpoint", answering_checkpoint)
 
     def _send(self) -> None:
-        self._send_at_yield = False
+        self._answer_at_yield = False
         self.msg_id += 1
         self.peer.send(frame_bytes(self.msg_id, 9, b""))
 
@@ -442,20 +444,23 @@ class PeerTiming:
             if self.msg_id == sent:
                 self._send()
 
-        self._send_at_yield = fast
+        self._answer_at_yield, self._answered_at_yield = fast, False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_when_parked)
             (frame,) = await self.receiver.receive()
         assert isinstance(frame, Frame) and frame.header.msg_id == self.msg_id == sent + 1
-        return self.counting.empty_reads > empty_reads
+        waited_first = fast and not self._answered_at_yield
+        # A receive that waits first reads only once the socket has data.
+        assert not waited_first or self.counting.empty_reads == empty_reads
+        return waited_first
 
     async def slow(self) -> None:
         """A peer that answers only once the receiver waits on the socket."""
-        assert await self._exchange(fast=False)
+        await self._exchange(fast=False)
 
     async def within_a_pass(self) -> bool:
-        """A peer that answers while the receiver yields; True if the receive read before
-        it yielded (and so found the socket empty)."""
+        """A peer that answers while the receiver yields; True if the receive waited on the
+        socket without yielding first (so the answer came once it waited)."""
         return await self._exchange(fast=True)
 
 
@@ -469,18 +474,19 @@ async def peer_timing(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PeerTimi
     b.close()
 
 
-async def test_a_peer_slower_than_a_pass_is_read_before_the_yield(
+async def test_a_peer_slower_than_a_pass_is_waited_for_without_a_yield(
     peer_timing: PeerTiming,
 ) -> None:
     """Against a peer that never answers within the yield, receive stops yielding first
-    (a scheduler pass spent for nothing on every message); every SLOW_PEER_READS + 1-th
-    receive yields first again, and one that finds data then goes back to yielding first."""
+    (a scheduler pass and a read spent for nothing on every message) and waits on the
+    socket at once; every SLOW_PEER_READS + 1-th receive yields first again, and one that
+    finds data then goes back to yielding first."""
     with trio.fail_after(5):
         assert not await peer_timing.within_a_pass()  # a fresh transport yields first
         for _ in range(SLOW_PEER_MISSES):
             await peer_timing.slow()
         for _ in range(SLOW_PEER_READS):
-            assert await peer_timing.within_a_pass()  # read at once, found nothing
+            assert await peer_timing.within_a_pass()  # waited on the socket at once
         assert not await peer_timing.within_a_pass()  # the probe: yields first, finds it
         for _ in range(3 * SLOW_PEER_READS):
             assert not await peer_timing.within_a_pass()  # a fast peer again
@@ -503,7 +509,7 @@ async def test_a_peer_that_answers_within_a_pass_half_the_time_keeps_the_yield(
 async def test_a_cancelled_receive_from_a_slow_peer_loses_nothing(
     peer_timing: PeerTiming,
 ) -> None:
-    """Read first or not, a receive cancelled before it returns leaves the frame waiting."""
+    """Waiting first or not, a receive cancelled before it returns leaves the frame waiting."""
     with trio.fail_after(5):
         for _ in range(SLOW_PEER_MISSES):
             await peer_timing.slow()
@@ -516,7 +522,7 @@ async def test_a_cancelled_receive_from_a_slow_peer_loses_nothing(
     assert isinstance(frame, Frame) and frame.header.msg_id == 100
     with trio.testing.assert_checkpoints():
         peer_timing.peer.send(frame_bytes(101, 9, b""))
-        (frame,) = await peer_timing.receiver.receive()  # read at once: still a checkpoint
+        (frame,) = await peer_timing.receiver.receive()  # waits first: still a checkpoint
     assert isinstance(frame, Frame) and frame.header.msg_id == 101
 
 

@@ -1273,9 +1273,14 @@ def _pending(result: object) -> Coroutine[Any, Any, HandlerResult] | None:
     itself (answered at once: nothing to step or await)."""
     if type(result) is CoroutineType:
         return result
-    if type(result) is bytes or not isawaitable(result):
+    # (The results a handler may give, tested first: isawaitable goes through an ABC check.)
+    if result is None or isinstance(result, _ANSWERS) or not isawaitable(result):
         return None
     return _awaited(result)
+
+
+#: The types of a handler's answer itself (HandlerResult but None).
+_ANSWERS = (bytes, Message, RawMessage)
 
 
 async def _awaited(awaitable: Awaitable[HandlerResult]) -> HandlerResult:

@@ -54,12 +54,13 @@ MIN_READ = 4096
 #: (``FrameDecoder.receive_space``); less is read through the receive buffer with what follows.
 DIRECT_READ_MIN = 16 * 1024
 #: Reads in a row that found nothing after the yield (see :meth:`Transport.receive`) from
-#: which the peer counts as slower than a scheduler pass: the yield then only costs a pass.
+#: which the peer counts as slower than a scheduler pass: the yield then only costs a pass
+#: (and the read after it a system call).
 #: A fast peer misses about half the time (a C client answering a REGION_READ on another
 #: core does), so the run must be long to tell them apart.
 SLOW_PEER_MISSES = 32
-#: Receives of a slow peer's link that read before they yield; the next yields first again,
-#: which finds out whether the peer has sped up.
+#: Receives of a slow peer's link that wait on the socket at once instead; the next yields
+#: first again, which finds out whether the peer has sped up.
 SLOW_PEER_READS = 8
 #: Buffers gathered into one ``sendmsg`` (Linux allows 1024).
 _MAX_IOV = 512
@@ -208,9 +209,9 @@ class Transport:
         "_out",
         "_queued_bytes",
         "_read_size",
-        "_reads_before_yield",
         "_recv",
         "_sock",
+        "_waits_first",
         "_watch",
         "_writer_lot",
         "_yield_misses",
@@ -250,7 +251,7 @@ class Transport:
         self._broken: OSError | None = None
         self._at_eof = False
         self._drained_socket = False
-        self._reads_before_yield = 0
+        self._waits_first = 0
         self._yield_misses = 0
         self._watch: IdleWatch | None = None
         #: Called (synchronously) whenever the kernel took queued data; None for nobody.
@@ -327,16 +328,10 @@ class Transport:
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
         self._read_size = max(min(max_bytes, self._fair_read_size), 1)
-        if self._reads_before_yield:
-            # A slow peer (SLOW_PEER_MISSES): read at once, and wait on the socket if it is
-            # empty, which yields only once. A checkpoint comes after data found, shielded
-            # so that a cancel cannot lose what was read.
-            self._reads_before_yield -= 1
-            await trio.lowlevel.checkpoint_if_cancelled()
-            events = self._receive_nowait()
-            if events is not None:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return events
+        if self._waits_first:
+            # A slow peer (SLOW_PEER_MISSES): wait on the socket at once, which yields only
+            # once (its data is hardly ever in already: a read first would find nothing).
+            self._waits_first -= 1
         else:
             # Yield first, then read: the scheduler pass gives the peer time to answer what
             # we just sent (a client with one request in flight does, within it), and data
@@ -350,7 +345,7 @@ class Transport:
                 return events
             self._yield_misses += 1
             if self._yield_misses >= SLOW_PEER_MISSES:
-                self._reads_before_yield = SLOW_PEER_READS
+                self._waits_first = SLOW_PEER_READS
         await trio.lowlevel.wait_readable(self._sock)
         while True:
             events = self._receive_nowait()
