@@ -174,7 +174,9 @@ def _frame(request: Request) -> Frame:
 def _payload(reply: HandlerResult) -> Buffer:
     """The payload a handler's result puts on the wire (a DMA_READ reply comes packed, in
     pieces: joined here, so no view of guest memory outlives the call)."""
-    assert isinstance(reply, Message | RawMessage)
+    assert isinstance(reply, bytes | Message | RawMessage)
+    if isinstance(reply, bytes):
+        return reply
     payload = reply.pack() if isinstance(reply, Message) else reply.payload
     return b"".join(payload) if isinstance(payload, tuple) else payload
 
@@ -186,11 +188,11 @@ async def test_dma_service_reads_and_writes(memory: GuestMemory) -> None:
     reply = service.handle(_frame(DmaReadRequest(0x8000 + 3, 5)))
     assert _payload(reply) == DmaReadReply(0x8000 + 3, b"\x02" * 5).pack()
     reply = service.handle(_frame(DmaWriteRequest(0x8000 + PAGE, b"abc")))
-    assert reply == DmaWriteReply(0x8000 + PAGE, 3)
+    assert _payload(reply) == DmaWriteReply(0x8000 + PAGE, 3).pack()
     assert memory.read(2 * PAGE, 3) == b"abc"
     # Zero-length transfers succeed without touching anything.
-    assert service.handle(_frame(DmaReadRequest(0, 0))) == DmaReadReply(0, b"")
-    assert service.handle(_frame(DmaWriteRequest(0, b""))) == DmaWriteReply(0, 0)
+    assert _payload(service.handle(_frame(DmaReadRequest(0, 0)))) == DmaReadReply(0, b"").pack()
+    assert _payload(service.handle(_frame(DmaWriteRequest(0, b"")))) == DmaWriteReply(0, 0).pack()
 
 
 async def test_dma_service_reads_across_maps_and_keeps_no_view_of_the_memory() -> None:
@@ -217,6 +219,10 @@ async def test_dma_service_qemu_layout(memory: GuestMemory) -> None:
     reply = service.handle(_frame(DmaReadRequest(0, 4)))
     # u64 address, u32 count, data, 4 zero bytes
     assert _payload(reply) == bytes(8) + b"\x04\0\0\0" + b"\x01" * 4 + bytes(4)
+    # QEMU answers a DMA_WRITE with the header alone; its data is read from offset 12.
+    write = DmaWriteRequest(0x10, b"xyz", DmaLayout.QEMU)
+    assert _payload(service.handle(_frame(write))) == b""
+    assert memory.read(0x10, 3) == b"xyz"
 
 
 async def test_dma_service_errors(memory: GuestMemory) -> None:
@@ -229,11 +235,28 @@ async def test_dma_service_errors(memory: GuestMemory) -> None:
         (_frame(DmaReadRequest(4 * PAGE, 1)), errno.EFAULT),
         (_frame(RegionInfoRequest(0)), errno.EINVAL),  # not a server->client command
         (Frame(command_header(1, Command.DMA_READ, 3), b"abc", []), errno.EINVAL),  # malformed
+        (Frame(command_header(1, Command.DMA_WRITE, 3), b"abc", []), errno.EINVAL),
+        (
+            Frame(
+                command_header(1, Command.DMA_WRITE, 19), bytes(8) + b"\4" + bytes(7) + b"abc", []
+            ),
+            errno.EINVAL,
+        ),  # count 4, 3 bytes
     ]
-    for frame, code in cases:
-        with pytest.raises(VfioUserError) as info:
-            service.handle(frame)
-        assert info.value.errno == code
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        # A DMA command never carries fds.
+        for request in (DmaReadRequest(0, 1), DmaWriteRequest(0, b"a")):
+            payload = request.pack()
+            header = command_header(1, request.COMMAND, len(payload))
+            cases.append((Frame(header, payload, [fd]), errno.EINVAL))
+        for frame, code in cases:
+            with pytest.raises(VfioUserError) as info:
+                service.handle(frame)
+            assert info.value.errno == code
+    finally:
+        os.close(fd)
+    assert memory.read(0, 4) == b"\x01" * 4  # no write of those went through
 
 
 # --- argsz dance and region mapping ----------------------------------------------------------

@@ -16,7 +16,7 @@ from vfiouser_trio.protocol.dma import (
     check_dma_write_reply,
     dma_read_reply_data,
     dma_read_request_payload,
-    dma_write_request_pieces,
+    dma_rw_pieces,
 )
 from vfiouser_trio.protocol.errors import ProtocolError
 
@@ -66,7 +66,7 @@ def test_a_dma_read_reply_gives_a_view_of_its_data_once_it_echoes_the_request(
 @pytest.mark.parametrize("layout", list(DmaLayout))
 def test_a_dma_write_reply_must_echo_the_request_in_its_layout(layout: DmaLayout) -> None:
     request = DmaWriteRequest(0x3000, b"q" * 64, layout)
-    assert dma_write_request_pieces(0x3000, b"q" * 64, layout) == request.pack_pieces()
+    assert dma_rw_pieces(0x3000, b"q" * 64, layout) == request.pack_pieces()
     reply = DmaWriteReply(0x3000, 64, layout).pack()
     check_dma_write_reply(reply, 0x3000, 64, layout)
     if layout is DmaLayout.SPEC:

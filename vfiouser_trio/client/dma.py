@@ -27,11 +27,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..engine import HandlerResult, RawMessage
+from ..protocol._util import expect_no_fds
 from ..protocol.constants import Command
-from ..protocol.dma import DmaLayout, DmaReadReply, DmaReadRequest, DmaWriteReply, DmaWriteRequest
+from ..protocol.dma import (
+    DmaLayout,
+    DmaReadRequest,
+    DmaWriteRequest,
+    dma_read_request_fields,
+    dma_rw_pieces,
+    dma_write_reply_payload,
+    dma_write_request_fields,
+)
 from ..protocol.errors import VfioUserError, command_name
 from ..protocol.framing import Frame
-from ..protocol.region_io import check_xfer_size
+from ..protocol.region_io import check_count
 from .dirty import ClientWrites
 from .guest_memory import GuestMemory
 
@@ -39,6 +48,8 @@ __all__ = ["DmaMap", "DmaMaps", "DmaService"]
 
 #: One past the last IOVA.
 _IOVA_END = 1 << 64
+_DMA_READ = int(Command.DMA_READ)
+_DMA_WRITE = int(Command.DMA_WRITE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,39 +188,45 @@ class DmaService:
     def handle(self, frame: Frame) -> HandlerResult:
         """The engine handler: answer one command from the server (at once: a plain
         function, so the engine runs no coroutine for it)."""
+        # (Decoded and answered without message objects, as DmaReadRequest.unpack and
+        # DmaWriteRequest.unpack_as would: this runs once per DMA message.)
         command = frame.header.command
-        if command not in (Command.DMA_READ, Command.DMA_WRITE):
-            raise VfioUserError(errno.EINVAL, f"a client does not serve {command_name(command)}")
-        request: DmaReadRequest | DmaWriteRequest
-        if command == Command.DMA_WRITE:
+        if command == _DMA_WRITE:
+            if frame.fds:
+                expect_no_fds(DmaWriteRequest, frame.fds)
             # The data stays a view of the frame: its one copy is into guest memory.
-            request = DmaWriteRequest.unpack_as(frame.payload, frame.fds, self.layout, copy=False)
+            address, data = dma_write_request_fields(frame.payload, self.layout)
+            count = len(data)
+        elif command == _DMA_READ:
+            if frame.fds:
+                expect_no_fds(DmaReadRequest, frame.fds)
+            address, count = dma_read_request_fields(frame.payload)
         else:
-            request = DmaReadRequest.unpack(frame.payload, frame.fds)
-        check_xfer_size(request, self.max_data_xfer_size)
-        if request.address + request.count > _IOVA_END:
+            raise VfioUserError(errno.EINVAL, f"a client does not serve {command_name(command)}")
+        if count > self.max_data_xfer_size:
+            check_count(Command(command), count, self.max_data_xfer_size)
+        if address + count > _IOVA_END:
             raise VfioUserError(
                 errno.EINVAL,
-                f"DMA range {request.address:#x}+{request.count:#x} wraps the address space",
+                f"DMA range {address:#x}+{count:#x} wraps the address space",
                 command=command,
             )
-        if isinstance(request, DmaReadRequest):
-            if not request.count:
-                return DmaReadReply(request.address, b"", self.layout)
-            parts = self.maps._read_views(request.address, request.count)
+        if command == _DMA_READ:
+            if not count:
+                return RawMessage(dma_rw_pieces(address, b"", self.layout))
+            parts = self.maps._read_views(address, count)
             if len(parts) == 1:
                 # Sent straight from guest memory, the view one iovec of the reply: the engine
                 # queues the reply before anything else runs (or joins the pieces when a
                 # policy holds it) and the transport copies what the kernel does not take at
                 # once, so the view is gone before any unmap or close can come.
-                reply = DmaReadReply(request.address, parts[0], self.layout)
-                return RawMessage(reply.pack_pieces())
+                return RawMessage(dma_rw_pieces(address, parts[0], self.layout))
             try:
-                data = b"".join(parts)  # spanning maps: one copy, joined
+                joined = b"".join(parts)  # spanning maps: one copy, joined
             finally:
                 for part in parts:
                     part.release()
-            return RawMessage(DmaReadReply(request.address, data, self.layout).pack_pieces())
-        if request.data:
-            self.maps.write(request.address, request.data)
-        return DmaWriteReply(request.address, request.count, self.layout)
+            return RawMessage(dma_rw_pieces(address, joined, self.layout))
+        if count:
+            self.maps.write(address, data)
+        return dma_write_reply_payload(address, count, self.layout)

@@ -47,9 +47,11 @@ class DmaLayout(enum.Enum):
     QEMU = "qemu"
 
 
-def _rw_pieces(address: int, data: Buffer, layout: DmaLayout) -> tuple[Buffer, ...]:
-    """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``, in pieces: the DMA
-    header, ``data`` itself (not copied), and QEMU's padding."""
+def dma_rw_pieces(address: int, data: Buffer, layout: DmaLayout) -> tuple[Buffer, ...]:
+    """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``, in pieces to send as
+    iovecs: the DMA header, ``data`` itself (not copied), and QEMU's padding. (What
+    ``DmaReadReply`` / ``DmaWriteRequest.pack_pieces`` give, without the message object:
+    the peers make one per message-DMA access.)"""
     if layout is DmaLayout.QEMU:
         return _QEMU_DMA_RW.pack(address, len(data)), data, _QEMU_PAD
     return _DMA_RW.pack(address, len(data)), data
@@ -57,7 +59,7 @@ def _rw_pieces(address: int, data: Buffer, layout: DmaLayout) -> tuple[Buffer, .
 
 def _pack_rw(address: int, data: Buffer, layout: DmaLayout) -> bytes:
     """A DMA_READ reply's or DMA_WRITE request's payload in ``layout``, joined."""
-    return b"".join(_rw_pieces(address, data, layout))
+    return b"".join(dma_rw_pieces(address, data, layout))
 
 
 def _empty_reply_unpack(cls: type[Message], payload: Buffer, fds: Sequence[int]) -> None:
@@ -214,7 +216,7 @@ class DmaReadReply(Reply):
     def pack_pieces(self) -> tuple[Buffer, ...]:
         """The payload as ``pack`` makes it, in pieces to send as iovecs (``data`` itself
         among them, uncopied: it must stay unchanged until sent)."""
-        return _rw_pieces(self.address, self.data, self.layout)
+        return dma_rw_pieces(self.address, self.data, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
@@ -269,8 +271,7 @@ class DmaReadRequest(Request):
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
         expect_no_fds(cls, fds)
-        expect_min_size(cls, payload, _DMA_RW.size)
-        return cls(*_DMA_RW.unpack_from(payload))
+        return cls(*dma_read_request_fields(payload))
 
     def parse_reply(
         self,
@@ -296,6 +297,13 @@ class DmaReadRequest(Request):
             fail(DmaReadReply, f"reply does not carry the {self.count} bytes requested")
         data = dma_read_reply_data(payload, self.address, self.count, chosen)
         return DmaReadReply(self.address, bytes(data) if copy else data, chosen)
+
+
+def dma_read_request_fields(payload: Buffer) -> tuple[int, int]:
+    """The address and count of a DMA_READ request (``DmaReadRequest.unpack`` without the
+    object, and without the fds' check)."""
+    expect_min_size(DmaReadRequest, payload, _DMA_RW.size)
+    return _DMA_RW.unpack_from(payload)
 
 
 def dma_read_request_payload(address: int, count: int) -> bytes:
@@ -342,7 +350,7 @@ class DmaWriteReply(Reply):
     layout: DmaLayout = DmaLayout.SPEC
 
     def pack(self) -> bytes:
-        return b"" if self.layout is DmaLayout.QEMU else _DMA_RW.pack(self.address, self.count)
+        return dma_write_reply_payload(self.address, self.count, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
@@ -373,7 +381,7 @@ class DmaWriteRequest(Request):
     def pack_pieces(self) -> tuple[Buffer, ...]:
         """The payload as ``pack`` makes it, in pieces to send as iovecs (``data`` itself
         among them, uncopied: it must stay unchanged until sent)."""
-        return _rw_pieces(self.address, self.data, self.layout)
+        return dma_rw_pieces(self.address, self.data, self.layout)
 
     @classmethod
     def unpack(cls, payload: Buffer, fds: Sequence[int] = ()) -> Self:
@@ -393,18 +401,7 @@ class DmaWriteRequest(Request):
         write; valid while ``payload`` is), else ``bytes``.
         """
         expect_no_fds(cls, fds)
-        expect_min_size(cls, payload, _DMA_RW.size)
-        if layout is DmaLayout.SPEC:
-            address, count = _DMA_RW.unpack_from(payload)
-            if len(payload) - _DMA_RW.size != count:
-                fail(cls, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
-            start = _DMA_RW.size
-        else:
-            address, count = _QEMU_DMA_RW.unpack_from(payload)
-            if count > len(payload) - _DMA_RW.size:
-                fail(cls, f"count {count} but room for {len(payload) - _DMA_RW.size} data bytes")
-            start = _QEMU_DMA_RW.size
-        data = memoryview(payload).toreadonly()[start : start + count]
+        address, data = dma_write_request_fields(payload, layout)
         return cls(address, bytes(data) if copy else data, layout)
 
     def parse_reply(self, payload: Buffer, fds: Sequence[int] = ()) -> DmaWriteReply:
@@ -420,6 +417,33 @@ class DmaWriteRequest(Request):
         return DmaWriteReply.unpack(payload)
 
 
+def dma_write_request_fields(payload: Buffer, layout: DmaLayout) -> tuple[int, memoryview]:
+    """The address and data (a read-only view of ``payload``) of a DMA_WRITE request in
+    ``layout``: ``DmaWriteRequest.unpack_as`` without the object, and without the fds'
+    check. QEMU's layout is read as QEMU reads it (see ``unpack_as``)."""
+    expect_min_size(DmaWriteRequest, payload, _DMA_RW.size)
+    if layout is DmaLayout.SPEC:
+        address, count = _DMA_RW.unpack_from(payload)
+        if len(payload) - _DMA_RW.size != count:
+            fail(DmaWriteRequest, f"count {count} but {len(payload) - _DMA_RW.size} data bytes")
+        start = _DMA_RW.size
+    else:
+        address, count = _QEMU_DMA_RW.unpack_from(payload)
+        if count > len(payload) - _DMA_RW.size:
+            fail(
+                DmaWriteRequest,
+                f"count {count} but room for {len(payload) - _DMA_RW.size} data bytes",
+            )
+        start = _QEMU_DMA_RW.size
+    return address, memoryview(payload).toreadonly()[start : start + count]
+
+
+def dma_write_reply_payload(address: int, count: int, layout: DmaLayout) -> bytes:
+    """The reply to a DMA_WRITE of ``count`` bytes at ``address``, in ``layout``:
+    ``DmaWriteReply.pack`` without the object (QEMU answers with the header alone)."""
+    return b"" if layout is DmaLayout.QEMU else _DMA_RW.pack(address, count)
+
+
 def _dma_write_echo(payload: Buffer) -> tuple[int, int]:
     """The address and count a spec-layout DMA_WRITE reply echoes (u64 count, or the spec
     table's u32)."""
@@ -428,12 +452,6 @@ def _dma_write_echo(payload: Buffer) -> tuple[int, int]:
     if len(payload) >= _QEMU_DMA_RW.size:
         return _QEMU_DMA_RW.unpack_from(payload)
     fail(DmaWriteReply, f"payload of {len(payload)} bytes, expected 12 or 16")
-
-
-def dma_write_request_pieces(address: int, data: Buffer, layout: DmaLayout) -> tuple[Buffer, ...]:
-    """``DmaWriteRequest(address, data, layout).pack_pieces()``, without the object (the
-    server sends one per message-DMA write)."""
-    return _rw_pieces(address, data, layout)
 
 
 def check_dma_write_reply(payload: Buffer, address: int, count: int, layout: DmaLayout) -> None:

@@ -74,7 +74,7 @@ from ..protocol.dma import (
     check_dma_write_reply,
     dma_read_reply_data,
     dma_read_request_payload,
-    dma_write_request_pieces,
+    dma_rw_pieces,
 )
 from ..protocol.errors import ProtocolError, VfioUserError
 from ..protocol.framing import Frame, close_fds
@@ -237,7 +237,7 @@ class ServerSession:
         layout = self._dma_layout or await self._peer_dma_layout(address)
         # Header, DMA header and the device's data go out as iovecs: the data is not copied
         # unless the kernel leaves part of it (the transport then copies that part at once).
-        frame = await conn.request_raw(_DMA_WRITE, dma_write_request_pieces(address, data, layout))
+        frame = await conn.request_raw(_DMA_WRITE, dma_rw_pieces(address, data, layout))
         frame.close_fds()
         try:
             check_dma_write_reply(frame.payload, address, len(data), layout)
