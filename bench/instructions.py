@@ -16,7 +16,12 @@ trio responder of figure 1 (``bench/figures/floors.py``).
 answers its DMA_READ / DMA_WRITE messages (:mod:`bench.dma_rounds`) both run under
 callgrind, collection switched on in each for ``--count`` rounds (a read and a write of
 ``--size`` bytes, one at a time) and off again; the figures are each process's
-instructions per round.
+instructions per round. The device's count repeats as the region-read one does (it always
+waits for its reply). The client's depends on how the two processes share the cores: a
+receive that yields first finds the next command only if the device ran meanwhile, so on a
+loaded machine (the device preempting the client) it comes out up to 10% lower. Compare
+trees in one run on a quiet machine. The measured tree needs ``bench/dma_rounds.py`` (for
+an older commit, copy this ``bench/`` into its checkout).
 
 Unlike a rate or a CPU time, the count repeats to within about 0.5% from run to run,
 whatever else the machine does, so it can tell apart changes of a few percent on a shared,
