@@ -208,6 +208,14 @@ class _PendingRequest:
         self.error = error
         self.done.set()
 
+    def result(self, core: ConnectionCore[_PendingRequest], command: int) -> Frame:
+        """Once done: the reply frame of ``command`` (the caller owns its fds), or raise the
+        failure or the error reply (``core.reply_result``)."""
+        if self.error is not None:
+            raise self.error
+        assert self.frame is not None
+        return core.reply_result(self.frame, command)
+
 
 class Connection:
     """One vfio-user connection: run it with :func:`open_connection`, or :meth:`run`."""
@@ -1051,10 +1059,7 @@ class Connection:
         except BaseException:
             _cancel_request(self.core, msg_id, request)
             raise
-        if request.error is not None:
-            raise request.error
-        assert request.frame is not None
-        return self.core.reply_result(request.frame, command)
+        return request.result(self.core, command)
 
     async def start_request_raw(
         self,
@@ -1202,10 +1207,7 @@ class PendingReply:
             self.cancel()
             raise
         self._request = None
-        if request.error is not None:
-            raise request.error
-        assert request.frame is not None
-        return self._core.reply_result(request.frame, self._command)
+        return request.result(self._core, self._command)
 
     def cancel(self) -> None:
         """Give up the reply: a reply already here is closed, a late one consumed when it

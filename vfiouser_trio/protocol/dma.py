@@ -292,10 +292,8 @@ class DmaReadRequest(Request):
         """
         expect_no_fds(DmaReadReply, fds)
         chosen = layout or detect_dma_read_layout(payload, self.count)
-        if chosen is None:
-            expect_min_size(DmaReadReply, payload, _DMA_RW.size)
-            fail(DmaReadReply, f"reply does not carry the {self.count} bytes requested")
         data = dma_read_reply_data(payload, self.address, self.count, chosen)
+        assert chosen is not None  # (None: dma_read_reply_data refused the reply)
         return DmaReadReply(self.address, bytes(data) if copy else data, chosen)
 
 
@@ -312,13 +310,18 @@ def dma_read_request_payload(address: int, count: int) -> bytes:
     return _DMA_RW.pack(address, count)
 
 
-def dma_read_reply_data(payload: Buffer, address: int, count: int, layout: DmaLayout) -> memoryview:
+def dma_read_reply_data(
+    payload: Buffer, address: int, count: int, layout: DmaLayout | None
+) -> memoryview:
     """The data of a DMA_READ reply in ``layout`` to a request for ``count`` bytes at
     ``address``, as a read-only view of ``payload``; ProtocolError unless it carries exactly
     those bytes and echoes the request (``DmaReadRequest.parse_reply``'s rule, without
-    objects: this runs once per message-DMA read)."""
+    objects: this runs once per message-DMA read). ``layout=None`` detects it
+    (``detect_dma_read_layout``: the spec's when both fit)."""
+    if layout is None:
+        layout = detect_dma_read_layout(payload, count)
     # (QEMU's header is 4 bytes shorter, and 4 bytes of padding follow its data.)
-    if len(payload) != _DMA_RW.size + count:
+    if layout is None or len(payload) != _DMA_RW.size + count:
         expect_min_size(DmaReadReply, payload, _DMA_RW.size)
         fail(DmaReadReply, f"reply does not carry the {count} bytes requested")
     head = _QEMU_DMA_RW if layout is DmaLayout.QEMU else _DMA_RW
