@@ -24,6 +24,7 @@ from vfiouser_trio.transport import (
     CHUNK_OVERHEAD,
     FRAMES_PER_READ,
     RECV_BUFFER_SIZE,
+    SEND_BUFFER_SIZE,
     SLOW_PEER_MISSES,
     SLOW_PEER_READS,
     Transport,
@@ -243,6 +244,39 @@ class CappedSocket(socket.socket):
             taken.append(piece)
             left -= len(piece)
         return super().sendmsg(taken, *args)
+
+
+def _send_buffer(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+async def test_a_256_kib_frame_goes_to_the_kernel_in_one_write() -> None:
+    """The socket's send buffer is raised (SEND_BUFFER_SIZE), so a large DMA frame leaves in
+    one sendmsg even while the peer reads nothing; Linux's default buffer took 214 KiB of it
+    and left the rest queued for the writer task."""
+    a, b = socket.socketpair()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_SIZE)
+        if _send_buffer(probe) < 2 * SEND_BUFFER_SIZE:
+            pytest.skip("net.core.wmem_max caps the send buffer below SEND_BUFFER_SIZE")
+    left, right = Transport(a), Transport(b)
+    payload = bytes(256 * 1024)
+    left.write(command_header(1, 10, len(payload)), payload)
+    assert left.queued_bytes == 0
+    left.close()
+    right.close()
+
+
+async def test_a_socket_with_a_larger_send_buffer_keeps_it() -> None:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * SEND_BUFFER_SIZE)
+    given = _send_buffer(a)
+    if given <= 2 * SEND_BUFFER_SIZE:
+        pytest.skip("net.core.wmem_max caps the send buffer at SEND_BUFFER_SIZE")
+    left = Transport(a)
+    assert _send_buffer(a) == given
+    left.close()
+    b.close()
 
 
 @pytest.mark.parametrize("cap", [5, 16, 21], ids=["in-header", "header-only", "in-payload"])

@@ -69,6 +69,14 @@ _MAX_IOV = 512
 _JOIN_MAX = 1024
 #: Small frames queued back to back share one buffer up to this size.
 _COALESCE_MAX = 64 * 1024
+#: The kernel send buffer asked for each socket (``SO_SNDBUF``; Linux doubles it for its
+#: bookkeeping, within ``net.core.wmem_max``). Linux's default (``wmem_default``, 208 KiB)
+#: takes a 256 KiB frame in two ``sendmsg`` calls with a wake-up of the writer between
+#: them (and the reader woken for half a frame); this fits a frame of 512 KiB at once, and
+#: bounds what the kernel holds for a peer that does not read (what we hold is
+#: ``SEND_HIGH_WATER`` and the owner's backlog limit). A socket whose buffer was already
+#: larger keeps it.
+SEND_BUFFER_SIZE = 512 * 1024
 #: Queued outgoing bytes above which :meth:`Transport.send` waits for the peer to read.
 SEND_HIGH_WATER = 4 * 1024 * 1024
 #: What one queued chunk costs in memory beyond its data (the chunk object, the bytes
@@ -82,6 +90,7 @@ _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SO_SNDBUF = int(socket.SO_SNDBUF)
 # errnos that mean "the peer is gone", reported as an end of stream on receive.
 _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 
@@ -229,6 +238,8 @@ class Transport:
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             raise ValueError("vfio-user needs an AF_UNIX SOCK_STREAM socket")
         sock.setblocking(False)
+        if sock.getsockopt(_SOL_SOCKET, _SO_SNDBUF) < 2 * SEND_BUFFER_SIZE:
+            sock.setsockopt(_SOL_SOCKET, _SO_SNDBUF, SEND_BUFFER_SIZE)
         self._sock = sock
         self._decoder = FrameDecoder(max_msg_size=max_msg_size)
         # Shared by the thread's transports, so an idle connection holds no buffer of its own.
