@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from vfiouser_trio.engine import Connection, HandlerResult, open_connection
+from vfiouser_trio.limits import DEFAULT_LIMITS, ServerLimits
 from vfiouser_trio.ordering import OrderingPolicy
 from vfiouser_trio.protocol import (
     Capabilities,
@@ -66,12 +67,15 @@ async def session(
     *,
     twin: bool = False,
     policy: OrderingPolicy | None = None,
+    limits: ServerLimits = DEFAULT_LIMITS,
 ) -> AsyncIterator[Connection]:
     """A negotiated raw client connection to ``device``, served over a socketpair."""
     ram = ram or GuestRam(0, 0)
     client_sock, server_sock = socket.socketpair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(serve_connection, device, server_sock, policy=policy))
+        nursery.start_soon(
+            partial(serve_connection, device, server_sock, policy=policy, limits=limits)
+        )
         async with open_connection(client_sock, handler=ram.handle, max_recv_fds=8) as conn:
             caps = Capabilities(max_msg_fds=8, twin_socket=TwinSocket(True) if twin else None)
             reply = await conn.request(VersionRequest(0, 2, caps))

@@ -19,7 +19,14 @@ import trio
 from vfiouser_trio.client import Client, GuestMemory, ProtocolError, VfioUserError, connect
 from vfiouser_trio.client.client import ClientLimits, NegotiationTimeout
 from vfiouser_trio.client.dma import DmaMap, DmaMaps, DmaService
-from vfiouser_trio.engine import Connection, HandlerResult, RawMessage, open_connection
+from vfiouser_trio.engine import (
+    Connection,
+    ConnectionClosedError,
+    HandlerResult,
+    RawMessage,
+    ReplyTimeout,
+    open_connection,
+)
 from vfiouser_trio.protocol import (
     Capabilities,
     DeviceGetInfoReply,
@@ -183,6 +190,30 @@ async def test_no_negotiation_timeout_waits_for_a_slow_server(
 
     async with hostile(Hostile(VersionRequest=slow), negotiation_timeout=None) as (client, _):
         assert client.negotiated is not None
+
+
+async def test_a_call_left_unanswered_past_reply_timeout_closes_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with hostile(Hostile(RegionReadRequest=never), reply_timeout=6) as (client, _):
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosedError) as info, trio.fail_after(60):
+            await client.read(0, 0, 4)
+        assert 6 <= trio.current_time() - start <= 1.25 * 6
+        assert isinstance(info.value.__cause__, ReplyTimeout)
+        assert "REGION_READ" in str(info.value.__cause__)
+        assert client.closed
+
+
+async def test_without_reply_timeout_a_call_waits_for_a_slow_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(request: Request) -> HandlerResult:
+        await trio.sleep(3600)
+        return RegionReadReply(0, 0, b"slow")
+
+    async with hostile(Hostile(RegionReadRequest=slow)) as (client, _):
+        assert await client.read(0, 0, 4) == b"slow"
 
 
 DEEP = b'{"capabilities":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}"

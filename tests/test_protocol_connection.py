@@ -14,6 +14,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from vfiouser_trio.protocol.connection import (
     DISPATCH,
     MSG_ID_SPACE,
+    REPLY_CHECKS,
     Close,
     ConnectionClosedError,
     ConnectionCore,
@@ -201,6 +202,49 @@ def test_cancelling_an_answered_request_reserves_nothing() -> None:
     core.receive(reply(msg_id))
     assert not core.cancel(msg_id, waiter)
     assert core.reserved_ids == 0
+
+
+# ----------------------------------------------------------------- the reply clock
+
+
+def test_a_request_is_overdue_at_the_check_after_reply_checks_of_them() -> None:
+    core: ConnectionCore[object] = ConnectionCore()
+    msg_id, _ = sent(core, WRITE)
+    for _ in range(REPLY_CHECKS):
+        assert core.overdue() is None
+    assert core.overdue() == (msg_id, WRITE)
+
+
+def test_the_reply_clock_counts_each_request_from_the_first_check_that_saw_it() -> None:
+    core: ConnectionCore[object] = ConnectionCore()
+    old, _ = sent(core)
+    core.overdue()
+    core.overdue()
+    new, _ = sent(core)
+    answered, _ = sent(core)
+    for _ in range(REPLY_CHECKS - 2):
+        assert core.overdue() is None
+    core.receive(reply(answered))
+    assert core.overdue() == (old, READ)  # the oldest is named, the others keep counting
+    core.receive(reply(old))
+    assert core.overdue() is None  # `new` was seen at REPLY_CHECKS checks so far
+    assert core.overdue() == (new, READ)
+
+
+def test_an_answered_or_cancelled_request_stops_counting_and_its_id_starts_afresh() -> None:
+    core: ConnectionCore[object] = ConnectionCore()
+    first, waiter = sent(core)
+    for _ in range(REPLY_CHECKS):
+        core.overdue()
+    assert core.cancel(first, waiter)
+    assert core.overdue() is None  # a cancelled request waits for nothing
+    core.receive(reply(first))  # its late reply frees the ID
+    core.next_message_id = first
+    again, _ = sent(core)
+    assert again == first
+    for _ in range(REPLY_CHECKS):
+        assert core.overdue() is None  # a new request under the same ID
+    assert core.overdue() == (first, READ)
 
 
 def test_an_error_reply_raises_its_errno_and_errno_0_is_eio() -> None:

@@ -12,8 +12,12 @@ import trio
 import trio.testing
 
 from tests.fd_leaks import fd_count
+from tests.raw_client import GuestRam, session
 from tests.test_hardening_memory import assert_survived, run_victim
 from vfiouser_trio.client import GuestMemory
+from vfiouser_trio.engine import ConnectionClosedError, HandlerResult, ReplyTimeout
+from vfiouser_trio.limits import ServerLimits
+from vfiouser_trio.protocol import DmaMapRequest, RegionWriteRequest
 from vfiouser_trio.protocol.constants import (
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
@@ -21,6 +25,7 @@ from vfiouser_trio.protocol.constants import (
     PciRegion,
 )
 from vfiouser_trio.protocol.errors import VfioUserError
+from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.dma import DmaError, DmaTable, DmaWindow, mark_command_task
 from vfiouser_trio.server.pci import PciIdentity
@@ -404,6 +409,55 @@ async def test_forced_messages_reach_the_clients_dma_servicing_over_a_socket() -
         served = [r.command for r in pair.tracer.commands(Command.DMA_READ, Command.DMA_WRITE)]
     # The layout probe (a zero-length DMA_WRITE) may come first; then our read and write.
     assert served[-2:] == [Command.DMA_READ, Command.DMA_WRITE]
+
+
+class DmaReader(Device):
+    """A write to BAR0 reads 4 bytes of guest memory at IOVA 0; keeps what that raised."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0x7114))
+        self.add_bar(0, 0x1000, write=self.write0)
+        self.failures: list[BaseException] = []
+
+    async def write0(self, offset: int, data: bytes) -> None:
+        try:
+            await self.dma.read(0, 4)
+        except BaseException as exc:
+            self.failures.append(exc)
+            raise
+
+
+class SilentRam(GuestRam):
+    """A client that reads the server's DMA messages and never answers them."""
+
+    async def handle(self, frame: Frame) -> HandlerResult:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["one-socket", "twin-socket"])
+async def test_a_client_that_leaves_a_dma_read_unanswered_is_hung_up_on(
+    twin: bool, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ServerLimits.reply_timeout: the device's DMA fails and the session ends, instead of
+    waiting for ever on a client that stopped answering."""
+    device = DmaReader()
+    limits = ServerLimits(reply_timeout=5.0)
+    with trio.fail_after(60):
+        async with session(device, SilentRam(0, PAGE), twin=twin, limits=limits) as conn:
+            await conn.request(DmaMapRequest(0, PAGE, RW))
+            started = trio.current_time()
+            with pytest.raises(ConnectionClosedError):
+                await conn.request(RegionWriteRequest(PciRegion.BAR0, 0, b"\1\0\0\0"))
+            assert 5.0 <= trio.current_time() - started <= 1.25 * 5.0
+    # The device's access ended with the session: failed by it, or cancelled with the
+    # session's tasks (on the twin socket the requester sees the close as it reads).
+    (failure,) = device.failures
+    if isinstance(failure, ConnectionClosedError):
+        assert isinstance(failure.__cause__, ReplyTimeout)
+    else:
+        assert isinstance(failure, trio.Cancelled)
+    assert "no reply to DMA_READ (id 0) within 5 s" in caplog.text
 
 
 async def test_two_unmaps_of_one_window_both_wait_and_the_device_is_told_once() -> None:

@@ -42,7 +42,11 @@ answers with its errno, any other exception is logged and answered with EIO; mor
 ``max_recv_fds`` truncated by the kernel (MSG_CTRUNC) close the connection; the peer's end
 of stream (or a failed send) closes it, also for commands still queued (vfio-user has no
 half-close); pending requests then fail with :class:`ConnectionClosedError` (ECONNRESET)
-and later ones at once with ENOTCONN.
+and later ones at once with ENOTCONN. With ``reply_timeout`` set, a peer that leaves one of
+our requests unanswered for that long (up to a quarter more: the core's reply clock) closes
+the connection too, with :class:`~vfiouser_trio.protocol.connection.ReplyTimeout`: the
+requester is woken wherever it waits (also on a socket it reads itself) and no request pays
+for a deadline of its own.
 
 Bounded memory and fairness (per link; the server sets the limits, a client by default has
 none but the yielding): with ``max_send_backlog`` set, a link's *load* is what it holds for
@@ -84,12 +88,14 @@ from .protocol.connection import (
     DEFAULT_DISPATCH_BATCH,
     DISPATCH,
     FRAME_OVERHEAD,
+    REPLY_CHECKS,
     Close,
     ConnectionClosedError,
     ConnectionCore,
     Ignore,
     ReadAction,
     ReplyArrived,
+    ReplyTimeout,
     ReplyTooManyFds,
     RequestFailed,
     Role,
@@ -123,6 +129,7 @@ __all__ = [
     "Link",
     "PendingReply",
     "RawMessage",
+    "ReplyTimeout",
     "Role",
     "open_connection",
 ]
@@ -228,6 +235,8 @@ class Connection:
         "_main",
         "_nursery",
         "_policy",
+        "_reply_clock",
+        "_reply_timeout",
         "_request_link",
         "_run_task",
         "_scope",
@@ -251,8 +260,12 @@ class Connection:
         max_send_fds: int = DEFAULT_MAX_MSG_FDS,
         max_send_backlog: int | None = None,
         dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
+        reply_timeout: float | None = None,
         name: str = "vfio-user",
     ) -> None:
+        if reply_timeout is not None and not reply_timeout > 0:
+            sock.close()  # the connection owns the socket from the start
+            raise ValueError("reply_timeout must be positive (or None: wait for ever)")
         try:
             #: The protocol's state and rules (sans-io): message IDs, pending requests, limits.
             self.core: ConnectionCore[_PendingRequest] = ConnectionCore(
@@ -272,6 +285,9 @@ class Connection:
         self._handler = handler
         self._policy = policy if policy is not None else SpecOrder()
         self._hooks = hooks
+        #: Seconds the peer has to answer our requests before the connection closes.
+        self._reply_timeout = reply_timeout
+        self._reply_clock = False  # its task runs (only while requests wait)
         self._twin: LinkState | None = None
         self._request_link = self._main
         self._id_lot: trio.lowlevel.ParkingLot | None = None  # created when first needed
@@ -1088,6 +1104,8 @@ class Connection:
         )
         request = _PendingRequest()
         core.expect_reply(msg_id, command, request, state)
+        if not self._reply_clock and self._reply_timeout is not None:
+            self._start_reply_clock(self._reply_timeout)
         state.wake()  # a paused reader must read this request's reply
         try:
             self._send_request(state, command, header, payload, fds, transfer_fds)
@@ -1095,6 +1113,29 @@ class Connection:
             core.forget(msg_id)
             raise
         return state, msg_id, request
+
+    def _start_reply_clock(self, timeout: float) -> None:
+        if self._nursery is not None:
+            self._reply_clock = True
+            self._nursery.start_soon(self._run_reply_clock, timeout)
+
+    async def _run_reply_clock(self, timeout: float) -> None:
+        """Check the core's reply clock while requests wait; close the connection with
+        ReplyTimeout at the first one overdue (module doc). Ends once none waits."""
+        core = self.core
+        try:
+            while True:
+                await trio.sleep(timeout / REPLY_CHECKS)
+                late = core.overdue()
+                if late is not None:
+                    reason = ReplyTimeout(*late, timeout)
+                    log.warning("%s: closing: %s", self.name, reason)
+                    self._shutdown(reason, "the peer stopped answering")
+                    return
+                if not core.awaiting_replies:
+                    return
+        finally:
+            self._reply_clock = False
 
     async def post_raw(
         self,
@@ -1314,13 +1355,16 @@ def open_connection(
     max_send_fds: int = DEFAULT_MAX_MSG_FDS,
     max_send_backlog: int | None = None,
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH,
+    reply_timeout: float | None = None,
     name: str = "vfio-user",
 ) -> AbstractAsyncContextManager[Connection]:
     """Run a connection over ``sock`` (which it takes ownership of) for the ``async with`` body.
 
     ``role=Role.SERVER`` makes VERSION the first command (refusing anything else before it);
     ``max_send_backlog`` bounds the memory held for the peer (None: unbounded) and
-    ``dispatch_batch`` how many commands run before the dispatcher yields (module doc).
+    ``dispatch_batch`` how many commands run before the dispatcher yields, and
+    ``reply_timeout`` how long the peer may leave a request unanswered before the connection
+    closes (None: for ever; module doc).
 
     The engine's tasks run in a nursery of their own; when the peer disconnects the
     connection closes (``conn.closed`` is set) but the body is not cancelled. Leaving the body
@@ -1340,6 +1384,7 @@ def open_connection(
             max_send_fds=max_send_fds,
             max_send_backlog=max_send_backlog,
             dispatch_batch=dispatch_batch,
+            reply_timeout=reply_timeout,
             name=name,
         )
     )

@@ -50,6 +50,12 @@ class ServerLimits:
     #: this it is refused with EBUSY. (A client arriving while another is attached and
     #: has not hung up is refused at once.)
     detach_wait: float = 10.0
+    #: Seconds a client may leave one of our DMA_READ / DMA_WRITE messages unanswered (up to
+    #: a quarter more: the reply clock checks four times per timeout); then the connection
+    #: closes (``ReplyTimeout``, ETIMEDOUT), failing the device's pending DMA, as if the
+    #: client had hung up. None: wait for ever (the device's own ``trio.fail_after`` still
+    #: works, and leaves the connection up).
+    reply_timeout: float | None = 30.0
     #: Seconds the listener pauses after accept() fails with EMFILE/ENFILE/ENOBUFS/ENOMEM
     #: (the process is out of fds or memory); it then tries again, logging each pause.
     accept_backoff: float = 0.1
@@ -77,6 +83,8 @@ class ServerLimits:
         for name in ("busy_answer_timeout", "detach_wait", "accept_backoff"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerLimits.{name} must be positive")
+        if self.reply_timeout is not None and not self.reply_timeout > 0:
+            raise ValueError("ServerLimits.reply_timeout must be positive (or None)")
 
 
 DEFAULT_LIMITS = ServerLimits()

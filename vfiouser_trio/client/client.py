@@ -12,8 +12,10 @@ mapped) and every IRQ index's info. Each call on :class:`Client` is one awaitabl
 returns the result or raises :class:`VfioUserError` with the server's errno and the command;
 when the connection is gone every pending and later call raises
 :class:`~vfiouser_trio.engine.ConnectionClosedError`. Timeouts after ``connect`` are the
-caller's (``trio.fail_after``); a cancelled call leaves the connection usable. Calls may be
-made concurrently from several tasks: they are pipelined on the socket.
+caller's (``trio.fail_after``); a cancelled call leaves the connection usable; with
+``reply_timeout`` a server that leaves any call unanswered that long is hung up on instead
+(every pending call fails). Calls may be made concurrently from several tasks: they are
+pipelined on the socket.
 
 The server is not trusted. ``connect`` gives up after ``negotiation_timeout`` seconds
 (:class:`NegotiationTimeout`); its answers are bounded by :class:`ClientLimits`; every fd it
@@ -204,6 +206,7 @@ async def connect(
     dma_layout: DmaLayout = DmaLayout.SPEC,
     dma_read_layout: DmaLayout | None = None,
     negotiation_timeout: float | None = DEFAULT_NEGOTIATION_TIMEOUT,
+    reply_timeout: float | None = None,
     limits: ClientLimits = DEFAULT_CLIENT_LIMITS,
 ) -> AsyncIterator[Client]:
     """Connect to a vfio-user server and yield a ready :class:`Client`.
@@ -222,7 +225,10 @@ async def connect(
 
     Opening the socket, VERSION and the info queries must all finish within
     ``negotiation_timeout`` seconds (None: wait for ever), else :class:`NegotiationTimeout`
-    naming the step. A VERSION reply that does not fit the proposal, or answers beyond
+    naming the step. After that, ``reply_timeout`` (None: no limit) is how long the server
+    may leave a call unanswered (up to a quarter more) before the client closes the
+    connection (``conn.close_reason`` is a ``ReplyTimeout``, every pending call fails with
+    ConnectionClosedError). A VERSION reply that does not fit the proposal, or answers beyond
     ``limits``, close the connection and raise ProtocolError. Leaving the block closes the
     connection, unmaps the regions and closes every fd the client owns.
     """
@@ -257,6 +263,7 @@ async def connect(
         hooks=hooks,
         max_msg_size=_recv_limit(proposal),
         max_recv_fds=proposal.max_msg_fds,
+        reply_timeout=reply_timeout,
     ) as conn:
         client = Client(conn, maps)
         try:

@@ -9,6 +9,10 @@
   (socket) its request went on: a reply on the other socket of a twin-socket connection
   closes the connection (spec: "twin_socket" carries server-to-client commands *and their
   replies*; the requester may be waiting on that socket alone);
+* the reply clock: :meth:`ConnectionCore.overdue`, called every ``timeout / REPLY_CHECKS``
+  seconds while requests wait, names a request that has waited through more than
+  ``REPLY_CHECKS`` checks (at least ``timeout``, less than ``1.25 * timeout``), for the
+  engine to close the connection with (``ReplyTimeout``): the peer stopped answering;
 * the reserved IDs of cancelled requests: the late reply is consumed silently, and the ID is
   not handed out again until it has come (or the connection ends);
 * which received message gets which answer (spec: https://www.qemu.org/docs/master/interop/vfio-user.html,
@@ -63,6 +67,7 @@ __all__ = [
     "DISPATCH",
     "FRAME_OVERHEAD",
     "MSG_ID_SPACE",
+    "REPLY_CHECKS",
     "Close",
     "ConnectionClosedError",
     "ConnectionCore",
@@ -70,6 +75,7 @@ __all__ = [
     "Ignore",
     "ReadAction",
     "ReplyArrived",
+    "ReplyTimeout",
     "ReplyTooManyFds",
     "RequestFailed",
     "Role",
@@ -85,6 +91,8 @@ MSG_ID_SPACE: Final = 1 << 16
 FRAME_OVERHEAD: Final = 256
 #: Commands a link runs before it yields to the scheduler, unless told otherwise.
 DEFAULT_DISPATCH_BATCH: Final = 8
+#: Checks of the reply clock (:meth:`ConnectionCore.overdue`) per reply timeout.
+REPLY_CHECKS: Final = 4
 _VERSION: Final = int(Command.VERSION)
 _pack_header = HEADER_STRUCT.pack
 
@@ -104,6 +112,20 @@ class ConnectionClosedError(VfioUserError):
 
 class ReplyTooManyFds(VfioUserError):
     """Our reply would carry more fds than the peer accepts: EINVAL is sent instead."""
+
+
+# OSError types errno as optional; ours always has one (ETIMEDOUT).
+class ReplyTimeout(ProtocolError, TimeoutError):  # type: ignore[misc]
+    """The peer left one of our requests unanswered past the connection's reply timeout:
+    the reason the engine closed the connection. A ProtocolError with errno ETIMEDOUT, and
+    a TimeoutError."""
+
+    def __init__(self, msg_id: int, command: int, timeout: float) -> None:
+        super().__init__(
+            f"no reply to {command_name(command)} (id {msg_id}) within {timeout:g} s",
+            errno=errno.ETIMEDOUT,
+            command=command,
+        )
 
 
 class Role(enum.Enum):
@@ -197,6 +219,7 @@ class ConnectionCore(Generic[W]):
         "_negotiated",
         "_next_id",
         "_orphans",
+        "_overdue_ages",
         "_pending",
         "_version_rule",
         "cut_check",
@@ -241,6 +264,8 @@ class ConnectionCore(Generic[W]):
         self._orphans: set[int] | None = None
         self._next_id = 0
         self._closed = False
+        # msg_id -> (waiter, checks of the reply clock it has been pending at).
+        self._overdue_ages: dict[int, tuple[W, int]] = {}
 
     # ----------------------------------------------------------------- state
 
@@ -475,6 +500,26 @@ class ConnectionCore(Generic[W]):
             self._orphans = set()
         self._orphans.add(msg_id)
         return True
+
+    def overdue(self) -> tuple[int, int] | None:
+        """One check of the reply clock: (message ID, command) of a request that has been
+        awaiting its reply at more than :data:`REPLY_CHECKS` checks in a row, else None.
+
+        The caller checks every ``timeout / REPLY_CHECKS`` seconds while requests wait, so
+        the request named has waited at least ``timeout`` (and less than 1.25 times it).
+        A cancelled request is no longer awaited, and its ID's next request starts afresh.
+        """
+        ages = self._overdue_ages
+        counted: dict[int, tuple[W, int]] = {}
+        late: tuple[int, int] | None = None
+        for msg_id, (command, waiter, _) in self._pending.items():
+            seen = ages.get(msg_id)
+            age = seen[1] + 1 if seen is not None and seen[0] is waiter else 1
+            if age > REPLY_CHECKS and late is None:
+                late = (msg_id, command)
+            counted[msg_id] = (waiter, age)
+        self._overdue_ages = counted
+        return late
 
     @staticmethod
     def reply_result(frame: Frame, command: int) -> Frame:

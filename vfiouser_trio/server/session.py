@@ -173,6 +173,7 @@ class ServerSession:
                     max_recv_fds=self.capabilities.max_msg_fds,
                     max_send_backlog=self.limits.max_send_backlog,
                     dispatch_batch=self.limits.dispatch_batch,
+                    reply_timeout=self.limits.reply_timeout,
                     name=device.name,
                 )
                 # This task reads the client's main socket: no task and nursery of its own
