@@ -264,8 +264,9 @@ class ConnectionCore(Generic[W]):
         self._orphans: set[int] | None = None
         self._next_id = 0
         self._closed = False
-        # msg_id -> (waiter, checks of the reply clock it has been pending at).
-        self._overdue_ages: dict[int, tuple[W, int]] = {}
+        # msg_id -> (waiter, checks of the reply clock it has been pending at); None until
+        # a check finds a request waiting (an idle connection holds no dict for it).
+        self._overdue_ages: dict[int, tuple[W, int]] | None = None
 
     # ----------------------------------------------------------------- state
 
@@ -509,7 +510,7 @@ class ConnectionCore(Generic[W]):
         the request named has waited at least ``timeout`` (and less than 1.25 times it).
         A cancelled request is no longer awaited, and its ID's next request starts afresh.
         """
-        ages = self._overdue_ages
+        ages = self._overdue_ages or {}
         counted: dict[int, tuple[W, int]] = {}
         late: tuple[int, int] | None = None
         for msg_id, (command, waiter, _) in self._pending.items():
@@ -518,7 +519,7 @@ class ConnectionCore(Generic[W]):
             if age > REPLY_CHECKS and late is None:
                 late = (msg_id, command)
             counted[msg_id] = (waiter, age)
-        self._overdue_ages = counted
+        self._overdue_ages = counted or None
         return late
 
     @staticmethod
