@@ -82,7 +82,7 @@ from ..protocol.regions import RegionCap
 from .device import Device
 from .dma import mark_command_task, marked_command_task
 from .dma_hooks import DmaHookRunner
-from .migration import MIG_DATA_COMMANDS, RUNNING, SessionMigration
+from .migration import RUNNING, RUNNING_REFUSES, SessionMigration
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class ServerSession:
             # A stopped device refuses most commands (the engine closes the frame's fds);
             # a running one takes all but the migration data's (check_command's rule, its
             # common case tested here: this runs once per command).
-            if migration.state != RUNNING or command in MIG_DATA_COMMANDS:
+            if migration.state != RUNNING or command in RUNNING_REFUSES:
                 self._migration.check_command(command)
             # Device DMA from this task fails instead of waiting while the device is
             # stopped (the mark lasts for the task: set once, tested here).
