@@ -136,6 +136,57 @@ async def test_a_corked_transport_sends_at_uncork_and_wakes_no_writer_for_what_l
     right.close()
 
 
+async def test_write_bytes_joins_corked_replies_and_keeps_their_order() -> None:
+    """The engine's inline replies: small ones written while corked share one chunk (and
+    count in the backlog), a large one or one after fds is queued as write queues it, all
+    leave in order at uncork; uncorked, a reply goes out at once."""
+    a, b = socket.socketpair()
+    counting = CountingSocket(fileno=a.detach())
+    left, right = Transport(counting), Transport(b, max_recv_fds=1)
+    large = bytes(range(256)) * 8  # above the size joined to its header
+    r, w = os.pipe()
+    try:
+        with trio.fail_after(5):
+            left.cork()
+            left.write_bytes(command_header(1, 9, 3).pack(), b"one")
+            left.write_bytes(command_header(2, 9, 3).pack(), b"two")
+            assert left.queued_bytes == 2 * 19
+            assert left.backlog == 2 * 19 + CHUNK_OVERHEAD  # one chunk for both
+            left.write(command_header(3, 9, 0), b"", [r])
+            left.write_bytes(command_header(4, 9, 4).pack(), b"four")
+            left.write_bytes(command_header(5, 9, len(large)).pack(), large)
+            left.write_bytes(command_header(6, 9, 3).pack(), b"six")
+            assert left.queued_bytes == 2 * 19 + 16 + 20 + 16 + len(large) + 19
+            assert counting.sendmsg_calls == 0
+            left.uncork()
+            sent = counting.sendmsg_calls
+            assert left.queued_bytes == 0
+            frames = await receive_frames(right, 6)
+            assert [(f.header.msg_id, f.payload) for f in frames] == [
+                (1, b"one"),
+                (2, b"two"),
+                (3, b""),
+                (4, b"four"),
+                (5, large),
+                (6, b"six"),
+            ]
+            assert len(frames[2].fds) == 1
+            frames[2].close_fds()
+            left.write_bytes(command_header(7, 9, 5).pack(), b"seven")
+            assert counting.sendmsg_calls == sent + 1
+            assert [(f.header.msg_id, f.payload) for f in await receive_frames(right, 1)] == [
+                (7, b"seven")
+            ]
+            left.close()
+            with pytest.raises(trio.ClosedResourceError):
+                left.write_bytes(command_header(8, 9, 0).pack(), b"")
+    finally:
+        os.close(r)
+        os.close(w)
+        left.close()
+        right.close()
+
+
 async def test_fds_arrive_with_their_own_message_and_are_usable() -> None:
     left, right = transport_pair(max_recv_fds=4)
     memfd = os.memfd_create("transport-test")

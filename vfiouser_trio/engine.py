@@ -815,7 +815,7 @@ class Connection:
                 reply = self.core.reply_header(frame.header, len(result), 0)
                 if reply is not None:
                     try:  # noqa: SIM105 (once per command: cheaper than suppress())
-                        state.transport.write(reply, result)
+                        state.transport.write_bytes(reply, result)
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         pass  # the reader sees the closed transport next
                 if frame.fds:

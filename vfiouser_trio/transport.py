@@ -507,12 +507,7 @@ class Transport:
         elif fds:
             first = _Chunk(raw_header + payload, tuple(fds), transfer_fds, True)
             out.append(first)
-        elif not wake and (last := out[-1]).joins and len(last.data) < _COALESCE_MAX:
-            # Behind small frames not yet sent (replies to pipelined commands): appended
-            # to their buffer, one chunk and one iovec for them all.
-            batch: bytearray = last.data  # type: ignore[assignment]  # (joins: ours)
-            batch += raw_header
-            batch += payload
+        elif not wake and self._coalesce(out, raw_header, payload):
             if flush:
                 self._flush()
             return
@@ -529,6 +524,36 @@ class Transport:
             first.owns_fds = True
         if out and wake and not self._corked:
             self._wake_writer()
+
+    def write_bytes(self, header: bytes, payload: bytes) -> None:
+        """:meth:`write` of a frame given as bytes, without fds, flushed as ``write`` would.
+
+        The engine's reply to a command it ran inline, once per command: while corked, a
+        small one joins the queued replies before it with fewer tests than ``write`` makes.
+        """
+        out = self._out  # (None once closed: write raises then)
+        if (
+            out
+            and self._corked
+            and len(payload) <= _JOIN_MAX
+            and self._coalesce(out, header, payload)
+        ):
+            self._queued_bytes += len(header) + len(payload)
+            return
+        self.write(header, payload)
+
+    @staticmethod
+    def _coalesce(out: deque[_Chunk], header: bytes, payload: Buffer) -> bool:
+        """Append a small frame without fds to the last queued chunk if that one takes more
+        (replies to pipelined commands: one chunk and one iovec for them all); whether it
+        did. The caller counts the bytes."""
+        last = out[-1]
+        if last.joins and len(last.data) < _COALESCE_MAX:
+            batch: bytearray = last.data  # type: ignore[assignment]  # (joins: ours)
+            batch += header
+            batch += payload
+            return True
+        return False
 
     def cork(self) -> None:
         """Queue what :meth:`write` is given, without sending it or waking the writer task,
