@@ -30,6 +30,7 @@ from vfiouser_trio.protocol.constants import Command
 from vfiouser_trio.protocol.dma import DmaReadReply, DmaReadRequest, DmaWriteRequest
 from vfiouser_trio.protocol.framing import Frame
 from vfiouser_trio.protocol.header import Header
+from vfiouser_trio.protocol.message import byte_buffer
 from vfiouser_trio.server.device import Device
 from vfiouser_trio.server.dma import DmaError
 from vfiouser_trio.transport import Transport
@@ -38,6 +39,25 @@ pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 IOVA = 0x40_0000
 LAYOUTS = [DmaLayout.SPEC, DmaLayout.QEMU]
+
+
+def test_byte_buffer_keeps_byte_buffers_and_casts_every_other_view() -> None:
+    """The one rule the transport (sizes, iovecs) and the DMA table (copies into a view)
+    share: a buffer comes out measured and sliced in unsigned bytes."""
+    data, scratch = b"12345678", bytearray(8)
+    view = memoryview(scratch)
+    assert byte_buffer(data) is data
+    assert byte_buffer(scratch) is scratch
+    assert byte_buffer(view) is view
+    others: list[memoryview] = [view.cast("I"), view.cast("b")]
+    for other in [*others, view.cast("B", (2, 4))]:
+        cast = byte_buffer(other)
+        assert isinstance(cast, memoryview)
+        assert (cast.format, cast.ndim, len(cast)) == ("B", 1, 8)
+        cast[0:2] = b"ab"  # a slice takes bytes, as a copy into it needs
+    assert scratch.startswith(b"ab")
+
+
 SIZES = [256 << 10, 1 << 20]
 
 

@@ -40,7 +40,7 @@ from .protocol.constants import DEFAULT_MAX_MSG_FDS, HEADER_SIZE
 from .protocol.errors import ProtocolError
 from .protocol.framing import DEFAULT_MAX_MSG_SIZE, FrameDecoder, FrameEvent, close_fds
 from .protocol.header import Header
-from .protocol.message import Buffer
+from .protocol.message import Buffer, byte_buffer
 
 #: Bytes asked of one ``recvmsg``.
 RECV_BUFFER_SIZE = 256 * 1024
@@ -155,13 +155,6 @@ def _thread_receive_buffer() -> _ReceiveBuffer:
 #: A payload in pieces, sent as iovecs (``Transport.write``): e.g. a DMA header and the data.
 #: Each piece is a buffer whose ``len`` counts bytes.
 Pieces = tuple[Buffer, ...]
-
-
-def byte_buffer(data: Buffer) -> Buffer:
-    """``data`` as a buffer whose ``len`` counts bytes (a memoryview of wider items is cast)."""
-    if type(data) is memoryview and (data.ndim != 1 or data.itemsize != 1):
-        return data.cast("B")
-    return data
 
 
 def byte_pieces(payload: Buffer | Pieces) -> tuple[Buffer | Pieces, int]:

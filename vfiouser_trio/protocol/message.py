@@ -10,13 +10,26 @@ never part of the packed bytes: a message that carries fds exposes them as
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Self
+from typing import ClassVar, Self, overload
 
 from .constants import Command
 from .errors import ProtocolError
 
 #: Anything ``unpack`` accepts: the payload bytes after the 16-byte header.
 Buffer = bytes | bytearray | memoryview
+
+
+@overload
+def byte_buffer(data: bytearray | memoryview) -> bytearray | memoryview: ...
+@overload
+def byte_buffer(data: Buffer) -> Buffer: ...
+def byte_buffer(data: Buffer) -> Buffer:
+    """``data`` measured and sliced in bytes: itself for bytes, a bytearray or a 1-D view of
+    unsigned bytes, else a byte cast of the view (its ``len`` then counts bytes, and its
+    slices take bytes). A plain function: hot paths call it once per buffer."""
+    if type(data) is memoryview and (data.ndim != 1 or data.format != "B"):
+        return data.cast("B")
+    return data
 
 
 class Message:

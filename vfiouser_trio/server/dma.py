@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol, overload
+from typing import NoReturn, Protocol
 
 import trio
 
@@ -70,6 +70,7 @@ from ..fdcheck import require_memory_fd
 from ..memory import Mapping, Prot, forbid_shrinking, page_size
 from ..protocol.constants import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE
 from ..protocol.errors import VfioUserError
+from ..protocol.message import byte_buffer
 
 log = logging.getLogger(__name__)
 
@@ -271,20 +272,6 @@ class DmaMapping:
                 self.size,
             )
         return DmaError(errno.EFAULT, f"DMA map {self.iova:#x}: {exc.strerror}")
-
-
-@overload
-def _byte_buffer(data: bytearray | memoryview) -> bytearray | memoryview: ...
-@overload
-def _byte_buffer(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview: ...
-def _byte_buffer(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-    """``data`` measured and sliced in bytes: itself when it is (bytes, bytearray, a 1-D
-    memoryview of unsigned bytes), else a byte cast of it. A plain function on purpose:
-    the fast path pays for each new memoryview."""
-    if isinstance(data, (bytes, bytearray)):
-        return data
-    view = data if isinstance(data, memoryview) else memoryview(data)
-    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
 def _current_task() -> object:
@@ -756,7 +743,7 @@ class DmaTable:
         if not messages and self.try_read_into(iova, buffer):
             return
         await self.wait_running()
-        out = _byte_buffer(buffer)
+        out = byte_buffer(buffer)
         length = len(out)
         dst = memoryview(out)
         direct = not (self.prefer_messages if messages is None else messages)
@@ -787,7 +774,7 @@ class DmaTable:
         if not messages and self.try_write(iova, data):
             return
         await self.wait_running()
-        src = memoryview(_byte_buffer(data))
+        src = memoryview(byte_buffer(data))
         direct = not (self.prefer_messages if messages is None else messages)
         segs = self._segments(iova, len(src), write=True)
         for m, _, _ in segs:
