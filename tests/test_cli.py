@@ -9,24 +9,15 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from tests.cli_process import CLI, cli_server, env
 from vfiouser_trio import inspector
 from vfiouser_trio.client import NegotiationTimeout, connect
-
-CLI = [sys.executable, "-m", "vfiouser_trio.cli"]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def run_cli_text(*args: str) -> subprocess.CompletedProcess[str]:
@@ -52,43 +43,6 @@ def test_demo_prints_the_tour_and_exits_zero() -> None:
         "'HELLO, DEVICE'",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
-
-
-async def wait_until_serving(proc: trio.Process) -> str:
-    """Read the server's stderr until it says it is serving (it listens before saying so)."""
-    assert proc.stderr is not None
-    seen = b""
-    with trio.fail_after(30):
-        while b"serving " not in seen:
-            chunk = await proc.stderr.receive_some()
-            assert chunk, f"server exited early: {seen.decode()}"
-            seen += chunk
-    return seen.decode()
-
-
-@asynccontextmanager
-async def cli_server(*args: str, program: Sequence[str] = CLI) -> AsyncIterator[trio.Process]:
-    """``vfio-user-trio ARGS`` (or ``PROGRAM ARGS``) in its own process, yielded once it
-    says it is serving.
-
-    On leaving, a server still running gets SIGTERM (then SIGKILL after 30 s), and its
-    stderr pipe is closed. The body may end it itself and check its status.
-    """
-    proc = await trio.lowlevel.open_process([*program, *args], env=env(), stderr=subprocess.PIPE)
-    try:
-        await wait_until_serving(proc)
-        yield proc
-    finally:
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.terminate()
-                with trio.move_on_after(30):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            assert proc.stderr is not None
-            await proc.stderr.aclose()
 
 
 async def stopped_by_sigterm(proc: trio.Process) -> None:

@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
+from tests.dmaengine_program import program_engine
 from tests.fd_leaks import fd_count
-from tests.test_examples_e2e import program_engine
 from vfiouser_trio.atomics import AtomicView, MemoryOrder
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.examples import EXAMPLES

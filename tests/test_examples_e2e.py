@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.dmaengine_program import program_engine
 from vfiouser_trio.cli import load_device_factory
 from vfiouser_trio.client import Client, GuestMemory, connect
 from vfiouser_trio.examples import EXAMPLES, DmaEngine, GpioDevice, NullDevice, gpio
@@ -18,7 +19,7 @@ from vfiouser_trio.examples import dmaengine as de
 from vfiouser_trio.examples.dmaengine import descriptor
 from vfiouser_trio.protocol.constants import PciIrq, PciRegion
 from vfiouser_trio.server.device import Device
-from vfiouser_trio.server.pci import COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, STATUS_INTERRUPT
+from vfiouser_trio.server.pci import STATUS_INTERRUPT
 from vfiouser_trio.server.serve import DeviceSource, serve
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -94,14 +95,6 @@ async def test_gpio_card_over_the_socket(tmp_path: Path) -> None:
         await client.reset()
         assert await client.read(gpio.BAR, gpio.OUT_0_7, 2) == b"\x00\x01"  # outputs 0, inputs
         assert device.inputs == 0x0301
-
-
-async def program_engine(client: Client, ring_iova: int, size: int) -> None:
-    await client.config.write(COMMAND, COMMAND_MEMORY | COMMAND_BUS_MASTER, 2)
-    await client.write(PciRegion.BAR0, de.RING_BASE_LO, struct.pack("<Q", ring_iova))
-    await client.write(PciRegion.BAR0, de.RING_SIZE, struct.pack("<I", size))
-    control = de.CONTROL_ENABLE | de.CONTROL_IRQ_ENABLE
-    await client.write(PciRegion.BAR0, de.CONTROL, struct.pack("<I", control))
 
 
 def status_of(memory: GuestMemory, offset: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.test_cli import CLI, cli_server, env
+from tests.cli_process import CLI, cli_server, env
 from vfiouser_trio.client import Client, GuestMemory, connect, migrate
 from vfiouser_trio.client.irqs import Interrupt
 from vfiouser_trio.examples.nvme import FileBacking, MemoryBacking, NvmeController, migration

@@ -12,15 +12,12 @@ import logging
 import mmap
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
+from tests.e2e_device import SRC, TestDevice, served
 from tests.mappings import is_mapped
-from tests.test_client_e2e import SRC, TestDevice, served
+from tests.victims import assert_survived, run_victim
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.client.regions import Region as ClientRegion
 from vfiouser_trio.memory import Prot, create_memfd
@@ -40,28 +37,6 @@ pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 PAGE = mmap.PAGESIZE
 RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
-TESTS = Path(__file__).resolve().parent
-
-
-def run_victim(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter (tests/ on its path); it should print 'survived'."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-
-
-def assert_survived(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, (
-        f"victim exited with {result.returncode} "
-        f"({'SIGBUS' if result.returncode == -signal.SIGBUS else 'error'})\n{result.stderr}"
-    )
-    assert result.stdout.strip().endswith("survived"), result.stdout
 
 
 def frozen_memfd(size: int) -> int:
@@ -411,7 +386,7 @@ HOSTILE_SERVER_VICTIM = """
     import os, mmap
     import trio
     from tests.mappings import ShrinkableMemory
-    from tests.test_client_e2e import TestDevice, served
+    from tests.e2e_device import TestDevice, served
     from vfiouser_trio.protocol.constants import PciRegion
 
     PAGE = mmap.PAGESIZE

@@ -22,8 +22,8 @@ import pytest
 import trio
 import trio.testing
 
+from tests.cli_process import cli_server
 from tests.raw_client import GuestRam, expect_errno, raw_payload, session
-from tests.test_cli import cli_server
 from vfiouser_trio.engine import Connection, open_connection
 from vfiouser_trio.limits import ServerLimits
 from vfiouser_trio.protocol import (

@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.e2e_device import TestDevice, served
 from tests.libvfio_user import SampleProcess, Samples, connect_socket, sample_server, samples
 from tests.mappings import ShrinkableMemory
-from tests.test_client_e2e import TestDevice, served
 from vfiouser_trio.client import Client, GuestMemory, VfioUserError, connect
 from vfiouser_trio.engine import Connection, ConnectionHooks, Forward, Link
 from vfiouser_trio.protocol.constants import Command, PciRegion

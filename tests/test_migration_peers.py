@@ -18,7 +18,7 @@ from functools import partial
 import pytest
 import trio
 
-from tests.test_client_migrate import (
+from tests.migration_pair import (
     IOVA,
     MEMORY,
     PAGE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_explore import scenario
+from tests.explore_scenario import scenario
 from vfiouser_trio.cli import load_policy
 from vfiouser_trio.policies import READS_PASS_POSTED_WRITES, BypassOrder
 from vfiouser_trio.testing import explore

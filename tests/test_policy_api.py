@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.test_testing_nested import Fetcher
+from tests.nested_fetcher import Fetcher
 from vfiouser_trio import cli
 from vfiouser_trio.cli import load_policy
 from vfiouser_trio.client import GuestMemory

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.cli_process import CLI, env, wait_until_serving
 from tests.qemu_guest import (
     DMA_SCRATCH,
     GuestDevice,
@@ -38,7 +39,6 @@ from tests.qemu_guest import (
     running_guest,
     shell_command,
 )
-from tests.test_cli import CLI, env, wait_until_serving
 from vfiouser_trio.client import connect
 from vfiouser_trio.examples import DmaEngine, GpioDevice, NullDevice
 from vfiouser_trio.protocol import Command, PciIrq, SetIrqsRequest

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.test_cli import cli_server
+from tests.cli_process import cli_server
 from vfiouser_trio.client import VfioUserError, connect
 from vfiouser_trio.examples.null import NullDevice
 from vfiouser_trio.protocol import PciRegion

@@ -13,7 +13,7 @@ import trio.testing
 
 from tests.fd_leaks import fd_count
 from tests.raw_client import GuestRam, session
-from tests.test_hardening_memory import assert_survived, run_victim
+from tests.victims import assert_survived, run_victim
 from vfiouser_trio.client import GuestMemory
 from vfiouser_trio.engine import ConnectionClosedError, HandlerResult, ReplyTimeout
 from vfiouser_trio.limits import ServerLimits
