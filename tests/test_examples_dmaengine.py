@@ -89,12 +89,15 @@ class Rig:
         assert region is not None
         return region
 
-    def ram(self, iova: int, size: int = PAGE, flags: int = RW) -> mmap.mmap:
+    def ram(
+        self, iova: int, size: int = PAGE, flags: int = RW, *, sealable: bool = True
+    ) -> mmap.mmap:
         """Guest RAM at ``iova`` passed to the device with an fd; returns the guest's view.
 
-        Sealable, as a VMM creates it: the table seals it against shrinking and allows views.
+        Sealable, as a VMM creates it: the table seals it against shrinking and allows
+        views. Unsealable, the client could shrink it: no views, guarded copies only.
         """
-        fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create("guest", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING * sealable))
         os.ftruncate(fd, size)
         view = mmap.mmap(fd, size)
         self.views.append(view)
@@ -291,6 +294,23 @@ async def test_a_copy_spanning_adjacent_fd_maps_moves_between_views(rig: Rig) ->
     assert dst_low[PAGE - 300 :] + dst_high[:700] == payload
     assert desc_at(ring, 0) == (0, de.DESC_DONE)
     assert reads == []
+
+
+async def test_maps_the_client_can_shrink_are_copied_without_views(rig: Rig) -> None:
+    # A memfd the table cannot seal gives no views (a shrink would fault the device): ring,
+    # source or destination in one, the engine copies through the table's guarded copies,
+    # and nothing of the copy was done with views first. Its run() once raised here.
+    ring = rig.ram(RING, sealable=False)
+    src, shrinkable_dst = rig.ram(SRC), rig.ram(DST, sealable=False)
+    src[:PAGE] = os.urandom(PAGE)
+    post(ring, 0, descriptor(SRC, DST, 300))
+    post(ring, 1, descriptor(SRC + 1000, DST + 2000, 500))
+    await rig.start()
+    assert await rig.dev.process_ring() == 2
+    assert shrinkable_dst[:300] == src[:300]
+    assert shrinkable_dst[2000:2500] == src[1000:1500]
+    assert [desc_at(ring, i) for i in range(2)] == [(0, de.DESC_DONE)] * 2
+    assert await rig.reg(de.ERRORS) == 0
 
 
 async def test_messages_asked_for_go_through_the_clients_dma_servicing() -> None:

@@ -285,6 +285,48 @@ async def test_unmap_waits_for_open_views() -> None:
     view.close()
 
 
+async def test_can_view_says_beforehand_whether_view_would_raise() -> None:
+    """can_view and view share one rule: each refusal of view() is a False of can_view()
+    (same range, same access), and a True is a view that opens."""
+    table = DmaTable()
+    fd, guest = guest_memfd(2 * PAGE)
+    second = os.dup(fd)
+    table.map(0, PAGE, RW, fd)  # (the table takes each fd)
+    table.map(PAGE, PAGE, DMA_MAP_FLAG_READ, second, offset=PAGE)
+    table.map(4 * PAGE, PAGE, RW, None)  # message-only
+    frozen = os.memfd_create("frozen", os.MFD_CLOEXEC)  # seals refused: it can shrink
+    os.ftruncate(frozen, PAGE)
+    table.map(8 * PAGE, PAGE, RW, frozen)
+    refused = [
+        (0x10, -1, False, errno.EINVAL),  # negative length
+        (2 * PAGE, 4, False, errno.EFAULT),  # not mapped
+        (PAGE - 4, 8, False, errno.EFAULT),  # crosses from one map into the next
+        (PAGE, 4, True, errno.EFAULT),  # a read-only map, written
+        (4 * PAGE, 4, False, errno.EFAULT),  # no fd: messages only
+        (8 * PAGE, 4, False, errno.EFAULT),  # a file the client can still shrink
+    ]
+    for iova, length, writable, code in refused:
+        assert not table.can_view(iova, length, writable=writable)
+        with pytest.raises(DmaError) as caught:
+            table.view(iova, length, writable=writable)
+        assert caught.value.errno == code
+    for iova, length, writable in [(0, PAGE, True), (PAGE, 4, False), (PAGE - 4, 4, True)]:
+        assert table.can_view(iova, length, writable=writable)
+        with table.view(iova, length, writable=writable) as v:
+            assert len(v) == length
+    table.trust_client_memory = True
+    assert table.can_view(8 * PAGE, 4, writable=True)
+    table.stop()
+    assert not table.can_view(0, 4)
+    with pytest.raises(DmaError) as caught:
+        table.view(0, 4)
+    assert caught.value.errno == errno.EBUSY
+    table.resume()
+    assert table.can_view(0, 4)
+    await table.unmap_all()
+    guest.close()
+
+
 async def test_write_observers_see_device_writes() -> None:
     table = DmaTable()
     seen: list[tuple[int, int]] = []

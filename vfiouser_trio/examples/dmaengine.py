@@ -437,7 +437,8 @@ class DmaEngine(Device):
 
     def _copy_direct(self, src: int, dst: int, length: int) -> bool:
         """Copy between views, one piece per pair of maps the two ranges cross; False,
-        with nothing copied, unless both ranges lie wholly in fd-backed maps."""
+        with nothing copied, unless every piece gives both views (fd-backed maps the
+        client cannot shrink, or a table that trusts its memory)."""
         if self.dma.prefer_messages:
             return False
         try:
@@ -445,16 +446,23 @@ class DmaEngine(Device):
             dests = self.dma.sgl(dst, length, write=True)
         except VfioUserError:
             return False
-        if not all(seg.window.fd_backed for seg in (*sources, *dests)):
-            return False
         # Cut where either side passes from one map to the next: each piece lies in one map
         # on both sides, as a view must.
         cuts = {0} | {seg.iova + seg.length - src for seg in sources}
         cuts |= {seg.iova + seg.length - dst for seg in dests}
-        for start, end in itertools.pairwise(sorted(cuts)):
+        pieces = [(start, end - start) for start, end in itertools.pairwise(sorted(cuts))]
+        # All checked before any is copied: a fallback after a partial copy would read a
+        # source the copy had already overwritten where the two ranges overlap.
+        view_ok = self.dma.can_view
+        if not all(
+            view_ok(src + start, n) and view_ok(dst + start, n, writable=True)
+            for start, n in pieces
+        ):
+            return False
+        for start, n in pieces:
             with (
-                self.dma.view(src + start, end - start) as source,
-                self.dma.view(dst + start, end - start, writable=True) as dest,
+                self.dma.view(src + start, n) as source,
+                self.dma.view(dst + start, n, writable=True) as dest,
             ):
                 dest[:] = source
         return True

@@ -109,7 +109,9 @@ class DmaWindow:
     readable: bool
     writable: bool
     #: True when the client sent a file descriptor and the device reaches the memory
-    #: directly (views possible); False when every access is a DMA_READ/DMA_WRITE message.
+    #: directly; False when every access is a DMA_READ/DMA_WRITE message. Not every
+    #: fd-backed window gives views (``DmaTable.can_view``): one whose file the client can
+    #: still shrink does not, unless the table trusts the client's memory.
     fd_backed: bool
 
     @property
@@ -828,28 +830,44 @@ class DmaTable:
         reported as written (dirty) when it closes. DmaError(EBUSY) while the device
         is stopped (``await wait_running()`` first); DmaError(EFAULT) on a map the
         client can shrink unless ``trust_client_memory`` (see the module doc).
+        :meth:`can_view` tells beforehand.
         """
+        mapping = self._viewable(iova, length, writable)
+        if isinstance(mapping, DmaError):
+            raise mapping
+        return DmaView(self, mapping, iova - mapping.iova, length, writable)
+
+    def can_view(self, iova: int, length: int, *, writable: bool = False) -> bool:
+        """Whether :meth:`view` would give this view now instead of raising: a device that
+        copies between several views checks them all first, so that it either copies with
+        views or, having touched nothing, by ``read``/``write`` (which reach every map)."""
+        return not isinstance(self._viewable(iova, length, writable), DmaError)
+
+    def _viewable(self, iova: int, length: int, writable: bool) -> DmaMapping | DmaError:
+        """The window a view of [iova, iova+length) lies in, or the error why there is none."""
         if self._resumed is not None:
-            raise DmaError(errno.EBUSY, "the device is stopped: no DMA while it is")
+            return DmaError(errno.EBUSY, "the device is stopped: no DMA while it is")
         if length < 0:
-            raise DmaError(errno.EINVAL, "negative DMA length")
-        m = self.find(iova)
-        off = iova - m.iova
-        if m._view is None or off + length > m.size:
-            raise DmaError(
+            return DmaError(errno.EINVAL, "negative DMA length")
+        try:
+            m = self.find(iova)
+        except DmaError as exc:
+            return exc
+        if m._view is None or iova - m.iova + length > m.size:
+            return DmaError(
                 errno.EFAULT, f"{iova:#x}+{length:#x} is not inside one fd-backed DMA map"
             )
         if not (m.writable if writable else m.readable):
             what = "writable" if writable else "readable"
-            raise DmaError(errno.EFAULT, f"DMA map {m.iova:#x} is not {what}")
+            return DmaError(errno.EFAULT, f"DMA map {m.iova:#x} is not {what}")
         if m.can_shrink and not self.trust_client_memory:
-            raise DmaError(
+            return DmaError(
                 errno.EFAULT,
                 f"DMA map {m.iova:#x}: no zero-copy view of a file the client can still "
                 "shrink (it is not sealed with F_SEAL_SHRINK); set "
                 "ServerLimits.trust_client_memory for a trusted client",
             )
-        return DmaView(self, m, off, length, writable)
+        return m
 
     async def _message_read(self, address: int, count: int) -> bytes:
         """``count`` bytes at ``address`` by DMA_READ (as many as the client's transfer size
