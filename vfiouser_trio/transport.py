@@ -521,19 +521,20 @@ class Transport:
     def write_bytes(self, header: bytes, payload: bytes) -> None:
         """:meth:`write` of a frame given as bytes, without fds, flushed as ``write`` would.
 
-        The engine's reply to a command it ran inline, once per command: while corked, a
-        small one joins the queued replies before it with fewer tests than ``write`` makes.
+        The engine's reply to a command it ran inline, once per command: with fewer tests
+        than ``write`` makes, it goes to the kernel at once when nothing is queued or corked,
+        and while corked a small one joins the queued replies before it.
         """
-        out = self._out  # (None once closed: write raises then)
-        if (
-            out
-            and self._corked
-            and len(payload) <= _JOIN_MAX
-            and self._coalesce(out, header, payload)
-        ):
+        out = self._out  # (None once closed)
+        if not self._corked:
+            if not out and not self._closed:
+                # write's case of nothing queued ahead (a read's one command).
+                self._send_now(header, payload, len(header) + len(payload))
+                return
+        elif out and len(payload) <= _JOIN_MAX and self._coalesce(out, header, payload):
             self._queued_bytes += len(header) + len(payload)
             return
-        self.write(header, payload)
+        self.write(header, payload)  # (raises once closed)
 
     @staticmethod
     def _coalesce(out: deque[_Chunk], header: bytes, payload: Buffer) -> bool:
