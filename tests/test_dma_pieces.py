@@ -10,6 +10,7 @@ it straight into the device's buffer. Real sockets, real memfds.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -56,6 +57,8 @@ def test_byte_buffer_keeps_byte_buffers_and_casts_every_other_view() -> None:
         assert (cast.format, cast.ndim, len(cast)) == ("B", 1, 8)
         cast[0:2] = b"ab"  # a slice takes bytes, as a copy into it needs
     assert scratch.startswith(b"ab")
+    words: Any = array.array("I", [1, 2])  # (not a Buffer to the type checker)
+    assert (len(byte_buffer(words)), bytes(byte_buffer(words))[:4]) == (8, b"\1\0\0\0")
 
 
 SIZES = [256 << 10, 1 << 20]

@@ -25,11 +25,13 @@ def byte_buffer(data: bytearray | memoryview) -> bytearray | memoryview: ...
 def byte_buffer(data: Buffer) -> Buffer: ...
 def byte_buffer(data: Buffer) -> Buffer:
     """``data`` measured and sliced in bytes: itself for bytes, a bytearray or a 1-D view of
-    unsigned bytes, else a byte cast of the view (its ``len`` then counts bytes, and its
-    slices take bytes). A plain function: hot paths call it once per buffer."""
-    if type(data) is memoryview and (data.ndim != 1 or data.format != "B"):
-        return data.cast("B")
-    return data
+    unsigned bytes, else a byte view of it (its ``len`` then counts bytes, and its slices
+    take bytes; any other buffer object, an ``mmap`` or an ``array``, is viewed too). A
+    plain function: hot paths call it once per buffer."""
+    if type(data) is bytes or type(data) is bytearray:
+        return data
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
 class Message:
