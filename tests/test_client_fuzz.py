@@ -2,13 +2,14 @@
 "the peer is untrusted").
 
 A genuine server (the end-to-end device: callback, mmap-able, sparse and I/O BARs, DMA,
-interrupts) answers the client through a proxy that mutates what the server sends, frame by
-frame, as hypothesis draws it: bytes flipped, payloads scrambled, cut or padded (framing
-kept or broken), message IDs and flags changed, frames dropped, duplicated or preceded by
-invented commands, fds replaced or added. Whatever arrives, every client call returns or raises a
-``VfioUserError`` (the base of every error the client documents: error replies,
-ProtocolError, ConnectionClosedError, the timeouts), nothing else escapes ``connect``, no
-call outlives its reply timeout, and every fd is back once the connection is closed.
+interrupts; or the migration tests' device) answers the client through a proxy that mutates
+what the server sends, frame by frame, as hypothesis draws it: bytes flipped, fields set to
+extremes, payloads scrambled, cut or padded (framing kept or broken), message IDs and flags
+changed, frames dropped, duplicated or preceded by invented commands, fds replaced or added.
+Whatever arrives, every client call returns or raises a ``VfioUserError`` (the base of every
+error the client documents: error replies, ProtocolError, ConnectionClosedError, the
+timeouts), nothing else escapes ``connect``, no call outlives its reply timeout, and every
+fd is back once the connection is closed.
 
 ``VFIOUSER_FUZZ_EXAMPLES`` raises the number of cases (CI runs the default, derandomized).
 """
@@ -16,6 +17,7 @@ call outlives its reply timeout, and every fd is back once the connection is clo
 from __future__ import annotations
 
 import array
+import mmap
 import os
 import random
 import socket
@@ -31,7 +33,9 @@ from hypothesis import strategies as st
 
 from tests.e2e_device import TestDevice
 from tests.fd_leaks import fd_count
+from tests.migration_pair import Blob
 from vfiouser_trio.client import GuestMemory, VfioUserError, connect
+from vfiouser_trio.protocol import Feature, MigState
 from vfiouser_trio.protocol.constants import PciIrq
 from vfiouser_trio.server.serve import serve_connection
 
@@ -41,13 +45,14 @@ FLAG_REPLY, FLAG_ERROR = 0x1, 0x20
 MAX_FDS = 16
 EXAMPLES = int(os.environ.get("VFIOUSER_FUZZ_EXAMPLES", "200"))
 #: The server's frames a plan reaches: connect's (VERSION and the info queries, ~16) and
-#: the workload's.
-FRAMES = 40
+#: the workload's (~25).
+FRAMES = 48
 
 MUTATIONS = (
     "pass",
     "flip_byte",
     "scramble_payload",
+    "extreme_field",
     "cut_payload",
     "pad_payload",
     "bogus_size",
@@ -59,6 +64,7 @@ MUTATIONS = (
     "fds_replaced_by_a_pipe",
     "extra_fd",
 )
+EXTREMES = (0, 1, 2, 0x7FFF_FFFF, 0xFFFF_FFFF, 1 << 32, 1 << 63, (1 << 64) - 1, 0x1000_0000)
 mutation = st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 0xFFFF))
 
 
@@ -85,6 +91,13 @@ class Proxy:
         if kind == "flip_byte" and payload:
             at = n % len(payload)
             payload = payload[:at] + bytes([payload[at] ^ (1 + n % 255)]) + payload[at + 1 :]
+        elif kind == "extreme_field" and len(payload) >= 4:
+            # A count, size, offset or page size at an extreme: 4 or 8 bytes, aligned.
+            width = 8 if n & 1 and len(payload) >= 8 else 4
+            at = (n >> 1) % (len(payload) // width) * width
+            value = EXTREMES[(n >> 8) % len(EXTREMES)] % (1 << (8 * width))
+            field_bytes = value.to_bytes(width, "little")
+            payload = payload[:at] + field_bytes + payload[at + width :]
         elif kind == "scramble_payload":
             payload = random.Random(n).randbytes(len(payload))
         elif kind == "cut_payload":
@@ -203,19 +216,37 @@ async def _workload(client_sock: socket.socket, twin: bool) -> list[str]:
         except VfioUserError as exc:
             errors.append(type(exc).__name__)
 
-    memory = GuestMemory(0x11_0000)  # the device DMAs at SRC and DST: 0x10_0000, 0x20_0000
+    async def pipelined() -> None:
+        first = await client.start_read(0, 0, 4)
+        second = await client.start_write(0, 4, b"wxyz")
+        await first
+        await second
+
+    memory = GuestMemory(0x11_0000)  # the devices DMA at 0x10_0000 .. 0x20_0010
     try:
         async with connect(
             client_sock, twin_socket=twin, negotiation_timeout=5, reply_timeout=2
         ) as client:
             await call(lambda: client.read(0, 0, 4))
             await call(lambda: client.write(0, 0, b"abcd"))
-            await call(lambda: client.read(1, 8, 8))  # mmap-able BAR1
+            await call(lambda: client.read(1, 8, 8))  # mmap-able on the e2e device
             await call(lambda: client.read(2, 0, 16, use_mmap=False))
+            await call(pipelined)
+            await call(lambda: client.write_multi([(0, 0, b"1234"), (0, 8, b"5678")]))
             await call(lambda: client.region_io_fds(0))
             await call(lambda: client.dma_map(memory, 0x10_0000))
             await call(lambda: client.enable_irqs(PciIrq.MSI, 1))
-            await call(lambda: client.write(0, 0x18, b"\x5a\0\0\0"))  # the device DMAs
+            await call(lambda: client.start_dirty_logging(ranges=[(0x10_0000, 0x11_0000)]))
+            await call(lambda: client.write(0, 0x18, b"\x5a\0\0\0"))  # the devices DMA
+            await call(lambda: client.dirty_pages(0x10_0000, 0x11_0000, mmap.PAGESIZE))
+            await call(client.stop_dirty_logging)
+            await call(lambda: client.supports_feature(Feature.MIGRATION, get=True))
+            await call(client.migration_info)
+            await call(lambda: client.set_migration_state(MigState.STOP_COPY))
+            await call(client.read_migration_data)
+            await call(lambda: client.set_migration_state(MigState.STOP))
+            await call(lambda: client.set_migration_state(MigState.RUNNING))
+            await call(client.migration_state)
             await call(client.reset)
             await call(client.dma_unmap_all)
             await call(lambda: client.disable_irqs(PciIrq.MSI))
@@ -226,7 +257,7 @@ async def _workload(client_sock: socket.socket, twin: bool) -> list[str]:
     return errors
 
 
-def run_case(plan: Sequence[tuple[str, int]], *, twin: bool) -> None:
+def run_case(plan: Sequence[tuple[str, int]], *, twin: bool, migratable: bool = False) -> None:
     """Serve, corrupt as ``plan`` says, run the workload (the server's DMA on the twin
     socket, which the proxy does not touch, or on the main one); AssertionError if anything
     but a VfioUserError escaped or an fd was left behind."""
@@ -234,7 +265,7 @@ def run_case(plan: Sequence[tuple[str, int]], *, twin: bool) -> None:
     proxy = Proxy(plan)
 
     async def main() -> None:
-        device = TestDevice()
+        device = Blob() if migratable else TestDevice()
         client_sock, proxy_a = socket.socketpair()
         proxy_b, server_sock = socket.socketpair()
         a, b = trio.socket.from_stdlib_socket(proxy_a), trio.socket.from_stdlib_socket(proxy_b)
@@ -267,16 +298,16 @@ def run_case(plan: Sequence[tuple[str, int]], *, twin: bool) -> None:
     derandomize="VFIOUSER_FUZZ_EXAMPLES" not in os.environ,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(plan=st.lists(mutation, max_size=FRAMES), twin=st.booleans())
+@given(plan=st.lists(mutation, max_size=FRAMES), twin=st.booleans(), migratable=st.booleans())
 def test_no_corruption_of_the_servers_answers_breaks_the_client(
-    plan: list[tuple[str, int]], twin: bool
+    plan: list[tuple[str, int]], twin: bool, migratable: bool
 ) -> None:
-    run_case(plan, twin=twin)
+    run_case(plan, twin=twin, migratable=migratable)
 
 
-@pytest.mark.parametrize("twin", [True, False])
+@pytest.mark.parametrize(("twin", "migratable"), [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("kind", [k for k in MUTATIONS if k != "pass"])
-def test_each_corruption_alone_on_every_answer(kind: str, twin: bool) -> None:
+def test_each_corruption_alone_on_every_answer(kind: str, twin: bool, migratable: bool) -> None:
     """Every mutation applied to each of the server's frames in turn."""
     for at in range(FRAMES):
-        run_case([("pass", 0)] * at + [(kind, 7 * at + 3)], twin=twin)
+        run_case([("pass", 0)] * at + [(kind, 7 * at + 3)], twin=twin, migratable=migratable)
