@@ -21,7 +21,6 @@ import mmap
 import os
 import random
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,12 +35,11 @@ from tests.fd_leaks import fd_count
 from tests.migration_pair import Blob
 from vfiouser_trio.client import GuestMemory, VfioUserError, connect
 from vfiouser_trio.protocol import Feature, MigState
-from vfiouser_trio.protocol.constants import PciIrq
+from vfiouser_trio.protocol.constants import FLAG_ERROR, HEADER_SIZE, PciIrq
+from vfiouser_trio.protocol.framing import close_fds
+from vfiouser_trio.protocol.header import HEADER_STRUCT
 from vfiouser_trio.server.serve import serve_connection
 
-HEADER = struct.Struct("<HHIII")  # msg_id, command, msg_size, flags, error
-HEADER_SIZE = HEADER.size
-FLAG_REPLY, FLAG_ERROR = 0x1, 0x20
 MAX_FDS = 16
 EXAMPLES = int(os.environ.get("VFIOUSER_FUZZ_EXAMPLES", "200"))
 #: The server's frames a plan reaches: connect's (VERSION and the info queries, ~16) and
@@ -82,11 +80,12 @@ class Proxy:
         return r
 
     def mutate(self, frame: bytes, fds: list[int]) -> list[tuple[bytes, list[int]]]:
-        """What reaches the client instead of ``frame`` (which came with ``fds``)."""
+        """What reaches the client instead of ``frame`` (which came with ``fds``). Headers
+        are packed by hand: a Header would not hold what some mutations send."""
         index = len(self.applied)
         kind, n = self.plan[index] if index < len(self.plan) else ("pass", 0)
         self.applied.append(kind)
-        msg_id, command, size, flags, error = HEADER.unpack_from(frame)
+        msg_id, command, size, flags, error = HEADER_STRUCT.unpack_from(frame)
         payload = frame[HEADER_SIZE:]
         if kind == "flip_byte" and payload:
             at = n % len(payload)
@@ -106,39 +105,38 @@ class Proxy:
             payload += bytes(range(256))[: 1 + n % 64]
         elif kind == "bogus_size":
             size = n % (3 * HEADER_SIZE)  # framing broken: the client must hang up
-            return [(HEADER.pack(msg_id, command, size, flags, error) + payload, fds)]
+            return [(HEADER_STRUCT.pack(msg_id, command, size, flags, error) + payload, fds)]
         elif kind == "other_msg_id":
             msg_id = (msg_id + 1 + n) & 0xFFFF
         elif kind == "error_flag":
             flags |= FLAG_ERROR
             error = n % 140
         elif kind == "drop":
-            _close(fds)
+            close_fds(fds)
             return []
         elif kind == "duplicate":
             copies = [os.dup(fd) for fd in fds]
             return [(frame, fds), (frame, copies)]
         elif kind == "invented_command_first":
-            invented = HEADER.pack(n & 0xFFFF, n % 20, HEADER_SIZE + n % 40, 0, 0)
+            invented = HEADER_STRUCT.pack(n & 0xFFFF, n % 20, HEADER_SIZE + n % 40, 0, 0)
             invented += bytes(n % 40)
             return [(invented, []), (frame, fds)]
         elif kind == "fds_replaced_by_a_pipe" and fds:
-            _close(fds)
+            close_fds(fds)
             fds = [self._pipe_end()]
         elif kind == "extra_fd":
             fds = [*fds, self._pipe_end()]
         return [
-            (HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags, error) + payload, fds)
+            (
+                HEADER_STRUCT.pack(msg_id, command, HEADER_SIZE + len(payload), flags, error)
+                + payload,
+                fds,
+            )
         ]
 
     def close(self) -> None:
-        _close(self.pipes)
+        close_fds(self.pipes)
         self.pipes.clear()
-
-
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 async def _recv(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
@@ -169,7 +167,7 @@ async def _forward(source: trio.socket.SocketType, sink: trio.socket.SocketType)
                     return
                 await _send(sink, data, fds)
             finally:
-                _close(fds)
+                close_fds(fds)
     except OSError:
         return  # a hang-up on either side
     finally:
@@ -189,7 +187,7 @@ async def _mutate(
                 return
             buffer += data
             while len(buffer) >= HEADER_SIZE:
-                size = HEADER.unpack_from(buffer)[2]
+                size = HEADER_STRUCT.unpack_from(buffer)[2]
                 if len(buffer) < size:
                     break
                 frame, buffer = buffer[:size], buffer[size:]
@@ -198,11 +196,11 @@ async def _mutate(
                     try:
                         await _send(sink, out, out_fds)
                     finally:
-                        _close(out_fds)
+                        close_fds(out_fds)
     except OSError:
         return
     finally:
-        _close(held)
+        close_fds(held)
         sink.shutdown(socket.SHUT_WR)
 
 
